@@ -1,0 +1,166 @@
+//! hearth-controller: keeps the cluster view from agent streams and serves it. `start`
+//! wires the pieces (state, gRPC services, TLS listener, HTTP telemetry, sweeper) and
+//! returns the bound addresses; the binary and `hearth local` both use it.
+
+pub mod api;
+pub mod config;
+pub mod metrics;
+pub mod pki;
+pub mod state;
+pub mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hearth_proto::transport::TlsMaterial;
+use hearth_proto::v1 as pb;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, info, info_span, warn};
+
+pub use config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Tls(#[from] hearth_proto::transport::TlsError),
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("tasks did not stop within the {0:?} grace period")]
+    ShutdownTimeout(Duration),
+}
+
+/// A started controller.
+#[derive(Debug)]
+pub struct Running {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub state: Arc<state::ClusterState>,
+    task: JoinHandle<Result<(), ControllerError>>,
+}
+
+impl Running {
+    /// Waits until the controller has stopped (after `shutdown` was cancelled, or a failure).
+    pub async fn wait(self) -> Result<(), ControllerError> {
+        self.task.await.unwrap_or_else(|e| {
+            Err(ControllerError::Http(std::io::Error::other(format!("controller task panicked: {e}"))))
+        })
+    }
+}
+
+/// Binds both listeners (failing now if a port is taken or TLS files are bad) and serves
+/// until `shutdown` is cancelled; then stops every session within `config.shutdown_grace`.
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, ControllerError> {
+    let tls = config.tls.as_ref().map(TlsMaterial::load).transpose()?;
+    let insecure = tls.is_none();
+    if insecure {
+        warn!("controller running WITHOUT TLS (insecure mode): any peer can claim any node name");
+    }
+    let state = Arc::new(state::ClusterState::new(config.stale_after, config.forget_after));
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::register(&mut registry, state.clone());
+    let readiness = Arc::new(telemetry::Readiness::default());
+
+    let grpc = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ControllerError::Bind { what: "gRPC", addr: config.listen, source })?;
+    let grpc_addr = grpc.local_addr().map_err(|source| ControllerError::Bind { what: "gRPC", addr: config.listen, source })?;
+    let (http_addr, http) = telemetry::bind_http(config.http_listen, Arc::new(registry), readiness, shutdown.clone())
+        .await
+        .map_err(|source| ControllerError::Bind { what: "HTTP", addr: config.http_listen, source })?;
+
+    let sessions = TaskTracker::new();
+    let agent_svc = api::NodeAgentService::new(
+        state.clone(),
+        metrics.clone(),
+        insecure,
+        config.hello_timeout,
+        shutdown.clone(),
+        sessions.clone(),
+    );
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health.set_serving::<pb::node_agent_server::NodeAgentServer<api::NodeAgentService>>().await;
+    health.set_serving::<pb::operator_server::OperatorServer<api::OperatorService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(hearth_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ControllerError::Http(std::io::Error::other(format!("reflection: {e}"))))?;
+    let max = config.max_message_bytes;
+    let router = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        // Finds agents whose node vanished without closing the connection.
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(
+            pb::node_agent_server::NodeAgentServer::new(agent_svc)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(
+            pb::operator_server::OperatorServer::new(api::OperatorService::new(state.clone(), insecure))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
+        .add_service(health_svc)
+        .add_service(reflection);
+
+    let grace = config.shutdown_grace;
+    let sweeper_state = state.clone();
+    let sweeper_stop = shutdown.clone();
+    let task = tokio::spawn(
+        async move {
+            let sweeper = async {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        _ = sweeper_stop.cancelled() => return,
+                        _ = tick.tick() => {
+                            let n = sweeper_state.sweep(Instant::now());
+                            if n > 0 {
+                                info!(forgotten = n, "dropped nodes disconnected for longer than forget_after");
+                            }
+                        }
+                    }
+                }
+            };
+            let stop = shutdown.clone();
+            let serve = async move {
+                match tls {
+                    Some(m) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(m.server_config()?));
+                        let incoming = api::tls_incoming(grpc, acceptor, metrics, stop.clone());
+                        router.serve_with_incoming_shutdown(incoming, stop.cancelled()).await?;
+                    }
+                    None => {
+                        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+                        router.serve_with_incoming_shutdown(incoming, stop.cancelled()).await?;
+                    }
+                }
+                Ok::<(), ControllerError>(())
+            };
+            let (served, http, ()) = tokio::join!(serve, http, sweeper);
+            sessions.close();
+            if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+                return Err(ControllerError::ShutdownTimeout(grace));
+            }
+            served?;
+            http.map_err(ControllerError::Http)?;
+            info!("controller stopped");
+            Ok(())
+        }
+        .instrument(info_span!("controller")),
+    );
+    info!(%grpc_addr, %http_addr, tls = !insecure, "controller listening");
+    Ok(Running { grpc_addr, http_addr, state, task })
+}

@@ -1,0 +1,417 @@
+//! The cluster view: what every agent last reported, built only from agent streams. It is
+//! soft state: a restarted controller starts empty and is whole again once agents reconnect
+//! and send their snapshots. This module owns the view and the rules for changing it
+//! (sessions, epochs, sequence numbers); it does no I/O.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use hearth_proto::convert::AgentHello;
+use hearth_proto::v1 as pb;
+use hearth_proto::prost::Message as _;
+use tokio::sync::mpsc;
+
+/// Identifies one stream; a newer stream for the same node supersedes an older one.
+pub type SessionId = u64;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("node {node:?} already has a live session from {peer} (last message {age_ms} ms ago); a second agent claiming the same node is refused")]
+    DuplicateNode { node: String, peer: String, age_ms: u128 },
+    #[error("session for node {node:?} was superseded by a newer one")]
+    Superseded { node: String },
+    #[error("out of order: {0}")]
+    NeedResync(String),
+    #[error("{0} before a snapshot")]
+    NoSnapshot(&'static str),
+}
+
+/// How a node's stream looks from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Connection {
+    Connected,
+    Stale,
+    Disconnected,
+}
+
+impl Connection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Connection::Connected => "connected",
+            Connection::Stale => "stale",
+            Connection::Disconnected => "disconnected",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Session {
+    id: SessionId,
+    peer: String,
+    commands: mpsc::Sender<pb::Command>,
+}
+
+#[derive(Debug)]
+struct NodeEntry {
+    hello: AgentHello,
+    session: Option<Session>,
+    /// None until the first snapshot of this session's epoch arrives.
+    epoch: Option<u64>,
+    seq: u64,
+    state: pb::NodeState,
+    state_bytes: u64,
+    last_seen: Instant,
+    last_report: SystemTime,
+}
+
+/// What the read API and metrics see of one node.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub name: String,
+    pub connection: Connection,
+    pub hello: AgentHello,
+    pub epoch: u64,
+    pub seq: u64,
+    pub last_report: SystemTime,
+    pub last_report_age: Duration,
+    pub peer: String,
+}
+
+#[derive(Debug)]
+pub struct ClusterState {
+    nodes: RwLock<HashMap<String, NodeEntry>>,
+    stale_after: Duration,
+    forget_after: Duration,
+    next_session: AtomicU64,
+    state_bytes: AtomicU64,
+}
+
+impl ClusterState {
+    pub fn new(stale_after: Duration, forget_after: Duration) -> Self {
+        Self {
+            nodes: RwLock::default(),
+            stale_after,
+            forget_after,
+            next_session: AtomicU64::new(1),
+            state_bytes: AtomicU64::new(0),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, NodeEntry>> {
+        // A panic while holding the lock cannot leave an entry half-updated in a way later
+        // readers could trip on (each update is a few assignments), so poisoning is ignored.
+        self.nodes.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, NodeEntry>> {
+        self.nodes.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a session for the node in `hello`. A node whose current session is still live
+    /// (a message within `stale_after`) refuses a second one: two agents must never take
+    /// turns overwriting one node's state. A stale or closed session is taken over, which is
+    /// how an agent restarted after a crash (or a rebooted node) gets back in.
+    pub fn open_session(
+        &self,
+        hello: AgentHello,
+        peer: String,
+        commands: mpsc::Sender<pb::Command>,
+        now: Instant,
+    ) -> Result<SessionId, StateError> {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let mut nodes = self.write();
+        let session = Some(Session { id, peer, commands });
+        match nodes.get_mut(&hello.node_name) {
+            Some(e) => {
+                if let Some(s) = &e.session {
+                    let age = now.saturating_duration_since(e.last_seen);
+                    if age < self.stale_after {
+                        return Err(StateError::DuplicateNode {
+                            node: hello.node_name,
+                            peer: s.peer.clone(),
+                            age_ms: age.as_millis(),
+                        });
+                    }
+                }
+                e.session = session;
+                e.hello = hello;
+                e.epoch = None;
+                e.last_seen = now;
+            }
+            None => {
+                nodes.insert(
+                    hello.node_name.clone(),
+                    NodeEntry {
+                        hello,
+                        session,
+                        epoch: None,
+                        seq: 0,
+                        state: pb::NodeState::default(),
+                        state_bytes: 0,
+                        last_seen: now,
+                        last_report: SystemTime::now(),
+                    },
+                );
+            }
+        }
+        Ok(id)
+    }
+
+    fn with_session<T>(
+        &self,
+        node: &str,
+        session: SessionId,
+        now: Instant,
+        f: impl FnOnce(&mut NodeEntry, &AtomicU64) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let mut nodes = self.write();
+        let e = nodes
+            .get_mut(node)
+            .filter(|e| e.session.as_ref().is_some_and(|s| s.id == session))
+            .ok_or_else(|| StateError::Superseded { node: node.to_owned() })?;
+        e.last_seen = now;
+        f(e, &self.state_bytes)
+    }
+
+    pub fn apply_snapshot(&self, node: &str, session: SessionId, s: pb::Snapshot, now: Instant) -> Result<(), StateError> {
+        self.with_session(node, session, now, |e, total| {
+            let state = s.state.unwrap_or_default();
+            let bytes = state.encoded_len() as u64;
+            total.fetch_add(bytes, Ordering::Relaxed);
+            total.fetch_sub(e.state_bytes, Ordering::Relaxed);
+            e.state_bytes = bytes;
+            e.state = state;
+            e.epoch = Some(s.epoch);
+            e.seq = s.seq;
+            e.last_report = SystemTime::now();
+            Ok(())
+        })
+    }
+
+    /// Applies a delta that continues the stored sequence; anything else asks for a resync
+    /// and leaves the stored state as it was.
+    pub fn apply_delta(&self, node: &str, session: SessionId, d: pb::Delta, now: Instant) -> Result<(), StateError> {
+        self.with_session(node, session, now, |e, total| {
+            let Some(epoch) = e.epoch else { return Err(StateError::NoSnapshot("delta")) };
+            if d.epoch != epoch || d.seq != e.seq + 1 {
+                return Err(StateError::NeedResync(format!(
+                    "delta epoch {} seq {} does not follow stored epoch {} seq {}",
+                    d.epoch, d.seq, epoch, e.seq
+                )));
+            }
+            e.seq = d.seq;
+            hearth_proto::convert::apply_delta(&mut e.state, d);
+            let bytes = e.state.encoded_len() as u64;
+            total.fetch_add(bytes, Ordering::Relaxed);
+            total.fetch_sub(e.state_bytes, Ordering::Relaxed);
+            e.state_bytes = bytes;
+            e.last_report = SystemTime::now();
+            Ok(())
+        })
+    }
+
+    /// Records liveness; a heartbeat that reveals a gap (the agent sent a seq we never saw)
+    /// asks for a resync.
+    pub fn heartbeat(&self, node: &str, session: SessionId, h: &pb::Heartbeat, now: Instant) -> Result<(), StateError> {
+        self.with_session(node, session, now, |e, _| match e.epoch {
+            None => Err(StateError::NoSnapshot("heartbeat")),
+            Some(epoch) if epoch != h.epoch || h.seq > e.seq => Err(StateError::NeedResync(format!(
+                "heartbeat epoch {} seq {} is ahead of stored epoch {} seq {}",
+                h.epoch, h.seq, epoch, e.seq
+            ))),
+            Some(_) => Ok(()),
+        })
+    }
+
+    /// Marks any message as proof of life.
+    pub fn touch(&self, node: &str, session: SessionId, now: Instant) -> Result<(), StateError> {
+        self.with_session(node, session, now, |_, _| Ok(()))
+    }
+
+    /// Ends a session; its node keeps its last state, shown as disconnected, until forgotten.
+    pub fn close_session(&self, node: &str, session: SessionId) {
+        let mut nodes = self.write();
+        if let Some(e) = nodes.get_mut(node)
+            && e.session.as_ref().is_some_and(|s| s.id == session)
+        {
+            e.session = None;
+        }
+    }
+
+    fn connection(&self, e: &NodeEntry, now: Instant) -> Connection {
+        match &e.session {
+            None => Connection::Disconnected,
+            Some(_) if now.saturating_duration_since(e.last_seen) >= self.stale_after => Connection::Stale,
+            Some(_) => Connection::Connected,
+        }
+    }
+
+    fn view(&self, name: &str, e: &NodeEntry, now: Instant) -> NodeView {
+        NodeView {
+            name: name.to_owned(),
+            connection: self.connection(e, now),
+            hello: e.hello.clone(),
+            epoch: e.epoch.unwrap_or(0),
+            seq: e.seq,
+            last_report: e.last_report,
+            last_report_age: now.saturating_duration_since(e.last_seen),
+            peer: e.session.as_ref().map(|s| s.peer.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Every node, sorted by name, with the parts of its state a summary needs.
+    pub fn list<T>(&self, now: Instant, f: impl Fn(NodeView, &pb::NodeState) -> T) -> Vec<T> {
+        let nodes = self.read();
+        let mut names: Vec<&String> = nodes.keys().collect();
+        names.sort();
+        names.into_iter().map(|n| f(self.view(n, &nodes[n], now), &nodes[n].state)).collect()
+    }
+
+    pub fn get(&self, name: &str, now: Instant) -> Option<(NodeView, pb::NodeState)> {
+        let nodes = self.read();
+        nodes.get(name).map(|e| (self.view(name, e, now), e.state.clone()))
+    }
+
+    /// Queues a command for a connected node's stream. Fails when the node has no session or
+    /// its queue is full (backpressure: the caller retries or reports).
+    pub fn send_command(&self, node: &str, cmd: pb::Command) -> Result<(), StateError> {
+        let nodes = self.read();
+        let s = nodes
+            .get(node)
+            .and_then(|e| e.session.as_ref())
+            .ok_or_else(|| StateError::Superseded { node: node.to_owned() })?;
+        s.commands
+            .try_send(cmd)
+            .map_err(|_| StateError::NeedResync(format!("command queue for node {node:?} is full or closed")))
+    }
+
+    /// Drops disconnected nodes not heard from within `forget_after`. Returns how many.
+    pub fn sweep(&self, now: Instant) -> usize {
+        let mut nodes = self.write();
+        let before = nodes.len();
+        let forget = self.forget_after;
+        let mut freed = 0;
+        nodes.retain(|_, e| {
+            let keep = e.session.is_some() || now.saturating_duration_since(e.last_seen) < forget;
+            if !keep {
+                freed += e.state_bytes;
+            }
+            keep
+        });
+        self.state_bytes.fetch_sub(freed, Ordering::Relaxed);
+        before - nodes.len()
+    }
+
+    /// Node count by connection state, for metrics.
+    pub fn counts(&self, now: Instant) -> [(Connection, u64); 3] {
+        let nodes = self.read();
+        let mut c = [(Connection::Connected, 0), (Connection::Stale, 0), (Connection::Disconnected, 0)];
+        for e in nodes.values() {
+            let i = match self.connection(e, now) {
+                Connection::Connected => 0,
+                Connection::Stale => 1,
+                Connection::Disconnected => 2,
+            };
+            c[i].1 += 1;
+        }
+        c
+    }
+
+    /// Encoded size of all stored node states.
+    pub fn state_bytes(&self) -> u64 {
+        self.state_bytes.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(node: &str, boot: &str) -> AgentHello {
+        AgentHello {
+            node_name: node.into(),
+            boot_id: boot.into(),
+            agent_version: "t".into(),
+            api_version: hearth_proto::API_VERSION,
+            capabilities: vec![],
+            heartbeat_interval_ms: 1000,
+        }
+    }
+
+    fn state() -> ClusterState {
+        ClusterState::new(Duration::from_secs(15), Duration::from_secs(600))
+    }
+
+    fn open(s: &ClusterState, node: &str, now: Instant) -> Result<SessionId, StateError> {
+        let (tx, _rx) = mpsc::channel(1);
+        s.open_session(hello(node, "b"), "peer".into(), tx, now)
+    }
+
+    fn snapshot(epoch: u64, seq: u64, models: usize) -> pb::Snapshot {
+        let models = (0..models).map(|i| pb::CachedModel { id: format!("m{i}"), ..Default::default() }).collect();
+        pb::Snapshot { epoch, seq, state: Some(pb::NodeState { models, ..Default::default() }) }
+    }
+
+    #[test]
+    fn second_live_session_is_refused_and_stale_one_taken_over() {
+        let s = state();
+        let t0 = Instant::now();
+        let first = open(&s, "n1", t0).expect("first session");
+        let err = open(&s, "n1", t0 + Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(err, StateError::DuplicateNode { .. }), "{err}");
+        // After stale_after without a message, a new agent may take the node over, and the
+        // old session's writes are refused from then on.
+        let second = open(&s, "n1", t0 + Duration::from_secs(16)).expect("takeover of a stale session");
+        assert_ne!(first, second);
+        assert_eq!(
+            s.apply_snapshot("n1", first, snapshot(1, 1, 0), t0 + Duration::from_secs(17)),
+            Err(StateError::Superseded { node: "n1".into() })
+        );
+    }
+
+    #[test]
+    fn deltas_must_follow_the_stored_sequence() {
+        let s = state();
+        let t = Instant::now();
+        let id = open(&s, "n1", t).expect("session");
+        let d = |epoch, seq| pb::Delta { epoch, seq, model_removals: vec!["m0".into()], ..Default::default() };
+        assert_eq!(s.apply_delta("n1", id, d(1, 2), t), Err(StateError::NoSnapshot("delta")));
+        s.apply_snapshot("n1", id, snapshot(1, 1, 2), t).expect("snapshot");
+        assert!(matches!(s.apply_delta("n1", id, d(1, 3), t), Err(StateError::NeedResync(_))));
+        assert!(matches!(s.apply_delta("n1", id, d(2, 2), t), Err(StateError::NeedResync(_))));
+        s.apply_delta("n1", id, d(1, 2), t).expect("in-order delta");
+        let (view, st) = s.get("n1", t).expect("node");
+        assert_eq!((view.epoch, view.seq), (1, 2));
+        assert_eq!(st.models.len(), 1);
+    }
+
+    #[test]
+    fn heartbeat_ahead_of_stored_seq_asks_for_resync() {
+        let s = state();
+        let t = Instant::now();
+        let id = open(&s, "n1", t).expect("session");
+        s.apply_snapshot("n1", id, snapshot(5, 10, 0), t).expect("snapshot");
+        let hb = |seq| pb::Heartbeat { epoch: 5, seq, sent_at: None };
+        s.heartbeat("n1", id, &hb(10), t).expect("in sync");
+        assert!(matches!(s.heartbeat("n1", id, &hb(11), t), Err(StateError::NeedResync(_))));
+    }
+
+    #[test]
+    fn connection_states_and_forgetting() {
+        let s = state();
+        let t0 = Instant::now();
+        let id = open(&s, "n1", t0).expect("session");
+        s.apply_snapshot("n1", id, snapshot(1, 1, 3), t0).expect("snapshot");
+        assert!(s.state_bytes() > 0);
+        assert_eq!(s.counts(t0)[0].1, 1);
+        assert_eq!(s.counts(t0 + Duration::from_secs(20))[1].1, 1, "stale after 15s of silence");
+        s.close_session("n1", id);
+        assert_eq!(s.counts(t0)[2].1, 1);
+        assert_eq!(s.sweep(t0 + Duration::from_secs(60)), 0, "kept within forget_after");
+        assert_eq!(s.sweep(t0 + Duration::from_secs(601)), 1);
+        assert_eq!(s.state_bytes(), 0);
+        assert!(s.get("n1", t0).is_none());
+    }
+}

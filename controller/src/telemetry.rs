@@ -1,0 +1,201 @@
+//! Telemetry shared by the controller and the agent binaries: log set-up, and the HTTP
+//! server for `/metrics`, `/healthz` and `/readyz`. It owns no metrics itself: each component
+//! registers its own in the one registry built in `run` and passed down.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (colour on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Installs the global tracing subscriber. `RUST_LOG` overrides the default filter.
+pub fn init_logging(format: LogFormat, default_filter: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests, local mode) keeps the first subscriber; that is fine.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// Named readiness conditions; `/readyz` is 200 only when all are met.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    conditions: Mutex<Vec<(&'static str, Option<String>)>>,
+}
+
+impl Readiness {
+    /// Sets a condition: `None` means ready, `Some(reason)` means not ready because of it.
+    pub fn set(&self, name: &'static str, not_ready: Option<String>) {
+        let mut c = self.conditions.lock().unwrap_or_else(|p| p.into_inner());
+        match c.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = not_ready,
+            None => c.push((name, not_ready)),
+        }
+    }
+
+    /// Reasons it is not ready; empty when ready.
+    pub fn blockers(&self) -> Vec<String> {
+        let c = self.conditions.lock().unwrap_or_else(|p| p.into_inner());
+        c.iter().filter_map(|(n, r)| r.as_ref().map(|r| format!("{n}: {r}"))).collect()
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    registry: Arc<Registry>,
+    readiness: Arc<Readiness>,
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROM_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> Response {
+    let mut body = String::with_capacity(16 * 1024);
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &s.registry) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {e}")).into_response();
+    }
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response()
+    } else {
+        ([(header::CONTENT_TYPE, PROM_TEXT)], openmetrics_to_prometheus_text(&body)).into_response()
+    }
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    let blockers = s.readiness.blockers();
+    if blockers.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", blockers.join("\n"))).into_response()
+    }
+}
+
+/// Binds the HTTP listener now (so a taken port fails at start) and returns the bound
+/// address and a future that serves until `shutdown`.
+pub async fn bind_http(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = std::io::Result<()>>)> {
+    let listener = TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(HttpState { registry, readiness });
+    let fut = async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    };
+    Ok((bound, fut))
+}
+
+/// Rewrites prometheus-client's OpenMetrics text as Prometheus text format 0.0.4, for
+/// scrapers and linters that do not negotiate OpenMetrics: counters are declared under their
+/// `_total` sample name, `# UNIT` and `# EOF` go, `unknown` becomes `untyped`.
+pub fn openmetrics_to_prometheus_text(om: &str) -> String {
+    let mut out = String::with_capacity(om.len());
+    let mut counter_family: Option<String> = None;
+    for line in om.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            if kind == "counter" && !name.ends_with("_total") {
+                counter_family = Some(name.to_owned());
+                out.push_str(&format!("# TYPE {name}_total counter\n"));
+            } else {
+                counter_family = None;
+                let kind = if kind == "unknown" { "untyped" } else { kind };
+                out.push_str(&format!("# TYPE {name} {kind}\n"));
+            }
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            // HELP precedes TYPE, so look ahead is not possible; counters are renamed when the
+            // TYPE line arrives, and HELP is written with the name the samples will carry.
+            let counter = om.contains(&format!("# TYPE {name} counter\n")) && !name.ends_with("_total");
+            let name = if counter { format!("{name}_total") } else { name.to_owned() };
+            out.push_str(&format!("# HELP {name} {help}\n"));
+            continue;
+        }
+        // Counter `_created` samples have no Prometheus-text equivalent.
+        if let Some(f) = &counter_family
+            && line.starts_with(&format!("{f}_created"))
+        {
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+
+    #[test]
+    fn converts_counters_units_and_eof() {
+        let mut r = Registry::default();
+        let c: Family<[(&str, &str); 1], Counter> = Family::default();
+        r.register("hearth_things", "Things seen", c.clone());
+        c.get_or_create(&[("kind", "a")]).inc_by(3);
+        let g = Gauge::<i64>::default();
+        r.register_with_unit("hearth_disk", "Disk", prometheus_client::registry::Unit::Bytes, g.clone());
+        g.set(42);
+        let mut om = String::new();
+        prometheus_client::encoding::text::encode(&mut om, &r).expect("encode");
+        let text = openmetrics_to_prometheus_text(&om);
+        assert_eq!(
+            text,
+            "# HELP hearth_things_total Things seen.\n# TYPE hearth_things_total counter\n\
+             hearth_things_total{kind=\"a\"} 3\n# HELP hearth_disk_bytes Disk.\n\
+             # TYPE hearth_disk_bytes gauge\nhearth_disk_bytes 42\n"
+        );
+    }
+
+    #[test]
+    fn readiness_lists_blockers() {
+        let r = Readiness::default();
+        r.set("controller", Some("not connected".into()));
+        r.set("devices", None);
+        assert_eq!(r.blockers(), vec!["controller: not connected".to_string()]);
+        r.set("controller", None);
+        assert!(r.blockers().is_empty());
+    }
+}

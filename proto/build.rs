@@ -1,0 +1,23 @@
+//! Compiles hearth/v1/*.proto with protox (pure Rust), so a bare machine needs no `protoc`.
+//! Also writes the encoded descriptor set that the controller serves through reflection.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["hearth/v1/node.proto", "hearth/v1/agent.proto", "hearth/v1/operator.proto"];
+    for f in &files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let mut compiler = protox::Compiler::new(["."])?;
+    compiler.include_imports(true).include_source_info(true);
+    compiler.open_files(files)?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("hearth_descriptor.bin"), compiler.encode_file_descriptor_set())?;
+    tonic_prost_build::configure()
+        .emit_rerun_if_changed(false)
+        // `NodeAgent.Connect` would clash with the generated `connect(dst)` constructor;
+        // callers build their own `Channel` (TLS, limits) and use `new`.
+        .build_transport(false)
+        .compile_fds(compiler.file_descriptor_set())?;
+    Ok(())
+}
