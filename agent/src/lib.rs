@@ -1,1 +1,10 @@
+//! hearth-agent: the node agent (`hearth agent`) and the operator CLI (`hearth local`,
+//! `hearth status`). One module per capability; `daemon` wires them together.
 
+pub mod config;
+pub mod daemon;
+pub mod device;
+pub mod local;
+pub mod node;
+pub mod report;
+pub mod status;

@@ -1,0 +1,295 @@
+//! Agent configuration: YAML, overridable by flags, validated into [`Config`] before
+//! anything starts. Errors name the field and the form that was expected.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hearth_controller::config::{ConfigError, RawTls, parse_duration, parse_size};
+use hearth_proto::transport::{DEFAULT_MAX_MESSAGE_BYTES, TlsFiles};
+use serde::Deserialize;
+
+use crate::device::sim::SimSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentConfigError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{field}: expected {expected}, got {got:?}")]
+    Invalid { field: &'static str, expected: String, got: String },
+}
+
+fn invalid(field: &'static str, expected: impl Into<String>, got: impl Into<String>) -> AgentConfigError {
+    AgentConfigError::Invalid { field, expected: expected.into(), got: got.into() }
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawController {
+    /// `https://host:port` (or `http://` with insecure). Absent: run node-local only.
+    pub url: Option<String>,
+    /// Name to verify in the controller's certificate; defaults to the URL's host.
+    pub server_name: Option<String>,
+    #[serde(default)]
+    pub tls: RawTls,
+    #[serde(default)]
+    pub insecure: bool,
+    pub heartbeat_interval: Option<String>,
+    pub backoff_initial: Option<String>,
+    pub backoff_max: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawDevices {
+    /// `none` or `simulated`.
+    pub backend: Option<String>,
+    /// For the simulated backend: ["2xH100-80GB", "1xinf2"].
+    #[serde(default)]
+    pub simulated: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawNode {
+    pub procfs_root: Option<PathBuf>,
+    pub collect_interval: Option<String>,
+    pub exclude_interfaces: Option<Vec<String>>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    pub root: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub node_name: Option<String>,
+    #[serde(default)]
+    pub controller: RawController,
+    pub http_listen: Option<String>,
+    #[serde(default)]
+    pub devices: RawDevices,
+    #[serde(default)]
+    pub node: RawNode,
+    #[serde(default)]
+    pub cache: RawCache,
+    pub shutdown_grace: Option<String>,
+    pub max_message_size: Option<String>,
+}
+
+impl RawConfig {
+    pub fn from_file(path: &Path) -> Result<Self, AgentConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_yaml(path, &text)
+    }
+
+    pub fn from_yaml(path: &Path, text: &str) -> Result<Self, AgentConfigError> {
+        let text = if text.trim().is_empty() { "{}" } else { text };
+        Ok(serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    pub url: String,
+    pub server_name: String,
+    /// None only in insecure mode.
+    pub tls: Option<TlsFiles>,
+    pub heartbeat_interval: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceBackendKind {
+    None,
+    Simulated(Vec<SimSpec>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    /// None: node-local only, nothing reported.
+    pub controller: Option<ControllerConfig>,
+    pub http_listen: SocketAddr,
+    pub devices: DeviceBackendKind,
+    pub procfs_root: PathBuf,
+    pub collect_interval: Duration,
+    pub exclude_interfaces: Vec<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub cache_root: PathBuf,
+    pub shutdown_grace: Duration,
+    pub max_message_bytes: usize,
+}
+
+/// Interfaces that belong to pods or overlays; per-pod traffic comes from the eBPF layer,
+/// and counting every veth here would make the label set grow with the pod count.
+pub const DEFAULT_EXCLUDED_INTERFACES: &[&str] =
+    &["lo", "veth*", "cali*", "cilium*", "lxc*", "docker*", "cni*", "flannel*", "kube-*", "tunl*", "vxlan*", "genev*"];
+
+fn default_node_name() -> String {
+    std::env::var("NODE_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|s| s.trim().to_ascii_lowercase())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+fn dur(field: &'static str, v: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+    parse_duration(field, v.as_deref().unwrap_or(default))
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = AgentConfigError;
+
+    fn try_from(r: RawConfig) -> Result<Self, Self::Error> {
+        let node_name = r.node_name.unwrap_or_else(default_node_name);
+        hearth_proto::convert::validate_node_name(&node_name)
+            .map_err(|_| invalid("node_name", "a Kubernetes node name (lowercase RFC 1123 subdomain)", &node_name))?;
+
+        let controller = match r.controller.url.clone() {
+            None => None,
+            Some(url) => {
+                let c = r.controller;
+                let (scheme, rest) = url
+                    .split_once("://")
+                    .ok_or_else(|| invalid("controller.url", "a URL like \"https://controller:7443\"", &url))?;
+                let host = rest.split('/').next().unwrap_or("");
+                let host_only = host.rsplit_once(':').map_or(host, |(h, _)| h).trim_matches(['[', ']']);
+                if host_only.is_empty() {
+                    return Err(invalid("controller.url", "a URL with a host", &url));
+                }
+                match (scheme, c.insecure) {
+                    ("https", _) | ("http", true) => {}
+                    ("http", false) => {
+                        return Err(invalid(
+                            "controller.url",
+                            "https:// (plain http:// only with controller.insecure or --insecure)",
+                            &url,
+                        ));
+                    }
+                    _ => return Err(invalid("controller.url", "an https:// URL", &url)),
+                }
+                let tls = if scheme == "https" { c.tls.resolve(false)? } else { None };
+                let heartbeat_interval = dur("controller.heartbeat_interval", c.heartbeat_interval, "5s")?;
+                if heartbeat_interval < Duration::from_millis(100) {
+                    return Err(invalid("controller.heartbeat_interval", "at least 100ms", format!("{heartbeat_interval:?}")));
+                }
+                let backoff_initial = dur("controller.backoff_initial", c.backoff_initial, "500ms")?;
+                let backoff_max = dur("controller.backoff_max", c.backoff_max, "30s")?;
+                if backoff_max < backoff_initial {
+                    return Err(invalid(
+                        "controller.backoff_max",
+                        "at least controller.backoff_initial",
+                        format!("{backoff_max:?}"),
+                    ));
+                }
+                Some(ControllerConfig {
+                    server_name: c.server_name.unwrap_or_else(|| host_only.to_owned()),
+                    url,
+                    tls,
+                    heartbeat_interval,
+                    backoff_initial,
+                    backoff_max,
+                })
+            }
+        };
+
+        let devices = match r.devices.backend.as_deref() {
+            None if r.devices.simulated.is_empty() => DeviceBackendKind::None,
+            Some("none") => DeviceBackendKind::None,
+            None | Some("simulated") => {
+                if r.devices.simulated.is_empty() {
+                    return Err(invalid("devices.simulated", "at least one entry like \"2xH100-80GB\"", "[]"));
+                }
+                let specs = r
+                    .devices
+                    .simulated
+                    .iter()
+                    .map(|s| SimSpec::parse(s).map_err(|e| invalid("devices.simulated", e, s)))
+                    .collect::<Result<_, _>>()?;
+                DeviceBackendKind::Simulated(specs)
+            }
+            Some(other) => return Err(invalid("devices.backend", "\"none\" or \"simulated\"", other)),
+        };
+
+        let http_listen_s = r.http_listen.unwrap_or_else(|| "0.0.0.0:9400".into());
+        let http_listen = http_listen_s
+            .parse()
+            .map_err(|_| invalid("http_listen", "an address like \"0.0.0.0:9400\"", &http_listen_s))?;
+        let collect_interval = dur("node.collect_interval", r.node.collect_interval, "10s")?;
+        if collect_interval < Duration::from_millis(100) {
+            return Err(invalid("node.collect_interval", "at least 100ms", format!("{collect_interval:?}")));
+        }
+        let max = parse_size("max_message_size", r.max_message_size.as_deref().unwrap_or(&DEFAULT_MAX_MESSAGE_BYTES.to_string()))?;
+        Ok(Self {
+            node_name,
+            controller,
+            http_listen,
+            devices,
+            procfs_root: r.node.procfs_root.unwrap_or_else(|| "/proc".into()),
+            collect_interval,
+            exclude_interfaces: r
+                .node
+                .exclude_interfaces
+                .unwrap_or_else(|| DEFAULT_EXCLUDED_INTERFACES.iter().map(|s| (*s).to_owned()).collect()),
+            labels: r.node.labels,
+            cache_root: r.cache.root.unwrap_or_else(|| "/var/lib/hearth/cache".into()),
+            shutdown_grace: dur("shutdown_grace", r.shutdown_grace, "5s")?,
+            max_message_bytes: max as usize,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<Config, AgentConfigError> {
+        Config::try_from(RawConfig::from_yaml(Path::new("agent.yaml"), yaml)?)
+    }
+
+    #[test]
+    fn minimal_config_runs_node_local() {
+        let c = parse("node_name: n1").expect("valid");
+        assert!(c.controller.is_none());
+        assert_eq!(c.devices, DeviceBackendKind::None);
+        assert_eq!(c.collect_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn simulated_devices_parse() {
+        let c = parse("node_name: n1\ndevices: {simulated: [2xH100-80GB, 1xinf2]}").expect("valid");
+        let DeviceBackendKind::Simulated(s) = c.devices else { panic!("simulated expected") };
+        assert_eq!(s.iter().map(|s| s.count).sum::<u32>(), 3);
+    }
+
+    #[test]
+    fn errors_name_field_and_expectation() {
+        let e = parse("node_name: n1\ndevices: {simulated: [2xB300]}").unwrap_err().to_string();
+        assert!(e.starts_with("devices.simulated: expected a product"), "{e}");
+        let e = parse("node_name: Bad_Name").unwrap_err().to_string();
+        assert!(e.starts_with("node_name: expected a Kubernetes node name"), "{e}");
+        let e = parse("node_name: n1\ncontroller: {url: 'http://c:1'}").unwrap_err().to_string();
+        assert!(e.contains("plain http:// only with controller.insecure"), "{e}");
+        let e = parse("node_name: n1\ncontroller: {url: 'https://c:1'}").unwrap_err().to_string();
+        assert!(e.contains("ca, cert and key are required"), "{e}");
+        let e = parse("node_name: n1\nnode: {collect_interval: often}").unwrap_err().to_string();
+        assert_eq!(e, "node.collect_interval: expected a duration like \"15s\" or \"500ms\", got \"often\"");
+        let e = parse("node_name: n1\ncache: {rooot: /x}").unwrap_err().to_string();
+        assert!(e.contains("unknown field `rooot`"), "{e}");
+    }
+
+    #[test]
+    fn controller_server_name_defaults_to_url_host() {
+        let c = parse("node_name: n1\ncontroller: {url: 'https://ctl.example:7443', tls: {ca: a, cert: b, key: c}}")
+            .expect("valid");
+        assert_eq!(c.controller.expect("controller").server_name, "ctl.example");
+    }
+}

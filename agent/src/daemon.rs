@@ -1,0 +1,237 @@
+//! `hearth agent`: builds the registry, starts every node-local task and the report client,
+//! and stops them all within the grace period on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hearth_controller::telemetry::{self, Readiness};
+use hearth_proto::convert::AgentHello;
+use hearth_proto::transport::TlsMaterial;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::{Config, DeviceBackendKind};
+use crate::device::{Accelerator, Inventory, NoDevices, sim::SimInventory};
+use crate::node::{NodeMetrics, NodeReader, NodeSample};
+use crate::report::{CommandDispatcher, NodeReport, ReportClient, ReportMetrics, ReportSettings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Tls(#[from] hearth_proto::transport::TlsError),
+    #[error("node inventory: {0}")]
+    Node(#[from] crate::node::NodeError),
+    #[error("cannot listen on {addr} (HTTP): {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("tasks did not stop within the {0:?} grace period")]
+    ShutdownTimeout(Duration),
+    #[error("blocking task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Capabilities this build reports in Hello; grows as subsystems land.
+pub const CAPABILITIES: &[&str] = &["node-metrics", "devices.simulated"];
+
+#[derive(Debug)]
+pub struct RunningAgent {
+    pub http_addr: SocketAddr,
+    task: JoinHandle<Result<(), AgentError>>,
+}
+
+impl RunningAgent {
+    pub async fn wait(self) -> Result<(), AgentError> {
+        self.task.await?
+    }
+}
+
+/// Accelerator facts as metrics, one series per device (bounded by the devices present).
+#[derive(Debug, Default)]
+struct DeviceInfoMetrics(Mutex<Vec<Accelerator>>);
+
+impl Collector for DeviceInfoMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let devs = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut info = enc.encode_descriptor("hearth_accelerator_info", "Accelerators on this node", None, MetricType::Gauge)?;
+        for a in &devs {
+            let idx = a.index.to_string();
+            let labels = [
+                ("index", idx.as_str()),
+                ("uuid", a.uuid.as_str()),
+                ("product", a.product.as_str()),
+                ("simulated", if a.simulated { "true" } else { "false" }),
+            ];
+            ConstGauge::new(1).encode(info.encode_family(&labels)?)?;
+        }
+        let mut mem = enc.encode_descriptor("hearth_accelerator_memory", "Accelerator memory", Some(&Unit::Bytes), MetricType::Gauge)?;
+        for a in &devs {
+            let idx = a.index.to_string();
+            ConstGauge::new(a.memory_bytes as i64).encode(mem.encode_family(&[("index", idx.as_str()), ("uuid", a.uuid.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Reads the boot id; an agent restart keeps it, a reboot changes it.
+fn boot_id(cfg: &Config) -> String {
+    std::fs::read_to_string(cfg.procfs_root.join("sys/kernel/random/boot_id"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAgent, AgentError> {
+    let tls = cfg.controller.as_ref().and_then(|c| c.tls.as_ref()).map(TlsMaterial::load).transpose()?;
+    if cfg.controller.as_ref().is_some_and(|c| c.tls.is_none()) {
+        warn!("reporting to the controller WITHOUT TLS (insecure mode)");
+    }
+    let mut registry = Registry::default();
+    let readiness = Arc::new(Readiness::default());
+    readiness.set("node", Some("first sample pending".into()));
+
+    let reader = NodeReader::new(&cfg.procfs_root, &cfg.cache_root, cfg.exclude_interfaces.clone());
+    let info = {
+        let r = reader.clone();
+        tokio::task::spawn_blocking(move || r.info()).await??
+    };
+    let node_metrics = NodeMetrics::register(&mut registry);
+
+    let inventory: Arc<dyn Inventory> = match &cfg.devices {
+        DeviceBackendKind::None => Arc::new(NoDevices),
+        DeviceBackendKind::Simulated(specs) => Arc::new(SimInventory::new(&cfg.node_name, specs)),
+    };
+    let mut subsystems = Vec::new();
+    let inv = inventory.clone();
+    let accelerators = match tokio::task::spawn_blocking(move || inv.accelerators()).await? {
+        Ok(a) => {
+            subsystems.push(("devices".to_owned(), true, inventory.name().to_owned()));
+            a
+        }
+        Err(e) => {
+            // The agent runs on without accelerators and says why.
+            warn!(error = %e, "accelerator discovery failed");
+            subsystems.push(("devices".to_owned(), false, e.to_string()));
+            Vec::new()
+        }
+    };
+    info!(backend = inventory.name(), count = accelerators.len(), "accelerators discovered");
+    let device_metrics = Arc::new(DeviceInfoMetrics(Mutex::new(accelerators.clone())));
+    registry.register_collector(Box::new(device_metrics));
+
+    let (report_tx, report_rx) = watch::channel(NodeReport {
+        info: Some(info),
+        labels: cfg.labels.clone(),
+        sample: None,
+        accelerators,
+        subsystems,
+    });
+
+    let sampler = tokio::spawn(
+        sample_loop(reader, cfg.collect_interval, node_metrics, report_tx, readiness.clone(), shutdown.clone())
+            .instrument(info_span!("node_sampler")),
+    );
+
+    let reporter = cfg.controller.as_ref().map(|c| {
+        let hello = AgentHello {
+            node_name: cfg.node_name.clone(),
+            boot_id: boot_id(&cfg),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            api_version: hearth_proto::API_VERSION,
+            capabilities: CAPABILITIES.iter().map(|s| (*s).to_owned()).collect(),
+            heartbeat_interval_ms: c.heartbeat_interval.as_millis() as u32,
+        };
+        let settings = ReportSettings {
+            url: c.url.clone(),
+            server_name: c.server_name.clone(),
+            tls,
+            heartbeat_interval: c.heartbeat_interval,
+            backoff_initial: c.backoff_initial,
+            backoff_max: c.backoff_max,
+            max_message_bytes: cfg.max_message_bytes,
+        };
+        let metrics = ReportMetrics::register(&mut registry);
+        let client = ReportClient::new(settings, hello, report_rx, metrics, readiness.clone(), CommandDispatcher::default());
+        tokio::spawn(client.run(shutdown.clone()).instrument(info_span!("report", node = %cfg.node_name)))
+    });
+
+    let (http_addr, http) = telemetry::bind_http(cfg.http_listen, Arc::new(registry), readiness, shutdown.clone())
+        .await
+        .map_err(|source| AgentError::Bind { addr: cfg.http_listen, source })?;
+    info!(%http_addr, node = %cfg.node_name, "agent serving /metrics, /healthz, /readyz");
+
+    let grace = cfg.shutdown_grace;
+    let http = tokio::spawn(http);
+    let task = tokio::spawn(async move {
+        shutdown.cancelled().await;
+        let all = async {
+            let _ = sampler.await;
+            if let Some(r) = reporter {
+                let _ = r.await;
+            }
+            http.await
+        };
+        match tokio::time::timeout(grace, all).await {
+            Err(_) => Err(AgentError::ShutdownTimeout(grace)),
+            Ok(joined) => {
+                joined?.map_err(AgentError::Http)?;
+                info!("agent stopped");
+                Ok(())
+            }
+        }
+    });
+    Ok(RunningAgent { http_addr, task })
+}
+
+async fn sample_loop(
+    reader: NodeReader,
+    every: Duration,
+    metrics: Arc<NodeMetrics>,
+    report: watch::Sender<NodeReport>,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    let mut prev: Option<NodeSample> = None;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let r = reader.clone();
+        let p = prev.clone();
+        match tokio::task::spawn_blocking(move || r.sample(p.as_ref())).await {
+            Ok(Ok(s)) => {
+                if failing {
+                    info!("node sampling recovered");
+                    failing = false;
+                }
+                metrics.update(s.clone());
+                readiness.set("node", None);
+                report.send_modify(|rep| rep.sample = Some(s.clone()));
+                prev = Some(s);
+            }
+            Ok(Err(e)) => {
+                metrics.error();
+                // Log the first failure of a run of failures, not every interval.
+                if !failing {
+                    warn!(error = %e, "node sample failed");
+                    failing = true;
+                }
+            }
+            Err(e) => {
+                metrics.error();
+                warn!(error = %e, "node sample task failed");
+            }
+        }
+    }
+}

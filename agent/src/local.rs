@@ -1,0 +1,180 @@
+//! `hearth local`: a controller and an agent in one process on loopback, with simulated
+//! accelerators and real mTLS from a dev CA generated on each start. It publishes its
+//! addresses and operator credentials in `<state dir>/local/local.json`, which `hearth
+//! status` reads when given no flags.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hearth_controller::pki::{CertAuthority, LeafSpec, Usage, write_atomic, write_bundle};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ControllerConfig, DEFAULT_EXCLUDED_INTERFACES, DeviceBackendKind};
+use crate::device::sim::SimSpec;
+
+/// What `hearth status` needs to reach a running local mode.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct LocalInfo {
+    pub pid: u32,
+    pub controller_url: String,
+    pub server_name: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub controller_metrics: String,
+    pub agent_metrics: String,
+    pub node_name: String,
+}
+
+/// `$HEARTH_STATE_DIR`, else `$XDG_STATE_HOME/hearth`, else `~/.local/state/hearth`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("HEARTH_STATE_DIR").filter(|d| !d.is_empty()) {
+        return d.into();
+    }
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("hearth");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".local/state/hearth")
+}
+
+pub fn info_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("local").join("local.json")
+}
+
+#[derive(Debug, Clone)]
+pub struct LocalArgs {
+    pub state_dir: PathBuf,
+    pub node_name: String,
+    pub devices: Vec<String>,
+    pub controller_listen: String,
+    pub controller_http_listen: String,
+    pub agent_http_listen: String,
+}
+
+pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let dir = args.state_dir.join("local");
+    let pki = dir.join("pki");
+    std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
+    let year = Duration::from_secs(365 * 86400);
+    let ca = CertAuthority::new("hearth local CA")?;
+    let server = ca.issue(&LeafSpec::new("hearth-controller", &["localhost", "127.0.0.1"], Usage::Server, year))?;
+    let agent = ca.issue(&LeafSpec::new(&args.node_name, &[&args.node_name], Usage::Client, year))?;
+    let operator = ca.issue(&LeafSpec::new("operator", &["operator"], Usage::Client, year))?;
+    let server_files = write_bundle(&pki, "controller", ca.cert_pem(), &server)?;
+    let agent_files = write_bundle(&pki, "agent", ca.cert_pem(), &agent)?;
+    let operator_files = write_bundle(&pki, "operator", ca.cert_pem(), &operator)?;
+
+    let mut craw = hearth_controller::config::RawConfig {
+        listen: args.controller_listen.clone(),
+        http_listen: args.controller_http_listen.clone(),
+        ..Default::default()
+    };
+    craw.tls.ca = Some(server_files.ca.clone());
+    craw.tls.cert = Some(server_files.cert);
+    craw.tls.key = Some(server_files.key);
+    let ccfg = hearth_controller::Config::try_from(craw)?;
+    let controller = hearth_controller::start(ccfg, shutdown.clone()).await?;
+    let controller_url = format!("https://{}", controller.grpc_addr);
+
+    let devices = args
+        .devices
+        .iter()
+        .map(|d| SimSpec::parse(d).map_err(|e| anyhow::anyhow!("--devices: expected {e}, got {d:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let acfg = Config {
+        node_name: args.node_name.clone(),
+        controller: Some(ControllerConfig {
+            url: controller_url.clone(),
+            server_name: "localhost".into(),
+            tls: Some(agent_files),
+            heartbeat_interval: Duration::from_secs(2),
+            backoff_initial: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+        }),
+        http_listen: args
+            .agent_http_listen
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--agent-http-listen: expected an address like 127.0.0.1:7072, got {:?}", args.agent_http_listen))?,
+        devices: DeviceBackendKind::Simulated(devices),
+        procfs_root: "/proc".into(),
+        collect_interval: Duration::from_secs(2),
+        exclude_interfaces: DEFAULT_EXCLUDED_INTERFACES.iter().map(|s| (*s).to_owned()).collect(),
+        labels: [("hearth.dev/mode".to_owned(), "local".to_owned())].into(),
+        cache_root: dir.join("cache"),
+        shutdown_grace: Duration::from_secs(5),
+        max_message_bytes: hearth_proto::transport::DEFAULT_MAX_MESSAGE_BYTES,
+    };
+    std::fs::create_dir_all(&acfg.cache_root).with_context(|| format!("creating {}", acfg.cache_root.display()))?;
+    let agent = crate::daemon::start(acfg, shutdown.clone()).await?;
+
+    let info = LocalInfo {
+        pid: std::process::id(),
+        controller_url: controller_url.clone(),
+        server_name: "localhost".into(),
+        ca: operator_files.ca,
+        cert: operator_files.cert,
+        key: operator_files.key,
+        controller_metrics: format!("http://{}/metrics", controller.http_addr),
+        agent_metrics: format!("http://{}/metrics", agent.http_addr),
+        node_name: args.node_name.clone(),
+    };
+    let info_file = info_path(&args.state_dir);
+    write_atomic(&info_file, serde_json::to_string_pretty(&info)?.as_bytes(), false)?;
+
+    println!("Hearth local mode: a controller and one agent with simulated accelerators, over mTLS");
+    println!("  controller gRPC     {controller_url}");
+    println!("  controller metrics  {}", info.controller_metrics);
+    println!("  agent metrics       {}", info.agent_metrics);
+    println!("  state and certs     {}", dir.display());
+    println!("  in another terminal: hearth status   (or: hearth status --output json)");
+    println!("  Ctrl-C stops everything.");
+
+    let live = live_status(controller.state.clone(), shutdown.clone());
+    let (c, a, ()) = tokio::join!(controller.wait(), agent.wait(), live);
+    let _ = std::fs::remove_file(&info_file);
+    c?;
+    a?;
+    println!("stopped");
+    Ok(())
+}
+
+/// Prints the cluster view: a line rewritten in place on a terminal, a new line on each
+/// change otherwise (so logs and CI output stay readable).
+async fn live_status(state: std::sync::Arc<hearth_controller::state::ClusterState>, shutdown: CancellationToken) {
+    let tty = std::io::stdout().is_terminal();
+    let mut last = String::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let lines = state.list(Instant::now(), |v, s| {
+            let accel = match s.accelerators.first() {
+                Some(a) => format!("{} x {}", s.accelerators.len(), a.product),
+                None => "no accelerators reported yet".to_owned(),
+            };
+            format!("node {}: {}, {accel}, last report {:.1}s ago", v.name, v.connection.as_str(), v.last_report_age.as_secs_f64())
+        });
+        let line = if lines.is_empty() { "waiting for the agent to connect...".to_owned() } else { lines.join("; ") };
+        let mut out = std::io::stdout().lock();
+        if tty {
+            let _ = write!(out, "\r\x1b[2K{line}");
+            let _ = out.flush();
+        } else {
+            // Ignore the age when deciding whether anything changed.
+            let key = line.split(", last report").next().unwrap_or("").to_owned();
+            if key != last {
+                let _ = writeln!(out, "{line}");
+                last = key;
+            }
+        }
+    }
+    if tty {
+        println!();
+    }
+}
