@@ -1,1 +1,380 @@
+//! Helpers for Hearth's end-to-end tests and benchmarks: free loopback ports, a test PKI,
+//! real `hearth` / `hearth-controller` / Prometheus processes in temp dirs (stopped by PID,
+//! killed on drop), a raw protocol client, and polling with deadlines instead of sleeps.
 
+use std::future::Future;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use hearth_controller::pki::{CertAuthority, Issued, LeafSpec, Usage};
+use hearth_proto::transport::TlsMaterial;
+use hearth_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+}
+
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A workspace binary, built next to the test executable (`cargo build --workspace` or the
+/// test script builds them). Fails loudly when it is missing.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "binary {} not found; build it first with `cargo build --workspace --bins` (the test script does)",
+        p.display()
+    );
+    p
+}
+
+/// Polls `f` until it returns Ok(Some(v)) or the deadline passes; the last error or
+/// `what` explains a timeout.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let start = Instant::now();
+    let mut last_err = None;
+    loop {
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if start.elapsed() > timeout {
+            return Err(match last_err {
+                Some(e) => e.context(format!("timed out after {timeout:?} waiting for {what}")),
+                None => anyhow!("timed out after {timeout:?} waiting for {what}"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A CA and files for the certificates a test needs.
+pub struct TestPki {
+    pub ca: CertAuthority,
+    pub dir: PathBuf,
+}
+
+impl TestPki {
+    pub fn new(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let ca = CertAuthority::new("hearth test CA")?;
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem())?;
+        Ok(Self { ca, dir: dir.to_owned() })
+    }
+
+    fn write(&self, name: &str, issued: &Issued) -> Result<hearth_proto::transport::TlsFiles> {
+        Ok(hearth_controller::pki::write_bundle(&self.dir, name, self.ca.cert_pem(), issued)?)
+    }
+
+    pub fn server(&self) -> Result<hearth_proto::transport::TlsFiles> {
+        let i = self.ca.issue(&LeafSpec::new("controller", &["localhost", "127.0.0.1"], Usage::Server, Duration::from_secs(86400)))?;
+        self.write("controller", &i)
+    }
+
+    /// A client certificate whose DNS SAN is `name` (a node name, or "operator").
+    pub fn client(&self, name: &str) -> Result<hearth_proto::transport::TlsFiles> {
+        let i = self.ca.issue(&LeafSpec::new(name, &[name], Usage::Client, Duration::from_secs(86400)))?;
+        self.write(&format!("client-{name}"), &i)
+    }
+
+    pub fn client_material(&self, name: &str) -> Result<TlsMaterial> {
+        let i = self.ca.issue(&LeafSpec::new(name, &[name], Usage::Client, Duration::from_secs(86400)))?;
+        Ok(TlsMaterial::from_pem(self.ca.cert_pem().into(), i.cert_pem.into_bytes(), i.key_pem.into_bytes())?)
+    }
+
+    pub fn expired_client_material(&self, name: &str) -> Result<TlsMaterial> {
+        let spec = LeafSpec::new(name, &[name], Usage::Client, Duration::from_secs(86400)).expired(Duration::from_secs(3600));
+        let i = self.ca.issue(&spec)?;
+        Ok(TlsMaterial::from_pem(self.ca.cert_pem().into(), i.cert_pem.into_bytes(), i.key_pem.into_bytes())?)
+    }
+
+    /// A client certificate from a different CA, trusting our CA for the server.
+    pub fn foreign_client_material(&self, name: &str) -> Result<TlsMaterial> {
+        let other = CertAuthority::new("someone else's CA")?;
+        let i = other.issue(&LeafSpec::new(name, &[name], Usage::Client, Duration::from_secs(86400)))?;
+        Ok(TlsMaterial::from_pem(self.ca.cert_pem().into(), i.cert_pem.into_bytes(), i.key_pem.into_bytes())?)
+    }
+
+    pub fn ca_only(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(self.ca.cert_pem()))
+            .domain_name("localhost")
+    }
+}
+
+/// A child process with its output in a log file; SIGKILLed on drop so a failing test
+/// leaves nothing behind.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, log_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(log_dir)?;
+        let log = log_dir.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        Ok(Self { name: name.into(), child, log })
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: &str) -> Result<()> {
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status()?;
+        if !st.success() {
+            bail!("kill -{sig} {} failed", self.pid());
+        }
+        Ok(())
+    }
+
+    /// Waits for exit up to `timeout`; None if still running.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(Some(st));
+            }
+            if start.elapsed() > timeout {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill9(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `hearth-controller run` with mTLS from `pki` on fresh ports.
+pub struct ControllerProc {
+    pub proc: Proc,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl ControllerProc {
+    pub async fn start(dir: &Path, pki: &TestPki, grpc: SocketAddr, extra_yaml: &str) -> Result<Self> {
+        let files = pki.server()?;
+        let http = free_addr();
+        let cfg = dir.join("controller.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "listen: {grpc}\nhttp_listen: {http}\ntls: {{ca: {}, cert: {}, key: {}}}\n{extra_yaml}",
+                files.ca.display(),
+                files.cert.display(),
+                files.key.display()
+            ),
+        )?;
+        let proc = Proc::spawn(
+            "controller",
+            Command::new(bin("hearth-controller")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "info"),
+            dir,
+        )?;
+        let c = Self { proc, grpc, http };
+        wait_for("controller /healthz", Duration::from_secs(15), || async {
+            Ok(http_get(c.http, "/healthz").await.ok().filter(|(s, _)| *s == 200).map(|_| ()))
+        })
+        .await
+        .with_context(|| c.proc.log_text())?;
+        Ok(c)
+    }
+}
+
+/// Starts `hearth agent` with simulated devices, reporting to `controller`.
+pub struct AgentProc {
+    pub proc: Proc,
+    pub http: SocketAddr,
+}
+
+impl AgentProc {
+    pub fn start(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str) -> Result<Self> {
+        let files = pki.client(node)?;
+        let http = free_addr();
+        let cache = dir.join(format!("cache-{node}"));
+        std::fs::create_dir_all(&cache)?;
+        let cfg = dir.join(format!("agent-{node}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "node_name: {node}\nhttp_listen: {http}\n\
+                 controller:\n  url: https://{controller}\n  server_name: localhost\n  heartbeat_interval: 500ms\n  \
+                 backoff_initial: 100ms\n  backoff_max: 1s\n  tls: {{ca: {}, cert: {}, key: {}}}\n\
+                 devices: {{simulated: [2xH100-80GB]}}\nnode: {{collect_interval: 300ms}}\ncache: {{root: {}}}\n{extra_yaml}",
+                files.ca.display(),
+                files.cert.display(),
+                files.key.display(),
+                cache.display()
+            ),
+        )?;
+        let proc = Proc::spawn(
+            &format!("agent-{node}"),
+            Command::new(bin("hearth")).args(["agent", "--config"]).arg(&cfg).env("RUST_LOG", "info"),
+            dir,
+        )?;
+        Ok(Self { proc, http })
+    }
+}
+
+/// A minimal HTTP/1.1 GET (the endpoints under test are ours; no client crate needed).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_get_with(addr, path, &[]).await
+}
+
+pub async fn http_get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await??;
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n").as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header end in {text:?}"))?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("bad status line {head:?}"))?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of one sample in Prometheus text (`name{labels} value`), if present.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+}
+
+/// A tonic channel to the controller with the given client identity.
+pub async fn channel(addr: SocketAddr, tls: Option<&TlsMaterial>) -> Result<tonic::transport::Channel> {
+    let mut ep = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?.connect_timeout(Duration::from_secs(5));
+    if let Some(t) = tls {
+        ep = ep.tls_config(t.client_config("localhost"))?;
+    }
+    Ok(ep.connect().await?)
+}
+
+pub async fn list_nodes(addr: SocketAddr, tls: &TlsMaterial) -> Result<Vec<pb::NodeSummary>> {
+    let ch = channel(addr, Some(tls)).await?;
+    Ok(pb::operator_client::OperatorClient::new(ch).list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes)
+}
+
+pub fn hello(node: &str) -> pb::AgentMessage {
+    pb::AgentMessage {
+        kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
+            node_name: node.into(),
+            boot_id: "test-boot".into(),
+            agent_version: "test".into(),
+            api_version: hearth_proto::API_VERSION,
+            capabilities: vec![],
+            heartbeat_interval_ms: 1000,
+        })),
+    }
+}
+
+/// A hand-driven agent stream: send what you like, read what comes back.
+pub struct RawAgent {
+    pub tx: mpsc::Sender<pb::AgentMessage>,
+    pub rx: tonic::Streaming<pb::ControllerMessage>,
+}
+
+impl RawAgent {
+    /// Opens a stream, sends Hello and waits for the controller's answer to it.
+    pub async fn connect(ch: tonic::transport::Channel, node: &str) -> std::result::Result<Self, tonic::Status> {
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(hello(node)).await.map_err(|_| tonic::Status::internal("queue"))?;
+        let mut client = pb::node_agent_client::NodeAgentClient::new(ch);
+        let mut rx = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+        match rx.message().await? {
+            Some(pb::ControllerMessage { kind: Some(pb::controller_message::Kind::Ack(_)) }) => Ok(Self { tx, rx }),
+            other => Err(tonic::Status::internal(format!("expected Ack of Hello, got {other:?}"))),
+        }
+    }
+
+    pub async fn send(&self, kind: pb::agent_message::Kind) -> Result<()> {
+        self.tx.send(pb::AgentMessage { kind: Some(kind) }).await.map_err(|_| anyhow!("stream closed"))
+    }
+
+    /// The next message, or an error if the stream ended or 5 s passed.
+    pub async fn next(&mut self) -> std::result::Result<pb::ControllerMessage, tonic::Status> {
+        match tokio::time::timeout(Duration::from_secs(5), self.rx.message()).await {
+            Err(_) => Err(tonic::Status::deadline_exceeded("no message within 5s")),
+            Ok(r) => r?.ok_or_else(|| tonic::Status::cancelled("stream ended")),
+        }
+    }
+}
+
+/// Starts an in-process controller with mTLS on free ports.
+pub async fn start_controller(
+    pki: &TestPki,
+    shutdown: tokio_util::sync::CancellationToken,
+    tweak: impl FnOnce(&mut hearth_controller::config::RawConfig),
+) -> Result<hearth_controller::Running> {
+    let files = pki.server()?;
+    let mut raw = hearth_controller::config::RawConfig {
+        listen: "127.0.0.1:0".into(),
+        http_listen: "127.0.0.1:0".into(),
+        ..Default::default()
+    };
+    raw.tls.ca = Some(files.ca);
+    raw.tls.cert = Some(files.cert);
+    raw.tls.key = Some(files.key);
+    tweak(&mut raw);
+    Ok(hearth_controller::start(hearth_controller::Config::try_from(raw)?, shutdown).await?)
+}
+
+/// Whether a tool is on PATH (for tests that fail with install advice when it is not).
+pub fn require_tool(name: &str, install: &str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow!("`{name}` is not installed; this test needs it ({install}). scripts/test.sh installs it."))
+}
