@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs (idempotently), builds every binary, and runs every
+# test with cargo-nextest. This is the README's test command; CI runs exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+apt_pkgs=()
+command -v mold >/dev/null || apt_pkgs+=(mold)
+{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || apt_pkgs+=(prometheus)
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
+  echo "installing: ${apt_pkgs[*]}"
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
+fi
+cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
+
+# mold links the many test binaries several times faster than the default linker.
+export RUSTFLAGS="${RUSTFLAGS:--C link-arg=-fuse-ld=mold}"
+# The end-to-end tests run the real binaries: build them first.
+cargo build --workspace --bins --locked
+cargo nextest run --workspace --locked "$@"
