@@ -151,16 +151,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
 
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-        tracing::info!("signal received, shutting down");
+        hearth_controller::telemetry::shutdown_signal().await;
         shutdown.cancel();
     });
 }

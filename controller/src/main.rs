@@ -74,22 +74,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
     let running = hearth_controller::start(cfg, shutdown.clone()).await?;
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("signal received, shutting down");
+        hearth_controller::telemetry::shutdown_signal().await;
         stop.cancel();
     });
     running.wait().await?;
     Ok(())
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

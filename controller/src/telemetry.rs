@@ -36,6 +36,20 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
     };
 }
 
+/// Resolves on SIGTERM or SIGINT (Ctrl-C): the one signal handler each binary installs.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("signal received, shutting down");
+}
+
 /// Named readiness conditions; `/readyz` is 200 only when all are met.
 #[derive(Debug, Default)]
 pub struct Readiness {

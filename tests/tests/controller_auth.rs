@@ -295,3 +295,23 @@ async fn health_is_served() -> Result<()> {
     assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
     Ok(())
 }
+
+#[tokio::test]
+async fn reflection_lists_the_hearth_services() -> Result<()> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient, server_reflection_request::MessageRequest,
+        server_reflection_response::MessageResponse,
+    };
+    let e = env().await?;
+    let mut c = ServerReflectionClient::new(e.agent_channel("any").await?);
+    let req = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut resp = c.server_reflection_info(tokio_stream::iter(vec![req])).await?.into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message().await?.and_then(|r| r.message_response) else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["hearth.v1.NodeAgent", "hearth.v1.Operator", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    }
+    Ok(())
+}

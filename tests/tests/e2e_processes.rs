@@ -201,3 +201,24 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("hearth local"));
     Ok(())
 }
+
+#[tokio::test]
+async fn frozen_agent_turns_stale_then_recovers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let grpc = free_addr();
+    let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "stale_after: 1500ms\n").await?;
+    let agent = AgentProc::start(dir.path(), &pki, "gpu-4", grpc, "")?;
+    wait_for("connected", Duration::from_secs(15), || async { Ok(node(grpc, &pki, "gpu-4").await?.filter(connected)) }).await?;
+    // A stopped process keeps its TCP connection open but sends nothing: missed heartbeats.
+    agent.proc.signal("STOP")?;
+    let stale = wait_for("stale after missed heartbeats", Duration::from_secs(10), || async {
+        Ok(node(grpc, &pki, "gpu-4").await?.filter(|n| n.connection == pb::NodeConnection::Stale as i32))
+    })
+    .await;
+    agent.proc.signal("CONT")?;
+    let stale = stale?;
+    assert!(stale.last_report_age_ms >= 1500, "{}", stale.last_report_age_ms);
+    wait_for("connected again", Duration::from_secs(10), || async { Ok(node(grpc, &pki, "gpu-4").await?.filter(connected)) }).await?;
+    Ok(())
+}

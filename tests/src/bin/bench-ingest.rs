@@ -33,6 +33,9 @@ struct Args {
     /// Connections opened at once while ramping up.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Deltas each agent sends per second (1 is the target load; more shows headroom).
+    #[arg(long, default_value_t = 1.0)]
+    deltas_per_second: f64,
 }
 
 fn proc_cpu_seconds(pid: i32) -> Result<f64> {
@@ -102,6 +105,7 @@ async fn run_agent(
     measuring: Arc<AtomicBool>,
     stop: tokio_util::sync::CancellationToken,
     connected: Arc<AtomicU64>,
+    every: Duration,
 ) -> Result<AgentResult> {
     let node = format!("bench-{i}");
     let (tx, rx) = mpsc::channel(16);
@@ -120,8 +124,8 @@ async fn run_agent(
     }
     connected.fetch_add(1, Ordering::Relaxed);
     // Spread the agents over the second so load is steady, as in a real fleet.
-    let phase = Duration::from_micros((i as u64 * 7919) % 1_000_000);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, Duration::from_secs(1));
+    let phase = every.mul_f64(((i as u64 * 7919) % 1_000_000) as f64 / 1e6);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending: VecDeque<(u64, Instant, bool)> = VecDeque::new();
     let mut res = AgentResult { latencies_us: Vec::new(), acked_in_window: 0 };
@@ -196,8 +200,9 @@ async fn run_one(n: usize, args: &Args, dir: &std::path::Path, pki: &TestPki, cl
             .await
             .with_context(|| format!("agent {i} connect"))?;
         let (m, s, c) = (measuring.clone(), stop.clone(), connected.clone());
+        let every = Duration::from_secs_f64(1.0 / args.deltas_per_second);
         tasks.push(tokio::spawn(async move {
-            let r = run_agent(i, ch, m, s, c);
+            let r = run_agent(i, ch, m, s, c, every);
             drop(permit);
             r.await
         }));
@@ -258,7 +263,10 @@ async fn main() -> Result<()> {
         eprintln!("running {n} agents...");
         rows.push(run_one(n, &args, dir.path(), &pki, &clients).await?);
     }
-    println!("controller ingest: mTLS gRPC over loopback, 1 snapshot + 1 delta/s per agent, {}s window", args.seconds);
+    println!(
+        "controller ingest: mTLS gRPC over loopback, 1 snapshot + {} delta/s per agent, {}s window",
+        args.deltas_per_second, args.seconds
+    );
     println!("| agents | connect all (s) | acked msgs/s | msgs/s per agent | p50 send->Ack (ms) | p99 send->Ack (ms) | controller CPU (cores) | controller peak RSS (MiB) |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in &rows {
