@@ -1,6 +1,8 @@
 //! hearth-agent: the node agent (`hearth agent`) and the operator CLI (`hearth local`,
 //! `hearth status`). One module per capability; `daemon` wires them together.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod config;
 pub mod daemon;
 pub mod device;

@@ -2,6 +2,8 @@
 //! wires the pieces (state, gRPC services, TLS listener, HTTP telemetry, sweeper) and
 //! returns the bound addresses; the binary and `hearth local` both use it.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod api;
 pub mod config;
 pub mod metrics;

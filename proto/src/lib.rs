@@ -4,6 +4,8 @@
 //!
 //! Nothing here does I/O beyond reading the TLS files it is pointed at.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod convert;
 pub mod transport;
 

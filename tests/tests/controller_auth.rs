@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // Tests unwrap what they assert on.
 //! The controller's front door over real mTLS on loopback: who gets in, who is refused and
 //! how that is counted, and what a bad message does to one stream and to everyone else.
 
@@ -267,8 +268,7 @@ async fn first_message_must_be_a_valid_hello() -> Result<()> {
     let err = pb::node_agent_client::NodeAgentClient::new(ch)
         .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(err.message(), "expected Hello as the first message, got Snapshot");
 
@@ -281,8 +281,7 @@ async fn first_message_must_be_a_valid_hello() -> Result<()> {
     let err = pb::node_agent_client::NodeAgentClient::new(e.agent_channel("node-a").await?)
         .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(err.message(), "Hello.api_version: this controller speaks API version 1, the agent speaks 9");
     Ok(())
 }

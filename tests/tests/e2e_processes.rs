@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // Tests unwrap what they assert on.
 //! Real `hearth-controller` and `hearth agent` processes over mTLS on loopback: the
 //! snapshot/delta flow, restarts of either side, a controller that is away, signals, bad
 //! config. Processes are stopped by PID and killed on drop.

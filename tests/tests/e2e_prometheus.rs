@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used)] // Tests unwrap what they assert on.
 //! A real Prometheus scrapes the agent's and the controller's `/metrics` (it negotiates
 //! OpenMetrics), and `promtool check metrics` lints the Prometheus-text output. Needs
 //! `prometheus` and `promtool` (apt `prometheus`); fails with install advice without them.
