@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod config;
+pub mod fsutil;
 pub mod metrics;
 pub mod pki;
 pub mod state;

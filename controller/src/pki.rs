@@ -124,30 +124,9 @@ impl CertAuthority {
     }
 }
 
-/// Writes `contents` to `path` so that a reader sees either the old file or the whole new
-/// one: temp file in the same directory, fsync, rename. `private` makes it mode 0600.
+/// Writes a file durably and atomically (see [`crate::fsutil::write_atomic`]).
 pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<(), PkiError> {
-    use std::io::Write;
-    let werr = |source| PkiError::Write { path: path.to_owned(), source };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(werr)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
-        std::process::id()
-    ));
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(if private { 0o600 } else { 0o644 });
-    }
-    let mut f = opts.open(&tmp).map_err(werr)?;
-    f.write_all(contents).and_then(|()| f.sync_all()).map_err(werr)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(werr)?;
-    Ok(())
+    crate::fsutil::write_atomic(path, contents, private).map_err(|source| PkiError::Write { path: path.to_owned(), source })
 }
 
 /// Writes `ca.pem`, `<name>.pem` and `<name>-key.pem` into `dir`; returns their paths.

@@ -1,0 +1,1049 @@
+//! The download engine: turns a model spec and a source into verified files under the cache
+//! root. Parallel ranged reads across and within files, each worker owning one aligned part
+//! buffer (memory = concurrency x part size, whatever the model size); O_DIRECT writes where
+//! the filesystem takes them; group-commit durability (fdatasync the touched files, then
+//! journal the parts); per-file verification; publish by rename, one file at a time, so a
+//! loader can start on the first shards while the rest arrive.
+//!
+//! On disk, under the cache root:
+//! ```text
+//! models/<id>/<key>          published, verified files
+//! staging/<id>/plan.json     what this download is (files, sizes, versions, part size)
+//! staging/<id>/journal       parts that are durable (see `journal`)
+//! staging/<id>/data/<n>      file n being assembled
+//! ```
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::buf::AlignedBuf;
+use super::crc::PartCrc;
+use super::index::{EntryState, FileEntry, Index, IndexEntry, IndexError, now_secs};
+use super::journal::{Journal, JournalError, PartRecord};
+use super::source::{ErrorKind, RemoteObject, Source, SourceError};
+use super::spec::ModelSpec;
+use super::verify::{self, Expected, MANIFEST_NAME, Manifest, VerificationKind, VerifyError, Vouched};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("{uri}: no objects match (include {include:?}, exclude {exclude:?})")]
+    NoObjects { uri: String, include: Vec<String>, exclude: Vec<String> },
+    #[error("not enough space in {path}: this download needs {needed} more bytes, {available} are available")]
+    NoSpace { path: PathBuf, needed: u64, available: u64 },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("{key}: verification failed: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error("{MANIFEST_NAME}: {0}")]
+    Manifest(VerifyError),
+    #[error("{MANIFEST_NAME} is {0} bytes; expected at most 64 MiB")]
+    ManifestTooLarge(u64),
+    #[error("{key}: the manifest says {manifest} bytes, the source has {source_size}")]
+    ManifestMismatch { key: String, manifest: u64, source_size: u64 },
+    #[error("download cancelled; {done} of {total} bytes are kept and will resume")]
+    Cancelled { done: u64, total: u64 },
+}
+
+impl FetchError {
+    /// Bounded label for `hearth_cache_errors_total{kind}`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            FetchError::Source(e) => e.label(),
+            FetchError::NoObjects { .. } => "no_objects",
+            FetchError::NoSpace { .. } => "no_space",
+            FetchError::Io { source, .. } if source.raw_os_error() == Some(28) => "no_space",
+            FetchError::Io { .. } | FetchError::Journal(_) | FetchError::Index(_) => "io",
+            FetchError::Corrupt { .. } => "corrupt",
+            FetchError::Manifest(_) | FetchError::ManifestMismatch { .. } | FetchError::ManifestTooLarge(_) => "manifest",
+            FetchError::Cancelled { .. } => "cancelled",
+        }
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
+    move |source| FetchError::Io { path: path.to_owned(), source }
+}
+
+/// How part data reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteMode {
+    /// O_DIRECT where the filesystem supports it (measured 3x faster than buffered writes
+    /// plus fsync on our NVMe), buffered elsewhere (tmpfs).
+    Auto,
+    Direct,
+    Buffered,
+}
+
+#[derive(Debug, Clone)]
+pub struct FetchConfig {
+    /// Bytes per ranged read. 8-16 MiB is what S3 guidance and our measurements favour.
+    pub part_size: usize,
+    /// Reads in flight. Roughly one per 85-90 MB/s of target bandwidth.
+    pub concurrency: usize,
+    /// Attempts per part before the download fails.
+    pub max_attempts: u32,
+    /// A part read that takes longer is abandoned and issued again, so one stalled
+    /// connection does not set the finish time.
+    pub stall_timeout: Duration,
+    pub write_mode: WriteMode,
+    /// How often a file that fails verification is fetched again before giving up.
+    pub refetch_corrupt: u32,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            part_size: 8 << 20,
+            concurrency: 16,
+            max_attempts: 8,
+            stall_timeout: Duration::from_secs(30),
+            write_mode: WriteMode::Auto,
+            refetch_corrupt: 1,
+        }
+    }
+}
+
+/// Live counters of one download, read by the CLI's progress bar and the daemon's metrics.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub bytes_total: AtomicU64,
+    /// Durable bytes (journaled or published), including those found from an earlier run.
+    pub bytes_done: AtomicU64,
+    /// Bytes read from the source in this run (retries and refetches included).
+    pub bytes_fetched: AtomicU64,
+    pub bytes_resumed: AtomicU64,
+    pub files_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub retries: AtomicU64,
+    pub throttled: AtomicU64,
+}
+
+impl Progress {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PlanFile {
+    key: String,
+    size: u64,
+    version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Plan {
+    id: String,
+    part_size: u64,
+    files: Vec<PlanFile>,
+}
+
+#[derive(Debug)]
+struct FileWork {
+    obj: RemoteObject,
+    vouched: Vouched,
+    crc: PartCrc,
+    parts: u32,
+    part_crcs: Vec<Option<u64>>,
+    done_parts: u32,
+    corrupt_refetches: u32,
+    data_path: PathBuf,
+    buffered: Arc<File>,
+    direct: Option<Arc<File>>,
+    /// Published: verified and renamed into place (in this run or an earlier one).
+    published: bool,
+}
+
+impl FileWork {
+    fn part_len(&self, part_size: u64, part: u32) -> u64 {
+        let start = u64::from(part) * part_size;
+        (self.obj.size - start).min(part_size)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Job {
+    file: u32,
+    part: u32,
+}
+
+enum Done {
+    Part(PartRecord),
+    Failed(FetchError),
+}
+
+/// Shared between the workers and the committer.
+struct Queue {
+    jobs: Mutex<VecDeque<Job>>,
+    /// Parts not yet committed, queued or in flight.
+    outstanding: AtomicU64,
+    notify: Notify,
+    stop: AtomicBool,
+}
+
+impl Queue {
+    async fn next(&self) -> Option<Job> {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.stop.load(Ordering::Acquire) {
+                return None;
+            }
+            if let Some(j) = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
+                return Some(j);
+            }
+            if self.outstanding.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            // Parts may come back (a file failed verification): wait for them or the end.
+            notified.await;
+        }
+    }
+
+    fn push(&self, jobs: impl IntoIterator<Item = Job>) {
+        let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+        for j in jobs {
+            self.outstanding.fetch_add(1, Ordering::AcqRel);
+            q.push_back(j);
+        }
+        drop(q);
+        self.notify.notify_waiters();
+    }
+
+    fn finish_one(&self) {
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.notify.notify_waiters();
+        }
+    }
+
+    fn halt(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+}
+
+struct Ctx {
+    source: Arc<dyn Source>,
+    files: Vec<Arc<FileShared>>,
+    cfg: FetchConfig,
+    queue: Queue,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+}
+
+/// What workers need of a file.
+struct FileShared {
+    obj: RemoteObject,
+    crc: PartCrc,
+    buffered: Arc<File>,
+    direct: Option<Arc<File>>,
+}
+
+/// Lays out the cache root for one model id.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+}
+
+impl Layout {
+    pub fn model_dir(&self, id: &str) -> PathBuf {
+        self.root.join("models").join(id)
+    }
+    pub fn staging_dir(&self, id: &str) -> PathBuf {
+        self.root.join("staging").join(id)
+    }
+}
+
+/// Fetches `spec` into the cache at `layout`, resuming whatever an earlier run left.
+pub async fn fetch(
+    source: Arc<dyn Source>,
+    spec: &ModelSpec,
+    layout: &Layout,
+    index: &Index,
+    cfg: &FetchConfig,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<IndexEntry, FetchError> {
+    let id = spec.id();
+    let started = Instant::now();
+    let mut objects: Vec<RemoteObject> =
+        source.list().await?.into_iter().filter(|o| !o.key.ends_with('/') && spec.wants(&o.key)).collect();
+    if objects.is_empty() {
+        return Err(FetchError::NoObjects {
+            uri: spec.uri.to_string(),
+            include: spec.include.iter().map(|g| g.as_str().to_owned()).collect(),
+            exclude: spec.exclude.iter().map(|g| g.as_str().to_owned()).collect(),
+        });
+    }
+    let manifest = read_manifest(source.as_ref(), &objects).await?;
+    let part_size = cfg.part_size as u64;
+    let plan = Plan {
+        id: id.clone(),
+        part_size,
+        files: objects.iter().map(|o| PlanFile { key: o.key.clone(), size: o.size, version: o.version.clone() }).collect(),
+    };
+
+    // What an earlier run left: published files (index) and durable parts (journal).
+    let previous = index.get(&id)?;
+    let staging = layout.staging_dir(&id);
+    let model_dir = layout.model_dir(&id);
+    let plan_path = staging.join("plan.json");
+    let old_plan: Option<Plan> = std::fs::read(&plan_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    if old_plan.as_ref() != Some(&plan) {
+        if staging.exists() {
+            info!(%id, "source changed or new download: discarding staged parts");
+        }
+        remove_dir_if_exists(&staging)?;
+        std::fs::create_dir_all(staging.join("data")).map_err(io_err(&staging))?;
+        let json = serde_json::to_vec_pretty(&plan).map_err(|e| FetchError::Io { path: plan_path.clone(), source: e.into() })?;
+        hearth_controller::fsutil::write_atomic(&plan_path, &json, false).map_err(io_err(&plan_path))?;
+    }
+    let (mut journal, records) = Journal::open(&staging.join("journal"))?;
+
+    let mut entry = IndexEntry {
+        id: id.clone(),
+        uri: spec.uri.to_string(),
+        revision: spec.revision.clone(),
+        include: spec.include.iter().map(|g| g.as_str().to_owned()).collect(),
+        exclude: spec.exclude.iter().map(|g| g.as_str().to_owned()).collect(),
+        state: EntryState::Downloading,
+        files: Vec::with_capacity(objects.len()),
+        bytes_present: 0,
+        bytes_total: 0,
+        verification: String::new(),
+        pinned: previous.as_ref().is_some_and(|p| p.pinned),
+        created: previous.as_ref().map_or_else(now_secs, |p| p.created),
+        last_used: now_secs(),
+        error: None,
+    };
+
+    // Order: small files first, then big ones as listed; safetensors headers lead their file.
+    objects.sort_by_key(|o| (o.size > part_size, if o.size > part_size { 0 } else { o.size }));
+    let mut works = Vec::with_capacity(objects.len());
+    let mut needed_space = 0u64;
+    for (i, obj) in objects.into_iter().enumerate() {
+        let vouched = vouch(&obj, manifest.as_ref())?;
+        let crc = match vouched.expected {
+            Expected::Crc64Nvme(_) => PartCrc::Crc64Nvme,
+            Expected::Crc32c(_) => PartCrc::Crc32c,
+            _ => PartCrc::None,
+        };
+        let final_path = model_dir.join(&obj.key);
+        let was_ready = previous.as_ref().and_then(|p| p.files.iter().find(|f| f.key == obj.key)).is_some_and(|f| {
+            f.ready && f.version == obj.version && f.size == obj.size
+        }) && std::fs::metadata(&final_path).is_ok_and(|m| m.len() == obj.size);
+        let prev_verification = previous
+            .as_ref()
+            .and_then(|p| p.files.iter().find(|f| f.key == obj.key))
+            .map(|f| f.verification.clone())
+            .unwrap_or_default();
+        entry.files.push(FileEntry {
+            key: obj.key.clone(),
+            size: obj.size,
+            version: obj.version.clone(),
+            verification: if was_ready { prev_verification } else { String::new() },
+            ready: was_ready,
+        });
+        let data_path = staging.join("data").join(i.to_string());
+        let parts = obj.size.div_ceil(part_size).max(1) as u32;
+        let (buffered, direct) = if was_ready {
+            // Never written: a placeholder handle keeps the types simple.
+            (Arc::new(File::open("/dev/null").map_err(io_err(Path::new("/dev/null")))?), None)
+        } else {
+            let (b, d, allocated) = open_data_file(&data_path, obj.size, cfg.write_mode)?;
+            needed_space += obj.size.saturating_sub(allocated);
+            (Arc::new(b), d.map(Arc::new))
+        };
+        works.push(FileWork {
+            obj,
+            vouched,
+            crc,
+            parts,
+            part_crcs: vec![None; parts as usize],
+            done_parts: 0,
+            corrupt_refetches: 0,
+            data_path,
+            buffered,
+            direct,
+            published: was_ready,
+        });
+    }
+    // A download that cannot fit fails now, before it fills the disk.
+    let available = available_space(&layout.root)?;
+    if needed_space > available {
+        return Err(FetchError::NoSpace { path: layout.root.clone(), needed: needed_space, available });
+    }
+    for w in works.iter().filter(|w| !w.published) {
+        allocate(&w.buffered, &w.data_path, w.obj.size)?;
+    }
+
+    // Replay the journal. File numbers are positions in the sorted order above, which is a
+    // pure function of the listing, so they mean the same thing as long as the plan does.
+    let mut resumed = 0u64;
+    for r in &records {
+        let Some(w) = works.get_mut(r.file as usize) else { continue };
+        if w.published || r.part >= w.parts || w.part_crcs[r.part as usize].is_some() {
+            continue;
+        }
+        w.part_crcs[r.part as usize] = Some(r.crc);
+        w.done_parts += 1;
+        resumed += w.part_len(part_size, r.part);
+    }
+
+    let total: u64 = works.iter().map(|w| w.obj.size).sum();
+    let published_bytes: u64 = works.iter().filter(|w| w.published).map(|w| w.obj.size).sum();
+    progress.bytes_total.store(total, Ordering::Relaxed);
+    progress.files_total.store(works.len() as u64, Ordering::Relaxed);
+    progress.files_done.store(works.iter().filter(|w| w.published).count() as u64, Ordering::Relaxed);
+    progress.bytes_done.store(published_bytes + resumed, Ordering::Relaxed);
+    progress.bytes_resumed.store(resumed, Ordering::Relaxed);
+    entry.refresh();
+    index.put(&entry)?;
+    if resumed > 0 {
+        info!(%id, resumed_bytes = resumed, "resuming an interrupted download");
+    }
+
+    // Jobs: the first part of every big file (safetensors headers), then the rest in order.
+    let mut jobs = Vec::new();
+    let mut rest = Vec::new();
+    for (i, w) in works.iter().enumerate() {
+        if w.published {
+            continue;
+        }
+        for p in 0..w.parts {
+            if w.part_crcs[p as usize].is_none() {
+                let job = Job { file: i as u32, part: p };
+                if p == 0 { jobs.push(job) } else { rest.push(job) }
+            }
+        }
+    }
+    jobs.extend(rest);
+
+    let ctx = Arc::new(Ctx {
+        source,
+        files: works
+            .iter()
+            .map(|w| {
+                Arc::new(FileShared { obj: w.obj.clone(), crc: w.crc, buffered: w.buffered.clone(), direct: w.direct.clone() })
+            })
+            .collect(),
+        cfg: cfg.clone(),
+        queue: Queue { jobs: Mutex::default(), outstanding: AtomicU64::new(0), notify: Notify::new(), stop: AtomicBool::new(false) },
+        progress: progress.clone(),
+        cancel: cancel.clone(),
+    });
+    ctx.queue.push(jobs);
+    let (done_tx, mut done_rx) = mpsc::channel::<Done>(cfg.concurrency * 2);
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..cfg.concurrency.max(1) {
+        workers.spawn(worker(ctx.clone(), done_tx.clone()));
+    }
+    drop(done_tx);
+
+    // Files that finished entirely from the journal still need verifying and publishing.
+    let mut result: Result<(), FetchError> = Ok(());
+    let ready_now: Vec<usize> =
+        (0..works.len()).filter(|&i| !works[i].published && works[i].done_parts == works[i].parts).collect();
+    for i in ready_now {
+        if let Err(e) = finish_file(&mut works, i, &ctx, &mut journal, &model_dir, &mut entry, index).await {
+            result = Err(e);
+        }
+    }
+
+    // Commit loop: group the parts that arrived, make them durable, journal them.
+    while result.is_ok() && works.iter().any(|w| !w.published) {
+        let first = tokio::select! {
+            d = done_rx.recv() => d,
+            _ = cancel.cancelled() => {
+                result = Err(FetchError::Cancelled { done: 0, total });
+                break;
+            }
+        };
+        let Some(first) = first else { break };
+        let mut batch = vec![first];
+        while let Ok(d) = done_rx.try_recv() {
+            batch.push(d);
+        }
+        let mut records = Vec::with_capacity(batch.len());
+        for d in batch {
+            match d {
+                Done::Part(r) => records.push(r),
+                Done::Failed(e) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                }
+            }
+        }
+        if let Err(e) = commit(&works, &mut journal, &records).await {
+            result = Err(e);
+        }
+        if result.is_err() {
+            break;
+        }
+        let mut completed = Vec::new();
+        for r in &records {
+            let w = &mut works[r.file as usize];
+            if w.part_crcs[r.part as usize].is_none() {
+                w.part_crcs[r.part as usize] = Some(r.crc);
+                w.done_parts += 1;
+                progress.bytes_done.fetch_add(w.part_len(part_size, r.part), Ordering::Relaxed);
+                if w.done_parts == w.parts {
+                    completed.push(r.file as usize);
+                }
+            }
+        }
+        for i in completed {
+            if let Err(e) = finish_file(&mut works, i, &ctx, &mut journal, &model_dir, &mut entry, index).await {
+                result = Err(e);
+                break;
+            }
+        }
+        // Only now: a file that failed verification has re-queued its parts above, so the
+        // workers never see zero outstanding work while a refetch is pending.
+        for _ in &records {
+            ctx.queue.finish_one();
+        }
+    }
+    ctx.queue.halt();
+    while workers.join_next().await.is_some() {}
+
+    match result {
+        Ok(()) if works.iter().all(|w| w.published) => {
+            entry.state = EntryState::Ready;
+            entry.error = None;
+            entry.refresh();
+            index.put(&entry)?;
+            remove_dir_if_exists(&staging)?;
+            info!(
+                %id,
+                bytes = total,
+                fetched = Progress::get(&progress.bytes_fetched),
+                resumed,
+                secs = started.elapsed().as_secs_f64(),
+                verification = %entry.verification,
+                "model cached"
+            );
+            Ok(entry)
+        }
+        Ok(()) => Err(FetchError::Cancelled { done: Progress::get(&progress.bytes_done), total }),
+        Err(FetchError::Cancelled { .. }) => {
+            let done = Progress::get(&progress.bytes_done);
+            entry.refresh();
+            index.put(&entry)?;
+            Err(FetchError::Cancelled { done, total })
+        }
+        Err(e) => {
+            entry.state = EntryState::Failed;
+            entry.error = Some(e.to_string());
+            entry.refresh();
+            // The failure is what matters; an index write error beside it is logged.
+            if let Err(ie) = index.put(&entry) {
+                warn!(error = %ie, "could not record the failure in the index");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Reads and parses `hearth-manifest.json` if the model ships one.
+async fn read_manifest(source: &dyn Source, objects: &[RemoteObject]) -> Result<Option<Manifest>, FetchError> {
+    let Some(obj) = objects.iter().find(|o| o.key == MANIFEST_NAME) else { return Ok(None) };
+    if obj.size > 64 << 20 {
+        return Err(FetchError::ManifestTooLarge(obj.size));
+    }
+    let (buf, r) = source.read_into(obj, 0, AlignedBuf::new(obj.size as usize)).await;
+    r?;
+    Manifest::parse(buf.as_slice()).map(Some).map_err(FetchError::Manifest)
+}
+
+/// What one file can be verified against: the source's own checksum, else the manifest,
+/// else its size.
+fn vouch(obj: &RemoteObject, manifest: Option<&Manifest>) -> Result<Vouched, FetchError> {
+    if let Some(v) = obj.vouched {
+        return Ok(v);
+    }
+    if obj.key == MANIFEST_NAME && manifest.is_some() {
+        // The manifest is the anchor of trust for the rest: it cannot vouch for itself.
+        return Ok(Vouched { expected: Expected::SizeOnly, kind: VerificationKind::Manifest });
+    }
+    if let Some(m) = manifest.and_then(|m| m.files.get(&obj.key)) {
+        if m.size != obj.size {
+            return Err(FetchError::ManifestMismatch { key: obj.key.clone(), manifest: m.size, source_size: obj.size });
+        }
+        return Ok(Vouched { expected: Expected::Sha256(m.sha256), kind: VerificationKind::Manifest });
+    }
+    Ok(Vouched { expected: Expected::SizeOnly, kind: VerificationKind::Unverified })
+}
+
+fn remove_dir_if_exists(p: &Path) -> Result<(), FetchError> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FetchError::Io { path: p.to_owned(), source: e }),
+    }
+}
+
+/// Opens a data file for writing; returns the buffered handle, the O_DIRECT one when the
+/// mode and filesystem allow, and how many bytes are already allocated to it.
+fn open_data_file(path: &Path, size: u64, mode: WriteMode) -> Result<(File, Option<File>, u64), FetchError> {
+    let buffered = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
+    let allocated = buffered.metadata().map(|m| m.blocks() * 512).unwrap_or(0).min(size);
+    let direct = match mode {
+        WriteMode::Buffered => None,
+        WriteMode::Auto | WriteMode::Direct => {
+            let flags = rustix::fs::OFlags::DIRECT.bits() as i32;
+            match OpenOptions::new().write(true).custom_flags(flags).open(path) {
+                Ok(f) => Some(f),
+                Err(e) if mode == WriteMode::Auto && e.raw_os_error() == Some(22) => None,
+                Err(e) => return Err(FetchError::Io { path: path.to_owned(), source: e }),
+            }
+        }
+    };
+    Ok((buffered, direct, allocated))
+}
+
+/// Reserves the file's blocks now so a full disk fails here, not mid-write.
+fn allocate(f: &File, path: &Path, size: u64) -> Result<(), FetchError> {
+    if size == 0 {
+        return Ok(());
+    }
+    match rustix::fs::fallocate(f, rustix::fs::FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        // Filesystems without fallocate: size the file and find out at write time.
+        Err(rustix::io::Errno::OPNOTSUPP) => f.set_len(size).map_err(io_err(path)),
+        Err(e) => Err(FetchError::Io { path: path.to_owned(), source: e.into() }),
+    }
+}
+
+fn available_space(root: &Path) -> Result<u64, FetchError> {
+    std::fs::create_dir_all(root).map_err(io_err(root))?;
+    let st = rustix::fs::statvfs(root).map_err(|e| FetchError::Io { path: root.to_owned(), source: e.into() })?;
+    Ok(st.f_bavail * st.f_frsize)
+}
+
+/// fdatasync every file the batch touched, then journal the batch.
+async fn commit(works: &[FileWork], journal: &mut Journal, records: &[PartRecord]) -> Result<(), FetchError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut touched: Vec<u32> = records.iter().map(|r| r.file).collect();
+    touched.sort_unstable();
+    touched.dedup();
+    let handles: Vec<(Arc<File>, PathBuf)> =
+        touched.iter().map(|&f| (works[f as usize].buffered.clone(), works[f as usize].data_path.clone())).collect();
+    tokio::task::spawn_blocking(move || {
+        for (f, p) in handles {
+            f.sync_data().map_err(io_err(&p))?;
+        }
+        Ok::<(), FetchError>(())
+    })
+    .await
+    .map_err(|e| FetchError::Io { path: PathBuf::from("sync"), source: std::io::Error::other(e) })??;
+    journal.append(records)?;
+    Ok(())
+}
+
+/// Verifies a complete file and publishes it, or sends it back to be fetched again.
+async fn finish_file(
+    works: &mut [FileWork],
+    i: usize,
+    ctx: &Ctx,
+    journal: &mut Journal,
+    model_dir: &Path,
+    entry: &mut IndexEntry,
+    index: &Index,
+) -> Result<(), FetchError> {
+    let part_size = ctx.cfg.part_size as u64;
+    let w = &works[i];
+    let key = w.obj.key.clone();
+    let final_path = model_dir.join(&key);
+    let data_path = w.data_path.clone();
+    let size = w.obj.size;
+    let expected = w.vouched.expected;
+    let kind = w.vouched.kind;
+    let combined = w.crc.combine(
+        w.part_crcs.iter().enumerate().map(|(p, c)| (c.unwrap_or(0), w.part_len(part_size, p as u32))),
+    );
+    let check = tokio::task::spawn_blocking(move || verify_and_publish(&data_path, &final_path, &key, size, &expected, combined))
+        .await
+        .map_err(|e| FetchError::Io { path: works[i].data_path.clone(), source: std::io::Error::other(e) })?;
+    let w = &mut works[i];
+    match check {
+        Ok(()) => {
+            w.published = true;
+            ctx.progress.files_done.fetch_add(1, Ordering::Relaxed);
+            if let Some(f) = entry.files.iter_mut().find(|f| f.key == w.obj.key) {
+                f.ready = true;
+                f.verification = kind.as_str().to_owned();
+            }
+            entry.refresh();
+            index.put(entry)?;
+            debug!(key = %w.obj.key, verification = kind.as_str(), "file ready");
+            Ok(())
+        }
+        Err(FetchError::Corrupt { key, reason }) if w.corrupt_refetches < ctx.cfg.refetch_corrupt => {
+            warn!(%key, %reason, "verification failed; fetching the file again");
+            w.corrupt_refetches += 1;
+            journal.reset_file(i as u32)?;
+            let lost: u64 = (0..w.parts).filter(|&p| w.part_crcs[p as usize].is_some()).map(|p| w.part_len(part_size, p)).sum();
+            ctx.progress.bytes_done.fetch_sub(lost, Ordering::Relaxed);
+            w.part_crcs.iter_mut().for_each(|c| *c = None);
+            w.done_parts = 0;
+            ctx.queue.push((0..w.parts).map(|p| Job { file: i as u32, part: p }));
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn verify_and_publish(
+    data: &Path,
+    final_path: &Path,
+    key: &str,
+    size: u64,
+    expected: &Expected,
+    combined_crc: u64,
+) -> Result<(), FetchError> {
+    let corrupt = |reason: String| FetchError::Corrupt { key: key.to_owned(), reason };
+    match expected {
+        Expected::Crc64Nvme(want) if combined_crc != *want => {
+            return Err(corrupt(format!("crc64nvme mismatch: expected {want:#018x}, computed {combined_crc:#018x}")));
+        }
+        Expected::Crc32c(want) if combined_crc != u64::from(*want) => {
+            return Err(corrupt(format!("crc32c mismatch: expected {want:#010x}, computed {combined_crc:#010x}")));
+        }
+        Expected::Sha256(_) => {
+            let mut d = verify::Digester::new(expected, size);
+            let f = File::open(data).map_err(io_err(data))?;
+            let mut buf = vec![0u8; 8 << 20];
+            let mut off = 0u64;
+            while off < size {
+                let n = ((size - off) as usize).min(buf.len());
+                f.read_exact_at(&mut buf[..n], off).map_err(io_err(data))?;
+                d.update(&buf[..n]);
+                off += n as u64;
+            }
+            d.finish().map_err(|e| corrupt(e.to_string()))?;
+        }
+        _ => {}
+    }
+    if key.ends_with(".safetensors") {
+        check_safetensors(data, size).map_err(|e| corrupt(e.to_string()))?;
+    }
+    let parent = final_path.parent().unwrap_or(final_path);
+    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    std::fs::rename(data, final_path).map_err(io_err(final_path))?;
+    hearth_controller::fsutil::sync_dir(parent).map_err(io_err(parent))
+}
+
+/// Parses the safetensors header and checks every tensor lies inside the file.
+fn check_safetensors(path: &Path, size: u64) -> Result<(), VerifyError> {
+    let f = File::open(path).map_err(|e| VerifyError::Io { path: path.to_owned(), source: e })?;
+    let mut want = 8u64.min(size) as usize;
+    loop {
+        let mut prefix = vec![0u8; want];
+        f.read_exact_at(&mut prefix, 0).map_err(|e| VerifyError::Io { path: path.to_owned(), source: e })?;
+        match verify::check_safetensors_header(&prefix, size) {
+            Ok(_) => return Ok(()),
+            Err(VerifyError::NeedMore { needed }) if (needed as usize) > want && needed <= size => want = needed as usize,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
+    let part_size = ctx.cfg.part_size;
+    let mut buf = AlignedBuf::new(part_size);
+    while let Some(job) = ctx.queue.next().await {
+        let f = ctx.files[job.file as usize].clone();
+        let offset = u64::from(job.part) * part_size as u64;
+        let len = (f.obj.size - offset).min(part_size as u64) as usize;
+        buf.set_len(len);
+        let mut attempt = 0u32;
+        let outcome = loop {
+            attempt += 1;
+            if ctx.cancel.is_cancelled() || ctx.queue.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let read = tokio::time::timeout(ctx.cfg.stall_timeout, ctx.source.read_into(&f.obj, offset, buf)).await;
+            let err = match read {
+                Ok((b, Ok(()))) => {
+                    buf = b;
+                    break Ok(());
+                }
+                Ok((b, Err(e))) => {
+                    buf = b;
+                    e
+                }
+                Err(_) => {
+                    // The abandoned read took the buffer with it.
+                    buf = AlignedBuf::new(part_size);
+                    buf.set_len(len);
+                    SourceError::Read {
+                        source_name: ctx.source.name(),
+                        key: f.obj.key.clone(),
+                        offset,
+                        len,
+                        reason: format!("no data within {:?}; reissuing", ctx.cfg.stall_timeout),
+                        kind: ErrorKind::Transient,
+                    }
+                }
+            };
+            if err.kind() == ErrorKind::Permanent || attempt >= ctx.cfg.max_attempts {
+                break Err(FetchError::Source(err));
+            }
+            ctx.progress.retries.fetch_add(1, Ordering::Relaxed);
+            let base = if err.kind() == ErrorKind::Throttled {
+                ctx.progress.throttled.fetch_add(1, Ordering::Relaxed);
+                Duration::from_millis(500)
+            } else {
+                Duration::from_millis(100)
+            };
+            let step = base.saturating_mul(1 << attempt.min(6)).min(Duration::from_secs(10));
+            let delay = step / 2 + (step / 2).mul_f64(fastrand::f64());
+            debug!(key = %f.obj.key, offset, attempt, ?delay, error = %err, "part read failed; retrying");
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        };
+        if let Err(e) = outcome {
+            let _ = done.send(Done::Failed(e)).await;
+            return;
+        }
+        ctx.progress.bytes_fetched.fetch_add(len as u64, Ordering::Relaxed);
+        let crc = f.crc.of(buf.as_slice());
+        let (b, written) = tokio::task::spawn_blocking({
+            let f = f.clone();
+            move || {
+                let r = write_part(&f, offset, &buf);
+                (buf, r)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| (AlignedBuf::new(part_size), Err(std::io::Error::other(e))));
+        buf = b;
+        if let Err(e) = written {
+            let _ = done.send(Done::Failed(FetchError::Io { path: PathBuf::from(&f.obj.key), source: e })).await;
+            return;
+        }
+        if done.send(Done::Part(PartRecord { file: job.file, part: job.part, crc })).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes a part: the 4 KiB-aligned prefix through O_DIRECT when available, the tail (the
+/// file's last part) through the page cache.
+fn write_part(f: &FileShared, offset: u64, buf: &AlignedBuf) -> std::io::Result<()> {
+    let data = buf.as_slice();
+    let aligned = buf.aligned_prefix_len();
+    if let Some(d) = &f.direct
+        && aligned > 0
+    {
+        match d.write_all_at(&data[..aligned], offset) {
+            Ok(()) => return f.buffered.write_all_at(&data[aligned..], offset + aligned as u64),
+            // Some filesystems refuse direct I/O per write; the page cache always works.
+            Err(e) if e.raw_os_error() == Some(22) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    f.buffered.write_all_at(data, offset)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::sample::{write_safetensors, write_sample_model};
+    use crate::cache::source::fault::{Fault, FaultSource};
+    use crate::cache::source::posix::PosixSource;
+
+    struct Fx {
+        _d: tempfile::TempDir,
+        src: PathBuf,
+        layout: Layout,
+        index: Index,
+    }
+
+    fn fixture(shards: u32, shard_bytes: u64) -> Fx {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src/llama");
+        write_sample_model(&src, shards, shard_bytes).unwrap();
+        std::fs::create_dir_all(src.join("nested/deeper")).unwrap();
+        std::fs::write(src.join("nested/deeper/extra.txt"), b"nested file").unwrap();
+        let root = d.path().join("cache");
+        Fx { index: Index::new(&root), layout: Layout { root }, src, _d: d }
+    }
+
+    fn cfg() -> FetchConfig {
+        FetchConfig { part_size: 64 << 10, concurrency: 4, stall_timeout: Duration::from_secs(5), ..Default::default() }
+    }
+
+    fn spec(fx: &Fx) -> ModelSpec {
+        ModelSpec::new(&format!("file://{}", fx.src.display()), &[], &[], "").unwrap()
+    }
+
+    fn assert_identical(fx: &Fx, id: &str) {
+        let out = fx.layout.model_dir(id);
+        for e in walk(&fx.src) {
+            let rel = e.strip_prefix(&fx.src).unwrap();
+            assert_eq!(std::fs::read(&e).unwrap(), std::fs::read(out.join(rel)).unwrap(), "{}", rel.display());
+        }
+        assert_eq!(walk(&fx.src).len(), walk(&out).len());
+    }
+
+    fn walk(p: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(p).unwrap() {
+            let e = e.unwrap().path();
+            if e.is_dir() { out.extend(walk(&e)) } else { out.push(e) }
+        }
+        out
+    }
+
+    async fn run(fx: &Fx, source: Arc<dyn Source>, cfg: &FetchConfig) -> (Result<IndexEntry, FetchError>, Arc<Progress>) {
+        let p = Arc::new(Progress::default());
+        let r = fetch(source, &spec(fx), &fx.layout, &fx.index, cfg, p.clone(), CancellationToken::new()).await;
+        (r, p)
+    }
+
+    #[tokio::test]
+    async fn fetches_a_model_identically_and_records_it() {
+        let fx = fixture(3, 300_001);
+        let (r, p) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
+        let e = r.unwrap();
+        assert_eq!(e.state, EntryState::Ready);
+        assert_eq!(e.verification, "unverified", "a bare directory vouches only for sizes");
+        assert_eq!(e.bytes_present, e.bytes_total);
+        assert_eq!(Progress::get(&p.bytes_fetched), e.bytes_total);
+        assert_identical(&fx, &e.id);
+        assert!(!fx.layout.staging_dir(&e.id).exists(), "staging removed after success");
+        assert_eq!(fx.index.get(&e.id).unwrap().unwrap(), e);
+        // A second fetch finds everything in place and reads nothing.
+        let (r, p) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
+        assert_eq!(r.unwrap().state, EntryState::Ready);
+        assert_eq!(Progress::get(&p.bytes_fetched), 0);
+    }
+
+    #[tokio::test]
+    async fn manifest_verifies_and_corruption_is_never_published() {
+        let fx = fixture(2, 200_000);
+        let m = Manifest::build(&fx.src).unwrap();
+        std::fs::write(fx.src.join(MANIFEST_NAME), m.to_json()).unwrap();
+        let (r, _) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
+        assert_eq!(r.unwrap().verification, "manifest");
+
+        // The source changes under a published manifest: same size, different bytes.
+        let fx2 = fixture(2, 200_000);
+        std::fs::write(fx2.src.join(MANIFEST_NAME), Manifest::build(&fx2.src).unwrap().to_json()).unwrap();
+        let shard = fx2.src.join("model-00002-of-00002.safetensors");
+        let mut bytes = std::fs::read(&shard).unwrap();
+        bytes[150_000] ^= 0xff;
+        std::fs::write(&shard, bytes).unwrap();
+        let (r, _) = run(&fx2, Arc::new(PosixSource::new(&fx2.src)), &cfg()).await;
+        let err = r.unwrap_err();
+        assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("sha256 mismatch"), "{err}");
+        let id = spec(&fx2).id();
+        assert!(!fx2.layout.model_dir(&id).join("model-00002-of-00002.safetensors").exists());
+        let e = fx2.index.get(&id).unwrap().unwrap();
+        assert_eq!(e.state, EntryState::Failed);
+        assert!(e.error.unwrap().contains("model-00002-of-00002.safetensors"));
+        assert!(e.files.iter().any(|f| f.key == "config.json" && f.ready), "good files stay ready");
+    }
+
+    #[tokio::test]
+    async fn transient_faults_throttles_stalls_and_flips_end_in_a_correct_cache() {
+        let fx = fixture(2, 300_000);
+        std::fs::write(fx.src.join(MANIFEST_NAME), Manifest::build(&fx.src).unwrap().to_json()).unwrap();
+        let shard = "model-00001-of-00002.safetensors";
+        let src = Arc::new(FaultSource::new(
+            PosixSource::new(&fx.src),
+            vec![(shard, Fault::Transient), (shard, Fault::Throttle), (shard, Fault::Flip), ("config.json", Fault::Stall)],
+        ));
+        let cfg = FetchConfig { stall_timeout: Duration::from_millis(300), ..cfg() };
+        let (r, p) = run(&fx, src.clone(), &cfg).await;
+        let e = r.unwrap();
+        assert_eq!((e.state, e.verification.as_str()), (EntryState::Ready, "manifest"));
+        assert_eq!(src.remaining(), 0, "every fault was hit");
+        assert!(Progress::get(&p.retries) >= 3 && Progress::get(&p.throttled) == 1);
+        assert!(Progress::get(&p.bytes_fetched) > e.bytes_total, "the flipped file was fetched again");
+        assert_identical(&fx, &e.id);
+    }
+
+    #[tokio::test]
+    async fn cancelled_download_resumes_from_the_journal() {
+        let fx = fixture(4, 1_000_000);
+        let cfg = FetchConfig { part_size: 64 << 10, concurrency: 2, ..cfg() };
+        let progress = Arc::new(Progress::default());
+        let cancel = CancellationToken::new();
+        let watcher = {
+            let (p, c) = (progress.clone(), cancel.clone());
+            tokio::spawn(async move {
+                while Progress::get(&p.bytes_done) < 1_500_000 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                c.cancel();
+            })
+        };
+        let spec = spec(&fx);
+        let r = fetch(Arc::new(PosixSource::new(&fx.src)), &spec, &fx.layout, &fx.index, &cfg, progress.clone(), cancel).await;
+        watcher.await.unwrap();
+        assert!(matches!(r, Err(FetchError::Cancelled { .. })), "{r:?}");
+        let kept = Progress::get(&progress.bytes_done);
+        assert!(kept >= 1_500_000);
+
+        let (r, p) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg).await;
+        let e = r.unwrap();
+        let resumed = Progress::get(&p.bytes_resumed);
+        assert!(resumed > 0, "journaled parts are reused");
+        // Refetched at most: everything not kept, plus the parts in flight at the cancel.
+        let bound = e.bytes_total - kept + (cfg.concurrency as u64 * 2) * cfg.part_size as u64;
+        assert!(Progress::get(&p.bytes_fetched) <= bound, "fetched {} > bound {bound}", Progress::get(&p.bytes_fetched));
+        assert_identical(&fx, &e.id);
+    }
+
+    #[tokio::test]
+    async fn safetensors_with_offsets_outside_the_file_is_corrupt() {
+        let fx = fixture(1, 100_000);
+        // A header claiming more data than the file holds, under the expected name.
+        let path = fx.src.join("model-00001-of-00001.safetensors");
+        write_safetensors(&path, 100_000, 1).unwrap();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(90_000).unwrap();
+        let (r, _) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
+        let err = r.unwrap_err().to_string();
+        assert!(err.contains("model-00001-of-00001.safetensors") && err.contains("verification failed"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn too_big_for_the_disk_fails_before_writing() {
+        let fx = fixture(1, 10_000);
+        let big = fx.src.join("huge.bin");
+        let f = File::create(&big).unwrap();
+        f.set_len(1 << 42).unwrap(); // sparse: 4 TiB the disk cannot hold
+        let (r, _) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
+        match r.unwrap_err() {
+            FetchError::NoSpace { needed, available, .. } => assert!(needed > available),
+            e => panic!("expected NoSpace, got {e}"),
+        }
+    }
+}
