@@ -9,5 +9,6 @@ pub mod daemon;
 pub mod device;
 pub mod local;
 pub mod node;
+pub mod prefetch;
 pub mod report;
 pub mod status;

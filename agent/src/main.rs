@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hearth_agent::config::{Config, RawConfig};
 use hearth_controller::telemetry::{LogFormat, init_logging};
@@ -55,6 +56,43 @@ enum Cmd {
         #[arg(long, default_value = "127.0.0.1:9400")]
         agent_http_listen: String,
     },
+    /// Download a model into the local cache, verified and resumable (no controller needed).
+    Prefetch {
+        /// s3://bucket/prefix/ or file:///path/
+        uri: String,
+        /// Cache root [default: $HEARTH_CACHE_DIR, /var/lib/hearth/cache as root, else ~/.cache/hearth].
+        #[arg(long)]
+        dest: Option<PathBuf>,
+        /// Only files matching (repeatable), e.g. '*.safetensors'.
+        #[arg(long)]
+        include: Vec<String>,
+        #[arg(long)]
+        exclude: Vec<String>,
+        #[arg(long, default_value = "")]
+        revision: String,
+        /// Bytes per ranged read.
+        #[arg(long, default_value = "8Mi")]
+        part_size: String,
+        /// Reads in flight.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// auto (O_DIRECT where supported), direct or buffered.
+        #[arg(long, default_value = "auto")]
+        write_mode: String,
+        /// S3-compatible endpoint (AWS_ENDPOINT_URL_S3 also works).
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Inspect the local cache.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
     /// Show the cluster as the controller sees it.
     Status {
         #[arg(long, value_enum, default_value = "table")]
@@ -78,11 +116,32 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// List cached models.
+    Ls {
+        #[arg(long)]
+        dest: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write hearth-manifest.json (per-file SHA-256) into a model directory before uploading it.
+    Manifest { dir: PathBuf },
+    /// Write a sample model (config, tokenizer, safetensors shards) to try the cache with.
+    Sample {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        shards: u32,
+        #[arg(long, default_value = "64Mi")]
+        shard_size: String,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.cmd {
         // Status output is the product; keep logs out of it.
-        Cmd::Status { .. } => "warn",
+        Cmd::Status { .. } | Cmd::Prefetch { .. } | Cmd::Cache { .. } => "warn",
         Cmd::Local { .. } => "warn,hearth_agent=info,hearth_controller=info",
         Cmd::Agent { .. } => "info",
     };
@@ -131,6 +190,57 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 agent_http_listen,
             };
             hearth_agent::local::run(args, shutdown).await?;
+        }
+        Cmd::Prefetch {
+            uri,
+            dest,
+            include,
+            exclude,
+            revision,
+            part_size,
+            concurrency,
+            write_mode,
+            endpoint,
+            region,
+            quiet,
+        } => {
+            let part_size = hearth_controller::config::parse_size("--part-size", &part_size)?;
+            if !(64 << 10..=(1 << 30)).contains(&part_size) {
+                anyhow::bail!("--part-size: expected between 64Ki and 1Gi, got {part_size}");
+            }
+            if concurrency == 0 || concurrency > 1024 {
+                anyhow::bail!("--concurrency: expected 1 to 1024, got {concurrency}");
+            }
+            let write_mode = match write_mode.as_str() {
+                "auto" => hearth_agent::cache::fetch::WriteMode::Auto,
+                "direct" => hearth_agent::cache::fetch::WriteMode::Direct,
+                "buffered" => hearth_agent::cache::fetch::WriteMode::Buffered,
+                other => anyhow::bail!("--write-mode: expected auto, direct or buffered, got {other:?}"),
+            };
+            spawn_signal_handler(shutdown.clone());
+            let args = hearth_agent::prefetch::PrefetchArgs {
+                uri,
+                dest: dest.unwrap_or_else(hearth_agent::cache::default_root),
+                include,
+                exclude,
+                revision,
+                part_size: part_size as usize,
+                concurrency,
+                write_mode,
+                s3: hearth_agent::cache::source::s3::S3Options { endpoint, region, force_path_style: None },
+                progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            hearth_agent::prefetch::prefetch(args, shutdown).await?;
+        }
+        Cmd::Cache { cmd: CacheCmd::Ls { dest, json } } => {
+            hearth_agent::prefetch::ls(&dest.unwrap_or_else(hearth_agent::cache::default_root), json)?;
+        }
+        Cmd::Cache { cmd: CacheCmd::Manifest { dir } } => hearth_agent::prefetch::write_manifest(&dir)?,
+        Cmd::Cache { cmd: CacheCmd::Sample { dir, shards, shard_size } } => {
+            let size = hearth_controller::config::parse_size("--shard-size", &shard_size)?;
+            hearth_agent::cache::sample::write_sample_model(&dir, shards, size)
+                .with_context(|| format!("writing a sample model to {}", dir.display()))?;
+            println!("wrote {shards} shards of {size} bytes to {}", dir.display());
         }
         Cmd::Status { output, controller, ca, cert, key, server_name, insecure, state_dir } => {
             let args = hearth_agent::status::StatusArgs {

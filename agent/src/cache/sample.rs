@@ -26,7 +26,7 @@ pub fn write_safetensors(path: &Path, size: u64, seed: u64) -> std::io::Result<(
         header = format!(
             "{{\"__metadata__\":{{\"format\":\"pt\"}},\"weight\":{{\"dtype\":\"U8\",\"shape\":[{data_len}],\"data_offsets\":[0,{data_len}]}}}}"
         );
-        while (8 + header.len()) % 8 != 0 {
+        while !(8 + header.len()).is_multiple_of(8) {
             header.push(' ');
         }
         data_len = size.saturating_sub(8 + header.len() as u64);

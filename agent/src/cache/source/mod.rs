@@ -4,6 +4,7 @@
 
 pub mod fault;
 pub mod posix;
+pub mod s3;
 
 use std::future::Future;
 use std::pin::Pin;
