@@ -87,6 +87,9 @@ enum Cmd {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Bandwidth limit in bytes per second, e.g. 200Mi.
+        #[arg(long)]
+        limit_rate: Option<String>,
     },
     /// Inspect the local cache.
     Cache {
@@ -203,7 +206,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             endpoint,
             region,
             quiet,
+            limit_rate,
         } => {
+            let limit_rate = limit_rate.map(|r| hearth_controller::config::parse_size("--limit-rate", &r)).transpose()?;
             let part_size = hearth_controller::config::parse_size("--part-size", &part_size)?;
             if !(64 << 10..=(1 << 30)).contains(&part_size) {
                 anyhow::bail!("--part-size: expected between 64Ki and 1Gi, got {part_size}");
@@ -229,6 +234,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 write_mode,
                 s3: hearth_agent::cache::source::s3::S3Options { endpoint, region, force_path_style: None },
                 progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                limit_rate,
             };
             hearth_agent::prefetch::prefetch(args, shutdown).await?;
         }

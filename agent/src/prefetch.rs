@@ -28,6 +28,8 @@ pub struct PrefetchArgs {
     pub write_mode: WriteMode,
     pub s3: S3Options,
     pub progress: bool,
+    /// Bytes per second, all parts together.
+    pub limit_rate: Option<u64>,
 }
 
 fn human(bytes: f64) -> String {
@@ -45,7 +47,13 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
     let spec = ModelSpec::new(&a.uri, &a.include, &a.exclude, &a.revision)?;
     let layout = Layout { root: a.dest.clone() };
     let index = Index::new(&a.dest);
-    let cfg = FetchConfig { part_size: a.part_size, concurrency: a.concurrency, write_mode: a.write_mode, ..Default::default() };
+    let cfg = FetchConfig {
+        part_size: a.part_size,
+        concurrency: a.concurrency,
+        write_mode: a.write_mode,
+        limit: a.limit_rate.map(|r| Arc::new(crate::cache::ratelimit::RateLimiter::new(r))),
+        ..Default::default()
+    };
     let source = crate::cache::open_source(&spec.uri, &a.s3).await;
     let progress = Arc::new(Progress::default());
     let bar = if a.progress { ProgressBar::new(0) } else { ProgressBar::hidden() };

@@ -104,6 +104,8 @@ pub struct FetchConfig {
     pub write_mode: WriteMode,
     /// How often a file that fails verification is fetched again before giving up.
     pub refetch_corrupt: u32,
+    /// Shared by every download that should split one bandwidth budget.
+    pub limit: Option<Arc<super::ratelimit::RateLimiter>>,
 }
 
 impl Default for FetchConfig {
@@ -115,6 +117,7 @@ impl Default for FetchConfig {
             stall_timeout: Duration::from_secs(30),
             write_mode: WriteMode::Auto,
             refetch_corrupt: 1,
+            limit: None,
         }
     }
 }
@@ -168,6 +171,8 @@ struct FileWork {
     direct: Option<Arc<File>>,
     /// Published: verified and renamed into place (in this run or an earlier one).
     published: bool,
+    /// The data file was there before this run (so its journaled parts can be trusted).
+    data_existed: bool,
 }
 
 impl FileWork {
@@ -362,6 +367,7 @@ pub async fn fetch(
             ready: was_ready,
         });
         let data_path = staging.join("data").join(i.to_string());
+        let data_existed = data_path.exists();
         let parts = obj.size.div_ceil(part_size).max(1) as u32;
         let (buffered, direct) = if was_ready {
             // Never written: a placeholder handle keeps the types simple.
@@ -383,6 +389,7 @@ pub async fn fetch(
             buffered,
             direct,
             published: was_ready,
+            data_existed,
         });
     }
     // A download that cannot fit fails now, before it fills the disk.
@@ -397,9 +404,30 @@ pub async fn fetch(
     // Replay the journal. File numbers are positions in the sorted order above, which is a
     // pure function of the listing, so they mean the same thing as long as the plan does.
     let mut resumed = 0u64;
+    let mut journaled = vec![0u32; works.len()];
+    for r in &records {
+        if let Some(n) = journaled.get_mut(r.file as usize) {
+            *n += 1;
+        }
+    }
+    for (i, w) in works.iter_mut().enumerate() {
+        // A crash between publishing a file (rename, only ever after verification) and
+        // recording it in the index: the data file is gone, the published copy is whole.
+        if !w.published && !w.data_existed && journaled[i] >= w.parts {
+            let final_path = model_dir.join(&w.obj.key);
+            if std::fs::metadata(&final_path).is_ok_and(|m| m.len() == w.obj.size) {
+                w.published = true;
+                if let Some(f) = entry.files.iter_mut().find(|f| f.key == w.obj.key) {
+                    f.ready = true;
+                    f.verification = w.vouched.kind.as_str().to_owned();
+                }
+            }
+        }
+    }
     for r in &records {
         let Some(w) = works.get_mut(r.file as usize) else { continue };
-        if w.published || r.part >= w.parts || w.part_crcs[r.part as usize].is_some() {
+        // Parts of a data file that did not survive describe bytes that are not there.
+        if w.published || !w.data_existed || r.part >= w.parts || w.part_crcs[r.part as usize].is_some() {
             continue;
         }
         w.part_crcs[r.part as usize] = Some(r.crc);
@@ -783,6 +811,12 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
             if ctx.cancel.is_cancelled() || ctx.queue.stop.load(Ordering::Acquire) {
                 return;
             }
+            if let Some(limit) = &ctx.cfg.limit {
+                tokio::select! {
+                    _ = ctx.cancel.cancelled() => return,
+                    _ = limit.acquire(len as u64) => {}
+                }
+            }
             let read = tokio::time::timeout(ctx.cfg.stall_timeout, ctx.source.read_into(&f.obj, offset, buf)).await;
             let err = match read {
                 Ok((b, Ok(()))) => {
@@ -1018,6 +1052,42 @@ mod tests {
         // Refetched at most: everything not kept, plus the parts in flight at the cancel.
         let bound = e.bytes_total - kept + (cfg.concurrency as u64 * 2) * cfg.part_size as u64;
         assert!(Progress::get(&p.bytes_fetched) <= bound, "fetched {} > bound {bound}", Progress::get(&p.bytes_fetched));
+        assert_identical(&fx, &e.id);
+    }
+
+    #[tokio::test]
+    async fn crash_after_publishing_a_file_but_before_the_index_keeps_the_good_file() {
+        let fx = fixture(2, 300_000);
+        let (r, _) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
+        let e = r.unwrap();
+        // Rewind to the moment after the last rename: staging with a full journal but no
+        // data files, and an index that still says downloading.
+        let staging = fx.layout.staging_dir(&e.id);
+        std::fs::create_dir_all(staging.join("data")).unwrap();
+        let (plan_files, part) = (e.files.len(), cfg().part_size as u64);
+        let mut objs: Vec<_> = PosixSource::new(&fx.src).walk().unwrap();
+        objs.sort_by_key(|o| (o.size > part, if o.size > part { 0 } else { o.size }));
+        assert_eq!(objs.len(), plan_files);
+        let plan = Plan {
+            id: e.id.clone(),
+            part_size: part,
+            files: PosixSource::new(&fx.src).walk().unwrap().iter().map(|o| PlanFile { key: o.key.clone(), size: o.size, version: o.version.clone() }).collect(),
+        };
+        std::fs::write(staging.join("plan.json"), serde_json::to_vec(&plan).unwrap()).unwrap();
+        let (mut j, _) = Journal::open(&staging.join("journal")).unwrap();
+        for (i, o) in objs.iter().enumerate() {
+            let parts = o.size.div_ceil(part).max(1) as u32;
+            let recs: Vec<_> = (0..parts).map(|p| PartRecord { file: i as u32, part: p, crc: 0 }).collect();
+            j.append(&recs).unwrap();
+        }
+        let mut stale = e.clone();
+        stale.state = EntryState::Downloading;
+        stale.files.iter_mut().for_each(|f| f.ready = false);
+        fx.index.put(&stale).unwrap();
+
+        let (r, p) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
+        assert_eq!(r.unwrap().state, EntryState::Ready);
+        assert_eq!(Progress::get(&p.bytes_fetched), 0, "nothing to fetch again");
         assert_identical(&fx, &e.id);
     }
 

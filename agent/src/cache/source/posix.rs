@@ -31,7 +31,7 @@ impl PosixSource {
         format!("file://{}", self.root.display())
     }
 
-    fn walk(&self) -> Result<Vec<RemoteObject>, SourceError> {
+    pub(crate) fn walk(&self) -> Result<Vec<RemoteObject>, SourceError> {
         let list_err = |what: &Path, reason: String| SourceError::List {
             source_name: self.name_str(),
             what: what.display().to_string(),
