@@ -8,6 +8,7 @@ pub mod crc;
 pub mod fetch;
 pub mod index;
 pub mod journal;
+pub mod manager;
 pub mod ratelimit;
 pub mod sample;
 pub mod source;

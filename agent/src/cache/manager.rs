@@ -1,0 +1,616 @@
+//! The cache as the agent runs it: one download per model however many ask (single flight),
+//! capacity and disk watermarks with LRU eviction of unpinned, unused entries, pins, a
+//! start-up scan that cleans up after crashes, per-source bandwidth (EWMA) for the
+//! controller's time-to-ready predictions, and the `hearth_cache_*` metrics.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::fetch::{FetchConfig, FetchError, Layout, Progress, fetch};
+use super::index::{EntryState, Index, IndexEntry, IndexError};
+use super::source::s3::S3Options;
+use super::spec::ModelSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Index(#[from] IndexError),
+    #[error("{id}: needs {needed} bytes but the cache can free at most {available} (capacity {capacity}, pinned or in use: {held})")]
+    NoRoom { id: String, needed: u64, available: u64, capacity: u64, held: u64 },
+    #[error("model {0:?} is not in the cache")]
+    Unknown(String),
+    #[error("model {0:?} is pinned; unpin it before evicting")]
+    Pinned(String),
+    #[error("model {0:?} is being downloaded; it cannot be evicted now")]
+    Busy(String),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Shared(String),
+}
+
+impl CacheError {
+    pub fn label(&self) -> &'static str {
+        match self {
+            CacheError::Fetch(e) => e.label(),
+            CacheError::NoRoom { .. } => "no_room",
+            CacheError::Index(_) | CacheError::Io { .. } => "io",
+            _ => "request",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub root: PathBuf,
+    /// Most bytes the cache may hold; None: bounded by the disk watermarks only.
+    pub capacity: Option<u64>,
+    /// Disk use fraction above which unpinned entries are evicted...
+    pub high_watermark: f64,
+    /// ...down to this fraction.
+    pub low_watermark: f64,
+    pub fetch: FetchConfig,
+    pub s3: S3Options,
+}
+
+/// Per-source throughput, smoothed: what the controller divides missing bytes by.
+#[derive(Debug, Clone, Copy, Default)]
+struct Ewma {
+    bytes_per_sec: f64,
+    samples: u64,
+}
+
+const EWMA_ALPHA: f64 = 0.3;
+
+type Shared = watch::Receiver<Option<Result<IndexEntry, String>>>;
+
+#[derive(Debug, Clone)]
+struct Metrics {
+    hits: Counter,
+    misses: Counter,
+    evictions: Counter,
+    retries: Counter,
+    errors: Family<[(&'static str, &'static str); 1], Counter>,
+    verifications: Family<[(&'static str, &'static str); 1], Counter>,
+    duration: Histogram,
+}
+
+pub struct Cache {
+    cfg: CacheConfig,
+    layout: Layout,
+    index: Index,
+    inflight: Mutex<HashMap<String, Shared>>,
+    progress: Mutex<BTreeMap<String, Arc<Progress>>>,
+    bandwidth: Mutex<BTreeMap<String, Ewma>>,
+    downloaded: Mutex<BTreeMap<String, u64>>,
+    pins: Mutex<BTreeSet<String>>,
+    metrics: Metrics,
+    /// Bumped on every change of the index, for the report stream.
+    changes: watch::Sender<u64>,
+    generation: AtomicU64,
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache").field("root", &self.cfg.root).finish_non_exhaustive()
+    }
+}
+
+/// What the report needs of one source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceBandwidth {
+    pub source: String,
+    pub bytes_per_second: f64,
+    pub samples: u64,
+}
+
+impl Cache {
+    /// Opens the cache: scans for what a crash left and cleans it up, then registers metrics.
+    pub fn open(cfg: CacheConfig, registry: &mut Registry) -> Result<Arc<Self>, CacheError> {
+        let layout = Layout { root: cfg.root.clone() };
+        std::fs::create_dir_all(cfg.root.join("models")).map_err(|source| CacheError::Io { path: cfg.root.clone(), source })?;
+        let index = Index::new(&cfg.root);
+        let pins: BTreeSet<String> = std::fs::read(cfg.root.join("pins.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let metrics = Metrics {
+            hits: Counter::default(),
+            misses: Counter::default(),
+            evictions: Counter::default(),
+            retries: Counter::default(),
+            errors: Family::default(),
+            verifications: Family::default(),
+            duration: Histogram::new([1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]),
+        };
+        let (changes, _) = watch::channel(0);
+        let cache = Arc::new(Self {
+            cfg,
+            layout,
+            index,
+            inflight: Mutex::default(),
+            progress: Mutex::default(),
+            bandwidth: Mutex::default(),
+            downloaded: Mutex::default(),
+            pins: Mutex::new(pins),
+            metrics: metrics.clone(),
+            changes,
+            generation: AtomicU64::new(0),
+        });
+        cache.startup_scan()?;
+        let r = registry.sub_registry_with_prefix("hearth_cache");
+        r.register("hits", "Requests for a model already cached", metrics.hits);
+        r.register("misses", "Requests that started a download", metrics.misses);
+        r.register("evictions", "Models evicted", metrics.evictions);
+        r.register("retries", "Part reads retried (throttling, resets, stalls, short bodies)", metrics.retries);
+        r.register("errors", "Failed downloads and cache operations, by kind", metrics.errors);
+        r.register("verifications", "Files verified, by outcome (checksum, manifest, unverified, failed)", metrics.verifications);
+        r.register_with_unit("prefetch_duration", "Time to download a model", Unit::Seconds, metrics.duration);
+        r.register_collector(Box::new(CacheCollector(cache.clone())));
+        Ok(cache)
+    }
+
+    fn startup_scan(&self) -> Result<(), CacheError> {
+        let (entries, bad) = self.index.list()?;
+        for b in bad {
+            warn!(error = %b, "unreadable index entry ignored");
+        }
+        let ids: BTreeSet<String> = entries.iter().map(|e| e.id.clone()).collect();
+        // Temp files of interrupted atomic writes.
+        for dir in [self.cfg.root.join("index"), self.cfg.root.clone()] {
+            if let Ok(rd) = std::fs::read_dir(&dir) {
+                for e in rd.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if name.starts_with('.') && name.contains(".tmp-") {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        // Staging without an index entry cannot be resumed by anyone: remove it.
+        if let Ok(rd) = std::fs::read_dir(self.cfg.root.join("staging")) {
+            for e in rd.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if !ids.contains(&id) {
+                    info!(%id, "removing staging left without an index entry");
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        for mut e in entries {
+            match e.state {
+                // An eviction that was cut short is finished now.
+                EntryState::Evicting => {
+                    let _ = std::fs::remove_dir_all(self.layout.model_dir(&e.id));
+                    self.index.remove(&e.id)?;
+                }
+                // A download that was cut short resumes when the model is asked for again;
+                // until then it is reported as what it is.
+                EntryState::Downloading | EntryState::Verifying => {
+                    e.error = Some("interrupted; resumes on the next request".into());
+                    e.refresh();
+                    self.index.put(&e)?;
+                }
+                EntryState::Ready | EntryState::Failed => {}
+            }
+        }
+        Ok(())
+    }
+
+    pub fn root(&self) -> &std::path::Path {
+        &self.cfg.root
+    }
+
+    pub fn model_dir(&self, id: &str) -> PathBuf {
+        self.layout.model_dir(id)
+    }
+
+    fn changed(&self) {
+        let g = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        self.changes.send_replace(g);
+    }
+
+    /// Notified on every change of what is cached.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Every entry, with pins applied.
+    pub fn entries(&self) -> Vec<IndexEntry> {
+        let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut list = self.index.list().map(|(ok, _)| ok).unwrap_or_default();
+        for e in &mut list {
+            e.pinned = pins.contains(&e.id);
+        }
+        list
+    }
+
+    pub fn source_bandwidth(&self) -> Vec<SourceBandwidth> {
+        self.bandwidth
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(s, e)| SourceBandwidth { source: s.clone(), bytes_per_second: e.bytes_per_sec, samples: e.samples })
+            .collect()
+    }
+
+    /// Makes sure `spec` is cached and returns its entry. Concurrent callers for the same
+    /// model share one download.
+    pub async fn ensure(self: &Arc<Self>, spec: &ModelSpec, cancel: CancellationToken) -> Result<IndexEntry, CacheError> {
+        let id = spec.id();
+        if let Some(mut e) = self.index.get(&id)?.filter(|e| e.state == EntryState::Ready) {
+            if e.files.iter().all(|f| self.layout.model_dir(&id).join(&f.key).is_file()) {
+                self.metrics.hits.inc();
+                e.last_used = super::index::now_secs();
+                self.index.put(&e)?;
+                e.pinned = self.pins.lock().unwrap_or_else(|p| p.into_inner()).contains(&id);
+                return Ok(e);
+            }
+        }
+        let mut rx = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            match inflight.get(&id) {
+                Some(rx) => rx.clone(),
+                None => {
+                    self.metrics.misses.inc();
+                    let (tx, rx) = watch::channel(None);
+                    inflight.insert(id.clone(), rx.clone());
+                    let me = self.clone();
+                    let spec = spec.clone();
+                    tokio::spawn(async move {
+                        let r = me.download(&spec, cancel).await;
+                        me.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&spec.id());
+                        let _ = tx.send(Some(r.map_err(|e| e.to_string())));
+                    });
+                    rx
+                }
+            }
+        };
+        loop {
+            if let Some(r) = rx.borrow_and_update().clone() {
+                return r.map_err(CacheError::Shared);
+            }
+            if rx.changed().await.is_err() {
+                return Err(CacheError::Shared(format!("download of {id} was abandoned")));
+            }
+        }
+    }
+
+    async fn download(self: &Arc<Self>, spec: &ModelSpec, cancel: CancellationToken) -> Result<IndexEntry, CacheError> {
+        let id = spec.id();
+        let source = super::open_source(&spec.uri, &self.cfg.s3).await;
+        let source_key = source.name();
+        // Room first: listing is cheap, and a download that cannot fit must not start.
+        let objects = source.list().await.map_err(FetchError::from)?;
+        let needed: u64 = objects.iter().filter(|o| spec.wants(&o.key)).map(|o| o.size).sum();
+        self.make_room(&id, needed)?;
+        let progress = Arc::new(Progress::default());
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), progress.clone());
+        self.changed();
+        let started = Instant::now();
+        let result = fetch(source, spec, &self.layout, &self.index, &self.cfg.fetch, progress.clone(), cancel).await;
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.metrics.retries.inc_by(Progress::get(&progress.retries));
+        let fetched = Progress::get(&progress.bytes_fetched);
+        *self.downloaded.lock().unwrap_or_else(|p| p.into_inner()).entry(source_key.clone()).or_default() += fetched;
+        let secs = started.elapsed().as_secs_f64();
+        // Small downloads say more about latency than bandwidth; learn from real transfers.
+        if fetched >= 8 << 20 && secs > 0.0 {
+            let mut bw = self.bandwidth.lock().unwrap_or_else(|p| p.into_inner());
+            let e = bw.entry(source_key).or_default();
+            let sample = fetched as f64 / secs;
+            e.bytes_per_sec = if e.samples == 0 { sample } else { EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * e.bytes_per_sec };
+            e.samples += 1;
+        }
+        self.changed();
+        match result {
+            Ok(e) => {
+                self.metrics.duration.observe(secs);
+                for f in &e.files {
+                    self.metrics.verifications.get_or_create(&[("outcome", verification_label(&f.verification))]).inc();
+                }
+                self.enforce_watermarks();
+                Ok(e)
+            }
+            Err(err) => {
+                if matches!(err, FetchError::Corrupt { .. }) {
+                    self.metrics.verifications.get_or_create(&[("outcome", "failed")]).inc();
+                }
+                self.metrics.errors.get_or_create(&[("kind", err.label())]).inc();
+                Err(err.into())
+            }
+        }
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.entries().iter().map(|e| e.bytes_present).sum()
+    }
+
+    /// Evicts least-recently-used, unpinned, idle entries until `needed` more bytes fit
+    /// under the capacity and the disk's high watermark.
+    fn make_room(&self, for_id: &str, needed: u64) -> Result<(), CacheError> {
+        let entries = self.entries();
+        let already = entries.iter().find(|e| e.id == for_id).map_or(0, |e| e.bytes_present);
+        let needed = needed.saturating_sub(already);
+        let (disk_total, disk_free) = disk(&self.cfg.root)?;
+        let disk_allowed = (disk_total as f64 * self.cfg.high_watermark) as u64;
+        let disk_used = disk_total - disk_free;
+        let used = self.used_bytes();
+        let capacity = self.cfg.capacity.unwrap_or(u64::MAX);
+        let over_capacity = (used + needed).saturating_sub(capacity);
+        let over_disk = (disk_used + needed).saturating_sub(disk_allowed);
+        let mut to_free = over_capacity.max(over_disk);
+        if to_free == 0 {
+            return Ok(());
+        }
+        let busy: BTreeSet<String> = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let mut candidates: Vec<&IndexEntry> =
+            entries.iter().filter(|e| e.id != for_id && !e.pinned && !busy.contains(&e.id)).collect();
+        candidates.sort_by_key(|e| e.last_used);
+        let freeable: u64 = candidates.iter().map(|e| e.bytes_present).sum();
+        if freeable < to_free {
+            let held = used - freeable;
+            return Err(CacheError::NoRoom {
+                id: for_id.to_owned(),
+                needed,
+                available: freeable + capacity.saturating_sub(used).min(disk_allowed.saturating_sub(disk_used)),
+                capacity: self.cfg.capacity.unwrap_or(disk_allowed),
+                held,
+            });
+        }
+        for e in candidates {
+            if to_free == 0 {
+                break;
+            }
+            info!(id = %e.id, bytes = e.bytes_present, "evicting to make room");
+            self.remove(&e.id)?;
+            to_free = to_free.saturating_sub(e.bytes_present);
+        }
+        Ok(())
+    }
+
+    /// Evicts unpinned entries while disk use is above the high watermark, down to the low.
+    pub fn enforce_watermarks(&self) {
+        let Ok((total, free)) = disk(&self.cfg.root) else { return };
+        if total == 0 || ((total - free) as f64) < total as f64 * self.cfg.high_watermark {
+            return;
+        }
+        let target = (total as f64 * self.cfg.low_watermark) as u64;
+        let mut used = total - free;
+        let busy: BTreeSet<String> = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let mut entries: Vec<IndexEntry> = self.entries().into_iter().filter(|e| !e.pinned && !busy.contains(&e.id)).collect();
+        entries.sort_by_key(|e| e.last_used);
+        for e in entries {
+            if used <= target {
+                break;
+            }
+            info!(id = %e.id, "evicting: disk above the high watermark");
+            if self.remove(&e.id).is_ok() {
+                used = used.saturating_sub(e.bytes_present);
+            }
+        }
+    }
+
+    fn remove(&self, id: &str) -> Result<(), CacheError> {
+        if let Some(mut e) = self.index.get(id)? {
+            // Mark first: a crash mid-delete is finished by the next start-up scan.
+            e.state = EntryState::Evicting;
+            self.index.put(&e)?;
+        }
+        for dir in [self.layout.model_dir(id), self.layout.staging_dir(id)] {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(CacheError::Io { path: dir, source }),
+            }
+        }
+        self.index.remove(id)?;
+        self.metrics.evictions.inc();
+        self.changed();
+        Ok(())
+    }
+
+    /// Evicts a model now (refused while pinned or downloading).
+    pub fn evict(&self, id: &str) -> Result<(), CacheError> {
+        if self.pins.lock().unwrap_or_else(|p| p.into_inner()).contains(id) {
+            return Err(CacheError::Pinned(id.to_owned()));
+        }
+        if self.inflight.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
+            return Err(CacheError::Busy(id.to_owned()));
+        }
+        if self.index.get(id)?.is_none() {
+            return Err(CacheError::Unknown(id.to_owned()));
+        }
+        self.remove(id)
+    }
+
+    /// Pins (a runtime uses it: never evicted) or unpins a model.
+    pub fn pin(&self, id: &str, pinned: bool) -> Result<(), CacheError> {
+        if pinned && self.index.get(id)?.is_none() && !self.inflight.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
+            return Err(CacheError::Unknown(id.to_owned()));
+        }
+        let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = if pinned { pins.insert(id.to_owned()) } else { pins.remove(id) };
+        if changed {
+            let json = serde_json::to_vec(&*pins).unwrap_or_default();
+            let path = self.cfg.root.join("pins.json");
+            hearth_controller::fsutil::write_atomic(&path, &json, false).map_err(|source| CacheError::Io { path, source })?;
+            drop(pins);
+            self.changed();
+        }
+        Ok(())
+    }
+}
+
+fn verification_label(v: &str) -> &'static str {
+    match v {
+        "checksum" => "checksum",
+        "manifest" => "manifest",
+        _ => "unverified",
+    }
+}
+
+fn disk(root: &std::path::Path) -> Result<(u64, u64), CacheError> {
+    let st = rustix::fs::statvfs(root).map_err(|e| CacheError::Io { path: root.to_owned(), source: e.into() })?;
+    Ok((st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
+}
+
+/// Scrape-time view of the index and live downloads. Label cardinality: `state` is a fixed
+/// set; `source` is bounded by the buckets and mounts models come from; `model` appears only
+/// for downloads in progress.
+#[derive(Debug)]
+struct CacheCollector(Arc<Cache>);
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = &self.0;
+        let entries = c.entries();
+        let used: u64 = entries.iter().map(|e| e.bytes_present).sum();
+        ConstGauge::new(used as i64).encode(enc.encode_descriptor("hearth_cache_used", "Bytes of models in the cache", Some(&Unit::Bytes), MetricType::Gauge)?)?;
+        let capacity = c.cfg.capacity.unwrap_or_else(|| disk(&c.cfg.root).map_or(0, |(t, _)| (t as f64 * c.cfg.high_watermark) as u64));
+        ConstGauge::new(capacity as i64).encode(enc.encode_descriptor(
+            "hearth_cache_capacity",
+            "Bytes the cache may use (configured capacity, else the disk's high watermark)",
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+        )?)?;
+        let mut by_state: BTreeMap<&str, i64> =
+            ["downloading", "verifying", "ready", "failed", "evicting"].iter().map(|s| (*s, 0)).collect();
+        for e in &entries {
+            *by_state.entry(e.state.as_str()).or_default() += 1;
+        }
+        let mut m = enc.encode_descriptor("hearth_cache_entries", "Models in the index, by state", None, MetricType::Gauge)?;
+        for (s, n) in &by_state {
+            ConstGauge::new(*n).encode(m.encode_family(&[("state", *s)])?)?;
+        }
+        let unverified = entries.iter().filter(|e| e.state == EntryState::Ready && e.verification == "unverified").count();
+        ConstGauge::new(unverified as i64).encode(enc.encode_descriptor(
+            "hearth_cache_unverified_entries",
+            "Ready models whose source vouched only for sizes (no checksum, no manifest)",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let downloaded = c.downloaded.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut m = enc.encode_descriptor("hearth_cache_downloaded", "Bytes read from each source", Some(&Unit::Bytes), MetricType::Counter)?;
+        for (s, b) in &downloaded {
+            ConstCounter::new(*b).encode(m.encode_family(&[("source", s.as_str())])?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "hearth_cache_source_throughput",
+            "Measured download throughput per source (EWMA), bytes per second",
+            None,
+            MetricType::Gauge,
+        )?;
+        for b in c.source_bandwidth() {
+            ConstGauge::new(b.bytes_per_second).encode(m.encode_family(&[("source", b.source.as_str())])?)?;
+        }
+        let live = c.progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut m = enc.encode_descriptor("hearth_cache_download_done", "Bytes durable so far, per download in progress", Some(&Unit::Bytes), MetricType::Gauge)?;
+        for (id, p) in &live {
+            ConstGauge::new(Progress::get(&p.bytes_done) as i64).encode(m.encode_family(&[("model", id.as_str())])?)?;
+        }
+        let mut m = enc.encode_descriptor("hearth_cache_download_total", "Bytes to download, per download in progress", Some(&Unit::Bytes), MetricType::Gauge)?;
+        for (id, p) in &live {
+            ConstGauge::new(Progress::get(&p.bytes_total) as i64).encode(m.encode_family(&[("model", id.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::sample::write_sample_model;
+
+    fn open(root: &std::path::Path, capacity: Option<u64>) -> Arc<Cache> {
+        let cfg = CacheConfig {
+            root: root.into(),
+            capacity,
+            high_watermark: 0.999,
+            low_watermark: 0.99,
+            fetch: FetchConfig { part_size: 64 << 10, concurrency: 4, ..Default::default() },
+            s3: S3Options::default(),
+        };
+        Cache::open(cfg, &mut Registry::default()).unwrap()
+    }
+
+    fn model(dir: &std::path::Path, name: &str, bytes: u64) -> ModelSpec {
+        let p = dir.join(name);
+        write_sample_model(&p, 1, bytes).unwrap();
+        ModelSpec::new(&format!("file://{}", p.display()), &["*.safetensors".into()], &[], "").unwrap()
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_download_and_then_hit() {
+        let d = tempfile::tempdir().unwrap();
+        let c = open(&d.path().join("cache"), None);
+        let m = model(d.path(), "m", 2 << 20);
+        let (a, b) = tokio::join!(c.ensure(&m, CancellationToken::new()), c.ensure(&m, CancellationToken::new()));
+        assert_eq!(a.unwrap().id, b.unwrap().id);
+        assert_eq!(c.metrics.misses.get(), 1, "one download for two callers");
+        c.ensure(&m, CancellationToken::new()).await.unwrap();
+        assert_eq!(c.metrics.hits.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn lru_eviction_keeps_pinned_entries_and_refuses_what_cannot_fit() {
+        let d = tempfile::tempdir().unwrap();
+        let mib = 1 << 20;
+        let c = open(&d.path().join("cache"), Some(5 * mib / 2));
+        let (m1, m2, m3) = (model(d.path(), "m1", mib), model(d.path(), "m2", mib), model(d.path(), "m3", mib));
+        let e1 = c.ensure(&m1, CancellationToken::new()).await.unwrap();
+        let e2 = c.ensure(&m2, CancellationToken::new()).await.unwrap();
+        c.pin(&e1.id, true).unwrap();
+        // m3 needs room: m2 (unpinned, least recently used) goes, pinned m1 stays.
+        let e3 = c.ensure(&m3, CancellationToken::new()).await.unwrap();
+        let ids: Vec<String> = c.entries().into_iter().map(|e| e.id).collect();
+        assert!(ids.contains(&e1.id) && ids.contains(&e3.id) && !ids.contains(&e2.id), "{ids:?}");
+        assert!(!c.model_dir(&e2.id).exists());
+        assert_eq!(c.metrics.evictions.get(), 1);
+        // Pin m3 too: now a fourth model cannot fit, and the error says why.
+        c.pin(&e3.id, true).unwrap();
+        let m4 = model(d.path(), "m4", mib);
+        let err = c.ensure(&m4, CancellationToken::new()).await.unwrap_err().to_string();
+        assert!(err.contains("needs") && err.contains("pinned or in use"), "{err}");
+        assert!(matches!(c.evict(&e1.id), Err(CacheError::Pinned(_))));
+        c.pin(&e1.id, false).unwrap();
+        c.evict(&e1.id).unwrap();
+        assert!(matches!(c.evict(&e1.id), Err(CacheError::Unknown(_))));
+    }
+
+    #[tokio::test]
+    async fn startup_scan_finishes_evictions_and_drops_orphans() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("cache");
+        let c = open(&root, None);
+        let e = c.ensure(&model(d.path(), "m", 1 << 20), CancellationToken::new()).await.unwrap();
+        let mut evicting = e.clone();
+        evicting.state = EntryState::Evicting;
+        c.index.put(&evicting).unwrap();
+        std::fs::create_dir_all(root.join("staging/orphan/data")).unwrap();
+        std::fs::write(root.join("index/.x.json.tmp-1-0"), b"partial").unwrap();
+        drop(c);
+        let c = open(&root, None);
+        assert!(c.entries().is_empty());
+        assert!(!root.join("staging/orphan").exists());
+        assert!(!root.join("index/.x.json.tmp-1-0").exists());
+        assert!(!c.model_dir(&e.id).exists());
+    }
+}
