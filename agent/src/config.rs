@@ -61,8 +61,46 @@ pub struct RawNode {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub uri: String,
+    #[serde(default)]
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    #[serde(default)]
+    pub revision: String,
+    /// Never evict it.
+    #[serde(default)]
+    pub pin: bool,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawS3 {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub force_path_style: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RawCache {
     pub root: Option<PathBuf>,
+    /// "500Gi"; absent: bounded by the disk watermarks.
+    pub capacity: Option<String>,
+    pub high_watermark: Option<f64>,
+    pub low_watermark: Option<f64>,
+    pub part_size: Option<String>,
+    pub concurrency: Option<usize>,
+    /// Bytes per second for all downloads together, e.g. "1Gi".
+    pub limit_rate: Option<String>,
+    /// auto | direct | buffered
+    pub write_mode: Option<String>,
+    #[serde(default)]
+    pub s3: RawS3,
+    /// Models to keep warm on this node.
+    #[serde(default)]
+    pub models: Vec<RawModel>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -122,9 +160,70 @@ pub struct Config {
     pub collect_interval: Duration,
     pub exclude_interfaces: Vec<String>,
     pub labels: std::collections::BTreeMap<String, String>,
-    pub cache_root: PathBuf,
+    pub cache: CacheSettings,
     pub shutdown_grace: Duration,
     pub max_message_bytes: usize,
+}
+
+/// The cache as configured: engine settings and the models to keep warm (and whether pinned).
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub config: crate::cache::manager::CacheConfig,
+    pub models: Vec<(crate::cache::spec::ModelSpec, bool)>,
+}
+
+fn cache_settings(r: RawCache) -> Result<CacheSettings, AgentConfigError> {
+    use crate::cache::fetch::{FetchConfig, WriteMode};
+    let root = r.root.unwrap_or_else(crate::cache::default_root);
+    let capacity = r.capacity.as_deref().map(|c| parse_size("cache.capacity", c)).transpose()?;
+    let high = r.high_watermark.unwrap_or(0.90);
+    let low = r.low_watermark.unwrap_or(0.80);
+    if !(0.0 < low && low < high && high <= 1.0) {
+        return Err(invalid("cache.low_watermark/high_watermark", "0 < low < high <= 1", format!("low {low}, high {high}")));
+    }
+    let part_size = parse_size("cache.part_size", r.part_size.as_deref().unwrap_or("8Mi"))?;
+    if !((64 << 10)..=(1 << 30)).contains(&part_size) {
+        return Err(invalid("cache.part_size", "between 64Ki and 1Gi", format!("{part_size}")));
+    }
+    let concurrency = r.concurrency.unwrap_or(16);
+    if !(1..=1024).contains(&concurrency) {
+        return Err(invalid("cache.concurrency", "1 to 1024", concurrency.to_string()));
+    }
+    let limit = r.limit_rate.as_deref().map(|l| parse_size("cache.limit_rate", l)).transpose()?;
+    let write_mode = match r.write_mode.as_deref().unwrap_or("auto") {
+        "auto" => WriteMode::Auto,
+        "direct" => WriteMode::Direct,
+        "buffered" => WriteMode::Buffered,
+        other => return Err(invalid("cache.write_mode", "auto, direct or buffered", other)),
+    };
+    let mut models = Vec::new();
+    for (i, m) in r.models.into_iter().enumerate() {
+        let spec = crate::cache::spec::ModelSpec::new(&m.uri, &m.include, &m.exclude, &m.revision).map_err(|e| {
+            AgentConfigError::Invalid { field: "cache.models", expected: format!("entry {i}: {e}"), got: m.uri.clone() }
+        })?;
+        models.push((spec, m.pin));
+    }
+    Ok(CacheSettings {
+        config: crate::cache::manager::CacheConfig {
+            root,
+            capacity,
+            high_watermark: high,
+            low_watermark: low,
+            fetch: FetchConfig {
+                part_size: part_size as usize,
+                concurrency,
+                write_mode,
+                limit: limit.map(|l| std::sync::Arc::new(crate::cache::ratelimit::RateLimiter::new(l))),
+                ..Default::default()
+            },
+            s3: crate::cache::source::s3::S3Options {
+                endpoint: r.s3.endpoint,
+                region: r.s3.region,
+                force_path_style: r.s3.force_path_style,
+            },
+        },
+        models,
+    })
 }
 
 /// Interfaces that belong to pods or overlays; per-pod traffic comes from the eBPF layer,
@@ -227,6 +326,7 @@ impl TryFrom<RawConfig> for Config {
         if collect_interval < Duration::from_millis(100) {
             return Err(invalid("node.collect_interval", "at least 100ms", format!("{collect_interval:?}")));
         }
+        let cache = cache_settings(r.cache)?;
         let max = parse_size("max_message_size", r.max_message_size.as_deref().unwrap_or(&DEFAULT_MAX_MESSAGE_BYTES.to_string()))?;
         Ok(Self {
             node_name,
@@ -240,7 +340,7 @@ impl TryFrom<RawConfig> for Config {
                 .exclude_interfaces
                 .unwrap_or_else(|| DEFAULT_EXCLUDED_INTERFACES.iter().map(|s| (*s).to_owned()).collect()),
             labels: r.node.labels,
-            cache_root: r.cache.root.unwrap_or_else(|| "/var/lib/hearth/cache".into()),
+            cache,
             shutdown_grace: dur("shutdown_grace", r.shutdown_grace, "5s")?,
             max_message_bytes: max as usize,
         })
@@ -284,6 +384,12 @@ mod tests {
         assert_eq!(e, "node.collect_interval: expected a duration like \"15s\" or \"500ms\", got \"often\"");
         let e = parse("node_name: n1\ncache: {rooot: /x}").unwrap_err().to_string();
         assert!(e.contains("unknown field `rooot`"), "{e}");
+        let e = parse("node_name: n1\ncache: {models: [{uri: 's3://bkt/a/'}, {uri: 'http://x/y'}]}").unwrap_err().to_string();
+        assert!(e.starts_with("cache.models: expected entry 1: model URI \"http://x/y\""), "{e}");
+        let e = parse("node_name: n1\ncache: {high_watermark: 0.5, low_watermark: 0.7}").unwrap_err().to_string();
+        assert!(e.contains("0 < low < high <= 1"), "{e}");
+        let e = parse("node_name: n1\ncache: {capacity: lots}").unwrap_err().to_string();
+        assert_eq!(e, "cache.capacity: expected a size like \"4Mi\", \"500Gi\" or a number of bytes, got \"lots\"");
     }
 
     #[test]

@@ -21,6 +21,8 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::config::{Config, DeviceBackendKind};
 use crate::device::{Accelerator, Inventory, NoDevices, sim::SimInventory};
 use crate::node::{NodeMetrics, NodeReader, NodeSample};
+use crate::cache::manager::Cache;
+use crate::cache::spec::ModelSpec;
 use crate::report::{CommandDispatcher, NodeReport, ReportClient, ReportMetrics, ReportSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,10 +39,12 @@ pub enum AgentError {
     ShutdownTimeout(Duration),
     #[error("blocking task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("model cache: {0}")]
+    Cache(#[from] crate::cache::manager::CacheError),
 }
 
 /// Capabilities this build reports in Hello; grows as subsystems land.
-pub const CAPABILITIES: &[&str] = &["node-metrics", "devices.simulated"];
+pub const CAPABILITIES: &[&str] = &["node-metrics", "devices.simulated", "cache", "cache.s3", "cache.posix"];
 
 #[derive(Debug)]
 pub struct RunningAgent {
@@ -97,7 +101,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
     let readiness = Arc::new(Readiness::default());
     readiness.set("node", Some("first sample pending".into()));
 
-    let reader = NodeReader::new(&cfg.procfs_root, &cfg.cache_root, cfg.exclude_interfaces.clone());
+    let reader = NodeReader::new(&cfg.procfs_root, &cfg.cache.config.root, cfg.exclude_interfaces.clone());
     let info = {
         let r = reader.clone();
         tokio::task::spawn_blocking(move || r.info()).await??
@@ -126,13 +130,21 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
     let device_metrics = Arc::new(DeviceInfoMetrics(Mutex::new(accelerators.clone())));
     registry.register_collector(Box::new(device_metrics));
 
+    let cache = Cache::open(cfg.cache.config.clone(), &mut registry)?;
+    subsystems.push(("cache".to_owned(), true, cache.root().display().to_string()));
     let (report_tx, report_rx) = watch::channel(NodeReport {
         info: Some(info),
         labels: cfg.labels.clone(),
         sample: None,
         accelerators,
         subsystems,
+        models: cache.entries(),
+        bandwidth: cache.source_bandwidth(),
     });
+    let warm = tokio::spawn(warm_models(cache.clone(), cfg.cache.models.clone(), shutdown.clone()).instrument(info_span!("warm")));
+    let cache_report = tokio::spawn(cache_report_loop(cache.clone(), report_tx.clone(), shutdown.clone()));
+    let (status_tx, status_rx) = tokio::sync::mpsc::channel(256);
+    let dispatcher = CommandDispatcher::new(Some(cache.clone()), status_tx, shutdown.clone());
 
     let sampler = tokio::spawn(
         sample_loop(reader, cfg.collect_interval, node_metrics, report_tx, readiness.clone(), shutdown.clone())
@@ -158,7 +170,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
             max_message_bytes: cfg.max_message_bytes,
         };
         let metrics = ReportMetrics::register(&mut registry);
-        let client = ReportClient::new(settings, hello, report_rx, metrics, readiness.clone(), CommandDispatcher::default());
+        let client = ReportClient::new(settings, hello, report_rx, metrics, readiness.clone(), dispatcher, status_rx);
         tokio::spawn(client.run(shutdown.clone()).instrument(info_span!("report", node = %cfg.node_name)))
     });
 
@@ -173,6 +185,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         shutdown.cancelled().await;
         let all = async {
             let _ = sampler.await;
+            let _ = warm.await;
+            let _ = cache_report.await;
             if let Some(r) = reporter {
                 let _ = r.await;
             }
@@ -233,5 +247,53 @@ async fn sample_loop(
                 warn!(error = %e, "node sample task failed");
             }
         }
+    }
+}
+
+/// Downloads the configured models, one at a time so the first is usable soonest.
+async fn warm_models(cache: Arc<Cache>, models: Vec<(ModelSpec, bool)>, shutdown: CancellationToken) {
+    for (spec, pin) in models {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        let id = spec.id();
+        match cache.ensure(&spec, shutdown.child_token()).await {
+            Ok(e) => {
+                info!(model = %id, uri = %spec.uri, verification = %e.verification, "model warm");
+                if pin && let Err(err) = cache.pin(&id, true) {
+                    warn!(model = %id, error = %err, "could not pin");
+                }
+            }
+            Err(err) if shutdown.is_cancelled() => {
+                info!(model = %id, reason = %err, "warm-up stopped for shutdown");
+                return;
+            }
+            Err(err) => warn!(model = %id, uri = %spec.uri, error = %err, "could not warm model"),
+        }
+    }
+}
+
+/// Copies the cache index into the node report on every change, and every second while a
+/// download runs so the controller sees progress.
+async fn cache_report_loop(cache: Arc<Cache>, report: watch::Sender<NodeReport>, shutdown: CancellationToken) {
+    let mut changes = cache.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = changes.changed() => if r.is_err() { return },
+            _ = tick.tick() => if !cache.downloading() { continue },
+        }
+        let c = cache.clone();
+        let Ok((models, bandwidth)) = tokio::task::spawn_blocking(move || (c.entries(), c.source_bandwidth())).await else {
+            continue;
+        };
+        report.send_if_modified(|r| {
+            let changed = r.models != models || r.bandwidth != bandwidth;
+            r.models = models;
+            r.bandwidth = bandwidth;
+            changed
+        });
     }
 }

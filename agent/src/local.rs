@@ -80,6 +80,19 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     let controller = hearth_controller::start(ccfg, shutdown.clone()).await?;
     let controller_url = format!("https://{}", controller.grpc_addr);
 
+    // An FSx-style source to prefetch from: a sample model on local disk, written once.
+    let sample_dir = dir.join("sample-models/llama-sample");
+    if !sample_dir.join(crate::cache::verify::MANIFEST_NAME).exists() {
+        println!("writing a sample model (4 x 64 MiB safetensors shards) to {} ...", sample_dir.display());
+        let d = sample_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::cache::sample::write_sample_model(&d, 4, 64 << 20)?;
+            let m = crate::cache::verify::Manifest::build(&d).map_err(std::io::Error::other)?;
+            hearth_controller::fsutil::write_atomic(&d.join(crate::cache::verify::MANIFEST_NAME), m.to_json().as_bytes(), false)
+        })
+        .await??;
+    }
+    let sample_spec = crate::cache::spec::ModelSpec::new(&format!("file://{}", sample_dir.display()), &[], &[], "")?;
     let devices = args
         .devices
         .iter()
@@ -104,11 +117,21 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         collect_interval: Duration::from_secs(2),
         exclude_interfaces: DEFAULT_EXCLUDED_INTERFACES.iter().map(|s| (*s).to_owned()).collect(),
         labels: [("hearth.dev/mode".to_owned(), "local".to_owned())].into(),
-        cache_root: dir.join("cache"),
+        cache: crate::config::CacheSettings {
+            config: crate::cache::manager::CacheConfig {
+                root: dir.join("cache"),
+                capacity: None,
+                high_watermark: 0.95,
+                low_watermark: 0.90,
+                fetch: Default::default(),
+                s3: Default::default(),
+            },
+            models: vec![(sample_spec.clone(), true)],
+        },
         shutdown_grace: Duration::from_secs(5),
         max_message_bytes: hearth_proto::transport::DEFAULT_MAX_MESSAGE_BYTES,
     };
-    std::fs::create_dir_all(&acfg.cache_root).with_context(|| format!("creating {}", acfg.cache_root.display()))?;
+
     let agent = crate::daemon::start(acfg, shutdown.clone()).await?;
 
     let info = LocalInfo {
@@ -158,7 +181,22 @@ async fn live_status(state: std::sync::Arc<hearth_controller::state::ClusterStat
                 Some(a) => format!("{} x {}", s.accelerators.len(), a.product),
                 None => "no accelerators reported yet".to_owned(),
             };
-            format!("node {}: {}, {accel}, last report {:.1}s ago", v.name, v.connection.as_str(), v.last_report_age.as_secs_f64())
+            let models: Vec<String> = s
+                .models
+                .iter()
+                .map(|m| {
+                    let state = hearth_proto::v1::CacheEntryState::try_from(m.state).map_or("?", |s| s.as_str_name());
+                    let pct = if m.bytes_total > 0 { 100 * m.bytes_present / m.bytes_total } else { 0 };
+                    format!("{} {} {pct}%", m.id, state.trim_start_matches("CACHE_ENTRY_STATE_").to_ascii_lowercase())
+                })
+                .collect();
+            let models = if models.is_empty() { "no models".to_owned() } else { models.join(", ") };
+            format!(
+                "node {}: {}, {accel}, {models}, last report {:.1}s ago",
+                v.name,
+                v.connection.as_str(),
+                v.last_report_age.as_secs_f64()
+            )
         });
         let line = if lines.is_empty() { "waiting for the agent to connect...".to_owned() } else { lines.join("; ") };
         let mut out = std::io::stdout().lock();

@@ -25,3 +25,4 @@ pub const API_VERSION: u32 = 1;
 
 /// Re-exported so users of the generated types need no direct prost dependency.
 pub use prost;
+pub use prost_types;

@@ -710,7 +710,14 @@ async fn finish_file(
     let combined = w.crc.combine(
         w.part_crcs.iter().enumerate().map(|(p, c)| (c.unwrap_or(0), w.part_len(part_size, p as u32))),
     );
-    let check = tokio::task::spawn_blocking(move || verify_and_publish(&data_path, &final_path, &key, size, &expected, combined))
+    let cancel = ctx.cancel.clone();
+    if cancel.is_cancelled() {
+        // The parts are journaled: the next run verifies and publishes without refetching.
+        return Err(FetchError::Cancelled { done: 0, total: 0 });
+    }
+    let check = tokio::task::spawn_blocking(move || {
+        verify_and_publish(&data_path, &final_path, &key, size, &expected, combined, &cancel)
+    })
         .await
         .map_err(|e| FetchError::Io { path: works[i].data_path.clone(), source: std::io::Error::other(e) })?;
     let w = &mut works[i];
@@ -749,6 +756,7 @@ fn verify_and_publish(
     size: u64,
     expected: &Expected,
     combined_crc: u64,
+    cancel: &CancellationToken,
 ) -> Result<(), FetchError> {
     let corrupt = |reason: String| FetchError::Corrupt { key: key.to_owned(), reason };
     match expected {
@@ -764,6 +772,9 @@ fn verify_and_publish(
             let mut buf = vec![0u8; 8 << 20];
             let mut off = 0u64;
             while off < size {
+                if cancel.is_cancelled() {
+                    return Err(FetchError::Cancelled { done: 0, total: 0 });
+                }
                 let n = ((size - off) as usize).min(buf.len());
                 f.read_exact_at(&mut buf[..n], off).map_err(io_err(data))?;
                 d.update(&buf[..n]);

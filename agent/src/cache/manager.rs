@@ -232,14 +232,24 @@ impl Cache {
         self.changes.subscribe()
     }
 
-    /// Every entry, with pins applied.
+    /// Every entry, with pins applied and, for downloads in progress, the bytes already
+    /// durable (journaled parts count as present: they survive a crash).
     pub fn entries(&self) -> Vec<IndexEntry> {
         let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let live = self.progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut list = self.index.list().map(|(ok, _)| ok).unwrap_or_default();
         for e in &mut list {
             e.pinned = pins.contains(&e.id);
+            if let Some(p) = live.get(&e.id) {
+                e.bytes_present = e.bytes_present.max(Progress::get(&p.bytes_done));
+            }
         }
         list
+    }
+
+    /// Whether any download is running (its progress is worth reporting between changes).
+    pub fn downloading(&self) -> bool {
+        !self.progress.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
     }
 
     pub fn source_bandwidth(&self) -> Vec<SourceBandwidth> {

@@ -1,7 +1,14 @@
 use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use hearth_proto::v1::{self as pb, command::Kind, command_status::Phase};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::cache::manager::Cache;
+use crate::cache::spec::ModelSpec;
 
 /// The result of one command, as sent back in CommandStatus.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,48 +48,124 @@ fn kind_name(k: Option<&Kind>) -> &'static str {
 /// which every handler must tolerate anyway.
 const REMEMBERED_KEYS: usize = 4096;
 
-/// Routes controller commands to the subsystem that owns them, enforcing deadlines and
-/// idempotency in one place. A kind with no subsystem on this agent is rejected with a
-/// reason the controller can act on (pick another node), never silently dropped.
 #[derive(Debug, Default)]
-pub struct CommandDispatcher {
-    /// Command kinds this agent can run; filled in as subsystems register.
-    supported: Vec<&'static str>,
-    seen: HashMap<String, CommandOutcome>,
+struct Seen {
+    outcomes: HashMap<String, CommandOutcome>,
     order: VecDeque<String>,
 }
 
+impl Seen {
+    fn record(&mut self, o: &CommandOutcome) {
+        if o.idempotency_key.is_empty() {
+            return;
+        }
+        if !self.outcomes.contains_key(&o.idempotency_key) {
+            if self.order.len() == REMEMBERED_KEYS
+                && let Some(old) = self.order.pop_front()
+            {
+                self.outcomes.remove(&old);
+            }
+            self.order.push_back(o.idempotency_key.clone());
+        }
+        self.outcomes.insert(o.idempotency_key.clone(), o.clone());
+    }
+}
+
+/// Routes controller commands to the subsystem that owns them, enforcing deadlines and
+/// idempotency in one place. A kind with no subsystem on this agent is rejected with a
+/// reason the controller can act on (pick another node), never silently dropped. Long
+/// commands answer Accepted at once and report the end through `statuses`, which outlives
+/// any one stream to the controller.
+#[derive(Debug, Clone)]
+pub struct CommandDispatcher {
+    cache: Option<Arc<Cache>>,
+    seen: Arc<Mutex<Seen>>,
+    statuses: mpsc::Sender<pb::CommandStatus>,
+    cancel: CancellationToken,
+}
+
 impl CommandDispatcher {
-    pub fn dispatch(&mut self, cmd: pb::Command, now: SystemTime) -> CommandOutcome {
+    pub fn new(cache: Option<Arc<Cache>>, statuses: mpsc::Sender<pb::CommandStatus>, cancel: CancellationToken) -> Self {
+        Self { cache, seen: Arc::default(), statuses, cancel }
+    }
+
+    fn supported(&self) -> Vec<&'static str> {
+        if self.cache.is_some() { vec!["prefetch", "evict", "pin"] } else { Vec::new() }
+    }
+
+    fn remember(&self, o: &CommandOutcome) {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).record(o);
+    }
+
+    pub fn dispatch(&self, cmd: pb::Command, now: SystemTime) -> CommandOutcome {
         if !cmd.idempotency_key.is_empty()
-            && let Some(prev) = self.seen.get(&cmd.idempotency_key)
+            && let Some(prev) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).outcomes.get(&cmd.idempotency_key)
         {
-            // Same key, same answer; the id is the retry's own.
+            // Same key, same answer (the latest known phase); the id is the retry's own.
             return CommandOutcome { command_id: cmd.id, ..prev.clone() };
         }
         let kind = kind_name(cmd.kind.as_ref());
         let expired = cmd.deadline.and_then(|d| SystemTime::try_from(d).ok()).is_some_and(|d| d <= now);
-        let (phase, message) = if cmd.kind.is_none() {
-            (Phase::Rejected, "command has no kind set".to_owned())
-        } else if expired {
-            (Phase::Rejected, format!("{kind} command arrived after its deadline"))
-        } else if !self.supported.contains(&kind) {
-            let have = if self.supported.is_empty() { "none".to_owned() } else { self.supported.join(", ") };
-            (Phase::Rejected, format!("this agent cannot run {kind} commands (it runs: {have})"))
-        } else {
-            (Phase::Accepted, String::new())
+        let outcome = |phase, message: String| CommandOutcome {
+            command_id: cmd.id.clone(),
+            idempotency_key: cmd.idempotency_key.clone(),
+            phase,
+            message,
         };
-        let outcome = CommandOutcome { command_id: cmd.id, idempotency_key: cmd.idempotency_key.clone(), phase, message };
-        if !cmd.idempotency_key.is_empty() {
-            if self.order.len() == REMEMBERED_KEYS
-                && let Some(old) = self.order.pop_front()
-            {
-                self.seen.remove(&old);
+        let supported = self.supported();
+        let result = if cmd.kind.is_none() {
+            outcome(Phase::Rejected, "command has no kind set".into())
+        } else if expired {
+            outcome(Phase::Rejected, format!("{kind} command arrived after its deadline"))
+        } else if !supported.contains(&kind) {
+            let have = if supported.is_empty() { "none".to_owned() } else { supported.join(", ") };
+            outcome(Phase::Rejected, format!("this agent cannot run {kind} commands (it runs: {have})"))
+        } else {
+            match (cmd.kind.clone(), &self.cache) {
+                (Some(Kind::Evict(e)), Some(c)) => match c.evict(&e.model_id) {
+                    Ok(()) => outcome(Phase::Succeeded, format!("evicted {}", e.model_id)),
+                    Err(err) => outcome(Phase::Failed, err.to_string()),
+                },
+                (Some(Kind::Pin(p)), Some(c)) => match c.pin(&p.model_id, p.pinned) {
+                    Ok(()) => outcome(Phase::Succeeded, format!("{} {}", if p.pinned { "pinned" } else { "unpinned" }, p.model_id)),
+                    Err(err) => outcome(Phase::Failed, err.to_string()),
+                },
+                (Some(Kind::Prefetch(p)), Some(c)) => match ModelSpec::new(&p.source_uri, &p.include, &p.exclude, &p.revision) {
+                    Err(e) => outcome(Phase::Rejected, e.to_string()),
+                    Ok(spec) => {
+                        let accepted = outcome(Phase::Accepted, format!("prefetching {} as {}", spec.uri, spec.id()));
+                        self.spawn_prefetch(c.clone(), spec, accepted.clone());
+                        accepted
+                    }
+                },
+                _ => outcome(Phase::Rejected, format!("{kind}: no handler")),
             }
-            self.order.push_back(cmd.idempotency_key.clone());
-            self.seen.insert(cmd.idempotency_key, outcome.clone());
-        }
-        outcome
+        };
+        self.remember(&result);
+        result
+    }
+
+    fn spawn_prefetch(&self, cache: Arc<Cache>, spec: ModelSpec, accepted: CommandOutcome) {
+        let me = self.clone();
+        let span = info_span!("prefetch_command", command = %accepted.command_id, model = %spec.id());
+        tokio::spawn(
+            async move {
+                let end = match cache.ensure(&spec, me.cancel.child_token()).await {
+                    Ok(e) => CommandOutcome {
+                        phase: Phase::Succeeded,
+                        message: format!("{} ready: {} bytes, verification {}", e.id, e.bytes_total, e.verification),
+                        ..accepted
+                    },
+                    Err(err) => CommandOutcome { phase: Phase::Failed, message: err.to_string(), ..accepted },
+                };
+                info!(phase = ?end.phase, message = %end.message, "prefetch command finished");
+                me.remember(&end);
+                if me.statuses.try_send(end.into_status()).is_err() {
+                    warn!("command status queue full; the controller will learn the result from the snapshot");
+                }
+            }
+            .instrument(span),
+        );
     }
 }
 
@@ -91,50 +174,83 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn cmd(id: &str, key: &str, deadline: Option<SystemTime>) -> pb::Command {
-        pb::Command {
-            id: id.into(),
-            idempotency_key: key.into(),
-            deadline: deadline.map(Into::into),
-            kind: Some(Kind::Evict(pb::EvictCommand { model_id: "m".into() })),
-        }
+    fn cmd(id: &str, key: &str, deadline: Option<SystemTime>, kind: Kind) -> pb::Command {
+        pb::Command { id: id.into(), idempotency_key: key.into(), deadline: deadline.map(Into::into), kind: Some(kind) }
+    }
+
+    fn evict(m: &str) -> Kind {
+        Kind::Evict(pb::EvictCommand { model_id: m.into() })
+    }
+
+    fn dispatcher(cache: Option<Arc<Cache>>) -> (CommandDispatcher, mpsc::Receiver<pb::CommandStatus>) {
+        let (tx, rx) = mpsc::channel(8);
+        (CommandDispatcher::new(cache, tx, CancellationToken::new()), rx)
+    }
+
+    fn cache(root: &std::path::Path) -> Arc<Cache> {
+        let cfg = crate::cache::manager::CacheConfig {
+            root: root.into(),
+            capacity: None,
+            high_watermark: 0.999,
+            low_watermark: 0.99,
+            fetch: Default::default(),
+            s3: Default::default(),
+        };
+        Cache::open(cfg, &mut prometheus_client::registry::Registry::default()).unwrap()
     }
 
     #[test]
     fn unsupported_kinds_are_rejected_with_the_reason() {
-        let mut d = CommandDispatcher::default();
-        let o = d.dispatch(cmd("1", "k1", None), SystemTime::now());
+        let (d, _rx) = dispatcher(None);
+        let o = d.dispatch(cmd("1", "k1", None, evict("m")), SystemTime::now());
         assert_eq!(o.phase, Phase::Rejected);
         assert_eq!(o.message, "this agent cannot run evict commands (it runs: none)");
+        let o = d.dispatch(cmd("2", "k2", None, Kind::Drain(pb::DrainCommand::default())), SystemTime::now());
+        assert_eq!(o.phase, Phase::Rejected);
     }
 
-    #[test]
-    fn expired_deadline_is_rejected() {
-        let mut d = CommandDispatcher { supported: vec!["evict"], ..Default::default() };
+    #[tokio::test]
+    async fn expired_deadline_is_rejected_and_same_key_gets_the_same_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (d, _rx) = dispatcher(Some(cache(dir.path())));
         let now = SystemTime::now();
-        let o = d.dispatch(cmd("1", "k1", Some(now - Duration::from_secs(1))), now);
+        let o = d.dispatch(cmd("1", "k1", Some(now - Duration::from_secs(1)), evict("m")), now);
         assert_eq!((o.phase, o.message.as_str()), (Phase::Rejected, "evict command arrived after its deadline"));
-        let o = d.dispatch(cmd("2", "k2", Some(now + Duration::from_secs(60))), now);
-        assert_eq!(o.phase, Phase::Accepted);
+        let first = d.dispatch(cmd("2", "k2", Some(now + Duration::from_secs(60)), evict("nope")), now);
+        assert_eq!(first.phase, Phase::Failed);
+        assert!(first.message.contains("not in the cache"), "{}", first.message);
+        let retry = d.dispatch(cmd("3", "k2", None, evict("nope")), now + Duration::from_secs(120));
+        assert_eq!((retry.phase, retry.command_id.as_str()), (Phase::Failed, "3"));
     }
 
-    #[test]
-    fn same_key_gets_the_same_answer_even_after_the_deadline() {
-        let mut d = CommandDispatcher { supported: vec!["evict"], ..Default::default() };
-        let now = SystemTime::now();
-        let first = d.dispatch(cmd("1", "k", Some(now + Duration::from_secs(5))), now);
-        let retry = d.dispatch(cmd("2", "k", Some(now + Duration::from_secs(5))), now + Duration::from_secs(10));
-        assert_eq!(first.phase, Phase::Accepted);
-        assert_eq!((retry.phase, retry.command_id.as_str()), (Phase::Accepted, "2"));
+    #[tokio::test]
+    async fn prefetch_is_accepted_then_reports_success_with_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("model");
+        crate::cache::sample::write_sample_model(&src, 1, 1 << 20).unwrap();
+        let (d, mut rx) = dispatcher(Some(cache(&dir.path().join("cache"))));
+        let uri = format!("file://{}", src.display());
+        let k = Kind::Prefetch(pb::PrefetchCommand { source_uri: uri.clone(), ..Default::default() });
+        let o = d.dispatch(cmd("1", "p1", None, k.clone()), SystemTime::now());
+        assert_eq!(o.phase, Phase::Accepted);
+        let done = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap();
+        assert_eq!(done.phase, Phase::Succeeded as i32, "{}", done.message);
+        assert_eq!(done.command_id, "1");
+        // A retry of the same command learns the final phase.
+        let again = d.dispatch(cmd("2", "p1", None, k), SystemTime::now());
+        assert_eq!(again.phase, Phase::Succeeded);
+        let bad = Kind::Prefetch(pb::PrefetchCommand { source_uri: "ftp://x".into(), ..Default::default() });
+        assert_eq!(d.dispatch(cmd("3", "p3", None, bad), SystemTime::now()).phase, Phase::Rejected);
     }
 
     #[test]
     fn remembered_keys_are_bounded() {
-        let mut d = CommandDispatcher::default();
+        let (d, _rx) = dispatcher(None);
         for i in 0..(REMEMBERED_KEYS + 10) {
-            d.dispatch(cmd(&i.to_string(), &format!("k{i}"), None), SystemTime::now());
+            d.dispatch(cmd(&i.to_string(), &format!("k{i}"), None, evict("m")), SystemTime::now());
         }
-        assert_eq!(d.seen.len(), REMEMBERED_KEYS);
-        assert!(!d.seen.contains_key("k0"));
+        let seen = d.seen.lock().unwrap();
+        assert_eq!(seen.outcomes.len(), REMEMBERED_KEYS);
+        assert!(!seen.outcomes.contains_key("k0"));
     }
 }

@@ -41,7 +41,32 @@ pub struct NodeReport {
     pub accelerators: Vec<Accelerator>,
     /// Subsystems that are off, and why.
     pub subsystems: Vec<(String, bool, String)>,
+    pub models: Vec<crate::cache::index::IndexEntry>,
+    pub bandwidth: Vec<crate::cache::manager::SourceBandwidth>,
 }
+
+fn model_to_wire(e: &crate::cache::index::IndexEntry) -> pb::CachedModel {
+    use crate::cache::index::EntryState as S;
+    pb::CachedModel {
+        id: e.id.clone(),
+        source_uri: e.uri.clone(),
+        revision: e.revision.clone(),
+        state: match e.state {
+            S::Downloading => pb::CacheEntryState::Downloading,
+            S::Verifying => pb::CacheEntryState::Verifying,
+            S::Ready => pb::CacheEntryState::Ready,
+            S::Failed => pb::CacheEntryState::Failed,
+            S::Evicting => pb::CacheEntryState::Evicting,
+        } as i32,
+        bytes_present: e.bytes_present,
+        bytes_total: e.bytes_total,
+        pinned: e.pinned,
+        verification: e.verification.clone(),
+        last_used: Some(hearth_proto::prost_types::Timestamp { seconds: e.last_used as i64, nanos: 0 }),
+        error: e.error.clone().unwrap_or_default(),
+    }
+}
+
 
 impl NodeReport {
     pub fn to_wire(&self) -> pb::NodeState {
@@ -72,6 +97,12 @@ impl NodeReport {
                 .subsystems
                 .iter()
                 .map(|(name, enabled, reason)| pb::SubsystemStatus { name: name.clone(), enabled: *enabled, reason: reason.clone() })
+                .collect(),
+            models: self.models.iter().map(model_to_wire).collect(),
+            source_bandwidth: self
+                .bandwidth
+                .iter()
+                .map(|b| pb::SourceBandwidth { source: b.source.clone(), bytes_per_second: b.bytes_per_second, samples: b.samples })
                 .collect(),
             ..Default::default()
         }
@@ -181,6 +212,8 @@ pub struct ReportClient {
     metrics: ReportMetrics,
     readiness: Arc<hearth_controller::telemetry::Readiness>,
     commands: CommandDispatcher,
+    /// Results of long commands; they wait here while the controller is away.
+    statuses: mpsc::Receiver<pb::CommandStatus>,
 }
 
 enum SessionEnd {
@@ -197,9 +230,10 @@ impl ReportClient {
         metrics: ReportMetrics,
         readiness: Arc<hearth_controller::telemetry::Readiness>,
         commands: CommandDispatcher,
+        statuses: mpsc::Receiver<pb::CommandStatus>,
     ) -> Self {
         let epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-        Self { settings, hello, epoch, report, metrics, readiness, commands }
+        Self { settings, hello, epoch, report, metrics, readiness, commands, statuses }
     }
 
     /// Runs until `shutdown`, reconnecting as needed. Never returns an error: a controller
@@ -269,7 +303,6 @@ impl ReportClient {
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.reset();
-        let (status_tx, mut status_rx) = mpsc::channel::<pb::CommandStatus>(64);
         let ack_deadline = self.settings.heartbeat_interval * 3 + Duration::from_secs(5);
         let mut last_ack = Instant::now();
         let mut connected = false;
@@ -307,7 +340,7 @@ impl ReportClient {
                     sent("heartbeat");
                     Out::Heartbeat(pb::Heartbeat { epoch: self.epoch, seq: *seq, sent_at: Some(SystemTime::now().into()) })
                 }
-                Some(st) = status_rx.recv() => {
+                Some(st) = self.statuses.recv() => {
                     sent("command_status");
                     Out::CommandStatus(st)
                 }
@@ -351,8 +384,8 @@ impl ReportClient {
                         Some(In::Command(c)) => {
                             let outcome = self.commands.dispatch(c, SystemTime::now());
                             debug!(?outcome, "command handled");
-                            let _ = status_tx.try_send(outcome.into_status());
-                            continue;
+                            sent("command_status");
+                            Out::CommandStatus(outcome.into_status())
                         }
                         None => continue,
                     }
