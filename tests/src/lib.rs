@@ -2,6 +2,7 @@
 //! real `hearth` / `hearth-controller` / Prometheus processes in temp dirs (stopped by PID,
 //! killed on drop), a raw protocol client, and polling with deadlines instead of sleeps.
 
+
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -230,7 +231,17 @@ pub struct AgentProc {
 }
 
 impl AgentProc {
+    /// `extra_yaml` is appended at the top level of the agent's config.
     pub fn start(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str) -> Result<Self> {
+        Self::spawn(dir, pki, node, controller, extra_yaml, "")
+    }
+
+    /// Like `start`, with `cache_extra` appended inside the `cache:` mapping (indented keys).
+    pub fn start_with_cache_models(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, cache_extra: &str) -> Result<Self> {
+        Self::spawn(dir, pki, node, controller, "", cache_extra)
+    }
+
+    fn spawn(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str, cache_extra: &str) -> Result<Self> {
         let files = pki.client(node)?;
         let http = free_addr();
         let cache = dir.join(format!("cache-{node}"));
@@ -242,7 +253,7 @@ impl AgentProc {
                 "node_name: {node}\nhttp_listen: {http}\n\
                  controller:\n  url: https://{controller}\n  server_name: localhost\n  heartbeat_interval: 500ms\n  \
                  backoff_initial: 100ms\n  backoff_max: 1s\n  tls: {{ca: {}, cert: {}, key: {}}}\n\
-                 devices: {{simulated: [2xH100-80GB]}}\nnode: {{collect_interval: 300ms}}\ncache: {{root: {}}}\n{extra_yaml}",
+                 devices: {{simulated: [2xH100-80GB]}}\nnode: {{collect_interval: 300ms}}\ncache:\n  root: {}\n{cache_extra}{extra_yaml}",
                 files.ca.display(),
                 files.cert.display(),
                 files.key.display(),

@@ -482,7 +482,7 @@ fn disk(root: &std::path::Path) -> Result<(u64, u64), CacheError> {
     Ok((st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
 }
 
-/// Scrape-time view of the index and live downloads. Label cardinality: `state` is a fixed
+/// Scrape-time view of the index and live downloads (registered under `hearth_cache_`). Label cardinality: `state` is a fixed
 /// set; `source` is bounded by the buckets and mounts models come from; `model` appears only
 /// for downloads in progress.
 #[derive(Debug)]
@@ -493,10 +493,10 @@ impl Collector for CacheCollector {
         let c = &self.0;
         let entries = c.entries();
         let used: u64 = entries.iter().map(|e| e.bytes_present).sum();
-        ConstGauge::new(used as i64).encode(enc.encode_descriptor("hearth_cache_used", "Bytes of models in the cache", Some(&Unit::Bytes), MetricType::Gauge)?)?;
+        ConstGauge::new(used as i64).encode(enc.encode_descriptor("used", "Bytes of models in the cache", Some(&Unit::Bytes), MetricType::Gauge)?)?;
         let capacity = c.cfg.capacity.unwrap_or_else(|| disk(&c.cfg.root).map_or(0, |(t, _)| (t as f64 * c.cfg.high_watermark) as u64));
         ConstGauge::new(capacity as i64).encode(enc.encode_descriptor(
-            "hearth_cache_capacity",
+            "capacity",
             "Bytes the cache may use (configured capacity, else the disk's high watermark)",
             Some(&Unit::Bytes),
             MetricType::Gauge,
@@ -506,24 +506,24 @@ impl Collector for CacheCollector {
         for e in &entries {
             *by_state.entry(e.state.as_str()).or_default() += 1;
         }
-        let mut m = enc.encode_descriptor("hearth_cache_entries", "Models in the index, by state", None, MetricType::Gauge)?;
+        let mut m = enc.encode_descriptor("entries", "Models in the index, by state", None, MetricType::Gauge)?;
         for (s, n) in &by_state {
             ConstGauge::new(*n).encode(m.encode_family(&[("state", *s)])?)?;
         }
         let unverified = entries.iter().filter(|e| e.state == EntryState::Ready && e.verification == "unverified").count();
         ConstGauge::new(unverified as i64).encode(enc.encode_descriptor(
-            "hearth_cache_unverified_entries",
+            "unverified_entries",
             "Ready models whose source vouched only for sizes (no checksum, no manifest)",
             None,
             MetricType::Gauge,
         )?)?;
         let downloaded = c.downloaded.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut m = enc.encode_descriptor("hearth_cache_downloaded", "Bytes read from each source", Some(&Unit::Bytes), MetricType::Counter)?;
+        let mut m = enc.encode_descriptor("downloaded", "Bytes read from each source", Some(&Unit::Bytes), MetricType::Counter)?;
         for (s, b) in &downloaded {
             ConstCounter::new(*b).encode(m.encode_family(&[("source", s.as_str())])?)?;
         }
         let mut m = enc.encode_descriptor(
-            "hearth_cache_source_throughput",
+            "source_throughput",
             "Measured download throughput per source (EWMA), bytes per second",
             None,
             MetricType::Gauge,
@@ -532,11 +532,11 @@ impl Collector for CacheCollector {
             ConstGauge::new(b.bytes_per_second).encode(m.encode_family(&[("source", b.source.as_str())])?)?;
         }
         let live = c.progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut m = enc.encode_descriptor("hearth_cache_download_done", "Bytes durable so far, per download in progress", Some(&Unit::Bytes), MetricType::Gauge)?;
+        let mut m = enc.encode_descriptor("download_done", "Bytes durable so far, per download in progress", Some(&Unit::Bytes), MetricType::Gauge)?;
         for (id, p) in &live {
             ConstGauge::new(Progress::get(&p.bytes_done) as i64).encode(m.encode_family(&[("model", id.as_str())])?)?;
         }
-        let mut m = enc.encode_descriptor("hearth_cache_download_total", "Bytes to download, per download in progress", Some(&Unit::Bytes), MetricType::Gauge)?;
+        let mut m = enc.encode_descriptor("download_total", "Bytes to download, per download in progress", Some(&Unit::Bytes), MetricType::Gauge)?;
         for (id, p) in &live {
             ConstGauge::new(Progress::get(&p.bytes_total) as i64).encode(m.encode_family(&[("model", id.as_str())])?)?;
         }
