@@ -186,7 +186,7 @@ async fn live_status(state: std::sync::Arc<hearth_controller::state::ClusterStat
                 .iter()
                 .map(|m| {
                     let state = hearth_proto::v1::CacheEntryState::try_from(m.state).map_or("?", |s| s.as_str_name());
-                    let pct = if m.bytes_total > 0 { 100 * m.bytes_present / m.bytes_total } else { 0 };
+                    let pct = (100 * m.bytes_present).checked_div(m.bytes_total).unwrap_or(0);
                     format!("{} {} {pct}%", m.id, state.trim_start_matches("CACHE_ENTRY_STATE_").to_ascii_lowercase())
                 })
                 .collect();

@@ -90,6 +90,9 @@ enum Cmd {
         /// Bandwidth limit in bytes per second, e.g. 200Mi.
         #[arg(long)]
         limit_rate: Option<String>,
+        /// A part read that takes longer is abandoned and issued again.
+        #[arg(long, default_value = "30s")]
+        stall_timeout: String,
     },
     /// Inspect the local cache.
     Cache {
@@ -207,7 +210,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             region,
             quiet,
             limit_rate,
+            stall_timeout,
         } => {
+            let stall_timeout = hearth_controller::config::parse_duration("--stall-timeout", &stall_timeout)?;
             let limit_rate = limit_rate.map(|r| hearth_controller::config::parse_size("--limit-rate", &r)).transpose()?;
             let part_size = hearth_controller::config::parse_size("--part-size", &part_size)?;
             if !(64 << 10..=(1 << 30)).contains(&part_size) {
@@ -235,6 +240,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 s3: hearth_agent::cache::source::s3::S3Options { endpoint, region, force_path_style: None },
                 progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 limit_rate,
+                stall_timeout,
             };
             hearth_agent::prefetch::prefetch(args, shutdown).await?;
         }

@@ -30,6 +30,7 @@ pub struct PrefetchArgs {
     pub progress: bool,
     /// Bytes per second, all parts together.
     pub limit_rate: Option<u64>,
+    pub stall_timeout: std::time::Duration,
 }
 
 fn human(bytes: f64) -> String {
@@ -52,6 +53,7 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
         concurrency: a.concurrency,
         write_mode: a.write_mode,
         limit: a.limit_rate.map(|r| Arc::new(crate::cache::ratelimit::RateLimiter::new(r))),
+        stall_timeout: a.stall_timeout,
         ..Default::default()
     };
     let source = crate::cache::open_source(&spec.uri, &a.s3).await;
@@ -81,8 +83,12 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
     let entry = result?;
     let secs = started.elapsed().as_secs_f64();
     let fetched = Progress::get(&progress.bytes_fetched);
+    let peak_rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()))
+        .map_or_else(|| "?".to_owned(), |kib| human((kib * 1024) as f64));
     println!(
-        "{}: {} files, {} in {:.2}s ({}/s fetched), verification: {}, resumed {}, retries {}",
+        "{}: {} files, {} in {:.2}s ({}/s fetched), verification: {}, resumed {}, peak RSS {peak_rss}, retries {}",
         entry.id,
         entry.files.len(),
         human(entry.bytes_total as f64),

@@ -2,6 +2,8 @@
 //! real `hearth` / `hearth-controller` / Prometheus processes in temp dirs (stopped by PID,
 //! killed on drop), a raw protocol client, and polling with deadlines instead of sleeps.
 
+pub mod faultproxy;
+pub mod seaweed;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};

@@ -265,14 +265,14 @@ impl Cache {
     /// model share one download.
     pub async fn ensure(self: &Arc<Self>, spec: &ModelSpec, cancel: CancellationToken) -> Result<IndexEntry, CacheError> {
         let id = spec.id();
-        if let Some(mut e) = self.index.get(&id)?.filter(|e| e.state == EntryState::Ready) {
-            if e.files.iter().all(|f| self.layout.model_dir(&id).join(&f.key).is_file()) {
-                self.metrics.hits.inc();
-                e.last_used = super::index::now_secs();
-                self.index.put(&e)?;
-                e.pinned = self.pins.lock().unwrap_or_else(|p| p.into_inner()).contains(&id);
-                return Ok(e);
-            }
+        if let Some(mut e) = self.index.get(&id)?.filter(|e| e.state == EntryState::Ready)
+            && e.files.iter().all(|f| self.layout.model_dir(&id).join(&f.key).is_file())
+        {
+            self.metrics.hits.inc();
+            e.last_used = super::index::now_secs();
+            self.index.put(&e)?;
+            e.pinned = self.pins.lock().unwrap_or_else(|p| p.into_inner()).contains(&id);
+            return Ok(e);
         }
         let mut rx = {
             let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
@@ -603,6 +603,38 @@ mod tests {
         c.pin(&e1.id, false).unwrap();
         c.evict(&e1.id).unwrap();
         assert!(matches!(c.evict(&e1.id), Err(CacheError::Unknown(_))));
+    }
+
+    #[tokio::test]
+    async fn concurrent_downloads_share_the_bandwidth_limit_fairly() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = CacheConfig {
+            root: d.path().join("cache"),
+            capacity: None,
+            high_watermark: 0.999,
+            low_watermark: 0.99,
+            fetch: FetchConfig { part_size: 64 << 10, concurrency: 4, ..Default::default() },
+            s3: S3Options::default(),
+        };
+        cfg.fetch.limit = Some(Arc::new(crate::cache::ratelimit::RateLimiter::new(8 << 20)));
+        let c = Cache::open(cfg, &mut Registry::default()).unwrap();
+        let (a, b) = (model(d.path(), "a", 4 << 20), model(d.path(), "b", 4 << 20));
+        let started = Instant::now();
+        let (ra, rb) = tokio::join!(
+            async {
+                c.ensure(&a, CancellationToken::new()).await.unwrap();
+                started.elapsed().as_secs_f64()
+            },
+            async {
+                c.ensure(&b, CancellationToken::new()).await.unwrap();
+                started.elapsed().as_secs_f64()
+            }
+        );
+        // 8 MiB in total at 8 MiB/s: about a second overall, and neither download finishes
+        // long before the other (a FIFO of slots, not first-come-takes-all).
+        let total = ra.max(rb);
+        assert!((0.8..2.5).contains(&total), "{ra} {rb}");
+        assert!(ra.min(rb) > 0.7 * total, "one download starved the other: {ra} vs {rb}");
     }
 
     #[tokio::test]

@@ -31,6 +31,10 @@ pub struct S3Options {
     pub force_path_style: Option<bool>,
 }
 
+const LIST_ATTEMPTS: u32 = 8;
+/// A page of 1,000 keys plus the HEADs for them: seconds at worst on a healthy store.
+const LIST_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone)]
 pub struct S3Source {
     client: aws_sdk_s3::Client,
@@ -241,15 +245,26 @@ impl Source for S3Source {
 
     fn list(&self) -> BoxFut<'_, Result<Vec<RemoteObject>, SourceError>> {
         Box::pin(async move {
-            // A few tries: listing is one request, and a throttle here should not fail it.
-            let mut attempt = 0;
+            // Listing meets the same throttles, resets and stalls as the parts do: retry it
+            // as patiently, and never wait on one stalled attempt.
+            let mut attempt = 0u32;
             loop {
                 attempt += 1;
-                match self.list_all().await {
+                let r = match tokio::time::timeout(LIST_ATTEMPT_TIMEOUT, self.list_all()).await {
+                    Ok(r) => r,
+                    Err(_) => Err(SourceError::List {
+                        source_name: self.source_name(),
+                        what: format!("prefix {:?}", self.prefix),
+                        reason: format!("no answer within {LIST_ATTEMPT_TIMEOUT:?}"),
+                    }),
+                };
+                match r {
                     Ok(v) => return Ok(v),
-                    Err(e) if attempt < 4 && !matches!(e, SourceError::Denied { .. }) => {
-                        tracing::debug!(error = %e, attempt, "listing failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    Err(e) if attempt < LIST_ATTEMPTS && !matches!(e, SourceError::Denied { .. }) => {
+                        let step = Duration::from_millis(100).saturating_mul(1 << attempt.min(6)).min(Duration::from_secs(5));
+                        let delay = step / 2 + (step / 2).mul_f64(fastrand::f64());
+                        tracing::debug!(error = %e, attempt, ?delay, "listing failed; retrying");
+                        tokio::time::sleep(delay).await;
                     }
                     Err(e) => return Err(e),
                 }
