@@ -245,6 +245,8 @@ impl Queue {
 }
 
 struct Ctx {
+    /// Smoothed time of a successful part read, in microseconds (0 until the first).
+    part_micros: AtomicU64,
     source: Arc<dyn Source>,
     files: Vec<Arc<FileShared>>,
     cfg: FetchConfig,
@@ -259,6 +261,30 @@ struct FileShared {
     crc: PartCrc,
     buffered: Arc<File>,
     direct: Option<Arc<File>>,
+}
+
+impl Ctx {
+    /// How long one part read may take before it is abandoned and issued again: eight times
+    /// the usual part time, at least 2 s and at most the configured stall timeout. A stalled
+    /// or crawling connection then costs seconds, not the whole download.
+    fn stall_limit(&self) -> Duration {
+        let typical = self.part_micros.load(Ordering::Relaxed);
+        if typical == 0 {
+            return self.cfg.stall_timeout;
+        }
+        Duration::from_micros(typical.saturating_mul(8)).clamp(Duration::from_secs(2).min(self.cfg.stall_timeout), self.cfg.stall_timeout)
+    }
+
+    fn record_part_time(&self, took: Duration, len: usize, part_size: usize) {
+        // Short tail parts say little about a full part's time.
+        if len < part_size / 2 {
+            return;
+        }
+        let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
+        let old = self.part_micros.load(Ordering::Relaxed);
+        let new = if old == 0 { sample } else { (old * 7 + sample) / 8 };
+        self.part_micros.store(new, Ordering::Relaxed);
+    }
 }
 
 /// Lays out the cache root for one model id.
@@ -465,6 +491,7 @@ pub async fn fetch(
     jobs.extend(rest);
 
     let ctx = Arc::new(Ctx {
+        part_micros: AtomicU64::new(0),
         source,
         files: works
             .iter()
@@ -551,6 +578,8 @@ pub async fn fetch(
         }
     }
     ctx.queue.halt();
+    // Workers blocked on a full channel must see it close, or joining them would wait forever.
+    drop(done_rx);
     while workers.join_next().await.is_some() {}
 
     match result {
@@ -828,10 +857,13 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
                     _ = limit.acquire(len as u64) => {}
                 }
             }
-            let read = tokio::time::timeout(ctx.cfg.stall_timeout, ctx.source.read_into(&f.obj, offset, buf)).await;
+            let limit = ctx.stall_limit();
+            let started = Instant::now();
+            let read = tokio::time::timeout(limit, ctx.source.read_into(&f.obj, offset, buf)).await;
             let err = match read {
                 Ok((b, Ok(()))) => {
                     buf = b;
+                    ctx.record_part_time(started.elapsed(), len, part_size);
                     break Ok(());
                 }
                 Ok((b, Err(e))) => {
@@ -847,7 +879,7 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
                         key: f.obj.key.clone(),
                         offset,
                         len,
-                        reason: format!("no data within {:?}; reissuing", ctx.cfg.stall_timeout),
+                        reason: format!("part not done within {limit:?} (8x the usual part time); reissuing"),
                         kind: ErrorKind::Transient,
                     }
                 }
@@ -1032,6 +1064,22 @@ mod tests {
         assert!(Progress::get(&p.retries) >= 3 && Progress::get(&p.throttled) == 1);
         assert!(Progress::get(&p.bytes_fetched) > e.bytes_total, "the flipped file was fetched again");
         assert_identical(&fx, &e.id);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_part_is_reissued_after_a_few_typical_part_times() {
+        let fx = fixture(1, 4 << 20);
+        let shard = "model-00001-of-00001.safetensors";
+        // Stall a late part: by then the usual part time is known and small.
+        let src = Arc::new(FaultSource::new_after(PosixSource::new(&fx.src), vec![(shard, Fault::Stall)], 20));
+        let cfg = FetchConfig { stall_timeout: Duration::from_secs(60), concurrency: 2, ..cfg() };
+        let started = Instant::now();
+        let (r, p) = run(&fx, src.clone(), &cfg).await;
+        r.unwrap();
+        assert_eq!(src.remaining(), 0);
+        assert!(Progress::get(&p.retries) >= 1);
+        assert!(started.elapsed() < Duration::from_secs(10), "reissued long before the 60 s ceiling: {:?}", started.elapsed());
+        assert_identical(&fx, &spec(&fx).id());
     }
 
     #[tokio::test]

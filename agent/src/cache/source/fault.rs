@@ -22,14 +22,30 @@ pub struct FaultSource<S> {
     inner: S,
     /// Faults to inject, in order, one per read of a matching key.
     plan: Mutex<Vec<(String, Fault)>>,
+    /// Reads that pass untouched before the first fault.
+    skip: std::sync::atomic::AtomicUsize,
 }
 
 impl<S: Source> FaultSource<S> {
     pub fn new(inner: S, plan: Vec<(&str, Fault)>) -> Self {
-        Self { inner, plan: Mutex::new(plan.into_iter().map(|(k, f)| (k.to_owned(), f)).collect()) }
+        Self::new_after(inner, plan, 0)
+    }
+
+    /// Faults start after `skip` clean reads.
+    pub fn new_after(inner: S, plan: Vec<(&str, Fault)>, skip: usize) -> Self {
+        Self {
+            inner,
+            plan: Mutex::new(plan.into_iter().map(|(k, f)| (k.to_owned(), f)).collect()),
+            skip: std::sync::atomic::AtomicUsize::new(skip),
+        }
     }
 
     fn take(&self, key: &str) -> Option<Fault> {
+        use std::sync::atomic::Ordering;
+        if self.skip.load(Ordering::Relaxed) > 0 {
+            self.skip.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
         let mut p = self.plan.lock().unwrap_or_else(|e| e.into_inner());
         let i = p.iter().position(|(k, _)| k == key)?;
         Some(p.remove(i).1)
