@@ -152,20 +152,7 @@ fn main() -> ExitCode {
         Cmd::Agent { .. } => "info",
     };
     init_logging(cli.log_format, default_filter);
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(run(cli.cmd)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(2)
-        }
-    }
+    hearth_controller::telemetry::run_main(run(cli.cmd))
 }
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {

@@ -36,6 +36,25 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
     };
 }
 
+/// Runs a binary's async `run` on a multi-threaded runtime and maps the outcome to the exit
+/// code both binaries use: 0 on success, 2 with the error chain on stderr otherwise.
+pub fn run_main(run: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT (Ctrl-C): the one signal handler each binary installs.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
