@@ -3,6 +3,7 @@
 index, id, slices, instance count, memory, possible placements). NVML answers these queries
 with MIG disabled. This script never changes MIG mode and never creates or destroys
 instances. Needs nvidia-ml-py (pynvml)."""
+import ctypes
 import json
 import pynvml as n
 
@@ -26,8 +27,12 @@ for i in range(n.nvmlDeviceGetCount()):
         row = {"index": p, "id": info.id, "slices": info.sliceCount, "instances": info.instanceCount,
                "memory_mib": info.memorySizeMB, "sms": info.multiprocessorCount}
         try:
-            row["placements"] = [(pl.start, pl.size) for pl in n.nvmlDeviceGetGpuInstancePossiblePlacements(h, info.id)]
-        except (n.NVMLError, AttributeError) as e:
+            # The binding takes ctypes out-parameters: an array and its capacity.
+            arr = (n.c_nvmlGpuInstancePlacement_t * 16)()
+            cnt = ctypes.c_uint(16)
+            n.nvmlDeviceGetGpuInstancePossiblePlacements(h, info.id, arr, ctypes.byref(cnt))
+            row["placements"] = [(arr[k].start, arr[k].size) for k in range(cnt.value)]
+        except (n.NVMLError, AttributeError, TypeError) as e:
             row["placements"] = str(e)
         gpu["profiles"].append(row)
     out["gpus"].append(gpu)
