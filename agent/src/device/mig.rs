@@ -4,8 +4,10 @@
 //! a layout the planner accepts is one the simulated GPU accepts.
 //!
 //! Each GPU has 8 placement units (memory slices). A profile occupies `size` consecutive
-//! units from one of its allowed starts. The ids and counts are NVML's, as read on an H100
-//! 80GB with driver 580 (profile index 0..9 -> ids 19, 14, 9, 5, 0, 20, 15).
+//! units from one of its allowed starts. The H100 and H200 rows are NVML's own answers, read
+//! (read-only) on real GPUs with driver 580.159.04 by `scripts/nvml-mig-profiles.py` and kept
+//! in `docs/hardware/*.json`; a test pins the tables to those readings. The A100 rows follow
+//! NVIDIA's published MIG tables and have not been read from hardware here.
 
 /// One GPU-instance profile of one product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,11 +44,11 @@ macro_rules! profiles {
 pub const H100_80GB: &[GiProfile] = profiles![
     19, "1g.10gb", 1, 1, 9984, 7, ONE;
     20, "1g.10gb+me", 1, 1, 9984, 1, ONE;
-    15, "1g.20gb", 1, 2, 19968, 4, TWO;
-    14, "2g.20gb", 2, 2, 19968, 3, THREE;
-    9, "3g.40gb", 3, 4, 40192, 2, FOUR;
-    5, "4g.40gb", 4, 4, 40192, 1, START0;
-    0, "7g.80gb", 7, 8, 80384, 1, START0;
+    15, "1g.20gb", 1, 2, 20096, 4, TWO;
+    14, "2g.20gb", 2, 2, 20096, 3, THREE;
+    9, "3g.40gb", 3, 4, 40448, 2, FOUR;
+    5, "4g.40gb", 4, 4, 40448, 1, START0;
+    0, "7g.80gb", 7, 8, 81152, 1, START0;
 ];
 
 pub const A100_80GB: &[GiProfile] = profiles![
@@ -72,10 +74,10 @@ pub const A100_40GB: &[GiProfile] = profiles![
 pub const H200_141GB: &[GiProfile] = profiles![
     19, "1g.18gb", 1, 1, 16384, 7, ONE;
     20, "1g.18gb+me", 1, 1, 16384, 1, ONE;
-    15, "1g.35gb", 1, 2, 32768, 4, TWO;
-    14, "2g.35gb", 2, 2, 32768, 3, THREE;
-    9, "3g.71gb", 3, 4, 71680, 2, FOUR;
-    5, "4g.71gb", 4, 4, 71680, 1, START0;
+    15, "1g.35gb", 1, 2, 33280, 4, TWO;
+    14, "2g.35gb", 2, 2, 33280, 3, THREE;
+    9, "3g.71gb", 3, 4, 71424, 2, FOUR;
+    5, "4g.71gb", 4, 4, 71424, 1, START0;
     0, "7g.141gb", 7, 8, 143360, 1, START0;
 ];
 
@@ -213,6 +215,36 @@ mod tests {
             assert_eq!(ids, vec![19, 20, 15, 14, 9, 5, 0]);
         }
         assert_eq!(profiles_for(0x2330_10DE).map(|t| t[0].memory_mib), Some(9984));
+    }
+
+    /// The tables match what NVML reported on a real H100 80GB and H200 (ids, slices, counts,
+    /// memory, every possible placement).
+    #[test]
+    fn tables_match_the_recorded_hardware_readings() {
+        for (table, json) in [
+            (H100_80GB, include_str!("../../../docs/hardware/h100-80gb-mig-profiles.json")),
+            (H200_141GB, include_str!("../../../docs/hardware/h200-141gb-mig-profiles.json")),
+        ] {
+            let v: serde_json::Value = serde_json::from_str(json).unwrap();
+            let gpu = &v["gpus"][0];
+            assert_eq!(profiles_for(u32::from_str_radix(gpu["pci_device_id"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap()), Some(table));
+            let read: Vec<&serde_json::Value> = gpu["profiles"].as_array().unwrap().iter().filter(|p| p.get("id").is_some()).collect();
+            assert_eq!(read.len(), table.len());
+            for r in read {
+                let id = r["id"].as_u64().unwrap() as u32;
+                let p = table.iter().find(|p| p.id == id).unwrap_or_else(|| panic!("profile id {id} missing"));
+                assert_eq!(u64::from(p.compute_slices), r["slices"].as_u64().unwrap(), "{}", p.name);
+                assert_eq!(u64::from(p.max_count), r["instances"].as_u64().unwrap(), "{}", p.name);
+                assert_eq!(p.memory_mib, r["memory_mib"].as_u64().unwrap(), "{}", p.name);
+                let placements: Vec<(u32, u32)> = r["placements"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| (x[0].as_u64().unwrap() as u32, x[1].as_u64().unwrap() as u32))
+                    .collect();
+                assert_eq!(placements, p.starts.iter().map(|&s| (s, p.size)).collect::<Vec<_>>(), "{}", p.name);
+            }
+        }
     }
 
     #[test]
