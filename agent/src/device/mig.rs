@@ -281,9 +281,9 @@ mod tests {
         for _ in 0..max_len {
             let mut next = Vec::new();
             for (from, set) in &frontier {
-                for i in *from..table.len() {
+                for (i, p) in table.iter().enumerate().skip(*from) {
                     let mut s = set.clone();
-                    s.push(&table[i]);
+                    s.push(p);
                     out.push(s.clone());
                     next.push((i, s));
                 }
