@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod device;
 pub mod local;
 pub mod node;
+pub mod partition;
 pub mod prefetch;
 pub mod report;
 pub mod status;

@@ -99,6 +99,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CacheCmd,
     },
+    /// Partition accelerators from a declarative spec (MIG).
+    Partition {
+        #[command(subcommand)]
+        cmd: PartitionCmd,
+    },
     /// Show the cluster as the controller sees it.
     Status {
         #[arg(long, value_enum, default_value = "table")]
@@ -119,6 +124,22 @@ enum Cmd {
         insecure: bool,
         #[arg(long)]
         state_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PartitionCmd {
+    /// Print the ordered plan that would bring the GPUs to a spec's config. Read-only.
+    Plan {
+        /// Spec file (mig-parted format).
+        #[arg(long)]
+        spec: PathBuf,
+        /// Which named config of the spec.
+        #[arg(long)]
+        config: String,
+        /// Plan against simulated GPUs, e.g. 8xH100-80GB (repeatable).
+        #[arg(long)]
+        simulate: Vec<String>,
     },
 }
 
@@ -147,7 +168,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.cmd {
         // Status output is the product; keep logs out of it.
-        Cmd::Status { .. } | Cmd::Prefetch { .. } | Cmd::Cache { .. } => "warn",
+        Cmd::Status { .. } | Cmd::Prefetch { .. } | Cmd::Cache { .. } | Cmd::Partition { .. } => "warn",
         Cmd::Local { .. } => "warn,hearth_agent=info,hearth_controller=info",
         Cmd::Agent { .. } => "info",
     };
@@ -230,6 +251,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 stall_timeout,
             };
             hearth_agent::prefetch::prefetch(args, shutdown).await?;
+        }
+        Cmd::Partition { cmd: PartitionCmd::Plan { spec, config, simulate } } => {
+            print!("{}", hearth_agent::partition::plan_command(&spec, &config, &simulate)?);
         }
         Cmd::Cache { cmd: CacheCmd::Ls { dest, json } } => {
             hearth_agent::prefetch::ls(&dest.unwrap_or_else(hearth_agent::cache::default_root), json)?;

@@ -1,0 +1,33 @@
+//! `hearth partition plan` on the shipped example spec, against simulated GPUs.
+
+use std::process::Command;
+
+use hearth_tests::bin;
+
+fn plan(args: &[&str]) -> (bool, String, String) {
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/examples/mig-spec.yaml");
+    let out = Command::new(bin("hearth")).args(["partition", "plan", "--spec", spec]).args(args).output().expect("run hearth");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn plan_prints_ordered_explicit_placements() {
+    let (ok, out, err) = plan(&["--config", "half-and-half", "--simulate", "2xH100-80GB"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out,
+        "plan for config \"half-and-half\" on 2 GPU(s) (read-only; nothing was changed):\n  \
+         GPU 0: enable MIG mode\n  GPU 0: create 4g.40gb (profile id 5) at placement 0\n  \
+         GPU 0: create 3g.40gb (profile id 9) at placement 4\n  unchanged: GPU 1\n"
+    );
+}
+
+#[test]
+fn plan_refuses_profiles_the_product_lacks_and_says_why() {
+    let (ok, _, err) = plan(&["--config", "half-and-half", "--simulate", "1xH200-141GB"]);
+    assert!(!ok);
+    assert!(err.contains("GPU 0 (NVIDIA H200): profile \"3g.40gb\" does not exist on this product"), "{err}");
+    let (ok, _, err) = plan(&["--config", "balanced"]);
+    assert!(!ok);
+    assert!(err.contains("pass --simulate"), "{err}");
+}
