@@ -5,6 +5,7 @@
 //! Calls are synchronous (NVML and sysfs block); callers run them on a blocking thread.
 
 pub mod mig;
+pub mod migctl;
 pub mod sim;
 
 use hearth_proto::v1 as pb;

@@ -4,6 +4,7 @@
 //! safe on any host; applying a plan (the reconciler) is separate and never happens without
 //! a plan first.
 
+pub mod apply;
 pub mod plan;
 pub mod spec;
 
