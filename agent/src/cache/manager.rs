@@ -349,10 +349,6 @@ impl Cache {
         }
     }
 
-    fn used_bytes(&self) -> u64 {
-        self.entries().iter().map(|e| e.bytes_present).sum()
-    }
-
     /// Evicts least-recently-used, unpinned, idle entries until `needed` more bytes fit
     /// under the capacity and the disk's high watermark.
     fn make_room(&self, for_id: &str, needed: u64) -> Result<(), CacheError> {
@@ -362,7 +358,7 @@ impl Cache {
         let (disk_total, disk_free) = disk(&self.cfg.root)?;
         let disk_allowed = (disk_total as f64 * self.cfg.high_watermark) as u64;
         let disk_used = disk_total - disk_free;
-        let used = self.used_bytes();
+        let used: u64 = entries.iter().map(|e| e.bytes_present).sum();
         let capacity = self.cfg.capacity.unwrap_or(u64::MAX);
         let over_capacity = (used + needed).saturating_sub(capacity);
         let over_disk = (disk_used + needed).saturating_sub(disk_allowed);
