@@ -46,17 +46,6 @@ pub enum CacheError {
     Shared(String),
 }
 
-impl CacheError {
-    pub fn label(&self) -> &'static str {
-        match self {
-            CacheError::Fetch(e) => e.label(),
-            CacheError::NoRoom { .. } => "no_room",
-            CacheError::Index(_) | CacheError::Io { .. } => "io",
-            _ => "request",
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
     pub root: PathBuf,
