@@ -1,10 +1,14 @@
-//! Compiles hearth/v1/*.proto with protox (pure Rust), so a bare machine needs no `protoc`.
+//! Compiles hearth/v1/*.proto (and kubelet's PodResources API) with protox (pure Rust), so a bare machine needs no `protoc`.
 //! Also writes the encoded descriptor set that the controller serves through reflection.
 
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["hearth/v1/node.proto", "hearth/v1/agent.proto", "hearth/v1/operator.proto"];
+    let files = [
+        "hearth/v1/node.proto",
+        "hearth/v1/agent.proto",
+        "hearth/v1/operator.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -12,12 +16,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     compiler.include_imports(true).include_source_info(true);
     compiler.open_files(files)?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out.join("hearth_descriptor.bin"), compiler.encode_file_descriptor_set())?;
+    std::fs::write(
+        out.join("hearth_descriptor.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
         // `NodeAgent.Connect` would clash with the generated `connect(dst)` constructor;
         // callers build their own `Channel` (TLS, limits) and use `new`.
         .build_transport(false)
         .compile_fds(compiler.file_descriptor_set())?;
+
+    // kubelet's PodResources API, for GPU-to-pod attribution; kept out of the descriptor set
+    // above so the controller's reflection lists only Hearth's services.
+    let kubelet = "k8s/podresources/v1/api.proto";
+    println!("cargo:rerun-if-changed={kubelet}");
+    let mut k = protox::Compiler::new(["."])?;
+    k.open_files([kubelet])?;
+    tonic_prost_build::configure()
+        .emit_rerun_if_changed(false)
+        .compile_fds(k.file_descriptor_set())?;
     Ok(())
 }

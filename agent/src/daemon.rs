@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hearth_controller::telemetry::{self, Readiness};
+use hearth_controller::telemetry::{self, Readiness, TextMetrics};
 use hearth_proto::convert::AgentHello;
 use hearth_proto::transport::TlsMaterial;
 use prometheus_client::collector::Collector;
@@ -18,11 +18,16 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::config::{Config, DeviceBackendKind};
-use crate::device::{Accelerator, Inventory, NoDevices, sim::SimInventory};
-use crate::node::{NodeMetrics, NodeReader, NodeSample};
 use crate::cache::manager::Cache;
 use crate::cache::spec::ModelSpec;
+use crate::config::{Config, DeviceBackendKind};
+use crate::device::gpu::GpuBackend;
+use crate::device::gpusim::{SimFaults, SimGpus};
+use crate::device::migctl::SimMig;
+use crate::device::{Accelerator, Inventory, NoDevices, Vendor, sim::SimInventory};
+use crate::gpu_metrics::{self, CollectionMetrics, GpuMetrics, GpuView};
+use crate::node::{NodeMetrics, NodeReader, NodeSample};
+use crate::podres::{self, PodResMetrics};
 use crate::report::{CommandDispatcher, NodeReport, ReportClient, ReportMetrics, ReportSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +37,10 @@ pub enum AgentError {
     #[error("node inventory: {0}")]
     Node(#[from] crate::node::NodeError),
     #[error("cannot listen on {addr} (HTTP): {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
     #[error("tasks did not stop within the {0:?} grace period")]
@@ -44,7 +52,13 @@ pub enum AgentError {
 }
 
 /// Capabilities this build reports in Hello; grows as subsystems land.
-pub const CAPABILITIES: &[&str] = &["node-metrics", "devices.simulated", "cache", "cache.s3", "cache.posix"];
+pub const CAPABILITIES: &[&str] = &[
+    "node-metrics",
+    "devices.simulated",
+    "cache",
+    "cache.s3",
+    "cache.posix",
+];
 
 #[derive(Debug)]
 pub struct RunningAgent {
@@ -65,7 +79,12 @@ struct DeviceInfoMetrics(Mutex<Vec<Accelerator>>);
 impl Collector for DeviceInfoMetrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devs = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut info = enc.encode_descriptor("hearth_accelerator_info", "Accelerators on this node", None, MetricType::Gauge)?;
+        let mut info = enc.encode_descriptor(
+            "hearth_accelerator_info",
+            "Accelerators on this node",
+            None,
+            MetricType::Gauge,
+        )?;
         for a in &devs {
             let idx = a.index.to_string();
             let labels = [
@@ -76,10 +95,17 @@ impl Collector for DeviceInfoMetrics {
             ];
             ConstGauge::new(1).encode(info.encode_family(&labels)?)?;
         }
-        let mut mem = enc.encode_descriptor("hearth_accelerator_memory", "Accelerator memory", Some(&Unit::Bytes), MetricType::Gauge)?;
+        let mut mem = enc.encode_descriptor(
+            "hearth_accelerator_memory",
+            "Accelerator memory",
+            Some(&Unit::Bytes),
+            MetricType::Gauge,
+        )?;
         for a in &devs {
             let idx = a.index.to_string();
-            ConstGauge::new(a.memory_bytes as i64).encode(mem.encode_family(&[("index", idx.as_str()), ("uuid", a.uuid.as_str())])?)?;
+            ConstGauge::new(a.memory_bytes as i64).encode(
+                mem.encode_family(&[("index", idx.as_str()), ("uuid", a.uuid.as_str())])?,
+            )?;
         }
         Ok(())
     }
@@ -93,15 +119,25 @@ fn boot_id(cfg: &Config) -> String {
 }
 
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAgent, AgentError> {
-    let tls = cfg.controller.as_ref().and_then(|c| c.tls.as_ref()).map(TlsMaterial::load).transpose()?;
+    let tls = cfg
+        .controller
+        .as_ref()
+        .and_then(|c| c.tls.as_ref())
+        .map(TlsMaterial::load)
+        .transpose()?;
     if cfg.controller.as_ref().is_some_and(|c| c.tls.is_none()) {
         warn!("reporting to the controller WITHOUT TLS (insecure mode)");
     }
     let mut registry = Registry::default();
+    let mut telemetry_extra: Vec<Arc<dyn TextMetrics>> = Vec::new();
     let readiness = Arc::new(Readiness::default());
     readiness.set("node", Some("first sample pending".into()));
 
-    let reader = NodeReader::new(&cfg.procfs_root, &cfg.cache.config.root, cfg.exclude_interfaces.clone());
+    let reader = NodeReader::new(
+        &cfg.procfs_root,
+        &cfg.cache.config.root,
+        cfg.exclude_interfaces.clone(),
+    );
     let info = {
         let r = reader.clone();
         tokio::task::spawn_blocking(move || r.info()).await??
@@ -109,7 +145,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
     let node_metrics = NodeMetrics::register(&mut registry);
 
     let inventory: Arc<dyn Inventory> = match &cfg.devices {
-        DeviceBackendKind::None => Arc::new(NoDevices),
+        DeviceBackendKind::None | DeviceBackendKind::Nvml => Arc::new(NoDevices),
         DeviceBackendKind::Simulated(specs) => Arc::new(SimInventory::new(&cfg.node_name, specs)),
     };
     let mut subsystems = Vec::new();
@@ -126,12 +162,57 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
             Vec::new()
         }
     };
-    info!(backend = inventory.name(), count = accelerators.len(), "accelerators discovered");
+    info!(
+        backend = inventory.name(),
+        count = accelerators.len(),
+        "accelerators discovered"
+    );
     let device_metrics = Arc::new(DeviceInfoMetrics(Mutex::new(accelerators.clone())));
     registry.register_collector(Box::new(device_metrics));
 
     let cache = Cache::open(cfg.cache.config.clone(), &mut registry)?;
     subsystems.push(("cache".to_owned(), true, cache.root().display().to_string()));
+    let gpu_metrics = GpuMetrics::new(&cfg.gpu.hostname_label);
+    registry.register_collector(Box::new(CollectionMetrics(gpu_metrics.clone())));
+    let gpu_backend: Option<Box<dyn GpuBackend>> = match &cfg.devices {
+        DeviceBackendKind::None => None,
+        DeviceBackendKind::Simulated(_) => {
+            let ids: Vec<u32> = accelerators
+                .iter()
+                .filter(|a| a.vendor == Vendor::Nvidia)
+                .map(|a| a.pci_device_id)
+                .collect();
+            (!ids.is_empty()).then(|| {
+                let mig = Arc::new(SimMig::new(&ids));
+                Box::new(SimGpus::new(
+                    &accelerators,
+                    mig,
+                    Arc::new(SimFaults::default()),
+                )) as Box<dyn GpuBackend>
+            })
+        }
+        DeviceBackendKind::Nvml => {
+            let lib = cfg.gpu.nvml_library.clone();
+            match tokio::task::spawn_blocking(move || {
+                crate::device::nvml::NvmlGpus::open(lib.as_deref())
+            })
+            .await?
+            {
+                Ok(b) => {
+                    subsystems.retain(|s| s.0 != "devices");
+                    subsystems.push(("devices".to_owned(), true, "nvml".to_owned()));
+                    Some(Box::new(b) as Box<dyn GpuBackend>)
+                }
+                Err(e) => {
+                    // No NVML: the agent runs on and says why.
+                    warn!(error = %e, "NVIDIA GPUs unavailable");
+                    subsystems.retain(|s| s.0 != "devices");
+                    subsystems.push(("devices".to_owned(), false, e.to_string()));
+                    None
+                }
+            }
+        }
+    };
     let (report_tx, report_rx) = watch::channel(NodeReport {
         info: Some(info),
         labels: cfg.labels.clone(),
@@ -141,14 +222,64 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         models: cache.entries(),
         bandwidth: cache.source_bandwidth(),
     });
-    let warm = tokio::spawn(warm_models(cache.clone(), cfg.cache.models.clone(), shutdown.clone()).instrument(info_span!("warm")));
-    let cache_report = tokio::spawn(cache_report_loop(cache.clone(), report_tx.clone(), shutdown.clone()));
+    let warm = tokio::spawn(
+        warm_models(cache.clone(), cfg.cache.models.clone(), shutdown.clone())
+            .instrument(info_span!("warm")),
+    );
+    let cache_report = tokio::spawn(cache_report_loop(
+        cache.clone(),
+        report_tx.clone(),
+        shutdown.clone(),
+    ));
     let (status_tx, status_rx) = tokio::sync::mpsc::channel(256);
     let dispatcher = CommandDispatcher::new(Some(cache.clone()), status_tx, shutdown.clone());
 
+    let mut gpu_stop = None;
+    let mut attribution = None;
+    if let Some(backend) = gpu_backend {
+        let tx = report_tx.clone();
+        let gm = gpu_metrics.clone();
+        let every = cfg.gpu.collect_interval;
+        match tokio::task::spawn_blocking(move || {
+            gpu_metrics::start(backend, gm, every, move |v| publish_gpus(&tx, v))
+        })
+        .await?
+        {
+            Ok(stop) => {
+                telemetry_extra.push(gpu_metrics.clone() as Arc<dyn TextMetrics>);
+                gpu_stop = Some(stop);
+                let podres_metrics = PodResMetrics::register(&mut registry);
+                let gm = gpu_metrics.clone();
+                attribution = Some(tokio::spawn(
+                    podres::run(
+                        cfg.gpu.pod_resources.clone(),
+                        podres_metrics,
+                        move |a| gm.set_attribution(a),
+                        shutdown.clone(),
+                    )
+                    .instrument(info_span!("pod_resources")),
+                ));
+            }
+            Err(e) => {
+                warn!(error = %e, "GPU collection unavailable");
+                report_tx.send_modify(|r| {
+                    r.subsystems
+                        .push(("gpu-metrics".to_owned(), false, e.to_string()))
+                });
+            }
+        }
+    }
+
     let sampler = tokio::spawn(
-        sample_loop(reader, cfg.collect_interval, node_metrics, report_tx, readiness.clone(), shutdown.clone())
-            .instrument(info_span!("node_sampler")),
+        sample_loop(
+            reader,
+            cfg.collect_interval,
+            node_metrics,
+            report_tx,
+            readiness.clone(),
+            shutdown.clone(),
+        )
+        .instrument(info_span!("node_sampler")),
     );
 
     let reporter = cfg.controller.as_ref().map(|c| {
@@ -170,13 +301,34 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
             max_message_bytes: cfg.max_message_bytes,
         };
         let metrics = ReportMetrics::register(&mut registry);
-        let client = ReportClient::new(settings, hello, report_rx, metrics, readiness.clone(), dispatcher, status_rx);
-        tokio::spawn(client.run(shutdown.clone()).instrument(info_span!("report", node = %cfg.node_name)))
+        let client = ReportClient::new(
+            settings,
+            hello,
+            report_rx,
+            metrics,
+            readiness.clone(),
+            dispatcher,
+            status_rx,
+        );
+        tokio::spawn(
+            client
+                .run(shutdown.clone())
+                .instrument(info_span!("report", node = %cfg.node_name)),
+        )
     });
 
-    let (http_addr, http) = telemetry::bind_http(cfg.http_listen, Arc::new(registry), readiness, shutdown.clone())
-        .await
-        .map_err(|source| AgentError::Bind { addr: cfg.http_listen, source })?;
+    let (http_addr, http) = telemetry::bind_http(
+        cfg.http_listen,
+        Arc::new(registry),
+        readiness,
+        telemetry_extra,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| AgentError::Bind {
+        addr: cfg.http_listen,
+        source,
+    })?;
     info!(%http_addr, node = %cfg.node_name, "agent serving /metrics, /healthz, /readyz");
 
     let grace = cfg.shutdown_grace;
@@ -187,6 +339,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
             let _ = sampler.await;
             let _ = warm.await;
             let _ = cache_report.await;
+            if let Some(a) = attribution {
+                let _ = a.await;
+            }
+            if let Some((stop, thread)) = gpu_stop {
+                drop(stop);
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
             if let Some(r) = reporter {
                 let _ = r.await;
             }
@@ -202,6 +361,44 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         }
     });
     Ok(RunningAgent { http_addr, task })
+}
+
+/// Copies what the GPU collector learned (MIG devices, mode, health, processes) into the
+/// accelerators of the report; only a change produces a delta.
+fn publish_gpus(report: &watch::Sender<NodeReport>, view: &GpuView) {
+    let details = view.details();
+    report.send_if_modified(|r| {
+        let mut changed = false;
+        for (uuid, detail, health, reason) in &details {
+            if let Some(a) = r.accelerators.iter_mut().find(|a| &a.uuid == uuid) {
+                let next = (Some(detail), *health, reason);
+                if (a.gpu.as_ref(), a.health, &a.health_reason) != next {
+                    a.gpu = Some(detail.clone());
+                    a.health = *health;
+                    a.health_reason = reason.clone();
+                    changed = true;
+                }
+            } else if let Some(g) = view.gpus.iter().find(|g| &g.info.uuid == uuid) {
+                // NVML-discovered GPUs enter the report on the first sweep.
+                r.accelerators.push(Accelerator {
+                    index: g.info.index,
+                    uuid: uuid.clone(),
+                    vendor: Vendor::Nvidia,
+                    product: g.info.name.clone(),
+                    memory_bytes: g.info.memory_bytes,
+                    pci_bus_id: g.info.pci_bus_id.clone(),
+                    pci_device_id: g.info.pci_device_id,
+                    core_count: 0,
+                    simulated: false,
+                    health: *health,
+                    health_reason: reason.clone(),
+                    gpu: Some(detail.clone()),
+                });
+                changed = true;
+            }
+        }
+        changed
+    });
 }
 
 async fn sample_loop(
@@ -251,7 +448,11 @@ async fn sample_loop(
 }
 
 /// Downloads the configured models, one at a time so the first is usable soonest.
-async fn warm_models(cache: Arc<Cache>, models: Vec<(ModelSpec, bool)>, shutdown: CancellationToken) {
+async fn warm_models(
+    cache: Arc<Cache>,
+    models: Vec<(ModelSpec, bool)>,
+    shutdown: CancellationToken,
+) {
     for (spec, pin) in models {
         if shutdown.is_cancelled() {
             return;
@@ -275,7 +476,11 @@ async fn warm_models(cache: Arc<Cache>, models: Vec<(ModelSpec, bool)>, shutdown
 
 /// Copies the cache index into the node report on every change, and every second while a
 /// download runs so the controller sees progress.
-async fn cache_report_loop(cache: Arc<Cache>, report: watch::Sender<NodeReport>, shutdown: CancellationToken) {
+async fn cache_report_loop(
+    cache: Arc<Cache>,
+    report: watch::Sender<NodeReport>,
+    shutdown: CancellationToken,
+) {
     let mut changes = cache.subscribe();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -286,7 +491,9 @@ async fn cache_report_loop(cache: Arc<Cache>, report: watch::Sender<NodeReport>,
             _ = tick.tick() => if !cache.downloading() { continue },
         }
         let c = cache.clone();
-        let Ok((models, bandwidth)) = tokio::task::spawn_blocking(move || (c.entries(), c.source_bandwidth())).await else {
+        let Ok((models, bandwidth)) =
+            tokio::task::spawn_blocking(move || (c.entries(), c.source_bandwidth())).await
+        else {
             continue;
         };
         report.send_if_modified(|r| {

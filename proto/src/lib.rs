@@ -16,8 +16,16 @@ pub mod v1 {
     tonic::include_proto!("hearth.v1");
 }
 
+/// kubelet's PodResources v1 (package `v1`), client and server: the agent lists which pods
+/// hold which devices; tests stand up a kubelet-shaped server.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod podresources {
+    tonic::include_proto!("v1");
+}
+
 /// Encoded `FileDescriptorSet` of every hearth.v1 file, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hearth_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/hearth_descriptor.bin"));
 
 /// Wire API major version this build speaks. Bumped only for incompatible changes, which the
 /// `fields are only added` rule is meant to make unnecessary.

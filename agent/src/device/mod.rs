@@ -4,8 +4,11 @@
 //!
 //! Calls are synchronous (NVML and sysfs block); callers run them on a blocking thread.
 
+pub mod gpu;
+pub mod gpusim;
 pub mod mig;
 pub mod migctl;
+pub mod nvml;
 pub mod sim;
 
 use hearth_proto::v1 as pb;
@@ -13,9 +16,17 @@ use hearth_proto::v1 as pb;
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("{backend}: {call} failed on device {index}: {reason}")]
-    Call { backend: &'static str, call: &'static str, index: u32, reason: String },
+    Call {
+        backend: &'static str,
+        call: &'static str,
+        index: u32,
+        reason: String,
+    },
     #[error("{backend} unavailable: {reason}")]
-    Unavailable { backend: &'static str, reason: String },
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +57,25 @@ pub struct Accelerator {
     pub simulated: bool,
     pub health: Health,
     pub health_reason: String,
+    /// NVIDIA details from the GPU collector; `None` until its first sweep and for Neuron.
+    pub gpu: Option<GpuDetail>,
+}
+
+/// What NVML says about a GPU beyond the static facts: driver, MIG, processes, memory health.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuDetail {
+    pub driver_version: String,
+    pub cuda_version: String,
+    pub mig_current: bool,
+    pub mig_pending: bool,
+    pub mig_devices: Vec<gpu::MigDevice>,
+    pub processes: Vec<gpu::GpuProcess>,
+    pub remapped_rows_correctable: u64,
+    pub remapped_rows_uncorrectable: u64,
+    pub row_remap_pending: bool,
+    pub retired_pages: u64,
+    /// Last XID seen, 0 for none.
+    pub last_xid: u64,
 }
 
 /// Discovery: what accelerators this node has.
@@ -70,7 +100,7 @@ impl Inventory for NoDevices {
 
 impl From<&Accelerator> for pb::Accelerator {
     fn from(a: &Accelerator) -> Self {
-        pb::Accelerator {
+        let mut out = pb::Accelerator {
             index: a.index,
             uuid: a.uuid.clone(),
             vendor: match a.vendor {
@@ -89,8 +119,41 @@ impl From<&Accelerator> for pb::Accelerator {
                 Health::Unhealthy => pb::HealthState::Unhealthy,
             } as i32,
             health_reason: a.health_reason.clone(),
-            mig_enabled: false,
-            partitions: Vec::new(),
+            ..Default::default()
+        };
+        if let Some(g) = &a.gpu {
+            out.mig_enabled = g.mig_current;
+            out.mig_pending = g.mig_pending;
+            out.partitions = g
+                .mig_devices
+                .iter()
+                .map(|m| pb::Partition {
+                    uuid: m.uuid.clone(),
+                    profile: m.profile.clone(),
+                    gpu_instance_id: m.gi_id,
+                    compute_instance_id: m.ci_id,
+                    placement_start: m.placement_start,
+                    placement_size: m.placement_size,
+                    memory_bytes: m.memory_bytes,
+                })
+                .collect();
+            out.driver_version = g.driver_version.clone();
+            out.cuda_version = g.cuda_version.clone();
+            out.processes = g
+                .processes
+                .iter()
+                .map(|p| pb::GpuProcess {
+                    pid: p.pid,
+                    used_memory_bytes: p.used_memory_bytes,
+                    gpu_instance_id: p.gi_id.unwrap_or(0),
+                })
+                .collect();
+            out.remapped_rows_correctable = g.remapped_rows_correctable;
+            out.remapped_rows_uncorrectable = g.remapped_rows_uncorrectable;
+            out.row_remap_pending = g.row_remap_pending;
+            out.retired_pages = g.retired_pages;
+            out.last_xid = g.last_xid;
         }
+        out
     }
 }

@@ -55,7 +55,13 @@ pub fn parse_meminfo(s: &str) -> Option<(u64, u64)> {
     let field = |name: &str| {
         s.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
             .map(|kb| kb * 1024)
     };
     Some((field("MemTotal:")?, field("MemAvailable:")?))
@@ -70,11 +76,18 @@ pub fn parse_net_dev(s: &str) -> Option<Vec<NetDev>> {
     let mut out = Vec::new();
     for line in s.lines().skip(2) {
         let (name, rest) = line.split_once(':')?;
-        let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().ok())
+            .collect::<Option<_>>()?;
         if f.len() < 16 {
             return None;
         }
-        out.push(NetDev { name: name.trim().to_owned(), rx_bytes: f[0], tx_bytes: f[8] });
+        out.push(NetDev {
+            name: name.trim().to_owned(),
+            rx_bytes: f[0],
+            tx_bytes: f[8],
+        });
     }
     Some(out)
 }
@@ -100,14 +113,23 @@ mod tests {
 
     #[test]
     fn usage_handles_counter_reset() {
-        let a = CpuTimes { busy: 100, idle: 100 };
-        let b = CpuTimes { busy: 50, idle: 200 };
+        let a = CpuTimes {
+            busy: 100,
+            idle: 100,
+        };
+        let b = CpuTimes {
+            busy: 50,
+            idle: 200,
+        };
         assert_eq!(b.usage_since(&a), 0.0);
         assert_eq!(a.usage_since(&a), 0.0);
     }
 
     #[test]
     fn os_release() {
-        assert_eq!(os_release_pretty_name("ID=debian\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n").as_deref(), Some("Debian GNU/Linux 12"));
+        assert_eq!(
+            os_release_pretty_name("ID=debian\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n").as_deref(),
+            Some("Debian GNU/Linux 12")
+        );
     }
 }

@@ -11,9 +11,14 @@ pub mod spec;
 /// `hearth partition plan`: reads a spec, builds the GPUs' current state, prints the plan.
 /// Read-only. Reading a real host's GPUs needs the NVML backend; until it lands, `simulate`
 /// names the products (fresh GPUs: MIG off, no instances).
-pub fn plan_command(spec_path: &std::path::Path, config: &str, simulate: &[String]) -> anyhow::Result<String> {
+pub fn plan_command(
+    spec_path: &std::path::Path,
+    config: &str,
+    simulate: &[String],
+) -> anyhow::Result<String> {
     use anyhow::Context;
-    let text = std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
+    let text = std::fs::read_to_string(spec_path)
+        .with_context(|| format!("reading {}", spec_path.display()))?;
     let spec = spec::Spec::parse(&text).with_context(|| spec_path.display().to_string())?;
     let entries = spec.config(config)?;
     if simulate.is_empty() {
@@ -24,7 +29,10 @@ pub fn plan_command(spec_path: &std::path::Path, config: &str, simulate: &[Strin
     }
     let specs = simulate
         .iter()
-        .map(|s| crate::device::sim::SimSpec::parse(s).map_err(|e| anyhow::anyhow!("--simulate: expected {e}, got {s:?}")))
+        .map(|s| {
+            crate::device::sim::SimSpec::parse(s)
+                .map_err(|e| anyhow::anyhow!("--simulate: expected {e}, got {s:?}"))
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let inventory = crate::device::sim::SimInventory::new("plan", &specs);
     let gpus: Vec<plan::GpuState> = crate::device::Inventory::accelerators(&inventory)?
@@ -39,7 +47,10 @@ pub fn plan_command(spec_path: &std::path::Path, config: &str, simulate: &[Strin
         })
         .collect();
     let p = plan::plan(entries, &gpus)?;
-    let mut out = format!("plan for config {config:?} on {} GPU(s) (read-only; nothing was changed):\n", gpus.len());
+    let mut out = format!(
+        "plan for config {config:?} on {} GPU(s) (read-only; nothing was changed):\n",
+        gpus.len()
+    );
     if p.steps.is_empty() {
         out.push_str("  nothing to do\n");
     }
@@ -47,7 +58,14 @@ pub fn plan_command(spec_path: &std::path::Path, config: &str, simulate: &[Strin
         out.push_str(&format!("  {s}\n"));
     }
     if !p.unchanged.is_empty() {
-        out.push_str(&format!("  unchanged: GPU {}\n", p.unchanged.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")));
+        out.push_str(&format!(
+            "  unchanged: GPU {}\n",
+            p.unchanged
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     Ok(out)
 }

@@ -25,7 +25,11 @@ pub(crate) fn client_cert<T>(
     req.peer_certs()
         .and_then(|c| c.first().cloned())
         .map(Some)
-        .ok_or_else(|| Status::unauthenticated(hearth_proto::transport::IdentityError::NoCertificate.to_string()))
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                hearth_proto::transport::IdentityError::NoCertificate.to_string(),
+            )
+        })
 }
 
 /// A bounded label for a status that ended a stream.

@@ -24,7 +24,10 @@ pub struct PosixSource {
 
 impl PosixSource {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), open: Mutex::default() }
+        Self {
+            root: root.into(),
+            open: Mutex::default(),
+        }
     }
 
     fn name_str(&self) -> String {
@@ -37,7 +40,8 @@ impl PosixSource {
             what: what.display().to_string(),
             reason,
         };
-        let meta = std::fs::metadata(&self.root).map_err(|e| list_err(&self.root, e.to_string()))?;
+        let meta =
+            std::fs::metadata(&self.root).map_err(|e| list_err(&self.root, e.to_string()))?;
         if !meta.is_dir() {
             return Err(list_err(&self.root, "not a directory".into()));
         }
@@ -51,11 +55,23 @@ impl PosixSource {
                 let entry = entry.map_err(|e| list_err(&dir, e.to_string()))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let path = entry.path();
-                let key = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+                let key = if rel.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{rel}/{name}")
+                };
                 // metadata() follows symlinks; a dangling one fails here.
                 let m = std::fs::metadata(&path).map_err(|e| {
-                    let is_link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
-                    list_err(&path, if is_link { format!("dangling symlink: {e}") } else { e.to_string() })
+                    let is_link =
+                        std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+                    list_err(
+                        &path,
+                        if is_link {
+                            format!("dangling symlink: {e}")
+                        } else {
+                            e.to_string()
+                        },
+                    )
                 })?;
                 if m.is_dir() {
                     if seen_dirs.insert((m.dev(), m.ino())) {
@@ -65,7 +81,13 @@ impl PosixSource {
                     out.push(RemoteObject {
                         key,
                         size: m.len(),
-                        version: format!("{}.{}-{}-{}", m.mtime(), m.mtime_nsec(), m.ino(), m.len()),
+                        version: format!(
+                            "{}.{}-{}-{}",
+                            m.mtime(),
+                            m.mtime_nsec(),
+                            m.ino(),
+                            m.len()
+                        ),
                         vouched: None,
                     });
                 }
@@ -88,19 +110,33 @@ impl PosixSource {
 
 impl Source for PosixSource {
     fn name(&self) -> String {
-        crate::cache::spec::SourceUri::Posix { root: self.root.clone() }.source_key()
+        crate::cache::spec::SourceUri::Posix {
+            root: self.root.clone(),
+        }
+        .source_key()
     }
 
     fn list(&self) -> BoxFut<'_, Result<Vec<RemoteObject>, SourceError>> {
         Box::pin(async move {
             let me = PosixSource::new(self.root.clone());
-            tokio::task::spawn_blocking(move || me.walk()).await.unwrap_or_else(|e| {
-                Err(SourceError::List { source_name: self.name_str(), what: "walk".into(), reason: e.to_string() })
-            })
+            tokio::task::spawn_blocking(move || me.walk())
+                .await
+                .unwrap_or_else(|e| {
+                    Err(SourceError::List {
+                        source_name: self.name_str(),
+                        what: "walk".into(),
+                        reason: e.to_string(),
+                    })
+                })
         })
     }
 
-    fn read_into<'a>(&'a self, obj: &'a RemoteObject, offset: u64, mut buf: AlignedBuf) -> BoxFut<'a, (AlignedBuf, Result<(), SourceError>)> {
+    fn read_into<'a>(
+        &'a self,
+        obj: &'a RemoteObject,
+        offset: u64,
+        mut buf: AlignedBuf,
+    ) -> BoxFut<'a, (AlignedBuf, Result<(), SourceError>)> {
         Box::pin(async move {
             let len = buf.len();
             let read_err = |reason: String, kind| SourceError::Read {
@@ -114,7 +150,13 @@ impl Source for PosixSource {
             let file = match self.handle(&obj.key) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return (buf, Err(SourceError::NotFound { source_name: self.name_str(), key: obj.key.clone() }));
+                    return (
+                        buf,
+                        Err(SourceError::NotFound {
+                            source_name: self.name_str(),
+                            key: obj.key.clone(),
+                        }),
+                    );
                 }
                 Err(e) => return (buf, Err(read_err(e.to_string(), ErrorKind::Transient))),
             };
@@ -127,10 +169,20 @@ impl Source for PosixSource {
                 Ok((buf, Ok(()))) => (buf, Ok(())),
                 Ok((buf, Err(e))) => {
                     // A file that shrank under us changed: retrying will not help.
-                    let kind = if e.kind() == std::io::ErrorKind::UnexpectedEof { ErrorKind::Permanent } else { ErrorKind::Transient };
+                    let kind = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        ErrorKind::Permanent
+                    } else {
+                        ErrorKind::Transient
+                    };
                     (buf, Err(read_err(e.to_string(), kind)))
                 }
-                Err(e) => (AlignedBuf::new(len), Err(read_err(format!("read task failed: {e}"), ErrorKind::Transient))),
+                Err(e) => (
+                    AlignedBuf::new(len),
+                    Err(read_err(
+                        format!("read task failed: {e}"),
+                        ErrorKind::Transient,
+                    )),
+                ),
             }
         })
     }
@@ -173,13 +225,24 @@ mod tests {
     async fn dangling_link_is_named() {
         let d = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(d.path().join("nowhere"), d.path().join("broken.bin")).unwrap();
-        let e = PosixSource::new(d.path()).list().await.unwrap_err().to_string();
-        assert!(e.contains("broken.bin") && e.contains("dangling symlink"), "{e}");
+        let e = PosixSource::new(d.path())
+            .list()
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("broken.bin") && e.contains("dangling symlink"),
+            "{e}"
+        );
     }
 
     #[tokio::test]
     async fn missing_root_is_an_error() {
-        let e = PosixSource::new("/nonexistent/model").list().await.unwrap_err().to_string();
+        let e = PosixSource::new("/nonexistent/model")
+            .list()
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/nonexistent/model"), "{e}");
     }
 }
