@@ -4,11 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = [
-        "hearth/v1/node.proto",
-        "hearth/v1/agent.proto",
-        "hearth/v1/operator.proto",
-    ];
+    let files = ["hearth/v1/node.proto", "hearth/v1/agent.proto", "hearth/v1/operator.proto"];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
@@ -16,10 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     compiler.include_imports(true).include_source_info(true);
     compiler.open_files(files)?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(
-        out.join("hearth_descriptor.bin"),
-        compiler.encode_file_descriptor_set(),
-    )?;
+    std::fs::write(out.join("hearth_descriptor.bin"), compiler.encode_file_descriptor_set())?;
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)
         // `NodeAgent.Connect` would clash with the generated `connect(dst)` constructor;
@@ -33,8 +26,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={kubelet}");
     let mut k = protox::Compiler::new(["."])?;
     k.open_files([kubelet])?;
-    tonic_prost_build::configure()
-        .emit_rerun_if_changed(false)
-        .compile_fds(k.file_descriptor_set())?;
+    tonic_prost_build::configure().emit_rerun_if_changed(false).compile_fds(k.file_descriptor_set())?;
     Ok(())
 }

@@ -16,23 +16,11 @@ pub enum AgentConfigError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("{field}: expected {expected}, got {got:?}")]
-    Invalid {
-        field: &'static str,
-        expected: String,
-        got: String,
-    },
+    Invalid { field: &'static str, expected: String, got: String },
 }
 
-fn invalid(
-    field: &'static str,
-    expected: impl Into<String>,
-    got: impl Into<String>,
-) -> AgentConfigError {
-    AgentConfigError::Invalid {
-        field,
-        expected: expected.into(),
-        got: got.into(),
-    }
+fn invalid(field: &'static str, expected: impl Into<String>, got: impl Into<String>) -> AgentConfigError {
+    AgentConfigError::Invalid { field, expected: expected.into(), got: got.into() }
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -143,21 +131,13 @@ pub struct RawConfig {
 
 impl RawConfig {
     pub fn from_file(path: &Path) -> Result<Self, AgentConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Self::from_yaml(path, &text)
     }
 
     pub fn from_yaml(path: &Path, text: &str) -> Result<Self, AgentConfigError> {
         let text = if text.trim().is_empty() { "{}" } else { text };
-        Ok(
-            serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
-                path: path.into(),
-                source,
-            })?,
-        )
+        Ok(serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?)
     }
 }
 
@@ -216,61 +196,33 @@ pub struct CacheSettings {
 fn cache_settings(r: RawCache) -> Result<CacheSettings, AgentConfigError> {
     use crate::cache::fetch::{FetchConfig, WriteMode};
     let root = r.root.unwrap_or_else(crate::cache::default_root);
-    let capacity = r
-        .capacity
-        .as_deref()
-        .map(|c| parse_size("cache.capacity", c))
-        .transpose()?;
+    let capacity = r.capacity.as_deref().map(|c| parse_size("cache.capacity", c)).transpose()?;
     let high = r.high_watermark.unwrap_or(0.90);
     let low = r.low_watermark.unwrap_or(0.80);
     if !(0.0 < low && low < high && high <= 1.0) {
-        return Err(invalid(
-            "cache.low_watermark/high_watermark",
-            "0 < low < high <= 1",
-            format!("low {low}, high {high}"),
-        ));
+        return Err(invalid("cache.low_watermark/high_watermark", "0 < low < high <= 1", format!("low {low}, high {high}")));
     }
     let part_size = parse_size("cache.part_size", r.part_size.as_deref().unwrap_or("8Mi"))?;
     if !((64 << 10)..=(1 << 30)).contains(&part_size) {
-        return Err(invalid(
-            "cache.part_size",
-            "between 64Ki and 1Gi",
-            format!("{part_size}"),
-        ));
+        return Err(invalid("cache.part_size", "between 64Ki and 1Gi", format!("{part_size}")));
     }
     let concurrency = r.concurrency.unwrap_or(16);
     if !(1..=1024).contains(&concurrency) {
-        return Err(invalid(
-            "cache.concurrency",
-            "1 to 1024",
-            concurrency.to_string(),
-        ));
+        return Err(invalid("cache.concurrency", "1 to 1024", concurrency.to_string()));
     }
-    let limit = r
-        .limit_rate
-        .as_deref()
-        .map(|l| parse_size("cache.limit_rate", l))
-        .transpose()?;
+    let limit = r.limit_rate.as_deref().map(|l| parse_size("cache.limit_rate", l)).transpose()?;
     let write_mode = match r.write_mode.as_deref().unwrap_or("auto") {
         "auto" => WriteMode::Auto,
         "direct" => WriteMode::Direct,
         "buffered" => WriteMode::Buffered,
         other => {
-            return Err(invalid(
-                "cache.write_mode",
-                "auto, direct or buffered",
-                other,
-            ));
+            return Err(invalid("cache.write_mode", "auto, direct or buffered", other));
         }
     };
     let mut models = Vec::new();
     for (i, m) in r.models.into_iter().enumerate() {
         let spec = crate::cache::spec::ModelSpec::new(&m.uri, &m.include, &m.exclude, &m.revision)
-            .map_err(|e| AgentConfigError::Invalid {
-                field: "cache.models",
-                expected: format!("entry {i}: {e}"),
-                got: m.uri.clone(),
-            })?;
+            .map_err(|e| AgentConfigError::Invalid { field: "cache.models", expected: format!("entry {i}: {e}"), got: m.uri.clone() })?;
         models.push((spec, m.pin));
     }
     Ok(CacheSettings {
@@ -283,8 +235,7 @@ fn cache_settings(r: RawCache) -> Result<CacheSettings, AgentConfigError> {
                 part_size: part_size as usize,
                 concurrency,
                 write_mode,
-                limit: limit
-                    .map(|l| std::sync::Arc::new(crate::cache::ratelimit::RateLimiter::new(l))),
+                limit: limit.map(|l| std::sync::Arc::new(crate::cache::ratelimit::RateLimiter::new(l))),
                 ..Default::default()
             },
             s3: crate::cache::source::s3::S3Options {
@@ -299,10 +250,8 @@ fn cache_settings(r: RawCache) -> Result<CacheSettings, AgentConfigError> {
 
 /// Interfaces that belong to pods or overlays; per-pod traffic comes from the eBPF layer,
 /// and counting every veth here would make the label set grow with the pod count.
-pub const DEFAULT_EXCLUDED_INTERFACES: &[&str] = &[
-    "lo", "veth*", "cali*", "cilium*", "lxc*", "docker*", "cni*", "flannel*", "kube-*", "tunl*",
-    "vxlan*", "genev*",
-];
+pub const DEFAULT_EXCLUDED_INTERFACES: &[&str] =
+    &["lo", "veth*", "cali*", "cilium*", "lxc*", "docker*", "cni*", "flannel*", "kube-*", "tunl*", "vxlan*", "genev*"];
 
 fn default_node_name() -> String {
     std::env::var("NODE_NAME")
@@ -322,30 +271,17 @@ impl TryFrom<RawConfig> for Config {
 
     fn try_from(r: RawConfig) -> Result<Self, Self::Error> {
         let node_name = r.node_name.unwrap_or_else(default_node_name);
-        hearth_proto::convert::validate_node_name(&node_name).map_err(|_| {
-            invalid(
-                "node_name",
-                "a Kubernetes node name (lowercase RFC 1123 subdomain)",
-                &node_name,
-            )
-        })?;
+        hearth_proto::convert::validate_node_name(&node_name)
+            .map_err(|_| invalid("node_name", "a Kubernetes node name (lowercase RFC 1123 subdomain)", &node_name))?;
 
         let controller = match r.controller.url.clone() {
             None => None,
             Some(url) => {
                 let c = r.controller;
-                let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-                    invalid(
-                        "controller.url",
-                        "a URL like \"https://controller:7443\"",
-                        &url,
-                    )
-                })?;
+                let (scheme, rest) =
+                    url.split_once("://").ok_or_else(|| invalid("controller.url", "a URL like \"https://controller:7443\"", &url))?;
                 let host = rest.split('/').next().unwrap_or("");
-                let host_only = host
-                    .rsplit_once(':')
-                    .map_or(host, |(h, _)| h)
-                    .trim_matches(['[', ']']);
+                let host_only = host.rsplit_once(':').map_or(host, |(h, _)| h).trim_matches(['[', ']']);
                 if host_only.is_empty() {
                     return Err(invalid("controller.url", "a URL with a host", &url));
                 }
@@ -360,29 +296,15 @@ impl TryFrom<RawConfig> for Config {
                     }
                     _ => return Err(invalid("controller.url", "an https:// URL", &url)),
                 }
-                let tls = if scheme == "https" {
-                    c.tls.resolve(false)?
-                } else {
-                    None
-                };
-                let heartbeat_interval =
-                    dur("controller.heartbeat_interval", c.heartbeat_interval, "5s")?;
+                let tls = if scheme == "https" { c.tls.resolve(false)? } else { None };
+                let heartbeat_interval = dur("controller.heartbeat_interval", c.heartbeat_interval, "5s")?;
                 if heartbeat_interval < Duration::from_millis(100) {
-                    return Err(invalid(
-                        "controller.heartbeat_interval",
-                        "at least 100ms",
-                        format!("{heartbeat_interval:?}"),
-                    ));
+                    return Err(invalid("controller.heartbeat_interval", "at least 100ms", format!("{heartbeat_interval:?}")));
                 }
-                let backoff_initial =
-                    dur("controller.backoff_initial", c.backoff_initial, "500ms")?;
+                let backoff_initial = dur("controller.backoff_initial", c.backoff_initial, "500ms")?;
                 let backoff_max = dur("controller.backoff_max", c.backoff_max, "30s")?;
                 if backoff_max < backoff_initial {
-                    return Err(invalid(
-                        "controller.backoff_max",
-                        "at least controller.backoff_initial",
-                        format!("{backoff_max:?}"),
-                    ));
+                    return Err(invalid("controller.backoff_max", "at least controller.backoff_initial", format!("{backoff_max:?}")));
                 }
                 Some(ControllerConfig {
                     server_name: c.server_name.unwrap_or_else(|| host_only.to_owned()),
@@ -400,11 +322,7 @@ impl TryFrom<RawConfig> for Config {
             Some("none") => DeviceBackendKind::None,
             None | Some("simulated") => {
                 if r.devices.simulated.is_empty() {
-                    return Err(invalid(
-                        "devices.simulated",
-                        "at least one entry like \"2xH100-80GB\"",
-                        "[]",
-                    ));
+                    return Err(invalid("devices.simulated", "at least one entry like \"2xH100-80GB\"", "[]"));
                 }
                 let specs = r
                     .devices
@@ -416,49 +334,23 @@ impl TryFrom<RawConfig> for Config {
             }
             Some("nvml") => DeviceBackendKind::Nvml,
             Some(other) => {
-                return Err(invalid(
-                    "devices.backend",
-                    "\"none\", \"simulated\" or \"nvml\"",
-                    other,
-                ));
+                return Err(invalid("devices.backend", "\"none\", \"simulated\" or \"nvml\"", other));
             }
         };
-        let gpu_every = dur(
-            "devices.collect_interval",
-            r.devices.collect_interval,
-            "10s",
-        )?;
+        let gpu_every = dur("devices.collect_interval", r.devices.collect_interval, "10s")?;
         if gpu_every < Duration::from_millis(100) {
-            return Err(invalid(
-                "devices.collect_interval",
-                "at least 100ms",
-                format!("{gpu_every:?}"),
-            ));
+            return Err(invalid("devices.collect_interval", "at least 100ms", format!("{gpu_every:?}")));
         }
-        let podres_every = dur(
-            "devices.pod_resources_interval",
-            r.devices.pod_resources_interval,
-            "10s",
-        )?;
+        let podres_every = dur("devices.pod_resources_interval", r.devices.pod_resources_interval, "10s")?;
         if podres_every < Duration::from_millis(100) {
-            return Err(invalid(
-                "devices.pod_resources_interval",
-                "at least 100ms",
-                format!("{podres_every:?}"),
-            ));
+            return Err(invalid("devices.pod_resources_interval", "at least 100ms", format!("{podres_every:?}")));
         }
         let gpu = GpuSettings {
             collect_interval: gpu_every,
-            hostname_label: r
-                .devices
-                .hostname_label
-                .unwrap_or_else(|| node_name.clone()),
+            hostname_label: r.devices.hostname_label.unwrap_or_else(|| node_name.clone()),
             nvml_library: r.devices.nvml_library,
             pod_resources: crate::podres::PodResSettings {
-                dir: r
-                    .devices
-                    .pod_resources_dir
-                    .unwrap_or_else(|| crate::podres::DEFAULT_DIR.into()),
+                dir: r.devices.pod_resources_dir.unwrap_or_else(|| crate::podres::DEFAULT_DIR.into()),
                 every: podres_every,
                 timeout: Duration::from_secs(5),
                 stale_after: podres_every * 3,
@@ -466,28 +358,13 @@ impl TryFrom<RawConfig> for Config {
         };
 
         let http_listen_s = r.http_listen.unwrap_or_else(|| "0.0.0.0:9400".into());
-        let http_listen = http_listen_s.parse().map_err(|_| {
-            invalid(
-                "http_listen",
-                "an address like \"0.0.0.0:9400\"",
-                &http_listen_s,
-            )
-        })?;
+        let http_listen = http_listen_s.parse().map_err(|_| invalid("http_listen", "an address like \"0.0.0.0:9400\"", &http_listen_s))?;
         let collect_interval = dur("node.collect_interval", r.node.collect_interval, "10s")?;
         if collect_interval < Duration::from_millis(100) {
-            return Err(invalid(
-                "node.collect_interval",
-                "at least 100ms",
-                format!("{collect_interval:?}"),
-            ));
+            return Err(invalid("node.collect_interval", "at least 100ms", format!("{collect_interval:?}")));
         }
         let cache = cache_settings(r.cache)?;
-        let max = parse_size(
-            "max_message_size",
-            r.max_message_size
-                .as_deref()
-                .unwrap_or(&DEFAULT_MAX_MESSAGE_BYTES.to_string()),
-        )?;
+        let max = parse_size("max_message_size", r.max_message_size.as_deref().unwrap_or(&DEFAULT_MAX_MESSAGE_BYTES.to_string()))?;
         Ok(Self {
             node_name,
             controller,
@@ -496,12 +373,10 @@ impl TryFrom<RawConfig> for Config {
             gpu,
             procfs_root: r.node.procfs_root.unwrap_or_else(|| "/proc".into()),
             collect_interval,
-            exclude_interfaces: r.node.exclude_interfaces.unwrap_or_else(|| {
-                DEFAULT_EXCLUDED_INTERFACES
-                    .iter()
-                    .map(|s| (*s).to_owned())
-                    .collect()
-            }),
+            exclude_interfaces: r
+                .node
+                .exclude_interfaces
+                .unwrap_or_else(|| DEFAULT_EXCLUDED_INTERFACES.iter().map(|s| (*s).to_owned()).collect()),
             labels: r.node.labels,
             cache,
             shutdown_grace: dur("shutdown_grace", r.shutdown_grace, "5s")?,
@@ -529,73 +404,35 @@ mod tests {
     #[test]
     fn simulated_devices_parse() {
         let c = parse("node_name: n1\ndevices: {simulated: [2xH100-80GB, 1xinf2]}").expect("valid");
-        let DeviceBackendKind::Simulated(s) = c.devices else {
-            panic!("simulated expected")
-        };
+        let DeviceBackendKind::Simulated(s) = c.devices else { panic!("simulated expected") };
         assert_eq!(s.iter().map(|s| s.count).sum::<u32>(), 3);
     }
 
     #[test]
     fn errors_name_field_and_expectation() {
-        let e = parse("node_name: n1\ndevices: {simulated: [2xB300]}")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.starts_with("devices.simulated: expected a product"),
-            "{e}"
-        );
+        let e = parse("node_name: n1\ndevices: {simulated: [2xB300]}").unwrap_err().to_string();
+        assert!(e.starts_with("devices.simulated: expected a product"), "{e}");
         let e = parse("node_name: Bad_Name").unwrap_err().to_string();
-        assert!(
-            e.starts_with("node_name: expected a Kubernetes node name"),
-            "{e}"
-        );
-        let e = parse("node_name: n1\ncontroller: {url: 'http://c:1'}")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("plain http:// only with controller.insecure"),
-            "{e}"
-        );
-        let e = parse("node_name: n1\ncontroller: {url: 'https://c:1'}")
-            .unwrap_err()
-            .to_string();
+        assert!(e.starts_with("node_name: expected a Kubernetes node name"), "{e}");
+        let e = parse("node_name: n1\ncontroller: {url: 'http://c:1'}").unwrap_err().to_string();
+        assert!(e.contains("plain http:// only with controller.insecure"), "{e}");
+        let e = parse("node_name: n1\ncontroller: {url: 'https://c:1'}").unwrap_err().to_string();
         assert!(e.contains("ca, cert and key are required"), "{e}");
-        let e = parse("node_name: n1\nnode: {collect_interval: often}")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            e,
-            "node.collect_interval: expected a duration like \"15s\" or \"500ms\", got \"often\""
-        );
-        let e = parse("node_name: n1\ncache: {rooot: /x}")
-            .unwrap_err()
-            .to_string();
+        let e = parse("node_name: n1\nnode: {collect_interval: often}").unwrap_err().to_string();
+        assert_eq!(e, "node.collect_interval: expected a duration like \"15s\" or \"500ms\", got \"often\"");
+        let e = parse("node_name: n1\ncache: {rooot: /x}").unwrap_err().to_string();
         assert!(e.contains("unknown field `rooot`"), "{e}");
-        let e =
-            parse("node_name: n1\ncache: {models: [{uri: 's3://bkt/a/'}, {uri: 'http://x/y'}]}")
-                .unwrap_err()
-                .to_string();
-        assert!(
-            e.starts_with("cache.models: expected entry 1: model URI \"http://x/y\""),
-            "{e}"
-        );
-        let e = parse("node_name: n1\ncache: {high_watermark: 0.5, low_watermark: 0.7}")
-            .unwrap_err()
-            .to_string();
+        let e = parse("node_name: n1\ncache: {models: [{uri: 's3://bkt/a/'}, {uri: 'http://x/y'}]}").unwrap_err().to_string();
+        assert!(e.starts_with("cache.models: expected entry 1: model URI \"http://x/y\""), "{e}");
+        let e = parse("node_name: n1\ncache: {high_watermark: 0.5, low_watermark: 0.7}").unwrap_err().to_string();
         assert!(e.contains("0 < low < high <= 1"), "{e}");
-        let e = parse("node_name: n1\ncache: {capacity: lots}")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            e,
-            "cache.capacity: expected a size like \"4Mi\", \"500Gi\" or a number of bytes, got \"lots\""
-        );
+        let e = parse("node_name: n1\ncache: {capacity: lots}").unwrap_err().to_string();
+        assert_eq!(e, "cache.capacity: expected a size like \"4Mi\", \"500Gi\" or a number of bytes, got \"lots\"");
     }
 
     #[test]
     fn controller_server_name_defaults_to_url_host() {
-        let c = parse("node_name: n1\ncontroller: {url: 'https://ctl.example:7443', tls: {ca: a, cert: b, key: c}}")
-            .expect("valid");
+        let c = parse("node_name: n1\ncontroller: {url: 'https://ctl.example:7443', tls: {ca: a, cert: b, key: c}}").expect("valid");
         assert_eq!(c.controller.expect("controller").server_name, "ctl.example");
     }
 }

@@ -37,10 +37,7 @@ pub enum AgentError {
     #[error("node inventory: {0}")]
     Node(#[from] crate::node::NodeError),
     #[error("cannot listen on {addr} (HTTP): {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
     #[error("tasks did not stop within the {0:?} grace period")]
@@ -52,13 +49,7 @@ pub enum AgentError {
 }
 
 /// Capabilities this build reports in Hello; grows as subsystems land.
-pub const CAPABILITIES: &[&str] = &[
-    "node-metrics",
-    "devices.simulated",
-    "cache",
-    "cache.s3",
-    "cache.posix",
-];
+pub const CAPABILITIES: &[&str] = &["node-metrics", "devices.simulated", "cache", "cache.s3", "cache.posix"];
 
 #[derive(Debug)]
 pub struct RunningAgent {
@@ -79,12 +70,7 @@ struct DeviceInfoMetrics(Mutex<Vec<Accelerator>>);
 impl Collector for DeviceInfoMetrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let devs = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut info = enc.encode_descriptor(
-            "hearth_accelerator_info",
-            "Accelerators on this node",
-            None,
-            MetricType::Gauge,
-        )?;
+        let mut info = enc.encode_descriptor("hearth_accelerator_info", "Accelerators on this node", None, MetricType::Gauge)?;
         for a in &devs {
             let idx = a.index.to_string();
             let labels = [
@@ -95,17 +81,10 @@ impl Collector for DeviceInfoMetrics {
             ];
             ConstGauge::new(1).encode(info.encode_family(&labels)?)?;
         }
-        let mut mem = enc.encode_descriptor(
-            "hearth_accelerator_memory",
-            "Accelerator memory",
-            Some(&Unit::Bytes),
-            MetricType::Gauge,
-        )?;
+        let mut mem = enc.encode_descriptor("hearth_accelerator_memory", "Accelerator memory", Some(&Unit::Bytes), MetricType::Gauge)?;
         for a in &devs {
             let idx = a.index.to_string();
-            ConstGauge::new(a.memory_bytes as i64).encode(
-                mem.encode_family(&[("index", idx.as_str()), ("uuid", a.uuid.as_str())])?,
-            )?;
+            ConstGauge::new(a.memory_bytes as i64).encode(mem.encode_family(&[("index", idx.as_str()), ("uuid", a.uuid.as_str())])?)?;
         }
         Ok(())
     }
@@ -119,12 +98,7 @@ fn boot_id(cfg: &Config) -> String {
 }
 
 pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAgent, AgentError> {
-    let tls = cfg
-        .controller
-        .as_ref()
-        .and_then(|c| c.tls.as_ref())
-        .map(TlsMaterial::load)
-        .transpose()?;
+    let tls = cfg.controller.as_ref().and_then(|c| c.tls.as_ref()).map(TlsMaterial::load).transpose()?;
     if cfg.controller.as_ref().is_some_and(|c| c.tls.is_none()) {
         warn!("reporting to the controller WITHOUT TLS (insecure mode)");
     }
@@ -133,11 +107,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
     let readiness = Arc::new(Readiness::default());
     readiness.set("node", Some("first sample pending".into()));
 
-    let reader = NodeReader::new(
-        &cfg.procfs_root,
-        &cfg.cache.config.root,
-        cfg.exclude_interfaces.clone(),
-    );
+    let reader = NodeReader::new(&cfg.procfs_root, &cfg.cache.config.root, cfg.exclude_interfaces.clone());
     let info = {
         let r = reader.clone();
         tokio::task::spawn_blocking(move || r.info()).await??
@@ -162,11 +132,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
             Vec::new()
         }
     };
-    info!(
-        backend = inventory.name(),
-        count = accelerators.len(),
-        "accelerators discovered"
-    );
+    info!(backend = inventory.name(), count = accelerators.len(), "accelerators discovered");
     let device_metrics = Arc::new(DeviceInfoMetrics(Mutex::new(accelerators.clone())));
     registry.register_collector(Box::new(device_metrics));
 
@@ -177,27 +143,15 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
     let gpu_backend: Option<Box<dyn GpuBackend>> = match &cfg.devices {
         DeviceBackendKind::None => None,
         DeviceBackendKind::Simulated(_) => {
-            let ids: Vec<u32> = accelerators
-                .iter()
-                .filter(|a| a.vendor == Vendor::Nvidia)
-                .map(|a| a.pci_device_id)
-                .collect();
+            let ids: Vec<u32> = accelerators.iter().filter(|a| a.vendor == Vendor::Nvidia).map(|a| a.pci_device_id).collect();
             (!ids.is_empty()).then(|| {
                 let mig = Arc::new(SimMig::new(&ids));
-                Box::new(SimGpus::new(
-                    &accelerators,
-                    mig,
-                    Arc::new(SimFaults::default()),
-                )) as Box<dyn GpuBackend>
+                Box::new(SimGpus::new(&accelerators, mig, Arc::new(SimFaults::default()))) as Box<dyn GpuBackend>
             })
         }
         DeviceBackendKind::Nvml => {
             let lib = cfg.gpu.nvml_library.clone();
-            match tokio::task::spawn_blocking(move || {
-                crate::device::nvml::NvmlGpus::open(lib.as_deref())
-            })
-            .await?
-            {
+            match tokio::task::spawn_blocking(move || crate::device::nvml::NvmlGpus::open(lib.as_deref())).await? {
                 Ok(b) => {
                     subsystems.retain(|s| s.0 != "devices");
                     subsystems.push(("devices".to_owned(), true, "nvml".to_owned()));
@@ -222,15 +176,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         models: cache.entries(),
         bandwidth: cache.source_bandwidth(),
     });
-    let warm = tokio::spawn(
-        warm_models(cache.clone(), cfg.cache.models.clone(), shutdown.clone())
-            .instrument(info_span!("warm")),
-    );
-    let cache_report = tokio::spawn(cache_report_loop(
-        cache.clone(),
-        report_tx.clone(),
-        shutdown.clone(),
-    ));
+    let warm = tokio::spawn(warm_models(cache.clone(), cfg.cache.models.clone(), shutdown.clone()).instrument(info_span!("warm")));
+    let cache_report = tokio::spawn(cache_report_loop(cache.clone(), report_tx.clone(), shutdown.clone()));
     let (status_tx, status_rx) = tokio::sync::mpsc::channel(256);
     let dispatcher = CommandDispatcher::new(Some(cache.clone()), status_tx, shutdown.clone());
 
@@ -240,46 +187,27 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         let tx = report_tx.clone();
         let gm = gpu_metrics.clone();
         let every = cfg.gpu.collect_interval;
-        match tokio::task::spawn_blocking(move || {
-            gpu_metrics::start(backend, gm, every, move |v| publish_gpus(&tx, v))
-        })
-        .await?
-        {
+        match tokio::task::spawn_blocking(move || gpu_metrics::start(backend, gm, every, move |v| publish_gpus(&tx, v))).await? {
             Ok(stop) => {
                 telemetry_extra.push(gpu_metrics.clone() as Arc<dyn TextMetrics>);
                 gpu_stop = Some(stop);
                 let podres_metrics = PodResMetrics::register(&mut registry);
                 let gm = gpu_metrics.clone();
                 attribution = Some(tokio::spawn(
-                    podres::run(
-                        cfg.gpu.pod_resources.clone(),
-                        podres_metrics,
-                        move |a| gm.set_attribution(a),
-                        shutdown.clone(),
-                    )
-                    .instrument(info_span!("pod_resources")),
+                    podres::run(cfg.gpu.pod_resources.clone(), podres_metrics, move |a| gm.set_attribution(a), shutdown.clone())
+                        .instrument(info_span!("pod_resources")),
                 ));
             }
             Err(e) => {
                 warn!(error = %e, "GPU collection unavailable");
-                report_tx.send_modify(|r| {
-                    r.subsystems
-                        .push(("gpu-metrics".to_owned(), false, e.to_string()))
-                });
+                report_tx.send_modify(|r| r.subsystems.push(("gpu-metrics".to_owned(), false, e.to_string())));
             }
         }
     }
 
     let sampler = tokio::spawn(
-        sample_loop(
-            reader,
-            cfg.collect_interval,
-            node_metrics,
-            report_tx,
-            readiness.clone(),
-            shutdown.clone(),
-        )
-        .instrument(info_span!("node_sampler")),
+        sample_loop(reader, cfg.collect_interval, node_metrics, report_tx, readiness.clone(), shutdown.clone())
+            .instrument(info_span!("node_sampler")),
     );
 
     let reporter = cfg.controller.as_ref().map(|c| {
@@ -301,34 +229,13 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
             max_message_bytes: cfg.max_message_bytes,
         };
         let metrics = ReportMetrics::register(&mut registry);
-        let client = ReportClient::new(
-            settings,
-            hello,
-            report_rx,
-            metrics,
-            readiness.clone(),
-            dispatcher,
-            status_rx,
-        );
-        tokio::spawn(
-            client
-                .run(shutdown.clone())
-                .instrument(info_span!("report", node = %cfg.node_name)),
-        )
+        let client = ReportClient::new(settings, hello, report_rx, metrics, readiness.clone(), dispatcher, status_rx);
+        tokio::spawn(client.run(shutdown.clone()).instrument(info_span!("report", node = %cfg.node_name)))
     });
 
-    let (http_addr, http) = telemetry::bind_http(
-        cfg.http_listen,
-        Arc::new(registry),
-        readiness,
-        telemetry_extra,
-        shutdown.clone(),
-    )
-    .await
-    .map_err(|source| AgentError::Bind {
-        addr: cfg.http_listen,
-        source,
-    })?;
+    let (http_addr, http) = telemetry::bind_http(cfg.http_listen, Arc::new(registry), readiness, telemetry_extra, shutdown.clone())
+        .await
+        .map_err(|source| AgentError::Bind { addr: cfg.http_listen, source })?;
     info!(%http_addr, node = %cfg.node_name, "agent serving /metrics, /healthz, /readyz");
 
     let grace = cfg.shutdown_grace;
@@ -448,11 +355,7 @@ async fn sample_loop(
 }
 
 /// Downloads the configured models, one at a time so the first is usable soonest.
-async fn warm_models(
-    cache: Arc<Cache>,
-    models: Vec<(ModelSpec, bool)>,
-    shutdown: CancellationToken,
-) {
+async fn warm_models(cache: Arc<Cache>, models: Vec<(ModelSpec, bool)>, shutdown: CancellationToken) {
     for (spec, pin) in models {
         if shutdown.is_cancelled() {
             return;
@@ -476,11 +379,7 @@ async fn warm_models(
 
 /// Copies the cache index into the node report on every change, and every second while a
 /// download runs so the controller sees progress.
-async fn cache_report_loop(
-    cache: Arc<Cache>,
-    report: watch::Sender<NodeReport>,
-    shutdown: CancellationToken,
-) {
+async fn cache_report_loop(cache: Arc<Cache>, report: watch::Sender<NodeReport>, shutdown: CancellationToken) {
     let mut changes = cache.subscribe();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -491,9 +390,7 @@ async fn cache_report_loop(
             _ = tick.tick() => if !cache.downloading() { continue },
         }
         let c = cache.clone();
-        let Ok((models, bandwidth)) =
-            tokio::task::spawn_blocking(move || (c.entries(), c.source_bandwidth())).await
-        else {
+        let Ok((models, bandwidth)) = tokio::task::spawn_blocking(move || (c.entries(), c.source_bandwidth())).await else {
             continue;
         };
         report.send_if_modified(|r| {

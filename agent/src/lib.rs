@@ -7,6 +7,7 @@ pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod device;
+pub mod gpu_cli;
 pub mod gpu_metrics;
 pub mod local;
 pub mod node;

@@ -61,24 +61,9 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
     let year = Duration::from_secs(365 * 86400);
     let ca = CertAuthority::new("hearth local CA")?;
-    let server = ca.issue(&LeafSpec::new(
-        "hearth-controller",
-        &["localhost", "127.0.0.1"],
-        Usage::Server,
-        year,
-    ))?;
-    let agent = ca.issue(&LeafSpec::new(
-        &args.node_name,
-        &[&args.node_name],
-        Usage::Client,
-        year,
-    ))?;
-    let operator = ca.issue(&LeafSpec::new(
-        "operator",
-        &["operator"],
-        Usage::Client,
-        year,
-    ))?;
+    let server = ca.issue(&LeafSpec::new("hearth-controller", &["localhost", "127.0.0.1"], Usage::Server, year))?;
+    let agent = ca.issue(&LeafSpec::new(&args.node_name, &[&args.node_name], Usage::Client, year))?;
+    let operator = ca.issue(&LeafSpec::new("operator", &["operator"], Usage::Client, year))?;
     let server_files = write_bundle(&pki, "controller", ca.cert_pem(), &server)?;
     let agent_files = write_bundle(&pki, "agent", ca.cert_pem(), &agent)?;
     let operator_files = write_bundle(&pki, "operator", ca.cert_pem(), &operator)?;
@@ -97,38 +82,21 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
 
     // An FSx-style source to prefetch from: a sample model on local disk, written once.
     let sample_dir = dir.join("sample-models/llama-sample");
-    if !sample_dir
-        .join(crate::cache::verify::MANIFEST_NAME)
-        .exists()
-    {
-        println!(
-            "writing a sample model (4 x 64 MiB safetensors shards) to {} ...",
-            sample_dir.display()
-        );
+    if !sample_dir.join(crate::cache::verify::MANIFEST_NAME).exists() {
+        println!("writing a sample model (4 x 64 MiB safetensors shards) to {} ...", sample_dir.display());
         let d = sample_dir.clone();
         tokio::task::spawn_blocking(move || {
             crate::cache::sample::write_sample_model(&d, 4, 64 << 20)?;
             let m = crate::cache::verify::Manifest::build(&d).map_err(std::io::Error::other)?;
-            hearth_controller::fsutil::write_atomic(
-                &d.join(crate::cache::verify::MANIFEST_NAME),
-                m.to_json().as_bytes(),
-                false,
-            )
+            hearth_controller::fsutil::write_atomic(&d.join(crate::cache::verify::MANIFEST_NAME), m.to_json().as_bytes(), false)
         })
         .await??;
     }
-    let sample_spec = crate::cache::spec::ModelSpec::new(
-        &format!("file://{}", sample_dir.display()),
-        &[],
-        &[],
-        "",
-    )?;
+    let sample_spec = crate::cache::spec::ModelSpec::new(&format!("file://{}", sample_dir.display()), &[], &[], "")?;
     let devices = args
         .devices
         .iter()
-        .map(|d| {
-            SimSpec::parse(d).map_err(|e| anyhow::anyhow!("--devices: expected {e}, got {d:?}"))
-        })
+        .map(|d| SimSpec::parse(d).map_err(|e| anyhow::anyhow!("--devices: expected {e}, got {d:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let acfg = Config {
         node_name: args.node_name.clone(),
@@ -141,10 +109,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
             backoff_max: Duration::from_secs(5),
         }),
         http_listen: args.agent_http_listen.parse().map_err(|_| {
-            anyhow::anyhow!(
-                "--agent-http-listen: expected an address like 127.0.0.1:7072, got {:?}",
-                args.agent_http_listen
-            )
+            anyhow::anyhow!("--agent-http-listen: expected an address like 127.0.0.1:7072, got {:?}", args.agent_http_listen)
         })?,
         devices: DeviceBackendKind::Simulated(devices),
         gpu: crate::config::GpuSettings {
@@ -161,10 +126,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         },
         procfs_root: "/proc".into(),
         collect_interval: Duration::from_secs(2),
-        exclude_interfaces: DEFAULT_EXCLUDED_INTERFACES
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect(),
+        exclude_interfaces: DEFAULT_EXCLUDED_INTERFACES.iter().map(|s| (*s).to_owned()).collect(),
         labels: [("hearth.dev/mode".to_owned(), "local".to_owned())].into(),
         cache: crate::config::CacheSettings {
             config: crate::cache::manager::CacheConfig {
@@ -195,15 +157,9 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         node_name: args.node_name.clone(),
     };
     let info_file = info_path(&args.state_dir);
-    write_atomic(
-        &info_file,
-        serde_json::to_string_pretty(&info)?.as_bytes(),
-        false,
-    )?;
+    write_atomic(&info_file, serde_json::to_string_pretty(&info)?.as_bytes(), false)?;
 
-    println!(
-        "Hearth local mode: a controller and one agent with simulated accelerators, over mTLS"
-    );
+    println!("Hearth local mode: a controller and one agent with simulated accelerators, over mTLS");
     println!("  controller gRPC     {controller_url}");
     println!("  controller metrics  {}", info.controller_metrics);
     println!("  agent metrics       {}", info.agent_metrics);
@@ -222,10 +178,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
 
 /// Prints the cluster view: a line rewritten in place on a terminal, a new line on each
 /// change otherwise (so logs and CI output stay readable).
-async fn live_status(
-    state: std::sync::Arc<hearth_controller::state::ClusterState>,
-    shutdown: CancellationToken,
-) {
+async fn live_status(state: std::sync::Arc<hearth_controller::state::ClusterState>, shutdown: CancellationToken) {
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -243,25 +196,12 @@ async fn live_status(
                 .models
                 .iter()
                 .map(|m| {
-                    let state = hearth_proto::v1::CacheEntryState::try_from(m.state)
-                        .map_or("?", |s| s.as_str_name());
-                    let pct = (100 * m.bytes_present)
-                        .checked_div(m.bytes_total)
-                        .unwrap_or(0);
-                    format!(
-                        "{} {} {pct}%",
-                        m.id,
-                        state
-                            .trim_start_matches("CACHE_ENTRY_STATE_")
-                            .to_ascii_lowercase()
-                    )
+                    let state = hearth_proto::v1::CacheEntryState::try_from(m.state).map_or("?", |s| s.as_str_name());
+                    let pct = (100 * m.bytes_present).checked_div(m.bytes_total).unwrap_or(0);
+                    format!("{} {} {pct}%", m.id, state.trim_start_matches("CACHE_ENTRY_STATE_").to_ascii_lowercase())
                 })
                 .collect();
-            let models = if models.is_empty() {
-                "no models".to_owned()
-            } else {
-                models.join(", ")
-            };
+            let models = if models.is_empty() { "no models".to_owned() } else { models.join(", ") };
             format!(
                 "node {}: {}, {accel}, {models}, last report {:.1}s ago",
                 v.name,
@@ -269,11 +209,7 @@ async fn live_status(
                 v.last_report_age.as_secs_f64()
             )
         });
-        let line = if lines.is_empty() {
-            "waiting for the agent to connect...".to_owned()
-        } else {
-            lines.join("; ")
-        };
+        let line = if lines.is_empty() { "waiting for the agent to connect...".to_owned() } else { lines.join("; ") };
         let mut out = std::io::stdout().lock();
         if tty {
             let _ = write!(out, "\r\x1b[2K{line}");

@@ -11,11 +11,7 @@ use hearth_controller::telemetry::{LogFormat, init_logging};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(
-    name = "hearth",
-    version,
-    about = "Hearth: keeps accelerator nodes ready to serve models"
-)]
+#[command(name = "hearth", version, about = "Hearth: keeps accelerator nodes ready to serve models")]
 struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -108,6 +104,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: PartitionCmd,
     },
+    /// Look at this host's NVIDIA GPUs through NVML (read-only).
+    Gpu {
+        #[command(subcommand)]
+        cmd: GpuCmd,
+    },
     /// Show the cluster as the controller sees it.
     Status {
         #[arg(long, value_enum, default_value = "table")]
@@ -148,6 +149,34 @@ enum PartitionCmd {
 }
 
 #[derive(Subcommand)]
+enum GpuCmd {
+    /// GPUs, MIG devices, processes and memory health, as the agent reports them.
+    Inventory {
+        #[arg(long)]
+        json: bool,
+        /// Simulated products instead of NVML, e.g. 2xH100-80GB.
+        #[arg(long)]
+        simulate: Vec<String>,
+    },
+    /// One rendering of the dcgm-exporter-compatible metrics (after two sweeps, for GPM).
+    Metrics {
+        #[arg(long)]
+        simulate: Vec<String>,
+        /// Value of the Hostname label.
+        #[arg(long, default_value = "localhost")]
+        hostname: String,
+    },
+    /// Time the collection sweep against a loop of the raw NVML calls it makes.
+    Bench {
+        #[arg(long, default_value_t = 200)]
+        rounds: u32,
+        /// Pause between rounds.
+        #[arg(long, default_value = "20ms")]
+        pause: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum CacheCmd {
     /// List cached models.
     Ls {
@@ -172,9 +201,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.cmd {
         // Status output is the product; keep logs out of it.
-        Cmd::Status { .. } | Cmd::Prefetch { .. } | Cmd::Cache { .. } | Cmd::Partition { .. } => {
-            "warn"
-        }
+        Cmd::Status { .. } | Cmd::Prefetch { .. } | Cmd::Cache { .. } | Cmd::Partition { .. } | Cmd::Gpu { .. } => "warn",
         Cmd::Local { .. } => "warn,hearth_agent=info,hearth_controller=info",
         Cmd::Agent { .. } => "info",
     };
@@ -185,13 +212,7 @@ fn main() -> ExitCode {
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     match cmd {
-        Cmd::Agent {
-            config,
-            insecure,
-            node_name,
-            controller,
-            http_listen,
-        } => {
+        Cmd::Agent { config, insecure, node_name, controller, http_listen } => {
             let mut raw = match &config {
                 Some(p) => RawConfig::from_file(p)?,
                 None => RawConfig::default(),
@@ -205,14 +226,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             spawn_signal_handler(shutdown);
             agent.wait().await?;
         }
-        Cmd::Local {
-            state_dir,
-            node_name,
-            devices,
-            controller_listen,
-            controller_http_listen,
-            agent_http_listen,
-        } => {
+        Cmd::Local { state_dir, node_name, devices, controller_listen, controller_http_listen, agent_http_listen } => {
             spawn_signal_handler(shutdown.clone());
             let args = hearth_agent::local::LocalArgs {
                 state_dir: state_dir.unwrap_or_else(hearth_agent::local::default_state_dir),
@@ -239,11 +253,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             limit_rate,
             stall_timeout,
         } => {
-            let stall_timeout =
-                hearth_controller::config::parse_duration("--stall-timeout", &stall_timeout)?;
-            let limit_rate = limit_rate
-                .map(|r| hearth_controller::config::parse_size("--limit-rate", &r))
-                .transpose()?;
+            let stall_timeout = hearth_controller::config::parse_duration("--stall-timeout", &stall_timeout)?;
+            let limit_rate = limit_rate.map(|r| hearth_controller::config::parse_size("--limit-rate", &r)).transpose()?;
             let part_size = hearth_controller::config::parse_size("--part-size", &part_size)?;
             if !(64 << 10..=(1 << 30)).contains(&part_size) {
                 anyhow::bail!("--part-size: expected between 64Ki and 1Gi, got {part_size}");
@@ -269,64 +280,52 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 part_size: part_size as usize,
                 concurrency,
                 write_mode,
-                s3: hearth_agent::cache::source::s3::S3Options {
-                    endpoint,
-                    region,
-                    force_path_style: None,
-                },
+                s3: hearth_agent::cache::source::s3::S3Options { endpoint, region, force_path_style: None },
                 progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 limit_rate,
                 stall_timeout,
             };
             hearth_agent::prefetch::prefetch(args, shutdown).await?;
         }
-        Cmd::Partition {
-            cmd:
-                PartitionCmd::Plan {
-                    spec,
-                    config,
-                    simulate,
-                },
-        } => {
-            print!(
-                "{}",
-                hearth_agent::partition::plan_command(&spec, &config, &simulate)?
-            );
+        Cmd::Partition { cmd: PartitionCmd::Plan { spec, config, simulate } } => {
+            print!("{}", hearth_agent::partition::plan_command(&spec, &config, &simulate)?);
         }
-        Cmd::Cache {
-            cmd: CacheCmd::Ls { dest, json },
-        } => {
-            hearth_agent::prefetch::ls(
-                &dest.unwrap_or_else(hearth_agent::cache::default_root),
-                json,
-            )?;
+        Cmd::Gpu { cmd } => {
+            use hearth_agent::gpu_cli;
+            let every = std::time::Duration::from_millis(500);
+            match cmd {
+                GpuCmd::Inventory { json, simulate } => {
+                    let b = gpu_cli::backend(&simulate)?;
+                    let (_, v) = tokio::task::spawn_blocking(move || gpu_cli::collect(b, 1, every, "localhost")).await??;
+                    println!("{}", if json { gpu_cli::inventory_json(&v)? } else { gpu_cli::inventory_text(&v) });
+                }
+                GpuCmd::Metrics { simulate, hostname } => {
+                    let b = gpu_cli::backend(&simulate)?;
+                    let (m, _) = tokio::task::spawn_blocking(move || gpu_cli::collect(b, 2, every, &hostname)).await??;
+                    print!("{}", gpu_cli::metrics_text(&m));
+                }
+                GpuCmd::Bench { rounds, pause } => {
+                    let pause = hearth_controller::config::parse_duration("--pause", &pause)?;
+                    let report = tokio::task::spawn_blocking(move || {
+                        let mut g = hearth_agent::device::nvml::NvmlGpus::open(None)?;
+                        hearth_agent::device::nvml_bench::run(&mut g, rounds, pause).map_err(anyhow::Error::msg)
+                    })
+                    .await??;
+                    print!("{report}");
+                }
+            }
         }
-        Cmd::Cache {
-            cmd: CacheCmd::Manifest { dir },
-        } => hearth_agent::prefetch::write_manifest(&dir)?,
-        Cmd::Cache {
-            cmd:
-                CacheCmd::Sample {
-                    dir,
-                    shards,
-                    shard_size,
-                },
-        } => {
+        Cmd::Cache { cmd: CacheCmd::Ls { dest, json } } => {
+            hearth_agent::prefetch::ls(&dest.unwrap_or_else(hearth_agent::cache::default_root), json)?;
+        }
+        Cmd::Cache { cmd: CacheCmd::Manifest { dir } } => hearth_agent::prefetch::write_manifest(&dir)?,
+        Cmd::Cache { cmd: CacheCmd::Sample { dir, shards, shard_size } } => {
             let size = hearth_controller::config::parse_size("--shard-size", &shard_size)?;
             hearth_agent::cache::sample::write_sample_model(&dir, shards, size)
                 .with_context(|| format!("writing a sample model to {}", dir.display()))?;
             println!("wrote {shards} shards of {size} bytes to {}", dir.display());
         }
-        Cmd::Status {
-            output,
-            controller,
-            ca,
-            cert,
-            key,
-            server_name,
-            insecure,
-            state_dir,
-        } => {
+        Cmd::Status { output, controller, ca, cert, key, server_name, insecure, state_dir } => {
             let args = hearth_agent::status::StatusArgs {
                 controller,
                 ca,

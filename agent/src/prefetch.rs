@@ -46,27 +46,19 @@ fn human(bytes: f64) -> String {
 
 pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Result<()> {
     let spec = ModelSpec::new(&a.uri, &a.include, &a.exclude, &a.revision)?;
-    let layout = Layout {
-        root: a.dest.clone(),
-    };
+    let layout = Layout { root: a.dest.clone() };
     let index = Index::new(&a.dest);
     let cfg = FetchConfig {
         part_size: a.part_size,
         concurrency: a.concurrency,
         write_mode: a.write_mode,
-        limit: a
-            .limit_rate
-            .map(|r| Arc::new(crate::cache::ratelimit::RateLimiter::new(r))),
+        limit: a.limit_rate.map(|r| Arc::new(crate::cache::ratelimit::RateLimiter::new(r))),
         stall_timeout: a.stall_timeout,
         ..Default::default()
     };
     let source = crate::cache::open_source(&spec.uri, &a.s3).await;
     let progress = Arc::new(Progress::default());
-    let bar = if a.progress {
-        ProgressBar::new(0)
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = if a.progress { ProgressBar::new(0) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template(
             "{spinner:.green} [{elapsed_precise}] [{wide_bar:.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
@@ -79,26 +71,13 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
             loop {
                 bar.set_length(Progress::get(&p.bytes_total));
                 bar.set_position(Progress::get(&p.bytes_done));
-                bar.set_message(format!(
-                    "files {}/{}",
-                    Progress::get(&p.files_done),
-                    Progress::get(&p.files_total)
-                ));
+                bar.set_message(format!("files {}/{}", Progress::get(&p.files_done), Progress::get(&p.files_total)));
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
     };
     let started = Instant::now();
-    let result = fetch(
-        source,
-        &spec,
-        &layout,
-        &index,
-        &cfg,
-        progress.clone(),
-        cancel,
-    )
-    .await;
+    let result = fetch(source, &spec, &layout, &index, &cfg, progress.clone(), cancel).await;
     ticker.abort();
     bar.finish_and_clear();
     let entry = result?;
@@ -107,9 +86,7 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
     let peak_rss = std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or_else(|| "?".to_owned(), |kib| human((kib * 1024) as f64));
     println!(
@@ -165,27 +142,16 @@ pub fn ls(dest: &std::path::Path, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!(
-        "{:<40} {:<12} {:>22} {:>6} {:<12} {:<6} URI",
-        "ID", "STATE", "BYTES", "FILES", "VERIFIED", "PINNED"
-    );
+    println!("{:<40} {:<12} {:>22} {:>6} {:<12} {:<6} URI", "ID", "STATE", "BYTES", "FILES", "VERIFIED", "PINNED");
     for r in &rows {
-        let bytes = format!(
-            "{}/{}",
-            human(r.bytes_present as f64),
-            human(r.bytes_total as f64)
-        );
+        let bytes = format!("{}/{}", human(r.bytes_present as f64), human(r.bytes_total as f64));
         println!(
             "{:<40} {:<12} {:>22} {:>6} {:<12} {:<6} {}",
             r.id,
             r.state,
             bytes,
             r.files,
-            if r.verification.is_empty() {
-                "-"
-            } else {
-                &r.verification
-            },
+            if r.verification.is_empty() { "-" } else { &r.verification },
             if r.pinned { "yes" } else { "no" },
             r.uri
         );
@@ -201,11 +167,9 @@ pub fn ls(dest: &std::path::Path, json: bool) -> anyhow::Result<()> {
 
 /// Writes `hearth-manifest.json` (per-file SHA-256 and size) into a model directory.
 pub fn write_manifest(dir: &std::path::Path) -> anyhow::Result<()> {
-    let m = Manifest::build(dir)
-        .with_context(|| format!("building a manifest of {}", dir.display()))?;
+    let m = Manifest::build(dir).with_context(|| format!("building a manifest of {}", dir.display()))?;
     let path = dir.join(MANIFEST_NAME);
-    hearth_controller::fsutil::write_atomic(&path, m.to_json().as_bytes(), false)
-        .with_context(|| format!("writing {}", path.display()))?;
+    hearth_controller::fsutil::write_atomic(&path, m.to_json().as_bytes(), false).with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {} ({} files)", path.display(), m.files.len());
     Ok(())
 }

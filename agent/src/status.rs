@@ -67,83 +67,44 @@ fn pid_alive(pid: u32) -> bool {
 /// Flags win; without `--controller`, a running local mode's published credentials.
 fn target(a: &StatusArgs) -> anyhow::Result<(String, String, Option<TlsFiles>)> {
     if let Some(url) = &a.controller {
-        let host = url
-            .split("://")
-            .nth(1)
-            .unwrap_or(url)
-            .split([':', '/'])
-            .next()
-            .unwrap_or("")
-            .to_owned();
+        let host = url.split("://").nth(1).unwrap_or(url).split([':', '/']).next().unwrap_or("").to_owned();
         let server_name = a.server_name.clone().unwrap_or(host);
         if a.insecure {
             return Ok((url.clone(), server_name, None));
         }
         match (&a.ca, &a.cert, &a.key) {
-            (Some(ca), Some(cert), Some(key)) => Ok((
-                url.clone(),
-                server_name,
-                Some(TlsFiles {
-                    ca: ca.clone(),
-                    cert: cert.clone(),
-                    key: key.clone(),
-                }),
-            )),
-            _ => bail!(
-                "--controller needs --ca, --cert and --key (mTLS), or --insecure for a plain-text controller"
-            ),
+            (Some(ca), Some(cert), Some(key)) => {
+                Ok((url.clone(), server_name, Some(TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() })))
+            }
+            _ => bail!("--controller needs --ca, --cert and --key (mTLS), or --insecure for a plain-text controller"),
         }
     } else {
         let path = info_path(&a.state_dir);
         let text = std::fs::read_to_string(&path).with_context(|| {
             format!("no --controller given and no local mode found at {} (start one with `hearth local`)", path.display())
         })?;
-        let info: LocalInfo = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a local-mode info file", path.display()))?;
+        let info: LocalInfo = serde_json::from_str(&text).with_context(|| format!("{}: not a local-mode info file", path.display()))?;
         if !pid_alive(info.pid) {
-            bail!(
-                "{} is from local mode pid {}, which has exited; start `hearth local` again",
-                path.display(),
-                info.pid
-            );
+            bail!("{} is from local mode pid {}, which has exited; start `hearth local` again", path.display(), info.pid);
         }
-        Ok((
-            info.controller_url,
-            info.server_name,
-            Some(TlsFiles {
-                ca: info.ca,
-                cert: info.cert,
-                key: info.key,
-            }),
-        ))
+        Ok((info.controller_url, info.server_name, Some(TlsFiles { ca: info.ca, cert: info.cert, key: info.key })))
     }
 }
 
 pub async fn fetch(a: &StatusArgs) -> anyhow::Result<ClusterStatus> {
     let (url, server_name, tls) = target(a)?;
     let mut ep = Endpoint::from_shared(url.clone())
-        .with_context(|| {
-            format!("--controller: expected a URL like https://host:7443, got {url:?}")
-        })?
+        .with_context(|| format!("--controller: expected a URL like https://host:7443, got {url:?}"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(10));
     if let Some(files) = &tls {
         ep = ep.tls_config(TlsMaterial::load(files)?.client_config(&server_name))?;
     }
-    let channel = ep
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the controller at {url}"))?;
+    let channel = ep.connect().await.with_context(|| format!("connecting to the controller at {url}"))?;
     let resp = pb::operator_client::OperatorClient::new(channel)
         .list_nodes(pb::ListNodesRequest {})
         .await
-        .map_err(|s| {
-            anyhow::anyhow!(
-                "controller at {url} answered {:?}: {}",
-                s.code(),
-                s.message()
-            )
-        })?
+        .map_err(|s| anyhow::anyhow!("controller at {url} answered {:?}: {}", s.code(), s.message()))?
         .into_inner();
     let nodes = resp
         .nodes
@@ -161,27 +122,14 @@ pub async fn fetch(a: &StatusArgs) -> anyhow::Result<ClusterStatus> {
             peer: n.peer_address,
         })
         .collect();
-    Ok(ClusterStatus {
-        controller: url,
-        nodes,
-    })
+    Ok(ClusterStatus { controller: url, nodes })
 }
 
 pub fn render_table(s: &ClusterStatus) -> String {
-    let mut rows = vec![[
-        "NODE".to_owned(),
-        "STATE".into(),
-        "ACCELERATORS".into(),
-        "MODELS".into(),
-        "LAST REPORT".into(),
-        "VERSION".into(),
-    ]];
+    let mut rows =
+        vec![["NODE".to_owned(), "STATE".into(), "ACCELERATORS".into(), "MODELS".into(), "LAST REPORT".into(), "VERSION".into()]];
     for n in &s.nodes {
-        let accel = if n.accelerators.is_empty() {
-            "-".to_owned()
-        } else {
-            n.accelerators.join(", ")
-        };
+        let accel = if n.accelerators.is_empty() { "-".to_owned() } else { n.accelerators.join(", ") };
         rows.push([
             n.name.clone(),
             n.state.to_owned(),
@@ -191,16 +139,10 @@ pub fn render_table(s: &ClusterStatus) -> String {
             n.agent_version.clone(),
         ]);
     }
-    let widths: Vec<usize> = (0..6)
-        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
-        .collect();
+    let widths: Vec<usize> = (0..6).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');
     }

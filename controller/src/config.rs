@@ -11,39 +11,22 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_yaml::Error,
-    },
+    Parse { path: PathBuf, source: serde_yaml::Error },
     #[error("{field}: expected {expected}, got {got:?}")]
-    Invalid {
-        field: &'static str,
-        expected: &'static str,
-        got: String,
-    },
-    #[error(
-        "tls: ca, cert and key are required unless insecure mode is on (--insecure or insecure: true)"
-    )]
+    Invalid { field: &'static str, expected: &'static str, got: String },
+    #[error("tls: ca, cert and key are required unless insecure mode is on (--insecure or insecure: true)")]
     TlsMissing,
 }
 
 fn invalid(field: &'static str, expected: &'static str, got: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        expected,
-        got: got.into(),
-    }
+    ConfigError::Invalid { field, expected, got: got.into() }
 }
 
 /// A duration like "15s", "500ms", "2m", for config fields.
 pub fn parse_duration(field: &'static str, s: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s)
-        .map_err(|_| invalid(field, "a duration like \"15s\" or \"500ms\"", s))
+    humantime::parse_duration(s).map_err(|_| invalid(field, "a duration like \"15s\" or \"500ms\"", s))
 }
 
 /// A size like "4Mi", "500Gi", "1048576".
@@ -62,28 +45,17 @@ pub fn parse_size(field: &'static str, s: &str) -> Result<u64, ConfigError> {
         "G" => 1_000_000_000,
         "T" => 1_000_000_000_000,
         _ => {
-            return Err(invalid(
-                field,
-                "a size like \"4Mi\", \"500Gi\" or a number of bytes",
-                s,
-            ));
+            return Err(invalid(field, "a size like \"4Mi\", \"500Gi\" or a number of bytes", s));
         }
     };
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| {
-            invalid(
-                field,
-                "a size like \"4Mi\", \"500Gi\" or a number of bytes",
-                s,
-            )
-        })
+        .ok_or_else(|| invalid(field, "a size like \"4Mi\", \"500Gi\" or a number of bytes", s))
 }
 
 pub(crate) fn parse_addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
-    s.parse()
-        .map_err(|_| invalid(field, "an address like \"0.0.0.0:7443\"", s))
+    s.parse().map_err(|_| invalid(field, "an address like \"0.0.0.0:7443\"", s))
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -100,11 +72,7 @@ impl RawTls {
         match (self.ca, self.cert, self.key) {
             (Some(ca), Some(cert), Some(key)) => Ok(Some(TlsFiles { ca, cert, key })),
             (None, None, None) if insecure => Ok(None),
-            _ if insecure => Err(invalid(
-                "tls",
-                "all of ca, cert and key, or none of them",
-                "a partial set",
-            )),
+            _ if insecure => Err(invalid("tls", "all of ca, cert and key, or none of them", "a partial set")),
             _ => Err(ConfigError::TlsMissing),
         }
     }
@@ -186,11 +154,7 @@ impl TryFrom<RawConfig> for Config {
     fn try_from(r: RawConfig) -> Result<Self, Self::Error> {
         let max = parse_size("max_message_size", &r.max_message_size)?;
         if !(1024..=(64 << 20)).contains(&max) {
-            return Err(invalid(
-                "max_message_size",
-                "between 1Ki and 64Mi",
-                r.max_message_size,
-            ));
+            return Err(invalid("max_message_size", "between 1Ki and 64Mi", r.max_message_size));
         }
         let stale_after = parse_duration("stale_after", &r.stale_after)?;
         if stale_after < Duration::from_secs(1) {
@@ -211,20 +175,14 @@ impl TryFrom<RawConfig> for Config {
 
 impl RawConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Self::from_yaml(path, &text)
     }
 
     pub fn from_yaml(path: &Path, text: &str) -> Result<Self, ConfigError> {
         // An empty file is an empty mapping: every default.
         let text = if text.trim().is_empty() { "{}" } else { text };
-        serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.into(),
-            source,
-        })
+        serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })
     }
 }
 
@@ -247,44 +205,24 @@ mod tests {
 
     #[test]
     fn unknown_field_is_named() {
-        let err = parse("insecure: true\nstale_afer: 3s")
-            .unwrap_err()
-            .to_string();
+        let err = parse("insecure: true\nstale_afer: 3s").unwrap_err().to_string();
         assert!(err.contains("unknown field `stale_afer`"), "{err}");
         assert!(err.contains("c.yaml"), "{err}");
     }
 
     #[test]
     fn bad_values_name_field_and_expectation() {
-        let err = parse("insecure: true\nstale_after: soon")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            "stale_after: expected a duration like \"15s\" or \"500ms\", got \"soon\""
-        );
-        let err = parse("insecure: true\nlisten: nowhere")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            "listen: expected an address like \"0.0.0.0:7443\", got \"nowhere\""
-        );
-        let err = parse("insecure: true\nmax_message_size: 1Pi")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("max_message_size: expected a size"),
-            "{err}"
-        );
+        let err = parse("insecure: true\nstale_after: soon").unwrap_err().to_string();
+        assert_eq!(err, "stale_after: expected a duration like \"15s\" or \"500ms\", got \"soon\"");
+        let err = parse("insecure: true\nlisten: nowhere").unwrap_err().to_string();
+        assert_eq!(err, "listen: expected an address like \"0.0.0.0:7443\", got \"nowhere\"");
+        let err = parse("insecure: true\nmax_message_size: 1Pi").unwrap_err().to_string();
+        assert!(err.starts_with("max_message_size: expected a size"), "{err}");
     }
 
     #[test]
     fn partial_tls_is_rejected() {
-        assert!(matches!(
-            parse("tls: {ca: /a}"),
-            Err(ConfigError::TlsMissing)
-        ));
+        assert!(matches!(parse("tls: {ca: /a}"), Err(ConfigError::TlsMissing)));
         let c = parse("tls: {ca: /a, cert: /b, key: /c}").expect("complete tls");
         assert_eq!(c.tls.map(|t| t.key), Some(PathBuf::from("/c")));
     }

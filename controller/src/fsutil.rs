@@ -7,17 +7,10 @@ use std::path::Path;
 /// Writes `contents` to a temp file beside `path`, fsyncs it, renames it over `path` and
 /// fsyncs the directory. `private` makes the file mode 0600.
 pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(
-        ".{name}.tmp-{}-{}",
-        std::process::id(),
-        fastrand_suffix()
-    ));
+    let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), fastrand_suffix()));
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     {
@@ -60,10 +53,7 @@ mod tests {
         write_atomic(&p, b"one", false).unwrap();
         write_atomic(&p, b"two", true).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        let names: Vec<_> = std::fs::read_dir(d.path().join("sub"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = std::fs::read_dir(d.path().join("sub")).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
     }
 

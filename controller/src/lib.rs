@@ -34,11 +34,7 @@ pub enum ControllerError {
     #[error(transparent)]
     Tls(#[from] hearth_proto::transport::TlsError),
     #[error("cannot listen on {addr} ({what}): {source}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
@@ -59,75 +55,36 @@ pub struct Running {
 impl Running {
     /// Waits until the controller has stopped (after `shutdown` was cancelled, or a failure).
     pub async fn wait(self) -> Result<(), ControllerError> {
-        self.task.await.unwrap_or_else(|e| {
-            Err(ControllerError::Http(std::io::Error::other(format!(
-                "controller task panicked: {e}"
-            ))))
-        })
+        self.task.await.unwrap_or_else(|e| Err(ControllerError::Http(std::io::Error::other(format!("controller task panicked: {e}")))))
     }
 }
 
 /// Binds both listeners (failing now if a port is taken or TLS files are bad) and serves
 /// until `shutdown` is cancelled; then stops every session within `config.shutdown_grace`.
-pub async fn start(
-    config: Config,
-    shutdown: CancellationToken,
-) -> Result<Running, ControllerError> {
+pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Running, ControllerError> {
     let tls = config.tls.as_ref().map(TlsMaterial::load).transpose()?;
     let insecure = tls.is_none();
     if insecure {
         warn!("controller running WITHOUT TLS (insecure mode): any peer can claim any node name");
     }
-    let state = Arc::new(state::ClusterState::new(
-        config.stale_after,
-        config.forget_after,
-    ));
+    let state = Arc::new(state::ClusterState::new(config.stale_after, config.forget_after));
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::register(&mut registry, state.clone());
     let readiness = Arc::new(telemetry::Readiness::default());
 
-    let grpc = TcpListener::bind(config.listen)
+    let grpc =
+        TcpListener::bind(config.listen).await.map_err(|source| ControllerError::Bind { what: "gRPC", addr: config.listen, source })?;
+    let grpc_addr = grpc.local_addr().map_err(|source| ControllerError::Bind { what: "gRPC", addr: config.listen, source })?;
+    let (http_addr, http) = telemetry::bind_http(config.http_listen, Arc::new(registry), readiness, Vec::new(), shutdown.clone())
         .await
-        .map_err(|source| ControllerError::Bind {
-            what: "gRPC",
-            addr: config.listen,
-            source,
-        })?;
-    let grpc_addr = grpc.local_addr().map_err(|source| ControllerError::Bind {
-        what: "gRPC",
-        addr: config.listen,
-        source,
-    })?;
-    let (http_addr, http) = telemetry::bind_http(
-        config.http_listen,
-        Arc::new(registry),
-        readiness,
-        Vec::new(),
-        shutdown.clone(),
-    )
-    .await
-    .map_err(|source| ControllerError::Bind {
-        what: "HTTP",
-        addr: config.http_listen,
-        source,
-    })?;
+        .map_err(|source| ControllerError::Bind { what: "HTTP", addr: config.http_listen, source })?;
 
     let sessions = TaskTracker::new();
-    let agent_svc = api::NodeAgentService::new(
-        state.clone(),
-        metrics.clone(),
-        insecure,
-        config.hello_timeout,
-        shutdown.clone(),
-        sessions.clone(),
-    );
+    let agent_svc =
+        api::NodeAgentService::new(state.clone(), metrics.clone(), insecure, config.hello_timeout, shutdown.clone(), sessions.clone());
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<pb::node_agent_server::NodeAgentServer<api::NodeAgentService>>()
-        .await;
-    health
-        .set_serving::<pb::operator_server::OperatorServer<api::OperatorService>>()
-        .await;
+    health.set_serving::<pb::node_agent_server::NodeAgentServer<api::NodeAgentService>>().await;
+    health.set_serving::<pb::operator_server::OperatorServer<api::OperatorService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(hearth_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -139,18 +96,11 @@ pub async fn start(
         // Finds agents whose node vanished without closing the connection.
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(pb::node_agent_server::NodeAgentServer::new(agent_svc).max_decoding_message_size(max).max_encoding_message_size(max))
         .add_service(
-            pb::node_agent_server::NodeAgentServer::new(agent_svc)
+            pb::operator_server::OperatorServer::new(api::OperatorService::new(state.clone(), insecure))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
-        )
-        .add_service(
-            pb::operator_server::OperatorServer::new(api::OperatorService::new(
-                state.clone(),
-                insecure,
-            ))
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max),
         )
         .add_service(health_svc)
         .add_service(reflection);
@@ -202,10 +152,5 @@ pub async fn start(
         .instrument(info_span!("controller")),
     );
     info!(%grpc_addr, %http_addr, tls = !insecure, "controller listening");
-    Ok(Running {
-        grpc_addr,
-        http_addr,
-        state,
-        task,
-    })
+    Ok(Running { grpc_addr, http_addr, state, task })
 }

@@ -10,11 +10,7 @@ use hearth_controller::telemetry::{LogFormat, init_logging};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(
-    name = "hearth-controller",
-    version,
-    about = "Hearth controller: cluster view, placement and scaling"
-)]
+#[command(name = "hearth-controller", version, about = "Hearth controller: cluster view, placement and scaling")]
 struct Cli {
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -48,12 +44,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
-    let Cmd::Run {
-        config,
-        insecure,
-        listen,
-        http_listen,
-    } = cmd;
+    let Cmd::Run { config, insecure, listen, http_listen } = cmd;
     let mut raw = match &config {
         Some(p) => RawConfig::from_file(p)?,
         None => RawConfig::default(),

@@ -39,16 +39,8 @@ impl Metrics {
             resyncs: Counter::default(),
         };
         let r = reg.sub_registry_with_prefix("hearth_controller");
-        r.register(
-            "messages_received",
-            "Messages received from agents, by kind",
-            m.messages.clone(),
-        );
-        r.register(
-            "stream_errors",
-            "Agent streams ended by an error, by reason",
-            m.stream_errors.clone(),
-        );
+        r.register("messages_received", "Messages received from agents, by kind", m.messages.clone());
+        r.register("stream_errors", "Agent streams ended by an error, by reason", m.stream_errors.clone());
         r.register(
             "sessions_refused",
             "Agent streams refused before a session opened (no certificate, identity mismatch, duplicate node, bad Hello)",
@@ -59,16 +51,8 @@ impl Metrics {
             "TLS handshakes that failed, by reason (expired, untrusted, timeout...)",
             m.tls_handshake_failures.clone(),
         );
-        r.register(
-            "connected_agents",
-            "Agent streams open now",
-            m.connected_agents.clone(),
-        );
-        r.register(
-            "resyncs",
-            "Resync requests sent to agents after a sequence gap",
-            m.resyncs.clone(),
-        );
+        r.register("connected_agents", "Agent streams open now", m.connected_agents.clone());
+        r.register("resyncs", "Resync requests sent to agents after a sequence gap", m.resyncs.clone());
         r.register_collector(Box::new(StateCollector(state)));
         m
     }
@@ -81,22 +65,12 @@ struct StateCollector(Arc<ClusterState>);
 impl prometheus_client::collector::Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let counts = self.0.counts(Instant::now());
-        let mut m = encoder.encode_descriptor(
-            "nodes",
-            "Nodes in the cluster view, by connection state",
-            None,
-            MetricType::Gauge,
-        )?;
+        let mut m = encoder.encode_descriptor("nodes", "Nodes in the cluster view, by connection state", None, MetricType::Gauge)?;
         for (c, n) in counts {
             let labels = [("connection", c.as_str())];
             ConstGauge::new(n as i64).encode(m.encode_family(&labels)?)?;
         }
-        let m = encoder.encode_descriptor(
-            "state",
-            "Encoded size of all node states held",
-            Some(&Unit::Bytes),
-            MetricType::Gauge,
-        )?;
+        let m = encoder.encode_descriptor("state", "Encoded size of all node states held", Some(&Unit::Bytes), MetricType::Gauge)?;
         ConstGauge::new(self.0.state_bytes() as i64).encode(m)?;
         Ok(())
     }

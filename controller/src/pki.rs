@@ -6,10 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose};
 use time::OffsetDateTime;
 
 #[derive(Debug, thiserror::Error)]
@@ -17,10 +14,7 @@ pub enum PkiError {
     #[error("generating {what}: {source}")]
     Generate { what: String, source: rcgen::Error },
     #[error("writing {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 /// Which way a leaf certificate may be used.
@@ -97,25 +91,14 @@ impl CertAuthority {
     pub fn new(common_name: &str) -> Result<Self, PkiError> {
         let key = KeyPair::generate().map_err(gen_err("CA key"))?;
         let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
         params.not_after = now + time::Duration::days(3650);
-        let cert = params
-            .self_signed(&key)
-            .map_err(gen_err("CA certificate"))?;
-        Ok(Self {
-            issuer: Issuer::new(params, key),
-            cert_pem: cert.pem(),
-        })
+        let cert = params.self_signed(&key).map_err(gen_err("CA certificate"))?;
+        Ok(Self { issuer: Issuer::new(params, key), cert_pem: cert.pem() })
     }
 
     pub fn cert_pem(&self) -> &str {
@@ -125,11 +108,8 @@ impl CertAuthority {
     pub fn issue(&self, spec: &LeafSpec) -> Result<Issued, PkiError> {
         let what = format!("certificate for {}", spec.common_name);
         let key = KeyPair::generate().map_err(gen_err(what.clone()))?;
-        let mut params =
-            CertificateParams::new(spec.names.clone()).map_err(gen_err(what.clone()))?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, spec.common_name.as_str());
+        let mut params = CertificateParams::new(spec.names.clone()).map_err(gen_err(what.clone()))?;
+        params.distinguished_name.push(DnType::CommonName, spec.common_name.as_str());
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -137,31 +117,18 @@ impl CertAuthority {
             Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
             Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
         }];
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(gen_err(what))?;
-        Ok(Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        let cert = params.signed_by(&key, &self.issuer).map_err(gen_err(what))?;
+        Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 }
 
 /// Writes a file durably and atomically (see [`crate::fsutil::write_atomic`]).
 pub fn write_atomic(path: &Path, contents: &[u8], private: bool) -> Result<(), PkiError> {
-    crate::fsutil::write_atomic(path, contents, private).map_err(|source| PkiError::Write {
-        path: path.to_owned(),
-        source,
-    })
+    crate::fsutil::write_atomic(path, contents, private).map_err(|source| PkiError::Write { path: path.to_owned(), source })
 }
 
 /// Writes `ca.pem`, `<name>.pem` and `<name>-key.pem` into `dir`; returns their paths.
-pub fn write_bundle(
-    dir: &Path,
-    name: &str,
-    ca_pem: &str,
-    issued: &Issued,
-) -> Result<hearth_proto::transport::TlsFiles, PkiError> {
+pub fn write_bundle(dir: &Path, name: &str, ca_pem: &str, issued: &Issued) -> Result<hearth_proto::transport::TlsFiles, PkiError> {
     let files = hearth_proto::transport::TlsFiles {
         ca: dir.join("ca.pem"),
         cert: dir.join(format!("{name}.pem")),
@@ -181,20 +148,8 @@ mod tests {
     #[test]
     fn issued_client_cert_proves_its_node_name_only() {
         let ca = CertAuthority::new("test CA").expect("ca");
-        let leaf = ca
-            .issue(&LeafSpec::new(
-                "agent",
-                &["node-a"],
-                Usage::Client,
-                Duration::from_secs(3600),
-            ))
-            .expect("leaf");
-        let m = TlsMaterial::from_pem(
-            ca.cert_pem().into(),
-            leaf.cert_pem.into(),
-            leaf.key_pem.into(),
-        )
-        .expect("pem");
+        let leaf = ca.issue(&LeafSpec::new("agent", &["node-a"], Usage::Client, Duration::from_secs(3600))).expect("leaf");
+        let m = TlsMaterial::from_pem(ca.cert_pem().into(), leaf.cert_pem.into(), leaf.key_pem.into()).expect("pem");
         let chain = m.cert_chain().expect("chain");
         assert_eq!(check_node_identity(&chain[0], "node-a"), Ok(()));
         assert!(check_node_identity(&chain[0], "node-b").is_err());
@@ -204,21 +159,10 @@ mod tests {
     fn bundle_key_is_private() {
         let dir = tempfile::tempdir().expect("tmp");
         let ca = CertAuthority::new("t").expect("ca");
-        let leaf = ca
-            .issue(&LeafSpec::new(
-                "s",
-                &["localhost"],
-                Usage::Server,
-                Duration::from_secs(60),
-            ))
-            .expect("leaf");
+        let leaf = ca.issue(&LeafSpec::new("s", &["localhost"], Usage::Server, Duration::from_secs(60))).expect("leaf");
         let files = write_bundle(dir.path(), "server", ca.cert_pem(), &leaf).expect("write");
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&files.key)
-            .expect("stat")
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = std::fs::metadata(&files.key).expect("stat").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         TlsMaterial::load(&files).expect("written bundle loads");
     }

@@ -26,13 +26,9 @@ pub enum LogFormat {
 /// Installs the global tracing subscriber. `RUST_LOG` overrides the default filter.
 pub fn init_logging(format: LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     // A second init (tests, local mode) keeps the first subscriber; that is fine.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -42,9 +38,7 @@ pub fn init_logging(format: LogFormat, default_filter: &str) {
 
 /// Runs a binary's async `run` on a multi-threaded runtime and maps the outcome to the exit
 /// code both binaries use: 0 on success, 2 with the error chain on stderr otherwise.
-pub fn run_main(
-    run: impl std::future::Future<Output = anyhow::Result<()>>,
-) -> std::process::ExitCode {
+pub fn run_main(run: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -64,10 +58,7 @@ pub fn run_main(
 /// Resolves on SIGTERM or SIGINT (Ctrl-C): the one signal handler each binary installs.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         }
@@ -97,9 +88,7 @@ impl Readiness {
     /// Reasons it is not ready; empty when ready.
     pub fn blockers(&self) -> Vec<String> {
         let c = self.conditions.lock().unwrap_or_else(|p| p.into_inner());
-        c.iter()
-            .filter_map(|(n, r)| r.as_ref().map(|r| format!("{n}: {r}")))
-            .collect()
+        c.iter().filter_map(|(n, r)| r.as_ref().map(|r| format!("{n}: {r}"))).collect()
     }
 }
 
@@ -123,16 +112,10 @@ const PROM_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 async fn metrics(State(s): State<HttpState>, headers: HeaderMap) -> Response {
     let mut body = String::with_capacity(16 * 1024);
     if let Err(e) = prometheus_client::encoding::text::encode(&mut body, &s.registry) {
-        return (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding metrics failed: {e}"),
-        )
-            .into_response();
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {e}")).into_response();
     }
-    let wants_openmetrics = headers
-        .get(header::ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let wants_openmetrics =
+        headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|a| a.contains("application/openmetrics-text"));
     if wants_openmetrics {
         // Owner-rendered families go before the terminating `# EOF`.
         let eof = body.rfind("# EOF").unwrap_or(body.len());
@@ -160,11 +143,7 @@ async fn readyz(State(s): State<HttpState>) -> Response {
     if blockers.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready:\n{}\n", blockers.join("\n")),
-        )
-            .into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", blockers.join("\n"))).into_response()
     }
 }
 
@@ -176,26 +155,15 @@ pub async fn bind_http(
     readiness: Arc<Readiness>,
     extra: Vec<Arc<dyn TextMetrics>>,
     shutdown: CancellationToken,
-) -> std::io::Result<(
-    SocketAddr,
-    impl std::future::Future<Output = std::io::Result<()>>,
-)> {
+) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = std::io::Result<()>>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(HttpState {
-            registry,
-            readiness,
-            extra: extra.into(),
-        });
-    let fut = async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-    };
+        .with_state(HttpState { registry, readiness, extra: extra.into() });
+    let fut = async move { axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await };
     Ok((bound, fut))
 }
 
@@ -225,13 +193,8 @@ pub fn openmetrics_to_prometheus_text(om: &str) -> String {
             let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
             // HELP precedes TYPE, so look ahead is not possible; counters are renamed when the
             // TYPE line arrives, and HELP is written with the name the samples will carry.
-            let counter =
-                om.contains(&format!("# TYPE {name} counter\n")) && !name.ends_with("_total");
-            let name = if counter {
-                format!("{name}_total")
-            } else {
-                name.to_owned()
-            };
+            let counter = om.contains(&format!("# TYPE {name} counter\n")) && !name.ends_with("_total");
+            let name = if counter { format!("{name}_total") } else { name.to_owned() };
             out.push_str(&format!("# HELP {name} {help}\n"));
             continue;
         }
@@ -261,12 +224,7 @@ mod tests {
         r.register("hearth_things", "Things seen", c.clone());
         c.get_or_create(&[("kind", "a")]).inc_by(3);
         let g = Gauge::<i64>::default();
-        r.register_with_unit(
-            "hearth_disk",
-            "Disk",
-            prometheus_client::registry::Unit::Bytes,
-            g.clone(),
-        );
+        r.register_with_unit("hearth_disk", "Disk", prometheus_client::registry::Unit::Bytes, g.clone());
         g.set(42);
         let mut om = String::new();
         prometheus_client::encoding::text::encode(&mut om, &r).expect("encode");

@@ -5,15 +5,11 @@ use crate::v1 as pb;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConvertError {
-    #[error(
-        "Hello.node_name: expected a Kubernetes node name (lowercase RFC 1123 subdomain, at most 253 characters), got {0:?}"
-    )]
+    #[error("Hello.node_name: expected a Kubernetes node name (lowercase RFC 1123 subdomain, at most 253 characters), got {0:?}")]
     NodeName(String),
     #[error("Hello.boot_id: expected a non-empty boot id of at most 64 characters, got {0:?}")]
     BootId(String),
-    #[error(
-        "Hello.api_version: this controller speaks API version {supported}, the agent speaks {got}"
-    )]
+    #[error("Hello.api_version: this controller speaks API version {supported}, the agent speaks {got}")]
     ApiVersion { supported: u32, got: u32 },
     #[error("Hello.agent_version: expected at most 64 characters")]
     AgentVersion,
@@ -32,9 +28,7 @@ pub fn validate_node_name(name: &str) -> Result<(), ConvertError> {
         let bytes = label.as_bytes();
         let ok = !bytes.is_empty()
             && bytes.len() <= 63
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+            && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
             && bytes[0] != b'-'
             && bytes[bytes.len() - 1] != b'-';
         if !ok {
@@ -65,10 +59,7 @@ impl TryFrom<pb::Hello> for AgentHello {
             return Err(ConvertError::BootId(h.boot_id.chars().take(80).collect()));
         }
         if h.api_version != crate::API_VERSION {
-            return Err(ConvertError::ApiVersion {
-                supported: crate::API_VERSION,
-                got: h.api_version,
-            });
+            return Err(ConvertError::ApiVersion { supported: crate::API_VERSION, got: h.api_version });
         }
         if h.agent_version.len() > 64 {
             return Err(ConvertError::AgentVersion);
@@ -120,26 +111,12 @@ pub fn apply_delta(state: &mut pb::NodeState, d: pb::Delta) {
     if let Some(s) = d.subsystems {
         state.subsystems = s.items;
     }
-    upsert(&mut state.models, d.model_upserts, &d.model_removals, |m| {
-        &m.id
-    });
-    upsert(&mut state.images, d.image_upserts, &d.image_removals, |i| {
-        &i.reference
-    });
-    upsert(
-        &mut state.runtimes,
-        d.runtime_upserts,
-        &d.runtime_removals,
-        |r| &r.name,
-    );
+    upsert(&mut state.models, d.model_upserts, &d.model_removals, |m| &m.id);
+    upsert(&mut state.images, d.image_upserts, &d.image_removals, |i| &i.reference);
+    upsert(&mut state.runtimes, d.runtime_upserts, &d.runtime_removals, |r| &r.name);
 }
 
-fn upsert<T>(
-    items: &mut Vec<T>,
-    upserts: Vec<T>,
-    removals: &[String],
-    key: impl Fn(&T) -> &String,
-) {
+fn upsert<T>(items: &mut Vec<T>, upserts: Vec<T>, removals: &[String], key: impl Fn(&T) -> &String) {
     items.retain(|i| !removals.iter().any(|r| r == key(i)));
     for u in upserts {
         match items.iter_mut().find(|i| key(i) == key(&u)) {
@@ -152,11 +129,7 @@ fn upsert<T>(
 /// The Delta that turns `old` into `new`, or `None` when nothing changed. `apply_delta(old,
 /// diff(old, new))` equals `new` up to list order of keyed items.
 pub fn diff(old: &pb::NodeState, new: &pb::NodeState, epoch: u64, seq: u64) -> Option<pb::Delta> {
-    let mut d = pb::Delta {
-        epoch,
-        seq,
-        ..Default::default()
-    };
+    let mut d = pb::Delta { epoch, seq, ..Default::default() };
     let mut changed = false;
     if old.info != new.info {
         d.info = new.info.clone();
@@ -167,15 +140,11 @@ pub fn diff(old: &pb::NodeState, new: &pb::NodeState, epoch: u64, seq: u64) -> O
         changed = true;
     }
     if old.accelerators != new.accelerators {
-        d.accelerators = Some(pb::AcceleratorList {
-            items: new.accelerators.clone(),
-        });
+        d.accelerators = Some(pb::AcceleratorList { items: new.accelerators.clone() });
         changed = true;
     }
     if old.source_bandwidth != new.source_bandwidth {
-        d.source_bandwidth = Some(pb::SourceBandwidthList {
-            items: new.source_bandwidth.clone(),
-        });
+        d.source_bandwidth = Some(pb::SourceBandwidthList { items: new.source_bandwidth.clone() });
         changed = true;
     }
     if old.partition != new.partition {
@@ -183,32 +152,12 @@ pub fn diff(old: &pb::NodeState, new: &pb::NodeState, epoch: u64, seq: u64) -> O
         changed = true;
     }
     if old.subsystems != new.subsystems {
-        d.subsystems = Some(pb::SubsystemList {
-            items: new.subsystems.clone(),
-        });
+        d.subsystems = Some(pb::SubsystemList { items: new.subsystems.clone() });
         changed = true;
     }
-    changed |= diff_keyed(
-        &old.models,
-        &new.models,
-        |m| &m.id,
-        &mut d.model_upserts,
-        &mut d.model_removals,
-    );
-    changed |= diff_keyed(
-        &old.images,
-        &new.images,
-        |i| &i.reference,
-        &mut d.image_upserts,
-        &mut d.image_removals,
-    );
-    changed |= diff_keyed(
-        &old.runtimes,
-        &new.runtimes,
-        |r| &r.name,
-        &mut d.runtime_upserts,
-        &mut d.runtime_removals,
-    );
+    changed |= diff_keyed(&old.models, &new.models, |m| &m.id, &mut d.model_upserts, &mut d.model_removals);
+    changed |= diff_keyed(&old.images, &new.images, |i| &i.reference, &mut d.image_upserts, &mut d.image_removals);
+    changed |= diff_keyed(&old.runtimes, &new.runtimes, |r| &r.name, &mut d.runtime_upserts, &mut d.runtime_removals);
     changed.then_some(d)
 }
 
@@ -252,16 +201,7 @@ mod tests {
         for ok in ["a", "gpu-node-1", "ip-10-0-0-1.ec2.internal", "x1"] {
             assert_eq!(validate_node_name(ok), Ok(()), "{ok}");
         }
-        for bad in [
-            "",
-            "Upper",
-            "-lead",
-            "trail-",
-            "a..b",
-            "under_score",
-            &"a".repeat(64),
-            "sp ace",
-        ] {
+        for bad in ["", "Upper", "-lead", "trail-", "a..b", "under_score", &"a".repeat(64), "sp ace"] {
             assert!(validate_node_name(bad).is_err(), "{bad}");
         }
     }
@@ -271,55 +211,32 @@ mod tests {
         let mut h = hello("n1");
         h.api_version = 99;
         let err = AgentHello::try_from(h).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "Hello.api_version: this controller speaks API version 1, the agent speaks 99"
-        );
+        assert_eq!(err.to_string(), "Hello.api_version: this controller speaks API version 1, the agent speaks 99");
     }
 
     #[test]
     fn hello_rejects_bad_name_and_empty_boot_id() {
-        assert!(matches!(
-            AgentHello::try_from(hello("Bad_Name")),
-            Err(ConvertError::NodeName(_))
-        ));
+        assert!(matches!(AgentHello::try_from(hello("Bad_Name")), Err(ConvertError::NodeName(_))));
         let mut h = hello("ok");
         h.boot_id.clear();
-        assert!(matches!(
-            AgentHello::try_from(h),
-            Err(ConvertError::BootId(_))
-        ));
+        assert!(matches!(AgentHello::try_from(h), Err(ConvertError::BootId(_))));
     }
 
     fn model(id: &str, present: u64) -> pb::CachedModel {
-        pb::CachedModel {
-            id: id.into(),
-            bytes_present: present,
-            bytes_total: 100,
-            ..Default::default()
-        }
+        pb::CachedModel { id: id.into(), bytes_present: present, bytes_total: 100, ..Default::default() }
     }
 
     #[test]
     fn diff_then_apply_reproduces_new_state() {
         let old = pb::NodeState {
             models: vec![model("a", 10), model("b", 100)],
-            resources: Some(pb::NodeResources {
-                load1: 1.0,
-                ..Default::default()
-            }),
+            resources: Some(pb::NodeResources { load1: 1.0, ..Default::default() }),
             ..Default::default()
         };
         let new = pb::NodeState {
             models: vec![model("a", 50), model("c", 0)],
-            resources: Some(pb::NodeResources {
-                load1: 2.0,
-                ..Default::default()
-            }),
-            accelerators: vec![pb::Accelerator {
-                index: 0,
-                ..Default::default()
-            }],
+            resources: Some(pb::NodeResources { load1: 2.0, ..Default::default() }),
+            accelerators: vec![pb::Accelerator { index: 0, ..Default::default() }],
             ..Default::default()
         };
         let d = diff(&old, &new, 7, 2).expect("states differ");
@@ -333,10 +250,7 @@ mod tests {
 
     #[test]
     fn diff_of_equal_states_is_none() {
-        let s = pb::NodeState {
-            models: vec![model("a", 1)],
-            ..Default::default()
-        };
+        let s = pb::NodeState { models: vec![model("a", 1)], ..Default::default() };
         assert_eq!(diff(&s, &s.clone(), 1, 1), None);
     }
 }

@@ -24,8 +24,7 @@ pub mod podresources {
 }
 
 /// Encoded `FileDescriptorSet` of every hearth.v1 file, for gRPC server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/hearth_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hearth_descriptor.bin"));
 
 /// Wire API major version this build speaks. Bumped only for incompatible changes, which the
 /// `fields are only added` rule is meant to make unnecessary.

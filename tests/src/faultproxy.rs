@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::io::{
-    AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader,
-};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -58,9 +56,7 @@ impl Shared {
     fn take_if(&self, target: &str, wanted: impl Fn(&ProxyFault) -> bool) -> Option<ProxyFault> {
         let mut q = self.faults.lock().unwrap_or_else(PoisonError::into_inner);
         // The first fault aimed at this target, in queue order; faults for other targets wait.
-        let i = q
-            .iter()
-            .position(|(only, _)| only.as_deref().is_none_or(|o| target.contains(o)))?;
+        let i = q.iter().position(|(only, _)| only.as_deref().is_none_or(|o| target.contains(o)))?;
         if !wanted(&q[i].1) {
             return None;
         }
@@ -100,21 +96,13 @@ impl FaultProxy {
 
     /// Queues a fault for the next GET response with a body (`SlowDown`: the next GET).
     pub fn inject(&self, f: ProxyFault) {
-        self.shared
-            .faults
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push_back((None, f));
+        self.shared.faults.lock().unwrap_or_else(PoisonError::into_inner).push_back((None, f));
     }
 
     /// Like `inject`, for a request whose target (path and query) contains `target`: an
     /// object key, so listings and other objects pass untouched.
     pub fn inject_for(&self, target: &str, f: ProxyFault) {
-        self.shared
-            .faults
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push_back((Some(target.to_owned()), f));
+        self.shared.faults.lock().unwrap_or_else(PoisonError::into_inner).push_back((Some(target.to_owned()), f));
     }
 
     /// Requests received from clients, faulted or not.
@@ -128,11 +116,7 @@ impl FaultProxy {
 
     /// Faults queued and not yet spent.
     pub fn pending(&self) -> usize {
-        self.shared
-            .faults
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.shared.faults.lock().unwrap_or_else(PoisonError::into_inner).len()
     }
 }
 
@@ -164,25 +148,15 @@ struct Head {
 
 impl Head {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     fn has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n == name)
-            .any(|(_, v)| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        self.headers.iter().filter(|(n, _)| n == name).any(|(_, v)| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     }
 
     fn status(&self) -> io::Result<u16> {
-        self.start
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| invalid("status line"))
+        self.start.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| invalid("status line"))
     }
 
     fn body(&self, response: bool) -> io::Result<Body> {
@@ -190,10 +164,7 @@ impl Head {
             return Ok(Body::Chunked);
         }
         match self.header("content-length") {
-            Some(v) => v
-                .parse()
-                .map(Body::Fixed)
-                .map_err(|_| invalid("content-length")),
+            Some(v) => v.parse().map(Body::Fixed).map_err(|_| invalid("content-length")),
             None if response => Ok(Body::UntilClose),
             None => Ok(Body::None),
         }
@@ -206,10 +177,7 @@ trait Wr: AsyncWrite + Unpin {}
 impl<T: AsyncWrite + Unpin> Wr for T {}
 
 fn invalid(what: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("malformed HTTP: {what}"),
-    )
+    io::Error::new(io::ErrorKind::InvalidData, format!("malformed HTTP: {what}"))
 }
 
 async fn serve(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>) {
@@ -232,12 +200,7 @@ async fn serve(mut client: TcpStream, upstream: SocketAddr, shared: Arc<Shared>)
 }
 
 /// One request and its response.
-async fn exchange(
-    crd: &mut impl Rd,
-    cwr: &mut impl Wr,
-    upstream: SocketAddr,
-    shared: &Shared,
-) -> io::Result<Next> {
+async fn exchange(crd: &mut impl Rd, cwr: &mut impl Wr, upstream: SocketAddr, shared: &Shared) -> io::Result<Next> {
     let Some(req) = read_head(crd).await? else {
         return Ok(Next::Close);
     };
@@ -246,17 +209,9 @@ async fn exchange(
     let target = req.start.split_whitespace().nth(1).unwrap_or("").to_owned();
     let req_body = req.body(false)?;
     let client_close = req.has_token("connection", "close");
-    let keep = if client_close {
-        Next::Close
-    } else {
-        Next::KeepAlive
-    };
+    let keep = if client_close { Next::Close } else { Next::KeepAlive };
 
-    if is_get
-        && shared
-            .take_if(&target, |f| *f == ProxyFault::SlowDown)
-            .is_some()
-    {
+    if is_get && shared.take_if(&target, |f| *f == ProxyFault::SlowDown).is_some() {
         forward_body(crd, &mut tokio::io::sink(), req_body).await?;
         cwr.write_all(&slow_down()).await?;
         return Ok(keep);
@@ -286,15 +241,8 @@ async fn exchange(
     };
     let status = resp.status()?;
     let head_req = req.start.starts_with("HEAD ");
-    let resp_body = if head_req || status / 100 == 1 || status == 204 || status == 304 {
-        Body::None
-    } else {
-        resp.body(true)?
-    };
-    let close = !body_sent
-        || client_close
-        || resp.has_token("connection", "close")
-        || resp_body == Body::UntilClose;
+    let resp_body = if head_req || status / 100 == 1 || status == 204 || status == 304 { Body::None } else { resp.body(true)? };
+    let close = !body_sent || client_close || resp.has_token("connection", "close") || resp_body == Body::UntilClose;
     let next = if close { Next::Close } else { Next::KeepAlive };
 
     cwr.write_all(&resp.raw).await?;
@@ -310,13 +258,7 @@ async fn exchange(
 }
 
 /// Streams a `len`-byte body with `fault` applied.
-async fn faulty_body(
-    urd: &mut impl Rd,
-    cwr: &mut impl Wr,
-    len: u64,
-    fault: ProxyFault,
-    next: Next,
-) -> io::Result<Next> {
+async fn faulty_body(urd: &mut impl Rd, cwr: &mut impl Wr, len: u64, fault: ProxyFault, next: Next) -> io::Result<Next> {
     let (stop, next) = match fault {
         ProxyFault::Reset => ((len / 2).min(RESET_AFTER), Next::Reset),
         ProxyFault::Truncate => (len / 2, Next::Close),
@@ -393,17 +335,9 @@ async fn read_head(r: &mut impl Rd) -> io::Result<Option<Head>> {
     let start = lines.next().unwrap_or_default().to_owned();
     let headers = lines
         .filter(|l| !l.is_empty())
-        .map(|l| {
-            l.split_once(':')
-                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-                .ok_or_else(|| invalid("header"))
-        })
+        .map(|l| l.split_once(':').map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned())).ok_or_else(|| invalid("header")))
         .collect::<io::Result<_>>()?;
-    Ok(Some(Head {
-        raw,
-        start,
-        headers,
-    }))
+    Ok(Some(Head { raw, start, headers }))
 }
 
 /// The final response head, relaying any `1xx` interim responses to the client.
@@ -429,13 +363,8 @@ async fn forward_body(r: &mut impl Rd, w: &mut impl Wr, body: Body) -> io::Resul
             let mut line = Vec::new();
             read_line(r, &mut line).await?;
             w.write_all(&line).await?;
-            let size = std::str::from_utf8(&line)
-                .ok()
-                .and_then(|l| l.split(';').next())
-                .map(str::trim);
-            let size = size
-                .and_then(|s| u64::from_str_radix(s, 16).ok())
-                .ok_or_else(|| invalid("chunk size"))?;
+            let size = std::str::from_utf8(&line).ok().and_then(|l| l.split(';').next()).map(str::trim);
+            let size = size.and_then(|s| u64::from_str_radix(s, 16).ok()).ok_or_else(|| invalid("chunk size"))?;
             if size > 0 {
                 copy_exact(r, w, size + 2).await?; // data and its CRLF
                 continue;

@@ -20,10 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
 }
 
 pub fn free_addr() -> SocketAddr {
@@ -40,11 +37,7 @@ pub fn bin(name: &str) -> PathBuf {
         dir = dir.parent().expect("target dir");
     }
     let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "binary {} not found; build it first with `cargo build --workspace --bins` (the test script does)",
-        p.display()
-    );
+    assert!(p.exists(), "binary {} not found; build it first with `cargo build --workspace --bins` (the test script does)", p.display());
     p
 }
 
@@ -84,81 +77,40 @@ impl TestPki {
         std::fs::create_dir_all(dir)?;
         let ca = CertAuthority::new("hearth test CA")?;
         std::fs::write(dir.join("ca.pem"), ca.cert_pem())?;
-        Ok(Self {
-            ca,
-            dir: dir.to_owned(),
-        })
+        Ok(Self { ca, dir: dir.to_owned() })
     }
 
     fn write(&self, name: &str, issued: &Issued) -> Result<hearth_proto::transport::TlsFiles> {
-        Ok(hearth_controller::pki::write_bundle(
-            &self.dir,
-            name,
-            self.ca.cert_pem(),
-            issued,
-        )?)
+        Ok(hearth_controller::pki::write_bundle(&self.dir, name, self.ca.cert_pem(), issued)?)
     }
 
     pub fn server(&self) -> Result<hearth_proto::transport::TlsFiles> {
-        let i = self.ca.issue(&LeafSpec::new(
-            "controller",
-            &["localhost", "127.0.0.1"],
-            Usage::Server,
-            Duration::from_secs(86400),
-        ))?;
+        let i = self.ca.issue(&LeafSpec::new("controller", &["localhost", "127.0.0.1"], Usage::Server, Duration::from_secs(86400)))?;
         self.write("controller", &i)
     }
 
     /// A client certificate whose DNS SAN is `name` (a node name, or "operator").
     pub fn client(&self, name: &str) -> Result<hearth_proto::transport::TlsFiles> {
-        let i = self.ca.issue(&LeafSpec::new(
-            name,
-            &[name],
-            Usage::Client,
-            Duration::from_secs(86400),
-        ))?;
+        let i = self.ca.issue(&LeafSpec::new(name, &[name], Usage::Client, Duration::from_secs(86400)))?;
         self.write(&format!("client-{name}"), &i)
     }
 
     pub fn client_material(&self, name: &str) -> Result<TlsMaterial> {
-        let i = self.ca.issue(&LeafSpec::new(
-            name,
-            &[name],
-            Usage::Client,
-            Duration::from_secs(86400),
-        ))?;
-        Ok(TlsMaterial::from_pem(
-            self.ca.cert_pem().into(),
-            i.cert_pem.into_bytes(),
-            i.key_pem.into_bytes(),
-        )?)
+        let i = self.ca.issue(&LeafSpec::new(name, &[name], Usage::Client, Duration::from_secs(86400)))?;
+        Ok(TlsMaterial::from_pem(self.ca.cert_pem().into(), i.cert_pem.into_bytes(), i.key_pem.into_bytes())?)
     }
 
     pub fn expired_client_material(&self, name: &str) -> Result<TlsMaterial> {
-        let spec = LeafSpec::new(name, &[name], Usage::Client, Duration::from_secs(86400))
-            .expired(Duration::from_secs(3600));
+        let spec = LeafSpec::new(name, &[name], Usage::Client, Duration::from_secs(86400)).expired(Duration::from_secs(3600));
         let i = self.ca.issue(&spec)?;
-        Ok(TlsMaterial::from_pem(
-            self.ca.cert_pem().into(),
-            i.cert_pem.into_bytes(),
-            i.key_pem.into_bytes(),
-        )?)
+        Ok(TlsMaterial::from_pem(self.ca.cert_pem().into(), i.cert_pem.into_bytes(), i.key_pem.into_bytes())?)
     }
 
     /// A client certificate from a different CA, trusting our CA for the server.
     pub fn foreign_client_material(&self, name: &str) -> Result<TlsMaterial> {
         let other = CertAuthority::new("someone else's CA")?;
-        let i = other.issue(&LeafSpec::new(
-            name,
-            &[name],
-            Usage::Client,
-            Duration::from_secs(86400),
-        ))?;
-        Ok(TlsMaterial::from_pem(
-            self.ca.cert_pem().into(),
-            i.cert_pem.into_bytes(),
-            i.key_pem.into_bytes(),
-        )?)
+        let i = other.issue(&LeafSpec::new(name, &[name], Usage::Client, Duration::from_secs(86400)))?;
+        Ok(TlsMaterial::from_pem(self.ca.cert_pem().into(), i.cert_pem.into_bytes(), i.key_pem.into_bytes())?)
     }
 
     pub fn ca_only(&self) -> tonic::transport::ClientTlsConfig {
@@ -180,21 +132,10 @@ impl Proc {
     pub fn spawn(name: &str, cmd: &mut Command, log_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(log_dir)?;
         let log = log_dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("spawning {name}: {cmd:?}"))?;
-        Ok(Self {
-            name: name.into(),
-            child,
-            log,
-        })
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child =
+            cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn().with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        Ok(Self { name: name.into(), child, log })
     }
 
     pub fn pid(&self) -> i32 {
@@ -202,10 +143,7 @@ impl Proc {
     }
 
     pub fn signal(&self, sig: &str) -> Result<()> {
-        let st = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()?;
+        let st = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status()?;
         if !st.success() {
             bail!("kill -{sig} {} failed", self.pid());
         }
@@ -213,10 +151,7 @@ impl Proc {
     }
 
     /// Waits for exit up to `timeout`; None if still running.
-    pub async fn wait_exit(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<Option<std::process::ExitStatus>> {
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
         let start = Instant::now();
         loop {
             if let Some(st) = self.child.try_wait()? {
@@ -255,12 +190,7 @@ pub struct ControllerProc {
 }
 
 impl ControllerProc {
-    pub async fn start(
-        dir: &Path,
-        pki: &TestPki,
-        grpc: SocketAddr,
-        extra_yaml: &str,
-    ) -> Result<Self> {
+    pub async fn start(dir: &Path, pki: &TestPki, grpc: SocketAddr, extra_yaml: &str) -> Result<Self> {
         let files = pki.server()?;
         let http = free_addr();
         let cfg = dir.join("controller.yaml");
@@ -275,19 +205,12 @@ impl ControllerProc {
         )?;
         let proc = Proc::spawn(
             "controller",
-            Command::new(bin("hearth-controller"))
-                .args(["run", "--config"])
-                .arg(&cfg)
-                .env("RUST_LOG", "info"),
+            Command::new(bin("hearth-controller")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "info"),
             dir,
         )?;
         let c = Self { proc, grpc, http };
         wait_for("controller /healthz", Duration::from_secs(15), || async {
-            Ok(http_get(c.http, "/healthz")
-                .await
-                .ok()
-                .filter(|(s, _)| *s == 200)
-                .map(|_| ()))
+            Ok(http_get(c.http, "/healthz").await.ok().filter(|(s, _)| *s == 200).map(|_| ()))
         })
         .await
         .with_context(|| c.proc.log_text())?;
@@ -303,34 +226,32 @@ pub struct AgentProc {
 
 impl AgentProc {
     /// `extra_yaml` is appended at the top level of the agent's config.
-    pub fn start(
-        dir: &Path,
-        pki: &TestPki,
-        node: &str,
-        controller: SocketAddr,
-        extra_yaml: &str,
-    ) -> Result<Self> {
+    pub fn start(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str) -> Result<Self> {
         Self::spawn(dir, pki, node, controller, extra_yaml, "")
     }
 
     /// Like `start`, with `cache_extra` appended inside the `cache:` mapping (indented keys).
-    pub fn start_with_cache_models(
-        dir: &Path,
-        pki: &TestPki,
-        node: &str,
-        controller: SocketAddr,
-        cache_extra: &str,
-    ) -> Result<Self> {
+    pub fn start_with_cache_models(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, cache_extra: &str) -> Result<Self> {
         Self::spawn(dir, pki, node, controller, "", cache_extra)
     }
 
-    fn spawn(
+    /// Like `start`, with `devices_yaml` (a flow mapping) as the `devices:` section.
+    pub fn start_with_devices(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, devices_yaml: &str) -> Result<Self> {
+        Self::spawn_with(dir, pki, node, controller, "", "", devices_yaml)
+    }
+
+    fn spawn(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str, cache_extra: &str) -> Result<Self> {
+        Self::spawn_with(dir, pki, node, controller, extra_yaml, cache_extra, "{simulated: [2xH100-80GB]}")
+    }
+
+    fn spawn_with(
         dir: &Path,
         pki: &TestPki,
         node: &str,
         controller: SocketAddr,
         extra_yaml: &str,
         cache_extra: &str,
+        devices: &str,
     ) -> Result<Self> {
         let files = pki.client(node)?;
         let http = free_addr();
@@ -343,7 +264,7 @@ impl AgentProc {
                 "node_name: {node}\nhttp_listen: {http}\n\
                  controller:\n  url: https://{controller}\n  server_name: localhost\n  heartbeat_interval: 500ms\n  \
                  backoff_initial: 100ms\n  backoff_max: 1s\n  tls: {{ca: {}, cert: {}, key: {}}}\n\
-                 devices: {{simulated: [2xH100-80GB]}}\nnode: {{collect_interval: 300ms}}\ncache:\n  root: {}\n{cache_extra}{extra_yaml}",
+                 devices: {devices}\nnode: {{collect_interval: 300ms}}\ncache:\n  root: {}\n{cache_extra}{extra_yaml}",
                 files.ca.display(),
                 files.cert.display(),
                 files.key.display(),
@@ -352,10 +273,7 @@ impl AgentProc {
         )?;
         let proc = Proc::spawn(
             &format!("agent-{node}"),
-            Command::new(bin("hearth"))
-                .args(["agent", "--config"])
-                .arg(&cfg)
-                .env("RUST_LOG", "info"),
+            Command::new(bin("hearth")).args(["agent", "--config"]).arg(&cfg).env("RUST_LOG", "info"),
             dir,
         )?;
         Ok(Self { proc, http })
@@ -367,42 +285,17 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     http_get_with(addr, path, &[]).await
 }
 
-pub async fn http_get_with(
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Result<(u16, String)> {
+pub async fn http_get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
-        .await??;
-    let extra: String = headers
-        .iter()
-        .map(|(k, v)| format!("{k}: {v}\r\n"))
-        .collect();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n")
-            .as_bytes(),
-    )
-    .await?;
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await??;
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n").as_bytes()).await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no HTTP header end in {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line {head:?}"))?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header end in {text:?}"))?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("bad status line {head:?}"))?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
     Ok((status, body))
 }
 
@@ -421,20 +314,12 @@ fn dechunk(mut s: &str) -> String {
 
 /// The value of one sample in Prometheus text (`name{labels} value`), if present.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|v| v.trim().parse().ok())
-    })
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
 }
 
 /// A tonic channel to the controller with the given client identity.
-pub async fn channel(
-    addr: SocketAddr,
-    tls: Option<&TlsMaterial>,
-) -> Result<tonic::transport::Channel> {
-    let mut ep = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
-        .connect_timeout(Duration::from_secs(5));
+pub async fn channel(addr: SocketAddr, tls: Option<&TlsMaterial>) -> Result<tonic::transport::Channel> {
+    let mut ep = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?.connect_timeout(Duration::from_secs(5));
     if let Some(t) = tls {
         ep = ep.tls_config(t.client_config("localhost"))?;
     }
@@ -443,11 +328,7 @@ pub async fn channel(
 
 pub async fn list_nodes(addr: SocketAddr, tls: &TlsMaterial) -> Result<Vec<pb::NodeSummary>> {
     let ch = channel(addr, Some(tls)).await?;
-    Ok(pb::operator_client::OperatorClient::new(ch)
-        .list_nodes(pb::ListNodesRequest {})
-        .await?
-        .into_inner()
-        .nodes)
+    Ok(pb::operator_client::OperatorClient::new(ch).list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes)
 }
 
 pub fn hello(node: &str) -> pb::AgentMessage {
@@ -471,31 +352,19 @@ pub struct RawAgent {
 
 impl RawAgent {
     /// Opens a stream, sends Hello and waits for the controller's answer to it.
-    pub async fn connect(
-        ch: tonic::transport::Channel,
-        node: &str,
-    ) -> std::result::Result<Self, tonic::Status> {
+    pub async fn connect(ch: tonic::transport::Channel, node: &str) -> std::result::Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(64);
-        tx.send(hello(node))
-            .await
-            .map_err(|_| tonic::Status::internal("queue"))?;
+        tx.send(hello(node)).await.map_err(|_| tonic::Status::internal("queue"))?;
         let mut client = pb::node_agent_client::NodeAgentClient::new(ch);
         let mut rx = client.connect(ReceiverStream::new(rx)).await?.into_inner();
         match rx.message().await? {
-            Some(pb::ControllerMessage {
-                kind: Some(pb::controller_message::Kind::Ack(_)),
-            }) => Ok(Self { tx, rx }),
-            other => Err(tonic::Status::internal(format!(
-                "expected Ack of Hello, got {other:?}"
-            ))),
+            Some(pb::ControllerMessage { kind: Some(pb::controller_message::Kind::Ack(_)) }) => Ok(Self { tx, rx }),
+            other => Err(tonic::Status::internal(format!("expected Ack of Hello, got {other:?}"))),
         }
     }
 
     pub async fn send(&self, kind: pb::agent_message::Kind) -> Result<()> {
-        self.tx
-            .send(pb::AgentMessage { kind: Some(kind) })
-            .await
-            .map_err(|_| anyhow!("stream closed"))
+        self.tx.send(pb::AgentMessage { kind: Some(kind) }).await.map_err(|_| anyhow!("stream closed"))
     }
 
     /// The next message, or an error if the stream ended or 5 s passed.
@@ -514,11 +383,8 @@ pub async fn start_controller(
     tweak: impl FnOnce(&mut hearth_controller::config::RawConfig),
 ) -> Result<hearth_controller::Running> {
     let files = pki.server()?;
-    let mut raw = hearth_controller::config::RawConfig {
-        listen: "127.0.0.1:0".into(),
-        http_listen: "127.0.0.1:0".into(),
-        ..Default::default()
-    };
+    let mut raw =
+        hearth_controller::config::RawConfig { listen: "127.0.0.1:0".into(), http_listen: "127.0.0.1:0".into(), ..Default::default() };
     raw.tls.ca = Some(files.ca);
     raw.tls.cert = Some(files.cert);
     raw.tls.key = Some(files.key);

@@ -36,18 +36,12 @@ fn free_ports() -> Result<[u16; 11]> {
     loop {
         let admin = TcpListener::bind("127.0.0.1:0")?;
         let p = admin.local_addr()?.port();
-        if let Some(grpc) = p
-            .checked_add(10_000)
-            .and_then(|g| TcpListener::bind(("127.0.0.1", g)).ok())
-        {
+        if let Some(grpc) = p.checked_add(10_000).and_then(|g| TcpListener::bind(("127.0.0.1", g)).ok()) {
             held.extend([admin, grpc]);
             break;
         }
     }
-    let ports: Vec<u16> = held
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect::<std::io::Result<_>>()?;
+    let ports: Vec<u16> = held.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<std::io::Result<_>>()?;
     Ok(ports.try_into().expect("eleven ports"))
 }
 
@@ -84,27 +78,11 @@ impl SeaweedFs {
         let tmp = dir.path().join("tmp");
         std::fs::create_dir_all(&tmp)?;
 
-        let [
-            master,
-            master_grpc,
-            volume,
-            volume_grpc,
-            filer,
-            filer_grpc,
-            s3,
-            s3_grpc,
-            webdav,
-            admin,
-            admin_grpc,
-        ] = free_ports()?;
+        let [master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, webdav, admin, admin_grpc] = free_ports()?;
         let mut cmd = Command::new(weed);
         cmd.arg("mini")
             .arg(format!("-dir={}", data.display()))
-            .args([
-                "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1",
-                "-master.telemetry=false",
-            ])
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false"])
             .arg(format!("-s3.config={}", ids.display()))
             .arg(format!("-master.port={master}"))
             .arg(format!("-master.port.grpc={master_grpc}"))
@@ -112,16 +90,10 @@ impl SeaweedFs {
             .arg(format!("-volume.port.grpc={volume_grpc}"))
             .arg(format!("-filer.port={filer}"))
             .arg(format!("-filer.port.grpc={filer_grpc}"))
-            .arg(format!(
-                "-filer.localSocket={}",
-                dir.path().join("filer.sock").display()
-            ))
+            .arg(format!("-filer.localSocket={}", dir.path().join("filer.sock").display()))
             .arg(format!("-s3.port={s3}"))
             .arg(format!("-s3.port.grpc={s3_grpc}"))
-            .arg(format!(
-                "-s3.localSocket={}",
-                dir.path().join("s3.sock").display()
-            ))
+            .arg(format!("-s3.localSocket={}", dir.path().join("s3.sock").display()))
             .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
             .arg(format!("-webdav.port={webdav}"))
             .arg(format!("-admin.port={admin}"))
@@ -136,15 +108,9 @@ impl SeaweedFs {
             access_key: ACCESS_KEY.into(),
             secret_key: SECRET_KEY.into(),
             // weed puts a unix socket per gRPC port in /tmp whatever the flags say.
-            grpc_sockets: [
-                ("master", master_grpc),
-                ("volume", volume_grpc),
-                ("filer", filer_grpc),
-                ("s3", s3_grpc),
-                ("admin", admin_grpc),
-            ]
-            .map(|(kind, p)| PathBuf::from(format!("/tmp/seaweedfs-{kind}-grpc-{p}.sock")))
-            .into(),
+            grpc_sockets: [("master", master_grpc), ("volume", volume_grpc), ("filer", filer_grpc), ("s3", s3_grpc), ("admin", admin_grpc)]
+                .map(|(kind, p)| PathBuf::from(format!("/tmp/seaweedfs-{kind}-grpc-{p}.sock")))
+                .into(),
             dir,
         };
         // S3 answers before the admin server binds its ports, and weed exits if one is taken,
@@ -152,10 +118,7 @@ impl SeaweedFs {
         let s3 = sw.s3;
         let ready = wait_for("SeaweedFS to start", Duration::from_secs(30), || {
             let exited = sw.proc.child.try_wait();
-            let up = sw
-                .proc
-                .log_text()
-                .contains("All enabled components are running");
+            let up = sw.proc.log_text().contains("All enabled components are running");
             async move {
                 match exited? {
                     Some(st) => Ok(Some(Err(anyhow!("weed mini exited at start with {st}")))),
@@ -187,24 +150,17 @@ impl SeaweedFs {
     /// Add `-f` or check the status yourself; point it at any host, e.g. a proxy.
     pub fn signed_curl(&self) -> tokio::process::Command {
         let mut c = tokio::process::Command::new("curl");
-        c.args([
-            "-sS",
-            "--aws-sigv4",
-            &format!("aws:amz:{REGION}:s3"),
-            "--user",
-        ])
-        .arg(format!("{}:{}", self.access_key, self.secret_key))
-        .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
-        .env_remove("AWS_CA_BUNDLE")
-        .kill_on_drop(true);
+        c.args(["-sS", "--aws-sigv4", &format!("aws:amz:{REGION}:s3"), "--user"])
+            .arg(format!("{}:{}", self.access_key, self.secret_key))
+            .args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+            .env_remove("AWS_CA_BUNDLE")
+            .kill_on_drop(true);
         c
     }
 
     pub async fn create_bucket(&self, name: &str) -> Result<()> {
         let url = format!("{}/{name}", self.endpoint());
-        run(self.signed_curl().args(["-f", "-X", "PUT", &url]))
-            .await
-            .with_context(|| format!("creating bucket {name}"))?;
+        run(self.signed_curl().args(["-f", "-X", "PUT", &url])).await.with_context(|| format!("creating bucket {name}"))?;
         Ok(())
     }
 
@@ -221,53 +177,29 @@ impl SeaweedFs {
 
     /// Uploads with `x-amz-checksum-crc64nvme`; SeaweedFS verifies it (400 BadDigest on a
     /// mismatch), stores it, and returns it on HEAD/GET with `x-amz-checksum-mode: ENABLED`.
-    pub async fn put_object_with_checksum(
-        &self,
-        bucket: &str,
-        key: &str,
-        path: &Path,
-        crc64nvme_b64: &str,
-    ) -> Result<()> {
+    pub async fn put_object_with_checksum(&self, bucket: &str, key: &str, path: &Path, crc64nvme_b64: &str) -> Result<()> {
         let sum = format!("x-amz-checksum-crc64nvme: {crc64nvme_b64}");
-        self.put(
-            bucket,
-            key,
-            path,
-            &["-H", &sum, "-H", "x-amz-sdk-checksum-algorithm: CRC64NVME"],
-        )
-        .await
+        self.put(bucket, key, path, &["-H", &sum, "-H", "x-amz-sdk-checksum-algorithm: CRC64NVME"]).await
     }
 
     async fn put(&self, bucket: &str, key: &str, path: &Path, extra: &[&str]) -> Result<()> {
         let url = format!("{}/{bucket}/{key}", self.endpoint());
-        run(self
-            .signed_curl()
-            .args(["-f", "-T"])
-            .arg(path)
-            .args(extra)
-            .arg(&url))
-        .await
-        .with_context(|| format!("uploading {} to {bucket}/{key}", path.display()))?;
+        run(self.signed_curl().args(["-f", "-T"]).arg(path).args(extra).arg(&url))
+            .await
+            .with_context(|| format!("uploading {} to {bucket}/{key}", path.display()))?;
         Ok(())
     }
 
     pub async fn get_object(&self, bucket: &str, key: &str) -> Result<Vec<u8>> {
         let url = format!("{}/{bucket}/{key}", self.endpoint());
-        run(self.signed_curl().args(["-f", &url]))
-            .await
-            .with_context(|| format!("downloading {bucket}/{key}"))
+        run(self.signed_curl().args(["-f", &url])).await.with_context(|| format!("downloading {bucket}/{key}"))
     }
 }
 
 /// Runs a curl command; its stdout, or an error with its stderr.
 pub async fn run(cmd: &mut tokio::process::Command) -> Result<Vec<u8>> {
     let out = cmd.output().await.context("running curl")?;
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+    ensure!(out.status.success(), "{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     Ok(out.stdout)
 }
 

@@ -10,16 +10,9 @@ use hearth_proto::v1 as pb;
 use hearth_tests::*;
 use tokio_util::sync::CancellationToken;
 
-async fn node_state(
-    ctl: &hearth_controller::Running,
-    pki: &TestPki,
-    node: &str,
-) -> Result<Option<pb::NodeState>> {
+async fn node_state(ctl: &hearth_controller::Running, pki: &TestPki, node: &str) -> Result<Option<pb::NodeState>> {
     let ch = channel(ctl.grpc_addr, Some(&pki.client_material("operator")?)).await?;
-    match pb::operator_client::OperatorClient::new(ch)
-        .get_node(pb::GetNodeRequest { name: node.into() })
-        .await
-    {
+    match pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: node.into() }).await {
         Ok(r) => Ok(r.into_inner().state),
         Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
         Err(s) => Err(s.into()),
@@ -36,24 +29,14 @@ async fn warm_models_and_prefetch_commands_reach_the_controller_view() -> Result
     hearth_agent::cache::sample::write_sample_model(&cmd_src, 1, 2 << 20)?;
     let stop = CancellationToken::new();
     let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
-    let extra = format!(
-        "  models: [{{uri: 'file://{}', pin: true}}]\n",
-        warm_src.display()
-    );
-    let agent =
-        AgentProc::start_with_cache_models(dir.path(), &pki, "gpu-1", ctl.grpc_addr, &extra)?;
+    let extra = format!("  models: [{{uri: 'file://{}', pin: true}}]\n", warm_src.display());
+    let agent = AgentProc::start_with_cache_models(dir.path(), &pki, "gpu-1", ctl.grpc_addr, &extra)?;
 
-    let state = wait_for(
-        "warm model ready in the controller view",
-        Duration::from_secs(30),
-        || async {
-            Ok(node_state(&ctl, &pki, "gpu-1").await?.filter(|s| {
-                s.models.iter().any(|m| {
-                    m.state == pb::CacheEntryState::Ready as i32 && m.bytes_present == m.bytes_total
-                })
-            }))
-        },
-    )
+    let state = wait_for("warm model ready in the controller view", Duration::from_secs(30), || async {
+        Ok(node_state(&ctl, &pki, "gpu-1")
+            .await?
+            .filter(|s| s.models.iter().any(|m| m.state == pb::CacheEntryState::Ready as i32 && m.bytes_present == m.bytes_total)))
+    })
     .await
     .map_err(|e| e.context(agent.proc.log_text()))?;
     let m = &state.models[0];
@@ -62,9 +45,7 @@ async fn warm_models_and_prefetch_commands_reach_the_controller_view() -> Result
     assert!(m.bytes_total > 12 << 20);
     let bw = state.source_bandwidth.first();
     assert!(
-        bw.is_some_and(|b| b.source.starts_with("file:///")
-            && b.bytes_per_second > 0.0
-            && b.samples >= 1),
+        bw.is_some_and(|b| b.source.starts_with("file:///") && b.bytes_per_second > 0.0 && b.samples >= 1),
         "{:?}",
         state.source_bandwidth
     );
@@ -81,23 +62,15 @@ async fn warm_models_and_prefetch_commands_reach_the_controller_view() -> Result
     };
     ctl.state.send_command("gpu-1", cmd)?;
     wait_for("commanded model ready", Duration::from_secs(30), || async {
-        Ok(node_state(&ctl, &pki, "gpu-1").await?.filter(|s| {
-            s.models.iter().any(|m| {
-                m.source_uri.contains("cmd-model") && m.state == pb::CacheEntryState::Ready as i32
-            })
-        }))
+        Ok(node_state(&ctl, &pki, "gpu-1")
+            .await?
+            .filter(|s| s.models.iter().any(|m| m.source_uri.contains("cmd-model") && m.state == pb::CacheEntryState::Ready as i32)))
     })
     .await
     .map_err(|e| e.context(agent.proc.log_text()))?;
     let (_, metrics) = http_get(agent.http, "/metrics").await?;
-    assert_eq!(
-        metric_value(&metrics, "hearth_cache_entries{state=\"ready\"}"),
-        Some(2.0)
-    );
-    assert_eq!(
-        metric_value(&metrics, "hearth_cache_misses_total"),
-        Some(2.0)
-    );
+    assert_eq!(metric_value(&metrics, "hearth_cache_entries{state=\"ready\"}"), Some(2.0));
+    assert_eq!(metric_value(&metrics, "hearth_cache_misses_total"), Some(2.0));
     stop.cancel();
     Ok(())
 }

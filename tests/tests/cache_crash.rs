@@ -21,10 +21,7 @@ fn journal_records(path: &Path) -> u64 {
 /// Bytes this process has read through read(2)/pread(2) (the POSIX source's part reads).
 fn rchar(pid: i32) -> u64 {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
-    io.lines()
-        .find_map(|l| l.strip_prefix("rchar: "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    io.lines().find_map(|l| l.strip_prefix("rchar: ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
 fn same_tree(a: &Path, b: &Path) {
@@ -35,21 +32,11 @@ fn same_tree(a: &Path, b: &Path) {
         if e.file_type().unwrap().is_dir() {
             same_tree(&e.path(), &other);
         } else {
-            assert_eq!(
-                std::fs::read(e.path()).unwrap(),
-                std::fs::read(&other).unwrap(),
-                "{}",
-                other.display()
-            );
+            assert_eq!(std::fs::read(e.path()).unwrap(), std::fs::read(&other).unwrap(), "{}", other.display());
         }
         n += 1;
     }
-    assert_eq!(
-        n,
-        std::fs::read_dir(b).unwrap().count(),
-        "{} has extra files",
-        b.display()
-    );
+    assert_eq!(n, std::fs::read_dir(b).unwrap().count(), "{} has extra files", b.display());
 }
 
 #[tokio::test]
@@ -67,14 +54,7 @@ async fn kill_dash_nine_ten_times_then_resume_is_identical_and_bounded() -> Resu
                 .args(["prefetch", &format!("file://{}", src.display()), "--quiet"])
                 .arg("--dest")
                 .arg(&cache)
-                .args([
-                    "--part-size",
-                    "256Ki",
-                    "--concurrency",
-                    "4",
-                    "--limit-rate",
-                    "24Mi",
-                ])
+                .args(["--part-size", "256Ki", "--concurrency", "4", "--limit-rate", "24Mi"])
                 .env("RUST_LOG", "hearth_agent=info"),
             dir.path(),
         )
@@ -111,27 +91,15 @@ async fn kill_dash_nine_ten_times_then_resume_is_identical_and_bounded() -> Resu
         // worker), queued for the committer (two per worker) or being synced.
         let wasted = read.saturating_sub(durable);
         let bound = (3 * CONCURRENCY + 4) * PART;
-        assert!(
-            wasted <= bound,
-            "kill {kills}: read {read} bytes, {durable} became durable; lost {wasted} > bound {bound}"
-        );
-        eprintln!(
-            "kill {kills}: journal {records} parts, read {read} B, durable {durable} B, lost {wasted} B (bound {bound})"
-        );
+        assert!(wasted <= bound, "kill {kills}: read {read} bytes, {durable} became durable; lost {wasted} > bound {bound}");
+        eprintln!("kill {kills}: journal {records} parts, read {read} B, durable {durable} B, lost {wasted} B (bound {bound})");
         last_records = records;
     }
-    assert!(
-        kills >= 10,
-        "only {kills} kills landed before the download finished"
-    );
+    assert!(kills >= 10, "only {kills} kills landed before the download finished");
 
     let mut last = prefetch("final")?;
     let st = last.wait_exit(Duration::from_secs(60)).await?;
-    assert!(
-        st.is_some_and(|s| s.success()),
-        "final run: {st:?}\n{}",
-        last.log_text()
-    );
+    assert!(st.is_some_and(|s| s.success()), "final run: {st:?}\n{}", last.log_text());
     let log = last.log_text();
     assert!(log.contains("resuming an interrupted download"), "{log}");
     same_tree(&src, &cache.join("models").join(&id));

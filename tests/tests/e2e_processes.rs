@@ -10,11 +10,7 @@ use anyhow::{Result, ensure};
 use hearth_proto::v1 as pb;
 use hearth_tests::*;
 
-async fn node(
-    ctl: std::net::SocketAddr,
-    pki: &TestPki,
-    name: &str,
-) -> Result<Option<pb::NodeSummary>> {
+async fn node(ctl: std::net::SocketAddr, pki: &TestPki, name: &str) -> Result<Option<pb::NodeSummary>> {
     let nodes = list_nodes(ctl, &pki.client_material("operator")?).await?;
     Ok(nodes.into_iter().find(|n| n.name == name))
 }
@@ -24,10 +20,7 @@ fn connected(n: &pb::NodeSummary) -> bool {
 }
 
 async fn agent_metric(agent: &AgentProc, series: &str) -> Option<f64> {
-    http_get(agent.http, "/metrics")
-        .await
-        .ok()
-        .and_then(|(_, body)| metric_value(&body, series))
+    http_get(agent.http, "/metrics").await.ok().and_then(|(_, body)| metric_value(&body, series))
 }
 
 #[tokio::test]
@@ -39,99 +32,52 @@ async fn agent_reports_snapshot_then_deltas_and_survives_restarts_of_both_sides(
     let mut agent = AgentProc::start(dir.path(), &pki, "gpu-1", grpc, "")?;
 
     // Snapshot: the node appears with its simulated accelerators.
-    let first = wait_for(
-        "gpu-1 connected with 2 GPUs",
-        Duration::from_secs(15),
-        || async {
-            Ok(node(grpc, &pki, "gpu-1")
-                .await?
-                .filter(|n| connected(n) && n.accelerator_count == 2))
-        },
-    )
+    let first = wait_for("gpu-1 connected with 2 GPUs", Duration::from_secs(15), || async {
+        Ok(node(grpc, &pki, "gpu-1").await?.filter(|n| connected(n) && n.accelerator_count == 2))
+    })
     .await
     .map_err(|e| e.context(agent.proc.log_text()))?;
-    assert_eq!(
-        first.accelerator_summary,
-        vec!["2 x NVIDIA H100 80GB HBM3".to_string()]
-    );
+    assert_eq!(first.accelerator_summary, vec!["2 x NVIDIA H100 80GB HBM3".to_string()]);
     // Deltas: node samples every 300 ms change the resources, so seq climbs past the snapshot.
     let later = wait_for("deltas applied", Duration::from_secs(10), || async {
-        Ok(node(grpc, &pki, "gpu-1")
-            .await?
-            .filter(|n| n.epoch == first.epoch && n.seq >= first.seq + 2))
+        Ok(node(grpc, &pki, "gpu-1").await?.filter(|n| n.epoch == first.epoch && n.seq >= first.seq + 2))
     })
     .await?;
     assert!(later.seq > first.seq);
 
     // Controller restart: soft state is gone, the agent reconnects and the view is rebuilt.
     ctl.proc.kill9()?;
-    wait_for(
-        "agent notices the controller is gone",
-        Duration::from_secs(10),
-        || async {
-            Ok(agent_metric(&agent, "hearth_agent_controller_connected")
-                .await
-                .filter(|v| *v == 0.0))
-        },
-    )
+    wait_for("agent notices the controller is gone", Duration::from_secs(10), || async {
+        Ok(agent_metric(&agent, "hearth_agent_controller_connected").await.filter(|v| *v == 0.0))
+    })
     .await?;
     let (status, body) = http_get(agent.http, "/readyz").await?;
-    assert_eq!(
-        status, 503,
-        "not ready while the controller is away: {body}"
-    );
+    assert_eq!(status, 503, "not ready while the controller is away: {body}");
     assert!(body.contains("controller"), "{body}");
     // The agent keeps its node-local work going: /metrics still serves fresh node samples.
-    assert!(
-        agent_metric(&agent, "hearth_node_memory_total_bytes")
-            .await
-            .is_some()
-    );
+    assert!(agent_metric(&agent, "hearth_node_memory_total_bytes").await.is_some());
 
     ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
-    let rebuilt = wait_for(
-        "view rebuilt after controller restart",
-        Duration::from_secs(15),
-        || async {
-            Ok(node(grpc, &pki, "gpu-1")
-                .await?
-                .filter(|n| connected(n) && n.accelerator_count == 2))
-        },
-    )
+    let rebuilt = wait_for("view rebuilt after controller restart", Duration::from_secs(15), || async {
+        Ok(node(grpc, &pki, "gpu-1").await?.filter(|n| connected(n) && n.accelerator_count == 2))
+    })
     .await?;
     assert_eq!(rebuilt.epoch, first.epoch, "same agent process, same epoch");
-    assert!(
-        rebuilt.seq > later.seq,
-        "sequence continues across reconnects"
-    );
-    let attempts = agent_metric(&agent, "hearth_agent_controller_connect_attempts_total")
-        .await
-        .unwrap_or(0.0);
+    assert!(rebuilt.seq > later.seq, "sequence continues across reconnects");
+    let attempts = agent_metric(&agent, "hearth_agent_controller_connect_attempts_total").await.unwrap_or(0.0);
     assert!(attempts >= 2.0, "reconnected: {attempts} attempts");
     assert_eq!(http_get(agent.http, "/readyz").await?.0, 200);
 
     // Agent restart (kill -9): the node shows disconnected, then comes back with a new epoch.
     agent.proc.kill9()?;
-    wait_for(
-        "node disconnected after agent kill",
-        Duration::from_secs(10),
-        || async {
-            Ok(node(grpc, &pki, "gpu-1")
-                .await?
-                .filter(|n| n.connection == pb::NodeConnection::Disconnected as i32))
-        },
-    )
+    wait_for("node disconnected after agent kill", Duration::from_secs(10), || async {
+        Ok(node(grpc, &pki, "gpu-1").await?.filter(|n| n.connection == pb::NodeConnection::Disconnected as i32))
+    })
     .await?;
     let agent2 = AgentProc::start(dir.path(), &pki, "gpu-1", grpc, "")?;
-    let back = wait_for(
-        "restarted agent connected",
-        Duration::from_secs(15),
-        || async {
-            Ok(node(grpc, &pki, "gpu-1")
-                .await?
-                .filter(|n| connected(n) && n.epoch != first.epoch))
-        },
-    )
+    let back = wait_for("restarted agent connected", Duration::from_secs(15), || async {
+        Ok(node(grpc, &pki, "gpu-1").await?.filter(|n| connected(n) && n.epoch != first.epoch))
+    })
     .await
     .map_err(|e| e.context(agent2.proc.log_text()))?;
     assert_eq!(back.accelerator_count, 2);
@@ -145,52 +91,25 @@ async fn agent_waits_for_an_absent_controller_without_flooding_logs() -> Result<
     let pki = TestPki::new(&dir.path().join("pki"))?;
     let grpc = free_addr();
     let agent = AgentProc::start(dir.path(), &pki, "gpu-2", grpc, "")?;
-    wait_for("agent /metrics", Duration::from_secs(10), || async {
-        Ok(agent_metric(&agent, "hearth_agent_controller_connected").await)
+    wait_for("agent /metrics", Duration::from_secs(10), || async { Ok(agent_metric(&agent, "hearth_agent_controller_connected").await) })
+        .await?;
+    // Let it fail for a while: backoff 100 ms doubling to a 1 s cap.
+    wait_for("several failed attempts", Duration::from_secs(10), || async {
+        Ok(agent_metric(&agent, "hearth_agent_controller_connect_attempts_total").await.filter(|v| *v >= 5.0))
     })
     .await?;
-    // Let it fail for a while: backoff 100 ms doubling to a 1 s cap.
-    wait_for(
-        "several failed attempts",
-        Duration::from_secs(10),
-        || async {
-            Ok(
-                agent_metric(&agent, "hearth_agent_controller_connect_attempts_total")
-                    .await
-                    .filter(|v| *v >= 5.0),
-            )
-        },
-    )
-    .await?;
-    assert_eq!(
-        agent_metric(&agent, "hearth_agent_controller_connected").await,
-        Some(0.0)
-    );
-    let attempts = agent_metric(&agent, "hearth_agent_controller_connect_attempts_total")
-        .await
-        .unwrap_or(0.0);
+    assert_eq!(agent_metric(&agent, "hearth_agent_controller_connected").await, Some(0.0));
+    let attempts = agent_metric(&agent, "hearth_agent_controller_connect_attempts_total").await.unwrap_or(0.0);
     let log = agent.proc.log_text();
-    let lines = log
-        .lines()
-        .filter(|l| l.contains("controller stream down"))
-        .count() as f64;
-    assert!(
-        lines <= attempts,
-        "one log line per attempt at most: {lines} lines, {attempts} attempts"
-    );
+    let lines = log.lines().filter(|l| l.contains("controller stream down")).count() as f64;
+    assert!(lines <= attempts, "one log line per attempt at most: {lines} lines, {attempts} attempts");
     // Serving metrics meanwhile, and node-local sampling works.
-    assert!(
-        agent_metric(&agent, "hearth_node_cpu_usage_ratio")
-            .await
-            .is_some()
-    );
+    assert!(agent_metric(&agent, "hearth_node_cpu_usage_ratio").await.is_some());
 
     let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
-    wait_for(
-        "connects once the controller is up",
-        Duration::from_secs(10),
-        || async { Ok(node(grpc, &pki, "gpu-2").await?.filter(connected)) },
-    )
+    wait_for("connects once the controller is up", Duration::from_secs(10), || async {
+        Ok(node(grpc, &pki, "gpu-2").await?.filter(connected))
+    })
     .await?;
     Ok(())
 }
@@ -202,25 +121,14 @@ async fn sigterm_stops_both_processes_within_the_grace_period() -> Result<()> {
     let grpc = free_addr();
     let mut ctl = ControllerProc::start(dir.path(), &pki, grpc, "shutdown_grace: 3s\n").await?;
     let mut agent = AgentProc::start(dir.path(), &pki, "gpu-3", grpc, "shutdown_grace: 3s\n")?;
-    wait_for("connected", Duration::from_secs(15), || async {
-        Ok(node(grpc, &pki, "gpu-3").await?.filter(connected))
-    })
-    .await?;
+    wait_for("connected", Duration::from_secs(15), || async { Ok(node(grpc, &pki, "gpu-3").await?.filter(connected)) }).await?;
 
     agent.proc.signal("TERM")?;
     let st = agent.proc.wait_exit(Duration::from_secs(5)).await?;
-    ensure!(
-        st.is_some_and(|s| s.success()),
-        "agent exit after SIGTERM: {st:?}\n{}",
-        agent.proc.log_text()
-    );
+    ensure!(st.is_some_and(|s| s.success()), "agent exit after SIGTERM: {st:?}\n{}", agent.proc.log_text());
     ctl.proc.signal("TERM")?;
     let st = ctl.proc.wait_exit(Duration::from_secs(5)).await?;
-    ensure!(
-        st.is_some_and(|s| s.success()),
-        "controller exit after SIGTERM: {st:?}\n{}",
-        ctl.proc.log_text()
-    );
+    ensure!(st.is_some_and(|s| s.success()), "controller exit after SIGTERM: {st:?}\n{}", ctl.proc.log_text());
     Ok(())
 }
 
@@ -228,38 +136,23 @@ async fn sigterm_stops_both_processes_within_the_grace_period() -> Result<()> {
 fn invalid_config_exits_non_zero_naming_the_field() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let cfg = dir.path().join("agent.yaml");
-    std::fs::write(
-        &cfg,
-        "node_name: n1\nnode:\n  collect_interval: sometimes\n",
-    )?;
-    let out = Command::new(bin("hearth"))
-        .args(["agent", "--config"])
-        .arg(&cfg)
-        .output()?;
+    std::fs::write(&cfg, "node_name: n1\nnode:\n  collect_interval: sometimes\n")?;
+    let out = Command::new(bin("hearth")).args(["agent", "--config"]).arg(&cfg).output()?;
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("node.collect_interval: expected a duration like \"15s\" or \"500ms\", got \"sometimes\""), "{err}");
 
     std::fs::write(&cfg, "listen: 0.0.0.0:1\nbogus: 1\n")?;
-    let out = Command::new(bin("hearth-controller"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()?;
+    let out = Command::new(bin("hearth-controller")).args(["run", "--config"]).arg(&cfg).output()?;
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown field `bogus`"), "{err}");
 
     // TLS files that do not exist are named, at start.
     std::fs::write(&cfg, "tls: {ca: /nonexistent/ca.pem, cert: /x, key: /y}\n")?;
-    let out = Command::new(bin("hearth-controller"))
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()?;
+    let out = Command::new(bin("hearth-controller")).args(["run", "--config"]).arg(&cfg).output()?;
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("CA bundle /nonexistent/ca.pem: cannot read"),
-        "{err}"
-    );
+    assert!(err.contains("CA bundle /nonexistent/ca.pem: cannot read"), "{err}");
     Ok(())
 }
 
@@ -274,64 +167,35 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
             .arg("local")
             .arg("--state-dir")
             .arg(&state)
-            .args([
-                "--controller-listen",
-                &g.to_string(),
-                "--controller-http-listen",
-                &ch.to_string(),
-            ])
+            .args(["--controller-listen", &g.to_string(), "--controller-http-listen", &ch.to_string()])
             .args(["--agent-http-listen", &ah.to_string()]),
         dir.path(),
     )?;
     let start = std::time::Instant::now();
-    let json = wait_for(
-        "hearth status --output json lists the node",
-        Duration::from_secs(10),
-        || async {
-            let out = Command::new(bin("hearth"))
-                .args(["status", "--output", "json", "--state-dir"])
-                .arg(&state)
-                .output()?;
-            if !out.status.success() {
-                anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr));
-            }
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            let ok =
-                v["nodes"][0]["state"] == "connected" && v["nodes"][0]["accelerator_count"] == 2;
-            Ok(ok.then_some(v))
-        },
-    )
+    let json = wait_for("hearth status --output json lists the node", Duration::from_secs(10), || async {
+        let out = Command::new(bin("hearth")).args(["status", "--output", "json", "--state-dir"]).arg(&state).output()?;
+        if !out.status.success() {
+            anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let ok = v["nodes"][0]["state"] == "connected" && v["nodes"][0]["accelerator_count"] == 2;
+        Ok(ok.then_some(v))
+    })
     .await
     .map_err(|e| e.context(local.log_text()))?;
     assert_eq!(json["nodes"][0]["name"], "local");
-    assert_eq!(
-        json["nodes"][0]["accelerators"][0],
-        "2 x NVIDIA H100 80GB HBM3"
-    );
+    assert_eq!(json["nodes"][0]["accelerators"][0], "2 x NVIDIA H100 80GB HBM3");
     eprintln!("local mode listed its node after {:?}", start.elapsed());
 
     // Table output too, then Ctrl-C stops it cleanly and removes the published info.
-    let out = Command::new(bin("hearth"))
-        .args(["status", "--state-dir"])
-        .arg(&state)
-        .output()?;
+    let out = Command::new(bin("hearth")).args(["status", "--state-dir"]).arg(&state).output()?;
     let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table.starts_with("NODE") && table.contains("local  connected"),
-        "{table}"
-    );
+    assert!(table.starts_with("NODE") && table.contains("local  connected"), "{table}");
     local.signal("INT")?;
     let st = local.wait_exit(Duration::from_secs(8)).await?;
-    ensure!(
-        st.is_some_and(|s| s.success()),
-        "local mode exit on Ctrl-C: {st:?}\n{}",
-        local.log_text()
-    );
+    ensure!(st.is_some_and(|s| s.success()), "local mode exit on Ctrl-C: {st:?}\n{}", local.log_text());
     assert!(!state.join("local/local.json").exists());
-    let out = Command::new(bin("hearth"))
-        .args(["status", "--state-dir"])
-        .arg(&state)
-        .output()?;
+    let out = Command::new(bin("hearth")).args(["status", "--state-dir"]).arg(&state).output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("hearth local"));
     Ok(())
@@ -344,32 +208,16 @@ async fn frozen_agent_turns_stale_then_recovers() -> Result<()> {
     let grpc = free_addr();
     let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "stale_after: 1500ms\n").await?;
     let agent = AgentProc::start(dir.path(), &pki, "gpu-4", grpc, "")?;
-    wait_for("connected", Duration::from_secs(15), || async {
-        Ok(node(grpc, &pki, "gpu-4").await?.filter(connected))
-    })
-    .await?;
+    wait_for("connected", Duration::from_secs(15), || async { Ok(node(grpc, &pki, "gpu-4").await?.filter(connected)) }).await?;
     // A stopped process keeps its TCP connection open but sends nothing: missed heartbeats.
     agent.proc.signal("STOP")?;
-    let stale = wait_for(
-        "stale after missed heartbeats",
-        Duration::from_secs(10),
-        || async {
-            Ok(node(grpc, &pki, "gpu-4")
-                .await?
-                .filter(|n| n.connection == pb::NodeConnection::Stale as i32))
-        },
-    )
+    let stale = wait_for("stale after missed heartbeats", Duration::from_secs(10), || async {
+        Ok(node(grpc, &pki, "gpu-4").await?.filter(|n| n.connection == pb::NodeConnection::Stale as i32))
+    })
     .await;
     agent.proc.signal("CONT")?;
     let stale = stale?;
-    assert!(
-        stale.last_report_age_ms >= 1500,
-        "{}",
-        stale.last_report_age_ms
-    );
-    wait_for("connected again", Duration::from_secs(10), || async {
-        Ok(node(grpc, &pki, "gpu-4").await?.filter(connected))
-    })
-    .await?;
+    assert!(stale.last_report_age_ms >= 1500, "{}", stale.last_report_age_ms);
+    wait_for("connected again", Duration::from_secs(10), || async { Ok(node(grpc, &pki, "gpu-4").await?.filter(connected)) }).await?;
     Ok(())
 }

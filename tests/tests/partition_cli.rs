@@ -5,20 +5,9 @@ use std::process::Command;
 use hearth_tests::bin;
 
 fn plan(args: &[&str]) -> (bool, String, String) {
-    let spec = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../manifests/examples/mig-spec.yaml"
-    );
-    let out = Command::new(bin("hearth"))
-        .args(["partition", "plan", "--spec", spec])
-        .args(args)
-        .output()
-        .expect("run hearth");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/examples/mig-spec.yaml");
+    let out = Command::new(bin("hearth")).args(["partition", "plan", "--spec", spec]).args(args).output().expect("run hearth");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[test]
@@ -37,10 +26,7 @@ fn plan_prints_ordered_explicit_placements() {
 fn plan_refuses_profiles_the_product_lacks_and_says_why() {
     let (ok, _, err) = plan(&["--config", "half-and-half", "--simulate", "1xH200-141GB"]);
     assert!(!ok);
-    assert!(
-        err.contains("GPU 0 (NVIDIA H200): profile \"3g.40gb\" does not exist on this product"),
-        "{err}"
-    );
+    assert!(err.contains("GPU 0 (NVIDIA H200): profile \"3g.40gb\" does not exist on this product"), "{err}");
     let (ok, _, err) = plan(&["--config", "balanced"]);
     assert!(!ok);
     assert!(err.contains("pass --simulate"), "{err}");

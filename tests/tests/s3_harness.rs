@@ -37,11 +37,7 @@ async fn server_with_object() -> Result<(SeaweedFs, Vec<u8>)> {
 /// `curl` output for a signed GET through `url`: (exit ok, body, stderr).
 async fn signed_get(sw: &SeaweedFs, url: &str) -> (bool, Vec<u8>, String) {
     let out = sw.signed_curl().arg(url).output().await.unwrap();
-    (
-        out.status.success(),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    (out.status.success(), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
 #[tokio::test]
@@ -53,20 +49,9 @@ async fn seaweedfs_round_trips_objects_and_enforces_sigv4() -> Result<()> {
     assert_eq!(status, 403, "anonymous GET must be refused: {body}");
 
     let mut wrong = sw.signed_curl();
-    wrong.args([
-        "--user",
-        "hearthtest:not-the-secret",
-        "-w",
-        "%{http_code}",
-        "-o",
-        "/dev/null",
-    ]);
+    wrong.args(["--user", "hearthtest:not-the-secret", "-w", "%{http_code}", "-o", "/dev/null"]);
     let code = seaweed::run(wrong.arg(format!("{}/hearth/obj", sw.endpoint()))).await?;
-    assert_eq!(
-        String::from_utf8_lossy(&code),
-        "403",
-        "a wrong secret must be refused"
-    );
+    assert_eq!(String::from_utf8_lossy(&code), "403", "a wrong secret must be refused");
     Ok(())
 }
 
@@ -77,16 +62,9 @@ async fn seaweedfs_verifies_stores_and_returns_crc64nvme() -> Result<()> {
     let file = sw.dir().join("check");
     std::fs::write(&file, b"123456789")?;
     // CRC-64/NVME of "123456789" is 0xAE8B14860A799888 (the catalogue check value).
-    sw.put_object_with_checksum("sums", "good", &file, "rosUhgp5mIg=")
-        .await?;
-    let err = sw
-        .put_object_with_checksum("sums", "bad", &file, "AAAAAAAAAAA=")
-        .await
-        .unwrap_err();
-    assert!(
-        format!("{err:#}").contains("400"),
-        "a wrong checksum must be rejected: {err:#}"
-    );
+    sw.put_object_with_checksum("sums", "good", &file, "rosUhgp5mIg=").await?;
+    let err = sw.put_object_with_checksum("sums", "bad", &file, "AAAAAAAAAAA=").await.unwrap_err();
+    assert!(format!("{err:#}").contains("400"), "a wrong checksum must be rejected: {err:#}");
 
     let mode = [("x-amz-checksum-mode", "ENABLED")];
     let head = |h: &[(&str, &str)]| {
@@ -99,15 +77,9 @@ async fn seaweedfs_verifies_stores_and_returns_crc64nvme() -> Result<()> {
         c
     };
     let with = String::from_utf8(seaweed::run(&mut head(&mode)).await?)?.to_ascii_lowercase();
-    assert!(
-        with.contains("x-amz-checksum-crc64nvme: rosuhgp5mig="),
-        "HEAD with checksum mode:\n{with}"
-    );
+    assert!(with.contains("x-amz-checksum-crc64nvme: rosuhgp5mig="), "HEAD with checksum mode:\n{with}");
     let without = String::from_utf8(seaweed::run(&mut head(&[])).await?)?.to_ascii_lowercase();
-    assert!(
-        !without.contains("x-amz-checksum"),
-        "checksums only on request:\n{without}"
-    );
+    assert!(!without.contains("x-amz-checksum"), "checksums only on request:\n{without}");
     Ok(())
 }
 
@@ -118,50 +90,28 @@ async fn proxy_passes_requests_through_unchanged_on_kept_alive_connections() -> 
     let url = format!("{}/hearth/obj", proxy.endpoint());
 
     // Two GETs in one curl run share a connection; signatures made for the proxy's address verify.
-    let out = sw
-        .signed_curl()
-        .args(["-v", "-f", &url, &url])
-        .output()
-        .await?;
+    let out = sw.signed_curl().args(["-v", "-f", &url, &url]).output().await?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let direct = sw.get_object("hearth", "obj").await?;
     assert_eq!(direct, data);
     assert_eq!(out.stdout, [direct.as_slice(), &direct].concat());
-    assert!(
-        stderr
-            .to_ascii_lowercase()
-            .contains("re-using existing connection"),
-        "{stderr}"
-    );
+    assert!(stderr.to_ascii_lowercase().contains("re-using existing connection"), "{stderr}");
 
     // An upload (Expect: 100-continue) and a HEAD pass too; nothing counts as a fault.
     let upload = sw.dir().join("upload");
     std::fs::write(&upload, pattern(MIB / 2))?;
     let put_url = format!("{}/hearth/via-proxy", proxy.endpoint());
-    seaweed::run(
-        sw.signed_curl()
-            .args(["-f", "-T"])
-            .arg(&upload)
-            .arg(&put_url),
-    )
-    .await?;
-    assert_eq!(
-        sw.get_object("hearth", "via-proxy").await?,
-        pattern(MIB / 2)
-    );
+    seaweed::run(sw.signed_curl().args(["-f", "-T"]).arg(&upload).arg(&put_url)).await?;
+    assert_eq!(sw.get_object("hearth", "via-proxy").await?, pattern(MIB / 2));
     seaweed::run(sw.signed_curl().args(["-f", "-I", &url])).await?;
     let (status, _) = http_get_with(proxy.addr, "/hearth/obj", &[]).await?;
-    assert_eq!(
-        status, 403,
-        "anonymous requests are refused through the proxy too"
-    );
+    assert_eq!(status, 403, "anonymous requests are refused through the proxy too");
     assert_eq!((proxy.requests(), proxy.faults_applied()), (5, 0));
 
     // Garbage gets the connection closed, and the proxy keeps serving.
     let mut raw = tokio::net::TcpStream::connect(proxy.addr).await?;
-    raw.write_all(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n")
-        .await?;
+    raw.write_all(b"GET / HTTP/1.1\r\nno colon here\r\n\r\n").await?;
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut rest)).await??;
     assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
@@ -235,11 +185,7 @@ async fn proxy_reset_breaks_the_connection_early() -> Result<()> {
     let (ok, body, err) = signed_get(&sw, &url).await;
     assert!(!ok, "curl must fail on a reset");
     assert!(err.contains("reset by peer"), "{err}");
-    assert!(
-        body.len() <= 1024 && data.starts_with(&body),
-        "got {} bytes",
-        body.len()
-    );
+    assert!(body.len() <= 1024 && data.starts_with(&body), "got {} bytes", body.len());
     assert_eq!(proxy.faults_applied(), 1);
 
     let (ok, body, err) = signed_get(&sw, &url).await;
@@ -256,10 +202,7 @@ async fn proxy_stall_delays_the_body() -> Result<()> {
     let start = Instant::now();
     let (ok, body, err) = signed_get(&sw, &url).await;
     let took = start.elapsed();
-    assert!(
-        ok && body == data,
-        "a stalled body still arrives whole: {err}"
-    );
+    assert!(ok && body == data, "a stalled body still arrives whole: {err}");
     assert!(took >= Duration::from_millis(300), "took only {took:?}");
     assert_eq!(proxy.faults_applied(), 1);
     Ok(())

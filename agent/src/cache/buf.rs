@@ -18,11 +18,7 @@ impl AlignedBuf {
         let cap = capacity.div_ceil(ALIGN) * ALIGN;
         let raw = vec![0u8; cap + ALIGN];
         let start = raw.as_ptr().align_offset(ALIGN);
-        Self {
-            raw,
-            start,
-            len: capacity,
-        }
+        Self { raw, start, len: capacity }
     }
 
     pub fn capacity(&self) -> usize {

@@ -94,9 +94,7 @@ impl PartCrc {
         it.fold(first, |acc, (crc, len)| match self {
             PartCrc::None => 0,
             PartCrc::Crc64Nvme => crc64nvme_combine(acc, crc, len),
-            PartCrc::Crc32c => {
-                u64::from(crc32c::crc32c_combine(acc as u32, crc as u32, len as usize))
-            }
+            PartCrc::Crc32c => u64::from(crc32c::crc32c_combine(acc as u32, crc as u32, len as usize)),
         })
     }
 }
@@ -112,18 +110,13 @@ mod tests {
 
     #[test]
     fn combined_parts_equal_the_whole() {
-        let data: Vec<u8> = (0..100_003u32)
-            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-            .collect();
+        let data: Vec<u8> = (0..100_003u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         for kind in [PartCrc::Crc64Nvme, PartCrc::Crc32c] {
             for part in [1usize, 7, 4096, 33_333, 100_003] {
                 let parts = data.chunks(part).map(|c| (kind.of(c), c.len() as u64));
                 assert_eq!(kind.combine(parts), kind.of(&data), "{kind:?} part={part}");
             }
         }
-        assert_eq!(
-            PartCrc::Crc64Nvme.combine(std::iter::empty()),
-            crc64nvme(&[])
-        );
+        assert_eq!(PartCrc::Crc64Nvme.combine(std::iter::empty()), crc64nvme(&[]));
     }
 }

@@ -32,33 +32,18 @@ use super::index::{EntryState, FileEntry, Index, IndexEntry, IndexError, now_sec
 use super::journal::{Journal, JournalError, PartRecord};
 use super::source::{ErrorKind, RemoteObject, Source, SourceError};
 use super::spec::ModelSpec;
-use super::verify::{
-    self, Expected, MANIFEST_NAME, Manifest, VerificationKind, VerifyError, Vouched,
-};
+use super::verify::{self, Expected, MANIFEST_NAME, Manifest, VerificationKind, VerifyError, Vouched};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("{uri}: no objects match (include {include:?}, exclude {exclude:?})")]
-    NoObjects {
-        uri: String,
-        include: Vec<String>,
-        exclude: Vec<String>,
-    },
-    #[error(
-        "not enough space in {path}: this download needs {needed} more bytes, {available} are available"
-    )]
-    NoSpace {
-        path: PathBuf,
-        needed: u64,
-        available: u64,
-    },
+    NoObjects { uri: String, include: Vec<String>, exclude: Vec<String> },
+    #[error("not enough space in {path}: this download needs {needed} more bytes, {available} are available")]
+    NoSpace { path: PathBuf, needed: u64, available: u64 },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error(transparent)]
@@ -70,11 +55,7 @@ pub enum FetchError {
     #[error("{MANIFEST_NAME} is {0} bytes; expected at most 64 MiB")]
     ManifestTooLarge(u64),
     #[error("{key}: the manifest says {manifest} bytes, the source has {source_size}")]
-    ManifestMismatch {
-        key: String,
-        manifest: u64,
-        source_size: u64,
-    },
+    ManifestMismatch { key: String, manifest: u64, source_size: u64 },
     #[error("download cancelled; {done} of {total} bytes are kept and will resume")]
     Cancelled { done: u64, total: u64 },
 }
@@ -89,19 +70,14 @@ impl FetchError {
             FetchError::Io { source, .. } if source.raw_os_error() == Some(28) => "no_space",
             FetchError::Io { .. } | FetchError::Journal(_) | FetchError::Index(_) => "io",
             FetchError::Corrupt { .. } => "corrupt",
-            FetchError::Manifest(_)
-            | FetchError::ManifestMismatch { .. }
-            | FetchError::ManifestTooLarge(_) => "manifest",
+            FetchError::Manifest(_) | FetchError::ManifestMismatch { .. } | FetchError::ManifestTooLarge(_) => "manifest",
             FetchError::Cancelled { .. } => "cancelled",
         }
     }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
-    move |source| FetchError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| FetchError::Io { path: path.to_owned(), source }
 }
 
 /// How part data reaches the disk.
@@ -235,12 +211,7 @@ impl Queue {
             if self.stop.load(Ordering::Acquire) {
                 return None;
             }
-            if let Some(j) = self
-                .jobs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop_front()
-            {
+            if let Some(j) = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
                 return Some(j);
             }
             if self.outstanding.load(Ordering::Acquire) == 0 {
@@ -301,10 +272,7 @@ impl Ctx {
         if typical == 0 {
             return self.cfg.stall_timeout;
         }
-        Duration::from_micros(typical.saturating_mul(8)).clamp(
-            Duration::from_secs(2).min(self.cfg.stall_timeout),
-            self.cfg.stall_timeout,
-        )
+        Duration::from_micros(typical.saturating_mul(8)).clamp(Duration::from_secs(2).min(self.cfg.stall_timeout), self.cfg.stall_timeout)
     }
 
     fn record_part_time(&self, took: Duration, len: usize, part_size: usize) {
@@ -314,11 +282,7 @@ impl Ctx {
         }
         let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
         let old = self.part_micros.load(Ordering::Relaxed);
-        let new = if old == 0 {
-            sample
-        } else {
-            (old * 7 + sample) / 8
-        };
+        let new = if old == 0 { sample } else { (old * 7 + sample) / 8 };
         self.part_micros.store(new, Ordering::Relaxed);
     }
 }
@@ -350,12 +314,7 @@ pub async fn fetch(
 ) -> Result<IndexEntry, FetchError> {
     let id = spec.id();
     let started = Instant::now();
-    let mut objects: Vec<RemoteObject> = source
-        .list()
-        .await?
-        .into_iter()
-        .filter(|o| !o.key.ends_with('/') && spec.wants(&o.key))
-        .collect();
+    let mut objects: Vec<RemoteObject> = source.list().await?.into_iter().filter(|o| !o.key.ends_with('/') && spec.wants(&o.key)).collect();
     if objects.is_empty() {
         return Err(FetchError::NoObjects {
             uri: spec.uri.to_string(),
@@ -368,14 +327,7 @@ pub async fn fetch(
     let plan = Plan {
         id: id.clone(),
         part_size,
-        files: objects
-            .iter()
-            .map(|o| PlanFile {
-                key: o.key.clone(),
-                size: o.size,
-                version: o.version.clone(),
-            })
-            .collect(),
+        files: objects.iter().map(|o| PlanFile { key: o.key.clone(), size: o.size, version: o.version.clone() }).collect(),
     };
 
     // What an earlier run left: published files (index) and durable parts (journal).
@@ -383,21 +335,15 @@ pub async fn fetch(
     let staging = layout.staging_dir(&id);
     let model_dir = layout.model_dir(&id);
     let plan_path = staging.join("plan.json");
-    let old_plan: Option<Plan> = std::fs::read(&plan_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let old_plan: Option<Plan> = std::fs::read(&plan_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
     if old_plan.as_ref() != Some(&plan) {
         if staging.exists() {
             info!(%id, "source changed or new download: discarding staged parts");
         }
         remove_dir_if_exists(&staging)?;
         std::fs::create_dir_all(staging.join("data")).map_err(io_err(&staging))?;
-        let json = serde_json::to_vec_pretty(&plan).map_err(|e| FetchError::Io {
-            path: plan_path.clone(),
-            source: e.into(),
-        })?;
-        hearth_controller::fsutil::write_atomic(&plan_path, &json, false)
-            .map_err(io_err(&plan_path))?;
+        let json = serde_json::to_vec_pretty(&plan).map_err(|e| FetchError::Io { path: plan_path.clone(), source: e.into() })?;
+        hearth_controller::fsutil::write_atomic(&plan_path, &json, false).map_err(io_err(&plan_path))?;
     }
     let (mut journal, records) = Journal::open(&staging.join("journal"))?;
 
@@ -419,12 +365,7 @@ pub async fn fetch(
     };
 
     // Order: small files first, then big ones as listed; safetensors headers lead their file.
-    objects.sort_by_key(|o| {
-        (
-            o.size > part_size,
-            if o.size > part_size { 0 } else { o.size },
-        )
-    });
+    objects.sort_by_key(|o| (o.size > part_size, if o.size > part_size { 0 } else { o.size }));
     let mut works = Vec::with_capacity(objects.len());
     let mut needed_space = 0u64;
     for (i, obj) in objects.into_iter().enumerate() {
@@ -440,20 +381,13 @@ pub async fn fetch(
             .and_then(|p| p.files.iter().find(|f| f.key == obj.key))
             .is_some_and(|f| f.ready && f.version == obj.version && f.size == obj.size)
             && std::fs::metadata(&final_path).is_ok_and(|m| m.len() == obj.size);
-        let prev_verification = previous
-            .as_ref()
-            .and_then(|p| p.files.iter().find(|f| f.key == obj.key))
-            .map(|f| f.verification.clone())
-            .unwrap_or_default();
+        let prev_verification =
+            previous.as_ref().and_then(|p| p.files.iter().find(|f| f.key == obj.key)).map(|f| f.verification.clone()).unwrap_or_default();
         entry.files.push(FileEntry {
             key: obj.key.clone(),
             size: obj.size,
             version: obj.version.clone(),
-            verification: if was_ready {
-                prev_verification
-            } else {
-                String::new()
-            },
+            verification: if was_ready { prev_verification } else { String::new() },
             ready: was_ready,
         });
         let data_path = staging.join("data").join(i.to_string());
@@ -461,10 +395,7 @@ pub async fn fetch(
         let parts = obj.size.div_ceil(part_size).max(1) as u32;
         let (buffered, direct) = if was_ready {
             // Never written: a placeholder handle keeps the types simple.
-            (
-                Arc::new(File::open("/dev/null").map_err(io_err(Path::new("/dev/null")))?),
-                None,
-            )
+            (Arc::new(File::open("/dev/null").map_err(io_err(Path::new("/dev/null")))?), None)
         } else {
             let (b, d, allocated) = open_data_file(&data_path, obj.size, cfg.write_mode)?;
             needed_space += obj.size.saturating_sub(allocated);
@@ -488,11 +419,7 @@ pub async fn fetch(
     // A download that cannot fit fails now, before it fills the disk.
     let available = available_space(&layout.root)?;
     if needed_space > available {
-        return Err(FetchError::NoSpace {
-            path: layout.root.clone(),
-            needed: needed_space,
-            available,
-        });
+        return Err(FetchError::NoSpace { path: layout.root.clone(), needed: needed_space, available });
     }
     for w in works.iter().filter(|w| !w.published) {
         allocate(&w.buffered, &w.data_path, w.obj.size)?;
@@ -526,11 +453,7 @@ pub async fn fetch(
             continue;
         };
         // Parts of a data file that did not survive describe bytes that are not there.
-        if w.published
-            || !w.data_existed
-            || r.part >= w.parts
-            || w.part_crcs[r.part as usize].is_some()
-        {
+        if w.published || !w.data_existed || r.part >= w.parts || w.part_crcs[r.part as usize].is_some() {
             continue;
         }
         w.part_crcs[r.part as usize] = Some(r.crc);
@@ -539,22 +462,11 @@ pub async fn fetch(
     }
 
     let total: u64 = works.iter().map(|w| w.obj.size).sum();
-    let published_bytes: u64 = works
-        .iter()
-        .filter(|w| w.published)
-        .map(|w| w.obj.size)
-        .sum();
+    let published_bytes: u64 = works.iter().filter(|w| w.published).map(|w| w.obj.size).sum();
     progress.bytes_total.store(total, Ordering::Relaxed);
-    progress
-        .files_total
-        .store(works.len() as u64, Ordering::Relaxed);
-    progress.files_done.store(
-        works.iter().filter(|w| w.published).count() as u64,
-        Ordering::Relaxed,
-    );
-    progress
-        .bytes_done
-        .store(published_bytes + resumed, Ordering::Relaxed);
+    progress.files_total.store(works.len() as u64, Ordering::Relaxed);
+    progress.files_done.store(works.iter().filter(|w| w.published).count() as u64, Ordering::Relaxed);
+    progress.bytes_done.store(published_bytes + resumed, Ordering::Relaxed);
     progress.bytes_resumed.store(resumed, Ordering::Relaxed);
     entry.refresh();
     index.put(&entry)?;
@@ -571,15 +483,8 @@ pub async fn fetch(
         }
         for p in 0..w.parts {
             if w.part_crcs[p as usize].is_none() {
-                let job = Job {
-                    file: i as u32,
-                    part: p,
-                };
-                if p == 0 {
-                    jobs.push(job)
-                } else {
-                    rest.push(job)
-                }
+                let job = Job { file: i as u32, part: p };
+                if p == 0 { jobs.push(job) } else { rest.push(job) }
             }
         }
     }
@@ -590,22 +495,10 @@ pub async fn fetch(
         source,
         files: works
             .iter()
-            .map(|w| {
-                Arc::new(FileShared {
-                    obj: w.obj.clone(),
-                    crc: w.crc,
-                    buffered: w.buffered.clone(),
-                    direct: w.direct.clone(),
-                })
-            })
+            .map(|w| Arc::new(FileShared { obj: w.obj.clone(), crc: w.crc, buffered: w.buffered.clone(), direct: w.direct.clone() }))
             .collect(),
         cfg: cfg.clone(),
-        queue: Queue {
-            jobs: Mutex::default(),
-            outstanding: AtomicU64::new(0),
-            notify: Notify::new(),
-            stop: AtomicBool::new(false),
-        },
+        queue: Queue { jobs: Mutex::default(), outstanding: AtomicU64::new(0), notify: Notify::new(), stop: AtomicBool::new(false) },
         progress: progress.clone(),
         cancel: cancel.clone(),
     });
@@ -619,21 +512,9 @@ pub async fn fetch(
 
     // Files that finished entirely from the journal still need verifying and publishing.
     let mut result: Result<(), FetchError> = Ok(());
-    let ready_now: Vec<usize> = (0..works.len())
-        .filter(|&i| !works[i].published && works[i].done_parts == works[i].parts)
-        .collect();
+    let ready_now: Vec<usize> = (0..works.len()).filter(|&i| !works[i].published && works[i].done_parts == works[i].parts).collect();
     for i in ready_now {
-        if let Err(e) = finish_file(
-            &mut works,
-            i,
-            &ctx,
-            &mut journal,
-            &model_dir,
-            &mut entry,
-            index,
-        )
-        .await
-        {
+        if let Err(e) = finish_file(&mut works, i, &ctx, &mut journal, &model_dir, &mut entry, index).await {
             result = Err(e);
         }
     }
@@ -675,26 +556,14 @@ pub async fn fetch(
             if w.part_crcs[r.part as usize].is_none() {
                 w.part_crcs[r.part as usize] = Some(r.crc);
                 w.done_parts += 1;
-                progress
-                    .bytes_done
-                    .fetch_add(w.part_len(part_size, r.part), Ordering::Relaxed);
+                progress.bytes_done.fetch_add(w.part_len(part_size, r.part), Ordering::Relaxed);
                 if w.done_parts == w.parts {
                     completed.push(r.file as usize);
                 }
             }
         }
         for i in completed {
-            if let Err(e) = finish_file(
-                &mut works,
-                i,
-                &ctx,
-                &mut journal,
-                &model_dir,
-                &mut entry,
-                index,
-            )
-            .await
-            {
+            if let Err(e) = finish_file(&mut works, i, &ctx, &mut journal, &model_dir, &mut entry, index).await {
                 result = Err(e);
                 break;
             }
@@ -728,10 +597,7 @@ pub async fn fetch(
             );
             Ok(entry)
         }
-        Ok(()) => Err(FetchError::Cancelled {
-            done: Progress::get(&progress.bytes_done),
-            total,
-        }),
+        Ok(()) => Err(FetchError::Cancelled { done: Progress::get(&progress.bytes_done), total }),
         Err(FetchError::Cancelled { .. }) => {
             let done = Progress::get(&progress.bytes_done);
             entry.refresh();
@@ -752,23 +618,16 @@ pub async fn fetch(
 }
 
 /// Reads and parses `hearth-manifest.json` if the model ships one.
-async fn read_manifest(
-    source: &dyn Source,
-    objects: &[RemoteObject],
-) -> Result<Option<Manifest>, FetchError> {
+async fn read_manifest(source: &dyn Source, objects: &[RemoteObject]) -> Result<Option<Manifest>, FetchError> {
     let Some(obj) = objects.iter().find(|o| o.key == MANIFEST_NAME) else {
         return Ok(None);
     };
     if obj.size > 64 << 20 {
         return Err(FetchError::ManifestTooLarge(obj.size));
     }
-    let (buf, r) = source
-        .read_into(obj, 0, AlignedBuf::new(obj.size as usize))
-        .await;
+    let (buf, r) = source.read_into(obj, 0, AlignedBuf::new(obj.size as usize)).await;
     r?;
-    Manifest::parse(buf.as_slice())
-        .map(Some)
-        .map_err(FetchError::Manifest)
+    Manifest::parse(buf.as_slice()).map(Some).map_err(FetchError::Manifest)
 }
 
 /// What one file can be verified against: the source's own checksum, else the manifest,
@@ -779,76 +638,39 @@ fn vouch(obj: &RemoteObject, manifest: Option<&Manifest>) -> Result<Vouched, Fet
     }
     if obj.key == MANIFEST_NAME && manifest.is_some() {
         // The manifest is the anchor of trust for the rest: it cannot vouch for itself.
-        return Ok(Vouched {
-            expected: Expected::SizeOnly,
-            kind: VerificationKind::Manifest,
-        });
+        return Ok(Vouched { expected: Expected::SizeOnly, kind: VerificationKind::Manifest });
     }
     if let Some(m) = manifest.and_then(|m| m.files.get(&obj.key)) {
         if m.size != obj.size {
-            return Err(FetchError::ManifestMismatch {
-                key: obj.key.clone(),
-                manifest: m.size,
-                source_size: obj.size,
-            });
+            return Err(FetchError::ManifestMismatch { key: obj.key.clone(), manifest: m.size, source_size: obj.size });
         }
-        return Ok(Vouched {
-            expected: Expected::Sha256(m.sha256),
-            kind: VerificationKind::Manifest,
-        });
+        return Ok(Vouched { expected: Expected::Sha256(m.sha256), kind: VerificationKind::Manifest });
     }
-    Ok(Vouched {
-        expected: Expected::SizeOnly,
-        kind: VerificationKind::Unverified,
-    })
+    Ok(Vouched { expected: Expected::SizeOnly, kind: VerificationKind::Unverified })
 }
 
 fn remove_dir_if_exists(p: &Path) -> Result<(), FetchError> {
     match std::fs::remove_dir_all(p) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(FetchError::Io {
-            path: p.to_owned(),
-            source: e,
-        }),
+        Err(e) => Err(FetchError::Io { path: p.to_owned(), source: e }),
     }
 }
 
 /// Opens a data file for writing; returns the buffered handle, the O_DIRECT one when the
 /// mode and filesystem allow, and how many bytes are already allocated to it.
-fn open_data_file(
-    path: &Path,
-    size: u64,
-    mode: WriteMode,
-) -> Result<(File, Option<File>, u64), FetchError> {
-    let buffered = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io_err(path))?;
-    let allocated = buffered
-        .metadata()
-        .map(|m| m.blocks() * 512)
-        .unwrap_or(0)
-        .min(size);
+fn open_data_file(path: &Path, size: u64, mode: WriteMode) -> Result<(File, Option<File>, u64), FetchError> {
+    let buffered = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
+    let allocated = buffered.metadata().map(|m| m.blocks() * 512).unwrap_or(0).min(size);
     let direct = match mode {
         WriteMode::Buffered => None,
         WriteMode::Auto | WriteMode::Direct => {
             let flags = rustix::fs::OFlags::DIRECT.bits() as i32;
-            match OpenOptions::new()
-                .write(true)
-                .custom_flags(flags)
-                .open(path)
-            {
+            match OpenOptions::new().write(true).custom_flags(flags).open(path) {
                 Ok(f) => Some(f),
                 Err(e) if mode == WriteMode::Auto && e.raw_os_error() == Some(22) => None,
                 Err(e) => {
-                    return Err(FetchError::Io {
-                        path: path.to_owned(),
-                        source: e,
-                    });
+                    return Err(FetchError::Io { path: path.to_owned(), source: e });
                 }
             }
         }
@@ -865,43 +687,26 @@ fn allocate(f: &File, path: &Path, size: u64) -> Result<(), FetchError> {
         Ok(()) => Ok(()),
         // Filesystems without fallocate: size the file and find out at write time.
         Err(rustix::io::Errno::OPNOTSUPP) => f.set_len(size).map_err(io_err(path)),
-        Err(e) => Err(FetchError::Io {
-            path: path.to_owned(),
-            source: e.into(),
-        }),
+        Err(e) => Err(FetchError::Io { path: path.to_owned(), source: e.into() }),
     }
 }
 
 fn available_space(root: &Path) -> Result<u64, FetchError> {
     std::fs::create_dir_all(root).map_err(io_err(root))?;
-    let st = rustix::fs::statvfs(root).map_err(|e| FetchError::Io {
-        path: root.to_owned(),
-        source: e.into(),
-    })?;
+    let st = rustix::fs::statvfs(root).map_err(|e| FetchError::Io { path: root.to_owned(), source: e.into() })?;
     Ok(st.f_bavail * st.f_frsize)
 }
 
 /// fdatasync every file the batch touched, then journal the batch.
-async fn commit(
-    works: &[FileWork],
-    journal: &mut Journal,
-    records: &[PartRecord],
-) -> Result<(), FetchError> {
+async fn commit(works: &[FileWork], journal: &mut Journal, records: &[PartRecord]) -> Result<(), FetchError> {
     if records.is_empty() {
         return Ok(());
     }
     let mut touched: Vec<u32> = records.iter().map(|r| r.file).collect();
     touched.sort_unstable();
     touched.dedup();
-    let handles: Vec<(Arc<File>, PathBuf)> = touched
-        .iter()
-        .map(|&f| {
-            (
-                works[f as usize].buffered.clone(),
-                works[f as usize].data_path.clone(),
-            )
-        })
-        .collect();
+    let handles: Vec<(Arc<File>, PathBuf)> =
+        touched.iter().map(|&f| (works[f as usize].buffered.clone(), works[f as usize].data_path.clone())).collect();
     tokio::task::spawn_blocking(move || {
         for (f, p) in handles {
             f.sync_data().map_err(io_err(&p))?;
@@ -909,10 +714,7 @@ async fn commit(
         Ok::<(), FetchError>(())
     })
     .await
-    .map_err(|e| FetchError::Io {
-        path: PathBuf::from("sync"),
-        source: std::io::Error::other(e),
-    })??;
+    .map_err(|e| FetchError::Io { path: PathBuf::from("sync"), source: std::io::Error::other(e) })??;
     journal.append(records)?;
     Ok(())
 }
@@ -935,33 +737,15 @@ async fn finish_file(
     let size = w.obj.size;
     let expected = w.vouched.expected;
     let kind = w.vouched.kind;
-    let combined = w.crc.combine(
-        w.part_crcs
-            .iter()
-            .enumerate()
-            .map(|(p, c)| (c.unwrap_or(0), w.part_len(part_size, p as u32))),
-    );
+    let combined = w.crc.combine(w.part_crcs.iter().enumerate().map(|(p, c)| (c.unwrap_or(0), w.part_len(part_size, p as u32))));
     let cancel = ctx.cancel.clone();
     if cancel.is_cancelled() {
         // The parts are journaled: the next run verifies and publishes without refetching.
         return Err(FetchError::Cancelled { done: 0, total: 0 });
     }
-    let check = tokio::task::spawn_blocking(move || {
-        verify_and_publish(
-            &data_path,
-            &final_path,
-            &key,
-            size,
-            &expected,
-            combined,
-            &cancel,
-        )
-    })
-    .await
-    .map_err(|e| FetchError::Io {
-        path: works[i].data_path.clone(),
-        source: std::io::Error::other(e),
-    })?;
+    let check = tokio::task::spawn_blocking(move || verify_and_publish(&data_path, &final_path, &key, size, &expected, combined, &cancel))
+        .await
+        .map_err(|e| FetchError::Io { path: works[i].data_path.clone(), source: std::io::Error::other(e) })?;
     let w = &mut works[i];
     match check {
         Ok(()) => {
@@ -976,23 +760,15 @@ async fn finish_file(
             debug!(key = %w.obj.key, verification = kind.as_str(), "file ready");
             Ok(())
         }
-        Err(FetchError::Corrupt { key, reason })
-            if w.corrupt_refetches < ctx.cfg.refetch_corrupt =>
-        {
+        Err(FetchError::Corrupt { key, reason }) if w.corrupt_refetches < ctx.cfg.refetch_corrupt => {
             warn!(%key, %reason, "verification failed; fetching the file again");
             w.corrupt_refetches += 1;
             journal.reset_file(i as u32)?;
-            let lost: u64 = (0..w.parts)
-                .filter(|&p| w.part_crcs[p as usize].is_some())
-                .map(|p| w.part_len(part_size, p))
-                .sum();
+            let lost: u64 = (0..w.parts).filter(|&p| w.part_crcs[p as usize].is_some()).map(|p| w.part_len(part_size, p)).sum();
             ctx.progress.bytes_done.fetch_sub(lost, Ordering::Relaxed);
             w.part_crcs.iter_mut().for_each(|c| *c = None);
             w.done_parts = 0;
-            ctx.queue.push((0..w.parts).map(|p| Job {
-                file: i as u32,
-                part: p,
-            }));
+            ctx.queue.push((0..w.parts).map(|p| Job { file: i as u32, part: p }));
             Ok(())
         }
         Err(e) => Err(e),
@@ -1008,20 +784,13 @@ fn verify_and_publish(
     combined_crc: u64,
     cancel: &CancellationToken,
 ) -> Result<(), FetchError> {
-    let corrupt = |reason: String| FetchError::Corrupt {
-        key: key.to_owned(),
-        reason,
-    };
+    let corrupt = |reason: String| FetchError::Corrupt { key: key.to_owned(), reason };
     match expected {
         Expected::Crc64Nvme(want) if combined_crc != *want => {
-            return Err(corrupt(format!(
-                "crc64nvme mismatch: expected {want:#018x}, computed {combined_crc:#018x}"
-            )));
+            return Err(corrupt(format!("crc64nvme mismatch: expected {want:#018x}, computed {combined_crc:#018x}")));
         }
         Expected::Crc32c(want) if combined_crc != u64::from(*want) => {
-            return Err(corrupt(format!(
-                "crc32c mismatch: expected {want:#010x}, computed {combined_crc:#010x}"
-            )));
+            return Err(corrupt(format!("crc32c mismatch: expected {want:#010x}, computed {combined_crc:#010x}")));
         }
         Expected::Sha256(_) => {
             let mut d = verify::Digester::new(expected, size);
@@ -1052,23 +821,14 @@ fn verify_and_publish(
 
 /// Parses the safetensors header and checks every tensor lies inside the file.
 fn check_safetensors(path: &Path, size: u64) -> Result<(), VerifyError> {
-    let f = File::open(path).map_err(|e| VerifyError::Io {
-        path: path.to_owned(),
-        source: e,
-    })?;
+    let f = File::open(path).map_err(|e| VerifyError::Io { path: path.to_owned(), source: e })?;
     let mut want = 8u64.min(size) as usize;
     loop {
         let mut prefix = vec![0u8; want];
-        f.read_exact_at(&mut prefix, 0)
-            .map_err(|e| VerifyError::Io {
-                path: path.to_owned(),
-                source: e,
-            })?;
+        f.read_exact_at(&mut prefix, 0).map_err(|e| VerifyError::Io { path: path.to_owned(), source: e })?;
         match verify::check_safetensors_header(&prefix, size) {
             Ok(_) => return Ok(()),
-            Err(VerifyError::NeedMore { needed }) if (needed as usize) > want && needed <= size => {
-                want = needed as usize
-            }
+            Err(VerifyError::NeedMore { needed }) if (needed as usize) > want && needed <= size => want = needed as usize,
             Err(e) => return Err(e),
         }
     }
@@ -1116,9 +876,7 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
                         key: f.obj.key.clone(),
                         offset,
                         len,
-                        reason: format!(
-                            "part not done within {limit:?} (8x the usual part time); reissuing"
-                        ),
+                        reason: format!("part not done within {limit:?} (8x the usual part time); reissuing"),
                         kind: ErrorKind::Transient,
                     }
                 }
@@ -1133,9 +891,7 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
             } else {
                 Duration::from_millis(100)
             };
-            let step = base
-                .saturating_mul(1 << attempt.min(6))
-                .min(Duration::from_secs(10));
+            let step = base.saturating_mul(1 << attempt.min(6)).min(Duration::from_secs(10));
             let delay = step / 2 + (step / 2).mul_f64(fastrand::f64());
             debug!(key = %f.obj.key, offset, attempt, ?delay, error = %err, "part read failed; retrying");
             tokio::select! {
@@ -1147,9 +903,7 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
             let _ = done.send(Done::Failed(e)).await;
             return;
         }
-        ctx.progress
-            .bytes_fetched
-            .fetch_add(len as u64, Ordering::Relaxed);
+        ctx.progress.bytes_fetched.fetch_add(len as u64, Ordering::Relaxed);
         let crc = f.crc.of(buf.as_slice());
         let (b, written) = tokio::task::spawn_blocking({
             let f = f.clone();
@@ -1162,23 +916,10 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
         .unwrap_or_else(|e| (AlignedBuf::new(part_size), Err(std::io::Error::other(e))));
         buf = b;
         if let Err(e) = written {
-            let _ = done
-                .send(Done::Failed(FetchError::Io {
-                    path: PathBuf::from(&f.obj.key),
-                    source: e,
-                }))
-                .await;
+            let _ = done.send(Done::Failed(FetchError::Io { path: PathBuf::from(&f.obj.key), source: e })).await;
             return;
         }
-        if done
-            .send(Done::Part(PartRecord {
-                file: job.file,
-                part: job.part,
-                crc,
-            }))
-            .await
-            .is_err()
-        {
+        if done.send(Done::Part(PartRecord { file: job.file, part: job.part, crc })).await.is_err() {
             return;
         }
     }
@@ -1194,9 +935,7 @@ fn write_part(f: &FileShared, offset: u64, buf: &AlignedBuf) -> std::io::Result<
     {
         match d.write_all_at(&data[..aligned], offset) {
             Ok(()) => {
-                return f
-                    .buffered
-                    .write_all_at(&data[aligned..], offset + aligned as u64);
+                return f.buffered.write_all_at(&data[aligned..], offset + aligned as u64);
             }
             // Some filesystems refuse direct I/O per write; the page cache always works.
             Err(e) if e.raw_os_error() == Some(22) => {}
@@ -1227,21 +966,11 @@ mod tests {
         std::fs::create_dir_all(src.join("nested/deeper")).unwrap();
         std::fs::write(src.join("nested/deeper/extra.txt"), b"nested file").unwrap();
         let root = d.path().join("cache");
-        Fx {
-            index: Index::new(&root),
-            layout: Layout { root },
-            src,
-            _d: d,
-        }
+        Fx { index: Index::new(&root), layout: Layout { root }, src, _d: d }
     }
 
     fn cfg() -> FetchConfig {
-        FetchConfig {
-            part_size: 64 << 10,
-            concurrency: 4,
-            stall_timeout: Duration::from_secs(5),
-            ..Default::default()
-        }
+        FetchConfig { part_size: 64 << 10, concurrency: 4, stall_timeout: Duration::from_secs(5), ..Default::default() }
     }
 
     fn spec(fx: &Fx) -> ModelSpec {
@@ -1252,12 +981,7 @@ mod tests {
         let out = fx.layout.model_dir(id);
         for e in walk(&fx.src) {
             let rel = e.strip_prefix(&fx.src).unwrap();
-            assert_eq!(
-                std::fs::read(&e).unwrap(),
-                std::fs::read(out.join(rel)).unwrap(),
-                "{}",
-                rel.display()
-            );
+            assert_eq!(std::fs::read(&e).unwrap(), std::fs::read(out.join(rel)).unwrap(), "{}", rel.display());
         }
         assert_eq!(walk(&fx.src).len(), walk(&out).len());
     }
@@ -1266,31 +990,14 @@ mod tests {
         let mut out = Vec::new();
         for e in std::fs::read_dir(p).unwrap() {
             let e = e.unwrap().path();
-            if e.is_dir() {
-                out.extend(walk(&e))
-            } else {
-                out.push(e)
-            }
+            if e.is_dir() { out.extend(walk(&e)) } else { out.push(e) }
         }
         out
     }
 
-    async fn run(
-        fx: &Fx,
-        source: Arc<dyn Source>,
-        cfg: &FetchConfig,
-    ) -> (Result<IndexEntry, FetchError>, Arc<Progress>) {
+    async fn run(fx: &Fx, source: Arc<dyn Source>, cfg: &FetchConfig) -> (Result<IndexEntry, FetchError>, Arc<Progress>) {
         let p = Arc::new(Progress::default());
-        let r = fetch(
-            source,
-            &spec(fx),
-            &fx.layout,
-            &fx.index,
-            cfg,
-            p.clone(),
-            CancellationToken::new(),
-        )
-        .await;
+        let r = fetch(source, &spec(fx), &fx.layout, &fx.index, cfg, p.clone(), CancellationToken::new()).await;
         (r, p)
     }
 
@@ -1300,17 +1007,11 @@ mod tests {
         let (r, p) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
         let e = r.unwrap();
         assert_eq!(e.state, EntryState::Ready);
-        assert_eq!(
-            e.verification, "unverified",
-            "a bare directory vouches only for sizes"
-        );
+        assert_eq!(e.verification, "unverified", "a bare directory vouches only for sizes");
         assert_eq!(e.bytes_present, e.bytes_total);
         assert_eq!(Progress::get(&p.bytes_fetched), e.bytes_total);
         assert_identical(&fx, &e.id);
-        assert!(
-            !fx.layout.staging_dir(&e.id).exists(),
-            "staging removed after success"
-        );
+        assert!(!fx.layout.staging_dir(&e.id).exists(), "staging removed after success");
         assert_eq!(fx.index.get(&e.id).unwrap().unwrap(), e);
         // A second fetch finds everything in place and reads nothing.
         let (r, p) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
@@ -1328,11 +1029,7 @@ mod tests {
 
         // The source changes under a published manifest: same size, different bytes.
         let fx2 = fixture(2, 200_000);
-        std::fs::write(
-            fx2.src.join(MANIFEST_NAME),
-            Manifest::build(&fx2.src).unwrap().to_json(),
-        )
-        .unwrap();
+        std::fs::write(fx2.src.join(MANIFEST_NAME), Manifest::build(&fx2.src).unwrap().to_json()).unwrap();
         let shard = fx2.src.join("model-00002-of-00002.safetensors");
         let mut bytes = std::fs::read(&shard).unwrap();
         bytes[150_000] ^= 0xff;
@@ -1342,59 +1039,29 @@ mod tests {
         assert!(matches!(err, FetchError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains("sha256 mismatch"), "{err}");
         let id = spec(&fx2).id();
-        assert!(
-            !fx2.layout
-                .model_dir(&id)
-                .join("model-00002-of-00002.safetensors")
-                .exists()
-        );
+        assert!(!fx2.layout.model_dir(&id).join("model-00002-of-00002.safetensors").exists());
         let e = fx2.index.get(&id).unwrap().unwrap();
         assert_eq!(e.state, EntryState::Failed);
-        assert!(
-            e.error
-                .unwrap()
-                .contains("model-00002-of-00002.safetensors")
-        );
-        assert!(
-            e.files.iter().any(|f| f.key == "config.json" && f.ready),
-            "good files stay ready"
-        );
+        assert!(e.error.unwrap().contains("model-00002-of-00002.safetensors"));
+        assert!(e.files.iter().any(|f| f.key == "config.json" && f.ready), "good files stay ready");
     }
 
     #[tokio::test]
     async fn transient_faults_throttles_stalls_and_flips_end_in_a_correct_cache() {
         let fx = fixture(2, 300_000);
-        std::fs::write(
-            fx.src.join(MANIFEST_NAME),
-            Manifest::build(&fx.src).unwrap().to_json(),
-        )
-        .unwrap();
+        std::fs::write(fx.src.join(MANIFEST_NAME), Manifest::build(&fx.src).unwrap().to_json()).unwrap();
         let shard = "model-00001-of-00002.safetensors";
         let src = Arc::new(FaultSource::new(
             PosixSource::new(&fx.src),
-            vec![
-                (shard, Fault::Transient),
-                (shard, Fault::Throttle),
-                (shard, Fault::Flip),
-                ("config.json", Fault::Stall),
-            ],
+            vec![(shard, Fault::Transient), (shard, Fault::Throttle), (shard, Fault::Flip), ("config.json", Fault::Stall)],
         ));
-        let cfg = FetchConfig {
-            stall_timeout: Duration::from_millis(300),
-            ..cfg()
-        };
+        let cfg = FetchConfig { stall_timeout: Duration::from_millis(300), ..cfg() };
         let (r, p) = run(&fx, src.clone(), &cfg).await;
         let e = r.unwrap();
-        assert_eq!(
-            (e.state, e.verification.as_str()),
-            (EntryState::Ready, "manifest")
-        );
+        assert_eq!((e.state, e.verification.as_str()), (EntryState::Ready, "manifest"));
         assert_eq!(src.remaining(), 0, "every fault was hit");
         assert!(Progress::get(&p.retries) >= 3 && Progress::get(&p.throttled) == 1);
-        assert!(
-            Progress::get(&p.bytes_fetched) > e.bytes_total,
-            "the flipped file was fetched again"
-        );
+        assert!(Progress::get(&p.bytes_fetched) > e.bytes_total, "the flipped file was fetched again");
         assert_identical(&fx, &e.id);
     }
 
@@ -1403,37 +1070,21 @@ mod tests {
         let fx = fixture(1, 4 << 20);
         let shard = "model-00001-of-00001.safetensors";
         // Stall a late part: by then the usual part time is known and small.
-        let src = Arc::new(FaultSource::new_after(
-            PosixSource::new(&fx.src),
-            vec![(shard, Fault::Stall)],
-            20,
-        ));
-        let cfg = FetchConfig {
-            stall_timeout: Duration::from_secs(60),
-            concurrency: 2,
-            ..cfg()
-        };
+        let src = Arc::new(FaultSource::new_after(PosixSource::new(&fx.src), vec![(shard, Fault::Stall)], 20));
+        let cfg = FetchConfig { stall_timeout: Duration::from_secs(60), concurrency: 2, ..cfg() };
         let started = Instant::now();
         let (r, p) = run(&fx, src.clone(), &cfg).await;
         r.unwrap();
         assert_eq!(src.remaining(), 0);
         assert!(Progress::get(&p.retries) >= 1);
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "reissued long before the 60 s ceiling: {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "reissued long before the 60 s ceiling: {:?}", started.elapsed());
         assert_identical(&fx, &spec(&fx).id());
     }
 
     #[tokio::test]
     async fn cancelled_download_resumes_from_the_journal() {
         let fx = fixture(4, 1_000_000);
-        let cfg = FetchConfig {
-            part_size: 64 << 10,
-            concurrency: 2,
-            ..cfg()
-        };
+        let cfg = FetchConfig { part_size: 64 << 10, concurrency: 2, ..cfg() };
         let progress = Arc::new(Progress::default());
         let cancel = CancellationToken::new();
         let watcher = {
@@ -1446,16 +1097,7 @@ mod tests {
             })
         };
         let spec = spec(&fx);
-        let r = fetch(
-            Arc::new(PosixSource::new(&fx.src)),
-            &spec,
-            &fx.layout,
-            &fx.index,
-            &cfg,
-            progress.clone(),
-            cancel,
-        )
-        .await;
+        let r = fetch(Arc::new(PosixSource::new(&fx.src)), &spec, &fx.layout, &fx.index, &cfg, progress.clone(), cancel).await;
         watcher.await.unwrap();
         assert!(matches!(r, Err(FetchError::Cancelled { .. })), "{r:?}");
         let kept = Progress::get(&progress.bytes_done);
@@ -1467,11 +1109,7 @@ mod tests {
         assert!(resumed > 0, "journaled parts are reused");
         // Refetched at most: everything not kept, plus the parts in flight at the cancel.
         let bound = e.bytes_total - kept + (cfg.concurrency as u64 * 2) * cfg.part_size as u64;
-        assert!(
-            Progress::get(&p.bytes_fetched) <= bound,
-            "fetched {} > bound {bound}",
-            Progress::get(&p.bytes_fetched)
-        );
+        assert!(Progress::get(&p.bytes_fetched) <= bound, "fetched {} > bound {bound}", Progress::get(&p.bytes_fetched));
         assert_identical(&fx, &e.id);
     }
 
@@ -1495,28 +1133,14 @@ mod tests {
                 .walk()
                 .unwrap()
                 .iter()
-                .map(|o| PlanFile {
-                    key: o.key.clone(),
-                    size: o.size,
-                    version: o.version.clone(),
-                })
+                .map(|o| PlanFile { key: o.key.clone(), size: o.size, version: o.version.clone() })
                 .collect(),
         };
-        std::fs::write(
-            staging.join("plan.json"),
-            serde_json::to_vec(&plan).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(staging.join("plan.json"), serde_json::to_vec(&plan).unwrap()).unwrap();
         let (mut j, _) = Journal::open(&staging.join("journal")).unwrap();
         for (i, o) in objs.iter().enumerate() {
             let parts = o.size.div_ceil(part).max(1) as u32;
-            let recs: Vec<_> = (0..parts)
-                .map(|p| PartRecord {
-                    file: i as u32,
-                    part: p,
-                    crc: 0,
-                })
-                .collect();
+            let recs: Vec<_> = (0..parts).map(|p| PartRecord { file: i as u32, part: p, crc: 0 }).collect();
             j.append(&recs).unwrap();
         }
         let mut stale = e.clone();
@@ -1540,10 +1164,7 @@ mod tests {
         f.set_len(90_000).unwrap();
         let (r, _) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
         let err = r.unwrap_err().to_string();
-        assert!(
-            err.contains("model-00001-of-00001.safetensors") && err.contains("verification failed"),
-            "{err}"
-        );
+        assert!(err.contains("model-00001-of-00001.safetensors") && err.contains("verification failed"), "{err}");
     }
 
     #[tokio::test]
@@ -1554,9 +1175,7 @@ mod tests {
         f.set_len(1 << 42).unwrap(); // sparse: 4 TiB the disk cannot hold
         let (r, _) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
         match r.unwrap_err() {
-            FetchError::NoSpace {
-                needed, available, ..
-            } => assert!(needed > available),
+            FetchError::NoSpace { needed, available, .. } => assert!(needed > available),
             e => panic!("expected NoSpace, got {e}"),
         }
     }

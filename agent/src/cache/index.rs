@@ -11,15 +11,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
     #[error("index {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("index {path}: not a valid index entry: {source}")]
-    Parse {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
+    Parse { path: PathBuf, source: serde_json::Error },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,9 +70,7 @@ pub struct IndexEntry {
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl IndexEntry {
@@ -94,12 +86,7 @@ impl IndexEntry {
         self.verification = if self.files.is_empty() || self.files.iter().any(|f| !f.ready) {
             String::new()
         } else {
-            self.files
-                .iter()
-                .map(|f| f.verification.as_str())
-                .min_by_key(|v| rank(v))
-                .unwrap_or("unverified")
-                .to_owned()
+            self.files.iter().map(|f| f.verification.as_str()).min_by_key(|v| rank(v)).unwrap_or("unverified").to_owned()
         };
     }
 }
@@ -112,9 +99,7 @@ pub struct Index {
 
 impl Index {
     pub fn new(cache_root: &Path) -> Self {
-        Self {
-            dir: cache_root.join("index"),
-        }
+        Self { dir: cache_root.join("index") }
     }
 
     fn path(&self, id: &str) -> PathBuf {
@@ -123,20 +108,14 @@ impl Index {
 
     pub fn put(&self, e: &IndexEntry) -> Result<(), IndexError> {
         let path = self.path(&e.id);
-        let json = serde_json::to_vec_pretty(e).map_err(|source| IndexError::Parse {
-            path: path.clone(),
-            source,
-        })?;
-        hearth_controller::fsutil::write_atomic(&path, &json, false)
-            .map_err(|source| IndexError::Io { path, source })
+        let json = serde_json::to_vec_pretty(e).map_err(|source| IndexError::Parse { path: path.clone(), source })?;
+        hearth_controller::fsutil::write_atomic(&path, &json, false).map_err(|source| IndexError::Io { path, source })
     }
 
     pub fn get(&self, id: &str) -> Result<Option<IndexEntry>, IndexError> {
         let path = self.path(id);
         match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|source| IndexError::Parse { path, source }),
+            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|source| IndexError::Parse { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(IndexError::Io { path, source }),
         }
@@ -145,8 +124,7 @@ impl Index {
     pub fn remove(&self, id: &str) -> Result<(), IndexError> {
         let path = self.path(id);
         match std::fs::remove_file(&path) {
-            Ok(()) => hearth_controller::fsutil::sync_dir(&self.dir)
-                .map_err(|source| IndexError::Io { path, source }),
+            Ok(()) => hearth_controller::fsutil::sync_dir(&self.dir).map_err(|source| IndexError::Io { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(IndexError::Io { path, source }),
         }
@@ -161,23 +139,14 @@ impl Index {
                 return Ok((Vec::new(), Vec::new()));
             }
             Err(source) => {
-                return Err(IndexError::Io {
-                    path: self.dir.clone(),
-                    source,
-                });
+                return Err(IndexError::Io { path: self.dir.clone(), source });
             }
         };
         let (mut ok, mut bad) = (Vec::new(), Vec::new());
         for ent in rd {
-            let ent = ent.map_err(|source| IndexError::Io {
-                path: self.dir.clone(),
-                source,
-            })?;
+            let ent = ent.map_err(|source| IndexError::Io { path: self.dir.clone(), source })?;
             let name = ent.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name
-                .strip_suffix(".json")
-                .filter(|_| !name.starts_with('.'))
-            {
+            if let Some(id) = name.strip_suffix(".json").filter(|_| !name.starts_with('.')) {
                 match self.get(id) {
                     Ok(Some(e)) => ok.push(e),
                     Ok(None) => {}
@@ -203,20 +172,8 @@ mod tests {
             exclude: vec![],
             state: EntryState::Downloading,
             files: vec![
-                FileEntry {
-                    key: "a".into(),
-                    size: 10,
-                    version: "e1".into(),
-                    verification: "checksum".into(),
-                    ready: true,
-                },
-                FileEntry {
-                    key: "b".into(),
-                    size: 30,
-                    version: "e2".into(),
-                    verification: String::new(),
-                    ready: false,
-                },
+                FileEntry { key: "a".into(), size: 10, version: "e1".into(), verification: "checksum".into(), ready: true },
+                FileEntry { key: "b".into(), size: 30, version: "e2".into(), verification: String::new(), ready: false },
             ],
             bytes_present: 0,
             bytes_total: 0,
@@ -232,17 +189,11 @@ mod tests {
     fn refresh_derives_bytes_and_weakest_verification() {
         let mut e = entry("m");
         e.refresh();
-        assert_eq!(
-            (e.bytes_present, e.bytes_total, e.verification.as_str()),
-            (10, 40, "")
-        );
+        assert_eq!((e.bytes_present, e.bytes_total, e.verification.as_str()), (10, 40, ""));
         e.files[1].ready = true;
         e.files[1].verification = "unverified".into();
         e.refresh();
-        assert_eq!(
-            (e.bytes_present, e.verification.as_str()),
-            (40, "unverified")
-        );
+        assert_eq!((e.bytes_present, e.verification.as_str()), (40, "unverified"));
     }
 
     #[test]
@@ -254,10 +205,7 @@ mod tests {
         idx.put(&entry("a")).unwrap();
         std::fs::write(d.path().join("index/broken.json"), b"{").unwrap();
         let (ok, bad) = idx.list().unwrap();
-        assert_eq!(
-            ok.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
-            vec!["a", "b"]
-        );
+        assert_eq!(ok.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["a", "b"]);
         assert_eq!(bad.len(), 1);
         assert!(bad[0].to_string().contains("broken.json"), "{}", bad[0]);
         idx.remove("a").unwrap();

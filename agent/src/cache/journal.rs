@@ -67,31 +67,14 @@ fn decode(r: &[u8]) -> Option<(u8, PartRecord)> {
         && crc32c::crc32c(&r[0..20]) == word(20);
     let mut c = [0u8; 8];
     c.copy_from_slice(&r[12..20]);
-    ok.then(|| {
-        (
-            r[3],
-            PartRecord {
-                file: word(4),
-                part: word(8),
-                crc: u64::from_le_bytes(c),
-            },
-        )
-    })
+    ok.then(|| (r[3], PartRecord { file: word(4), part: word(8), crc: u64::from_le_bytes(c) }))
 }
 
 impl Journal {
     /// Opens (creating if needed) and returns the durable (file, part) records in order.
     pub fn open(path: &Path) -> Result<(Self, Vec<PartRecord>), JournalError> {
-        let err = |source| JournalError {
-            path: path.to_owned(),
-            source,
-        };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(err)?;
+        let err = |source| JournalError { path: path.to_owned(), source };
+        let mut file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(err)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(err)?;
         let mut records = Vec::with_capacity(bytes.len() / RECORD);
@@ -114,31 +97,13 @@ impl Journal {
             file.set_len(good as u64).map_err(err)?;
             file.sync_all().map_err(err)?;
         }
-        Ok((
-            Self {
-                path: path.to_owned(),
-                file,
-            },
-            records,
-        ))
+        Ok((Self { path: path.to_owned(), file }, records))
     }
 
     /// Durably forgets every part of `file` recorded so far.
     pub fn reset_file(&mut self, file: u32) -> Result<(), JournalError> {
-        let err = |source| JournalError {
-            path: self.path.clone(),
-            source,
-        };
-        self.file
-            .write_all(&encode_kind(
-                KIND_RESET,
-                PartRecord {
-                    file,
-                    part: 0,
-                    crc: 0,
-                },
-            ))
-            .map_err(err)?;
+        let err = |source| JournalError { path: self.path.clone(), source };
+        self.file.write_all(&encode_kind(KIND_RESET, PartRecord { file, part: 0, crc: 0 })).map_err(err)?;
         self.file.sync_data().map_err(err)
     }
 
@@ -151,10 +116,7 @@ impl Journal {
         for &p in parts {
             buf.extend_from_slice(&encode(p));
         }
-        let err = |source| JournalError {
-            path: self.path.clone(),
-            source,
-        };
+        let err = |source| JournalError { path: self.path.clone(), source };
         self.file.write_all(&buf).map_err(err)?;
         self.file.sync_data().map_err(err)
     }
@@ -165,11 +127,7 @@ mod tests {
     use super::*;
 
     fn rec(file: u32, part: u32) -> PartRecord {
-        PartRecord {
-            file,
-            part,
-            crc: u64::from(file) << 32 | u64::from(part),
-        }
+        PartRecord { file, part, crc: u64::from(file) << 32 | u64::from(part) }
     }
 
     #[test]
@@ -186,11 +144,7 @@ mod tests {
         drop(f);
         let (mut j, recs) = Journal::open(&p).unwrap();
         assert_eq!(recs, vec![rec(0, 0), rec(0, 1), rec(3, 7)]);
-        assert_eq!(
-            std::fs::metadata(&p).unwrap().len(),
-            72,
-            "torn tail truncated"
-        );
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 72, "torn tail truncated");
         j.append(&[rec(1, 2)]).unwrap();
         let (_, recs) = Journal::open(&p).unwrap();
         assert_eq!(recs.last(), Some(&rec(1, 2)));

@@ -32,16 +32,8 @@ pub enum CacheError {
     Fetch(#[from] FetchError),
     #[error(transparent)]
     Index(#[from] IndexError),
-    #[error(
-        "{id}: needs {needed} bytes but the cache can free at most {available} (capacity {capacity}, pinned or in use: {held})"
-    )]
-    NoRoom {
-        id: String,
-        needed: u64,
-        available: u64,
-        capacity: u64,
-        held: u64,
-    },
+    #[error("{id}: needs {needed} bytes but the cache can free at most {available} (capacity {capacity}, pinned or in use: {held})")]
+    NoRoom { id: String, needed: u64, available: u64, capacity: u64, held: u64 },
     #[error("model {0:?} is not in the cache")]
     Unknown(String),
     #[error("model {0:?} is pinned; unpin it before evicting")]
@@ -49,10 +41,7 @@ pub enum CacheError {
     #[error("model {0:?} is being downloaded; it cannot be evicted now")]
     Busy(String),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Shared(String),
 }
@@ -109,9 +98,7 @@ pub struct Cache {
 
 impl std::fmt::Debug for Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cache")
-            .field("root", &self.cfg.root)
-            .finish_non_exhaustive()
+        f.debug_struct("Cache").field("root", &self.cfg.root).finish_non_exhaustive()
     }
 }
 
@@ -126,18 +113,11 @@ pub struct SourceBandwidth {
 impl Cache {
     /// Opens the cache: scans for what a crash left and cleans it up, then registers metrics.
     pub fn open(cfg: CacheConfig, registry: &mut Registry) -> Result<Arc<Self>, CacheError> {
-        let layout = Layout {
-            root: cfg.root.clone(),
-        };
-        std::fs::create_dir_all(cfg.root.join("models")).map_err(|source| CacheError::Io {
-            path: cfg.root.clone(),
-            source,
-        })?;
+        let layout = Layout { root: cfg.root.clone() };
+        std::fs::create_dir_all(cfg.root.join("models")).map_err(|source| CacheError::Io { path: cfg.root.clone(), source })?;
         let index = Index::new(&cfg.root);
-        let pins: BTreeSet<String> = std::fs::read(cfg.root.join("pins.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let pins: BTreeSet<String> =
+            std::fs::read(cfg.root.join("pins.json")).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
         let metrics = Metrics {
             hits: Counter::default(),
             misses: Counter::default(),
@@ -145,9 +125,7 @@ impl Cache {
             retries: Counter::default(),
             errors: Family::default(),
             verifications: Family::default(),
-            duration: Histogram::new([
-                1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-            ]),
+            duration: Histogram::new([1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0]),
         };
         let (changes, _) = watch::channel(0);
         let cache = Arc::new(Self {
@@ -168,27 +146,10 @@ impl Cache {
         r.register("hits", "Requests for a model already cached", metrics.hits);
         r.register("misses", "Requests that started a download", metrics.misses);
         r.register("evictions", "Models evicted", metrics.evictions);
-        r.register(
-            "retries",
-            "Part reads retried (throttling, resets, stalls, short bodies)",
-            metrics.retries,
-        );
-        r.register(
-            "errors",
-            "Failed downloads and cache operations, by kind",
-            metrics.errors,
-        );
-        r.register(
-            "verifications",
-            "Files verified, by outcome (checksum, manifest, unverified, failed)",
-            metrics.verifications,
-        );
-        r.register_with_unit(
-            "prefetch_duration",
-            "Time to download a model",
-            Unit::Seconds,
-            metrics.duration,
-        );
+        r.register("retries", "Part reads retried (throttling, resets, stalls, short bodies)", metrics.retries);
+        r.register("errors", "Failed downloads and cache operations, by kind", metrics.errors);
+        r.register("verifications", "Files verified, by outcome (checksum, manifest, unverified, failed)", metrics.verifications);
+        r.register_with_unit("prefetch_duration", "Time to download a model", Unit::Seconds, metrics.duration);
         r.register_collector(Box::new(CacheCollector(cache.clone())));
         Ok(cache)
     }
@@ -262,11 +223,7 @@ impl Cache {
     /// durable (journaled parts count as present: they survive a crash).
     pub fn entries(&self) -> Vec<IndexEntry> {
         let pins = self.pins.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let live = self
-            .progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let live = self.progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut list = self.index.list().map(|(ok, _)| ok).unwrap_or_default();
         for e in &mut list {
             e.pinned = pins.contains(&e.id);
@@ -279,11 +236,7 @@ impl Cache {
 
     /// Whether any download is running (its progress is worth reporting between changes).
     pub fn downloading(&self) -> bool {
-        !self
-            .progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+        !self.progress.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
     }
 
     pub fn source_bandwidth(&self) -> Vec<SourceBandwidth> {
@@ -291,38 +244,21 @@ impl Cache {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(s, e)| SourceBandwidth {
-                source: s.clone(),
-                bytes_per_second: e.bytes_per_sec,
-                samples: e.samples,
-            })
+            .map(|(s, e)| SourceBandwidth { source: s.clone(), bytes_per_second: e.bytes_per_sec, samples: e.samples })
             .collect()
     }
 
     /// Makes sure `spec` is cached and returns its entry. Concurrent callers for the same
     /// model share one download.
-    pub async fn ensure(
-        self: &Arc<Self>,
-        spec: &ModelSpec,
-        cancel: CancellationToken,
-    ) -> Result<IndexEntry, CacheError> {
+    pub async fn ensure(self: &Arc<Self>, spec: &ModelSpec, cancel: CancellationToken) -> Result<IndexEntry, CacheError> {
         let id = spec.id();
-        if let Some(mut e) = self
-            .index
-            .get(&id)?
-            .filter(|e| e.state == EntryState::Ready)
-            && e.files
-                .iter()
-                .all(|f| self.layout.model_dir(&id).join(&f.key).is_file())
+        if let Some(mut e) = self.index.get(&id)?.filter(|e| e.state == EntryState::Ready)
+            && e.files.iter().all(|f| self.layout.model_dir(&id).join(&f.key).is_file())
         {
             self.metrics.hits.inc();
             e.last_used = super::index::now_secs();
             self.index.put(&e)?;
-            e.pinned = self
-                .pins
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&id);
+            e.pinned = self.pins.lock().unwrap_or_else(|p| p.into_inner()).contains(&id);
             return Ok(e);
         }
         let mut rx = {
@@ -337,10 +273,7 @@ impl Cache {
                     let spec = spec.clone();
                     tokio::spawn(async move {
                         let r = me.download(&spec, cancel).await;
-                        me.inflight
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .remove(&spec.id());
+                        me.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&spec.id());
                         let _ = tx.send(Some(r.map_err(|e| e.to_string())));
                     });
                     rx
@@ -352,71 +285,35 @@ impl Cache {
                 return r.map_err(CacheError::Shared);
             }
             if rx.changed().await.is_err() {
-                return Err(CacheError::Shared(format!(
-                    "download of {id} was abandoned"
-                )));
+                return Err(CacheError::Shared(format!("download of {id} was abandoned")));
             }
         }
     }
 
-    async fn download(
-        self: &Arc<Self>,
-        spec: &ModelSpec,
-        cancel: CancellationToken,
-    ) -> Result<IndexEntry, CacheError> {
+    async fn download(self: &Arc<Self>, spec: &ModelSpec, cancel: CancellationToken) -> Result<IndexEntry, CacheError> {
         let id = spec.id();
         let source = super::open_source(&spec.uri, &self.cfg.s3).await;
         let source_key = source.name();
         // Room first: listing is cheap, and a download that cannot fit must not start.
         let objects = source.list().await.map_err(FetchError::from)?;
-        let needed: u64 = objects
-            .iter()
-            .filter(|o| spec.wants(&o.key))
-            .map(|o| o.size)
-            .sum();
+        let needed: u64 = objects.iter().filter(|o| spec.wants(&o.key)).map(|o| o.size).sum();
         self.make_room(&id, needed)?;
         let progress = Arc::new(Progress::default());
-        self.progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), progress.clone());
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), progress.clone());
         self.changed();
         let started = Instant::now();
-        let result = fetch(
-            source,
-            spec,
-            &self.layout,
-            &self.index,
-            &self.cfg.fetch,
-            progress.clone(),
-            cancel,
-        )
-        .await;
-        self.progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        self.metrics
-            .retries
-            .inc_by(Progress::get(&progress.retries));
+        let result = fetch(source, spec, &self.layout, &self.index, &self.cfg.fetch, progress.clone(), cancel).await;
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        self.metrics.retries.inc_by(Progress::get(&progress.retries));
         let fetched = Progress::get(&progress.bytes_fetched);
-        *self
-            .downloaded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(source_key.clone())
-            .or_default() += fetched;
+        *self.downloaded.lock().unwrap_or_else(|p| p.into_inner()).entry(source_key.clone()).or_default() += fetched;
         let secs = started.elapsed().as_secs_f64();
         // Small downloads say more about latency than bandwidth; learn from real transfers.
         if fetched >= 8 << 20 && secs > 0.0 {
             let mut bw = self.bandwidth.lock().unwrap_or_else(|p| p.into_inner());
             let e = bw.entry(source_key).or_default();
             let sample = fetched as f64 / secs;
-            e.bytes_per_sec = if e.samples == 0 {
-                sample
-            } else {
-                EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * e.bytes_per_sec
-            };
+            e.bytes_per_sec = if e.samples == 0 { sample } else { EWMA_ALPHA * sample + (1.0 - EWMA_ALPHA) * e.bytes_per_sec };
             e.samples += 1;
         }
         self.changed();
@@ -424,25 +321,16 @@ impl Cache {
             Ok(e) => {
                 self.metrics.duration.observe(secs);
                 for f in &e.files {
-                    self.metrics
-                        .verifications
-                        .get_or_create(&[("outcome", verification_label(&f.verification))])
-                        .inc();
+                    self.metrics.verifications.get_or_create(&[("outcome", verification_label(&f.verification))]).inc();
                 }
                 self.enforce_watermarks();
                 Ok(e)
             }
             Err(err) => {
                 if matches!(err, FetchError::Corrupt { .. }) {
-                    self.metrics
-                        .verifications
-                        .get_or_create(&[("outcome", "failed")])
-                        .inc();
+                    self.metrics.verifications.get_or_create(&[("outcome", "failed")]).inc();
                 }
-                self.metrics
-                    .errors
-                    .get_or_create(&[("kind", err.label())])
-                    .inc();
+                self.metrics.errors.get_or_create(&[("kind", err.label())]).inc();
                 Err(err.into())
             }
         }
@@ -452,10 +340,7 @@ impl Cache {
     /// under the capacity and the disk's high watermark.
     fn make_room(&self, for_id: &str, needed: u64) -> Result<(), CacheError> {
         let entries = self.entries();
-        let already = entries
-            .iter()
-            .find(|e| e.id == for_id)
-            .map_or(0, |e| e.bytes_present);
+        let already = entries.iter().find(|e| e.id == for_id).map_or(0, |e| e.bytes_present);
         let needed = needed.saturating_sub(already);
         let (disk_total, disk_free) = disk(&self.cfg.root)?;
         let disk_allowed = (disk_total as f64 * self.cfg.high_watermark) as u64;
@@ -468,17 +353,8 @@ impl Cache {
         if to_free == 0 {
             return Ok(());
         }
-        let busy: BTreeSet<String> = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        let mut candidates: Vec<&IndexEntry> = entries
-            .iter()
-            .filter(|e| e.id != for_id && !e.pinned && !busy.contains(&e.id))
-            .collect();
+        let busy: BTreeSet<String> = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let mut candidates: Vec<&IndexEntry> = entries.iter().filter(|e| e.id != for_id && !e.pinned && !busy.contains(&e.id)).collect();
         candidates.sort_by_key(|e| e.last_used);
         let freeable: u64 = candidates.iter().map(|e| e.bytes_present).sum();
         if freeable < to_free {
@@ -486,10 +362,7 @@ impl Cache {
             return Err(CacheError::NoRoom {
                 id: for_id.to_owned(),
                 needed,
-                available: freeable
-                    + capacity
-                        .saturating_sub(used)
-                        .min(disk_allowed.saturating_sub(disk_used)),
+                available: freeable + capacity.saturating_sub(used).min(disk_allowed.saturating_sub(disk_used)),
                 capacity: self.cfg.capacity.unwrap_or(disk_allowed),
                 held,
             });
@@ -515,18 +388,8 @@ impl Cache {
         }
         let target = (total as f64 * self.cfg.low_watermark) as u64;
         let mut used = total - free;
-        let busy: BTreeSet<String> = self
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
-        let mut entries: Vec<IndexEntry> = self
-            .entries()
-            .into_iter()
-            .filter(|e| !e.pinned && !busy.contains(&e.id))
-            .collect();
+        let busy: BTreeSet<String> = self.inflight.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        let mut entries: Vec<IndexEntry> = self.entries().into_iter().filter(|e| !e.pinned && !busy.contains(&e.id)).collect();
         entries.sort_by_key(|e| e.last_used);
         for e in entries {
             if used <= target {
@@ -560,20 +423,10 @@ impl Cache {
 
     /// Evicts a model now (refused while pinned or downloading).
     pub fn evict(&self, id: &str) -> Result<(), CacheError> {
-        if self
-            .pins
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(id)
-        {
+        if self.pins.lock().unwrap_or_else(|p| p.into_inner()).contains(id) {
             return Err(CacheError::Pinned(id.to_owned()));
         }
-        if self
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(id)
-        {
+        if self.inflight.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
             return Err(CacheError::Busy(id.to_owned()));
         }
         if self.index.get(id)?.is_none() {
@@ -584,27 +437,15 @@ impl Cache {
 
     /// Pins (a runtime uses it: never evicted) or unpins a model.
     pub fn pin(&self, id: &str, pinned: bool) -> Result<(), CacheError> {
-        if pinned
-            && self.index.get(id)?.is_none()
-            && !self
-                .inflight
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains_key(id)
-        {
+        if pinned && self.index.get(id)?.is_none() && !self.inflight.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
             return Err(CacheError::Unknown(id.to_owned()));
         }
         let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
-        let changed = if pinned {
-            pins.insert(id.to_owned())
-        } else {
-            pins.remove(id)
-        };
+        let changed = if pinned { pins.insert(id.to_owned()) } else { pins.remove(id) };
         if changed {
             let json = serde_json::to_vec(&*pins).unwrap_or_default();
             let path = self.cfg.root.join("pins.json");
-            hearth_controller::fsutil::write_atomic(&path, &json, false)
-                .map_err(|source| CacheError::Io { path, source })?;
+            hearth_controller::fsutil::write_atomic(&path, &json, false).map_err(|source| CacheError::Io { path, source })?;
             drop(pins);
             self.changed();
         }
@@ -621,10 +462,7 @@ fn verification_label(v: &str) -> &'static str {
 }
 
 fn disk(root: &std::path::Path) -> Result<(u64, u64), CacheError> {
-    let st = rustix::fs::statvfs(root).map_err(|e| CacheError::Io {
-        path: root.to_owned(),
-        source: e.into(),
-    })?;
+    let st = rustix::fs::statvfs(root).map_err(|e| CacheError::Io { path: root.to_owned(), source: e.into() })?;
     Ok((st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
 }
 
@@ -645,9 +483,7 @@ impl Collector for CacheCollector {
             Some(&Unit::Bytes),
             MetricType::Gauge,
         )?)?;
-        let capacity = c.cfg.capacity.unwrap_or_else(|| {
-            disk(&c.cfg.root).map_or(0, |(t, _)| (t as f64 * c.cfg.high_watermark) as u64)
-        });
+        let capacity = c.cfg.capacity.unwrap_or_else(|| disk(&c.cfg.root).map_or(0, |(t, _)| (t as f64 * c.cfg.high_watermark) as u64));
         ConstGauge::new(capacity as i64).encode(enc.encode_descriptor(
             "capacity",
             "Bytes the cache may use (configured capacity, else the disk's high watermark)",
@@ -655,43 +491,23 @@ impl Collector for CacheCollector {
             MetricType::Gauge,
         )?)?;
         let mut by_state: BTreeMap<&str, i64> =
-            ["downloading", "verifying", "ready", "failed", "evicting"]
-                .iter()
-                .map(|s| (*s, 0))
-                .collect();
+            ["downloading", "verifying", "ready", "failed", "evicting"].iter().map(|s| (*s, 0)).collect();
         for e in &entries {
             *by_state.entry(e.state.as_str()).or_default() += 1;
         }
-        let mut m = enc.encode_descriptor(
-            "entries",
-            "Models in the index, by state",
-            None,
-            MetricType::Gauge,
-        )?;
+        let mut m = enc.encode_descriptor("entries", "Models in the index, by state", None, MetricType::Gauge)?;
         for (s, n) in &by_state {
             ConstGauge::new(*n).encode(m.encode_family(&[("state", *s)])?)?;
         }
-        let unverified = entries
-            .iter()
-            .filter(|e| e.state == EntryState::Ready && e.verification == "unverified")
-            .count();
+        let unverified = entries.iter().filter(|e| e.state == EntryState::Ready && e.verification == "unverified").count();
         ConstGauge::new(unverified as i64).encode(enc.encode_descriptor(
             "unverified_entries",
             "Ready models whose source vouched only for sizes (no checksum, no manifest)",
             None,
             MetricType::Gauge,
         )?)?;
-        let downloaded = c
-            .downloaded
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let mut m = enc.encode_descriptor(
-            "downloaded",
-            "Bytes read from each source",
-            Some(&Unit::Bytes),
-            MetricType::Counter,
-        )?;
+        let downloaded = c.downloaded.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut m = enc.encode_descriptor("downloaded", "Bytes read from each source", Some(&Unit::Bytes), MetricType::Counter)?;
         for (s, b) in &downloaded {
             ConstCounter::new(*b).encode(m.encode_family(&[("source", s.as_str())])?)?;
         }
@@ -702,8 +518,7 @@ impl Collector for CacheCollector {
             MetricType::Gauge,
         )?;
         for b in c.source_bandwidth() {
-            ConstGauge::new(b.bytes_per_second)
-                .encode(m.encode_family(&[("source", b.source.as_str())])?)?;
+            ConstGauge::new(b.bytes_per_second).encode(m.encode_family(&[("source", b.source.as_str())])?)?;
         }
         let live = c.progress.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut m = enc.encode_descriptor(
@@ -713,18 +528,12 @@ impl Collector for CacheCollector {
             MetricType::Gauge,
         )?;
         for (id, p) in &live {
-            ConstGauge::new(Progress::get(&p.bytes_done) as i64)
-                .encode(m.encode_family(&[("model", id.as_str())])?)?;
+            ConstGauge::new(Progress::get(&p.bytes_done) as i64).encode(m.encode_family(&[("model", id.as_str())])?)?;
         }
-        let mut m = enc.encode_descriptor(
-            "download_total",
-            "Bytes to download, per download in progress",
-            Some(&Unit::Bytes),
-            MetricType::Gauge,
-        )?;
+        let mut m =
+            enc.encode_descriptor("download_total", "Bytes to download, per download in progress", Some(&Unit::Bytes), MetricType::Gauge)?;
         for (id, p) in &live {
-            ConstGauge::new(Progress::get(&p.bytes_total) as i64)
-                .encode(m.encode_family(&[("model", id.as_str())])?)?;
+            ConstGauge::new(Progress::get(&p.bytes_total) as i64).encode(m.encode_family(&[("model", id.as_str())])?)?;
         }
         Ok(())
     }
@@ -741,11 +550,7 @@ mod tests {
             capacity,
             high_watermark: 0.999,
             low_watermark: 0.99,
-            fetch: FetchConfig {
-                part_size: 64 << 10,
-                concurrency: 4,
-                ..Default::default()
-            },
+            fetch: FetchConfig { part_size: 64 << 10, concurrency: 4, ..Default::default() },
             s3: S3Options::default(),
         };
         Cache::open(cfg, &mut Registry::default()).unwrap()
@@ -754,13 +559,7 @@ mod tests {
     fn model(dir: &std::path::Path, name: &str, bytes: u64) -> ModelSpec {
         let p = dir.join(name);
         write_sample_model(&p, 1, bytes).unwrap();
-        ModelSpec::new(
-            &format!("file://{}", p.display()),
-            &["*.safetensors".into()],
-            &[],
-            "",
-        )
-        .unwrap()
+        ModelSpec::new(&format!("file://{}", p.display()), &["*.safetensors".into()], &[], "").unwrap()
     }
 
     #[tokio::test]
@@ -768,10 +567,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let c = open(&d.path().join("cache"), None);
         let m = model(d.path(), "m", 2 << 20);
-        let (a, b) = tokio::join!(
-            c.ensure(&m, CancellationToken::new()),
-            c.ensure(&m, CancellationToken::new())
-        );
+        let (a, b) = tokio::join!(c.ensure(&m, CancellationToken::new()), c.ensure(&m, CancellationToken::new()));
         assert_eq!(a.unwrap().id, b.unwrap().id);
         assert_eq!(c.metrics.misses.get(), 1, "one download for two callers");
         c.ensure(&m, CancellationToken::new()).await.unwrap();
@@ -783,35 +579,21 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let mib = 1 << 20;
         let c = open(&d.path().join("cache"), Some(5 * mib / 2));
-        let (m1, m2, m3) = (
-            model(d.path(), "m1", mib),
-            model(d.path(), "m2", mib),
-            model(d.path(), "m3", mib),
-        );
+        let (m1, m2, m3) = (model(d.path(), "m1", mib), model(d.path(), "m2", mib), model(d.path(), "m3", mib));
         let e1 = c.ensure(&m1, CancellationToken::new()).await.unwrap();
         let e2 = c.ensure(&m2, CancellationToken::new()).await.unwrap();
         c.pin(&e1.id, true).unwrap();
         // m3 needs room: m2 (unpinned, least recently used) goes, pinned m1 stays.
         let e3 = c.ensure(&m3, CancellationToken::new()).await.unwrap();
         let ids: Vec<String> = c.entries().into_iter().map(|e| e.id).collect();
-        assert!(
-            ids.contains(&e1.id) && ids.contains(&e3.id) && !ids.contains(&e2.id),
-            "{ids:?}"
-        );
+        assert!(ids.contains(&e1.id) && ids.contains(&e3.id) && !ids.contains(&e2.id), "{ids:?}");
         assert!(!c.model_dir(&e2.id).exists());
         assert_eq!(c.metrics.evictions.get(), 1);
         // Pin m3 too: now a fourth model cannot fit, and the error says why.
         c.pin(&e3.id, true).unwrap();
         let m4 = model(d.path(), "m4", mib);
-        let err = c
-            .ensure(&m4, CancellationToken::new())
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("needs") && err.contains("pinned or in use"),
-            "{err}"
-        );
+        let err = c.ensure(&m4, CancellationToken::new()).await.unwrap_err().to_string();
+        assert!(err.contains("needs") && err.contains("pinned or in use"), "{err}");
         assert!(matches!(c.evict(&e1.id), Err(CacheError::Pinned(_))));
         c.pin(&e1.id, false).unwrap();
         c.evict(&e1.id).unwrap();
@@ -826,11 +608,7 @@ mod tests {
             capacity: None,
             high_watermark: 0.999,
             low_watermark: 0.99,
-            fetch: FetchConfig {
-                part_size: 64 << 10,
-                concurrency: 4,
-                ..Default::default()
-            },
+            fetch: FetchConfig { part_size: 64 << 10, concurrency: 4, ..Default::default() },
             s3: S3Options::default(),
         };
         cfg.fetch.limit = Some(Arc::new(crate::cache::ratelimit::RateLimiter::new(8 << 20)));
@@ -851,10 +629,7 @@ mod tests {
         // long before the other (a FIFO of slots, not first-come-takes-all).
         let total = ra.max(rb);
         assert!((0.8..2.5).contains(&total), "{ra} {rb}");
-        assert!(
-            ra.min(rb) > 0.7 * total,
-            "one download starved the other: {ra} vs {rb}"
-        );
+        assert!(ra.min(rb) > 0.7 * total, "one download starved the other: {ra} vs {rb}");
     }
 
     #[tokio::test]
@@ -862,10 +637,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("cache");
         let c = open(&root, None);
-        let e = c
-            .ensure(&model(d.path(), "m", 1 << 20), CancellationToken::new())
-            .await
-            .unwrap();
+        let e = c.ensure(&model(d.path(), "m", 1 << 20), CancellationToken::new()).await.unwrap();
         let mut evicting = e.clone();
         evicting.state = EntryState::Evicting;
         c.index.put(&evicting).unwrap();

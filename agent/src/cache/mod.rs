@@ -23,9 +23,7 @@ use spec::SourceUri;
 /// Opens the source a model URI names.
 pub async fn open_source(uri: &SourceUri, s3: &source::s3::S3Options) -> Arc<dyn Source> {
     match uri {
-        SourceUri::S3 { bucket, prefix } => {
-            Arc::new(source::s3::S3Source::new(bucket, prefix, s3).await)
-        }
+        SourceUri::S3 { bucket, prefix } => Arc::new(source::s3::S3Source::new(bucket, prefix, s3).await),
         SourceUri::Posix { root } => Arc::new(source::posix::PosixSource::new(root)),
     }
 }
@@ -39,9 +37,6 @@ pub fn default_root() -> std::path::PathBuf {
     if rustix::process::geteuid().is_root() {
         return "/var/lib/hearth/cache".into();
     }
-    let home = std::env::var_os("HOME").map_or_else(
-        || std::path::PathBuf::from("/tmp"),
-        std::path::PathBuf::from,
-    );
+    let home = std::env::var_os("HOME").map_or_else(|| std::path::PathBuf::from("/tmp"), std::path::PathBuf::from);
     home.join(".cache/hearth")
 }

@@ -16,10 +16,7 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(bytes_per_sec: u64) -> Self {
-        Self {
-            bytes_per_sec: bytes_per_sec.max(1) as f64,
-            next_free: Mutex::new(Instant::now()),
-        }
+        Self { bytes_per_sec: bytes_per_sec.max(1) as f64, next_free: Mutex::new(Instant::now()) }
     }
 
     /// How long the caller must wait before moving `bytes`.

@@ -39,10 +39,7 @@ pub fn write_safetensors(path: &Path, size: u64, seed: u64) -> std::io::Result<(
     let mut n = 0u64;
     while left > 0 {
         let take = left.min(chunk.len() as u64) as usize;
-        fill(
-            &mut chunk[..take],
-            seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ n,
-        );
+        fill(&mut chunk[..take], seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ n);
         f.write_all(&chunk[..take])?;
         left -= take as u64;
         n += 1;
@@ -54,31 +51,19 @@ pub fn write_safetensors(path: &Path, size: u64, seed: u64) -> std::io::Result<(
 /// files a loader reads first.
 pub fn write_sample_model(dir: &Path, shards: u32, shard_bytes: u64) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        dir.join("config.json"),
-        br#"{"architectures":["LlamaForCausalLM"],"hidden_size":4096,"num_hidden_layers":32}"#,
-    )?;
-    std::fs::write(
-        dir.join("generation_config.json"),
-        br#"{"temperature":0.6,"top_p":0.9}"#,
-    )?;
+    std::fs::write(dir.join("config.json"), br#"{"architectures":["LlamaForCausalLM"],"hidden_size":4096,"num_hidden_layers":32}"#)?;
+    std::fs::write(dir.join("generation_config.json"), br#"{"temperature":0.6,"top_p":0.9}"#)?;
     let mut tok = vec![0u8; 200_000];
     fill(&mut tok, 42);
     let tok: String = tok.iter().map(|b| char::from(b'a' + b % 26)).collect();
-    std::fs::write(
-        dir.join("tokenizer.json"),
-        format!("{{\"model\":{{\"vocab\":\"{tok}\"}}}}"),
-    )?;
+    std::fs::write(dir.join("tokenizer.json"), format!("{{\"model\":{{\"vocab\":\"{tok}\"}}}}"))?;
     let mut weight_map = Vec::new();
     for i in 1..=shards {
         let name = format!("model-{i:05}-of-{shards:05}.safetensors");
         write_safetensors(&dir.join(&name), shard_bytes, u64::from(i))?;
         weight_map.push(format!("\"layer.{i}\":\"{name}\""));
     }
-    std::fs::write(
-        dir.join("model.safetensors.index.json"),
-        format!("{{\"weight_map\":{{{}}}}}", weight_map.join(",")),
-    )?;
+    std::fs::write(dir.join("model.safetensors.index.json"), format!("{{\"weight_map\":{{{}}}}}", weight_map.join(",")))?;
     Ok(())
 }
 
@@ -95,9 +80,6 @@ mod tests {
         assert_eq!(bytes.len(), 1_000_003);
         let h = crate::cache::verify::check_safetensors_header(&bytes, bytes.len() as u64).unwrap();
         assert_eq!(h.tensors, 1);
-        assert_ne!(
-            std::fs::read(d.path().join("model-00001-of-00002.safetensors")).unwrap()[1000..1100],
-            bytes[1000..1100]
-        );
+        assert_ne!(std::fs::read(d.path().join("model-00001-of-00002.safetensors")).unwrap()[1000..1100], bytes[1000..1100]);
     }
 }

@@ -26,9 +26,7 @@ impl SourceUri {
         if let Some(rest) = s.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             let bucket_ok = (3..=63).contains(&bucket.len())
-                && bucket.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
-                });
+                && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
             if !bucket_ok {
                 return Err(bad());
             }
@@ -36,18 +34,13 @@ impl SourceUri {
             if !prefix.is_empty() && !prefix.ends_with('/') {
                 prefix.push('/');
             }
-            return Ok(Self::S3 {
-                bucket: bucket.to_owned(),
-                prefix,
-            });
+            return Ok(Self::S3 { bucket: bucket.to_owned(), prefix });
         }
         let path = s.strip_prefix("file://").ok_or_else(bad)?;
         if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
             return Err(bad());
         }
-        Ok(Self::Posix {
-            root: std::path::PathBuf::from(path.trim_end_matches('/')).join(""),
-        })
+        Ok(Self::Posix { root: std::path::PathBuf::from(path.trim_end_matches('/')).join("") })
     }
 
     /// The source as metrics and bandwidth estimates see it: "s3://bucket", "file:///fsx".
@@ -55,11 +48,7 @@ impl SourceUri {
         match self {
             Self::S3 { bucket, .. } => format!("s3://{bucket}"),
             Self::Posix { root } => {
-                let first = root
-                    .components()
-                    .nth(1)
-                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                    .unwrap_or_default();
+                let first = root.components().nth(1).map(|c| c.as_os_str().to_string_lossy().into_owned()).unwrap_or_default();
                 format!("file:///{first}")
             }
         }
@@ -88,10 +77,7 @@ impl Glob {
         if s.is_empty() || segments.iter().any(String::is_empty) {
             return Err(SpecError::Glob(s.to_owned()));
         }
-        Ok(Self {
-            text: s.to_owned(),
-            segments,
-        })
+        Ok(Self { text: s.to_owned(), segments })
     }
 
     pub fn as_str(&self) -> &str {
@@ -104,9 +90,7 @@ impl Glob {
     pub fn matches(&self, path: &str) -> bool {
         let parts: Vec<&str> = path.split('/').collect();
         if self.segments.len() == 1 && self.segments[0] != "**" {
-            return parts
-                .last()
-                .is_some_and(|name| segment_match(self.segments[0].as_bytes(), name.as_bytes()));
+            return parts.last().is_some_and(|name| segment_match(self.segments[0].as_bytes(), name.as_bytes()));
         }
         let pat: Vec<&str> = self.segments.iter().map(String::as_str).collect();
         match_segments(&pat, &parts)
@@ -117,9 +101,9 @@ fn match_segments(pat: &[&str], parts: &[&str]) -> bool {
     match pat.split_first() {
         None => parts.is_empty(),
         Some((&"**", rest)) => (0..=parts.len()).any(|i| match_segments(rest, &parts[i..])),
-        Some((p, rest)) => parts.split_first().is_some_and(|(first, tail)| {
-            segment_match(p.as_bytes(), first.as_bytes()) && match_segments(rest, tail)
-        }),
+        Some((p, rest)) => {
+            parts.split_first().is_some_and(|(first, tail)| segment_match(p.as_bytes(), first.as_bytes()) && match_segments(rest, tail))
+        }
     }
 }
 
@@ -145,30 +129,18 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
-    pub fn new(
-        uri: &str,
-        include: &[String],
-        exclude: &[String],
-        revision: &str,
-    ) -> Result<Self, SpecError> {
+    pub fn new(uri: &str, include: &[String], exclude: &[String], revision: &str) -> Result<Self, SpecError> {
         Ok(Self {
             uri: SourceUri::parse(uri)?,
-            include: include
-                .iter()
-                .map(|g| Glob::parse(g))
-                .collect::<Result<_, _>>()?,
-            exclude: exclude
-                .iter()
-                .map(|g| Glob::parse(g))
-                .collect::<Result<_, _>>()?,
+            include: include.iter().map(|g| Glob::parse(g)).collect::<Result<_, _>>()?,
+            exclude: exclude.iter().map(|g| Glob::parse(g)).collect::<Result<_, _>>()?,
             revision: revision.to_owned(),
         })
     }
 
     /// Whether a file (relative path) belongs to the model.
     pub fn wants(&self, path: &str) -> bool {
-        (self.include.is_empty() || self.include.iter().any(|g| g.matches(path)))
-            && !self.exclude.iter().any(|g| g.matches(path))
+        (self.include.is_empty() || self.include.iter().any(|g| g.matches(path))) && !self.exclude.iter().any(|g| g.matches(path))
     }
 
     /// Stable id: the last path segment for people, a hash of everything for uniqueness.
@@ -187,20 +159,10 @@ impl ModelSpec {
         }
         let digest = h.finalize();
         let uri = self.uri.to_string();
-        let name = uri
-            .trim_end_matches('/')
-            .rsplit('/')
-            .next()
-            .unwrap_or("model");
+        let name = uri.trim_end_matches('/').rsplit('/').next().unwrap_or("model");
         let slug: String = name
             .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' {
-                    c.to_ascii_lowercase()
-                } else {
-                    '-'
-                }
-            })
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_' { c.to_ascii_lowercase() } else { '-' })
             .take(48)
             .collect();
         format!("{slug}-{}", hex::encode(&digest[..6]))
@@ -215,44 +177,15 @@ mod tests {
     fn parses_uris() {
         assert_eq!(
             SourceUri::parse("s3://my-bucket/models/llama").unwrap(),
-            SourceUri::S3 {
-                bucket: "my-bucket".into(),
-                prefix: "models/llama/".into()
-            }
+            SourceUri::S3 { bucket: "my-bucket".into(), prefix: "models/llama/".into() }
         );
-        assert_eq!(
-            SourceUri::parse("s3://bkt").unwrap(),
-            SourceUri::S3 {
-                bucket: "bkt".into(),
-                prefix: String::new()
-            }
-        );
-        assert_eq!(
-            SourceUri::parse("file:///fsx/m/").unwrap(),
-            SourceUri::Posix {
-                root: "/fsx/m/".into()
-            }
-        );
-        for bad in [
-            "http://x/y",
-            "s3://B/x",
-            "s3://a/x",
-            "file://rel/path",
-            "file:///a/../b",
-            "/abs",
-        ] {
+        assert_eq!(SourceUri::parse("s3://bkt").unwrap(), SourceUri::S3 { bucket: "bkt".into(), prefix: String::new() });
+        assert_eq!(SourceUri::parse("file:///fsx/m/").unwrap(), SourceUri::Posix { root: "/fsx/m/".into() });
+        for bad in ["http://x/y", "s3://B/x", "s3://a/x", "file://rel/path", "file:///a/../b", "/abs"] {
             assert!(SourceUri::parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(
-            SourceUri::parse("file:///fsx/models/x")
-                .unwrap()
-                .source_key(),
-            "file:///fsx"
-        );
-        assert_eq!(
-            SourceUri::parse("s3://bkt/p/").unwrap().source_key(),
-            "s3://bkt"
-        );
+        assert_eq!(SourceUri::parse("file:///fsx/models/x").unwrap().source_key(), "file:///fsx");
+        assert_eq!(SourceUri::parse("s3://bkt/p/").unwrap().source_key(), "s3://bkt");
     }
 
     #[test]
@@ -271,31 +204,15 @@ mod tests {
 
     #[test]
     fn spec_filters_and_ids() {
-        let s = ModelSpec::new(
-            "s3://bkt/llama-3-8B/",
-            &["*.safetensors".into(), "*.json".into()],
-            &["original/**".into()],
-            "r1",
-        )
-        .unwrap();
+        let s = ModelSpec::new("s3://bkt/llama-3-8B/", &["*.safetensors".into(), "*.json".into()], &["original/**".into()], "r1").unwrap();
         assert!(s.wants("config.json") && s.wants("model.safetensors"));
         assert!(!s.wants("original/consolidated.safetensors") && !s.wants("README.md"));
         let id = s.id();
-        assert!(
-            id.starts_with("llama-3-8b-") && id.len() == "llama-3-8b-".len() + 12,
-            "{id}"
-        );
+        assert!(id.starts_with("llama-3-8b-") && id.len() == "llama-3-8b-".len() + 12, "{id}");
         let other = ModelSpec::new("s3://bkt/llama-3-8B/", &[], &[], "r1").unwrap();
         assert_ne!(other.id(), id, "filters are part of the identity");
         assert_eq!(
-            ModelSpec::new(
-                "s3://bkt/llama-3-8B",
-                &["*.safetensors".into(), "*.json".into()],
-                &["original/**".into()],
-                "r1"
-            )
-            .unwrap()
-            .id(),
+            ModelSpec::new("s3://bkt/llama-3-8B", &["*.safetensors".into(), "*.json".into()], &["original/**".into()], "r1").unwrap().id(),
             id
         );
     }

@@ -32,20 +32,11 @@ pub enum VerifyError {
     #[error("S3 {algorithm} checksum {value:?} is a multipart composite, not a full-object one")]
     Composite { algorithm: String, value: String },
     #[error("S3 {algorithm} checksum {value:?}: expected base64 of {len} bytes, {problem}")]
-    BadChecksum {
-        algorithm: String,
-        value: String,
-        len: usize,
-        problem: String,
-    },
+    BadChecksum { algorithm: String, value: String, len: usize, problem: String },
     #[error("size mismatch: expected {expected} bytes, got {actual}")]
     SizeMismatch { expected: u64, actual: u64 },
     #[error("{algorithm} mismatch: expected {expected}, computed {computed}")]
-    DigestMismatch {
-        algorithm: &'static str,
-        expected: String,
-        computed: String,
-    },
+    DigestMismatch { algorithm: &'static str, expected: String, computed: String },
     #[error("manifest: expected {{\"version\": 1, \"files\": {{..}}}}: {0}")]
     ManifestJson(#[source] serde_json::Error),
     #[error("manifest: expected version 1, got {0}")]
@@ -114,17 +105,9 @@ pub fn parse_s3_checksum(algorithm: &str, value_b64: &str) -> Result<Expected, V
         && !parts.is_empty()
         && parts.bytes().all(|b| b.is_ascii_digit())
     {
-        return Err(VerifyError::Composite {
-            algorithm: upper,
-            value,
-        });
+        return Err(VerifyError::Composite { algorithm: upper, value });
     }
-    let bad = |problem| VerifyError::BadChecksum {
-        algorithm: upper.clone(),
-        value,
-        len,
-        problem,
-    };
+    let bad = |problem| VerifyError::BadChecksum { algorithm: upper.clone(), value, len, problem };
     let bytes = match BASE64.decode(value_b64) {
         Ok(bytes) if bytes.len() == len => bytes,
         Ok(bytes) => return Err(bad(format!("got {} bytes", bytes.len()))),
@@ -164,11 +147,7 @@ impl Digester {
             Expected::Sha256(want) => State::Sha256(sha2::Sha256::new(), want),
             Expected::SizeOnly => State::SizeOnly,
         };
-        Self {
-            state,
-            expected_size,
-            seen: 0,
-        }
+        Self { state, expected_size, seen: 0 }
     }
 
     pub fn update(&mut self, data: &[u8]) {
@@ -189,11 +168,7 @@ impl Digester {
         }
         // Compared as text: the mismatch error needs both as text anyway.
         let (algorithm, expected, computed) = match self.state {
-            State::Crc64(d, want) => (
-                "crc64nvme",
-                format!("{want:#018x}"),
-                format!("{:#018x}", d.sum64()),
-            ),
+            State::Crc64(d, want) => ("crc64nvme", format!("{want:#018x}"), format!("{:#018x}", d.sum64())),
             State::Crc32c(got, want) => ("crc32c", format!("{want:#010x}"), format!("{got:#010x}")),
             State::Sha256(h, want) => ("sha256", hex::encode(want), hex::encode(h.finalize())),
             State::SizeOnly => return Ok(()),
@@ -201,11 +176,7 @@ impl Digester {
         if expected == computed {
             return Ok(());
         }
-        Err(VerifyError::DigestMismatch {
-            algorithm,
-            expected,
-            computed,
-        })
+        Err(VerifyError::DigestMismatch { algorithm, expected, computed })
     }
 }
 
@@ -259,9 +230,7 @@ impl Manifest {
         let mut files = BTreeMap::new();
         for (key, RawEntry { size, sha256: text }) in raw.files {
             // Keys are joined onto the model directory; one that could leave it must not load.
-            let odd = key
-                .split('/')
-                .any(|s| s.is_empty() || s == "." || s == "..");
+            let odd = key.split('/').any(|s| s.is_empty() || s == "." || s == "..");
             if odd || key.contains('\\') {
                 let expected = "a relative '/'-separated path without empty, . or .. parts";
                 return Err(VerifyError::ManifestEntry { key, expected });
@@ -278,16 +247,8 @@ impl Manifest {
 
     /// Pretty JSON that `parse` reads back; keys come out sorted.
     pub fn to_json(&self) -> String {
-        let files: serde_json::Map<_, _> = self
-            .files
-            .iter()
-            .map(|(k, e)| {
-                (
-                    k.clone(),
-                    serde_json::json!({"size": e.size, "sha256": hex::encode(e.sha256)}),
-                )
-            })
-            .collect();
+        let files: serde_json::Map<_, _> =
+            self.files.iter().map(|(k, e)| (k.clone(), serde_json::json!({"size": e.size, "sha256": hex::encode(e.sha256)}))).collect();
         format!("{:#}", serde_json::json!({"version": 1, "files": files}))
     }
 
@@ -355,31 +316,23 @@ fn dtype_size(dtype: &str) -> Option<u64> {
 /// Checks that a safetensors header is self-consistent and fits a file of `file_size` bytes,
 /// catching a truncated or mislabelled file before a runtime maps it. `prefix` is the start
 /// of the file; when it is too short, `NeedMore` says how much to read.
-pub fn check_safetensors_header(
-    prefix: &[u8],
-    file_size: u64,
-) -> Result<SafetensorsHeader, VerifyError> {
+pub fn check_safetensors_header(prefix: &[u8], file_size: u64) -> Result<SafetensorsHeader, VerifyError> {
     let Some(len) = prefix.first_chunk::<8>() else {
         return Err(VerifyError::NeedMore { needed: 8 });
     };
     let header_len = u64::from_le_bytes(*len);
-    let data_len = file_size
-        .checked_sub(8)
-        .and_then(|n| n.checked_sub(header_len));
+    let data_len = file_size.checked_sub(8).and_then(|n| n.checked_sub(header_len));
     let Some(data_len) = data_len.filter(|_| header_len <= MAX_SAFETENSORS_HEADER) else {
         return Err(VerifyError::Header(format!(
             "length {header_len}: expected at most {MAX_SAFETENSORS_HEADER} bytes within a file of {file_size}"
         )));
     };
     let needed = 8 + header_len;
-    let Some(json) = usize::try_from(needed)
-        .ok()
-        .and_then(|end| prefix.get(8..end))
-    else {
+    let Some(json) = usize::try_from(needed).ok().and_then(|end| prefix.get(8..end)) else {
         return Err(VerifyError::NeedMore { needed });
     };
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json)
-        .map_err(|e| VerifyError::Header(format!("expected a JSON object: {e}")))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(json).map_err(|e| VerifyError::Header(format!("expected a JSON object: {e}")))?;
     let mut ranges = Vec::with_capacity(header.len());
     for (name, value) in header {
         if name == "__metadata__" {
@@ -387,30 +340,18 @@ pub fn check_safetensors_header(
             meta.map_err(|e| VerifyError::Header(format!("__metadata__: expected strings: {e}")))?;
             continue;
         }
-        let fail = |problem| VerifyError::Tensor {
-            name: name.clone(),
-            problem,
-        };
-        let t: RawTensor = serde_json::from_value(value)
-            .map_err(|e| fail(format!("expected {{dtype, shape, data_offsets}}: {e}")))?;
-        let size =
-            dtype_size(&t.dtype).ok_or_else(|| fail(format!("unknown dtype {:?}", t.dtype)))?;
+        let fail = |problem| VerifyError::Tensor { name: name.clone(), problem };
+        let t: RawTensor = serde_json::from_value(value).map_err(|e| fail(format!("expected {{dtype, shape, data_offsets}}: {e}")))?;
+        let size = dtype_size(&t.dtype).ok_or_else(|| fail(format!("unknown dtype {:?}", t.dtype)))?;
         let [begin, end] = t.data_offsets;
         if begin > end || end > data_len {
-            return Err(fail(format!(
-                "data_offsets [{begin}, {end}]: expected begin <= end <= {data_len}"
-            )));
+            return Err(fail(format!("data_offsets [{begin}, {end}]: expected begin <= end <= {data_len}")));
         }
-        let needs = t
-            .shape
-            .iter()
-            .try_fold(size, |acc, &dim| acc.checked_mul(dim));
+        let needs = t.shape.iter().try_fold(size, |acc, &dim| acc.checked_mul(dim));
         if needs != Some(end - begin) {
             let needs = needs.map_or("over 2^64".to_owned(), |n| n.to_string());
             let (held, shape, dtype) = (end - begin, t.shape, t.dtype);
-            return Err(fail(format!(
-                "data_offsets [{begin}, {end}] hold {held} bytes but shape {shape:?} of {dtype} needs {needs}"
-            )));
+            return Err(fail(format!("data_offsets [{begin}, {end}] hold {held} bytes but shape {shape:?} of {dtype} needs {needs}")));
         }
         ranges.push((begin, end, name));
     }
@@ -420,19 +361,11 @@ pub fn check_safetensors_header(
         if let [(b1, e1, first), (b2, e2, name)] = pair
             && b2 < e1
         {
-            let problem =
-                format!("data_offsets [{b2}, {e2}] overlap tensor {first:?} at [{b1}, {e1}]");
-            return Err(VerifyError::Tensor {
-                name: name.clone(),
-                problem,
-            });
+            let problem = format!("data_offsets [{b2}, {e2}] overlap tensor {first:?} at [{b1}, {e1}]");
+            return Err(VerifyError::Tensor { name: name.clone(), problem });
         }
     }
-    Ok(SafetensorsHeader {
-        header_len,
-        tensors,
-        data_len,
-    })
+    Ok(SafetensorsHeader { header_len, tensors, data_len })
 }
 
 #[cfg(test)]
@@ -454,12 +387,7 @@ mod tests {
         let sha = "15e2b0d3c33891ebb0f1ef609ec419420c20e320ce94c65fbc8c3312448eb225";
         let sha = hex::decode(sha).unwrap().try_into().unwrap();
         let crc64 = Expected::Crc64Nvme(0xae8b14860a799888);
-        let kinds = [
-            crc64,
-            Expected::Crc32c(0xe3069283),
-            Expected::Sha256(sha),
-            Expected::SizeOnly,
-        ];
+        let kinds = [crc64, Expected::Crc32c(0xe3069283), Expected::Sha256(sha), Expected::SizeOnly];
         for expected in kinds {
             digest(expected, &[b"123456789"]).unwrap();
             digest(expected, &[b"1", b"", b"2345", b"6789"]).unwrap();
@@ -468,61 +396,32 @@ mod tests {
 
     #[test]
     fn mismatches_show_expected_and_computed() {
-        let got = err(digest(
-            Expected::Crc64Nvme(0x1234abcd5678ef00),
-            &[b"123456789"],
-        ));
-        assert_eq!(
-            got,
-            "crc64nvme mismatch: expected 0x1234abcd5678ef00, computed 0xae8b14860a799888"
-        );
+        let got = err(digest(Expected::Crc64Nvme(0x1234abcd5678ef00), &[b"123456789"]));
+        assert_eq!(got, "crc64nvme mismatch: expected 0x1234abcd5678ef00, computed 0xae8b14860a799888");
         let got = err(digest(Expected::Crc32c(1), &[b"123456789"]));
-        assert_eq!(
-            got,
-            "crc32c mismatch: expected 0x00000001, computed 0xe3069283"
-        );
+        assert_eq!(got, "crc32c mismatch: expected 0x00000001, computed 0xe3069283");
         let got = err(digest(Expected::Sha256([0; 32]), &[b"abc"]));
-        assert!(got.ends_with(
-            "computed ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        ));
+        assert!(got.ends_with("computed ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"));
         let mut d = Digester::new(&Expected::Crc32c(0), 1048576);
         d.update(&[0; 1048575]);
-        assert_eq!(
-            err(d.finish()),
-            "size mismatch: expected 1048576 bytes, got 1048575"
-        );
+        assert_eq!(err(d.finish()), "size mismatch: expected 1048576 bytes, got 1048575");
     }
 
     #[test]
     fn s3_checksums_decode_or_say_why_not() {
         let crc64 = BASE64.encode(0xae8b14860a799888u64.to_be_bytes());
-        assert_eq!(
-            parse_s3_checksum("crc64nvme", &crc64).unwrap(),
-            Expected::Crc64Nvme(0xae8b14860a799888)
-        );
-        assert_eq!(
-            parse_s3_checksum("CRC32C", "4waSgw==").unwrap(),
-            Expected::Crc32c(0xe3069283)
-        );
+        assert_eq!(parse_s3_checksum("crc64nvme", &crc64).unwrap(), Expected::Crc64Nvme(0xae8b14860a799888));
+        assert_eq!(parse_s3_checksum("CRC32C", "4waSgw==").unwrap(), Expected::Crc32c(0xe3069283));
         let sha = BASE64.encode([7u8; 32]);
-        assert_eq!(
-            parse_s3_checksum("Sha256", &sha).unwrap(),
-            Expected::Sha256([7; 32])
-        );
+        assert_eq!(parse_s3_checksum("Sha256", &sha).unwrap(), Expected::Sha256([7; 32]));
         for unknown in ["CRC32", "SHA1"] {
             let got = parse_s3_checksum(unknown, "AAAAAA==");
-            assert!(
-                matches!(got, Err(VerifyError::UnsupportedAlgorithm(_))),
-                "{got:?}"
-            );
+            assert!(matches!(got, Err(VerifyError::UnsupportedAlgorithm(_))), "{got:?}");
         }
         let got = parse_s3_checksum("CRC32C", "4waSgw==-12");
         assert!(matches!(got, Err(VerifyError::Composite { .. })), "{got:?}");
         let got = err(parse_s3_checksum("CRC64NVME", "4waSgw=="));
-        assert_eq!(
-            got,
-            r#"S3 CRC64NVME checksum "4waSgw==": expected base64 of 8 bytes, got 4 bytes"#
-        );
+        assert_eq!(got, r#"S3 CRC64NVME checksum "4waSgw==": expected base64 of 8 bytes, got 4 bytes"#);
         assert!(err(parse_s3_checksum("sha256", "not base64!")).contains("invalid base64"));
     }
 
@@ -540,50 +439,28 @@ mod tests {
         write(".partial", b"hidden");
         write(MANIFEST_NAME, b"{}");
         let m = Manifest::build(dir.path()).unwrap();
-        assert_eq!(
-            m.files.keys().collect::<Vec<_>>(),
-            ["a.safetensors", "sub/b.json"]
-        );
+        assert_eq!(m.files.keys().collect::<Vec<_>>(), ["a.safetensors", "sub/b.json"]);
         let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert_eq!(
-            (
-                m.files["a.safetensors"].size,
-                hex::encode(m.files["a.safetensors"].sha256)
-            ),
-            (3, sha.into())
-        );
+        assert_eq!((m.files["a.safetensors"].size, hex::encode(m.files["a.safetensors"].sha256)), (3, sha.into()));
         assert_eq!(Manifest::parse(m.to_json().as_bytes()).unwrap(), m);
     }
 
     #[test]
     fn manifest_rejects_escaping_keys_bad_hashes_and_other_versions() {
         let with = |key: &str, sha: &str| {
-            let json =
-                format!(r#"{{"version":1,"files":{{"{key}":{{"size":1,"sha256":"{sha}"}}}}}}"#);
+            let json = format!(r#"{{"version":1,"files":{{"{key}":{{"size":1,"sha256":"{sha}"}}}}}}"#);
             Manifest::parse(json.as_bytes())
         };
         let upper = "AB".repeat(32);
         assert_eq!(with("x/y", &upper).unwrap().files["x/y"].sha256, [0xab; 32]);
         for key in ["../etc/passwd", "a/../../b", "/abs", "a//b", "./a", ""] {
-            assert!(
-                matches!(with(key, &upper), Err(VerifyError::ManifestEntry { .. })),
-                "{key}"
-            );
+            assert!(matches!(with(key, &upper), Err(VerifyError::ManifestEntry { .. })), "{key}");
         }
         let got = err(with("w.bin", "abc"));
-        assert_eq!(
-            got,
-            r#"manifest: file key "w.bin": expected sha256 of 64 hex characters"#
-        );
-        assert!(matches!(
-            Manifest::parse(br#"{"version":2,"files":{}}"#),
-            Err(VerifyError::ManifestVersion(2))
-        ));
+        assert_eq!(got, r#"manifest: file key "w.bin": expected sha256 of 64 hex characters"#);
+        assert!(matches!(Manifest::parse(br#"{"version":2,"files":{}}"#), Err(VerifyError::ManifestVersion(2))));
         let extra = br#"{"version":1,"files":{},"extra":0}"#;
-        assert!(matches!(
-            Manifest::parse(extra),
-            Err(VerifyError::ManifestJson(_))
-        ));
+        assert!(matches!(Manifest::parse(extra), Err(VerifyError::ManifestJson(_))));
     }
 
     /// A safetensors file's start for `header`, and the size of the file with `data` bytes.
@@ -604,54 +481,38 @@ mod tests {
         let h = r#"{"__metadata__":{"format":"pt"},
             "model.embed.weight":{"dtype":"F16","shape":[10,20],"data_offsets":[0,400]},
             "lm_head.bias":{"dtype":"F32","shape":[5],"data_offsets":[400,420]}}"#;
-        let want = SafetensorsHeader {
-            header_len: h.len() as u64,
-            tensors: 2,
-            data_len: 420,
-        };
+        let want = SafetensorsHeader { header_len: h.len() as u64, tensors: 2, data_len: 420 };
         assert_eq!(check(h, 420).unwrap(), want);
     }
 
     #[test]
     fn safetensors_rejects_inconsistent_tensors() {
-        let short =
-            r#"{"model.embed.weight":{"dtype":"F16","shape":[10,20],"data_offsets":[0,100]}}"#;
+        let short = r#"{"model.embed.weight":{"dtype":"F16","shape":[10,20],"data_offsets":[0,100]}}"#;
         assert_eq!(
             err(check(short, 400)),
             r#"safetensors: tensor "model.embed.weight": data_offsets [0, 100] hold 100 bytes but shape [10, 20] of F16 needs 400"#
         );
         let overlap = r#"{"a":{"dtype":"U8","shape":[10],"data_offsets":[0,10]},
             "b":{"dtype":"U8","shape":[4],"data_offsets":[8,12]}}"#;
-        assert!(
-            err(check(overlap, 12)).contains(r#""b": data_offsets [8, 12] overlap tensor "a""#)
-        );
+        assert!(err(check(overlap, 12)).contains(r#""b": data_offsets [8, 12] overlap tensor "a""#));
         let past_end = r#"{"a":{"dtype":"U8","shape":[10],"data_offsets":[0,10]}}"#;
         assert!(err(check(past_end, 9)).contains("expected begin <= end <= 9"));
         let bad_dtype = r#"{"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}"#;
         assert!(err(check(bad_dtype, 1)).contains(r#"unknown dtype "F4""#));
-        let overflow =
-            r#"{"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,0]}}"#;
+        let overflow = r#"{"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,0]}}"#;
         assert!(err(check(overflow, 0)).contains("needs over 2^64"));
         assert!(matches!(check("[1]", 0), Err(VerifyError::Header(_))));
     }
 
     #[test]
     fn safetensors_short_prefix_and_impossible_lengths() {
-        let (prefix, size) = st(
-            r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#,
-            1,
-        );
+        let (prefix, size) = st(r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}"#, 1);
         let got = check_safetensors_header(&prefix[..20], size);
-        assert!(
-            matches!(got, Err(VerifyError::NeedMore { needed }) if needed == prefix.len() as u64)
-        );
+        assert!(matches!(got, Err(VerifyError::NeedMore { needed }) if needed == prefix.len() as u64));
         let got = check_safetensors_header(&prefix[..3], size);
         assert!(matches!(got, Err(VerifyError::NeedMore { needed: 8 })));
         assert!(err(check_safetensors_header(&prefix, size - 2)).contains("within a file of"));
         let huge = (MAX_SAFETENSORS_HEADER + 1).to_le_bytes();
-        assert!(matches!(
-            check_safetensors_header(&huge, u64::MAX),
-            Err(VerifyError::Header(_))
-        ));
+        assert!(matches!(check_safetensors_header(&huge, u64::MAX), Err(VerifyError::Header(_))));
     }
 }

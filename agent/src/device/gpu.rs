@@ -184,11 +184,7 @@ pub struct GpuSample {
 }
 
 /// Records the outcome of one call: the value, nothing (unsupported), or a failure.
-pub fn record<T>(
-    failed: &mut Vec<(Call, String)>,
-    call: Call,
-    r: Result<Option<T>, String>,
-) -> Option<T> {
+pub fn record<T>(failed: &mut Vec<(Call, String)>, call: Call, r: Result<Option<T>, String>) -> Option<T> {
     match r {
         Ok(v) => v,
         Err(e) => {
@@ -229,10 +225,7 @@ pub fn health_of(r: &GpuReading, recent_xids: &[u64]) -> (Health, String) {
         return (Health::Unhealthy, format!("XID {x}: {}", xid_message(x)));
     }
     if r.remap_pending == Some(true) {
-        return (
-            Health::Degraded,
-            "row remapping pending (reset the GPU to apply)".into(),
-        );
+        return (Health::Degraded, "row remapping pending (reset the GPU to apply)".into());
     }
     if let Some(&x) = recent_xids.first() {
         return (Health::Degraded, format!("XID {x}: {}", xid_message(x)));

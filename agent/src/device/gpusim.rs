@@ -8,10 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::gpu::{
-    Call, DriverInfo, GpuBackend, GpuProcess, GpuSample, GpuStatic, MigDevice, MigReading,
-    ProfReading, XidEvent, record,
-};
+use super::gpu::{Call, DriverInfo, GpuBackend, GpuProcess, GpuSample, GpuStatic, MigDevice, MigReading, ProfReading, XidEvent, record};
 use super::migctl::{MigControl, SimMig};
 use super::{Accelerator, DeviceError, Vendor};
 
@@ -70,19 +67,9 @@ pub struct SimGpus {
 impl SimGpus {
     /// The NVIDIA devices of `accelerators`, indexed as NVML would (0..n in order).
     pub fn new(accelerators: &[Accelerator], mig: Arc<SimMig>, faults: Arc<SimFaults>) -> Self {
-        let gpus: Vec<_> = accelerators
-            .iter()
-            .filter(|a| a.vendor == Vendor::Nvidia)
-            .cloned()
-            .collect();
+        let gpus: Vec<_> = accelerators.iter().filter(|a| a.vendor == Vendor::Nvidia).cloned().collect();
         let energy = vec![(0.0, 0.0); gpus.len()];
-        Self {
-            gpus,
-            mig,
-            faults,
-            start: Instant::now(),
-            energy,
-        }
+        Self { gpus, mig, faults, start: Instant::now(), energy }
     }
 
     fn fails(&self, gpu: u32, call: Call) -> bool {
@@ -98,19 +85,10 @@ fn mig_uuid(parent: &str, gi: u32, start: u32) -> String {
             .bytes()
             .chain(gi.to_le_bytes())
             .chain(start.to_le_bytes())
-            .fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            })
+            .fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
     };
     let hex = format!("{:016x}{:016x}", h(1), h(2));
-    format!(
-        "MIG-{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    format!("MIG-{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 
 /// A load curve per GPU: 0..1, slow swell plus a faster ripple, phase-shifted by index.
@@ -129,10 +107,7 @@ impl GpuBackend for SimGpus {
     }
 
     fn driver(&self) -> Result<DriverInfo, DeviceError> {
-        Ok(DriverInfo {
-            driver_version: SIM_DRIVER.into(),
-            cuda_version: "13.0".into(),
-        })
+        Ok(DriverInfo { driver_version: SIM_DRIVER.into(), cuda_version: "13.0".into() })
     }
 
     fn gpus(&mut self) -> Result<Vec<GpuStatic>, DeviceError> {
@@ -165,11 +140,7 @@ impl GpuBackend for SimGpus {
         let t = self.start.elapsed().as_secs_f64();
         let u = load(t, index);
         let hopper = !a.product.contains("A100");
-        let (max_power, idle_power, sm_max, mem_clock) = if hopper {
-            (700.0, 72.0, 1980, 2619)
-        } else {
-            (400.0, 55.0, 1410, 1593)
-        };
+        let (max_power, idle_power, sm_max, mem_clock) = if hopper { (700.0, 72.0, 1980, 2619) } else { (400.0, 55.0, 1410, 1593) };
         let power = idle_power + u * (max_power - idle_power);
         let (e, last) = &mut self.energy[index as usize];
         *e += power * (t - *last) * 1000.0;
@@ -181,55 +152,23 @@ impl GpuBackend for SimGpus {
         let r = &mut out.reading;
         let sm = pick(self, Call::Clocks, (sm_max as f64 * (0.5 + 0.5 * u)) as u32);
         r.sm_clock_mhz = record(&mut out.failed, Call::Clocks, sm);
-        r.mem_clock_mhz = record(
-            &mut out.failed,
-            Call::Clocks,
-            pick(self, Call::Clocks, mem_clock),
-        );
-        r.gpu_temp_c = record(
-            &mut out.failed,
-            Call::Temperature,
-            pick(self, Call::Temperature, 32 + (u * 40.0) as u32),
-        );
-        r.mem_temp_c = record(
-            &mut out.failed,
-            Call::MemoryTemperature,
-            pick(self, Call::MemoryTemperature, 38 + (u * 42.0) as u32),
-        );
+        r.mem_clock_mhz = record(&mut out.failed, Call::Clocks, pick(self, Call::Clocks, mem_clock));
+        r.gpu_temp_c = record(&mut out.failed, Call::Temperature, pick(self, Call::Temperature, 32 + (u * 40.0) as u32));
+        r.mem_temp_c = record(&mut out.failed, Call::MemoryTemperature, pick(self, Call::MemoryTemperature, 38 + (u * 42.0) as u32));
         r.power_w = record(&mut out.failed, Call::Power, pick(self, Call::Power, 0)).map(|_| power);
-        r.energy_mj =
-            record(&mut out.failed, Call::Energy, pick(self, Call::Energy, 0)).map(|_| energy);
-        r.pcie_replay = record(
-            &mut out.failed,
-            Call::PcieReplay,
-            pick(self, Call::PcieReplay, 0),
-        )
-        .map(u64::from);
+        r.energy_mj = record(&mut out.failed, Call::Energy, pick(self, Call::Energy, 0)).map(|_| energy);
+        r.pcie_replay = record(&mut out.failed, Call::PcieReplay, pick(self, Call::PcieReplay, 0)).map(u64::from);
         let (mig_on, mig_pending) = self.mig.mig_mode(index).unwrap_or((false, false));
         let gpu_util = (u * 100.0) as u32;
-        if record(
-            &mut out.failed,
-            Call::Utilization,
-            pick(self, Call::Utilization, 0),
-        )
-        .is_some()
-        {
+        if record(&mut out.failed, Call::Utilization, pick(self, Call::Utilization, 0)).is_some() {
             // NVML reports no utilisation for a MIG-enabled GPU; the GPM family covers it.
             if !mig_on {
                 r.gpu_util = Some(gpu_util);
                 r.mem_copy_util = Some(gpu_util * 3 / 5);
             }
         }
-        r.enc_util = record(
-            &mut out.failed,
-            Call::EncoderUtil,
-            pick(self, Call::EncoderUtil, 0),
-        );
-        r.dec_util = record(
-            &mut out.failed,
-            Call::DecoderUtil,
-            pick(self, Call::DecoderUtil, 0),
-        );
+        r.enc_util = record(&mut out.failed, Call::EncoderUtil, pick(self, Call::EncoderUtil, 0));
+        r.dec_util = record(&mut out.failed, Call::DecoderUtil, pick(self, Call::DecoderUtil, 0));
         let total_mib = a.memory_bytes >> 20;
         let reserved = if hopper { 531 } else { 458 };
         if record(&mut out.failed, Call::Memory, pick(self, Call::Memory, 0)).is_some() {
@@ -238,20 +177,13 @@ impl GpuBackend for SimGpus {
             r.fb_reserved_mib = Some(reserved);
             r.fb_free_mib = Some(total_mib - reserved - used);
         }
-        if record(
-            &mut out.failed,
-            Call::RemappedRows,
-            pick(self, Call::RemappedRows, 0),
-        )
-        .is_some()
-        {
+        if record(&mut out.failed, Call::RemappedRows, pick(self, Call::RemappedRows, 0)).is_some() {
             r.remapped_correctable = Some(0);
             r.remapped_uncorrectable = Some(0);
             r.remap_pending = Some(false);
             r.remap_failure = Some(false);
         }
-        r.ecc_uncorrected_volatile =
-            record(&mut out.failed, Call::Ecc, pick(self, Call::Ecc, 0)).map(u64::from);
+        r.ecc_uncorrected_volatile = record(&mut out.failed, Call::Ecc, pick(self, Call::Ecc, 0)).map(u64::from);
         if record(&mut out.failed, Call::MigMode, pick(self, Call::MigMode, 0)).is_some() {
             r.mig_current = Some(mig_on);
             r.mig_pending = Some(mig_pending);
@@ -267,14 +199,7 @@ impl GpuBackend for SimGpus {
         if gpm {
             r.prof = Some(prof(u));
         }
-        if mig_on
-            && record(
-                &mut out.failed,
-                Call::MigDevices,
-                pick(self, Call::MigDevices, 0),
-            )
-            .is_some()
-        {
+        if mig_on && record(&mut out.failed, Call::MigDevices, pick(self, Call::MigDevices, 0)).is_some() {
             let mut instances = self.mig.list(index).unwrap_or_default();
             instances.sort_by_key(|i| i.gi_id);
             for (k, gi) in instances.iter().enumerate() {
@@ -298,21 +223,8 @@ impl GpuBackend for SimGpus {
                 });
             }
         }
-        if record(
-            &mut out.failed,
-            Call::Processes,
-            pick(self, Call::Processes, 0),
-        )
-        .is_some()
-        {
-            r.processes = self
-                .faults
-                .lock()
-                .processes
-                .iter()
-                .filter(|(g, _)| *g == index)
-                .map(|(_, p)| *p)
-                .collect();
+        if record(&mut out.failed, Call::Processes, pick(self, Call::Processes, 0)).is_some() {
+            r.processes = self.faults.lock().processes.iter().filter(|(g, _)| *g == index).map(|(_, p)| *p).collect();
         }
     }
 
@@ -329,9 +241,7 @@ mod tests {
     use crate::device::sim::{SimInventory, SimSpec};
 
     fn sim(spec: &str) -> (SimGpus, Arc<SimMig>, Arc<SimFaults>) {
-        let accs = SimInventory::new("n", &[SimSpec::parse(spec).unwrap()])
-            .accelerators()
-            .unwrap();
+        let accs = SimInventory::new("n", &[SimSpec::parse(spec).unwrap()]).accelerators().unwrap();
         let ids: Vec<u32> = accs.iter().map(|a| a.pci_device_id).collect();
         let m = Arc::new(SimMig::new(&ids));
         let f = Arc::new(SimFaults::default());
@@ -347,10 +257,7 @@ mod tests {
         let r = &a.reading;
         assert!((72.0..=700.0).contains(&r.power_w.unwrap()));
         assert!(r.gpu_util.unwrap() <= 100);
-        assert_eq!(
-            r.fb_used_mib.unwrap() + r.fb_free_mib.unwrap() + r.fb_reserved_mib.unwrap(),
-            81559
-        );
+        assert_eq!(r.fb_used_mib.unwrap() + r.fb_free_mib.unwrap() + r.fb_reserved_mib.unwrap(), 81559);
         assert!(r.prof.is_some(), "H100 has GPM");
         std::thread::sleep(std::time::Duration::from_millis(20));
         let mut b = GpuSample::default();
@@ -366,26 +273,16 @@ mod tests {
     fn mig_layout_comes_from_the_shared_simulator() {
         let (mut g, m, _) = sim("1xH100-80GB");
         m.set_mig_mode(0, true).unwrap();
-        m.create(0, mig::by_name(mig::H100_80GB, "3g.40gb").unwrap(), 4)
-            .unwrap();
-        m.create(0, mig::by_name(mig::H100_80GB, "1g.10gb").unwrap(), 0)
-            .unwrap();
+        m.create(0, mig::by_name(mig::H100_80GB, "3g.40gb").unwrap(), 4).unwrap();
+        m.create(0, mig::by_name(mig::H100_80GB, "1g.10gb").unwrap(), 0).unwrap();
         let mut s = GpuSample::default();
         g.sample(0, &mut s);
         let r = &s.reading;
         assert_eq!(r.mig_current, Some(true));
         assert_eq!(r.gpu_util, None, "no whole-GPU utilisation under MIG");
-        let names: Vec<_> = r
-            .migs
-            .iter()
-            .map(|m| (m.device.profile.as_str(), m.device.placement_start))
-            .collect();
+        let names: Vec<_> = r.migs.iter().map(|m| (m.device.profile.as_str(), m.device.placement_start)).collect();
         assert_eq!(names, [("3g.40gb", 4), ("1g.10gb", 0)]);
-        assert!(
-            r.migs
-                .iter()
-                .all(|m| m.device.uuid.starts_with("MIG-") && m.prof.is_some())
-        );
+        assert!(r.migs.iter().all(|m| m.device.uuid.starts_with("MIG-") && m.prof.is_some()));
         assert_ne!(r.migs[0].device.uuid, r.migs[1].device.uuid);
     }
 
@@ -396,24 +293,14 @@ mod tests {
         f.lose(1);
         let mut s0 = GpuSample::default();
         g.sample(0, &mut s0);
-        assert_eq!(
-            s0.failed.iter().map(|(c, _)| *c).collect::<Vec<_>>(),
-            [Call::Temperature]
-        );
+        assert_eq!(s0.failed.iter().map(|(c, _)| *c).collect::<Vec<_>>(), [Call::Temperature]);
         assert!(s0.reading.gpu_temp_c.is_none() && s0.reading.power_w.is_some());
         let mut s1 = GpuSample::default();
         g.sample(1, &mut s1);
         assert_eq!(s1.failed.len(), 1);
         assert_eq!(s1.reading, Default::default());
         f.xid(1, None, 79);
-        assert_eq!(
-            g.poll_xids().unwrap(),
-            [XidEvent {
-                gpu: 1,
-                gi_id: None,
-                code: 79
-            }]
-        );
+        assert_eq!(g.poll_xids().unwrap(), [XidEvent { gpu: 1, gi_id: None, code: 79 }]);
         assert!(g.poll_xids().unwrap().is_empty());
     }
 }

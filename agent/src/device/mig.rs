@@ -106,25 +106,11 @@ pub struct Placed {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LayoutError {
     #[error("{profile} cannot start at placement unit {start}; allowed starts: {allowed:?}")]
-    BadStart {
-        profile: &'static str,
-        start: u32,
-        allowed: &'static [u32],
-    },
+    BadStart { profile: &'static str, start: u32, allowed: &'static [u32] },
     #[error("{profile} at {start} overlaps {other} at {other_start} (units {overlap:?})")]
-    Overlap {
-        profile: &'static str,
-        start: u32,
-        other: &'static str,
-        other_start: u32,
-        overlap: std::ops::Range<u32>,
-    },
+    Overlap { profile: &'static str, start: u32, other: &'static str, other_start: u32, overlap: std::ops::Range<u32> },
     #[error("{count} x {profile} requested; the GPU fits at most {max}")]
-    TooMany {
-        profile: &'static str,
-        count: u32,
-        max: u32,
-    },
+    TooMany { profile: &'static str, count: u32, max: u32 },
     #[error("{compute} compute slices requested; the GPU has 7")]
     ComputeSlices { compute: u32 },
     #[error("{requested} do not fit one GPU: no allowed placements put them side by side")]
@@ -136,17 +122,10 @@ pub enum LayoutError {
 pub fn check_placements(placed: &[Placed]) -> Result<(), LayoutError> {
     for (i, p) in placed.iter().enumerate() {
         if !p.profile.starts.contains(&p.start) {
-            return Err(LayoutError::BadStart {
-                profile: p.profile.name,
-                start: p.start,
-                allowed: p.profile.starts,
-            });
+            return Err(LayoutError::BadStart { profile: p.profile.name, start: p.start, allowed: p.profile.starts });
         }
         for q in &placed[..i] {
-            let (a, b) = (
-                p.start..p.start + p.profile.size,
-                q.start..q.start + q.profile.size,
-            );
+            let (a, b) = (p.start..p.start + p.profile.size, q.start..q.start + q.profile.size);
             let overlap = a.start.max(b.start)..a.end.min(b.end);
             if !overlap.is_empty() {
                 return Err(LayoutError::Overlap {
@@ -174,11 +153,7 @@ pub fn check_counts(profiles: &[&'static GiProfile]) -> Result<(), LayoutError> 
     }
     for (prof, n) in counts {
         if n > prof.max_count {
-            return Err(LayoutError::TooMany {
-                profile: prof.name,
-                count: n,
-                max: prof.max_count,
-            });
+            return Err(LayoutError::TooMany { profile: prof.name, count: n, max: prof.max_count });
         }
     }
     let compute: u32 = profiles.iter().map(|p| p.compute_slices).sum();
@@ -193,21 +168,14 @@ pub fn check_counts(profiles: &[&'static GiProfile]) -> Result<(), LayoutError> 
 /// backtracking so any layout that fits is found. Deterministic.
 pub fn place(wanted: &[&'static GiProfile]) -> Result<Vec<Placed>, LayoutError> {
     let mut order: Vec<&'static GiProfile> = wanted.to_vec();
-    order.sort_by(|a, b| {
-        b.size
-            .cmp(&a.size)
-            .then(b.compute_slices.cmp(&a.compute_slices))
-            .then(a.id.cmp(&b.id))
-    });
+    order.sort_by(|a, b| b.size.cmp(&a.size).then(b.compute_slices.cmp(&a.compute_slices)).then(a.id.cmp(&b.id)));
     let mut placed = Vec::with_capacity(order.len());
     if search(&order, &mut placed) {
         return Ok(placed);
     }
     // Explain with the rule the request breaks wherever it is placed, else: no arrangement.
     check_counts(&order)?;
-    Err(LayoutError::NoFit {
-        requested: order.iter().map(|p| p.name).collect::<Vec<_>>().join(" + "),
-    })
+    Err(LayoutError::NoFit { requested: order.iter().map(|p| p.name).collect::<Vec<_>>().join(" + ") })
 }
 
 fn search(rest: &[&'static GiProfile], placed: &mut Vec<Placed>) -> bool {
@@ -243,20 +211,12 @@ mod tests {
                 let many: Vec<_> = (0..p.max_count).map(|_| p).collect();
                 assert!(place(&many).is_ok(), "{} x {}", p.max_count, p.name);
                 let too_many: Vec<_> = (0..=p.max_count).map(|_| p).collect();
-                assert!(
-                    place(&too_many).is_err(),
-                    "{} x {}",
-                    p.max_count + 1,
-                    p.name
-                );
+                assert!(place(&too_many).is_err(), "{} x {}", p.max_count + 1, p.name);
             }
             let ids: Vec<u32> = table.iter().map(|p| p.id).collect();
             assert_eq!(ids, vec![19, 20, 15, 14, 9, 5, 0]);
         }
-        assert_eq!(
-            profiles_for(0x2330_10DE).map(|t| t[0].memory_mib),
-            Some(9984)
-        );
+        assert_eq!(profiles_for(0x2330_10DE).map(|t| t[0].memory_mib), Some(9984));
     }
 
     /// The tables match what NVML reported on a real H100 80GB and H200 (ids, slices, counts,
@@ -264,73 +224,30 @@ mod tests {
     #[test]
     fn tables_match_the_recorded_hardware_readings() {
         for (table, json) in [
-            (
-                H100_80GB,
-                include_str!("../../../docs/hardware/h100-80gb-mig-profiles.json"),
-            ),
-            (
-                H200_141GB,
-                include_str!("../../../docs/hardware/h200-141gb-mig-profiles.json"),
-            ),
+            (H100_80GB, include_str!("../../../docs/hardware/h100-80gb-mig-profiles.json")),
+            (H200_141GB, include_str!("../../../docs/hardware/h200-141gb-mig-profiles.json")),
         ] {
             let v: serde_json::Value = serde_json::from_str(json).unwrap();
             let gpu = &v["gpus"][0];
             assert_eq!(
-                profiles_for(
-                    u32::from_str_radix(
-                        gpu["pci_device_id"]
-                            .as_str()
-                            .unwrap()
-                            .trim_start_matches("0x"),
-                        16
-                    )
-                    .unwrap()
-                ),
+                profiles_for(u32::from_str_radix(gpu["pci_device_id"].as_str().unwrap().trim_start_matches("0x"), 16).unwrap()),
                 Some(table)
             );
-            let read: Vec<&serde_json::Value> = gpu["profiles"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|p| p.get("id").is_some())
-                .collect();
+            let read: Vec<&serde_json::Value> = gpu["profiles"].as_array().unwrap().iter().filter(|p| p.get("id").is_some()).collect();
             assert_eq!(read.len(), table.len());
             for r in read {
                 let id = r["id"].as_u64().unwrap() as u32;
-                let p = table
-                    .iter()
-                    .find(|p| p.id == id)
-                    .unwrap_or_else(|| panic!("profile id {id} missing"));
-                assert_eq!(
-                    u64::from(p.compute_slices),
-                    r["slices"].as_u64().unwrap(),
-                    "{}",
-                    p.name
-                );
-                assert_eq!(
-                    u64::from(p.max_count),
-                    r["instances"].as_u64().unwrap(),
-                    "{}",
-                    p.name
-                );
-                assert_eq!(
-                    p.memory_mib,
-                    r["memory_mib"].as_u64().unwrap(),
-                    "{}",
-                    p.name
-                );
+                let p = table.iter().find(|p| p.id == id).unwrap_or_else(|| panic!("profile id {id} missing"));
+                assert_eq!(u64::from(p.compute_slices), r["slices"].as_u64().unwrap(), "{}", p.name);
+                assert_eq!(u64::from(p.max_count), r["instances"].as_u64().unwrap(), "{}", p.name);
+                assert_eq!(p.memory_mib, r["memory_mib"].as_u64().unwrap(), "{}", p.name);
                 let placements: Vec<(u32, u32)> = r["placements"]
                     .as_array()
                     .unwrap()
                     .iter()
                     .map(|x| (x[0].as_u64().unwrap() as u32, x[1].as_u64().unwrap() as u32))
                     .collect();
-                assert_eq!(
-                    placements,
-                    p.starts.iter().map(|&s| (s, p.size)).collect::<Vec<_>>(),
-                    "{}",
-                    p.name
-                );
+                assert_eq!(placements, p.starts.iter().map(|&s| (s, p.size)).collect::<Vec<_>>(), "{}", p.name);
             }
         }
     }
@@ -339,31 +256,13 @@ mod tests {
     fn known_layouts() {
         // 4g + 3g: the 4g must take units 0-3 and the 3g 4-7, whatever order they are asked in.
         let p = place(&[h("3g.40gb"), h("4g.40gb")]).unwrap();
-        assert_eq!(
-            p.iter()
-                .map(|x| (x.profile.name, x.start))
-                .collect::<Vec<_>>(),
-            vec![("4g.40gb", 0), ("3g.40gb", 4)]
-        );
+        assert_eq!(p.iter().map(|x| (x.profile.name, x.start)).collect::<Vec<_>>(), vec![("4g.40gb", 0), ("3g.40gb", 4)]);
         assert!(place(&[h("3g.40gb"), h("2g.20gb"), h("1g.10gb"), h("1g.10gb")]).is_ok());
         assert!(place(&[h("1g.10gb"); 7]).is_ok());
-        assert_eq!(
-            place(&[h("7g.80gb"), h("1g.10gb")])
-                .unwrap_err()
-                .to_string(),
-            "8 compute slices requested; the GPU has 7"
-        );
+        assert_eq!(place(&[h("7g.80gb"), h("1g.10gb")]).unwrap_err().to_string(), "8 compute slices requested; the GPU has 7");
         // 5 compute slices, but 1g.20gb x 4 takes all 8 units, leaving none for a 1g.10gb.
         assert_eq!(
-            place(&[
-                h("1g.20gb"),
-                h("1g.20gb"),
-                h("1g.20gb"),
-                h("1g.20gb"),
-                h("1g.10gb")
-            ])
-            .unwrap_err()
-            .to_string(),
+            place(&[h("1g.20gb"), h("1g.20gb"), h("1g.20gb"), h("1g.20gb"), h("1g.10gb")]).unwrap_err().to_string(),
             "1g.20gb + 1g.20gb + 1g.20gb + 1g.20gb + 1g.10gb do not fit one GPU: no allowed placements put them side by side"
         );
         assert!(place(&[h("1g.20gb"), h("1g.20gb"), h("1g.20gb"), h("1g.10gb")]).is_ok());
@@ -411,41 +310,16 @@ mod tests {
                     assert_eq!(p.len(), set.len());
                 }
                 let exists = brute_force_fits(&set, &mut Vec::new());
-                assert_eq!(
-                    found.is_ok(),
-                    exists,
-                    "{:?}",
-                    set.iter().map(|p| p.name).collect::<Vec<_>>()
-                );
+                assert_eq!(found.is_ok(), exists, "{:?}", set.iter().map(|p| p.name).collect::<Vec<_>>());
             }
         }
     }
 
     #[test]
     fn explicit_placements_are_checked_with_reasons() {
-        let e = check_placements(&[Placed {
-            profile: h("3g.40gb"),
-            start: 2,
-        }])
-        .unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "3g.40gb cannot start at placement unit 2; allowed starts: [0, 4]"
-        );
-        let e = check_placements(&[
-            Placed {
-                profile: h("4g.40gb"),
-                start: 0,
-            },
-            Placed {
-                profile: h("2g.20gb"),
-                start: 2,
-            },
-        ])
-        .unwrap_err();
-        assert!(
-            e.to_string().contains("overlaps 4g.40gb at 0 (units 2..4)"),
-            "{e}"
-        );
+        let e = check_placements(&[Placed { profile: h("3g.40gb"), start: 2 }]).unwrap_err();
+        assert_eq!(e.to_string(), "3g.40gb cannot start at placement unit 2; allowed starts: [0, 4]");
+        let e = check_placements(&[Placed { profile: h("4g.40gb"), start: 0 }, Placed { profile: h("2g.20gb"), start: 2 }]).unwrap_err();
+        assert!(e.to_string().contains("overlaps 4g.40gb at 0 (units 2..4)"), "{e}");
     }
 }

@@ -12,25 +12,13 @@ use super::mig::{self, GiProfile, Placed};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MigError {
     #[error("GPU {gpu}: {call}: insufficient resources ({detail})")]
-    InsufficientResources {
-        gpu: u32,
-        call: &'static str,
-        detail: String,
-    },
+    InsufficientResources { gpu: u32, call: &'static str, detail: String },
     #[error("GPU {gpu}: {call}: in use by running processes")]
     InUse { gpu: u32, call: &'static str },
     #[error("GPU {gpu}: {call}: not supported ({detail})")]
-    NotSupported {
-        gpu: u32,
-        call: &'static str,
-        detail: String,
-    },
+    NotSupported { gpu: u32, call: &'static str, detail: String },
     #[error("GPU {gpu}: {call}: no such GPU instance {gi}")]
-    NotFound {
-        gpu: u32,
-        call: &'static str,
-        gi: u32,
-    },
+    NotFound { gpu: u32, call: &'static str, gi: u32 },
     #[error("GPU {0}: no such GPU")]
     NoGpu(u32),
 }
@@ -54,12 +42,7 @@ pub trait MigControl: Send + Sync {
     fn mig_mode(&self, gpu: u32) -> Result<(bool, bool), MigError>;
     fn set_mig_mode(&self, gpu: u32, enabled: bool) -> Result<ModeChange, MigError>;
     fn list(&self, gpu: u32) -> Result<Vec<GpuInstance>, MigError>;
-    fn create(
-        &self,
-        gpu: u32,
-        profile: &'static GiProfile,
-        start: u32,
-    ) -> Result<GpuInstance, MigError>;
+    fn create(&self, gpu: u32, profile: &'static GiProfile, start: u32) -> Result<GpuInstance, MigError>;
     fn destroy(&self, gpu: u32, gi_id: u32) -> Result<(), MigError>;
 }
 
@@ -86,22 +69,12 @@ impl SimMig {
     pub fn new(pci_device_ids: &[u32]) -> Self {
         let gpus = pci_device_ids
             .iter()
-            .map(|&id| SimGpu {
-                table: mig::profiles_for(id).unwrap_or(&[]),
-                next_gi: 1,
-                ..Default::default()
-            })
+            .map(|&id| SimGpu { table: mig::profiles_for(id).unwrap_or(&[]), next_gi: 1, ..Default::default() })
             .collect();
-        Self {
-            gpus: Mutex::new(gpus),
-        }
+        Self { gpus: Mutex::new(gpus) }
     }
 
-    fn with<T>(
-        &self,
-        gpu: u32,
-        f: impl FnOnce(&mut SimGpu) -> Result<T, MigError>,
-    ) -> Result<T, MigError> {
+    fn with<T>(&self, gpu: u32, f: impl FnOnce(&mut SimGpu) -> Result<T, MigError>) -> Result<T, MigError> {
         let mut g = self.gpus.lock().unwrap_or_else(|p| p.into_inner());
         f(g.get_mut(gpu as usize).ok_or(MigError::NoGpu(gpu))?)
     }
@@ -136,17 +109,10 @@ impl MigControl for SimMig {
     fn set_mig_mode(&self, gpu: u32, enabled: bool) -> Result<ModeChange, MigError> {
         self.with(gpu, |g| {
             if g.table.is_empty() {
-                return Err(MigError::NotSupported {
-                    gpu,
-                    call: "set MIG mode",
-                    detail: "product has no MIG".into(),
-                });
+                return Err(MigError::NotSupported { gpu, call: "set MIG mode", detail: "product has no MIG".into() });
             }
             if !enabled && !g.instances.is_empty() {
-                return Err(MigError::InUse {
-                    gpu,
-                    call: "disable MIG mode",
-                });
+                return Err(MigError::InUse { gpu, call: "disable MIG mode" });
             }
             g.pending = enabled;
             if g.gpu_busy {
@@ -162,30 +128,13 @@ impl MigControl for SimMig {
         self.with(gpu, |g| Ok(g.instances.clone()))
     }
 
-    fn create(
-        &self,
-        gpu: u32,
-        profile: &'static GiProfile,
-        start: u32,
-    ) -> Result<GpuInstance, MigError> {
+    fn create(&self, gpu: u32, profile: &'static GiProfile, start: u32) -> Result<GpuInstance, MigError> {
         self.with(gpu, |g| {
             if !g.current {
-                return Err(MigError::NotSupported {
-                    gpu,
-                    call: "create GPU instance",
-                    detail: "MIG mode is off".into(),
-                });
+                return Err(MigError::NotSupported { gpu, call: "create GPU instance", detail: "MIG mode is off".into() });
             }
-            if !g
-                .table
-                .iter()
-                .any(|p| p.id == profile.id && p.name == profile.name)
-            {
-                return Err(MigError::NotSupported {
-                    gpu,
-                    call: "create GPU instance",
-                    detail: format!("profile {}", profile.name),
-                });
+            if !g.table.iter().any(|p| p.id == profile.id && p.name == profile.name) {
+                return Err(MigError::NotSupported { gpu, call: "create GPU instance", detail: format!("profile {}", profile.name) });
             }
             let mut placed: Vec<Placed> = g.instances.iter().map(|i| i.placed).collect();
             placed.push(Placed { profile, start });
@@ -194,10 +143,7 @@ impl MigControl for SimMig {
                 call: "create GPU instance",
                 detail: e.to_string(),
             })?;
-            let gi = GpuInstance {
-                gi_id: g.next_gi,
-                placed: Placed { profile, start },
-            };
+            let gi = GpuInstance { gi_id: g.next_gi, placed: Placed { profile, start } };
             g.next_gi += 1;
             g.instances.push(gi);
             Ok(gi)
@@ -207,20 +153,13 @@ impl MigControl for SimMig {
     fn destroy(&self, gpu: u32, gi_id: u32) -> Result<(), MigError> {
         self.with(gpu, |g| {
             if g.busy_instances.contains(&gi_id) {
-                return Err(MigError::InUse {
-                    gpu,
-                    call: "destroy GPU instance",
-                });
+                return Err(MigError::InUse { gpu, call: "destroy GPU instance" });
             }
-            let i =
-                g.instances
-                    .iter()
-                    .position(|x| x.gi_id == gi_id)
-                    .ok_or(MigError::NotFound {
-                        gpu,
-                        call: "destroy GPU instance",
-                        gi: gi_id,
-                    })?;
+            let i = g.instances.iter().position(|x| x.gi_id == gi_id).ok_or(MigError::NotFound {
+                gpu,
+                call: "destroy GPU instance",
+                gi: gi_id,
+            })?;
             g.instances.remove(i);
             Ok(())
         })
@@ -238,40 +177,19 @@ mod tests {
     #[test]
     fn models_nvml_failure_modes() {
         let s = SimMig::new(&[0x2330_10DE, 0x1234_10DE]);
-        assert!(
-            matches!(
-                s.create(0, h("1g.10gb"), 0),
-                Err(MigError::NotSupported { .. })
-            ),
-            "MIG off"
-        );
-        assert!(matches!(
-            s.set_mig_mode(1, true),
-            Err(MigError::NotSupported { .. })
-        ));
+        assert!(matches!(s.create(0, h("1g.10gb"), 0), Err(MigError::NotSupported { .. })), "MIG off");
+        assert!(matches!(s.set_mig_mode(1, true), Err(MigError::NotSupported { .. })));
         assert_eq!(s.set_mig_mode(0, true), Ok(ModeChange::Applied));
         let a = s.create(0, h("4g.40gb"), 0).unwrap();
         let e = s.create(0, h("3g.40gb"), 0).unwrap_err();
         assert!(matches!(e, MigError::InsufficientResources { .. }), "{e}");
         s.create(0, h("3g.40gb"), 4).unwrap();
         s.set_busy(0, true, Some(a.gi_id));
-        assert_eq!(
-            s.destroy(0, a.gi_id),
-            Err(MigError::InUse {
-                gpu: 0,
-                call: "destroy GPU instance"
-            })
-        );
-        assert!(matches!(
-            s.set_mig_mode(0, false),
-            Err(MigError::InUse { .. })
-        ));
+        assert_eq!(s.destroy(0, a.gi_id), Err(MigError::InUse { gpu: 0, call: "destroy GPU instance" }));
+        assert!(matches!(s.set_mig_mode(0, false), Err(MigError::InUse { .. })));
         s.set_busy(0, false, Some(a.gi_id));
         s.destroy(0, a.gi_id).unwrap();
-        assert!(matches!(
-            s.destroy(0, a.gi_id),
-            Err(MigError::NotFound { .. })
-        ));
+        assert!(matches!(s.destroy(0, a.gi_id), Err(MigError::NotFound { .. })));
     }
 
     #[test]

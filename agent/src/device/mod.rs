@@ -9,6 +9,7 @@ pub mod gpusim;
 pub mod mig;
 pub mod migctl;
 pub mod nvml;
+pub mod nvml_bench;
 pub mod sim;
 
 use hearth_proto::v1 as pb;
@@ -16,17 +17,9 @@ use hearth_proto::v1 as pb;
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("{backend}: {call} failed on device {index}: {reason}")]
-    Call {
-        backend: &'static str,
-        call: &'static str,
-        index: u32,
-        reason: String,
-    },
+    Call { backend: &'static str, call: &'static str, index: u32, reason: String },
     #[error("{backend} unavailable: {reason}")]
-    Unavailable {
-        backend: &'static str,
-        reason: String,
-    },
+    Unavailable { backend: &'static str, reason: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,11 +135,7 @@ impl From<&Accelerator> for pb::Accelerator {
             out.processes = g
                 .processes
                 .iter()
-                .map(|p| pb::GpuProcess {
-                    pid: p.pid,
-                    used_memory_bytes: p.used_memory_bytes,
-                    gpu_instance_id: p.gi_id.unwrap_or(0),
-                })
+                .map(|p| pb::GpuProcess { pid: p.pid, used_memory_bytes: p.used_memory_bytes, gpu_instance_id: p.gi_id.unwrap_or(0) })
                 .collect();
             out.remapped_rows_correctable = g.remapped_rows_correctable;
             out.remapped_rows_uncorrectable = g.remapped_rows_uncorrectable;

@@ -27,10 +27,7 @@ use nvml_wrapper::sys_exports::field_id as fi;
 use nvml_wrapper::{Device, Nvml};
 
 use super::DeviceError;
-use super::gpu::{
-    Call, DriverInfo, GpuBackend, GpuProcess, GpuSample, GpuStatic, MigDevice, MigReading,
-    ProfReading, XidEvent, record,
-};
+use super::gpu::{Call, DriverInfo, GpuBackend, GpuProcess, GpuSample, GpuStatic, MigReading, ProfReading, XidEvent, record};
 
 const BACKEND: &str = "nvml";
 
@@ -39,9 +36,7 @@ const BACKEND: &str = "nvml";
 fn opt<T>(r: Result<T, NvmlError>) -> Result<Option<T>, String> {
     match r {
         Ok(v) => Ok(Some(v)),
-        Err(NvmlError::NotSupported | NvmlError::NotFound | NvmlError::FunctionNotFound) => {
-            Ok(None)
-        }
+        Err(NvmlError::NotSupported | NvmlError::NotFound | NvmlError::FunctionNotFound) => Ok(None),
         Err(e) => Err(e.to_string()),
     }
 }
@@ -61,13 +56,8 @@ const FIELDS: [u32; 10] = [
 ];
 
 /// GPM metrics behind the DCGM profiling family, in `ProfReading` order.
-const GPM_METRICS: [GpmMetricId; 5] = [
-    GpmMetricId::GraphicsUtil,
-    GpmMetricId::AnyTensorUtil,
-    GpmMetricId::DramBwUtil,
-    GpmMetricId::PcieTxPerSec,
-    GpmMetricId::PcieRxPerSec,
-];
+const GPM_METRICS: [GpmMetricId; 5] =
+    [GpmMetricId::GraphicsUtil, GpmMetricId::AnyTensorUtil, GpmMetricId::DramBwUtil, GpmMetricId::PcieTxPerSec, GpmMetricId::PcieRxPerSec];
 
 pub struct NvmlGpus {
     nvml: &'static Nvml,
@@ -80,26 +70,16 @@ pub struct NvmlGpus {
 
 impl std::fmt::Debug for NvmlGpus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NvmlGpus")
-            .field("gpus", &self.statics.len())
-            .finish_non_exhaustive()
+        f.debug_struct("NvmlGpus").field("gpus", &self.statics.len()).finish_non_exhaustive()
     }
 }
 
 fn unavailable(reason: impl std::fmt::Display) -> DeviceError {
-    DeviceError::Unavailable {
-        backend: BACKEND,
-        reason: reason.to_string(),
-    }
+    DeviceError::Unavailable { backend: BACKEND, reason: reason.to_string() }
 }
 
 fn call_err(call: &'static str, index: u32, e: NvmlError) -> DeviceError {
-    DeviceError::Call {
-        backend: BACKEND,
-        call,
-        index,
-        reason: e.to_string(),
-    }
+    DeviceError::Call { backend: BACKEND, call, index, reason: e.to_string() }
 }
 
 impl NvmlGpus {
@@ -110,24 +90,18 @@ impl NvmlGpus {
             None => Nvml::init(),
         };
         let nvml = nvml.map_err(|e| match e {
-            NvmlError::LibloadingError(l) => unavailable(format!(
-                "cannot load libnvidia-ml.so.1 ({l}); is the NVIDIA driver installed and mounted?"
-            )),
-            NvmlError::DriverNotLoaded => unavailable("the NVIDIA kernel driver is not loaded"),
-            NvmlError::NoPermission => {
-                unavailable("no permission to talk to the NVIDIA driver (run privileged)")
+            NvmlError::LibloadingError(l) => {
+                unavailable(format!("cannot load libnvidia-ml.so.1 ({l}); is the NVIDIA driver installed and mounted?"))
             }
+            NvmlError::DriverNotLoaded => unavailable("the NVIDIA kernel driver is not loaded"),
+            NvmlError::NoPermission => unavailable("no permission to talk to the NVIDIA driver (run privileged)"),
             other => unavailable(format!("NVML init failed: {other}")),
         })?;
         let nvml: &'static Nvml = Box::leak(Box::new(nvml));
-        let n = nvml
-            .device_count()
-            .map_err(|e| unavailable(format!("device count: {e}")))?;
+        let n = nvml.device_count().map_err(|e| unavailable(format!("device count: {e}")))?;
         let mut statics = Vec::with_capacity(n as usize);
         for i in 0..n {
-            let d = nvml
-                .device_by_index(i)
-                .map_err(|e| call_err("handle", i, e))?;
+            let d = nvml.device_by_index(i).map_err(|e| call_err("handle", i, e))?;
             let pci = d.pci_info().map_err(|e| call_err("pci info", i, e))?;
             let gpm_supported = d.gpm_support().unwrap_or(false);
             statics.push(GpuStatic {
@@ -144,20 +118,12 @@ impl NvmlGpus {
             Ok(s) => (Some(s), None),
             Err(e) => (None, Some(e)),
         };
-        Ok(Self {
-            nvml,
-            statics,
-            events,
-            events_error,
-            gpm_prev: HashMap::new(),
-        })
+        Ok(Self { nvml, statics, events, events_error, gpm_prev: HashMap::new() })
     }
 
     /// An event set with critical XIDs registered on every GPU that supports them.
     fn event_set(nvml: &'static Nvml, n: u32) -> Result<EventSet<'static>, String> {
-        let mut set = nvml
-            .create_event_set()
-            .map_err(|e| format!("create event set: {e}"))?;
+        let mut set = nvml.create_event_set().map_err(|e| format!("create event set: {e}"))?;
         for i in 0..n {
             let d = nvml.device_by_index(i).map_err(|e| e.to_string())?;
             set = match d.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
@@ -173,11 +139,7 @@ impl NvmlGpus {
         self.nvml
     }
 
-    fn gpm(
-        &mut self,
-        key: (u32, Option<u32>),
-        d: &Device<'static>,
-    ) -> Result<Option<ProfReading>, String> {
+    fn gpm(&mut self, key: (u32, Option<u32>), d: &Device<'static>) -> Result<Option<ProfReading>, String> {
         let sample = match key.1 {
             None => d.gpm_sample(),
             Some(gi) => d.gpm_mig_sample(gi),
@@ -192,27 +154,18 @@ impl NvmlGpus {
         let Some(cur) = self.gpm_prev.get(&key) else {
             return Ok(None);
         };
-        let results =
-            gpm_metrics_get(self.nvml, &prev, cur, &GPM_METRICS).map_err(|e| e.to_string())?;
+        let results = gpm_metrics_get(self.nvml, &prev, cur, &GPM_METRICS).map_err(|e| e.to_string())?;
         let mut v = [0.0f64; 5];
         for (slot, r) in v.iter_mut().zip(results) {
             let r = r.map_err(|e| e.to_string())?;
             // Utilisations come as percentages; DCGM reports ratios. PCIe rates come in the
             // unit NVML names (MiB/s on current drivers); DCGM reports bytes/s.
             *slot = match r.metric_id {
-                GpmMetricId::PcieTxPerSec | GpmMetricId::PcieRxPerSec => {
-                    r.value * unit_scale(&r.metric_info.unit)
-                }
+                GpmMetricId::PcieTxPerSec | GpmMetricId::PcieRxPerSec => r.value * unit_scale(&r.metric_info.unit),
                 _ => r.value / 100.0,
             };
         }
-        Ok(Some(ProfReading {
-            gr_engine_active: v[0],
-            tensor_active: v[1],
-            dram_active: v[2],
-            pcie_tx_bytes: v[3],
-            pcie_rx_bytes: v[4],
-        }))
+        Ok(Some(ProfReading { gr_engine_active: v[0], tensor_active: v[1], dram_active: v[2], pcie_tx_bytes: v[3], pcie_rx_bytes: v[4] }))
     }
 }
 
@@ -253,15 +206,9 @@ impl GpuBackend for NvmlGpus {
     }
 
     fn driver(&self) -> Result<DriverInfo, DeviceError> {
-        let driver_version = self
-            .nvml
-            .sys_driver_version()
-            .map_err(|e| unavailable(format!("driver version: {e}")))?;
+        let driver_version = self.nvml.sys_driver_version().map_err(|e| unavailable(format!("driver version: {e}")))?;
         let cuda = self.nvml.sys_cuda_driver_version().unwrap_or(0);
-        Ok(DriverInfo {
-            driver_version,
-            cuda_version: format!("{}.{}", cuda / 1000, (cuda % 1000) / 10),
-        })
+        Ok(DriverInfo { driver_version, cuda_version: format!("{}.{}", cuda / 1000, (cuda % 1000) / 10) })
     }
 
     fn gpus(&mut self) -> Result<Vec<GpuStatic>, DeviceError> {
@@ -280,11 +227,7 @@ impl GpuBackend for NvmlGpus {
         let r = &mut out.reading;
         r.sm_clock_mhz = record(f, Call::Clocks, opt(d.clock_info(Clock::SM)));
         r.mem_clock_mhz = record(f, Call::Clocks, opt(d.clock_info(Clock::Memory)));
-        r.gpu_temp_c = record(
-            f,
-            Call::Temperature,
-            opt(d.temperature(TemperatureSensor::Gpu)),
-        );
+        r.gpu_temp_c = record(f, Call::Temperature, opt(d.temperature(TemperatureSensor::Gpu)));
         r.power_w = record(f, Call::Power, opt(d.power_usage())).map(|mw| f64::from(mw) / 1000.0);
         let ids: Vec<FieldId> = FIELDS.iter().map(|&i| FieldId(i)).collect();
         match d.field_values_for(&ids) {
@@ -311,10 +254,8 @@ impl GpuBackend for NvmlGpus {
             r.gpu_util = Some(u.gpu);
             r.mem_copy_util = Some(u.memory);
         }
-        r.enc_util =
-            record(f, Call::EncoderUtil, opt(d.encoder_utilization())).map(|u| u.utilization);
-        r.dec_util =
-            record(f, Call::DecoderUtil, opt(d.decoder_utilization())).map(|u| u.utilization);
+        r.enc_util = record(f, Call::EncoderUtil, opt(d.encoder_utilization())).map(|u| u.utilization);
+        r.dec_util = record(f, Call::DecoderUtil, opt(d.decoder_utilization())).map(|u| u.utilization);
         if let Some(m) = record(f, Call::Memory, opt(d.memory_info())) {
             r.fb_free_mib = Some(m.free >> 20);
             r.fb_used_mib = Some(m.used >> 20);
@@ -336,41 +277,24 @@ impl GpuBackend for NvmlGpus {
                 })
                 .collect();
         }
-        let gpm = self
-            .statics
-            .get(index as usize)
-            .is_some_and(|s| s.gpm_supported);
+        let gpm = self.statics.get(index as usize).is_some_and(|s| s.gpm_supported);
         if gpm {
             let p = self.gpm((index, None), &d);
             out.reading.prof = record(&mut out.failed, Call::Gpm, p);
         }
         if out.reading.mig_current == Some(true) {
-            let pci_device_id = self
-                .statics
-                .get(index as usize)
-                .map_or(0, |s| s.pci_device_id);
+            let pci_device_id = self.statics.get(index as usize).map_or(0, |s| s.pci_device_id);
             match raw::mig_devices(self.nvml, &d, pci_device_id) {
                 Ok(devs) => {
-                    for dev in devs {
-                        let (used, free) = match self.nvml_mig_memory(&dev) {
-                            Ok(m) => m,
-                            Err(e) => {
-                                out.failed.push((Call::MigDevices, e));
-                                (None, None)
-                            }
-                        };
+                    for (dev, mem) in devs {
                         let prof = if gpm {
                             let p = self.gpm((index, Some(dev.gi_id)), &d);
                             record(&mut out.failed, Call::Gpm, p)
                         } else {
                             None
                         };
-                        out.reading.migs.push(MigReading {
-                            device: dev,
-                            fb_used_mib: used,
-                            fb_free_mib: free,
-                            prof,
-                        });
+                        let (fb_used_mib, fb_free_mib) = mem.map_or((None, None), |(u, f)| (Some(u >> 20), Some(f >> 20)));
+                        out.reading.migs.push(MigReading { device: dev, fb_used_mib, fb_free_mib, prof });
                     }
                 }
                 Err(e) => out.failed.push((Call::MigDevices, e)),
@@ -391,35 +315,16 @@ impl GpuBackend for NvmlGpus {
             match set.wait(0) {
                 Ok(ev) => {
                     let uuid = ev.device.uuid().unwrap_or_default();
-                    let gpu = self
-                        .statics
-                        .iter()
-                        .find(|s| s.uuid == uuid)
-                        .map_or(u32::MAX, |s| s.index);
+                    let gpu = self.statics.iter().find(|s| s.uuid == uuid).map_or(u32::MAX, |s| s.index);
                     let code = match ev.event_data {
                         Some(XidError::Value(v)) => v,
                         _ => 0,
                     };
-                    out.push(XidEvent {
-                        gpu,
-                        gi_id: None,
-                        code,
-                    });
+                    out.push(XidEvent { gpu, gi_id: None, code });
                 }
                 Err(NvmlError::Timeout) => return Ok(out),
                 Err(e) => return Err(e.to_string()),
             }
-        }
-    }
-}
-
-impl NvmlGpus {
-    /// Used and free memory of a MIG device, in MiB.
-    fn nvml_mig_memory(&self, dev: &MigDevice) -> Result<(Option<u64>, Option<u64>), String> {
-        let m = raw::mig_handle_by_uuid(self.nvml, &dev.uuid)?;
-        match opt(m.memory_info())? {
-            Some(mem) => Ok((Some(mem.used >> 20), Some(mem.free >> 20))),
-            None => Ok((None, None)),
         }
     }
 }
@@ -433,11 +338,178 @@ pub mod raw {
     use nvml_wrapper::Nvml;
     use nvml_wrapper::error::{NvmlError, nvml_try};
     use nvml_wrapper_sys::bindings::{
-        nvmlDevice_t, nvmlGpuInstance_t, nvmlGpuInstanceInfo_t, nvmlGpuInstancePlacement_t,
+        NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED, NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE, NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE,
+        NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE, NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE, NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE,
+        nvmlComputeInstance_t, nvmlComputeInstanceProfileInfo_t, nvmlDevice_t, nvmlGpuInstance_t, nvmlGpuInstanceInfo_t,
+        nvmlGpuInstancePlacement_t, nvmlReturn_t,
     };
 
     use super::super::gpu::MigDevice;
-    use super::super::mig;
+    use super::super::mig::{self, GiProfile, Placed};
+    use super::super::migctl::{GpuInstance, MigError, ModeChange};
+
+    // NVML return codes the MIG calls distinguish (nvml.h).
+    const SUCCESS: nvmlReturn_t = 0;
+    const NOT_SUPPORTED: nvmlReturn_t = 3;
+    const NOT_FOUND: nvmlReturn_t = 6;
+    const RESET_REQUIRED: nvmlReturn_t = 18;
+    const IN_USE: nvmlReturn_t = 19;
+    const INSUFFICIENT_RESOURCES: nvmlReturn_t = 23;
+
+    /// The return code behind a wrapper error, where it has one.
+    pub fn code_of(e: &NvmlError) -> nvmlReturn_t {
+        match e {
+            NvmlError::NotSupported => NOT_SUPPORTED,
+            NvmlError::NotFound => NOT_FOUND,
+            NvmlError::InUse => IN_USE,
+            NvmlError::ResetRequired => RESET_REQUIRED,
+            _ => 999,
+        }
+    }
+
+    pub fn mig_err(gpu: u32, call: &'static str, code: nvmlReturn_t, detail: String) -> MigError {
+        match code {
+            INSUFFICIENT_RESOURCES => MigError::InsufficientResources { gpu, call, detail },
+            IN_USE => MigError::InUse { gpu, call },
+            NOT_FOUND => MigError::NotFound { gpu, call, gi: 0 },
+            _ => MigError::NotSupported { gpu, call, detail: format!("NVML error {code}: {detail}") },
+        }
+    }
+
+    fn check(gpu: u32, call: &'static str, code: nvmlReturn_t) -> Result<(), MigError> {
+        if code == SUCCESS { Ok(()) } else { Err(mig_err(gpu, call, code, format!("return code {code}"))) }
+    }
+
+    fn missing(gpu: u32, call: &'static str) -> MigError {
+        MigError::NotSupported { gpu, call, detail: "this libnvidia-ml lacks the function".into() }
+    }
+
+    /// Enables or disables MIG mode; a change the driver can only apply after a GPU reset
+    /// (processes hold it, or the platform needs a reboot) comes back as `Pending`.
+    pub fn set_mig_mode(nvml: &Nvml, d: &Device<'_>, gpu: u32, enabled: bool) -> Result<ModeChange, MigError> {
+        let call = "set MIG mode";
+        let f = nvml.lib().nvmlDeviceSetMigMode.as_ref().map_err(|_| missing(gpu, call))?;
+        let mut activation: nvmlReturn_t = SUCCESS;
+        // SAFETY: `f` comes from the loaded library; `activation` outlives the call.
+        let code = unsafe { f(handle(d), u32::from(enabled), &mut activation) };
+        check(gpu, call, code)?;
+        Ok(if activation == SUCCESS { ModeChange::Applied } else { ModeChange::Pending })
+    }
+
+    fn gi_handle(nvml: &Nvml, d: &Device<'_>, gpu: u32, gi_id: u32) -> Result<nvmlGpuInstance_t, MigError> {
+        let f = nvml.lib().nvmlDeviceGetGpuInstanceById.as_ref().map_err(|_| missing(gpu, "get GPU instance"))?;
+        let mut gi: nvmlGpuInstance_t = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local.
+        let code = unsafe { f(handle(d), gi_id, &mut gi) };
+        if code == NOT_FOUND {
+            return Err(MigError::NotFound { gpu, call: "get GPU instance", gi: gi_id });
+        }
+        check(gpu, "get GPU instance", code)?;
+        Ok(gi)
+    }
+
+    /// Every GPU instance on the GPU, with its profile and placement.
+    pub fn list_instances(nvml: &Nvml, d: &Device<'_>, gpu: u32, table: &'static [GiProfile]) -> Result<Vec<GpuInstance>, MigError> {
+        let call = "list GPU instances";
+        let get = nvml.lib().nvmlDeviceGetGpuInstances.as_ref().map_err(|_| missing(gpu, call))?;
+        let info_fn = nvml.lib().nvmlGpuInstanceGetInfo.as_ref().map_err(|_| missing(gpu, call))?;
+        let mut out = Vec::new();
+        for p in table {
+            // At most 7 instances of one profile fit a GPU; 8 leaves room.
+            let mut handles: [nvmlGpuInstance_t; 8] = [std::ptr::null_mut(); 8];
+            let mut count = 0u32;
+            // SAFETY: `handles` has room for 8; NVML writes `count` <= 8 handles.
+            let code = unsafe { get(handle(d), p.id, handles.as_mut_ptr(), &mut count) };
+            if code == NOT_SUPPORTED || code == NOT_FOUND {
+                continue;
+            }
+            check(gpu, call, code)?;
+            for &gi in handles.iter().take(count.min(8) as usize) {
+                // SAFETY: all-zero is a valid value of this plain C struct.
+                let mut info: nvmlGpuInstanceInfo_t = unsafe { std::mem::zeroed() };
+                // SAFETY: `gi` was just returned by NVML; `info` outlives the call.
+                check(gpu, call, unsafe { info_fn(gi, &mut info) })?;
+                out.push(GpuInstance { gi_id: info.id, placed: Placed { profile: p, start: info.placement.start } });
+            }
+        }
+        out.sort_by_key(|i| i.gi_id);
+        Ok(out)
+    }
+
+    /// The compute-instance profile covering a whole GPU instance of `slices` compute slices.
+    fn full_ci_profile(slices: u32) -> u32 {
+        match slices {
+            1 => NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE,
+            2 => NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE,
+            3 => NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE,
+            4 => NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE,
+            _ => NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE,
+        }
+    }
+
+    /// Creates a GPU instance at an explicit placement and the one compute instance that
+    /// spans it (what mig-parted does by default), so the MIG device is usable at once.
+    pub fn create_instance(nvml: &Nvml, d: &Device<'_>, gpu: u32, p: &'static GiProfile, start: u32) -> Result<GpuInstance, MigError> {
+        let call = "create GPU instance";
+        let create = nvml.lib().nvmlDeviceCreateGpuInstanceWithPlacement.as_ref().map_err(|_| missing(gpu, call))?;
+        let info_fn = nvml.lib().nvmlGpuInstanceGetInfo.as_ref().map_err(|_| missing(gpu, call))?;
+        let ci_info = nvml.lib().nvmlGpuInstanceGetComputeInstanceProfileInfo.as_ref().map_err(|_| missing(gpu, call))?;
+        let ci_create = nvml.lib().nvmlGpuInstanceCreateComputeInstance.as_ref().map_err(|_| missing(gpu, call))?;
+        let placement = nvmlGpuInstancePlacement_t { start, size: p.size };
+        let mut gi: nvmlGpuInstance_t = std::ptr::null_mut();
+        // SAFETY: `placement` and `gi` are locals that outlive the call.
+        let code = unsafe { create(handle(d), p.id, &placement, &mut gi) };
+        if code != SUCCESS {
+            return Err(mig_err(gpu, call, code, format!("{} at {start}: NVML return code {code}", p.name)));
+        }
+        // SAFETY: all-zero is a valid value of these plain C structs.
+        let mut info: nvmlGpuInstanceInfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `gi` was just created; `info` outlives the call.
+        check(gpu, call, unsafe { info_fn(gi, &mut info) })?;
+        // SAFETY: as above.
+        let mut cip: nvmlComputeInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `gi` is live; `cip` outlives the call.
+        check(gpu, "compute instance profile", unsafe {
+            ci_info(gi, full_ci_profile(p.compute_slices), NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED, &mut cip)
+        })?;
+        let mut ci: nvmlComputeInstance_t = std::ptr::null_mut();
+        // SAFETY: `gi` is live; `ci` outlives the call.
+        check(gpu, "create compute instance", unsafe { ci_create(gi, cip.id, &mut ci) })?;
+        Ok(GpuInstance { gi_id: info.id, placed: Placed { profile: p, start } })
+    }
+
+    /// Destroys a GPU instance and its compute instances (NVML refuses a GPU instance that
+    /// still has compute instances).
+    pub fn destroy_instance(nvml: &Nvml, d: &Device<'_>, gpu: u32, gi_id: u32) -> Result<(), MigError> {
+        let call = "destroy GPU instance";
+        let gi = gi_handle(nvml, d, gpu, gi_id)?;
+        let list = nvml.lib().nvmlGpuInstanceGetComputeInstances.as_ref().map_err(|_| missing(gpu, call))?;
+        let ci_destroy = nvml.lib().nvmlComputeInstanceDestroy.as_ref().map_err(|_| missing(gpu, call))?;
+        let gi_destroy = nvml.lib().nvmlGpuInstanceDestroy.as_ref().map_err(|_| missing(gpu, call))?;
+        for profile in 0..=NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE {
+            let mut cis: [nvmlComputeInstance_t; 8] = [std::ptr::null_mut(); 8];
+            let mut count = 0u32;
+            // SAFETY: `cis` has room for 8; NVML writes `count` <= 8 handles.
+            let code = unsafe { list(gi, profile, cis.as_mut_ptr(), &mut count) };
+            if code == NOT_SUPPORTED || code == NOT_FOUND {
+                continue;
+            }
+            check(gpu, "list compute instances", code)?;
+            for &ci in cis.iter().take(count.min(8) as usize) {
+                // SAFETY: `ci` was just returned by NVML.
+                let code = unsafe { ci_destroy(ci) };
+                if code != SUCCESS {
+                    return Err(mig_err(gpu, "destroy compute instance", code, format!("GPU instance {gi_id}")));
+                }
+            }
+        }
+        // SAFETY: `gi` is live until this call destroys it.
+        let code = unsafe { gi_destroy(gi) };
+        if code != SUCCESS {
+            return Err(mig_err(gpu, call, code, format!("GPU instance {gi_id}")));
+        }
+        Ok(())
+    }
 
     fn handle(d: &Device<'_>) -> nvmlDevice_t {
         // SAFETY: the handle is only passed back to NVML while `d` (and its Nvml) is alive.
@@ -446,11 +518,7 @@ pub mod raw {
 
     /// The GPU instance id of a MIG device handle.
     pub fn gpu_instance_id(nvml: &Nvml, mig: &Device<'_>) -> Result<u32, NvmlError> {
-        let f = nvml
-            .lib()
-            .nvmlDeviceGetGpuInstanceId
-            .as_ref()
-            .map_err(|_| NvmlError::FunctionNotFound)?;
+        let f = nvml.lib().nvmlDeviceGetGpuInstanceId.as_ref().map_err(|_| NvmlError::FunctionNotFound)?;
         let mut id = 0u32;
         // SAFETY: `f` comes from the loaded library; `id` outlives the call.
         nvml_try(unsafe { f(handle(mig), &mut id) })?;
@@ -459,11 +527,7 @@ pub mod raw {
 
     /// The compute instance id of a MIG device handle.
     pub fn compute_instance_id(nvml: &Nvml, mig: &Device<'_>) -> Result<u32, NvmlError> {
-        let f = nvml
-            .lib()
-            .nvmlDeviceGetComputeInstanceId
-            .as_ref()
-            .map_err(|_| NvmlError::FunctionNotFound)?;
+        let f = nvml.lib().nvmlDeviceGetComputeInstanceId.as_ref().map_err(|_| NvmlError::FunctionNotFound)?;
         let mut id = 0u32;
         // SAFETY: as above.
         nvml_try(unsafe { f(handle(mig), &mut id) })?;
@@ -471,21 +535,9 @@ pub mod raw {
     }
 
     /// A GPU instance's profile id and placement.
-    pub fn gpu_instance_info(
-        nvml: &Nvml,
-        parent: &Device<'_>,
-        gi_id: u32,
-    ) -> Result<(u32, u32, u32), NvmlError> {
-        let by_id = nvml
-            .lib()
-            .nvmlDeviceGetGpuInstanceById
-            .as_ref()
-            .map_err(|_| NvmlError::FunctionNotFound)?;
-        let info_fn = nvml
-            .lib()
-            .nvmlGpuInstanceGetInfo
-            .as_ref()
-            .map_err(|_| NvmlError::FunctionNotFound)?;
+    pub fn gpu_instance_info(nvml: &Nvml, parent: &Device<'_>, gi_id: u32) -> Result<(u32, u32, u32), NvmlError> {
+        let by_id = nvml.lib().nvmlDeviceGetGpuInstanceById.as_ref().map_err(|_| NvmlError::FunctionNotFound)?;
+        let info_fn = nvml.lib().nvmlGpuInstanceGetInfo.as_ref().map_err(|_| NvmlError::FunctionNotFound)?;
         let mut gi: nvmlGpuInstance_t = std::ptr::null_mut();
         // SAFETY: `gi` is an out-pointer to a local; NVML writes an opaque handle.
         nvml_try(unsafe { by_id(handle(parent), gi_id, &mut gi) })?;
@@ -498,16 +550,8 @@ pub mod raw {
 
     /// Every placement NVML allows for a GPU-instance profile (the list nvml-wrapper's
     /// `possible_placements` loses).
-    pub fn possible_placements(
-        nvml: &Nvml,
-        d: &Device<'_>,
-        profile_id: u32,
-    ) -> Result<Vec<(u32, u32)>, NvmlError> {
-        let f = nvml
-            .lib()
-            .nvmlDeviceGetGpuInstancePossiblePlacements_v2
-            .as_ref()
-            .map_err(|_| NvmlError::FunctionNotFound)?;
+    pub fn possible_placements(nvml: &Nvml, d: &Device<'_>, profile_id: u32) -> Result<Vec<(u32, u32)>, NvmlError> {
+        let f = nvml.lib().nvmlDeviceGetGpuInstancePossiblePlacements_v2.as_ref().map_err(|_| NvmlError::FunctionNotFound)?;
         let mut count = 0u32;
         // SAFETY: a null array with a count pointer asks NVML for the count only.
         nvml_try(unsafe { f(handle(d), profile_id, std::ptr::null_mut(), &mut count) })?;
@@ -519,21 +563,14 @@ pub mod raw {
         Ok(buf.into_iter().map(|p| (p.start, p.size)).collect())
     }
 
-    /// The MIG device with `uuid` under `parent`.
-    pub fn mig_handle_by_uuid<'n>(nvml: &'n Nvml, uuid: &str) -> Result<Device<'n>, String> {
-        nvml.device_by_uuid(uuid).map_err(|e| e.to_string())
-    }
+    /// A MIG device and its (used, free) memory in bytes, when NVML reports it.
+    pub type MigWithMemory = (MigDevice, Option<(u64, u64)>);
 
-    /// MIG devices of a MIG-enabled GPU, with ids, profile and placement.
-    pub fn mig_devices(
-        nvml: &Nvml,
-        parent: &Device<'_>,
-        pci_device_id: u32,
-    ) -> Result<Vec<MigDevice>, String> {
+    /// MIG devices of a MIG-enabled GPU, with ids, profile and placement, and each one's
+    /// (used, free) memory in bytes when NVML reports it.
+    pub fn mig_devices(nvml: &Nvml, parent: &Device<'_>, pci_device_id: u32) -> Result<Vec<MigWithMemory>, String> {
         let table = mig::profiles_for(pci_device_id);
-        let max = parent
-            .mig_device_count()
-            .map_err(|e| format!("max MIG devices: {e}"))?;
+        let max = parent.mig_device_count().map_err(|e| format!("max MIG devices: {e}"))?;
         let mut out = Vec::new();
         for i in 0..max {
             let m = match parent.mig_device_by_index(i) {
@@ -542,27 +579,72 @@ pub mod raw {
                 Err(e) => return Err(format!("MIG device {i}: {e}")),
             };
             let uuid = m.uuid().map_err(|e| format!("MIG device {i} uuid: {e}"))?;
-            let gi_id = gpu_instance_id(nvml, &m)
-                .map_err(|e| format!("MIG device {i} GPU instance id: {e}"))?;
-            let ci_id = compute_instance_id(nvml, &m)
-                .map_err(|e| format!("MIG device {i} compute instance id: {e}"))?;
-            let (profile_id, start, size) = gpu_instance_info(nvml, parent, gi_id)
-                .map_err(|e| format!("GPU instance {gi_id} info: {e}"))?;
-            let memory_bytes = m.memory_info().map(|x| x.total).unwrap_or(0);
+            let gi_id = gpu_instance_id(nvml, &m).map_err(|e| format!("MIG device {i} GPU instance id: {e}"))?;
+            let ci_id = compute_instance_id(nvml, &m).map_err(|e| format!("MIG device {i} compute instance id: {e}"))?;
+            let (profile_id, start, size) =
+                gpu_instance_info(nvml, parent, gi_id).map_err(|e| format!("GPU instance {gi_id} info: {e}"))?;
+            let mem = m.memory_info().ok();
+            let memory_bytes = mem.as_ref().map_or(0, |x| x.total);
             let profile = table
                 .and_then(|t| t.iter().find(|p| p.id == profile_id))
                 .map_or_else(|| format!("profile-{profile_id}"), |p| p.name.to_owned());
-            out.push(MigDevice {
-                gi_id,
-                ci_id,
-                profile,
-                uuid,
-                placement_start: start,
-                placement_size: size,
-                memory_bytes,
-            });
+            let dev = MigDevice { gi_id, ci_id, profile, uuid, placement_start: start, placement_size: size, memory_bytes };
+            out.push((dev, mem.map(|x| (x.used, x.free))));
         }
-        out.sort_by_key(|d| (d.gi_id, d.ci_id));
+        out.sort_by_key(|(d, _)| (d.gi_id, d.ci_id));
         Ok(out)
+    }
+}
+
+/// MIG control through NVML. Mode changes and instance create/destroy go straight to the
+/// raw calls so NVML's own return codes (insufficient resources, in use, reset required)
+/// reach the planner's error type unchanged. `hearth partition plan` only ever calls the
+/// read-only half (`mig_mode`, `list`).
+#[derive(Debug)]
+pub struct NvmlMig {
+    nvml: &'static Nvml,
+    /// PCI device id per GPU index, for the profile table.
+    pci_device_ids: Vec<u32>,
+}
+
+impl NvmlMig {
+    pub fn new(gpus: &NvmlGpus) -> Self {
+        Self { nvml: gpus.nvml, pci_device_ids: gpus.statics.iter().map(|s| s.pci_device_id).collect() }
+    }
+
+    fn device(&self, gpu: u32) -> Result<Device<'static>, super::migctl::MigError> {
+        self.nvml.device_by_index(gpu).map_err(|_| super::migctl::MigError::NoGpu(gpu))
+    }
+
+    fn table(&self, gpu: u32) -> &'static [super::mig::GiProfile] {
+        self.pci_device_ids.get(gpu as usize).and_then(|&id| super::mig::profiles_for(id)).unwrap_or(&[])
+    }
+}
+
+impl super::migctl::MigControl for NvmlMig {
+    fn mig_mode(&self, gpu: u32) -> Result<(bool, bool), super::migctl::MigError> {
+        let m = self.device(gpu)?.mig_mode().map_err(|e| raw::mig_err(gpu, "get MIG mode", raw::code_of(&e), e.to_string()))?;
+        Ok((m.current != 0, m.pending != 0))
+    }
+
+    fn set_mig_mode(&self, gpu: u32, enabled: bool) -> Result<super::migctl::ModeChange, super::migctl::MigError> {
+        raw::set_mig_mode(self.nvml, &self.device(gpu)?, gpu, enabled)
+    }
+
+    fn list(&self, gpu: u32) -> Result<Vec<super::migctl::GpuInstance>, super::migctl::MigError> {
+        raw::list_instances(self.nvml, &self.device(gpu)?, gpu, self.table(gpu))
+    }
+
+    fn create(
+        &self,
+        gpu: u32,
+        profile: &'static super::mig::GiProfile,
+        start: u32,
+    ) -> Result<super::migctl::GpuInstance, super::migctl::MigError> {
+        raw::create_instance(self.nvml, &self.device(gpu)?, gpu, profile, start)
+    }
+
+    fn destroy(&self, gpu: u32, gi_id: u32) -> Result<(), super::migctl::MigError> {
+        raw::destroy_instance(self.nvml, &self.device(gpu)?, gpu, gi_id)
     }
 }

@@ -55,30 +55,9 @@ pub const PRODUCTS: &[Product] = &[
         pci_device_id: 0x20B2_10DE,
         core_count: 0,
     },
-    Product {
-        key: "inf2",
-        name: "Inferentia2",
-        vendor: Vendor::AwsNeuron,
-        memory_bytes: 32 * GIB,
-        pci_device_id: 0,
-        core_count: 2,
-    },
-    Product {
-        key: "trn1",
-        name: "Trainium",
-        vendor: Vendor::AwsNeuron,
-        memory_bytes: 32 * GIB,
-        pci_device_id: 0,
-        core_count: 2,
-    },
-    Product {
-        key: "trn2",
-        name: "Trainium2",
-        vendor: Vendor::AwsNeuron,
-        memory_bytes: 96 * GIB,
-        pci_device_id: 0,
-        core_count: 8,
-    },
+    Product { key: "inf2", name: "Inferentia2", vendor: Vendor::AwsNeuron, memory_bytes: 32 * GIB, pci_device_id: 0, core_count: 2 },
+    Product { key: "trn1", name: "Trainium", vendor: Vendor::AwsNeuron, memory_bytes: 32 * GIB, pci_device_id: 0, core_count: 2 },
+    Product { key: "trn2", name: "Trainium2", vendor: Vendor::AwsNeuron, memory_bytes: 96 * GIB, pci_device_id: 0, core_count: 8 },
 ];
 
 /// "2xH100-80GB": a count and a product.
@@ -92,22 +71,14 @@ impl SimSpec {
     pub fn parse(s: &str) -> Result<Self, String> {
         let expected = || {
             let keys: Vec<_> = PRODUCTS.iter().map(|p| p.key).collect();
-            format!(
-                "a product like \"2xH100-80GB\" (COUNTxPRODUCT, count 1-64, product one of {})",
-                keys.join(", ")
-            )
+            format!("a product like \"2xH100-80GB\" (COUNTxPRODUCT, count 1-64, product one of {})", keys.join(", "))
         };
         let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
         let (count, key) = match compact.split_once(['x', 'X']) {
-            Some((n, k)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
-                (n.parse().map_err(|_| expected())?, k)
-            }
+            Some((n, k)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => (n.parse().map_err(|_| expected())?, k),
             _ => (1, compact.as_str()),
         };
-        let product = PRODUCTS
-            .iter()
-            .find(|p| p.key.eq_ignore_ascii_case(key))
-            .ok_or_else(expected)?;
+        let product = PRODUCTS.iter().find(|p| p.key.eq_ignore_ascii_case(key)).ok_or_else(expected)?;
         if !(1..=64).contains(&count) {
             return Err(expected());
         }
@@ -123,9 +94,7 @@ pub struct SimInventory {
 
 /// FNV-1a, so a node's simulated UUIDs are the same on every start.
 fn fnv(data: &[u8], seed: u64) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    data.iter().fold(0xcbf2_9ce4_8422_2325 ^ seed, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 impl SimInventory {
@@ -138,23 +107,10 @@ impl SimInventory {
                 let a = fnv(node.as_bytes(), u64::from(index));
                 let b = fnv(p.key.as_bytes(), a);
                 let hex = format!("{a:016x}{b:016x}");
-                let uuid_body = format!(
-                    "{}-{}-{}-{}-{}",
-                    &hex[0..8],
-                    &hex[8..12],
-                    &hex[12..16],
-                    &hex[16..20],
-                    &hex[20..32]
-                );
+                let uuid_body = format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32]);
                 let (uuid, pci_bus_id) = match p.vendor {
-                    Vendor::Nvidia => (
-                        format!("GPU-{uuid_body}"),
-                        format!("00000000:{:02X}:00.0", 0x18 + index * 0x10),
-                    ),
-                    Vendor::AwsNeuron => (
-                        format!("neuron-{uuid_body}"),
-                        format!("0000:{:02x}:1e.0", 0x10 + index),
-                    ),
+                    Vendor::Nvidia => (format!("GPU-{uuid_body}"), format!("00000000:{:02X}:00.0", 0x18 + index * 0x10)),
+                    Vendor::AwsNeuron => (format!("neuron-{uuid_body}"), format!("0000:{:02x}:1e.0", 0x10 + index)),
                 };
                 devices.push(Accelerator {
                     index,
@@ -194,13 +150,7 @@ mod tests {
         let s = SimSpec::parse("2xH100-80GB").expect("valid");
         assert_eq!((s.count, s.product.key), (2, "H100-80GB"));
         assert_eq!(SimSpec::parse("trn2").expect("valid").count, 1);
-        assert_eq!(
-            SimSpec::parse("8 x a100-40gb")
-                .expect("valid")
-                .product
-                .pci_device_id,
-            0x20B0_10DE
-        );
+        assert_eq!(SimSpec::parse("8 x a100-40gb").expect("valid").product.pci_device_id, 0x20B0_10DE);
         assert!(SimSpec::parse("0xH100-80GB").is_err());
         assert!(SimSpec::parse("65xH100-80GB").is_err());
         let e = SimSpec::parse("2xB300").unwrap_err();
@@ -209,28 +159,15 @@ mod tests {
 
     #[test]
     fn inventory_is_stable_per_node_and_distinct_across_nodes() {
-        let specs = [
-            SimSpec::parse("2xH100-80GB").expect("valid"),
-            SimSpec::parse("1xinf2").expect("valid"),
-        ];
-        let a = SimInventory::new("node-a", &specs)
-            .accelerators()
-            .expect("sim");
-        let again = SimInventory::new("node-a", &specs)
-            .accelerators()
-            .expect("sim");
-        let b = SimInventory::new("node-b", &specs)
-            .accelerators()
-            .expect("sim");
+        let specs = [SimSpec::parse("2xH100-80GB").expect("valid"), SimSpec::parse("1xinf2").expect("valid")];
+        let a = SimInventory::new("node-a", &specs).accelerators().expect("sim");
+        let again = SimInventory::new("node-a", &specs).accelerators().expect("sim");
+        let b = SimInventory::new("node-b", &specs).accelerators().expect("sim");
         assert_eq!(a, again);
         assert_eq!(a.len(), 3);
         assert_ne!(a[0].uuid, b[0].uuid);
         assert_ne!(a[0].uuid, a[1].uuid);
-        assert!(
-            a[0].uuid.starts_with("GPU-") && a[0].uuid.len() == 40,
-            "{}",
-            a[0].uuid
-        );
+        assert!(a[0].uuid.starts_with("GPU-") && a[0].uuid.len() == 40, "{}", a[0].uuid);
         assert_eq!(a[2].vendor, Vendor::AwsNeuron);
         assert_eq!(a[2].core_count, 2);
     }

@@ -21,9 +21,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Unit;
 use tracing::{info, warn};
 
-use crate::device::gpu::{
-    Call, DriverInfo, GpuBackend, GpuReading, GpuSample, GpuStatic, health_of,
-};
+use crate::device::gpu::{Call, DriverInfo, GpuBackend, GpuReading, GpuSample, GpuStatic, health_of};
 use crate::device::{GpuDetail, Health};
 use crate::podres::Attribution;
 
@@ -113,10 +111,7 @@ impl GpuMetrics {
     }
 
     pub fn attribution(&self) -> Arc<Attribution> {
-        self.attribution
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.attribution.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn set_attribution(&self, a: Arc<Attribution>) {
@@ -129,23 +124,14 @@ impl GpuMetrics {
 
     /// Failure counts so far, by (GPU, call).
     pub fn failures(&self) -> BTreeMap<(u32, Call), u64> {
-        self.failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
 /// Renders the dcgm-exporter families; registered with the HTTP server.
 impl hearth_controller::telemetry::TextMetrics for GpuMetrics {
     fn render(&self, out: &mut String, openmetrics: bool) {
-        render::render(
-            &self.view(),
-            &self.attribution(),
-            &self.hostname,
-            openmetrics,
-            out,
-        );
+        render::render(&self.view(), &self.attribution(), &self.hostname, openmetrics, out);
     }
 }
 
@@ -170,21 +156,12 @@ impl Collector for CollectionMetrics {
             MetricType::Gauge,
         )?)?;
         let failures = m.failures();
-        let mut f = enc.encode_descriptor(
-            "hearth_gpu_collection_failures",
-            "Failed NVML calls by GPU and call",
-            None,
-            MetricType::Counter,
-        )?;
+        let mut f =
+            enc.encode_descriptor("hearth_gpu_collection_failures", "Failed NVML calls by GPU and call", None, MetricType::Counter)?;
         for ((gpu, call), n) in &failures {
             // Event-set failures belong to no one GPU.
-            let g = if *gpu == u32::MAX {
-                "all".to_owned()
-            } else {
-                gpu.to_string()
-            };
-            ConstCounter::new(*n)
-                .encode(f.encode_family(&[("gpu", g.as_str()), ("call", call.as_str())])?)?;
+            let g = if *gpu == u32::MAX { "all".to_owned() } else { gpu.to_string() };
+            ConstCounter::new(*n).encode(f.encode_family(&[("gpu", g.as_str()), ("call", call.as_str())])?)?;
         }
         let panics = m.panics.load(Ordering::Relaxed);
         ConstCounter::new(panics).encode(enc.encode_descriptor(
@@ -194,16 +171,10 @@ impl Collector for CollectionMetrics {
             MetricType::Counter,
         )?)?;
         let xids = m.xids.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let mut x = enc.encode_descriptor(
-            "hearth_gpu_xid_events",
-            "XID events by GPU and code",
-            None,
-            MetricType::Counter,
-        )?;
+        let mut x = enc.encode_descriptor("hearth_gpu_xid_events", "XID events by GPU and code", None, MetricType::Counter)?;
         for ((gpu, code), n) in &xids {
             let (g, c) = (gpu.to_string(), code.to_string());
-            ConstCounter::new(*n)
-                .encode(x.encode_family(&[("gpu", g.as_str()), ("xid", c.as_str())])?)?;
+            ConstCounter::new(*n).encode(x.encode_family(&[("gpu", g.as_str()), ("xid", c.as_str())])?)?;
         }
         let mut h = enc.encode_descriptor(
             "hearth_gpu_healthy",
@@ -268,10 +239,7 @@ pub fn start(
                 }
             }
         })
-        .map_err(|e| crate::device::DeviceError::Unavailable {
-            backend: "gpu-collector",
-            reason: format!("cannot start thread: {e}"),
-        })?;
+        .map_err(|e| crate::device::DeviceError::Unavailable { backend: "gpu-collector", reason: format!("cannot start thread: {e}") })?;
     Ok((stop_tx, handle))
 }
 
@@ -286,10 +254,7 @@ impl Sweeper {
                 for e in events {
                     warn!(gpu = e.gpu, xid = e.code, gi = ?e.gi_id, msg = crate::device::gpu::xid_message(e.code), "XID error");
                     *counts.entry((e.gpu, e.code)).or_default() += 1;
-                    self.recent_xids
-                        .entry(e.gpu)
-                        .or_default()
-                        .push((now, e.code));
+                    self.recent_xids.entry(e.gpu).or_default().push((now, e.code));
                     self.last_xid.insert(e.gpu, (e.code, e.gi_id));
                 }
             }
@@ -299,56 +264,32 @@ impl Sweeper {
         for s in self.statics.clone() {
             let mut sample = GpuSample::default();
             let backend = &mut self.backend;
-            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                backend.sample(s.index, &mut sample)
-            }))
-            .is_ok();
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.sample(s.index, &mut sample))).is_ok();
             if !ok {
                 self.metrics.panics.fetch_add(1, Ordering::Relaxed);
-                sample = GpuSample {
-                    failed: vec![(Call::Handle, "backend panicked".into())],
-                    ..Default::default()
-                };
+                sample = GpuSample { failed: vec![(Call::Handle, "backend panicked".into())], ..Default::default() };
             }
             let reachable = !sample.failed.iter().any(|(c, _)| *c == Call::Handle);
             self.note_failures(s.index, std::mem::take(&mut sample.failed));
             let recent = self.recent_xids.entry(s.index).or_default();
-            recent.retain(|(t, code)| {
-                now.duration_since(*t) < XID_MEMORY || crate::device::gpu::is_fatal_xid(*code)
-            });
+            recent.retain(|(t, code)| now.duration_since(*t) < XID_MEMORY || crate::device::gpu::is_fatal_xid(*code));
             let codes: Vec<u64> = recent.iter().map(|(_, c)| *c).collect();
             let (mut health, mut reason) = health_of(&sample.reading, &codes);
             if !reachable {
                 (health, reason) = (Health::Unhealthy, "NVML cannot reach the GPU".into());
             }
             let last_xid = self.last_xid.get(&s.index).copied();
-            gpus.push(GpuState {
-                info: s,
-                reading: sample.reading,
-                last_xid,
-                health,
-                health_reason: reason,
-                reachable,
-            });
+            gpus.push(GpuState { info: s, reading: sample.reading, last_xid, health, health_reason: reason, reachable });
         }
         self.sweeps += 1;
-        let view = GpuView {
-            backend: self.backend.name(),
-            driver: self.driver.clone(),
-            gpus,
-            sweeps: self.sweeps,
-            last_sweep: t0.elapsed(),
-        };
+        let view =
+            GpuView { backend: self.backend.name(), driver: self.driver.clone(), gpus, sweeps: self.sweeps, last_sweep: t0.elapsed() };
         self.metrics.set_view(view.clone());
         view
     }
 
     fn note_failures(&mut self, gpu: u32, failed: Vec<(Call, String)>) {
-        let mut counts = self
-            .metrics
-            .failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut counts = self.metrics.failures.lock().unwrap_or_else(|p| p.into_inner());
         let mut now_failing = Vec::new();
         for (call, e) in failed {
             *counts.entry((gpu, call)).or_default() += 1;
@@ -357,11 +298,7 @@ impl Sweeper {
             }
             now_failing.push((gpu, call));
         }
-        for k in self
-            .failing
-            .iter()
-            .filter(|k| k.0 == gpu && !now_failing.contains(k))
-        {
+        for k in self.failing.iter().filter(|k| k.0 == gpu && !now_failing.contains(k)) {
             info!(gpu, call = k.1.as_str(), "GPU metric call recovered");
         }
         self.failing.retain(|k| k.0 != gpu);
@@ -378,9 +315,7 @@ mod tests {
     use crate::device::sim::{SimInventory, SimSpec};
 
     fn sim(spec: &str) -> (Sweeper, Arc<GpuMetrics>, Arc<SimFaults>, Arc<SimMig>) {
-        let accs = SimInventory::new("n", &[SimSpec::parse(spec).unwrap()])
-            .accelerators()
-            .unwrap();
+        let accs = SimInventory::new("n", &[SimSpec::parse(spec).unwrap()]).accelerators().unwrap();
         let ids: Vec<u32> = accs.iter().map(|a| a.pci_device_id).collect();
         let mig = Arc::new(SimMig::new(&ids));
         let faults = Arc::new(SimFaults::default());
@@ -423,32 +358,20 @@ mod tests {
         assert_eq!(v.gpus[1].health, Health::Unhealthy);
         assert_eq!(v.gpus[2].health, Health::Healthy);
         let text = scrape(&m);
-        assert!(
-            !text.contains("DCGM_FI_DEV_GPU_TEMP{gpu=\"0\""),
-            "failed field exported"
-        );
+        assert!(!text.contains("DCGM_FI_DEV_GPU_TEMP{gpu=\"0\""), "failed field exported");
         assert!(text.contains("DCGM_FI_DEV_GPU_TEMP{gpu=\"2\""));
         assert!(text.contains("DCGM_FI_DEV_POWER_USAGE{gpu=\"0\""));
-        assert!(
-            !text.contains("DCGM_FI_DEV_POWER_USAGE{gpu=\"1\""),
-            "lost GPU exports nothing"
-        );
+        assert!(!text.contains("DCGM_FI_DEV_POWER_USAGE{gpu=\"1\""), "lost GPU exports nothing");
         faults.clear();
         s.sweep();
-        assert!(
-            m.view().gpus[1].reachable,
-            "recovers when the GPU answers again"
-        );
+        assert!(m.view().gpus[1].reachable, "recovers when the GPU answers again");
     }
 
     #[test]
     fn xids_set_the_gauge_count_and_health() {
         let (mut s, m, faults, _) = sim("2xH100-80GB");
         s.sweep();
-        assert!(
-            scrape(&m).contains("DCGM_FI_DEV_XID_ERRORS{gpu=\"1\""),
-            "0 before any XID"
-        );
+        assert!(scrape(&m).contains("DCGM_FI_DEV_XID_ERRORS{gpu=\"1\""), "0 before any XID");
         faults.xid(1, None, 13);
         faults.xid(1, None, 79);
         s.sweep();
@@ -457,15 +380,8 @@ mod tests {
         assert_eq!(v.gpus[1].health, Health::Unhealthy);
         assert_eq!(v.gpus[0].health, Health::Healthy);
         let text = scrape(&m);
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("DCGM_FI_DEV_XID_ERRORS{gpu=\"1\""))
-            .unwrap();
-        assert!(
-            line.contains("err_code=\"79\",err_msg=\"GPU has fallen off the bus\"")
-                && line.ends_with(" 79"),
-            "{line}"
-        );
+        let line = text.lines().find(|l| l.starts_with("DCGM_FI_DEV_XID_ERRORS{gpu=\"1\"")).unwrap();
+        assert!(line.contains("err_code=\"79\",err_msg=\"GPU has fallen off the bus\"") && line.ends_with(" 79"), "{line}");
         assert_eq!(m.xids.lock().unwrap().get(&(1, 13)), Some(&1));
         let d = v.details();
         assert_eq!(d[1].1.last_xid, 79);
@@ -505,13 +421,7 @@ mod tests {
     #[test]
     fn a_panicking_backend_call_is_contained() {
         let metrics = GpuMetrics::new("n");
-        let (tx, thread) = start(
-            Box::new(Panicky),
-            metrics.clone(),
-            Duration::from_millis(10),
-            |_| {},
-        )
-        .unwrap();
+        let (tx, thread) = start(Box::new(Panicky), metrics.clone(), Duration::from_millis(10), |_| {}).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         drop(tx);
         thread.join().unwrap();

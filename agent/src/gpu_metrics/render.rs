@@ -103,13 +103,7 @@ const FAMILIES: &[Family] = &[
         gpu: |g| u(g.reading.pcie_replay),
         mig: None,
     },
-    Family {
-        name: "DCGM_FI_DEV_GPU_UTIL",
-        kind: Kind::Gauge,
-        help: "GPU utilization (in %).",
-        gpu: |g| u(g.reading.gpu_util),
-        mig: None,
-    },
+    Family { name: "DCGM_FI_DEV_GPU_UTIL", kind: Kind::Gauge, help: "GPU utilization (in %).", gpu: |g| u(g.reading.gpu_util), mig: None },
     Family {
         name: "DCGM_FI_DEV_MEM_COPY_UTIL",
         kind: Kind::Gauge,
@@ -292,13 +286,7 @@ fn sample(out: &mut String, name: &str, s: &Series<'_>, extra: &str, v: Val) {
 }
 
 /// Appends the dcgm-exporter families for `view` to `out`.
-pub fn render(
-    view: &GpuView,
-    attribution: &Attribution,
-    hostname: &str,
-    openmetrics: bool,
-    out: &mut String,
-) {
+pub fn render(view: &GpuView, attribution: &Attribution, hostname: &str, openmetrics: bool, out: &mut String) {
     if view.gpus.is_empty() {
         return;
     }
@@ -316,15 +304,8 @@ pub fn render(
         let base = gpu_labels(g);
         // On a MIG-enabled GPU pods hold MIG devices; the parent's series stay unattributed.
         let on_mig = g.reading.mig_current == Some(true);
-        let pods = if on_mig {
-            &[][..]
-        } else {
-            attribution.pods_of(&g.info.uuid)
-        };
-        gpus.push(Series {
-            labels: format!("{base}{tail}"),
-            pods,
-        });
+        let pods = if on_mig { &[][..] } else { attribution.pods_of(&g.info.uuid) };
+        gpus.push(Series { labels: format!("{base}{tail}"), pods });
         migs.push(
             g.reading
                 .migs
@@ -335,10 +316,7 @@ pub fn render(
                     escape(&m.device.profile, &mut l);
                     let _ = write!(l, "\",GPU_I_ID=\"{}\"", m.device.gi_id);
                     l.push_str(&tail);
-                    Series {
-                        labels: l,
-                        pods: attribution.pods_of(&m.device.uuid),
-                    }
+                    Series { labels: l, pods: attribution.pods_of(&m.device.uuid) }
                 })
                 .collect(),
         );
@@ -350,11 +328,7 @@ pub fn render(
             render_xids(view, &gpus, openmetrics, out);
         }
         let any = view.gpus.iter().any(|g| (f.gpu)(g).is_some())
-            || f.mig.is_some_and(|m| {
-                view.gpus
-                    .iter()
-                    .any(|g| g.reading.migs.iter().any(|r| m(r).is_some()))
-            });
+            || f.mig.is_some_and(|m| view.gpus.iter().any(|g| g.reading.migs.iter().any(|r| m(r).is_some())));
         if !any {
             continue;
         }
@@ -381,14 +355,7 @@ fn render_xids(view: &GpuView, gpus: &[Series<'_>], openmetrics: bool, out: &mut
     for (g, s) in view.gpus.iter().zip(gpus) {
         let code = g.last_xid.map(|x| x.0).unwrap_or(0);
         let mut extra = format!(",err_code=\"{code}\",err_msg=\"");
-        escape(
-            if code == 0 {
-                "No Error"
-            } else {
-                xid_message(code)
-            },
-            &mut extra,
-        );
+        escape(if code == 0 { "No Error" } else { xid_message(code) }, &mut extra);
         extra.push('"');
         sample(out, XID_NAME, s, &extra, Val::U(code));
     }
@@ -404,9 +371,7 @@ mod tests {
     use crate::device::migctl::{MigControl, SimMig};
     use crate::device::sim::{SimInventory, SimSpec};
     use crate::device::{Health, gpu::DriverInfo};
-    use hearth_proto::podresources::{
-        ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources,
-    };
+    use hearth_proto::podresources::{ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources};
     use std::collections::BTreeMap;
 
     /// The names the issue (and dcgm-exporter's default counters) fix, with their types.
@@ -435,26 +400,9 @@ mod tests {
         ("DCGM_FI_PROF_PCIE_TX_BYTES", "gauge"),
         ("DCGM_FI_PROF_PCIE_RX_BYTES", "gauge"),
     ];
-    const GPU_LABELS: &[&str] = &[
-        "gpu",
-        "UUID",
-        "pci_bus_id",
-        "device",
-        "modelName",
-        "Hostname",
-        "DCGM_FI_DRIVER_VERSION",
-    ];
-    const MIG_LABELS: &[&str] = &[
-        "gpu",
-        "UUID",
-        "pci_bus_id",
-        "device",
-        "modelName",
-        "GPU_I_PROFILE",
-        "GPU_I_ID",
-        "Hostname",
-        "DCGM_FI_DRIVER_VERSION",
-    ];
+    const GPU_LABELS: &[&str] = &["gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION"];
+    const MIG_LABELS: &[&str] =
+        &["gpu", "UUID", "pci_bus_id", "device", "modelName", "GPU_I_PROFILE", "GPU_I_ID", "Hostname", "DCGM_FI_DRIVER_VERSION"];
     const POD_LABELS: &[&str] = &["container", "namespace", "pod"];
     const MIG_FAMILIES: &[&str] = &[
         "DCGM_FI_DEV_FB_FREE",
@@ -468,15 +416,11 @@ mod tests {
 
     /// GPU 0 on MIG (3g.40gb + 1g.10gb, the 1g held by a pod), GPU 1 whole and held by a pod.
     pub(crate) fn fixture() -> (GpuView, Attribution) {
-        let accs = SimInventory::new("n", &[SimSpec::parse("2xH100-80GB").unwrap()])
-            .accelerators()
-            .unwrap();
+        let accs = SimInventory::new("n", &[SimSpec::parse("2xH100-80GB").unwrap()]).accelerators().unwrap();
         let m = Arc::new(SimMig::new(&[0x2330_10DE, 0x2330_10DE]));
         m.set_mig_mode(0, true).unwrap();
-        m.create(0, mig::by_name(mig::H100_80GB, "3g.40gb").unwrap(), 4)
-            .unwrap();
-        m.create(0, mig::by_name(mig::H100_80GB, "1g.10gb").unwrap(), 0)
-            .unwrap();
+        m.create(0, mig::by_name(mig::H100_80GB, "3g.40gb").unwrap(), 4).unwrap();
+        m.create(0, mig::by_name(mig::H100_80GB, "1g.10gb").unwrap(), 0).unwrap();
         let mut b = SimGpus::new(&accs, m, Arc::new(SimFaults::default()));
         let statics = b.gpus().unwrap();
         let gpus: Vec<GpuState> = statics
@@ -494,39 +438,21 @@ mod tests {
                 }
             })
             .collect();
-        let one_g = gpus[0]
-            .reading
-            .migs
-            .iter()
-            .find(|m| m.device.profile == "1g.10gb")
-            .unwrap()
-            .device
-            .uuid
-            .clone();
+        let one_g = gpus[0].reading.migs.iter().find(|m| m.device.profile == "1g.10gb").unwrap().device.uuid.clone();
         let pod = |name: &str, ids: Vec<String>| PodResources {
             name: name.into(),
             namespace: "ml".into(),
             containers: vec![ContainerResources {
                 name: "server".into(),
-                devices: vec![ContainerDevices {
-                    resource_name: "nvidia.com/gpu".into(),
-                    device_ids: ids,
-                    topology: None,
-                }],
+                devices: vec![ContainerDevices { resource_name: "nvidia.com/gpu".into(), device_ids: ids, topology: None }],
             }],
         };
         let a = Attribution::from_list(&ListPodResourcesResponse {
-            pod_resources: vec![
-                pod("small", vec![one_g]),
-                pod("big", vec![gpus[1].info.uuid.clone()]),
-            ],
+            pod_resources: vec![pod("small", vec![one_g]), pod("big", vec![gpus[1].info.uuid.clone()])],
         });
         let view = GpuView {
             backend: "simulated",
-            driver: DriverInfo {
-                driver_version: "580.159.04".into(),
-                cuda_version: "13.0".into(),
-            },
+            driver: DriverInfo { driver_version: "580.159.04".into(), cuda_version: "13.0".into() },
             gpus,
             sweeps: 1,
             last_sweep: Duration::ZERO,
@@ -568,11 +494,8 @@ mod tests {
         let (view, a) = fixture();
         let mut out = String::new();
         render(&view, &a, "node-1", false, &mut out);
-        let types: BTreeMap<&str, &str> = out
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .map(|l| l.split_once(' ').unwrap())
-            .collect();
+        let types: BTreeMap<&str, &str> =
+            out.lines().filter_map(|l| l.strip_prefix("# TYPE ")).map(|l| l.split_once(' ').unwrap()).collect();
         for (name, kind) in PINNED {
             assert_eq!(types.get(name), Some(kind), "{name}");
         }
@@ -583,11 +506,7 @@ mod tests {
         for line in out.lines().filter(|l| !l.starts_with('#')) {
             let (name, labels) = parse(line);
             let keys: Vec<&str> = labels.iter().map(|(k, _)| *k).collect();
-            let mut want: Vec<&str> = if keys.contains(&"GPU_I_ID") {
-                MIG_LABELS.to_vec()
-            } else {
-                GPU_LABELS.to_vec()
-            };
+            let mut want: Vec<&str> = if keys.contains(&"GPU_I_ID") { MIG_LABELS.to_vec() } else { GPU_LABELS.to_vec() };
             if keys.contains(&"GPU_I_ID") {
                 mig_series += 1;
                 assert!(MIG_FAMILIES.contains(&name), "{name} has MIG series");
@@ -600,21 +519,14 @@ mod tests {
                 want.extend(POD_LABELS);
             }
             assert_eq!(keys, want, "{line}");
-            let get = |k: &str| {
-                labels
-                    .iter()
-                    .find(|(l, _)| *l == k)
-                    .map(|(_, v)| v.as_str())
-                    .unwrap()
-            };
+            let get = |k: &str| labels.iter().find(|(l, _)| *l == k).map(|(_, v)| v.as_str()).unwrap();
             assert_eq!(get("Hostname"), "node-1");
             assert_eq!(get("DCGM_FI_DRIVER_VERSION"), "580.159.04");
             assert_eq!(get("modelName"), "NVIDIA H100 80GB HBM3");
             assert_eq!(get("device"), format!("nvidia{}", get("gpu")));
             if keys.contains(&"pod") {
                 // The 1g.10gb instance on GPU 0, or all of GPU 1: nothing else is held.
-                let held =
-                    (get("gpu") == "0" && get("GPU_I_PROFILE") == "1g.10gb") || (get("gpu") == "1");
+                let held = (get("gpu") == "0" && get("GPU_I_PROFILE") == "1g.10gb") || (get("gpu") == "1");
                 assert!(held, "{line}");
                 assert_eq!(get("pod"), if get("gpu") == "0" { "small" } else { "big" });
             }
@@ -624,10 +536,7 @@ mod tests {
         // 7 MIG families x 2 instances; the 1g instance's series carry pod labels.
         assert_eq!(mig_series, 14);
         assert!(pod_series >= 7 + 10, "{pod_series}");
-        assert!(
-            !out.contains("DCGM_FI_DEV_GPU_UTIL{gpu=\"0\""),
-            "no whole-GPU utilisation under MIG"
-        );
+        assert!(!out.contains("DCGM_FI_DEV_GPU_UTIL{gpu=\"0\""), "no whole-GPU utilisation under MIG");
     }
 
     #[test]
@@ -646,10 +555,7 @@ mod tests {
         view.gpus[0].info.name = "odd \"name\"\\x\n".into();
         let mut out = String::new();
         render(&view, &a, "n", false, &mut out);
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("DCGM_FI_DEV_SM_CLOCK{gpu=\"0\""))
-            .unwrap();
+        let line = out.lines().find(|l| l.starts_with("DCGM_FI_DEV_SM_CLOCK{gpu=\"0\"")).unwrap();
         let (_, labels) = parse(line);
         assert_eq!(labels[4], ("modelName", "odd \"name\"\\x\n".to_owned()));
     }

@@ -20,20 +20,11 @@ pub use procfs::{CpuTimes, NetDev};
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("parsing {path}: expected {expected}")]
-    Parse {
-        path: PathBuf,
-        expected: &'static str,
-    },
+    Parse { path: PathBuf, expected: &'static str },
     #[error("statvfs on cache volume {path}: {source}")]
-    Statvfs {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Statvfs { path: PathBuf, source: std::io::Error },
 }
 
 /// Facts that do not change while the agent runs.
@@ -78,16 +69,8 @@ fn excluded(name: &str, patterns: &[String]) -> bool {
 }
 
 impl NodeReader {
-    pub fn new(
-        procfs: impl Into<PathBuf>,
-        cache_root: impl Into<PathBuf>,
-        exclude: Vec<String>,
-    ) -> Self {
-        Self {
-            procfs: procfs.into(),
-            cache_root: cache_root.into(),
-            exclude,
-        }
+    pub fn new(procfs: impl Into<PathBuf>, cache_root: impl Into<PathBuf>, exclude: Vec<String>) -> Self {
+        Self { procfs: procfs.into(), cache_root: cache_root.into(), exclude }
     }
 
     fn read(&self, rel: &str) -> Result<String, NodeError> {
@@ -96,51 +79,35 @@ impl NodeReader {
     }
 
     fn parse_err(&self, rel: &str, expected: &'static str) -> NodeError {
-        NodeError::Parse {
-            path: self.procfs.join(rel),
-            expected,
-        }
+        NodeError::Parse { path: self.procfs.join(rel), expected }
     }
 
     pub fn info(&self) -> Result<NodeInfo, NodeError> {
         let stat = self.read("stat")?;
-        let (_, cpus) =
-            procfs::parse_stat(&stat).ok_or_else(|| self.parse_err("stat", "a 'cpu' line"))?;
-        let mem = procfs::parse_meminfo(&self.read("meminfo")?)
-            .ok_or_else(|| self.parse_err("meminfo", "MemTotal and MemAvailable"))?;
+        let (_, cpus) = procfs::parse_stat(&stat).ok_or_else(|| self.parse_err("stat", "a 'cpu' line"))?;
+        let mem = procfs::parse_meminfo(&self.read("meminfo")?).ok_or_else(|| self.parse_err("meminfo", "MemTotal and MemAvailable"))?;
         let os_image = std::fs::read_to_string("/etc/os-release")
             .ok()
             .and_then(|s| procfs::os_release_pretty_name(&s))
             .unwrap_or_else(|| "unknown".into());
         Ok(NodeInfo {
-            hostname: self
-                .read("sys/kernel/hostname")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default(),
-            kernel_version: self
-                .read("sys/kernel/osrelease")
-                .map(|s| s.trim().to_owned())
-                .unwrap_or_default(),
+            hostname: self.read("sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_default(),
+            kernel_version: self.read("sys/kernel/osrelease").map(|s| s.trim().to_owned()).unwrap_or_default(),
             os_image,
             architecture: std::env::consts::ARCH.to_owned(),
             cpu_count: cpus,
             memory_total_bytes: mem.0,
-            boot_id: self
-                .read("sys/kernel/random/boot_id")
-                .map(|s| s.trim().to_owned())?,
+            boot_id: self.read("sys/kernel/random/boot_id").map(|s| s.trim().to_owned())?,
         })
     }
 
     /// Samples everything; `prev` gives the CPU times the usage ratio is measured against.
     pub fn sample(&self, prev: Option<&NodeSample>) -> Result<NodeSample, NodeError> {
-        let (cpu, _) = procfs::parse_stat(&self.read("stat")?)
-            .ok_or_else(|| self.parse_err("stat", "a 'cpu' line"))?;
-        let load = procfs::parse_loadavg(&self.read("loadavg")?)
-            .ok_or_else(|| self.parse_err("loadavg", "three load averages"))?;
-        let (total, avail) = procfs::parse_meminfo(&self.read("meminfo")?)
-            .ok_or_else(|| self.parse_err("meminfo", "MemTotal and MemAvailable"))?;
-        let mut interfaces = procfs::parse_net_dev(&self.read("net/dev")?)
-            .ok_or_else(|| self.parse_err("net/dev", "interface lines"))?;
+        let (cpu, _) = procfs::parse_stat(&self.read("stat")?).ok_or_else(|| self.parse_err("stat", "a 'cpu' line"))?;
+        let load = procfs::parse_loadavg(&self.read("loadavg")?).ok_or_else(|| self.parse_err("loadavg", "three load averages"))?;
+        let (total, avail) =
+            procfs::parse_meminfo(&self.read("meminfo")?).ok_or_else(|| self.parse_err("meminfo", "MemTotal and MemAvailable"))?;
+        let mut interfaces = procfs::parse_net_dev(&self.read("net/dev")?).ok_or_else(|| self.parse_err("net/dev", "interface lines"))?;
         interfaces.retain(|i| !excluded(&i.name, &self.exclude));
         let (cap, free) = volume_space(&self.cache_root)?;
         Ok(NodeSample {
@@ -166,10 +133,7 @@ fn volume_space(path: &Path) -> Result<(u64, u64), NodeError> {
             None => break,
         }
     }
-    let st = rustix::fs::statvfs(p).map_err(|e| NodeError::Statvfs {
-        path: path.to_owned(),
-        source: e.into(),
-    })?;
+    let st = rustix::fs::statvfs(p).map_err(|e| NodeError::Statvfs { path: path.to_owned(), source: e.into() })?;
     Ok((st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
 }
 
@@ -192,8 +156,7 @@ impl NodeMetrics {
     }
 
     pub fn error(&self) {
-        self.errors
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -216,49 +179,14 @@ impl Collector for NodeMetrics {
             None,
             MetricType::Counter,
         )?)?;
-        let Some(s) = self
-            .latest
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        else {
+        let Some(s) = self.latest.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
             return Ok(());
         };
-        gauge(
-            &mut enc,
-            "hearth_node_cpu_usage_ratio",
-            "CPU busy fraction over the last interval, all CPUs",
-            None,
-            s.cpu_usage_ratio,
-        )?;
-        gauge(
-            &mut enc,
-            "hearth_node_load1",
-            "1-minute load average",
-            None,
-            s.load[0],
-        )?;
-        gauge(
-            &mut enc,
-            "hearth_node_load5",
-            "5-minute load average",
-            None,
-            s.load[1],
-        )?;
-        gauge(
-            &mut enc,
-            "hearth_node_load15",
-            "15-minute load average",
-            None,
-            s.load[2],
-        )?;
-        gauge(
-            &mut enc,
-            "hearth_node_memory_total",
-            "Physical memory",
-            Some(&Unit::Bytes),
-            s.memory_total_bytes as i64,
-        )?;
+        gauge(&mut enc, "hearth_node_cpu_usage_ratio", "CPU busy fraction over the last interval, all CPUs", None, s.cpu_usage_ratio)?;
+        gauge(&mut enc, "hearth_node_load1", "1-minute load average", None, s.load[0])?;
+        gauge(&mut enc, "hearth_node_load5", "5-minute load average", None, s.load[1])?;
+        gauge(&mut enc, "hearth_node_load15", "15-minute load average", None, s.load[2])?;
+        gauge(&mut enc, "hearth_node_memory_total", "Physical memory", Some(&Unit::Bytes), s.memory_total_bytes as i64)?;
         gauge(
             &mut enc,
             "hearth_node_memory_available",
@@ -281,25 +209,15 @@ impl Collector for NodeMetrics {
             s.cache_free_bytes as i64,
         )?;
         // Bounded by the node's non-pod interfaces (pod veths are excluded by config).
-        let mut rx = enc.encode_descriptor(
-            "hearth_node_network_receive",
-            "Bytes received per interface",
-            Some(&Unit::Bytes),
-            MetricType::Counter,
-        )?;
+        let mut rx =
+            enc.encode_descriptor("hearth_node_network_receive", "Bytes received per interface", Some(&Unit::Bytes), MetricType::Counter)?;
         for i in &s.interfaces {
-            ConstCounter::new(i.rx_bytes)
-                .encode(rx.encode_family(&[("interface", i.name.as_str())])?)?;
+            ConstCounter::new(i.rx_bytes).encode(rx.encode_family(&[("interface", i.name.as_str())])?)?;
         }
-        let mut tx = enc.encode_descriptor(
-            "hearth_node_network_transmit",
-            "Bytes sent per interface",
-            Some(&Unit::Bytes),
-            MetricType::Counter,
-        )?;
+        let mut tx =
+            enc.encode_descriptor("hearth_node_network_transmit", "Bytes sent per interface", Some(&Unit::Bytes), MetricType::Counter)?;
         for i in &s.interfaces {
-            ConstCounter::new(i.tx_bytes)
-                .encode(tx.encode_family(&[("interface", i.name.as_str())])?)?;
+            ConstCounter::new(i.tx_bytes).encode(tx.encode_family(&[("interface", i.name.as_str())])?)?;
         }
         Ok(())
     }
@@ -316,14 +234,8 @@ mod tests {
             std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
             std::fs::write(p, s).expect("write");
         };
-        w(
-            "stat",
-            "cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 50 0 50 350 50 0 0 0 0 0\ncpu1 50 0 50 350 50 0 0 0 0 0\nintr 1\n",
-        );
-        w(
-            "meminfo",
-            "MemTotal:       16000000 kB\nMemFree:         1000 kB\nMemAvailable:    8000000 kB\n",
-        );
+        w("stat", "cpu  100 0 100 700 100 0 0 0 0 0\ncpu0 50 0 50 350 50 0 0 0 0 0\ncpu1 50 0 50 350 50 0 0 0 0 0\nintr 1\n");
+        w("meminfo", "MemTotal:       16000000 kB\nMemFree:         1000 kB\nMemAvailable:    8000000 kB\n");
         w("loadavg", "0.50 0.25 0.10 1/100 12345\n");
         w(
             "net/dev",
@@ -342,46 +254,20 @@ mod tests {
     #[test]
     fn reads_info_and_samples_from_a_fixture_root() {
         let d = fixture();
-        let r = NodeReader::new(
-            d.path(),
-            d.path(),
-            crate::config::DEFAULT_EXCLUDED_INTERFACES
-                .iter()
-                .map(|s| (*s).into())
-                .collect(),
-        );
+        let r = NodeReader::new(d.path(), d.path(), crate::config::DEFAULT_EXCLUDED_INTERFACES.iter().map(|s| (*s).into()).collect());
         let info = r.info().expect("info");
-        assert_eq!(
-            (info.cpu_count, info.memory_total_bytes),
-            (2, 16_000_000 * 1024)
-        );
-        assert_eq!(
-            (info.hostname.as_str(), info.boot_id.as_str()),
-            ("gpu-1", "1234-abcd")
-        );
+        assert_eq!((info.cpu_count, info.memory_total_bytes), (2, 16_000_000 * 1024));
+        assert_eq!((info.hostname.as_str(), info.boot_id.as_str()), ("gpu-1", "1234-abcd"));
         let s1 = r.sample(None).expect("sample");
         assert_eq!(s1.load, [0.5, 0.25, 0.1]);
         assert_eq!(s1.memory_available_bytes, 8_000_000 * 1024);
-        assert_eq!(
-            s1.interfaces
-                .iter()
-                .map(|i| i.name.as_str())
-                .collect::<Vec<_>>(),
-            vec!["eth0"]
-        );
-        assert_eq!(
-            (s1.interfaces[0].rx_bytes, s1.interfaces[0].tx_bytes),
-            (1000, 2000)
-        );
+        assert_eq!(s1.interfaces.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), vec!["eth0"]);
+        assert_eq!((s1.interfaces[0].rx_bytes, s1.interfaces[0].tx_bytes), (1000, 2000));
         assert!(s1.cache_capacity_bytes > 0);
         // 100 more busy jiffies and 100 more idle: 50% busy over the interval.
         std::fs::write(d.path().join("stat"), "cpu  150 0 150 800 100 0 0 0 0 0\n").expect("write");
         let s2 = r.sample(Some(&s1)).expect("sample");
-        assert!(
-            (s2.cpu_usage_ratio - 0.5).abs() < 1e-9,
-            "{}",
-            s2.cpu_usage_ratio
-        );
+        assert!((s2.cpu_usage_ratio - 0.5).abs() < 1e-9, "{}", s2.cpu_usage_ratio);
     }
 
     #[test]
@@ -390,10 +276,7 @@ mod tests {
         std::fs::remove_file(d.path().join("loadavg")).expect("rm");
         let r = NodeReader::new(d.path(), d.path(), vec![]);
         let e = r.sample(None).unwrap_err().to_string();
-        assert!(
-            e.starts_with(&format!("reading {}/loadavg", d.path().display())),
-            "{e}"
-        );
+        assert!(e.starts_with(&format!("reading {}/loadavg", d.path().display())), "{e}");
     }
 
     #[test]

@@ -43,10 +43,7 @@ pub fn parse_stat(s: &str) -> Option<(CpuTimes, u32)> {
     let at = |i: usize| v.get(i).copied().unwrap_or(0);
     let idle = at(3) + at(4);
     let busy = at(0) + at(1) + at(2) + at(5) + at(6) + at(7);
-    let cpus = s
-        .lines()
-        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .count() as u32;
+    let cpus = s.lines().filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit)).count() as u32;
     Some((CpuTimes { busy, idle }, cpus.max(1)))
 }
 
@@ -55,13 +52,7 @@ pub fn parse_meminfo(s: &str) -> Option<(u64, u64)> {
     let field = |name: &str| {
         s.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map(|kb| kb * 1024)
     };
     Some((field("MemTotal:")?, field("MemAvailable:")?))
@@ -76,26 +67,17 @@ pub fn parse_net_dev(s: &str) -> Option<Vec<NetDev>> {
     let mut out = Vec::new();
     for line in s.lines().skip(2) {
         let (name, rest) = line.split_once(':')?;
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .map(|x| x.parse().ok())
-            .collect::<Option<_>>()?;
+        let f: Vec<u64> = rest.split_whitespace().map(|x| x.parse().ok()).collect::<Option<_>>()?;
         if f.len() < 16 {
             return None;
         }
-        out.push(NetDev {
-            name: name.trim().to_owned(),
-            rx_bytes: f[0],
-            tx_bytes: f[8],
-        });
+        out.push(NetDev { name: name.trim().to_owned(), rx_bytes: f[0], tx_bytes: f[8] });
     }
     Some(out)
 }
 
 pub fn os_release_pretty_name(s: &str) -> Option<String> {
-    s.lines()
-        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-        .map(|v| v.trim_matches('"').to_owned())
+    s.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=")).map(|v| v.trim_matches('"').to_owned())
 }
 
 #[cfg(test)]
@@ -113,23 +95,14 @@ mod tests {
 
     #[test]
     fn usage_handles_counter_reset() {
-        let a = CpuTimes {
-            busy: 100,
-            idle: 100,
-        };
-        let b = CpuTimes {
-            busy: 50,
-            idle: 200,
-        };
+        let a = CpuTimes { busy: 100, idle: 100 };
+        let b = CpuTimes { busy: 50, idle: 200 };
         assert_eq!(b.usage_since(&a), 0.0);
         assert_eq!(a.usage_since(&a), 0.0);
     }
 
     #[test]
     fn os_release() {
-        assert_eq!(
-            os_release_pretty_name("ID=debian\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n").as_deref(),
-            Some("Debian GNU/Linux 12")
-        );
+        assert_eq!(os_release_pretty_name("ID=debian\nPRETTY_NAME=\"Debian GNU/Linux 12\"\n").as_deref(), Some("Debian GNU/Linux 12"));
     }
 }

@@ -21,12 +21,7 @@ pub enum GpuOutcome {
 }
 
 /// What the backend says a GPU looks like now.
-pub fn read_state(
-    ctl: &dyn MigControl,
-    index: u32,
-    product: &str,
-    pci_device_id: u32,
-) -> Result<GpuState, MigError> {
+pub fn read_state(ctl: &dyn MigControl, index: u32, product: &str, pci_device_id: u32) -> Result<GpuState, MigError> {
     let (current, _) = ctl.mig_mode(index)?;
     Ok(GpuState {
         index,
@@ -41,26 +36,14 @@ fn run_step(ctl: &dyn MigControl, s: &Step) -> Result<Option<ModeChange>, MigErr
     match *s {
         Step::EnableMig { gpu } => ctl.set_mig_mode(gpu, true).map(Some),
         Step::DisableMig { gpu } => ctl.set_mig_mode(gpu, false).map(Some),
-        Step::Create {
-            gpu,
-            profile,
-            start,
-        } => ctl.create(gpu, profile, start).map(|_| None),
-        Step::Destroy {
-            gpu,
-            profile,
-            start,
-        } => {
+        Step::Create { gpu, profile, start } => ctl.create(gpu, profile, start).map(|_| None),
+        Step::Destroy { gpu, profile, start } => {
             let target = Placed { profile, start };
             let gi = ctl
                 .list(gpu)?
                 .into_iter()
                 .find(|i| i.placed.profile.id == target.profile.id && i.placed.start == start)
-                .ok_or(MigError::NotFound {
-                    gpu,
-                    call: "destroy GPU instance",
-                    gi: 0,
-                })?;
+                .ok_or(MigError::NotFound { gpu, call: "destroy GPU instance", gi: 0 })?;
             ctl.destroy(gpu, gi.gi_id).map(|()| None)
         }
     }
@@ -68,24 +51,13 @@ fn run_step(ctl: &dyn MigControl, s: &Step) -> Result<Option<ModeChange>, MigErr
 
 fn gpu_of(s: &Step) -> u32 {
     match *s {
-        Step::EnableMig { gpu }
-        | Step::DisableMig { gpu }
-        | Step::Create { gpu, .. }
-        | Step::Destroy { gpu, .. } => gpu,
+        Step::EnableMig { gpu } | Step::DisableMig { gpu } | Step::Create { gpu, .. } | Step::Destroy { gpu, .. } => gpu,
     }
 }
 
 /// Applies `p` and verifies every GPU against `entries`.
-pub fn execute(
-    ctl: &dyn MigControl,
-    p: &Plan,
-    entries: &[Entry],
-    gpus: &[GpuState],
-) -> BTreeMap<u32, GpuOutcome> {
-    let mut out: BTreeMap<u32, GpuOutcome> = gpus
-        .iter()
-        .map(|g| (g.index, GpuOutcome::Success))
-        .collect();
+pub fn execute(ctl: &dyn MigControl, p: &Plan, entries: &[Entry], gpus: &[GpuState]) -> BTreeMap<u32, GpuOutcome> {
+    let mut out: BTreeMap<u32, GpuOutcome> = gpus.iter().map(|g| (g.index, GpuOutcome::Success)).collect();
     for s in &p.steps {
         let gpu = gpu_of(s);
         if out.get(&gpu) != Some(&GpuOutcome::Success) {
@@ -106,24 +78,15 @@ pub fn execute(
         if out.get(&g.index) != Some(&GpuOutcome::Success) {
             continue;
         }
-        let verdict = read_state(ctl, g.index, &g.product, g.pci_device_id)
-            .map_err(|e| e.to_string())
-            .and_then(|now| plan::plan(entries, &[now]).map_err(|e| e.to_string()))
-            .and_then(|again| {
-                if again.steps.is_empty() {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{} step(s) still to do after apply",
-                        again.steps.len()
-                    ))
-                }
-            });
+        let verdict =
+            read_state(ctl, g.index, &g.product, g.pci_device_id)
+                .map_err(|e| e.to_string())
+                .and_then(|now| plan::plan(entries, &[now]).map_err(|e| e.to_string()))
+                .and_then(|again| {
+                    if again.steps.is_empty() { Ok(()) } else { Err(format!("{} step(s) still to do after apply", again.steps.len())) }
+                });
         if let Err(reason) = verdict {
-            out.insert(
-                g.index,
-                GpuOutcome::Failed(format!("verification: {reason}")),
-            );
+            out.insert(g.index, GpuOutcome::Failed(format!("verification: {reason}")));
         }
     }
     out
@@ -143,13 +106,7 @@ mod tests {
         for p in profiles {
             *mig_devices.entry(p.name.to_owned()).or_insert(0) += 1;
         }
-        Entry {
-            device_filter: vec![],
-            devices: Devices::All(AllLiteral::All),
-            mig_enabled: true,
-            mig_devices,
-            mig_placements: vec![],
-        }
+        Entry { device_filter: vec![], devices: Devices::All(AllLiteral::All), mig_enabled: true, mig_devices, mig_placements: vec![] }
     }
 
     fn state(ctl: &SimMig) -> Vec<GpuState> {
@@ -181,12 +138,7 @@ mod tests {
             let gpus = state(&ctl);
             let p = plan::plan(std::slice::from_ref(&e), &gpus).unwrap();
             let out = execute(&ctl, &p, std::slice::from_ref(&e), &gpus);
-            assert_eq!(
-                out[&0],
-                GpuOutcome::Success,
-                "{:?}",
-                r.iter().map(|p| p.name).collect::<Vec<_>>()
-            );
+            assert_eq!(out[&0], GpuOutcome::Success, "{:?}", r.iter().map(|p| p.name).collect::<Vec<_>>());
             applied += 1;
         }
         assert!(applied > 50, "{applied}");
@@ -198,51 +150,26 @@ mod tests {
         ctl.set_busy(0, true, None);
         let e = entry(&[mig::by_name(mig::H100_80GB, "7g.80gb").unwrap()]);
         let gpus = state(&ctl);
-        let out = execute(
-            &ctl,
-            &plan::plan(std::slice::from_ref(&e), &gpus).unwrap(),
-            std::slice::from_ref(&e),
-            &gpus,
-        );
+        let out = execute(&ctl, &plan::plan(std::slice::from_ref(&e), &gpus).unwrap(), std::slice::from_ref(&e), &gpus);
         assert_eq!(out[&0], GpuOutcome::RebootRequired);
-        assert!(
-            ctl.list(0).unwrap().is_empty(),
-            "nothing created behind a pending mode change"
-        );
+        assert!(ctl.list(0).unwrap().is_empty(), "nothing created behind a pending mode change");
 
         ctl.reset(0);
         ctl.set_busy(0, false, None);
         let gpus = state(&ctl);
         assert_eq!(
-            execute(
-                &ctl,
-                &plan::plan(std::slice::from_ref(&e), &gpus).unwrap(),
-                std::slice::from_ref(&e),
-                &gpus
-            )[&0],
+            execute(&ctl, &plan::plan(std::slice::from_ref(&e), &gpus).unwrap(), std::slice::from_ref(&e), &gpus)[&0],
             GpuOutcome::Success
         );
         let gi = ctl.list(0).unwrap()[0].gi_id;
         ctl.set_busy(0, true, Some(gi));
         let e2 = entry(&[mig::by_name(mig::H100_80GB, "1g.10gb").unwrap()]);
         let gpus = state(&ctl);
-        let out = execute(
-            &ctl,
-            &plan::plan(std::slice::from_ref(&e2), &gpus).unwrap(),
-            std::slice::from_ref(&e2),
-            &gpus,
-        );
+        let out = execute(&ctl, &plan::plan(std::slice::from_ref(&e2), &gpus).unwrap(), std::slice::from_ref(&e2), &gpus);
         match &out[&0] {
-            GpuOutcome::Failed(reason) => assert!(
-                reason.contains("destroy 7g.80gb") && reason.contains("in use"),
-                "{reason}"
-            ),
+            GpuOutcome::Failed(reason) => assert!(reason.contains("destroy 7g.80gb") && reason.contains("in use"), "{reason}"),
             other => panic!("expected failure, got {other:?}"),
         }
-        assert_eq!(
-            ctl.list(0).unwrap().len(),
-            1,
-            "the GPU is left as it was, and said so"
-        );
+        assert_eq!(ctl.list(0).unwrap().len(), 1, "the GPU is left as it was, and said so");
     }
 }

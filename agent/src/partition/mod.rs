@@ -8,49 +8,27 @@ pub mod apply;
 pub mod plan;
 pub mod spec;
 
-/// `hearth partition plan`: reads a spec, builds the GPUs' current state, prints the plan.
-/// Read-only. Reading a real host's GPUs needs the NVML backend; until it lands, `simulate`
-/// names the products (fresh GPUs: MIG off, no instances).
-pub fn plan_command(
-    spec_path: &std::path::Path,
-    config: &str,
-    simulate: &[String],
-) -> anyhow::Result<String> {
+/// `hearth partition plan`: reads a spec, reads the GPUs' current state (NVML, read-only:
+/// MIG mode and the GPU instances present; or simulated products with `simulate`, fresh:
+/// MIG off, no instances) and prints the plan. Nothing is changed.
+pub fn plan_command(spec_path: &std::path::Path, config: &str, simulate: &[String]) -> anyhow::Result<String> {
     use anyhow::Context;
-    let text = std::fs::read_to_string(spec_path)
-        .with_context(|| format!("reading {}", spec_path.display()))?;
+    let text = std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let spec = spec::Spec::parse(&text).with_context(|| spec_path.display().to_string())?;
     let entries = spec.config(config)?;
-    if simulate.is_empty() {
-        anyhow::bail!(
-            "reading this host's GPUs needs the NVML backend, which this build does not have yet; \
-             pass --simulate PRODUCTS (e.g. --simulate 8xH100-80GB) to plan against simulated GPUs"
-        );
-    }
-    let specs = simulate
-        .iter()
-        .map(|s| {
-            crate::device::sim::SimSpec::parse(s)
-                .map_err(|e| anyhow::anyhow!("--simulate: expected {e}, got {s:?}"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let inventory = crate::device::sim::SimInventory::new("plan", &specs);
-    let gpus: Vec<plan::GpuState> = crate::device::Inventory::accelerators(&inventory)?
-        .into_iter()
-        .filter(|a| a.vendor == crate::device::Vendor::Nvidia)
-        .map(|a| plan::GpuState {
-            index: a.index,
-            product: a.product,
-            pci_device_id: a.pci_device_id,
-            mig_enabled: false,
-            instances: Vec::new(),
-        })
-        .collect();
+    let (source, gpus) = if simulate.is_empty() { ("NVML", nvml_state().context("reading this host's GPUs through NVML (or pass --simulate PRODUCTS, e.g. --simulate 8xH100-80GB, to plan against simulated GPUs)")?) } else { ("simulated", simulated_state(simulate)?) };
     let p = plan::plan(entries, &gpus)?;
-    let mut out = format!(
-        "plan for config {config:?} on {} GPU(s) (read-only; nothing was changed):\n",
-        gpus.len()
-    );
+    let mut out = format!("plan for config {config:?} on {} {source} GPU(s) (read-only; nothing was changed):\n", gpus.len());
+    for g in &gpus {
+        let layout: Vec<String> = g.instances.iter().map(|i| format!("{}@{}", i.profile.name, i.start)).collect();
+        out.push_str(&format!(
+            "  now: GPU {} {} MIG {}{}\n",
+            g.index,
+            g.product,
+            if g.mig_enabled { "on" } else { "off" },
+            if layout.is_empty() { String::new() } else { format!(" [{}]", layout.join(", ")) }
+        ));
+    }
     if p.steps.is_empty() {
         out.push_str("  nothing to do\n");
     }
@@ -58,14 +36,40 @@ pub fn plan_command(
         out.push_str(&format!("  {s}\n"));
     }
     if !p.unchanged.is_empty() {
-        out.push_str(&format!(
-            "  unchanged: GPU {}\n",
-            p.unchanged
-                .iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        out.push_str(&format!("  unchanged: GPU {}\n", p.unchanged.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")));
+    }
+    Ok(out)
+}
+
+fn simulated_state(simulate: &[String]) -> anyhow::Result<Vec<plan::GpuState>> {
+    let specs = simulate
+        .iter()
+        .map(|s| crate::device::sim::SimSpec::parse(s).map_err(|e| anyhow::anyhow!("--simulate: expected {e}, got {s:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let inventory = crate::device::sim::SimInventory::new("plan", &specs);
+    Ok(crate::device::Inventory::accelerators(&inventory)?
+        .into_iter()
+        .filter(|a| a.vendor == crate::device::Vendor::Nvidia)
+        .map(|a| plan::GpuState { index: a.index, product: a.product, pci_device_id: a.pci_device_id, mig_enabled: false, instances: Vec::new() })
+        .collect())
+}
+
+/// This host's GPUs as NVML reports them. Only queries: MIG mode and the instance list.
+fn nvml_state() -> anyhow::Result<Vec<plan::GpuState>> {
+    use crate::device::gpu::GpuBackend;
+    let mut gpus = crate::device::nvml::NvmlGpus::open(None)?;
+    let ctl = crate::device::nvml::NvmlMig::new(&gpus);
+    let mut out = Vec::new();
+    for g in gpus.gpus()? {
+        let state = match apply::read_state(&ctl, g.index, &g.name, g.pci_device_id) {
+            Ok(s) => s,
+            // A GPU without MIG support plans as "MIG off, nothing to list".
+            Err(crate::device::migctl::MigError::NotSupported { .. }) => {
+                plan::GpuState { index: g.index, product: g.name.clone(), pci_device_id: g.pci_device_id, mig_enabled: false, instances: Vec::new() }
+            }
+            Err(e) => return Err(e.into()),
+        };
+        out.push(state);
     }
     Ok(out)
 }

@@ -19,22 +19,10 @@ pub struct GpuState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    EnableMig {
-        gpu: u32,
-    },
-    DisableMig {
-        gpu: u32,
-    },
-    Destroy {
-        gpu: u32,
-        profile: &'static GiProfile,
-        start: u32,
-    },
-    Create {
-        gpu: u32,
-        profile: &'static GiProfile,
-        start: u32,
-    },
+    EnableMig { gpu: u32 },
+    DisableMig { gpu: u32 },
+    Destroy { gpu: u32, profile: &'static GiProfile, start: u32 },
+    Create { gpu: u32, profile: &'static GiProfile, start: u32 },
 }
 
 impl std::fmt::Display for Step {
@@ -42,25 +30,9 @@ impl std::fmt::Display for Step {
         match self {
             Step::EnableMig { gpu } => write!(f, "GPU {gpu}: enable MIG mode"),
             Step::DisableMig { gpu } => write!(f, "GPU {gpu}: disable MIG mode"),
-            Step::Destroy {
-                gpu,
-                profile,
-                start,
-            } => write!(
-                f,
-                "GPU {gpu}: destroy {} at placement {start}",
-                profile.name
-            ),
-            Step::Create {
-                gpu,
-                profile,
-                start,
-            } => {
-                write!(
-                    f,
-                    "GPU {gpu}: create {} (profile id {}) at placement {start}",
-                    profile.name, profile.id
-                )
+            Step::Destroy { gpu, profile, start } => write!(f, "GPU {gpu}: destroy {} at placement {start}", profile.name),
+            Step::Create { gpu, profile, start } => {
+                write!(f, "GPU {gpu}: create {} (profile id {}) at placement {start}", profile.name, profile.id)
             }
         }
     }
@@ -68,34 +40,14 @@ impl std::fmt::Display for Step {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error(
-        "GPU {gpu} ({product}, PCI device id {pci:#010X}): no MIG profile table for this product"
-    )]
+    #[error("GPU {gpu} ({product}, PCI device id {pci:#010X}): no MIG profile table for this product")]
     UnknownProduct { gpu: u32, product: String, pci: u32 },
-    #[error(
-        "GPU {gpu} ({product}): profile {profile:?} does not exist on this product (it has: {known})"
-    )]
-    UnknownProfile {
-        gpu: u32,
-        product: String,
-        profile: String,
-        known: String,
-    },
+    #[error("GPU {gpu} ({product}): profile {profile:?} does not exist on this product (it has: {known})")]
+    UnknownProfile { gpu: u32, product: String, profile: String, known: String },
     #[error("GPU {gpu} ({product}): {source}")]
-    Layout {
-        gpu: u32,
-        product: String,
-        source: LayoutError,
-    },
-    #[error(
-        "GPU {gpu} ({product}): mig-placements list {placed} but mig-devices asks for {wanted}"
-    )]
-    PlacementsMismatch {
-        gpu: u32,
-        product: String,
-        placed: String,
-        wanted: String,
-    },
+    Layout { gpu: u32, product: String, source: LayoutError },
+    #[error("GPU {gpu} ({product}): mig-placements list {placed} but mig-devices asks for {wanted}")]
+    PlacementsMismatch { gpu: u32, product: String, placed: String, wanted: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -131,23 +83,14 @@ fn target(entry: &Entry, gpu: &GpuState) -> Result<Vec<Placed>, PlanError> {
         let p = lookup(name)?;
         wanted.extend(std::iter::repeat_n(p, count as usize));
     }
-    let layout_err = |source| PlanError::Layout {
-        gpu: gpu.index,
-        product: gpu.product.clone(),
-        source,
-    };
+    let layout_err = |source| PlanError::Layout { gpu: gpu.index, product: gpu.product.clone(), source };
     if entry.mig_placements.is_empty() {
         return mig::place(&wanted).map_err(layout_err);
     }
     let placed = entry
         .mig_placements
         .iter()
-        .map(|pl| {
-            Ok(Placed {
-                profile: lookup(&pl.profile)?,
-                start: pl.start,
-            })
-        })
+        .map(|pl| Ok(Placed { profile: lookup(&pl.profile)?, start: pl.start }))
         .collect::<Result<Vec<_>, PlanError>>()?;
     let placed_profiles: Vec<&GiProfile> = placed.iter().map(|p| p.profile).collect();
     if !wanted.is_empty() && names(&placed_profiles) != names(&wanted) {
@@ -168,10 +111,7 @@ pub fn plan(entries: &[Entry], gpus: &[GpuState]) -> Result<Plan, PlanError> {
     let mut gpus: Vec<&GpuState> = gpus.iter().collect();
     gpus.sort_by_key(|g| g.index);
     for gpu in gpus {
-        let Some(entry) = entries
-            .iter()
-            .find(|e| e.applies_to(gpu.index, gpu.pci_device_id))
-        else {
+        let Some(entry) = entries.iter().find(|e| e.applies_to(gpu.index, gpu.pci_device_id)) else {
             unchanged.push(gpu.index);
             continue;
         };
@@ -181,11 +121,7 @@ pub fn plan(entries: &[Entry], gpus: &[GpuState]) -> Result<Plan, PlanError> {
             // Highest placement first, so a teardown interrupted halfway leaves a contiguous prefix.
             let mut current = gpu.instances.clone();
             current.sort_by_key(|p| std::cmp::Reverse(p.start));
-            steps.extend(current.iter().map(|p| Step::Destroy {
-                gpu: gpu.index,
-                profile: p.profile,
-                start: p.start,
-            }));
+            steps.extend(current.iter().map(|p| Step::Destroy { gpu: gpu.index, profile: p.profile, start: p.start }));
             if gpu.mig_enabled {
                 steps.push(Step::DisableMig { gpu: gpu.index });
             }
@@ -194,26 +130,14 @@ pub fn plan(entries: &[Entry], gpus: &[GpuState]) -> Result<Plan, PlanError> {
             if !gpu.mig_enabled {
                 steps.push(Step::EnableMig { gpu: gpu.index });
             }
-            let mut destroy: Vec<&Placed> = gpu
-                .instances
-                .iter()
-                .filter(|c| !want.iter().any(|w| same(c, w)))
-                .collect();
+            let mut destroy: Vec<&Placed> = gpu.instances.iter().filter(|c| !want.iter().any(|w| same(c, w))).collect();
             destroy.sort_by_key(|p| std::cmp::Reverse(p.start));
-            steps.extend(destroy.iter().map(|p| Step::Destroy {
+            steps.extend(destroy.iter().map(|p| Step::Destroy { gpu: gpu.index, profile: p.profile, start: p.start }));
+            steps.extend(want.iter().filter(|w| !gpu.instances.iter().any(|c| same(c, w))).map(|p| Step::Create {
                 gpu: gpu.index,
                 profile: p.profile,
                 start: p.start,
             }));
-            steps.extend(
-                want.iter()
-                    .filter(|w| !gpu.instances.iter().any(|c| same(c, w)))
-                    .map(|p| Step::Create {
-                        gpu: gpu.index,
-                        profile: p.profile,
-                        start: p.start,
-                    }),
-            );
         }
         if steps.len() == before {
             unchanged.push(gpu.index);
@@ -233,13 +157,7 @@ mod tests {
             product: "NVIDIA H100 80GB HBM3".into(),
             pci_device_id: 0x2330_10DE,
             mig_enabled: mig,
-            instances: instances
-                .iter()
-                .map(|(n, s)| Placed {
-                    profile: mig::by_name(mig::H100_80GB, n).unwrap(),
-                    start: *s,
-                })
-                .collect(),
+            instances: instances.iter().map(|(n, s)| Placed { profile: mig::by_name(mig::H100_80GB, n).unwrap(), start: *s }).collect(),
         }
     }
 
@@ -272,10 +190,9 @@ mig-configs:
     fn apply(gpus: &mut [GpuState], p: &Plan) {
         for s in &p.steps {
             let g = match s {
-                Step::EnableMig { gpu }
-                | Step::DisableMig { gpu }
-                | Step::Destroy { gpu, .. }
-                | Step::Create { gpu, .. } => gpus.iter_mut().find(|g| g.index == *gpu).unwrap(),
+                Step::EnableMig { gpu } | Step::DisableMig { gpu } | Step::Destroy { gpu, .. } | Step::Create { gpu, .. } => {
+                    gpus.iter_mut().find(|g| g.index == *gpu).unwrap()
+                }
             };
             match *s {
                 Step::EnableMig { .. } => g.mig_enabled = true,
@@ -284,11 +201,7 @@ mig-configs:
                     g.mig_enabled = false;
                 }
                 Step::Destroy { profile, start, .. } => {
-                    let i = g
-                        .instances
-                        .iter()
-                        .position(|p| p.profile.id == profile.id && p.start == start)
-                        .unwrap();
+                    let i = g.instances.iter().position(|p| p.profile.id == profile.id && p.start == start).unwrap();
                     g.instances.remove(i);
                 }
                 Step::Create { profile, start, .. } => {
@@ -303,22 +216,14 @@ mig-configs:
     #[test]
     fn plans_apply_cleanly_and_converge() {
         let spec = Spec::parse(SPEC).unwrap();
-        let starts = [
-            h100(0, false, &[]),
-            h100(1, true, &[("7g.80gb", 0)]),
-            h100(2, true, &[("3g.40gb", 4), ("1g.10gb", 0)]),
-        ];
+        let starts = [h100(0, false, &[]), h100(1, true, &[("7g.80gb", 0)]), h100(2, true, &[("3g.40gb", 4), ("1g.10gb", 0)])];
         for config in ["balanced", "big", "off", "pinned"] {
             let entries = spec.config(config).unwrap();
             let mut gpus = starts.to_vec();
             let p = plan(entries, &gpus).unwrap();
             apply(&mut gpus, &p);
             let again = plan(entries, &gpus).unwrap();
-            assert!(
-                again.steps.is_empty(),
-                "{config}: not converged: {:?}",
-                again.steps
-            );
+            assert!(again.steps.is_empty(), "{config}: not converged: {:?}", again.steps);
             assert_eq!(again.unchanged, vec![0, 1, 2]);
         }
     }
@@ -326,48 +231,25 @@ mig-configs:
     #[test]
     fn keeps_instances_already_in_place_and_orders_steps() {
         let spec = Spec::parse(SPEC).unwrap();
-        let p = plan(
-            spec.config("big").unwrap(),
-            &[
-                h100(0, true, &[("3g.40gb", 4), ("1g.10gb", 0)]),
-                h100(1, false, &[]),
-            ],
-        )
-        .unwrap();
+        let p = plan(spec.config("big").unwrap(), &[h100(0, true, &[("3g.40gb", 4), ("1g.10gb", 0)]), h100(1, false, &[])]).unwrap();
         let text: Vec<String> = p.steps.iter().map(ToString::to_string).collect();
-        assert_eq!(
-            text,
-            vec![
-                "GPU 0: destroy 1g.10gb at placement 0",
-                "GPU 0: create 4g.40gb (profile id 5) at placement 0"
-            ]
-        );
+        assert_eq!(text, vec!["GPU 0: destroy 1g.10gb at placement 0", "GPU 0: create 4g.40gb (profile id 5) at placement 0"]);
         assert_eq!(p.unchanged, vec![1], "GPU 1 is not covered by the entry");
     }
 
     #[test]
     fn impossible_layouts_and_unknown_profiles_are_rejected_with_reasons() {
         let spec = Spec::parse(SPEC).unwrap();
-        let e = plan(spec.config("bad").unwrap(), &[h100(0, false, &[])])
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            e,
-            "GPU 0 (NVIDIA H100 80GB HBM3): 8 compute slices requested; the GPU has 7"
-        );
-        let s = Spec::parse("version: v1\nmig-configs:\n  a:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {\"1g.5gb\": 1}").unwrap();
-        let e = plan(s.config("a").unwrap(), &[h100(3, false, &[])])
-            .unwrap_err()
-            .to_string();
+        let e = plan(spec.config("bad").unwrap(), &[h100(0, false, &[])]).unwrap_err().to_string();
+        assert_eq!(e, "GPU 0 (NVIDIA H100 80GB HBM3): 8 compute slices requested; the GPU has 7");
+        let s =
+            Spec::parse("version: v1\nmig-configs:\n  a:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {\"1g.5gb\": 1}")
+                .unwrap();
+        let e = plan(s.config("a").unwrap(), &[h100(3, false, &[])]).unwrap_err().to_string();
         assert!(e.starts_with("GPU 3 (NVIDIA H100 80GB HBM3): profile \"1g.5gb\" does not exist on this product (it has: 1g.10gb,"), "{e}");
         let mut odd = h100(0, false, &[]);
         odd.pci_device_id = 0x1234_10DE;
-        let e = plan(spec.config("balanced").unwrap(), &[odd])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("PCI device id 0x123410DE): no MIG profile table"),
-            "{e}"
-        );
+        let e = plan(spec.config("balanced").unwrap(), &[odd]).unwrap_err().to_string();
+        assert!(e.contains("PCI device id 0x123410DE): no MIG profile table"), "{e}");
     }
 }

@@ -23,26 +23,11 @@ pub enum SpecError {
     Parse(#[from] serde_yaml::Error),
     #[error("partition spec: version: expected \"v1\", got {0:?}")]
     Version(String),
-    #[error(
-        "partition spec: mig-configs.{config}[{entry}].device-filter: expected PCI device ids like \"0x233010DE\", got {got:?}"
-    )]
-    Filter {
-        config: String,
-        entry: usize,
-        got: String,
-    },
-    #[error(
-        "partition spec: mig-configs.{config}[{entry}].mig-devices: {profile}: expected a count of 1 to 7, got {count}"
-    )]
-    Count {
-        config: String,
-        entry: usize,
-        profile: String,
-        count: u32,
-    },
-    #[error(
-        "partition spec: mig-configs.{config}[{entry}]: mig-devices given with mig-enabled: false"
-    )]
+    #[error("partition spec: mig-configs.{config}[{entry}].device-filter: expected PCI device ids like \"0x233010DE\", got {got:?}")]
+    Filter { config: String, entry: usize, got: String },
+    #[error("partition spec: mig-configs.{config}[{entry}].mig-devices: {profile}: expected a count of 1 to 7, got {count}")]
+    Count { config: String, entry: usize, profile: String, count: u32 },
+    #[error("partition spec: mig-configs.{config}[{entry}]: mig-devices given with mig-enabled: false")]
     DevicesWithoutMig { config: String, entry: usize },
     #[error("partition spec: no config named {0:?} (have: {1})")]
     NoConfig(String, String),
@@ -143,29 +128,20 @@ impl Spec {
                 let device_filter = filters
                     .iter()
                     .map(|f| {
-                        u32::from_str_radix(f.trim_start_matches("0x").trim_start_matches("0X"), 16)
-                            .map_err(|_| SpecError::Filter {
-                                config: name.clone(),
-                                entry: i,
-                                got: f.clone(),
-                            })
+                        u32::from_str_radix(f.trim_start_matches("0x").trim_start_matches("0X"), 16).map_err(|_| SpecError::Filter {
+                            config: name.clone(),
+                            entry: i,
+                            got: f.clone(),
+                        })
                     })
                     .collect::<Result<_, _>>()?;
                 for (p, &n) in &e.mig_devices {
                     if !(1..=7).contains(&n) {
-                        return Err(SpecError::Count {
-                            config: name.clone(),
-                            entry: i,
-                            profile: p.clone(),
-                            count: n,
-                        });
+                        return Err(SpecError::Count { config: name.clone(), entry: i, profile: p.clone(), count: n });
                     }
                 }
                 if !e.mig_enabled && (!e.mig_devices.is_empty() || !e.mig_placements.is_empty()) {
-                    return Err(SpecError::DevicesWithoutMig {
-                        config: name.clone(),
-                        entry: i,
-                    });
+                    return Err(SpecError::DevicesWithoutMig { config: name.clone(), entry: i });
                 }
                 out.push(Entry {
                     device_filter,
@@ -181,12 +157,10 @@ impl Spec {
     }
 
     pub fn config(&self, name: &str) -> Result<&[Entry], SpecError> {
-        self.configs.get(name).map(Vec::as_slice).ok_or_else(|| {
-            SpecError::NoConfig(
-                name.to_owned(),
-                self.configs.keys().cloned().collect::<Vec<_>>().join(", "),
-            )
-        })
+        self.configs
+            .get(name)
+            .map(Vec::as_slice)
+            .ok_or_else(|| SpecError::NoConfig(name.to_owned(), self.configs.keys().cloned().collect::<Vec<_>>().join(", ")))
     }
 }
 
@@ -220,44 +194,32 @@ mig-configs:
         assert_eq!(s.configs.len(), 3);
         let c = s.config("custom").unwrap();
         assert_eq!(c[0].device_filter, vec![0x2330_10DE]);
-        assert!(
-            c[0].applies_to(1, 0x2330_10DE)
-                && !c[0].applies_to(2, 0x2330_10DE)
-                && !c[0].applies_to(0, 0x20B0_10DE)
-        );
+        assert!(c[0].applies_to(1, 0x2330_10DE) && !c[0].applies_to(2, 0x2330_10DE) && !c[0].applies_to(0, 0x20B0_10DE));
         assert!(c[1].applies_to(3, 0x1234));
-        assert_eq!(
-            s.config("all-1g.10gb").unwrap()[0].mig_devices["1g.10gb"],
-            7
-        );
+        assert_eq!(s.config("all-1g.10gb").unwrap()[0].mig_devices["1g.10gb"], 7);
     }
 
     #[test]
     fn errors_name_the_place_and_expectation() {
-        let e = Spec::parse("version: v2\nmig-configs: {}")
-            .unwrap_err()
-            .to_string();
+        let e = Spec::parse("version: v2\nmig-configs: {}").unwrap_err().to_string();
         assert_eq!(e, "partition spec: version: expected \"v1\", got \"v2\"");
-        let e = Spec::parse("version: v1\nmig-configs:\n  a:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {\"1g.10gb\": 9}").unwrap_err().to_string();
-        assert!(
-            e.contains("mig-configs.a[0].mig-devices: 1g.10gb: expected a count of 1 to 7, got 9"),
-            "{e}"
-        );
-        let e = Spec::parse("version: v1\nmig-configs:\n  a:\n    - devices: all\n      mig-enabled: false\n      mig-devices: {\"1g.10gb\": 1}").unwrap_err().to_string();
-        assert!(
-            e.contains("mig-devices given with mig-enabled: false"),
-            "{e}"
-        );
-        let e = Spec::parse("version: v1\nmig-configs:\n  a:\n    - devices: all\n      mig-enabled: true\n      colour: red").unwrap_err().to_string();
-        assert!(e.contains("unknown field `colour`"), "{e}");
-        let e = Spec::parse(MIG_PARTED)
-            .unwrap()
-            .config("nope")
+        let e = Spec::parse(
+            "version: v1\nmig-configs:\n  a:\n    - devices: all\n      mig-enabled: true\n      mig-devices: {\"1g.10gb\": 9}",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("mig-configs.a[0].mig-devices: 1g.10gb: expected a count of 1 to 7, got 9"), "{e}");
+        let e = Spec::parse(
+            "version: v1\nmig-configs:\n  a:\n    - devices: all\n      mig-enabled: false\n      mig-devices: {\"1g.10gb\": 1}",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("mig-devices given with mig-enabled: false"), "{e}");
+        let e = Spec::parse("version: v1\nmig-configs:\n  a:\n    - devices: all\n      mig-enabled: true\n      colour: red")
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("no config named \"nope\" (have: all-1g.10gb, all-disabled, custom)"),
-            "{e}"
-        );
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = Spec::parse(MIG_PARTED).unwrap().config("nope").unwrap_err().to_string();
+        assert!(e.contains("no config named \"nope\" (have: all-1g.10gb, all-disabled, custom)"), "{e}");
     }
 }

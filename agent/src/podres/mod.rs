@@ -60,11 +60,7 @@ impl Attribution {
                         if !(id.starts_with("GPU-") || id.starts_with("MIG-")) {
                             continue;
                         }
-                        let r = PodRef {
-                            namespace: pod.namespace.clone(),
-                            pod: pod.name.clone(),
-                            container: c.name.clone(),
-                        };
+                        let r = PodRef { namespace: pod.namespace.clone(), pod: pod.name.clone(), container: c.name.clone() };
                         let list = refs.entry(id.to_owned()).or_default();
                         // Two time-slice replicas of one GPU in one container are one series.
                         if !list.contains(&r) {
@@ -112,15 +108,10 @@ impl Attribution {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodResError {
-    #[error(
-        "kubelet PodResources socket {0} does not exist (is the pod-resources directory mounted?)"
-    )]
+    #[error("kubelet PodResources socket {0} does not exist (is the pod-resources directory mounted?)")]
     MissingSocket(PathBuf),
     #[error("connecting to {path}: {source}")]
-    Connect {
-        path: PathBuf,
-        source: tonic::transport::Error,
-    },
+    Connect { path: PathBuf, source: tonic::transport::Error },
     #[error("PodResources List: {0}")]
     Rpc(#[from] tonic::Status),
     #[error("PodResources List did not answer within {0:?}")]
@@ -151,11 +142,7 @@ pub async fn list(dir: &Path, timeout: Duration) -> Result<ListPodResourcesRespo
         let channel = tonic::transport::Endpoint::from_static("http://kubelet.invalid")
             .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
                 let p = connect_path.clone();
-                async move {
-                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                        tokio::net::UnixStream::connect(p).await?,
-                    ))
-                }
+                async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
             }))
             .await
             .map_err(|source| PodResError::Connect { path, source })?;
@@ -163,9 +150,7 @@ pub async fn list(dir: &Path, timeout: Duration) -> Result<ListPodResourcesRespo
         let mut client = PodResourcesListerClient::new(channel).max_decoding_message_size(16 << 20);
         Ok(client.list(ListPodResourcesRequest {}).await?.into_inner())
     };
-    tokio::time::timeout(timeout, call)
-        .await
-        .map_err(|_| PodResError::Timeout(timeout))?
+    tokio::time::timeout(timeout, call).await.map_err(|_| PodResError::Timeout(timeout))?
 }
 
 #[derive(Debug, Clone)]
@@ -191,22 +176,13 @@ impl PodResMetrics {
             "kubelet PodResources refreshes by result (ok, missing_socket, connect, rpc, timeout)",
             m.refreshes.clone(),
         );
-        reg.register(
-            "hearth_gpu_attributed_devices",
-            "GPUs and MIG devices held by pods, as of the last refresh",
-            m.devices.clone(),
-        );
+        reg.register("hearth_gpu_attributed_devices", "GPUs and MIG devices held by pods, as of the last refresh", m.devices.clone());
         m
     }
 }
 
 /// Refreshes the attribution map until `shutdown`, publishing through `set`.
-pub async fn run(
-    s: PodResSettings,
-    metrics: PodResMetrics,
-    set: impl Fn(Arc<Attribution>),
-    shutdown: CancellationToken,
-) {
+pub async fn run(s: PodResSettings, metrics: PodResMetrics, set: impl Fn(Arc<Attribution>), shutdown: CancellationToken) {
     let mut last_ok: Option<Instant> = None;
     let mut failing: Option<&'static str> = None;
     loop {
@@ -216,19 +192,13 @@ pub async fn run(
                 metrics.refreshes.get_or_create(&[("result", "ok")]).inc();
                 metrics.devices.set(a.devices() as i64);
                 if failing.take().is_some() {
-                    info!(
-                        devices = a.devices(),
-                        "kubelet PodResources reachable again"
-                    );
+                    info!(devices = a.devices(), "kubelet PodResources reachable again");
                 }
                 set(Arc::new(a));
                 last_ok = Some(Instant::now());
             }
             Err(e) => {
-                metrics
-                    .refreshes
-                    .get_or_create(&[("result", e.reason())])
-                    .inc();
+                metrics.refreshes.get_or_create(&[("result", e.reason())]).inc();
                 if failing != Some(e.reason()) {
                     warn!(error = %e, "GPU metrics go without pod labels until the kubelet answers");
                     failing = Some(e.reason());
@@ -271,56 +241,18 @@ mod tests {
         let resp = ListPodResourcesResponse {
             pod_resources: vec![
                 pod("ml", "llama-0", "vllm", "nvidia.com/gpu", &["GPU-aaa"]),
-                pod(
-                    "ml",
-                    "small-0",
-                    "tgi",
-                    "nvidia.com/mig-1g.10gb",
-                    &["MIG-bbb"],
-                ),
-                pod(
-                    "dev",
-                    "nb-1",
-                    "jupyter",
-                    "nvidia.com/gpu.shared",
-                    &["GPU-ccc::0", "GPU-ccc::3"],
-                ),
-                pod(
-                    "dev",
-                    "nb-2",
-                    "jupyter",
-                    "nvidia.com/gpu.shared",
-                    &["GPU-ccc::1"],
-                ),
-                pod(
-                    "kube-system",
-                    "net",
-                    "cni",
-                    "example.com/sriov",
-                    &["0000:3b:00.1"],
-                ),
+                pod("ml", "small-0", "tgi", "nvidia.com/mig-1g.10gb", &["MIG-bbb"]),
+                pod("dev", "nb-1", "jupyter", "nvidia.com/gpu.shared", &["GPU-ccc::0", "GPU-ccc::3"]),
+                pod("dev", "nb-2", "jupyter", "nvidia.com/gpu.shared", &["GPU-ccc::1"]),
+                pod("kube-system", "net", "cni", "example.com/sriov", &["0000:3b:00.1"]),
             ],
         };
         let a = Attribution::from_list(&resp);
-        assert_eq!(
-            a.pods_of("GPU-aaa"),
-            ["container=\"vllm\",namespace=\"ml\",pod=\"llama-0\""]
-        );
+        assert_eq!(a.pods_of("GPU-aaa"), ["container=\"vllm\",namespace=\"ml\",pod=\"llama-0\""]);
         assert_eq!(a.refs_of("MIG-bbb")[0].pod, "small-0");
-        let shared: Vec<_> = a
-            .refs_of("GPU-ccc")
-            .iter()
-            .map(|r| r.pod.as_str())
-            .collect();
-        assert_eq!(
-            shared,
-            ["nb-1", "nb-2"],
-            "one entry per pod, replicas folded"
-        );
-        assert!(
-            a.pods_of("0000:3b:00.1").is_empty(),
-            "non-GPU devices ignored"
-        );
+        let shared: Vec<_> = a.refs_of("GPU-ccc").iter().map(|r| r.pod.as_str()).collect();
+        assert_eq!(shared, ["nb-1", "nb-2"], "one entry per pod, replicas folded");
+        assert!(a.pods_of("0000:3b:00.1").is_empty(), "non-GPU devices ignored");
         assert_eq!(a.devices(), 3);
     }
 

@@ -12,11 +12,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            attempt: 0,
-        }
+        Self { initial, max, attempt: 0 }
     }
 
     pub fn attempt(&self) -> u32 {
@@ -52,11 +48,7 @@ mod tests {
         for _ in 0..8 {
             let step = b.step();
             let d = b.next_delay();
-            assert!(
-                d >= step / 2 && d <= step,
-                "{d:?} outside [{:?}, {step:?}]",
-                step / 2
-            );
+            assert!(d >= step / 2 && d <= step, "{d:?} outside [{:?}, {step:?}]", step / 2);
             steps.push(step.as_millis());
         }
         assert_eq!(steps, vec![100, 200, 400, 800, 1600, 2000, 2000, 2000]);

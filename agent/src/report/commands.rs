@@ -85,54 +85,27 @@ pub struct CommandDispatcher {
 }
 
 impl CommandDispatcher {
-    pub fn new(
-        cache: Option<Arc<Cache>>,
-        statuses: mpsc::Sender<pb::CommandStatus>,
-        cancel: CancellationToken,
-    ) -> Self {
-        Self {
-            cache,
-            seen: Arc::default(),
-            statuses,
-            cancel,
-        }
+    pub fn new(cache: Option<Arc<Cache>>, statuses: mpsc::Sender<pb::CommandStatus>, cancel: CancellationToken) -> Self {
+        Self { cache, seen: Arc::default(), statuses, cancel }
     }
 
     fn supported(&self) -> Vec<&'static str> {
-        if self.cache.is_some() {
-            vec!["prefetch", "evict", "pin"]
-        } else {
-            Vec::new()
-        }
+        if self.cache.is_some() { vec!["prefetch", "evict", "pin"] } else { Vec::new() }
     }
 
     fn remember(&self, o: &CommandOutcome) {
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .record(o);
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).record(o);
     }
 
     pub fn dispatch(&self, cmd: pb::Command, now: SystemTime) -> CommandOutcome {
         if !cmd.idempotency_key.is_empty()
-            && let Some(prev) = self
-                .seen
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .outcomes
-                .get(&cmd.idempotency_key)
+            && let Some(prev) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).outcomes.get(&cmd.idempotency_key)
         {
             // Same key, same answer (the latest known phase); the id is the retry's own.
-            return CommandOutcome {
-                command_id: cmd.id,
-                ..prev.clone()
-            };
+            return CommandOutcome { command_id: cmd.id, ..prev.clone() };
         }
         let kind = kind_name(cmd.kind.as_ref());
-        let expired = cmd
-            .deadline
-            .and_then(|d| SystemTime::try_from(d).ok())
-            .is_some_and(|d| d <= now);
+        let expired = cmd.deadline.and_then(|d| SystemTime::try_from(d).ok()).is_some_and(|d| d <= now);
         let outcome = |phase, message: String| CommandOutcome {
             command_id: cmd.id.clone(),
             idempotency_key: cmd.idempotency_key.clone(),
@@ -143,20 +116,10 @@ impl CommandDispatcher {
         let result = if cmd.kind.is_none() {
             outcome(Phase::Rejected, "command has no kind set".into())
         } else if expired {
-            outcome(
-                Phase::Rejected,
-                format!("{kind} command arrived after its deadline"),
-            )
+            outcome(Phase::Rejected, format!("{kind} command arrived after its deadline"))
         } else if !supported.contains(&kind) {
-            let have = if supported.is_empty() {
-                "none".to_owned()
-            } else {
-                supported.join(", ")
-            };
-            outcome(
-                Phase::Rejected,
-                format!("this agent cannot run {kind} commands (it runs: {have})"),
-            )
+            let have = if supported.is_empty() { "none".to_owned() } else { supported.join(", ") };
+            outcome(Phase::Rejected, format!("this agent cannot run {kind} commands (it runs: {have})"))
         } else {
             match (cmd.kind.clone(), &self.cache) {
                 (Some(Kind::Evict(e)), Some(c)) => match c.evict(&e.model_id) {
@@ -164,29 +127,17 @@ impl CommandDispatcher {
                     Err(err) => outcome(Phase::Failed, err.to_string()),
                 },
                 (Some(Kind::Pin(p)), Some(c)) => match c.pin(&p.model_id, p.pinned) {
-                    Ok(()) => outcome(
-                        Phase::Succeeded,
-                        format!(
-                            "{} {}",
-                            if p.pinned { "pinned" } else { "unpinned" },
-                            p.model_id
-                        ),
-                    ),
+                    Ok(()) => outcome(Phase::Succeeded, format!("{} {}", if p.pinned { "pinned" } else { "unpinned" }, p.model_id)),
                     Err(err) => outcome(Phase::Failed, err.to_string()),
                 },
-                (Some(Kind::Prefetch(p)), Some(c)) => {
-                    match ModelSpec::new(&p.source_uri, &p.include, &p.exclude, &p.revision) {
-                        Err(e) => outcome(Phase::Rejected, e.to_string()),
-                        Ok(spec) => {
-                            let accepted = outcome(
-                                Phase::Accepted,
-                                format!("prefetching {} as {}", spec.uri, spec.id()),
-                            );
-                            self.spawn_prefetch(c.clone(), spec, accepted.clone());
-                            accepted
-                        }
+                (Some(Kind::Prefetch(p)), Some(c)) => match ModelSpec::new(&p.source_uri, &p.include, &p.exclude, &p.revision) {
+                    Err(e) => outcome(Phase::Rejected, e.to_string()),
+                    Ok(spec) => {
+                        let accepted = outcome(Phase::Accepted, format!("prefetching {} as {}", spec.uri, spec.id()));
+                        self.spawn_prefetch(c.clone(), spec, accepted.clone());
+                        accepted
                     }
-                }
+                },
                 _ => outcome(Phase::Rejected, format!("{kind}: no handler")),
             }
         };
@@ -196,8 +147,7 @@ impl CommandDispatcher {
 
     fn spawn_prefetch(&self, cache: Arc<Cache>, spec: ModelSpec, accepted: CommandOutcome) {
         let me = self.clone();
-        let span =
-            info_span!("prefetch_command", command = %accepted.command_id, model = %spec.id());
+        let span = info_span!("prefetch_command", command = %accepted.command_id, model = %spec.id());
         tokio::spawn(
             async move {
                 let end = match cache.ensure(&spec, me.cancel.child_token()).await {
@@ -225,26 +175,16 @@ mod tests {
     use std::time::Duration;
 
     fn cmd(id: &str, key: &str, deadline: Option<SystemTime>, kind: Kind) -> pb::Command {
-        pb::Command {
-            id: id.into(),
-            idempotency_key: key.into(),
-            deadline: deadline.map(Into::into),
-            kind: Some(kind),
-        }
+        pb::Command { id: id.into(), idempotency_key: key.into(), deadline: deadline.map(Into::into), kind: Some(kind) }
     }
 
     fn evict(m: &str) -> Kind {
         Kind::Evict(pb::EvictCommand { model_id: m.into() })
     }
 
-    fn dispatcher(
-        cache: Option<Arc<Cache>>,
-    ) -> (CommandDispatcher, mpsc::Receiver<pb::CommandStatus>) {
+    fn dispatcher(cache: Option<Arc<Cache>>) -> (CommandDispatcher, mpsc::Receiver<pb::CommandStatus>) {
         let (tx, rx) = mpsc::channel(8);
-        (
-            CommandDispatcher::new(cache, tx, CancellationToken::new()),
-            rx,
-        )
+        (CommandDispatcher::new(cache, tx, CancellationToken::new()), rx)
     }
 
     fn cache(root: &std::path::Path) -> Arc<Cache> {
@@ -264,14 +204,8 @@ mod tests {
         let (d, _rx) = dispatcher(None);
         let o = d.dispatch(cmd("1", "k1", None, evict("m")), SystemTime::now());
         assert_eq!(o.phase, Phase::Rejected);
-        assert_eq!(
-            o.message,
-            "this agent cannot run evict commands (it runs: none)"
-        );
-        let o = d.dispatch(
-            cmd("2", "k2", None, Kind::Drain(pb::DrainCommand::default())),
-            SystemTime::now(),
-        );
+        assert_eq!(o.message, "this agent cannot run evict commands (it runs: none)");
+        let o = d.dispatch(cmd("2", "k2", None, Kind::Drain(pb::DrainCommand::default())), SystemTime::now());
         assert_eq!(o.phase, Phase::Rejected);
     }
 
@@ -280,37 +214,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (d, _rx) = dispatcher(Some(cache(dir.path())));
         let now = SystemTime::now();
-        let o = d.dispatch(
-            cmd("1", "k1", Some(now - Duration::from_secs(1)), evict("m")),
-            now,
-        );
-        assert_eq!(
-            (o.phase, o.message.as_str()),
-            (Phase::Rejected, "evict command arrived after its deadline")
-        );
-        let first = d.dispatch(
-            cmd(
-                "2",
-                "k2",
-                Some(now + Duration::from_secs(60)),
-                evict("nope"),
-            ),
-            now,
-        );
+        let o = d.dispatch(cmd("1", "k1", Some(now - Duration::from_secs(1)), evict("m")), now);
+        assert_eq!((o.phase, o.message.as_str()), (Phase::Rejected, "evict command arrived after its deadline"));
+        let first = d.dispatch(cmd("2", "k2", Some(now + Duration::from_secs(60)), evict("nope")), now);
         assert_eq!(first.phase, Phase::Failed);
-        assert!(
-            first.message.contains("not in the cache"),
-            "{}",
-            first.message
-        );
-        let retry = d.dispatch(
-            cmd("3", "k2", None, evict("nope")),
-            now + Duration::from_secs(120),
-        );
-        assert_eq!(
-            (retry.phase, retry.command_id.as_str()),
-            (Phase::Failed, "3")
-        );
+        assert!(first.message.contains("not in the cache"), "{}", first.message);
+        let retry = d.dispatch(cmd("3", "k2", None, evict("nope")), now + Duration::from_secs(120));
+        assert_eq!((retry.phase, retry.command_id.as_str()), (Phase::Failed, "3"));
     }
 
     #[tokio::test]
@@ -320,40 +230,24 @@ mod tests {
         crate::cache::sample::write_sample_model(&src, 1, 1 << 20).unwrap();
         let (d, mut rx) = dispatcher(Some(cache(&dir.path().join("cache"))));
         let uri = format!("file://{}", src.display());
-        let k = Kind::Prefetch(pb::PrefetchCommand {
-            source_uri: uri.clone(),
-            ..Default::default()
-        });
+        let k = Kind::Prefetch(pb::PrefetchCommand { source_uri: uri.clone(), ..Default::default() });
         let o = d.dispatch(cmd("1", "p1", None, k.clone()), SystemTime::now());
         assert_eq!(o.phase, Phase::Accepted);
-        let done = tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap();
         assert_eq!(done.phase, Phase::Succeeded as i32, "{}", done.message);
         assert_eq!(done.command_id, "1");
         // A retry of the same command learns the final phase.
         let again = d.dispatch(cmd("2", "p1", None, k), SystemTime::now());
         assert_eq!(again.phase, Phase::Succeeded);
-        let bad = Kind::Prefetch(pb::PrefetchCommand {
-            source_uri: "ftp://x".into(),
-            ..Default::default()
-        });
-        assert_eq!(
-            d.dispatch(cmd("3", "p3", None, bad), SystemTime::now())
-                .phase,
-            Phase::Rejected
-        );
+        let bad = Kind::Prefetch(pb::PrefetchCommand { source_uri: "ftp://x".into(), ..Default::default() });
+        assert_eq!(d.dispatch(cmd("3", "p3", None, bad), SystemTime::now()).phase, Phase::Rejected);
     }
 
     #[test]
     fn remembered_keys_are_bounded() {
         let (d, _rx) = dispatcher(None);
         for i in 0..(REMEMBERED_KEYS + 10) {
-            d.dispatch(
-                cmd(&i.to_string(), &format!("k{i}"), None, evict("m")),
-                SystemTime::now(),
-            );
+            d.dispatch(cmd(&i.to_string(), &format!("k{i}"), None, evict("m")), SystemTime::now());
         }
         let seen = d.seen.lock().unwrap();
         assert_eq!(seen.outcomes.len(), REMEMBERED_KEYS);

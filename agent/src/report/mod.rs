@@ -62,10 +62,7 @@ fn model_to_wire(e: &crate::cache::index::IndexEntry) -> pb::CachedModel {
         bytes_total: e.bytes_total,
         pinned: e.pinned,
         verification: e.verification.clone(),
-        last_used: Some(hearth_proto::prost_types::Timestamp {
-            seconds: e.last_used as i64,
-            nanos: 0,
-        }),
+        last_used: Some(hearth_proto::prost_types::Timestamp { seconds: e.last_used as i64, nanos: 0 }),
         error: e.error.clone().unwrap_or_default(),
     }
 }
@@ -91,36 +88,20 @@ impl NodeReport {
                 interfaces: s
                     .interfaces
                     .iter()
-                    .map(|i| pb::NetworkInterface {
-                        name: i.name.clone(),
-                        receive_bytes: i.rx_bytes,
-                        transmit_bytes: i.tx_bytes,
-                    })
+                    .map(|i| pb::NetworkInterface { name: i.name.clone(), receive_bytes: i.rx_bytes, transmit_bytes: i.tx_bytes })
                     .collect(),
             }),
-            accelerators: self
-                .accelerators
-                .iter()
-                .map(pb::Accelerator::from)
-                .collect(),
+            accelerators: self.accelerators.iter().map(pb::Accelerator::from).collect(),
             subsystems: self
                 .subsystems
                 .iter()
-                .map(|(name, enabled, reason)| pb::SubsystemStatus {
-                    name: name.clone(),
-                    enabled: *enabled,
-                    reason: reason.clone(),
-                })
+                .map(|(name, enabled, reason)| pb::SubsystemStatus { name: name.clone(), enabled: *enabled, reason: reason.clone() })
                 .collect(),
             models: self.models.iter().map(model_to_wire).collect(),
             source_bandwidth: self
                 .bandwidth
                 .iter()
-                .map(|b| pb::SourceBandwidth {
-                    source: b.source.clone(),
-                    bytes_per_second: b.bytes_per_second,
-                    samples: b.samples,
-                })
+                .map(|b| pb::SourceBandwidth { source: b.source.clone(), bytes_per_second: b.bytes_per_second, samples: b.samples })
                 .collect(),
             ..Default::default()
         }
@@ -130,15 +111,9 @@ impl NodeReport {
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
     #[error("controller URL {url:?}: {source}")]
-    Endpoint {
-        url: String,
-        source: tonic::transport::Error,
-    },
+    Endpoint { url: String, source: tonic::transport::Error },
     #[error("connecting to {url}: {source}")]
-    Connect {
-        url: String,
-        source: tonic::transport::Error,
-    },
+    Connect { url: String, source: tonic::transport::Error },
     #[error("controller refused the stream: {code:?}: {message}")]
     Refused { code: tonic::Code, message: String },
     #[error("stream to controller broke: {code:?}: {message}")]
@@ -154,14 +129,8 @@ impl ReportError {
         match self {
             ReportError::Endpoint { .. } => "endpoint",
             ReportError::Connect { .. } => "connect",
-            ReportError::Refused {
-                code: tonic::Code::PermissionDenied | tonic::Code::Unauthenticated,
-                ..
-            } => "auth",
-            ReportError::Refused {
-                code: tonic::Code::AlreadyExists,
-                ..
-            } => "duplicate_node",
+            ReportError::Refused { code: tonic::Code::PermissionDenied | tonic::Code::Unauthenticated, .. } => "auth",
+            ReportError::Refused { code: tonic::Code::AlreadyExists, .. } => "duplicate_node",
             ReportError::Refused { .. } => "refused",
             ReportError::Stream { .. } => "stream",
             ReportError::Closed => "closed",
@@ -189,36 +158,14 @@ impl ReportMetrics {
             connect_failures: Family::default(),
             sent: Family::default(),
             resyncs: Counter::default(),
-            ack_latency: Histogram::new([
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-            ]),
+            ack_latency: Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
         };
         let r = reg.sub_registry_with_prefix("hearth_agent_controller");
-        r.register(
-            "connected",
-            "1 while the stream to the controller is up",
-            m.connected.clone(),
-        );
-        r.register(
-            "connect_attempts",
-            "Attempts to open the stream",
-            m.connect_attempts.clone(),
-        );
-        r.register(
-            "connect_failures",
-            "Failed or broken streams, by reason",
-            m.connect_failures.clone(),
-        );
-        r.register(
-            "messages_sent",
-            "Messages sent to the controller, by kind",
-            m.sent.clone(),
-        );
-        r.register(
-            "resyncs",
-            "Full snapshots re-sent because the controller asked",
-            m.resyncs.clone(),
-        );
+        r.register("connected", "1 while the stream to the controller is up", m.connected.clone());
+        r.register("connect_attempts", "Attempts to open the stream", m.connect_attempts.clone());
+        r.register("connect_failures", "Failed or broken streams, by reason", m.connect_failures.clone());
+        r.register("messages_sent", "Messages sent to the controller, by kind", m.sent.clone());
+        r.register("resyncs", "Full snapshots re-sent because the controller asked", m.resyncs.clone());
         r.register_with_unit(
             "ack_latency",
             "Time from sending a snapshot or delta to its Ack",
@@ -242,10 +189,7 @@ pub struct ReportSettings {
 
 /// Builds a channel to the controller with our TLS identity and explicit limits.
 pub fn endpoint(s: &ReportSettings) -> Result<Endpoint, ReportError> {
-    let err = |source| ReportError::Endpoint {
-        url: s.url.clone(),
-        source,
-    };
+    let err = |source| ReportError::Endpoint { url: s.url.clone(), source };
     let mut ep = Endpoint::from_shared(s.url.clone())
         .map_err(err)?
         .connect_timeout(Duration::from_secs(5))
@@ -253,9 +197,7 @@ pub fn endpoint(s: &ReportSettings) -> Result<Endpoint, ReportError> {
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(10));
     if let Some(tls) = &s.tls {
-        ep = ep
-            .tls_config(tls.client_config(&s.server_name))
-            .map_err(err)?;
+        ep = ep.tls_config(tls.client_config(&s.server_name)).map_err(err)?;
     }
     Ok(ep)
 }
@@ -289,19 +231,8 @@ impl ReportClient {
         commands: CommandDispatcher,
         statuses: mpsc::Receiver<pb::CommandStatus>,
     ) -> Self {
-        let epoch = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        Self {
-            settings,
-            hello,
-            epoch,
-            report,
-            metrics,
-            readiness,
-            commands,
-            statuses,
-        }
+        let epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        Self { settings, hello, epoch, report, metrics, readiness, commands, statuses }
     }
 
     /// Runs until `shutdown`, reconnecting as needed. Never returns an error: a controller
@@ -309,8 +240,7 @@ impl ReportClient {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let mut seq = 0u64;
-        self.readiness
-            .set("controller", Some("not connected yet".into()));
+        self.readiness.set("controller", Some("not connected yet".into()));
         loop {
             self.metrics.connect_attempts.inc();
             let (err, up_for) = match self.session(&mut seq, &shutdown).await {
@@ -319,10 +249,7 @@ impl ReportClient {
                 Err(e) => (e, None),
             };
             self.metrics.connected.set(0);
-            self.metrics
-                .connect_failures
-                .get_or_create(&[("reason", err.reason())])
-                .inc();
+            self.metrics.connect_failures.get_or_create(&[("reason", err.reason())]).inc();
             self.readiness.set("controller", Some(err.to_string()));
             // A stream that stayed up a while was healthy: start the backoff over.
             if up_for.is_some_and(|d| d >= Duration::from_secs(30)) {
@@ -341,21 +268,11 @@ impl ReportClient {
     fn snapshot(&mut self, seq: &mut u64) -> (pb::AgentMessage, pb::NodeState) {
         *seq += 1;
         let state = self.report.borrow_and_update().to_wire();
-        let msg = pb::AgentMessage {
-            kind: Some(Out::Snapshot(pb::Snapshot {
-                epoch: self.epoch,
-                seq: *seq,
-                state: Some(state.clone()),
-            })),
-        };
+        let msg = pb::AgentMessage { kind: Some(Out::Snapshot(pb::Snapshot { epoch: self.epoch, seq: *seq, state: Some(state.clone()) })) };
         (msg, state)
     }
 
-    async fn session(
-        &mut self,
-        seq: &mut u64,
-        shutdown: &CancellationToken,
-    ) -> Result<SessionEnd, ReportError> {
+    async fn session(&mut self, seq: &mut u64, shutdown: &CancellationToken) -> Result<SessionEnd, ReportError> {
         let s = &self.settings;
         let ep = endpoint(s)?;
         let channel: Channel = tokio::select! {
@@ -366,9 +283,7 @@ impl ReportClient {
             .max_decoding_message_size(s.max_message_bytes)
             .max_encoding_message_size(s.max_message_bytes);
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(32);
-        let hello = pb::AgentMessage {
-            kind: Some(Out::Hello((&self.hello).into())),
-        };
+        let hello = pb::AgentMessage { kind: Some(Out::Hello((&self.hello).into())) };
         let (snap, mut last_sent) = self.snapshot(seq);
         // Both fit: the queue is new and holds 32.
         let _ = tx.try_send(hello);
@@ -378,12 +293,7 @@ impl ReportClient {
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
             r = client.connect(ReceiverStream::new(rx)) => r,
         };
-        let mut inbound = opened
-            .map_err(|st| ReportError::Refused {
-                code: st.code(),
-                message: st.message().to_owned(),
-            })?
-            .into_inner();
+        let mut inbound = opened.map_err(|st| ReportError::Refused { code: st.code(), message: st.message().to_owned() })?.into_inner();
         let up_since = Instant::now();
         let mut heartbeat = tokio::time::interval(self.settings.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -38,21 +38,11 @@ impl NodeAgentService {
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
-        Self {
-            state,
-            metrics,
-            insecure,
-            hello_timeout,
-            shutdown,
-            tasks,
-        }
+        Self { state, metrics, insecure, hello_timeout, shutdown, tasks }
     }
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
-        self.metrics
-            .sessions_refused
-            .get_or_create(&[("reason", reason)])
-            .inc();
+        self.metrics.sessions_refused.get_or_create(&[("reason", reason)]).inc();
         warn!(reason, status = %status.message(), "agent stream refused");
         status
     }
@@ -70,41 +60,27 @@ impl NodeAgentService {
     ) -> Result<AgentHello, Status> {
         let first = match tokio::time::timeout(self.hello_timeout, inbound.message()).await {
             Err(_) => {
-                let msg = format!(
-                    "no Hello within {:?} of opening the stream",
-                    self.hello_timeout
-                );
+                let msg = format!("no Hello within {:?} of opening the stream", self.hello_timeout);
                 return Err(self.refuse("hello_timeout", Status::deadline_exceeded(msg)));
             }
             Ok(Err(s)) => return Err(self.refuse(super::status_reason(&s), s)),
             Ok(Ok(None)) => {
-                return Err(self.refuse(
-                    "protocol",
-                    Status::invalid_argument("stream closed before Hello"),
-                ));
+                return Err(self.refuse("protocol", Status::invalid_argument("stream closed before Hello")));
             }
             Ok(Ok(Some(m))) => m,
         };
         let hello = match first.kind {
             Some(In::Hello(h)) => h,
             other => {
-                let msg = format!(
-                    "expected Hello as the first message, got {}",
-                    kind_name(other.as_ref())
-                );
+                let msg = format!("expected Hello as the first message, got {}", kind_name(other.as_ref()));
                 return Err(self.refuse("protocol", Status::invalid_argument(msg)));
             }
         };
         self.count("hello");
-        let hello = AgentHello::try_from(hello)
-            .map_err(|e| self.refuse("invalid_hello", Status::invalid_argument(e.to_string())))?;
+        let hello = AgentHello::try_from(hello).map_err(|e| self.refuse("invalid_hello", Status::invalid_argument(e.to_string())))?;
         if let Some(cert) = cert {
-            hearth_proto::transport::check_node_identity(cert, &hello.node_name).map_err(|e| {
-                self.refuse(
-                    "identity_mismatch",
-                    Status::permission_denied(e.to_string()),
-                )
-            })?;
+            hearth_proto::transport::check_node_identity(cert, &hello.node_name)
+                .map_err(|e| self.refuse("identity_mismatch", Status::permission_denied(e.to_string())))?;
         }
         Ok(hello)
     }
@@ -122,18 +98,11 @@ fn kind_name(k: Option<&In>) -> &'static str {
 }
 
 fn ack(seq: u64, kind: pb::AckedKind) -> pb::ControllerMessage {
-    pb::ControllerMessage {
-        kind: Some(Out::Ack(pb::Ack {
-            seq,
-            kind: kind as i32,
-        })),
-    }
+    pb::ControllerMessage { kind: Some(Out::Ack(pb::Ack { seq, kind: kind as i32 })) }
 }
 
 fn resync(reason: String) -> pb::ControllerMessage {
-    pb::ControllerMessage {
-        kind: Some(Out::Resync(pb::Resync { reason })),
-    }
+    pb::ControllerMessage { kind: Some(Out::Resync(pb::Resync { reason })) }
 }
 
 type OutStream = ReceiverStream<Result<pb::ControllerMessage, Status>>;
@@ -142,16 +111,9 @@ type OutStream = ReceiverStream<Result<pb::ControllerMessage, Status>>;
 impl pb::node_agent_server::NodeAgent for NodeAgentService {
     type ConnectStream = OutStream;
 
-    async fn connect(
-        &self,
-        req: Request<Streaming<pb::AgentMessage>>,
-    ) -> Result<Response<OutStream>, Status> {
-        let peer = req
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "unknown".into());
-        let cert = super::client_cert(&req, self.insecure)
-            .map_err(|s| self.refuse("no_certificate", s))?;
+    async fn connect(&self, req: Request<Streaming<pb::AgentMessage>>) -> Result<Response<OutStream>, Status> {
+        let peer = req.remote_addr().map(|a| a.to_string()).unwrap_or_else(|| "unknown".into());
+        let cert = super::client_cert(&req, self.insecure).map_err(|s| self.refuse("no_certificate", s))?;
         let mut inbound = req.into_inner();
         let hello = self.accept_hello(&mut inbound, cert.as_ref()).await?;
         let node = hello.node_name.clone();
@@ -216,42 +178,21 @@ impl NodeAgentService {
     }
 
     /// Applies one message to the cluster view and returns the answer to send.
-    fn handle(
-        &self,
-        node: &str,
-        session: SessionId,
-        m: pb::AgentMessage,
-    ) -> Result<Option<pb::ControllerMessage>, Status> {
+    fn handle(&self, node: &str, session: SessionId, m: pb::AgentMessage) -> Result<Option<pb::ControllerMessage>, Status> {
         let now = Instant::now();
         let (kind, result, reply) = match m.kind {
             Some(In::Snapshot(s)) => {
                 let seq = s.seq;
-                (
-                    "snapshot",
-                    self.state.apply_snapshot(node, session, s, now),
-                    ack(seq, pb::AckedKind::Snapshot),
-                )
+                ("snapshot", self.state.apply_snapshot(node, session, s, now), ack(seq, pb::AckedKind::Snapshot))
             }
             Some(In::Delta(d)) => {
                 let seq = d.seq;
-                (
-                    "delta",
-                    self.state.apply_delta(node, session, d, now),
-                    ack(seq, pb::AckedKind::Delta),
-                )
+                ("delta", self.state.apply_delta(node, session, d, now), ack(seq, pb::AckedKind::Delta))
             }
-            Some(In::Heartbeat(h)) => (
-                "heartbeat",
-                self.state.heartbeat(node, session, &h, now),
-                ack(h.seq, pb::AckedKind::Heartbeat),
-            ),
+            Some(In::Heartbeat(h)) => ("heartbeat", self.state.heartbeat(node, session, &h, now), ack(h.seq, pb::AckedKind::Heartbeat)),
             Some(In::CommandStatus(c)) => {
                 debug!(command = %c.command_id, phase = c.phase, message = %c.message, "command status");
-                (
-                    "command_status",
-                    self.state.touch(node, session, now),
-                    ack(0, pb::AckedKind::CommandStatus),
-                )
+                ("command_status", self.state.touch(node, session, now), ack(0, pb::AckedKind::CommandStatus))
             }
             Some(In::Hello(_)) => {
                 return Err(Status::invalid_argument("Hello sent twice on one stream"));

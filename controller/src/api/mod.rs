@@ -15,21 +15,14 @@ use tonic::{Request, Status};
 
 /// Returns the verified client certificate of a request, or Unauthenticated. `None` in
 /// insecure mode, where there is nothing to check.
-pub(crate) fn client_cert<T>(
-    req: &Request<T>,
-    insecure: bool,
-) -> Result<Option<rustls::pki_types::CertificateDer<'static>>, Status> {
+pub(crate) fn client_cert<T>(req: &Request<T>, insecure: bool) -> Result<Option<rustls::pki_types::CertificateDer<'static>>, Status> {
     if insecure {
         return Ok(None);
     }
     req.peer_certs()
         .and_then(|c| c.first().cloned())
         .map(Some)
-        .ok_or_else(|| {
-            Status::unauthenticated(
-                hearth_proto::transport::IdentityError::NoCertificate.to_string(),
-            )
-        })
+        .ok_or_else(|| Status::unauthenticated(hearth_proto::transport::IdentityError::NoCertificate.to_string()))
 }
 
 /// A bounded label for a status that ended a stream.

@@ -35,10 +35,7 @@ fn accelerator_summary(state: &pb::NodeState) -> Vec<String> {
     for a in &state.accelerators {
         *by_product.entry(a.product.as_str()).or_default() += 1;
     }
-    by_product
-        .into_iter()
-        .map(|(p, n)| format!("{n} x {p}"))
-        .collect()
+    by_product.into_iter().map(|(p, n)| format!("{n} x {p}")).collect()
 }
 
 pub(crate) fn summary(v: NodeView, state: &pb::NodeState) -> pb::NodeSummary {
@@ -61,27 +58,17 @@ pub(crate) fn summary(v: NodeView, state: &pb::NodeState) -> pb::NodeSummary {
 
 #[tonic::async_trait]
 impl pb::operator_server::Operator for OperatorService {
-    async fn list_nodes(
-        &self,
-        req: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         super::client_cert(&req, self.insecure)?;
         let nodes = self.state.list(Instant::now(), summary);
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
-    async fn get_node(
-        &self,
-        req: Request<pb::GetNodeRequest>,
-    ) -> Result<Response<pb::GetNodeResponse>, Status> {
+    async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::GetNodeResponse>, Status> {
         super::client_cert(&req, self.insecure)?;
         let name = &req.get_ref().name;
-        let (view, state) = self.state.get(name, Instant::now()).ok_or_else(|| {
-            Status::not_found(format!("node {name:?} is not in the cluster view"))
-        })?;
-        Ok(Response::new(pb::GetNodeResponse {
-            summary: Some(summary(view, &state)),
-            state: Some(state),
-        }))
+        let (view, state) =
+            self.state.get(name, Instant::now()).ok_or_else(|| Status::not_found(format!("node {name:?} is not in the cluster view")))?;
+        Ok(Response::new(pb::GetNodeResponse { summary: Some(summary(view, &state)), state: Some(state) }))
     }
 }

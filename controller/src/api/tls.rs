@@ -57,17 +57,11 @@ pub fn tls_incoming(
                     }
                     Ok(Err(e)) => {
                         let reason = hearth_proto::transport::handshake_failure_reason(&e);
-                        metrics
-                            .tls_handshake_failures
-                            .get_or_create(&[("reason", reason)])
-                            .inc();
+                        metrics.tls_handshake_failures.get_or_create(&[("reason", reason)]).inc();
                         debug!(%peer, reason, error = %e, "TLS handshake refused");
                     }
                     Err(_) => {
-                        metrics
-                            .tls_handshake_failures
-                            .get_or_create(&[("reason", "timeout")])
-                            .inc();
+                        metrics.tls_handshake_failures.get_or_create(&[("reason", "timeout")]).inc();
                         debug!(%peer, "TLS handshake timed out");
                     }
                 }

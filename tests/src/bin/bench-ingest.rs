@@ -66,11 +66,7 @@ fn node_state(i: usize) -> pb::NodeState {
             memory_total_bytes: 2 << 40,
             labels: Default::default(),
         }),
-        resources: Some(pb::NodeResources {
-            cpu_usage_ratio: 0.2,
-            load1: 12.0,
-            ..Default::default()
-        }),
+        resources: Some(pb::NodeResources { cpu_usage_ratio: 0.2, load1: 12.0, ..Default::default() }),
         accelerators: (0..8)
             .map(|g| pb::Accelerator {
                 index: g,
@@ -116,22 +112,13 @@ async fn run_agent(
     let epoch = 1_000 + i as u64;
     let mut seq = 1u64;
     tx.send(hello(&node)).await?;
-    tx.send(pb::AgentMessage {
-        kind: Some(Out::Snapshot(pb::Snapshot {
-            epoch,
-            seq,
-            state: Some(node_state(i)),
-        })),
-    })
-    .await?;
+    tx.send(pb::AgentMessage { kind: Some(Out::Snapshot(pb::Snapshot { epoch, seq, state: Some(node_state(i)) })) }).await?;
     let mut client = pb::node_agent_client::NodeAgentClient::new(channel);
     let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
     // Ack of Hello, then of the snapshot.
     for _ in 0..2 {
         match inbound.message().await? {
-            Some(pb::ControllerMessage {
-                kind: Some(In::Ack(_)),
-            }) => {}
+            Some(pb::ControllerMessage { kind: Some(In::Ack(_)) }) => {}
             other => bail!("{node}: expected Ack, got {other:?}"),
         }
     }
@@ -141,10 +128,7 @@ async fn run_agent(
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + phase, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending: VecDeque<(u64, Instant, bool)> = VecDeque::new();
-    let mut res = AgentResult {
-        latencies_us: Vec::new(),
-        acked_in_window: 0,
-    };
+    let mut res = AgentResult { latencies_us: Vec::new(), acked_in_window: 0 };
     let mut load = 1.0;
     loop {
         tokio::select! {
@@ -197,13 +181,7 @@ struct Row {
     connect_s: f64,
 }
 
-async fn run_one(
-    n: usize,
-    args: &Args,
-    dir: &std::path::Path,
-    pki: &TestPki,
-    clients: &[TlsMaterial],
-) -> Result<Row> {
+async fn run_one(n: usize, args: &Args, dir: &std::path::Path, pki: &TestPki, clients: &[TlsMaterial]) -> Result<Row> {
     let grpc = free_addr();
     let ctl = ControllerProc::start(dir, pki, grpc, "stale_after: 60s\n").await?;
     let pid = ctl.proc.pid();
@@ -276,17 +254,8 @@ async fn main() -> Result<()> {
     let clients = (0..max)
         .map(|i| {
             let name = format!("bench-{i}");
-            let c = pki.ca.issue(&LeafSpec::new(
-                &name,
-                &[&name],
-                Usage::Client,
-                Duration::from_secs(86400),
-            ))?;
-            Ok(TlsMaterial::from_pem(
-                pki.ca.cert_pem().into(),
-                c.cert_pem.into_bytes(),
-                c.key_pem.into_bytes(),
-            )?)
+            let c = pki.ca.issue(&LeafSpec::new(&name, &[&name], Usage::Client, Duration::from_secs(86400)))?;
+            Ok(TlsMaterial::from_pem(pki.ca.cert_pem().into(), c.cert_pem.into_bytes(), c.key_pem.into_bytes())?)
         })
         .collect::<Result<Vec<_>>>()?;
     let mut rows = Vec::new();

@@ -65,12 +65,7 @@ impl<S: Source> Source for FaultSource<S> {
         self.inner.list()
     }
 
-    fn read_into<'a>(
-        &'a self,
-        obj: &'a RemoteObject,
-        offset: u64,
-        buf: AlignedBuf,
-    ) -> BoxFut<'a, (AlignedBuf, Result<(), SourceError>)> {
+    fn read_into<'a>(&'a self, obj: &'a RemoteObject, offset: u64, buf: AlignedBuf) -> BoxFut<'a, (AlignedBuf, Result<(), SourceError>)> {
         Box::pin(async move {
             let err = |kind, reason: &str| SourceError::Read {
                 source_name: "fault".into(),

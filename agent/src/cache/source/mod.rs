@@ -29,22 +29,11 @@ pub struct RemoteObject {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("{source_name}: listing {what}: {reason}")]
-    List {
-        source_name: String,
-        what: String,
-        reason: String,
-    },
+    List { source_name: String, what: String, reason: String },
     #[error("{source_name}: {key} not found")]
     NotFound { source_name: String, key: String },
     #[error("{source_name}: reading {key} at {offset}+{len}: {reason}")]
-    Read {
-        source_name: String,
-        key: String,
-        offset: u64,
-        len: usize,
-        reason: String,
-        kind: ErrorKind,
-    },
+    Read { source_name: String, key: String, offset: u64, len: usize, reason: String, kind: ErrorKind },
     #[error("{source_name}: access denied: {reason}")]
     Denied { source_name: String, reason: String },
 }
@@ -75,18 +64,9 @@ impl SourceError {
             SourceError::List { .. } => "list",
             SourceError::NotFound { .. } => "not_found",
             SourceError::Denied { .. } => "denied",
-            SourceError::Read {
-                kind: ErrorKind::Throttled,
-                ..
-            } => "throttled",
-            SourceError::Read {
-                kind: ErrorKind::Transient,
-                ..
-            } => "transient",
-            SourceError::Read {
-                kind: ErrorKind::Permanent,
-                ..
-            } => "permanent",
+            SourceError::Read { kind: ErrorKind::Throttled, .. } => "throttled",
+            SourceError::Read { kind: ErrorKind::Transient, .. } => "transient",
+            SourceError::Read { kind: ErrorKind::Permanent, .. } => "permanent",
         }
     }
 }
@@ -98,10 +78,5 @@ pub trait Source: Send + Sync {
     fn list(&self) -> BoxFut<'_, Result<Vec<RemoteObject>, SourceError>>;
     /// Fills `buf` (its whole length) with the object's bytes from `offset` and hands the
     /// buffer back, filled or not. A short read is an error.
-    fn read_into<'a>(
-        &'a self,
-        obj: &'a RemoteObject,
-        offset: u64,
-        buf: AlignedBuf,
-    ) -> BoxFut<'a, (AlignedBuf, Result<(), SourceError>)>;
+    fn read_into<'a>(&'a self, obj: &'a RemoteObject, offset: u64, buf: AlignedBuf) -> BoxFut<'a, (AlignedBuf, Result<(), SourceError>)>;
 }

@@ -24,10 +24,7 @@ pub struct PosixSource {
 
 impl PosixSource {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self {
-            root: root.into(),
-            open: Mutex::default(),
-        }
+        Self { root: root.into(), open: Mutex::default() }
     }
 
     fn name_str(&self) -> String {
@@ -35,13 +32,9 @@ impl PosixSource {
     }
 
     pub(crate) fn walk(&self) -> Result<Vec<RemoteObject>, SourceError> {
-        let list_err = |what: &Path, reason: String| SourceError::List {
-            source_name: self.name_str(),
-            what: what.display().to_string(),
-            reason,
-        };
-        let meta =
-            std::fs::metadata(&self.root).map_err(|e| list_err(&self.root, e.to_string()))?;
+        let list_err =
+            |what: &Path, reason: String| SourceError::List { source_name: self.name_str(), what: what.display().to_string(), reason };
+        let meta = std::fs::metadata(&self.root).map_err(|e| list_err(&self.root, e.to_string()))?;
         if !meta.is_dir() {
             return Err(list_err(&self.root, "not a directory".into()));
         }
@@ -55,23 +48,11 @@ impl PosixSource {
                 let entry = entry.map_err(|e| list_err(&dir, e.to_string()))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let path = entry.path();
-                let key = if rel.is_empty() {
-                    name.clone()
-                } else {
-                    format!("{rel}/{name}")
-                };
+                let key = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
                 // metadata() follows symlinks; a dangling one fails here.
                 let m = std::fs::metadata(&path).map_err(|e| {
-                    let is_link =
-                        std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
-                    list_err(
-                        &path,
-                        if is_link {
-                            format!("dangling symlink: {e}")
-                        } else {
-                            e.to_string()
-                        },
-                    )
+                    let is_link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+                    list_err(&path, if is_link { format!("dangling symlink: {e}") } else { e.to_string() })
                 })?;
                 if m.is_dir() {
                     if seen_dirs.insert((m.dev(), m.ino())) {
@@ -81,13 +62,7 @@ impl PosixSource {
                     out.push(RemoteObject {
                         key,
                         size: m.len(),
-                        version: format!(
-                            "{}.{}-{}-{}",
-                            m.mtime(),
-                            m.mtime_nsec(),
-                            m.ino(),
-                            m.len()
-                        ),
+                        version: format!("{}.{}-{}-{}", m.mtime(), m.mtime_nsec(), m.ino(), m.len()),
                         vouched: None,
                     });
                 }
@@ -110,10 +85,7 @@ impl PosixSource {
 
 impl Source for PosixSource {
     fn name(&self) -> String {
-        crate::cache::spec::SourceUri::Posix {
-            root: self.root.clone(),
-        }
-        .source_key()
+        crate::cache::spec::SourceUri::Posix { root: self.root.clone() }.source_key()
     }
 
     fn list(&self) -> BoxFut<'_, Result<Vec<RemoteObject>, SourceError>> {
@@ -121,13 +93,7 @@ impl Source for PosixSource {
             let me = PosixSource::new(self.root.clone());
             tokio::task::spawn_blocking(move || me.walk())
                 .await
-                .unwrap_or_else(|e| {
-                    Err(SourceError::List {
-                        source_name: self.name_str(),
-                        what: "walk".into(),
-                        reason: e.to_string(),
-                    })
-                })
+                .unwrap_or_else(|e| Err(SourceError::List { source_name: self.name_str(), what: "walk".into(), reason: e.to_string() }))
         })
     }
 
@@ -139,24 +105,12 @@ impl Source for PosixSource {
     ) -> BoxFut<'a, (AlignedBuf, Result<(), SourceError>)> {
         Box::pin(async move {
             let len = buf.len();
-            let read_err = |reason: String, kind| SourceError::Read {
-                source_name: self.name_str(),
-                key: obj.key.clone(),
-                offset,
-                len,
-                reason,
-                kind,
-            };
+            let read_err =
+                |reason: String, kind| SourceError::Read { source_name: self.name_str(), key: obj.key.clone(), offset, len, reason, kind };
             let file = match self.handle(&obj.key) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return (
-                        buf,
-                        Err(SourceError::NotFound {
-                            source_name: self.name_str(),
-                            key: obj.key.clone(),
-                        }),
-                    );
+                    return (buf, Err(SourceError::NotFound { source_name: self.name_str(), key: obj.key.clone() }));
                 }
                 Err(e) => return (buf, Err(read_err(e.to_string(), ErrorKind::Transient))),
             };
@@ -169,20 +123,10 @@ impl Source for PosixSource {
                 Ok((buf, Ok(()))) => (buf, Ok(())),
                 Ok((buf, Err(e))) => {
                     // A file that shrank under us changed: retrying will not help.
-                    let kind = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                        ErrorKind::Permanent
-                    } else {
-                        ErrorKind::Transient
-                    };
+                    let kind = if e.kind() == std::io::ErrorKind::UnexpectedEof { ErrorKind::Permanent } else { ErrorKind::Transient };
                     (buf, Err(read_err(e.to_string(), kind)))
                 }
-                Err(e) => (
-                    AlignedBuf::new(len),
-                    Err(read_err(
-                        format!("read task failed: {e}"),
-                        ErrorKind::Transient,
-                    )),
-                ),
+                Err(e) => (AlignedBuf::new(len), Err(read_err(format!("read task failed: {e}"), ErrorKind::Transient))),
             }
         })
     }
@@ -225,24 +169,13 @@ mod tests {
     async fn dangling_link_is_named() {
         let d = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(d.path().join("nowhere"), d.path().join("broken.bin")).unwrap();
-        let e = PosixSource::new(d.path())
-            .list()
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("broken.bin") && e.contains("dangling symlink"),
-            "{e}"
-        );
+        let e = PosixSource::new(d.path()).list().await.unwrap_err().to_string();
+        assert!(e.contains("broken.bin") && e.contains("dangling symlink"), "{e}");
     }
 
     #[tokio::test]
     async fn missing_root_is_an_error() {
-        let e = PosixSource::new("/nonexistent/model")
-            .list()
-            .await
-            .unwrap_err()
-            .to_string();
+        let e = PosixSource::new("/nonexistent/model").list().await.unwrap_err().to_string();
         assert!(e.contains("/nonexistent/model"), "{e}");
     }
 }

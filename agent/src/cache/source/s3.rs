@@ -43,20 +43,15 @@ pub struct S3Source {
 }
 
 fn custom_endpoint_from_env() -> Option<String> {
-    ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]
-        .iter()
-        .find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
+    ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"].iter().find_map(|v| std::env::var(v).ok().filter(|s| !s.is_empty()))
 }
 
 impl S3Source {
     pub async fn new(bucket: &str, prefix: &str, opts: &S3Options) -> Self {
         let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-            ))
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring))
             .build_https();
-        let mut loader =
-            aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http);
         if let Some(r) = &opts.region {
             loader = loader.region(aws_config::Region::new(r.clone()));
         }
@@ -64,11 +59,7 @@ impl S3Source {
         let endpoint = opts.endpoint.clone().or_else(custom_endpoint_from_env);
         let mut b = aws_sdk_s3::config::Builder::from(&sdk)
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
-            .timeout_config(
-                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(5))
-                    .build(),
-            );
+            .timeout_config(aws_sdk_s3::config::timeout::TimeoutConfig::builder().connect_timeout(Duration::from_secs(5)).build());
         if let Some(ep) = &endpoint {
             b = b.endpoint_url(ep);
         }
@@ -77,11 +68,7 @@ impl S3Source {
             // S3-compatible stores ignore the region but SigV4 needs one.
             b = b.region(aws_config::Region::new("us-east-1"));
         }
-        Self {
-            client: aws_sdk_s3::Client::from_conf(b.build()),
-            bucket: bucket.to_owned(),
-            prefix: prefix.to_owned(),
-        }
+        Self { client: aws_sdk_s3::Client::from_conf(b.build()), bucket: bucket.to_owned(), prefix: prefix.to_owned() }
     }
 
     fn source_name(&self) -> String {
@@ -102,10 +89,8 @@ impl S3Source {
             (c, m) => format!("{c} {}", m.unwrap_or("")).trim().to_owned(),
         };
         let kind = match (status, code.as_str()) {
-            (_, "SlowDown" | "Throttling" | "ThrottlingException" | "RequestLimitExceeded")
-            | (Some(503 | 429), _) => ErrorKind::Throttled,
-            (Some(403 | 404 | 412 | 416), _)
-            | (_, "NoSuchKey" | "NoSuchBucket" | "AccessDenied" | "PreconditionFailed") => {
+            (_, "SlowDown" | "Throttling" | "ThrottlingException" | "RequestLimitExceeded") | (Some(503 | 429), _) => ErrorKind::Throttled,
+            (Some(403 | 404 | 412 | 416), _) | (_, "NoSuchKey" | "NoSuchBucket" | "AccessDenied" | "PreconditionFailed") => {
                 ErrorKind::Permanent
             }
             _ => ErrorKind::Transient,
@@ -115,77 +100,41 @@ impl S3Source {
 
     async fn head(&self, key: &str, size: u64, etag: String) -> Result<RemoteObject, SourceError> {
         let full = format!("{}{key}", self.prefix);
-        let out = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .checksum_mode(ChecksumMode::Enabled)
-            .send()
-            .await
-            .map_err(|e| {
+        let out =
+            self.client.head_object().bucket(&self.bucket).key(&full).checksum_mode(ChecksumMode::Enabled).send().await.map_err(|e| {
                 let (_, reason) = Self::classify(&e);
-                SourceError::List {
-                    source_name: self.source_name(),
-                    what: full.clone(),
-                    reason,
-                }
+                SourceError::List { source_name: self.source_name(), what: full.clone(), reason }
             })?;
         // A multipart upload's composite checksum is a checksum of part checksums, which no
         // digest of the whole object equals: only full-object checksums are used.
         let composite = out.checksum_type() == Some(&ChecksumType::Composite);
-        let candidates = [
-            ("CRC64NVME", out.checksum_crc64_nvme()),
-            ("CRC32C", out.checksum_crc32_c()),
-            ("SHA256", out.checksum_sha256()),
-        ];
+        let candidates = [("CRC64NVME", out.checksum_crc64_nvme()), ("CRC32C", out.checksum_crc32_c()), ("SHA256", out.checksum_sha256())];
         let vouched = if composite {
             None
         } else {
             candidates.iter().find_map(|(alg, v)| {
                 v.and_then(|v| verify::parse_s3_checksum(alg, v).ok())
-                    .map(|expected| Vouched {
-                        expected,
-                        kind: VerificationKind::Checksum,
-                    })
+                    .map(|expected| Vouched { expected, kind: VerificationKind::Checksum })
             })
         };
-        let version = out
-            .version_id()
-            .map_or(etag.clone(), |v| format!("{etag}@{v}"));
-        Ok(RemoteObject {
-            key: key.to_owned(),
-            size: out.content_length().map_or(size, |l| l as u64),
-            version,
-            vouched,
-        })
+        let version = out.version_id().map_or(etag.clone(), |v| format!("{etag}@{v}"));
+        Ok(RemoteObject { key: key.to_owned(), size: out.content_length().map_or(size, |l| l as u64), version, vouched })
     }
 
     async fn list_all(&self) -> Result<Vec<RemoteObject>, SourceError> {
         let mut listed = Vec::new();
         let mut token = None;
         loop {
-            let mut req = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&self.prefix);
+            let mut req = self.client.list_objects_v2().bucket(&self.bucket).prefix(&self.prefix);
             if let Some(t) = token.take() {
                 req = req.continuation_token(t);
             }
             let out = req.send().await.map_err(|e| {
                 let (kind, reason) = Self::classify(&e);
                 if kind == ErrorKind::Permanent && e.code() == Some("AccessDenied") {
-                    SourceError::Denied {
-                        source_name: self.source_name(),
-                        reason,
-                    }
+                    SourceError::Denied { source_name: self.source_name(), reason }
                 } else {
-                    SourceError::List {
-                        source_name: self.source_name(),
-                        what: format!("prefix {:?}", self.prefix),
-                        reason,
-                    }
+                    SourceError::List { source_name: self.source_name(), what: format!("prefix {:?}", self.prefix), reason }
                 }
             })?;
             for o in out.contents() {
@@ -195,11 +144,7 @@ impl S3Source {
                 if key.is_empty() || key.ends_with('/') {
                     continue;
                 }
-                listed.push((
-                    key.to_owned(),
-                    o.size().unwrap_or(0) as u64,
-                    o.e_tag().unwrap_or("").trim_matches('"').to_owned(),
-                ));
+                listed.push((key.to_owned(), o.size().unwrap_or(0) as u64, o.e_tag().unwrap_or("").trim_matches('"').to_owned()));
             }
             match out.next_continuation_token() {
                 Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_owned()),
@@ -219,42 +164,23 @@ impl S3Source {
         }
         let mut out = Vec::with_capacity(set.len());
         while let Some(r) = set.join_next().await {
-            let r = r.map_err(|e| SourceError::List {
-                source_name: self.source_name(),
-                what: "HEAD".into(),
-                reason: e.to_string(),
-            })?;
+            let r = r.map_err(|e| SourceError::List { source_name: self.source_name(), what: "HEAD".into(), reason: e.to_string() })?;
             out.push(r?);
         }
         out.sort_by_key(|(i, _)| *i);
         Ok(out.into_iter().map(|(_, o)| o).collect())
     }
 
-    async fn read(
-        &self,
-        obj: &RemoteObject,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), SourceError> {
+    async fn read(&self, obj: &RemoteObject, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         let len = buf.len();
         let key = format!("{}{}", self.prefix, obj.key);
-        let err = |kind, reason: String| SourceError::Read {
-            source_name: self.source_name(),
-            key: obj.key.clone(),
-            offset,
-            len,
-            reason,
-            kind,
-        };
+        let err =
+            |kind, reason: String| SourceError::Read { source_name: self.source_name(), key: obj.key.clone(), offset, len, reason, kind };
         if len == 0 {
             return Ok(());
         }
-        let mut req = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(&key)
-            .range(format!("bytes={}-{}", offset, offset + len as u64 - 1));
+        let mut req =
+            self.client.get_object().bucket(&self.bucket).key(&key).range(format!("bytes={}-{}", offset, offset + len as u64 - 1));
         // The object must not change between parts: a new upload fails the precondition.
         let etag = obj.version.split('@').next().unwrap_or("");
         if !etag.is_empty() {
@@ -275,19 +201,13 @@ impl S3Source {
             let chunk = chunk.map_err(|e| err(ErrorKind::Transient, format!("body: {e}")))?;
             let end = filled + chunk.len();
             if end > len {
-                return Err(err(
-                    ErrorKind::Transient,
-                    format!("server sent more than the {len} bytes asked for"),
-                ));
+                return Err(err(ErrorKind::Transient, format!("server sent more than the {len} bytes asked for")));
             }
             buf[filled..end].copy_from_slice(&chunk);
             filled = end;
         }
         if filled != len {
-            return Err(err(
-                ErrorKind::Transient,
-                format!("short body: {filled} of {len} bytes"),
-            ));
+            return Err(err(ErrorKind::Transient, format!("short body: {filled} of {len} bytes")));
         }
         Ok(())
     }
@@ -315,12 +235,8 @@ impl Source for S3Source {
                 };
                 match r {
                     Ok(v) => return Ok(v),
-                    Err(e)
-                        if attempt < LIST_ATTEMPTS && !matches!(e, SourceError::Denied { .. }) =>
-                    {
-                        let step = Duration::from_millis(100)
-                            .saturating_mul(1 << attempt.min(6))
-                            .min(Duration::from_secs(5));
+                    Err(e) if attempt < LIST_ATTEMPTS && !matches!(e, SourceError::Denied { .. }) => {
+                        let step = Duration::from_millis(100).saturating_mul(1 << attempt.min(6)).min(Duration::from_secs(5));
                         let delay = step / 2 + (step / 2).mul_f64(fastrand::f64());
                         tracing::debug!(error = %e, attempt, ?delay, "listing failed; retrying");
                         tokio::time::sleep(delay).await;

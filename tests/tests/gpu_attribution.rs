@@ -1,0 +1,186 @@
+#![allow(clippy::unwrap_used)] // Tests unwrap what they assert on.
+//! GPU metrics attributed to pods through a kubelet-shaped PodResources server on a unix
+//! socket: whole GPUs, time-sliced replicas, a kubelet restart (new socket at the same path)
+//! and a kubelet that goes away (labels dropped, failure counted, agent fine). Also: the
+//! inventory details reach the controller's view of the node.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Result;
+use hearth_proto::podresources::pod_resources_lister_server::{PodResourcesLister, PodResourcesListerServer};
+use hearth_proto::podresources::{ContainerDevices, ContainerResources, ListPodResourcesRequest, ListPodResourcesResponse, PodResources};
+use hearth_proto::v1 as pb;
+use hearth_tests::*;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Default)]
+struct Kubelet(Arc<Mutex<ListPodResourcesResponse>>);
+
+#[tonic::async_trait]
+impl PodResourcesLister for Kubelet {
+    async fn list(&self, _: tonic::Request<ListPodResourcesRequest>) -> Result<tonic::Response<ListPodResourcesResponse>, tonic::Status> {
+        Ok(tonic::Response::new(self.0.lock().unwrap().clone()))
+    }
+}
+
+/// Serves `k` on `dir/kubelet.sock` until the returned token is cancelled, replacing any old
+/// socket file the way the kubelet does on restart.
+fn serve(dir: &std::path::Path, k: Kubelet) -> Result<CancellationToken> {
+    let path = dir.join("kubelet.sock");
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)?;
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(PodResourcesListerServer::new(k))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), s.cancelled())
+            .await;
+    });
+    Ok(stop)
+}
+
+fn pod(ns: &str, name: &str, container: &str, resource: &str, ids: &[String]) -> PodResources {
+    PodResources {
+        name: name.into(),
+        namespace: ns.into(),
+        containers: vec![ContainerResources {
+            name: container.into(),
+            devices: vec![ContainerDevices { resource_name: resource.into(), device_ids: ids.to_vec(), topology: None }],
+        }],
+    }
+}
+
+/// Sample lines of `family` for GPU `gpu`.
+fn series<'a>(body: &'a str, family: &str, gpu: u32) -> Vec<&'a str> {
+    let prefix = format!("{family}{{gpu=\"{gpu}\"");
+    body.lines().filter(|l| l.starts_with(&prefix)).collect()
+}
+
+fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!(",{key}=\""))? + key.len() + 3;
+    line[start..].split('"').next()
+}
+
+async fn metrics(agent: &AgentProc) -> String {
+    http_get(agent.http, "/metrics").await.map(|(_, b)| b).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn gpu_series_carry_pod_labels_from_the_kubelet_and_survive_its_restarts() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let grpc = free_addr();
+    let ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
+    let pr = dir.path().join("pod-resources");
+    std::fs::create_dir_all(&pr)?;
+    let kubelet = Kubelet::default();
+    let mut stop = serve(&pr, kubelet.clone())?;
+    let agent = AgentProc::start_with_devices(
+        dir.path(),
+        &pki,
+        "gpu-1",
+        grpc,
+        &format!("{{simulated: [2xH100-80GB], collect_interval: 200ms, pod_resources_dir: {}, pod_resources_interval: 200ms}}", pr.display()),
+    )?;
+
+    // The GPUs' UUIDs, as the exporter labels them.
+    let body = wait_for("GPU metrics", Duration::from_secs(15), || async {
+        let b = metrics(&agent).await;
+        Ok((series(&b, "DCGM_FI_DEV_GPU_TEMP", 1).len() == 1).then_some(b))
+    })
+    .await?;
+    let uuid = |gpu| label(series(&body, "DCGM_FI_DEV_GPU_TEMP", gpu)[0], "UUID").unwrap().to_owned();
+    let (gpu0, gpu1) = (uuid(0), uuid(1));
+    assert!(series(&body, "DCGM_FI_DEV_GPU_TEMP", 0)[0].find("pod=").is_none(), "nothing held yet");
+
+    // GPU 0 whole to one pod; GPU 1 time-sliced between two.
+    *kubelet.0.lock().unwrap() = ListPodResourcesResponse {
+        pod_resources: vec![
+            pod("ml", "llama-0", "vllm", "nvidia.com/gpu", std::slice::from_ref(&gpu0)),
+            pod("dev", "nb-1", "jupyter", "nvidia.com/gpu.shared", &[format!("{gpu1}::0"), format!("{gpu1}::3")]),
+            pod("dev", "nb-2", "jupyter", "nvidia.com/gpu.shared", &[format!("{gpu1}::1")]),
+        ],
+    };
+    wait_for("pod labels", Duration::from_secs(15), || async {
+        let b = metrics(&agent).await;
+        let g0 = series(&b, "DCGM_FI_DEV_POWER_USAGE", 0);
+        let mut g1: Vec<&str> = series(&b, "DCGM_FI_DEV_POWER_USAGE", 1).iter().filter_map(|l| label(l, "pod")).collect();
+        g1.sort();
+        let ok = g0.len() == 1
+            && label(g0[0], "pod") == Some("llama-0")
+            && label(g0[0], "namespace") == Some("ml")
+            && label(g0[0], "container") == Some("vllm")
+            && g1 == ["nb-1", "nb-2"];
+        Ok(ok.then_some(()))
+    })
+    .await?;
+
+    // The kubelet restarts: the socket is replaced at the same path; the agent redials.
+    stop.cancel();
+    *kubelet.0.lock().unwrap() = ListPodResourcesResponse {
+        pod_resources: vec![pod("ml", "llama-1", "vllm", "nvidia.com/gpu", std::slice::from_ref(&gpu0))],
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop = serve(&pr, kubelet.clone())?;
+    wait_for("labels after a kubelet restart", Duration::from_secs(15), || async {
+        let b = metrics(&agent).await;
+        let g0 = series(&b, "DCGM_FI_DEV_POWER_USAGE", 0);
+        let g1 = series(&b, "DCGM_FI_DEV_POWER_USAGE", 1);
+        Ok((g0.len() == 1 && label(g0[0], "pod") == Some("llama-1") && g1.len() == 1 && label(g1[0], "pod").is_none()).then_some(()))
+    })
+    .await?;
+
+    // The kubelet goes away: after the stale window the labels go, the failure is counted,
+    // and the GPU metrics themselves carry on.
+    stop.cancel();
+    std::fs::remove_file(pr.join("kubelet.sock"))?;
+    wait_for("labels dropped, failure counted", Duration::from_secs(15), || async {
+        let b = metrics(&agent).await;
+        let missing = metric_value(&b, "hearth_gpu_attribution_refreshes_total{result=\"missing_socket\"}").unwrap_or(0.0);
+        let g0 = series(&b, "DCGM_FI_DEV_POWER_USAGE", 0);
+        Ok((missing >= 1.0 && g0.len() == 1 && label(g0[0], "pod").is_none()).then_some(()))
+    })
+    .await?;
+
+    // The controller's view carries the NVML-level details of each GPU.
+    let tls = pki.client_material("operator")?;
+    let ch = channel(grpc, Some(&tls)).await?;
+    let node = pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: "gpu-1".into() }).await?.into_inner();
+    let accs = node.state.unwrap().accelerators;
+    assert_eq!(accs.len(), 2);
+    assert!(accs.iter().all(|a| a.driver_version == "580.159.04" && a.cuda_version == "13.0" && !a.mig_enabled), "{accs:?}");
+    assert_eq!(accs[0].uuid, gpu0);
+    drop(ctl);
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_told_to_use_nvml_without_a_driver_runs_on_and_says_why() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let grpc = free_addr();
+    let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
+    // A library path that does not exist stands for a host without the NVIDIA driver.
+    let missing = dir.path().join("no-such-libnvidia-ml.so.1");
+    let agent = AgentProc::start_with_devices(dir.path(), &pki, "cpu-1", grpc, &format!("{{backend: nvml, nvml_library: {}}}", missing.display()))?;
+    let tls = pki.client_material("operator")?;
+    let state = wait_for("node reported with the reason", Duration::from_secs(15), || async {
+        let Ok(ch) = channel(grpc, Some(&tls)).await else { return Ok(None) };
+        let Ok(r) = pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: "cpu-1".into() }).await else {
+            return Ok(None);
+        };
+        Ok(r.into_inner().state)
+    })
+    .await?;
+    let devices = state.subsystems.iter().find(|s| s.name == "devices").expect("devices subsystem reported");
+    assert!(!devices.enabled, "{devices:?}");
+    assert!(devices.reason.contains("libnvidia-ml"), "{devices:?}");
+    assert!(state.accelerators.is_empty());
+    // Everything else works: node metrics and the cache are there.
+    let (status, body) = http_get(agent.http, "/metrics").await?;
+    assert_eq!(status, 200);
+    assert!(body.contains("hearth_node_cpu_usage_ratio") && !body.contains("DCGM_FI_"));
+    Ok(())
+}
