@@ -45,6 +45,9 @@ fetch /metrics > "$OUT/metrics.txt"
 grep -E '^(# TYPE )?(DCGM_|hearth_gpu_)' "$OUT/metrics.txt"
 kill $agent; wait $agent 2>/dev/null || true
 
+section "MIG placements: NVML vs the planner's table (read-only)"
+"$HEARTH" gpu profiles || true
+
 section "hearth partition plan (read-only)"
 for cfg in balanced balanced-h200 all-disabled; do
   "$HEARTH" partition plan --spec manifests/examples/mig-spec.yaml --config "$cfg" || true

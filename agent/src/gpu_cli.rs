@@ -148,3 +148,46 @@ pub fn metrics_text(metrics: &GpuMetrics) -> String {
     }
     out
 }
+
+/// `hearth gpu profiles`: NVML's possible placements per GPU-instance profile next to the
+/// table the planner uses, and what nvml-wrapper's own `possible_placements` returns for the
+/// same query. Read-only. Errors when NVML and the table disagree.
+pub fn profiles_report() -> anyhow::Result<String> {
+    use crate::device::gpu::GpuBackend;
+    let mut gpus = NvmlGpus::open(None)?;
+    let nvml = gpus.nvml();
+    let mut out = String::new();
+    let mut mismatches = 0;
+    for g in gpus.gpus()? {
+        let Some(table) = crate::device::mig::profiles_for(g.pci_device_id) else {
+            out.push_str(&format!("GPU {} {}: no MIG profile table for device id {:#010X}\n", g.index, g.name, g.pci_device_id));
+            continue;
+        };
+        let d = nvml.device_by_index(g.index)?;
+        out.push_str(&format!("GPU {} {}\n", g.index, g.name));
+        for p in table {
+            let raw = crate::device::nvml::raw::possible_placements(nvml, &d, p.id)?;
+            let wrapper = d.possible_placements(p.id).map(|v| v.len()).map_err(|e| e.to_string());
+            let starts: Vec<u32> = raw.iter().map(|(s, _)| *s).collect();
+            let sizes_ok = raw.iter().all(|(_, size)| *size == p.size);
+            let ok = starts == p.starts && sizes_ok;
+            mismatches += usize::from(!ok);
+            out.push_str(&format!(
+                "  {:<12} id {:>2}  NVML starts {:?} size {}  table starts {:?} size {}  {}  (nvml-wrapper possible_placements: {})\n",
+                p.name,
+                p.id,
+                starts,
+                raw.first().map_or(0, |r| r.1),
+                p.starts,
+                p.size,
+                if ok { "ok" } else { "MISMATCH" },
+                match wrapper {
+                    Ok(n) => format!("{n} entries"),
+                    Err(e) => e,
+                }
+            ));
+        }
+    }
+    anyhow::ensure!(mismatches == 0, "{out}{mismatches} profile(s) disagree with NVML");
+    Ok(out)
+}

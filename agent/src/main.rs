@@ -166,6 +166,8 @@ enum GpuCmd {
         #[arg(long, default_value = "localhost")]
         hostname: String,
     },
+    /// NVML's possible MIG placements per profile against the planner's table (read-only).
+    Profiles,
     /// Time the collection sweep against a loop of the raw NVML calls it makes.
     Bench {
         #[arg(long, default_value_t = 200)]
@@ -304,6 +306,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                     let (m, _) = tokio::task::spawn_blocking(move || gpu_cli::collect(b, 2, every, &hostname)).await??;
                     print!("{}", gpu_cli::metrics_text(&m));
                 }
+                GpuCmd::Profiles => print!("{}", tokio::task::spawn_blocking(gpu_cli::profiles_report).await??),
                 GpuCmd::Bench { rounds, pause } => {
                     let pause = hearth_controller::config::parse_duration("--pause", &pause)?;
                     let report = tokio::task::spawn_blocking(move || {
