@@ -49,8 +49,11 @@ pub struct RawDevices {
     pub simulated: Vec<String>,
     /// GPU metrics collection interval ("10s").
     pub collect_interval: Option<String>,
-    /// Value of the `Hostname` label on GPU metrics; defaults to the node name.
+    /// Value of the host label on GPU metrics; defaults to the node name.
     pub hostname_label: Option<String>,
+    /// Name of that label: `Hostname` (dcgm-exporter up to 4.8, the default), `hostname`
+    /// (later releases), or "" to leave it out.
+    pub hostname_label_name: Option<String>,
     /// Path of libnvidia-ml.so.1 when it is not on the loader path.
     pub nvml_library: Option<PathBuf>,
     /// Directory holding kubelet's PodResources socket (mount the directory, not the socket).
@@ -114,6 +117,15 @@ pub struct RawCache {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct RawPartition {
+    /// Partition spec file (mig-parted format).
+    pub spec: Option<PathBuf>,
+    /// Named config of the spec to apply at start.
+    pub config: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub node_name: Option<String>,
     #[serde(default)]
@@ -127,6 +139,10 @@ pub struct RawConfig {
     pub cache: RawCache,
     pub shutdown_grace: Option<String>,
     pub max_message_size: Option<String>,
+    #[serde(default)]
+    pub partition: RawPartition,
+    /// Durable agent state (the partition record); default /var/lib/hearth.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl RawConfig {
@@ -164,7 +180,7 @@ pub enum DeviceBackendKind {
 #[derive(Debug, Clone)]
 pub struct GpuSettings {
     pub collect_interval: Duration,
-    pub hostname_label: String,
+    pub host_label: crate::gpu_metrics::render::HostLabel,
     pub nvml_library: Option<PathBuf>,
     pub pod_resources: crate::podres::PodResSettings,
 }
@@ -184,6 +200,9 @@ pub struct Config {
     pub cache: CacheSettings,
     pub shutdown_grace: Duration,
     pub max_message_bytes: usize,
+    /// Spec text and config name to apply at start.
+    pub partition: Option<(String, String)>,
+    pub state_dir: PathBuf,
 }
 
 /// The cache as configured: engine settings and the models to keep warm (and whether pinned).
@@ -347,7 +366,13 @@ impl TryFrom<RawConfig> for Config {
         }
         let gpu = GpuSettings {
             collect_interval: gpu_every,
-            hostname_label: r.devices.hostname_label.unwrap_or_else(|| node_name.clone()),
+            host_label: {
+                let name = r.devices.hostname_label_name.unwrap_or_else(|| "Hostname".into());
+                if !(name.is_empty() || (name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))) {
+                    return Err(invalid("devices.hostname_label_name", "a Prometheus label name like \"Hostname\", or \"\"", name));
+                }
+                crate::gpu_metrics::render::HostLabel { name, value: r.devices.hostname_label.unwrap_or_else(|| node_name.clone()) }
+            },
             nvml_library: r.devices.nvml_library,
             pod_resources: crate::podres::PodResSettings {
                 dir: r.devices.pod_resources_dir.unwrap_or_else(|| crate::podres::DEFAULT_DIR.into()),
@@ -364,6 +389,17 @@ impl TryFrom<RawConfig> for Config {
             return Err(invalid("node.collect_interval", "at least 100ms", format!("{collect_interval:?}")));
         }
         let cache = cache_settings(r.cache)?;
+        let partition = match (r.partition.spec, r.partition.config) {
+            (None, None) => None,
+            (Some(path), Some(config)) => {
+                let text = std::fs::read_to_string(&path).map_err(|e| invalid("partition.spec", "a readable spec file", format!("{} ({e})", path.display())))?;
+                let spec = crate::partition::spec::Spec::parse(&text).map_err(|e| invalid("partition.spec", format!("a valid spec ({e})"), path.display().to_string()))?;
+                spec.config(&config).map_err(|e| invalid("partition.config", e.to_string(), &config))?;
+                Some((text, config))
+            }
+            (Some(_), None) => return Err(invalid("partition.config", "a config name from the spec", "nothing")),
+            (None, Some(c)) => return Err(invalid("partition.spec", "a spec file to take the config from", c)),
+        };
         let max = parse_size("max_message_size", r.max_message_size.as_deref().unwrap_or(&DEFAULT_MAX_MESSAGE_BYTES.to_string()))?;
         Ok(Self {
             node_name,
@@ -381,6 +417,8 @@ impl TryFrom<RawConfig> for Config {
             cache,
             shutdown_grace: dur("shutdown_grace", r.shutdown_grace, "5s")?,
             max_message_bytes: max as usize,
+            partition,
+            state_dir: r.state_dir.unwrap_or_else(|| "/var/lib/hearth".into()),
         })
     }
 }

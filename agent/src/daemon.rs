@@ -23,12 +23,13 @@ use crate::cache::spec::ModelSpec;
 use crate::config::{Config, DeviceBackendKind};
 use crate::device::gpu::GpuBackend;
 use crate::device::gpusim::{SimFaults, SimGpus};
-use crate::device::migctl::SimMig;
+use crate::device::migctl::{MigControl, SimMig};
+use crate::partition::reconcile::{GpuIdentity, NoRuntimes, PartitionStatus, Reconciler};
 use crate::device::{Accelerator, Inventory, NoDevices, Vendor, sim::SimInventory};
 use crate::gpu_metrics::{self, CollectionMetrics, GpuMetrics, GpuView};
 use crate::node::{NodeMetrics, NodeReader, NodeSample};
 use crate::podres::{self, PodResMetrics};
-use crate::report::{CommandDispatcher, NodeReport, ReportClient, ReportMetrics, ReportSettings};
+use crate::report::{CommandDispatcher, NodeReport, PartitionHandler, ReportClient, ReportMetrics, ReportSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -138,23 +139,40 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
 
     let cache = Cache::open(cfg.cache.config.clone(), &mut registry)?;
     subsystems.push(("cache".to_owned(), true, cache.root().display().to_string()));
-    let gpu_metrics = GpuMetrics::new(&cfg.gpu.hostname_label);
+    let gpu_metrics = GpuMetrics::new(cfg.gpu.host_label.clone());
     registry.register_collector(Box::new(CollectionMetrics(gpu_metrics.clone())));
+    // The telemetry backend, and the MIG control over the same GPUs for the reconciler.
+    let mut mig_control: Option<(Arc<dyn MigControl>, Vec<GpuIdentity>)> = None;
     let gpu_backend: Option<Box<dyn GpuBackend>> = match &cfg.devices {
         DeviceBackendKind::None => None,
         DeviceBackendKind::Simulated(_) => {
-            let ids: Vec<u32> = accelerators.iter().filter(|a| a.vendor == Vendor::Nvidia).map(|a| a.pci_device_id).collect();
+            let nvidia: Vec<&Accelerator> = accelerators.iter().filter(|a| a.vendor == Vendor::Nvidia).collect();
+            let ids: Vec<u32> = nvidia.iter().map(|a| a.pci_device_id).collect();
             (!ids.is_empty()).then(|| {
                 let mig = Arc::new(SimMig::new(&ids));
+                let identities = nvidia
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| GpuIdentity { index: i as u32, product: a.product.clone(), pci_device_id: a.pci_device_id })
+                    .collect();
+                mig_control = Some((mig.clone() as Arc<dyn MigControl>, identities));
                 Box::new(SimGpus::new(&accelerators, mig, Arc::new(SimFaults::default()))) as Box<dyn GpuBackend>
             })
         }
         DeviceBackendKind::Nvml => {
             let lib = cfg.gpu.nvml_library.clone();
             match tokio::task::spawn_blocking(move || crate::device::nvml::NvmlGpus::open(lib.as_deref())).await? {
-                Ok(b) => {
+                Ok(mut b) => {
                     subsystems.retain(|s| s.0 != "devices");
                     subsystems.push(("devices".to_owned(), true, "nvml".to_owned()));
+                    // NvmlGpus::gpus returns the facts read at open; it cannot fail.
+                    let identities = b
+                        .gpus()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|g| GpuIdentity { index: g.index, product: g.name, pci_device_id: g.pci_device_id })
+                        .collect();
+                    mig_control = Some((Arc::new(crate::device::nvml::NvmlMig::new(&b)) as Arc<dyn MigControl>, identities));
                     Some(Box::new(b) as Box<dyn GpuBackend>)
                 }
                 Err(e) => {
@@ -167,6 +185,17 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
             }
         }
     };
+    let reconciler = match mig_control {
+        None => None,
+        Some((ctl, ids)) => match Reconciler::new(ctl, Arc::new(NoRuntimes), ids, &cfg.state_dir) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                warn!(error = %e, "MIG partitioning off");
+                subsystems.push(("partition".to_owned(), false, e.to_string()));
+                None
+            }
+        },
+    };
     let (report_tx, report_rx) = watch::channel(NodeReport {
         info: Some(info),
         labels: cfg.labels.clone(),
@@ -175,11 +204,43 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         subsystems,
         models: cache.entries(),
         bandwidth: cache.source_bandwidth(),
+        partition: reconciler.as_ref().and_then(|r| r.status()),
     });
     let warm = tokio::spawn(warm_models(cache.clone(), cfg.cache.models.clone(), shutdown.clone()).instrument(info_span!("warm")));
     let cache_report = tokio::spawn(cache_report_loop(cache.clone(), report_tx.clone(), shutdown.clone()));
     let (status_tx, status_rx) = tokio::sync::mpsc::channel(256);
-    let dispatcher = CommandDispatcher::new(Some(cache.clone()), status_tx, shutdown.clone());
+    let mut dispatcher = CommandDispatcher::new(Some(cache.clone()), status_tx, shutdown.clone());
+    let mut partition_task = None;
+    if let Some(r) = &reconciler {
+        let tx = report_tx.clone();
+        let publish: Arc<dyn Fn(PartitionStatus) + Send + Sync> = Arc::new(move |s| {
+            tx.send_if_modified(|rep| {
+                let changed = rep.partition.as_ref() != Some(&s);
+                rep.partition = Some(s.clone());
+                changed
+            });
+        });
+        dispatcher = dispatcher.with_partition(PartitionHandler { reconciler: r.clone(), publish: publish.clone() });
+        // At start: apply the configured spec (idempotent), or finish an apply that an
+        // earlier run left pending.
+        let (r, wanted) = (r.clone(), cfg.partition.clone());
+        partition_task = Some(tokio::task::spawn_blocking(move || {
+            let result = match &wanted {
+                Some((spec, config)) => r.apply(spec, config).map(Some),
+                None => r.resume(),
+            };
+            match result {
+                Ok(Some(s)) => publish(s),
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "partition apply refused");
+                    if let Some(s) = r.status() {
+                        publish(s);
+                    }
+                }
+            }
+        }));
+    }
 
     let mut gpu_stop = None;
     let mut attribution = None;
@@ -248,6 +309,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
             let _ = cache_report.await;
             if let Some(a) = attribution {
                 let _ = a.await;
+            }
+            // An apply in progress finishes (and records its outcome) before we exit.
+            if let Some(p) = partition_task {
+                let _ = p.await;
             }
             if let Some((stop, thread)) = gpu_stop {
                 drop(stop);

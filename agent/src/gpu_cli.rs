@@ -31,7 +31,7 @@ pub fn backend(simulate: &[String]) -> anyhow::Result<Box<dyn GpuBackend>> {
 
 /// Runs `sweeps` collection sweeps `every` apart (GPM needs two) and returns the last view.
 pub fn collect(backend: Box<dyn GpuBackend>, sweeps: u32, every: Duration, hostname: &str) -> anyhow::Result<(Arc<GpuMetrics>, GpuView)> {
-    let metrics = GpuMetrics::new(hostname);
+    let metrics = GpuMetrics::new(crate::gpu_metrics::render::HostLabel::new("Hostname", hostname));
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop, thread) = gpu_metrics::start(backend, metrics.clone(), every, move |v| {
         let _ = tx.send(v.clone());

@@ -114,7 +114,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         devices: DeviceBackendKind::Simulated(devices),
         gpu: crate::config::GpuSettings {
             collect_interval: Duration::from_secs(2),
-            hostname_label: args.node_name.clone(),
+            host_label: crate::gpu_metrics::render::HostLabel::new("Hostname", &args.node_name),
             nvml_library: None,
             // No kubelet here: GPU metrics carry no pod labels (and count the missing socket).
             pod_resources: crate::podres::PodResSettings {
@@ -141,6 +141,8 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         },
         shutdown_grace: Duration::from_secs(5),
         max_message_bytes: hearth_proto::transport::DEFAULT_MAX_MESSAGE_BYTES,
+        partition: None,
+        state_dir: dir.join("state"),
     };
 
     let agent = crate::daemon::start(acfg, shutdown.clone()).await?;

@@ -241,7 +241,7 @@ impl AgentProc {
     }
 
     fn spawn(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str, cache_extra: &str) -> Result<Self> {
-        Self::spawn_with(dir, pki, node, controller, extra_yaml, cache_extra, "{simulated: [2xH100-80GB]}")
+        Self::spawn_with(dir, pki, node, controller, extra_yaml, cache_extra, "{simulated: [2xH100-80GB], collect_interval: 300ms}")
     }
 
     fn spawn_with(
@@ -264,10 +264,11 @@ impl AgentProc {
                 "node_name: {node}\nhttp_listen: {http}\n\
                  controller:\n  url: https://{controller}\n  server_name: localhost\n  heartbeat_interval: 500ms\n  \
                  backoff_initial: 100ms\n  backoff_max: 1s\n  tls: {{ca: {}, cert: {}, key: {}}}\n\
-                 devices: {devices}\nnode: {{collect_interval: 300ms}}\ncache:\n  root: {}\n{cache_extra}{extra_yaml}",
+                 devices: {devices}\nnode: {{collect_interval: 300ms}}\nstate_dir: {}\ncache:\n  root: {}\n{cache_extra}{extra_yaml}",
                 files.ca.display(),
                 files.cert.display(),
                 files.key.display(),
+                dir.join(format!("state-{node}")).display(),
                 cache.display()
             ),
         )?;

@@ -184,3 +184,52 @@ async fn an_agent_told_to_use_nvml_without_a_driver_runs_on_and_says_why() -> Re
     assert!(body.contains("hearth_node_cpu_usage_ratio") && !body.contains("DCGM_FI_"));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_partition_spec_in_the_config_is_applied_reported_and_exported() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let grpc = free_addr();
+    let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
+    let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/mig-spec.yaml");
+    let agent = AgentProc::start(
+        dir.path(),
+        &pki,
+        "mig-1",
+        grpc,
+        &format!("partition: {{spec: {}, config: balanced}}\n", spec.display()),
+    )?;
+    let tls = pki.client_material("operator")?;
+    let state = wait_for("partition applied and reported", Duration::from_secs(20), || async {
+        let Ok(ch) = channel(grpc, Some(&tls)).await else { return Ok(None) };
+        let Ok(r) = pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: "mig-1".into() }).await else {
+            return Ok(None);
+        };
+        let s = r.into_inner().state.unwrap_or_default();
+        let done = s.partition.as_ref().is_some_and(|p| p.phase == pb::partition_status::Phase::Success as i32)
+            && s.accelerators.iter().all(|a| a.partitions.len() == 4);
+        Ok(done.then_some(s))
+    })
+    .await?;
+    let p = state.partition.unwrap();
+    assert_eq!(p.spec_name, "balanced");
+    let labels = state.info.unwrap().labels;
+    assert_eq!(labels.get("hearth.dev/mig.config.state").map(String::as_str), Some("success"));
+    assert_eq!(labels.get("hearth.dev/mig.config").map(String::as_str), Some("balanced"));
+    let a = &state.accelerators[0];
+    assert!(a.mig_enabled);
+    let mut profiles: Vec<(&str, u32)> = a.partitions.iter().map(|p| (p.profile.as_str(), p.placement_start)).collect();
+    profiles.sort();
+    assert_eq!(profiles, [("1g.10gb", 2), ("1g.10gb", 3), ("2g.20gb", 0), ("3g.40gb", 4)]);
+    assert!(a.partitions.iter().all(|p| p.uuid.starts_with("MIG-") && p.gpu_instance_id > 0));
+    // Per-MIG-instance utilisation, the series dcgm-exporter lacks on MIG.
+    let body = metrics(&agent).await;
+    let mig_util: Vec<&str> =
+        body.lines().filter(|l| l.starts_with("DCGM_FI_PROF_GR_ENGINE_ACTIVE{") && l.contains("GPU_I_PROFILE=\"3g.40gb\"")).collect();
+    assert_eq!(mig_util.len(), 2, "one per GPU:\n{body}");
+    assert!(series(&body, "DCGM_FI_DEV_GPU_UTIL", 0).is_empty(), "no whole-GPU utilisation under MIG");
+    // The record is on disk for the next start.
+    let rec = std::fs::read_to_string(dir.path().join("state-mig-1/partition.json"))?;
+    assert!(rec.contains("\"phase\": \"success\""), "{rec}");
+    Ok(())
+}

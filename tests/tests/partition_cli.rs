@@ -16,7 +16,8 @@ fn plan_prints_ordered_explicit_placements() {
     assert!(ok, "{err}");
     assert_eq!(
         out,
-        "plan for config \"half-and-half\" on 2 GPU(s) (read-only; nothing was changed):\n  \
+        "plan for config \"half-and-half\" on 2 simulated GPU(s) (read-only; nothing was changed):\n  \
+         now: GPU 0 NVIDIA H100 80GB HBM3 MIG off\n  now: GPU 1 NVIDIA H100 80GB HBM3 MIG off\n  \
          GPU 0: enable MIG mode\n  GPU 0: create 4g.40gb (profile id 5) at placement 0\n  \
          GPU 0: create 3g.40gb (profile id 9) at placement 4\n  unchanged: GPU 1\n"
     );

@@ -256,7 +256,7 @@ pub fn xid_message(code: u64) -> &'static str {
         64 => "ECC page retirement or row remapper recording failure",
         68 => "NVDEC0 Exception",
         69 => "Graphics Engine class error",
-        74 => "NVLink Error",
+        74 => "NVLINK Error",
         79 => "GPU has fallen off the bus",
         92 => "High single-bit ECC error rate",
         94 => "Contained ECC error",
@@ -264,7 +264,7 @@ pub fn xid_message(code: u64) -> &'static str {
         109 => "Context Switch Timeout Error",
         119 => "GSP RPC Timeout",
         120 => "GSP Error",
-        _ => "Unknown XID",
+        _ => "Unknown Error",
     }
 }
 

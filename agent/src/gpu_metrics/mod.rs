@@ -83,19 +83,18 @@ impl GpuView {
 pub struct GpuMetrics {
     view: Mutex<Arc<GpuView>>,
     attribution: Mutex<Arc<Attribution>>,
-    /// `Hostname` label value.
-    hostname: String,
+    host: render::HostLabel,
     failures: Mutex<BTreeMap<(u32, Call), u64>>,
     xids: Mutex<BTreeMap<(u32, u64), u64>>,
     panics: AtomicU64,
 }
 
 impl GpuMetrics {
-    pub fn new(hostname: &str) -> Arc<Self> {
+    pub fn new(host: render::HostLabel) -> Arc<Self> {
         Arc::new(Self {
             view: Mutex::default(),
             attribution: Mutex::default(),
-            hostname: hostname.to_owned(),
+            host,
             failures: Mutex::default(),
             xids: Mutex::default(),
             panics: AtomicU64::new(0),
@@ -118,9 +117,6 @@ impl GpuMetrics {
         *self.attribution.lock().unwrap_or_else(|p| p.into_inner()) = a;
     }
 
-    pub fn hostname(&self) -> &str {
-        &self.hostname
-    }
 
     /// Failure counts so far, by (GPU, call).
     pub fn failures(&self) -> BTreeMap<(u32, Call), u64> {
@@ -131,7 +127,7 @@ impl GpuMetrics {
 /// Renders the dcgm-exporter families; registered with the HTTP server.
 impl hearth_controller::telemetry::TextMetrics for GpuMetrics {
     fn render(&self, out: &mut String, openmetrics: bool) {
-        render::render(&self.view(), &self.attribution(), &self.hostname, openmetrics, out);
+        render::render(&self.view(), &self.attribution(), &self.host, openmetrics, out);
     }
 }
 
@@ -320,7 +316,7 @@ mod tests {
         let mig = Arc::new(SimMig::new(&ids));
         let faults = Arc::new(SimFaults::default());
         let mut backend = SimGpus::new(&accs, mig.clone(), faults.clone());
-        let metrics = GpuMetrics::new("node-1");
+        let metrics = GpuMetrics::new(render::HostLabel::new("Hostname", "node-1"));
         let s = Sweeper {
             statics: backend.gpus().unwrap(),
             driver: backend.driver().unwrap(),
@@ -420,7 +416,7 @@ mod tests {
 
     #[test]
     fn a_panicking_backend_call_is_contained() {
-        let metrics = GpuMetrics::new("n");
+        let metrics = GpuMetrics::new(render::HostLabel::new("Hostname", "n"));
         let (tx, thread) = start(Box::new(Panicky), metrics.clone(), Duration::from_millis(10), |_| {}).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         drop(tx);

@@ -17,7 +17,21 @@ use std::fmt::Write;
 
 use super::{GpuState, GpuView};
 use crate::device::gpu::{MigReading, ProfReading, xid_message};
-use crate::podres::Attribution;
+use crate::podres::{Attribution, PodLabels};
+
+/// The host label: dcgm-exporter releases up to 4.8 call it `Hostname`, later ones
+/// `hostname`; an empty name leaves it out (dcgm-exporter's `--no-hostname`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostLabel {
+    pub name: String,
+    pub value: String,
+}
+
+impl HostLabel {
+    pub fn new(name: &str, value: &str) -> Self {
+        Self { name: name.to_owned(), value: value.to_owned() }
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -128,21 +142,21 @@ const FAMILIES: &[Family] = &[
     Family {
         name: "DCGM_FI_DEV_FB_FREE",
         kind: Kind::Gauge,
-        help: "Frame buffer memory free (in MB).",
+        help: "Framebuffer memory free (in MiB).",
         gpu: |g| u(g.reading.fb_free_mib),
         mig: Some(|m| u(m.fb_free_mib)),
     },
     Family {
         name: "DCGM_FI_DEV_FB_USED",
         kind: Kind::Gauge,
-        help: "Frame buffer memory used (in MB).",
+        help: "Framebuffer memory used (in MiB).",
         gpu: |g| u(g.reading.fb_used_mib),
         mig: Some(|m| u(m.fb_used_mib)),
     },
     Family {
         name: "DCGM_FI_DEV_FB_RESERVED",
         kind: Kind::Gauge,
-        help: "Frame buffer memory reserved (in MB).",
+        help: "Framebuffer memory reserved (in MiB).",
         gpu: |g| u(g.reading.fb_reserved_mib),
         mig: None,
     },
@@ -243,7 +257,7 @@ fn gpu_labels(g: &GpuState) -> String {
 struct Series<'a> {
     /// `{...` up to the pod labels, without the closing brace.
     labels: String,
-    pods: &'a [String],
+    pods: &'a [PodLabels],
 }
 
 fn header(out: &mut String, name: &str, help: &str, kind: Kind, openmetrics: bool) {
@@ -258,19 +272,27 @@ fn header(out: &mut String, name: &str, help: &str, kind: Kind, openmetrics: boo
 fn value(out: &mut String, v: Val) {
     let _ = match v {
         Val::U(n) => write!(out, "{n}"),
-        Val::F(f) => write!(out, "{f}"),
+        // dcgm-exporter prints doubles with six decimals.
+        Val::F(f) => write!(out, "{f:.6}"),
     };
 }
 
+/// One sample per attributed pod (or one without pod labels). `extra` labels sort between
+/// `container` and `namespace`, as dcgm-exporter's sorted attribute map puts them.
 fn sample(out: &mut String, name: &str, s: &Series<'_>, extra: &str, v: Val) {
-    let mut one = |pod: Option<&str>| {
+    let mut one = |pod: Option<&PodLabels>| {
         out.push_str(name);
         out.push('{');
         out.push_str(&s.labels);
-        out.push_str(extra);
-        if let Some(p) = pod {
-            out.push(',');
-            out.push_str(p);
+        match pod {
+            Some(p) => {
+                out.push(',');
+                out.push_str(&p.container);
+                out.push_str(extra);
+                out.push(',');
+                out.push_str(&p.namespace_pod);
+            }
+            None => out.push_str(extra),
         }
         out.push_str("} ");
         value(out, v);
@@ -286,14 +308,17 @@ fn sample(out: &mut String, name: &str, s: &Series<'_>, extra: &str, v: Val) {
 }
 
 /// Appends the dcgm-exporter families for `view` to `out`.
-pub fn render(view: &GpuView, attribution: &Attribution, hostname: &str, openmetrics: bool, out: &mut String) {
+pub fn render(view: &GpuView, attribution: &Attribution, host: &HostLabel, openmetrics: bool, out: &mut String) {
     if view.gpus.is_empty() {
         return;
     }
     let mut tail = String::with_capacity(96);
-    tail.push_str(",Hostname=\"");
-    escape(hostname, &mut tail);
-    tail.push_str("\",DCGM_FI_DRIVER_VERSION=\"");
+    if !host.name.is_empty() {
+        let _ = write!(tail, ",{}=\"", host.name);
+        escape(&host.value, &mut tail);
+        tail.push('"');
+    }
+    tail.push_str(",DCGM_FI_DRIVER_VERSION=\"");
     escape(&view.driver.driver_version, &mut tail);
     tail.push('"');
 
@@ -403,7 +428,6 @@ mod tests {
     const GPU_LABELS: &[&str] = &["gpu", "UUID", "pci_bus_id", "device", "modelName", "Hostname", "DCGM_FI_DRIVER_VERSION"];
     const MIG_LABELS: &[&str] =
         &["gpu", "UUID", "pci_bus_id", "device", "modelName", "GPU_I_PROFILE", "GPU_I_ID", "Hostname", "DCGM_FI_DRIVER_VERSION"];
-    const POD_LABELS: &[&str] = &["container", "namespace", "pod"];
     const MIG_FAMILIES: &[&str] = &[
         "DCGM_FI_DEV_FB_FREE",
         "DCGM_FI_DEV_FB_USED",
@@ -493,7 +517,7 @@ mod tests {
     fn names_types_and_labels_are_pinned_to_dcgm_exporter() {
         let (view, a) = fixture();
         let mut out = String::new();
-        render(&view, &a, "node-1", false, &mut out);
+        render(&view, &a, &HostLabel::new("Hostname", "node-1"), false, &mut out);
         let types: BTreeMap<&str, &str> =
             out.lines().filter_map(|l| l.strip_prefix("# TYPE ")).map(|l| l.split_once(' ').unwrap()).collect();
         for (name, kind) in PINNED {
@@ -511,12 +535,17 @@ mod tests {
                 mig_series += 1;
                 assert!(MIG_FAMILIES.contains(&name), "{name} has MIG series");
             }
-            if name == "DCGM_FI_DEV_XID_ERRORS" {
-                want.extend(["err_code", "err_msg"]);
-            }
+            // Extra labels in dcgm-exporter's (sorted) order.
+            let xid = name == "DCGM_FI_DEV_XID_ERRORS";
             if keys.contains(&"pod") {
                 pod_series += 1;
-                want.extend(POD_LABELS);
+                want.push("container");
+                if xid {
+                    want.extend(["err_code", "err_msg"]);
+                }
+                want.extend(["namespace", "pod"]);
+            } else if xid {
+                want.extend(["err_code", "err_msg"]);
             }
             assert_eq!(keys, want, "{line}");
             let get = |k: &str| labels.iter().find(|(l, _)| *l == k).map(|(_, v)| v.as_str()).unwrap();
@@ -543,7 +572,7 @@ mod tests {
     fn openmetrics_declares_counters_unknown_under_the_same_name() {
         let (view, a) = fixture();
         let mut out = String::new();
-        render(&view, &a, "n", true, &mut out);
+        render(&view, &a, &HostLabel::new("Hostname", "n"), true, &mut out);
         assert!(out.contains("# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION unknown\n"));
         assert!(out.contains("\nDCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{"));
         assert!(!out.contains("_total"));
@@ -553,8 +582,14 @@ mod tests {
     fn label_values_are_escaped() {
         let (mut view, a) = fixture();
         view.gpus[0].info.name = "odd \"name\"\\x\n".into();
+        let mut renamed = String::new();
+        render(&view, &a, &HostLabel::new("hostname", "h"), false, &mut renamed);
+        assert!(renamed.contains(",hostname=\"h\",") && !renamed.contains("Hostname"), "label name is configurable");
+        let mut none = String::new();
+        render(&view, &a, &HostLabel::new("", "h"), false, &mut none);
+        assert!(!none.contains("ostname="), "an empty name leaves the label out");
         let mut out = String::new();
-        render(&view, &a, "n", false, &mut out);
+        render(&view, &a, &HostLabel::new("Hostname", "n"), false, &mut out);
         let line = out.lines().find(|l| l.starts_with("DCGM_FI_DEV_SM_CLOCK{gpu=\"0\"")).unwrap();
         let (_, labels) = parse(line);
         assert_eq!(labels[4], ("modelName", "odd \"name\"\\x\n".to_owned()));

@@ -6,6 +6,7 @@
 
 pub mod apply;
 pub mod plan;
+pub mod reconcile;
 pub mod spec;
 
 /// `hearth partition plan`: reads a spec, reads the GPUs' current state (NVML, read-only:

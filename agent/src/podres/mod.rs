@@ -37,10 +37,19 @@ pub struct PodRef {
     pub container: String,
 }
 
+/// A pod's labels rendered once: `container="c"` and `namespace="n",pod="p"`, kept apart
+/// because dcgm-exporter sorts extra labels by name and the XID family's `err_code` and
+/// `err_msg` fall between them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLabels {
+    pub container: String,
+    pub namespace_pod: String,
+}
+
 /// Device id -> the pods (containers) holding it, with their label text rendered once.
 #[derive(Debug, Default, PartialEq)]
 pub struct Attribution {
-    by_device: HashMap<String, Vec<String>>,
+    by_device: HashMap<String, Vec<PodLabels>>,
     refs: HashMap<String, Vec<PodRef>>,
 }
 
@@ -76,14 +85,15 @@ impl Attribution {
                 let labels = pods
                     .iter()
                     .map(|p| {
-                        let mut s = String::from("container=\"");
-                        escape(&p.container, &mut s);
-                        s.push_str("\",namespace=\"");
-                        escape(&p.namespace, &mut s);
-                        s.push_str("\",pod=\"");
-                        escape(&p.pod, &mut s);
-                        s.push('"');
-                        s
+                        let mut container = String::from("container=\"");
+                        escape(&p.container, &mut container);
+                        container.push('"');
+                        let mut namespace_pod = String::from("namespace=\"");
+                        escape(&p.namespace, &mut namespace_pod);
+                        namespace_pod.push_str("\",pod=\"");
+                        escape(&p.pod, &mut namespace_pod);
+                        namespace_pod.push('"');
+                        PodLabels { container, namespace_pod }
                     })
                     .collect();
                 (id.clone(), labels)
@@ -92,8 +102,8 @@ impl Attribution {
         Self { by_device, refs }
     }
 
-    /// Rendered `container=..,namespace=..,pod=..` label sets for a device UUID.
-    pub fn pods_of(&self, uuid: &str) -> &[String] {
+    /// Rendered pod label sets for a device UUID.
+    pub fn pods_of(&self, uuid: &str) -> &[PodLabels] {
         self.by_device.get(uuid).map_or(&[], Vec::as_slice)
     }
 
@@ -248,7 +258,8 @@ mod tests {
             ],
         };
         let a = Attribution::from_list(&resp);
-        assert_eq!(a.pods_of("GPU-aaa"), ["container=\"vllm\",namespace=\"ml\",pod=\"llama-0\""]);
+        let p = &a.pods_of("GPU-aaa")[0];
+        assert_eq!((p.container.as_str(), p.namespace_pod.as_str()), ("container=\"vllm\"", "namespace=\"ml\",pod=\"llama-0\""));
         assert_eq!(a.refs_of("MIG-bbb")[0].pod, "small-0");
         let shared: Vec<_> = a.refs_of("GPU-ccc").iter().map(|r| r.pod.as_str()).collect();
         assert_eq!(shared, ["nb-1", "nb-2"], "one entry per pod, replicas folded");

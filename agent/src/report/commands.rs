@@ -9,6 +9,8 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::cache::manager::Cache;
 use crate::cache::spec::ModelSpec;
+use crate::partition::reconcile::{PartitionStatus, Phase as PartitionPhase, Reconciler};
+use crate::partition::spec::Spec;
 
 /// The result of one command, as sent back in CommandStatus.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,9 +78,23 @@ impl Seen {
 /// reason the controller can act on (pick another node), never silently dropped. Long
 /// commands answer Accepted at once and report the end through `statuses`, which outlives
 /// any one stream to the controller.
+/// Where partition applies go, and how their status reaches the report.
+#[derive(Clone)]
+pub struct PartitionHandler {
+    pub reconciler: Arc<Reconciler>,
+    pub publish: Arc<dyn Fn(PartitionStatus) + Send + Sync>,
+}
+
+impl std::fmt::Debug for PartitionHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PartitionHandler").field("reconciler", &self.reconciler).finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CommandDispatcher {
     cache: Option<Arc<Cache>>,
+    partition: Option<PartitionHandler>,
     seen: Arc<Mutex<Seen>>,
     statuses: mpsc::Sender<pb::CommandStatus>,
     cancel: CancellationToken,
@@ -86,11 +102,21 @@ pub struct CommandDispatcher {
 
 impl CommandDispatcher {
     pub fn new(cache: Option<Arc<Cache>>, statuses: mpsc::Sender<pb::CommandStatus>, cancel: CancellationToken) -> Self {
-        Self { cache, seen: Arc::default(), statuses, cancel }
+        Self { cache, partition: None, seen: Arc::default(), statuses, cancel }
+    }
+
+    /// Lets this agent run ApplyPartition.
+    pub fn with_partition(mut self, h: PartitionHandler) -> Self {
+        self.partition = Some(h);
+        self
     }
 
     fn supported(&self) -> Vec<&'static str> {
-        if self.cache.is_some() { vec!["prefetch", "evict", "pin"] } else { Vec::new() }
+        let mut v = if self.cache.is_some() { vec!["prefetch", "evict", "pin"] } else { Vec::new() };
+        if self.partition.is_some() {
+            v.push("apply_partition");
+        }
+        v
     }
 
     fn remember(&self, o: &CommandOutcome) {
@@ -122,6 +148,18 @@ impl CommandDispatcher {
             outcome(Phase::Rejected, format!("this agent cannot run {kind} commands (it runs: {have})"))
         } else {
             match (cmd.kind.clone(), &self.cache) {
+                (Some(Kind::ApplyPartition(a)), _) => match &self.partition {
+                    None => outcome(Phase::Rejected, "apply_partition: no handler".into()),
+                    // Refuse a spec that does not parse or lacks the config before accepting.
+                    Some(h) => match Spec::parse(&a.spec).and_then(|s| s.config(&a.config_name).map(|_| ())) {
+                        Err(e) => outcome(Phase::Rejected, format!("partition spec: {e}")),
+                        Ok(()) => {
+                            let accepted = outcome(Phase::Accepted, format!("applying partition config {:?}", a.config_name));
+                            self.spawn_partition(h.clone(), a.spec, a.config_name, accepted.clone());
+                            accepted
+                        }
+                    },
+                },
                 (Some(Kind::Evict(e)), Some(c)) => match c.evict(&e.model_id) {
                     Ok(()) => outcome(Phase::Succeeded, format!("evicted {}", e.model_id)),
                     Err(err) => outcome(Phase::Failed, err.to_string()),
@@ -143,6 +181,40 @@ impl CommandDispatcher {
         };
         self.remember(&result);
         result
+    }
+
+    fn spawn_partition(&self, h: PartitionHandler, spec: String, config: String, accepted: CommandOutcome) {
+        let me = self.clone();
+        let span = info_span!("partition_command", command = %accepted.command_id, config = %config);
+        (h.publish)(PartitionStatus { config: config.clone(), phase: PartitionPhase::Pending, reason: "accepted".into(), gpus: Default::default() });
+        tokio::spawn(
+            async move {
+                let r = h.reconciler.clone();
+                let (spec2, config2) = (spec.clone(), config.clone());
+                let end = match tokio::task::spawn_blocking(move || r.apply(&spec2, &config2)).await {
+                    Ok(Ok(status)) => {
+                        (h.publish)(status.clone());
+                        match status.phase {
+                            PartitionPhase::Success => CommandOutcome { phase: Phase::Succeeded, message: format!("partition config {config:?} applied"), ..accepted },
+                            p => CommandOutcome { phase: Phase::Failed, message: format!("{}: {}", p.as_str(), status.reason), ..accepted },
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        if let Some(s) = h.reconciler.status() {
+                            (h.publish)(s);
+                        }
+                        CommandOutcome { phase: Phase::Failed, message: e.to_string(), ..accepted }
+                    }
+                    Err(e) => CommandOutcome { phase: Phase::Failed, message: format!("apply task failed: {e}"), ..accepted },
+                };
+                info!(phase = ?end.phase, message = %end.message, "partition command finished");
+                me.remember(&end);
+                if me.statuses.try_send(end.into_status()).is_err() {
+                    warn!("command status queue full; the controller will learn the result from the snapshot");
+                }
+            }
+            .instrument(span),
+        );
     }
 
     fn spawn_prefetch(&self, cache: Arc<Cache>, spec: ModelSpec, accepted: CommandOutcome) {
@@ -252,5 +324,34 @@ mod tests {
         let seen = d.seen.lock().unwrap();
         assert_eq!(seen.outcomes.len(), REMEMBERED_KEYS);
         assert!(!seen.outcomes.contains_key("k0"));
+    }
+
+    #[tokio::test]
+    async fn apply_partition_is_validated_accepted_applied_and_published() {
+        use crate::device::migctl::{MigControl, SimMig};
+        use crate::partition::reconcile::{GpuIdentity, NoRuntimes};
+        let dir = tempfile::tempdir().unwrap();
+        let hw = Arc::new(SimMig::new(&[0x2330_10DE]));
+        let ids = vec![GpuIdentity { index: 0, product: "NVIDIA H100 80GB HBM3".into(), pci_device_id: 0x2330_10DE }];
+        let rec = Arc::new(Reconciler::new(hw.clone(), Arc::new(NoRuntimes), ids, dir.path()).unwrap());
+        let published = Arc::new(Mutex::new(Vec::new()));
+        let p = published.clone();
+        let (d, mut rx) = dispatcher(None);
+        let d = d.with_partition(PartitionHandler { reconciler: rec, publish: Arc::new(move |s| p.lock().unwrap().push(s)) });
+        let spec = include_str!("../../../manifests/examples/mig-spec.yaml");
+        let apply = |config: &str| Kind::ApplyPartition(pb::ApplyPartitionCommand { spec: spec.into(), config_name: config.into() });
+
+        let bad = d.dispatch(cmd("c0", "k0", None, apply("nope")), SystemTime::now());
+        assert_eq!(bad.phase, Phase::Rejected);
+        assert!(bad.message.contains("nope"), "{}", bad.message);
+        let ok = d.dispatch(cmd("c1", "k1", None, apply("all-1g.10gb")), SystemTime::now());
+        assert_eq!(ok.phase, Phase::Accepted);
+        let end = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        assert_eq!((end.command_id.as_str(), end.phase), ("c1", Phase::Succeeded as i32), "{}", end.message);
+        assert_eq!(hw.list(0).unwrap().len(), 7);
+        let phases: Vec<_> = published.lock().unwrap().iter().map(|s| s.phase).collect();
+        assert_eq!(phases, [PartitionPhase::Pending, PartitionPhase::Success]);
+        // A retry with the same key gets the recorded answer and applies nothing again.
+        assert_eq!(d.dispatch(cmd("c2", "k1", None, apply("all-1g.10gb")), SystemTime::now()).phase, Phase::Succeeded);
     }
 }

@@ -26,7 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 pub use backoff::Backoff;
-pub use commands::{CommandDispatcher, CommandOutcome};
+pub use commands::{CommandDispatcher, CommandOutcome, PartitionHandler};
 
 use crate::device::Accelerator;
 use crate::node::{NodeInfo, NodeSample};
@@ -43,6 +43,8 @@ pub struct NodeReport {
     pub subsystems: Vec<(String, bool, String)>,
     pub models: Vec<crate::cache::index::IndexEntry>,
     pub bandwidth: Vec<crate::cache::manager::SourceBandwidth>,
+    /// The partition reconciler's last status, also reported as node labels.
+    pub partition: Option<crate::partition::reconcile::PartitionStatus>,
 }
 
 fn model_to_wire(e: &crate::cache::index::IndexEntry) -> pb::CachedModel {
@@ -77,7 +79,11 @@ impl NodeReport {
                 architecture: i.architecture.clone(),
                 cpu_count: i.cpu_count,
                 memory_total_bytes: i.memory_total_bytes,
-                labels: self.labels.clone().into_iter().collect(),
+                labels: {
+                    let mut l = self.labels.clone();
+                    l.extend(self.partition.iter().flat_map(|p| p.labels()));
+                    l.into_iter().collect()
+                },
             }),
             resources: self.sample.as_ref().map(|s| pb::NodeResources {
                 cpu_usage_ratio: s.cpu_usage_ratio,
@@ -103,6 +109,7 @@ impl NodeReport {
                 .iter()
                 .map(|b| pb::SourceBandwidth { source: b.source.clone(), bytes_per_second: b.bytes_per_second, samples: b.samples })
                 .collect(),
+            partition: self.partition.as_ref().map(Into::into),
             ..Default::default()
         }
     }
