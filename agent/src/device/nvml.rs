@@ -66,6 +66,8 @@ pub struct NvmlGpus {
     events_error: Option<String>,
     /// Previous GPM sample per (GPU, GPU instance): metrics come from two samples.
     gpm_prev: HashMap<(u32, Option<u32>), GpmSample<'static>>,
+    /// Units NVML gave for the GPM metrics, as last seen (for the record and the bench).
+    gpm_units: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for NvmlGpus {
@@ -118,7 +120,7 @@ impl NvmlGpus {
             Ok(s) => (Some(s), None),
             Err(e) => (None, Some(e)),
         };
-        Ok(Self { nvml, statics, events, events_error, gpm_prev: HashMap::new() })
+        Ok(Self { nvml, statics, events, events_error, gpm_prev: HashMap::new(), gpm_units: Vec::new() })
     }
 
     /// An event set with critical XIDs registered on every GPU that supports them.
@@ -139,6 +141,11 @@ impl NvmlGpus {
         self.nvml
     }
 
+    /// (short name, unit) of each GPM metric, as NVML reported them in the last sample.
+    pub fn gpm_units(&self) -> &[(String, String)] {
+        &self.gpm_units
+    }
+
     fn gpm(&mut self, key: (u32, Option<u32>), d: &Device<'static>) -> Result<Option<ProfReading>, String> {
         let sample = match key.1 {
             None => d.gpm_sample(),
@@ -156,8 +163,10 @@ impl NvmlGpus {
         };
         let results = gpm_metrics_get(self.nvml, &prev, cur, &GPM_METRICS).map_err(|e| e.to_string())?;
         let mut v = [0.0f64; 5];
+        let mut units = Vec::with_capacity(5);
         for (slot, r) in v.iter_mut().zip(results) {
             let r = r.map_err(|e| e.to_string())?;
+            units.push((r.metric_info.short_name.clone(), r.metric_info.unit.clone()));
             // Utilisations come as percentages; DCGM reports ratios. PCIe rates come in the
             // unit NVML names (MiB/s on current drivers); DCGM reports bytes/s.
             *slot = match r.metric_id {
@@ -165,6 +174,7 @@ impl NvmlGpus {
                 _ => r.value / 100.0,
             };
         }
+        self.gpm_units = units;
         Ok(Some(ProfReading { gr_engine_active: v[0], tensor_active: v[1], dram_active: v[2], pcie_tx_bytes: v[3], pcie_rx_bytes: v[4] }))
     }
 }

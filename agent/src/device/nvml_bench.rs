@@ -34,6 +34,7 @@ pub struct BenchReport {
     pub hearth: Side,
     pub raw: Side,
     pub raw_calls_per_sweep: u64,
+    pub gpm_units: Vec<(String, String)>,
 }
 
 impl std::fmt::Display for BenchReport {
@@ -47,6 +48,10 @@ impl std::fmt::Display for BenchReport {
         writeln!(f, "{:<22} {:>10} {:>10} {:>10}", "", "mean us", "p50 us", "p99 us")?;
         for (name, s) in [("hearth sweep", &self.hearth), ("raw NVML loop", &self.raw)] {
             writeln!(f, "{:<22} {:>10.1} {:>10.1} {:>10.1}", name, us(s.mean()), us(s.pct(0.5)), us(s.pct(0.99)))?;
+        }
+        if !self.gpm_units.is_empty() {
+            let u: Vec<String> = self.gpm_units.iter().map(|(n, u)| format!("{n} [{u}]")).collect();
+            writeln!(f, "GPM metrics as NVML names them: {}", u.join(", "))?;
         }
         let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-12);
         writeln!(
@@ -87,7 +92,14 @@ pub fn run(gpus: &mut NvmlGpus, rounds: u32, pause: Duration) -> Result<BenchRep
         }
         std::thread::sleep(pause);
     }
-    Ok(BenchReport { gpus: n, rounds, hearth: Side { samples: hearth }, raw: Side { samples: raw }, raw_calls_per_sweep: anchor.calls })
+    Ok(BenchReport {
+        gpus: n,
+        rounds,
+        hearth: Side { samples: hearth },
+        raw: Side { samples: raw },
+        raw_calls_per_sweep: anchor.calls,
+        gpm_units: gpus.gpm_units().to_vec(),
+    })
 }
 
 /// The anchor: the same queries as `NvmlGpus::sample`, as bare C calls into stack buffers.
