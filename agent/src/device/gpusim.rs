@@ -207,20 +207,24 @@ impl GpuBackend for SimGpus {
                 let mu = load(t * 1.3, index * 8 + k as u32);
                 let mem = p.memory_mib;
                 let used = (mem as f64 * 0.8 * mu) as u64;
-                r.migs.push(MigReading {
-                    device: MigDevice {
-                        gi_id: gi.gi_id,
-                        ci_id: 0,
-                        profile: p.name.to_owned(),
-                        uuid: mig_uuid(&a.uuid, gi.gi_id, gi.placed.start),
-                        placement_start: gi.placed.start,
-                        placement_size: p.size,
-                        memory_bytes: mem << 20,
-                    },
-                    fb_used_mib: Some(used),
-                    fb_free_mib: Some(mem - used),
-                    prof: gpm.then(|| prof(mu)),
-                });
+                // One MIG device per compute instance; they share the GPU instance's memory.
+                for (ci, slices) in gi.placed.cis.sizes(p).into_iter().enumerate() {
+                    let share = f64::from(slices) / f64::from(p.compute_slices);
+                    r.migs.push(MigReading {
+                        device: MigDevice {
+                            gi_id: gi.gi_id,
+                            ci_id: ci as u32,
+                            profile: p.name.to_owned(),
+                            uuid: mig_uuid(&a.uuid, gi.gi_id, gi.placed.start * 8 + ci as u32),
+                            placement_start: gi.placed.start,
+                            placement_size: p.size,
+                            memory_bytes: mem << 20,
+                        },
+                        fb_used_mib: Some(used),
+                        fb_free_mib: Some(mem - used),
+                        prof: gpm.then(|| prof(mu * share)),
+                    });
+                }
             }
         }
         if record(&mut out.failed, Call::Processes, pick(self, Call::Processes, 0)).is_some() {
@@ -273,8 +277,8 @@ mod tests {
     fn mig_layout_comes_from_the_shared_simulator() {
         let (mut g, m, _) = sim("1xH100-80GB");
         m.set_mig_mode(0, true).unwrap();
-        m.create(0, mig::by_name(mig::H100_80GB, "3g.40gb").unwrap(), 4).unwrap();
-        m.create(0, mig::by_name(mig::H100_80GB, "1g.10gb").unwrap(), 0).unwrap();
+        m.create(0, mig::by_name(mig::H100_80GB, "3g.40gb").unwrap(), 4, mig::CiSplit::FULL).unwrap();
+        m.create(0, mig::by_name(mig::H100_80GB, "1g.10gb").unwrap(), 0, mig::CiSplit::FULL).unwrap();
         let mut s = GpuSample::default();
         g.sample(0, &mut s);
         let r = &s.reading;

@@ -96,11 +96,93 @@ pub fn by_name(table: &'static [GiProfile], name: &str) -> Option<&'static GiPro
     table.iter().find(|p| p.name == name)
 }
 
-/// An instance placed on a GPU.
+/// How a GPU instance is divided into compute instances: compute slices per CI, largest
+/// first. Empty means one CI spanning the whole GPU instance (what a plain profile such as
+/// "3g.40gb" asks for); a single CI of all the slices is stored the same way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, PartialOrd, Ord)]
+pub struct CiSplit {
+    slices: [u8; 7],
+    len: u8,
+}
+
+/// Compute-instance sizes NVML offers inside a GPU instance of `g` compute slices.
+pub fn ci_sizes(g: u32) -> &'static [u32] {
+    match g {
+        1 => &[1],
+        2 => &[1, 2],
+        3 => &[1, 2, 3],
+        4 => &[1, 2, 4],
+        _ => &[1, 2, 3, 4, 7],
+    }
+}
+
+impl CiSplit {
+    pub const FULL: CiSplit = CiSplit { slices: [0; 7], len: 0 };
+
+    /// A split of `profile` into CIs of the given sizes; checks sizes and total.
+    pub fn new(profile: &GiProfile, sizes: &[u32]) -> Result<Self, LayoutError> {
+        let mut v: Vec<u32> = sizes.to_vec();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        let total: u32 = v.iter().sum();
+        let bad = v.iter().find(|n| !ci_sizes(profile.compute_slices).contains(n));
+        if v.is_empty() || v.len() > 7 || total > profile.compute_slices || bad.is_some() {
+            return Err(LayoutError::ComputeSplit {
+                profile: profile.name,
+                split: v.iter().map(|n| format!("{n}c")).collect::<Vec<_>>().join("+"),
+                allowed: ci_sizes(profile.compute_slices),
+            });
+        }
+        if v == [profile.compute_slices] {
+            return Ok(Self::FULL);
+        }
+        let mut slices = [0u8; 7];
+        for (slot, n) in slices.iter_mut().zip(&v) {
+            *slot = *n as u8;
+        }
+        Ok(Self { slices, len: v.len() as u8 })
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Compute slices per CI, largest first; `[g]` for a full split.
+    pub fn sizes(&self, profile: &GiProfile) -> Vec<u32> {
+        if self.is_full() { vec![profile.compute_slices] } else { self.slices[..self.len as usize].iter().map(|&n| u32::from(n)).collect() }
+    }
+}
+
+impl std::fmt::Display for CiSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v: Vec<String> = self.slices[..self.len as usize].iter().map(|n| format!("{n}c")).collect();
+        f.write_str(&v.join("+"))
+    }
+}
+
+/// An instance placed on a GPU, and how it is split into compute instances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Placed {
     pub profile: &'static GiProfile,
     pub start: u32,
+    pub cis: CiSplit,
+}
+
+impl Placed {
+    /// A GPU instance with one compute instance spanning it.
+    pub fn new(profile: &'static GiProfile, start: u32) -> Self {
+        Self { profile, start, cis: CiSplit::FULL }
+    }
+}
+
+/// Reads a mig-devices key: "3g.40gb" (a GPU instance with one full compute instance) or
+/// mig-parted's "1c.3g.40gb" (a 1-slice compute instance inside a 3g.40gb GPU instance).
+pub fn parse_device_key(key: &str) -> (Option<u32>, &str) {
+    if let Some((c, rest)) = key.split_once("c.")
+        && let Ok(n) = c.parse::<u32>()
+    {
+        return (Some(n), rest);
+    }
+    (None, key)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -115,6 +197,8 @@ pub enum LayoutError {
     ComputeSlices { compute: u32 },
     #[error("{requested} do not fit one GPU: no allowed placements put them side by side")]
     NoFit { requested: String },
+    #[error("{profile} cannot be split into compute instances {split}: sizes must be among {allowed:?} compute slices and add up to at most the instance's")]
+    ComputeSplit { profile: &'static str, split: String, allowed: &'static [u32] },
 }
 
 /// Checks that explicit placements fit one GPU: allowed starts, no overlap, per-profile
@@ -183,7 +267,7 @@ fn search(rest: &[&'static GiProfile], placed: &mut Vec<Placed>) -> bool {
         return true;
     };
     for &start in p.starts {
-        placed.push(Placed { profile: p, start });
+        placed.push(Placed::new(p, start));
         if check_placements(placed).is_ok() && search(tail, placed) {
             return true;
         }
@@ -275,7 +359,7 @@ mod tests {
             return check_placements(placed).is_ok();
         };
         p.starts.iter().any(|&start| {
-            placed.push(Placed { profile: p, start });
+            placed.push(Placed::new(p, start));
             let ok = brute_force_fits(rest, placed);
             placed.pop();
             ok
@@ -317,9 +401,9 @@ mod tests {
 
     #[test]
     fn explicit_placements_are_checked_with_reasons() {
-        let e = check_placements(&[Placed { profile: h("3g.40gb"), start: 2 }]).unwrap_err();
+        let e = check_placements(&[Placed::new(h("3g.40gb"), 2)]).unwrap_err();
         assert_eq!(e.to_string(), "3g.40gb cannot start at placement unit 2; allowed starts: [0, 4]");
-        let e = check_placements(&[Placed { profile: h("4g.40gb"), start: 0 }, Placed { profile: h("2g.20gb"), start: 2 }]).unwrap_err();
+        let e = check_placements(&[Placed::new(h("4g.40gb"), 0), Placed::new(h("2g.20gb"), 2)]).unwrap_err();
         assert!(e.to_string().contains("overlaps 4g.40gb at 0 (units 2..4)"), "{e}");
     }
 }

@@ -7,7 +7,7 @@
 
 use std::sync::Mutex;
 
-use super::mig::{self, GiProfile, Placed};
+use super::mig::{self, CiSplit, GiProfile, Placed};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MigError {
@@ -42,7 +42,8 @@ pub trait MigControl: Send + Sync {
     fn mig_mode(&self, gpu: u32) -> Result<(bool, bool), MigError>;
     fn set_mig_mode(&self, gpu: u32, enabled: bool) -> Result<ModeChange, MigError>;
     fn list(&self, gpu: u32) -> Result<Vec<GpuInstance>, MigError>;
-    fn create(&self, gpu: u32, profile: &'static GiProfile, start: u32) -> Result<GpuInstance, MigError>;
+    /// Creates a GPU instance at `start` and its compute instances (`cis`).
+    fn create(&self, gpu: u32, profile: &'static GiProfile, start: u32, cis: CiSplit) -> Result<GpuInstance, MigError>;
     fn destroy(&self, gpu: u32, gi_id: u32) -> Result<(), MigError>;
 }
 
@@ -128,7 +129,7 @@ impl MigControl for SimMig {
         self.with(gpu, |g| Ok(g.instances.clone()))
     }
 
-    fn create(&self, gpu: u32, profile: &'static GiProfile, start: u32) -> Result<GpuInstance, MigError> {
+    fn create(&self, gpu: u32, profile: &'static GiProfile, start: u32, cis: CiSplit) -> Result<GpuInstance, MigError> {
         self.with(gpu, |g| {
             if !g.current {
                 return Err(MigError::NotSupported { gpu, call: "create GPU instance", detail: "MIG mode is off".into() });
@@ -136,14 +137,20 @@ impl MigControl for SimMig {
             if !g.table.iter().any(|p| p.id == profile.id && p.name == profile.name) {
                 return Err(MigError::NotSupported { gpu, call: "create GPU instance", detail: format!("profile {}", profile.name) });
             }
+            // A split the GPU instance cannot hold is refused as NVML does, before anything exists.
+            CiSplit::new(profile, &cis.sizes(profile)).map_err(|e| MigError::InsufficientResources {
+                gpu,
+                call: "create compute instance",
+                detail: e.to_string(),
+            })?;
             let mut placed: Vec<Placed> = g.instances.iter().map(|i| i.placed).collect();
-            placed.push(Placed { profile, start });
+            placed.push(Placed { profile, start, cis });
             mig::check_placements(&placed).map_err(|e| MigError::InsufficientResources {
                 gpu,
                 call: "create GPU instance",
                 detail: e.to_string(),
             })?;
-            let gi = GpuInstance { gi_id: g.next_gi, placed: Placed { profile, start } };
+            let gi = GpuInstance { gi_id: g.next_gi, placed: Placed { profile, start, cis } };
             g.next_gi += 1;
             g.instances.push(gi);
             Ok(gi)
@@ -177,13 +184,13 @@ mod tests {
     #[test]
     fn models_nvml_failure_modes() {
         let s = SimMig::new(&[0x2330_10DE, 0x1234_10DE]);
-        assert!(matches!(s.create(0, h("1g.10gb"), 0), Err(MigError::NotSupported { .. })), "MIG off");
+        assert!(matches!(s.create(0, h("1g.10gb"), 0, CiSplit::FULL), Err(MigError::NotSupported { .. })), "MIG off");
         assert!(matches!(s.set_mig_mode(1, true), Err(MigError::NotSupported { .. })));
         assert_eq!(s.set_mig_mode(0, true), Ok(ModeChange::Applied));
-        let a = s.create(0, h("4g.40gb"), 0).unwrap();
-        let e = s.create(0, h("3g.40gb"), 0).unwrap_err();
+        let a = s.create(0, h("4g.40gb"), 0, CiSplit::FULL).unwrap();
+        let e = s.create(0, h("3g.40gb"), 0, CiSplit::FULL).unwrap_err();
         assert!(matches!(e, MigError::InsufficientResources { .. }), "{e}");
-        s.create(0, h("3g.40gb"), 4).unwrap();
+        s.create(0, h("3g.40gb"), 4, CiSplit::FULL).unwrap();
         s.set_busy(0, true, Some(a.gi_id));
         assert_eq!(s.destroy(0, a.gi_id), Err(MigError::InUse { gpu: 0, call: "destroy GPU instance" }));
         assert!(matches!(s.set_mig_mode(0, false), Err(MigError::InUse { .. })));

@@ -355,7 +355,7 @@ pub mod raw {
     };
 
     use super::super::gpu::MigDevice;
-    use super::super::mig::{self, GiProfile, Placed};
+    use super::super::mig::{self, CiSplit, GiProfile, Placed};
     use super::super::migctl::{GpuInstance, MigError, ModeChange};
 
     // NVML return codes the MIG calls distinguish (nvml.h).
@@ -439,15 +439,38 @@ pub mod raw {
                 let mut info: nvmlGpuInstanceInfo_t = unsafe { std::mem::zeroed() };
                 // SAFETY: `gi` was just returned by NVML; `info` outlives the call.
                 check(gpu, call, unsafe { info_fn(gi, &mut info) })?;
-                out.push(GpuInstance { gi_id: info.id, placed: Placed { profile: p, start: info.placement.start } });
+                let sizes = ci_sizes_of(nvml, gi, gpu)?;
+                // A split NVML reports but our rules do not describe is kept as "full" only if
+                // it is one CI spanning the instance; anything else is compared as found.
+                let cis = CiSplit::new(p, &sizes).unwrap_or(CiSplit::FULL);
+                out.push(GpuInstance { gi_id: info.id, placed: Placed { profile: p, start: info.placement.start, cis } });
             }
         }
         out.sort_by_key(|i| i.gi_id);
         Ok(out)
     }
 
-    /// The compute-instance profile covering a whole GPU instance of `slices` compute slices.
-    fn full_ci_profile(slices: u32) -> u32 {
+    /// Compute slices of each compute instance in a GPU instance.
+    fn ci_sizes_of(nvml: &Nvml, gi: nvmlGpuInstance_t, gpu: u32) -> Result<Vec<u32>, MigError> {
+        let call = "list compute instances";
+        let list = nvml.lib().nvmlGpuInstanceGetComputeInstances.as_ref().map_err(|_| missing(gpu, call))?;
+        let mut sizes = Vec::new();
+        for (slices, profile) in [(1, NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE), (2, NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE), (3, NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE), (4, NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE), (7, NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE)] {
+            let mut cis: [nvmlComputeInstance_t; 8] = [std::ptr::null_mut(); 8];
+            let mut count = 0u32;
+            // SAFETY: `cis` has room for 8; NVML writes `count` <= 8 handles.
+            let code = unsafe { list(gi, profile, cis.as_mut_ptr(), &mut count) };
+            if code == NOT_SUPPORTED || code == NOT_FOUND {
+                continue;
+            }
+            check(gpu, call, code)?;
+            sizes.extend(std::iter::repeat_n(slices, count.min(8) as usize));
+        }
+        Ok(sizes)
+    }
+
+    /// NVML's compute-instance profile for a compute instance of `slices` compute slices.
+    fn ci_profile(slices: u32) -> u32 {
         match slices {
             1 => NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE,
             2 => NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE,
@@ -457,9 +480,9 @@ pub mod raw {
         }
     }
 
-    /// Creates a GPU instance at an explicit placement and the one compute instance that
-    /// spans it (what mig-parted does by default), so the MIG device is usable at once.
-    pub fn create_instance(nvml: &Nvml, d: &Device<'_>, gpu: u32, p: &'static GiProfile, start: u32) -> Result<GpuInstance, MigError> {
+    /// Creates a GPU instance at an explicit placement and its compute instances (one
+    /// spanning it unless `cis` splits it), so the MIG devices are usable at once.
+    pub fn create_instance(nvml: &Nvml, d: &Device<'_>, gpu: u32, p: &'static GiProfile, start: u32, cis: CiSplit) -> Result<GpuInstance, MigError> {
         let call = "create GPU instance";
         let create = nvml.lib().nvmlDeviceCreateGpuInstanceWithPlacement.as_ref().map_err(|_| missing(gpu, call))?;
         let info_fn = nvml.lib().nvmlGpuInstanceGetInfo.as_ref().map_err(|_| missing(gpu, call))?;
@@ -476,16 +499,21 @@ pub mod raw {
         let mut info: nvmlGpuInstanceInfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: `gi` was just created; `info` outlives the call.
         check(gpu, call, unsafe { info_fn(gi, &mut info) })?;
-        // SAFETY: as above.
-        let mut cip: nvmlComputeInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `gi` is live; `cip` outlives the call.
-        check(gpu, "compute instance profile", unsafe {
-            ci_info(gi, full_ci_profile(p.compute_slices), NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED, &mut cip)
-        })?;
-        let mut ci: nvmlComputeInstance_t = std::ptr::null_mut();
-        // SAFETY: `gi` is live; `ci` outlives the call.
-        check(gpu, "create compute instance", unsafe { ci_create(gi, cip.id, &mut ci) })?;
-        Ok(GpuInstance { gi_id: info.id, placed: Placed { profile: p, start } })
+        for slices in cis.sizes(p) {
+            // SAFETY: as above.
+            let mut cip: nvmlComputeInstanceProfileInfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `gi` is live; `cip` outlives the call.
+            check(gpu, "compute instance profile", unsafe {
+                ci_info(gi, ci_profile(slices), NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED, &mut cip)
+            })?;
+            let mut ci: nvmlComputeInstance_t = std::ptr::null_mut();
+            // SAFETY: `gi` is live; `ci` outlives the call.
+            let code = unsafe { ci_create(gi, cip.id, &mut ci) };
+            if code != SUCCESS {
+                return Err(mig_err(gpu, "create compute instance", code, format!("{slices}c in {} at {start}", p.name)));
+            }
+        }
+        Ok(GpuInstance { gi_id: info.id, placed: Placed { profile: p, start, cis } })
     }
 
     /// Destroys a GPU instance and its compute instances (NVML refuses a GPU instance that
@@ -650,8 +678,9 @@ impl super::migctl::MigControl for NvmlMig {
         gpu: u32,
         profile: &'static super::mig::GiProfile,
         start: u32,
+        cis: super::mig::CiSplit,
     ) -> Result<super::migctl::GpuInstance, super::migctl::MigError> {
-        raw::create_instance(self.nvml, &self.device(gpu)?, gpu, profile, start)
+        raw::create_instance(self.nvml, &self.device(gpu)?, gpu, profile, start, cis)
     }
 
     fn destroy(&self, gpu: u32, gi_id: u32) -> Result<(), super::migctl::MigError> {

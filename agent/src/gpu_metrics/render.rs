@@ -443,8 +443,8 @@ mod tests {
         let accs = SimInventory::new("n", &[SimSpec::parse("2xH100-80GB").unwrap()]).accelerators().unwrap();
         let m = Arc::new(SimMig::new(&[0x2330_10DE, 0x2330_10DE]));
         m.set_mig_mode(0, true).unwrap();
-        m.create(0, mig::by_name(mig::H100_80GB, "3g.40gb").unwrap(), 4).unwrap();
-        m.create(0, mig::by_name(mig::H100_80GB, "1g.10gb").unwrap(), 0).unwrap();
+        m.create(0, mig::by_name(mig::H100_80GB, "3g.40gb").unwrap(), 4, mig::CiSplit::FULL).unwrap();
+        m.create(0, mig::by_name(mig::H100_80GB, "1g.10gb").unwrap(), 0, mig::CiSplit::FULL).unwrap();
         let mut b = SimGpus::new(&accs, m, Arc::new(SimFaults::default()));
         let statics = b.gpus().unwrap();
         let gpus: Vec<GpuState> = statics

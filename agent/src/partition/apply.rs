@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 
-use crate::device::mig::Placed;
 use crate::device::migctl::{MigControl, MigError, ModeChange};
 
 use super::plan::{self, GpuState, Plan, Step};
@@ -36,13 +35,12 @@ fn run_step(ctl: &dyn MigControl, s: &Step) -> Result<Option<ModeChange>, MigErr
     match *s {
         Step::EnableMig { gpu } => ctl.set_mig_mode(gpu, true).map(Some),
         Step::DisableMig { gpu } => ctl.set_mig_mode(gpu, false).map(Some),
-        Step::Create { gpu, profile, start } => ctl.create(gpu, profile, start).map(|_| None),
+        Step::Create { gpu, profile, start, cis } => ctl.create(gpu, profile, start, cis).map(|_| None),
         Step::Destroy { gpu, profile, start } => {
-            let target = Placed { profile, start };
             let gi = ctl
                 .list(gpu)?
                 .into_iter()
-                .find(|i| i.placed.profile.id == target.profile.id && i.placed.start == start)
+                .find(|i| i.placed.profile.id == profile.id && i.placed.start == start)
                 .ok_or(MigError::NotFound { gpu, call: "destroy GPU instance", gi: 0 })?;
             ctl.destroy(gpu, gi.gi_id).map(|()| None)
         }

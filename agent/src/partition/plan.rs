@@ -3,7 +3,7 @@
 //! destroyed, the missing ones created largest first at explicit placements. GPUs no entry
 //! covers are left alone. Nothing here touches hardware.
 
-use crate::device::mig::{self, GiProfile, LayoutError, Placed};
+use crate::device::mig::{self, CiSplit, GiProfile, LayoutError, Placed};
 
 use super::spec::Entry;
 
@@ -21,8 +21,10 @@ pub struct GpuState {
 pub enum Step {
     EnableMig { gpu: u32 },
     DisableMig { gpu: u32 },
+    /// Destroys the GPU instance and its compute instances.
     Destroy { gpu: u32, profile: &'static GiProfile, start: u32 },
-    Create { gpu: u32, profile: &'static GiProfile, start: u32 },
+    /// Creates the GPU instance and its compute instances.
+    Create { gpu: u32, profile: &'static GiProfile, start: u32, cis: CiSplit },
 }
 
 impl std::fmt::Display for Step {
@@ -31,8 +33,12 @@ impl std::fmt::Display for Step {
             Step::EnableMig { gpu } => write!(f, "GPU {gpu}: enable MIG mode"),
             Step::DisableMig { gpu } => write!(f, "GPU {gpu}: disable MIG mode"),
             Step::Destroy { gpu, profile, start } => write!(f, "GPU {gpu}: destroy {} at placement {start}", profile.name),
-            Step::Create { gpu, profile, start } => {
-                write!(f, "GPU {gpu}: create {} (profile id {}) at placement {start}", profile.name, profile.id)
+            Step::Create { gpu, profile, start, cis } => {
+                write!(f, "GPU {gpu}: create {} (profile id {}) at placement {start}", profile.name, profile.id)?;
+                if !cis.is_full() {
+                    write!(f, " as compute instances {cis}")?;
+                }
+                Ok(())
             }
         }
     }
@@ -78,30 +84,66 @@ fn target(entry: &Entry, gpu: &GpuState) -> Result<Vec<Placed>, PlanError> {
             known: table.iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
         })
     };
-    let mut wanted = Vec::new();
-    for (name, &count) in &entry.mig_devices {
-        let p = lookup(name)?;
-        wanted.extend(std::iter::repeat_n(p, count as usize));
-    }
     let layout_err = |source| PlanError::Layout { gpu: gpu.index, product: gpu.product.clone(), source };
-    if entry.mig_placements.is_empty() {
-        return mig::place(&wanted).map_err(layout_err);
+    // Plain profiles want one GPU instance each; "Nc.<profile>" keys want compute
+    // instances, packed first-fit (largest first) into as few GPU instances as hold them.
+    let mut wanted = Vec::new();
+    let mut splits: Vec<(&'static GiProfile, Vec<CiSplit>)> = Vec::new();
+    let mut ci_wanted: Vec<(&'static GiProfile, Vec<u32>)> = Vec::new();
+    for (key, &count) in &entry.mig_devices {
+        let (ci, name) = mig::parse_device_key(key);
+        let p = lookup(name)?;
+        match ci {
+            None => wanted.extend(std::iter::repeat_n(p, count as usize)),
+            Some(n) => match ci_wanted.iter_mut().find(|(q, _)| q.id == p.id) {
+                Some((_, v)) => v.extend(std::iter::repeat_n(n, count as usize)),
+                None => ci_wanted.push((p, vec![n; count as usize])),
+            },
+        }
     }
-    let placed = entry
-        .mig_placements
-        .iter()
-        .map(|pl| Ok(Placed { profile: lookup(&pl.profile)?, start: pl.start }))
-        .collect::<Result<Vec<_>, PlanError>>()?;
-    let placed_profiles: Vec<&GiProfile> = placed.iter().map(|p| p.profile).collect();
-    if !wanted.is_empty() && names(&placed_profiles) != names(&wanted) {
-        return Err(PlanError::PlacementsMismatch {
-            gpu: gpu.index,
-            product: gpu.product.clone(),
-            placed: names(&placed_profiles),
-            wanted: names(&wanted),
-        });
+    for (p, mut sizes) in ci_wanted {
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let mut bins: Vec<Vec<u32>> = Vec::new();
+        for n in sizes {
+            CiSplit::new(p, &[n]).map_err(layout_err)?;
+            match bins.iter_mut().find(|b| b.iter().sum::<u32>() + n <= p.compute_slices) {
+                Some(b) => b.push(n),
+                None => bins.push(vec![n]),
+            }
+        }
+        wanted.extend(std::iter::repeat_n(p, bins.len()));
+        splits.push((p, bins.iter().map(|b| CiSplit::new(p, b)).collect::<Result<_, _>>().map_err(layout_err)?));
     }
-    mig::check_placements(&placed).map_err(layout_err)?;
+    let mut placed = if entry.mig_placements.is_empty() {
+        mig::place(&wanted).map_err(layout_err)?
+    } else {
+        let placed = entry
+            .mig_placements
+            .iter()
+            .map(|pl| Ok(Placed::new(lookup(&pl.profile)?, pl.start)))
+            .collect::<Result<Vec<_>, PlanError>>()?;
+        let placed_profiles: Vec<&GiProfile> = placed.iter().map(|p| p.profile).collect();
+        if !wanted.is_empty() && names(&placed_profiles) != names(&wanted) {
+            return Err(PlanError::PlacementsMismatch {
+                gpu: gpu.index,
+                product: gpu.product.clone(),
+                placed: names(&placed_profiles),
+                wanted: names(&wanted),
+            });
+        }
+        mig::check_placements(&placed).map_err(layout_err)?;
+        placed
+    };
+    // Split instances go to the lowest placements of their profile, deterministically.
+    placed.sort_by_key(|p| p.start);
+    for (p, list) in splits {
+        let mut slots = placed.iter_mut().filter(|x| x.profile.id == p.id);
+        for split in list {
+            if let Some(slot) = slots.next() {
+                slot.cis = split;
+            }
+        }
+    }
     Ok(placed)
 }
 
@@ -116,7 +158,7 @@ pub fn plan(entries: &[Entry], gpus: &[GpuState]) -> Result<Plan, PlanError> {
             continue;
         };
         let before = steps.len();
-        let same = |a: &Placed, b: &Placed| a.profile.id == b.profile.id && a.start == b.start;
+        let same = |a: &Placed, b: &Placed| a.profile.id == b.profile.id && a.start == b.start && a.cis == b.cis;
         if !entry.mig_enabled {
             // Highest placement first, so a teardown interrupted halfway leaves a contiguous prefix.
             let mut current = gpu.instances.clone();
@@ -133,11 +175,10 @@ pub fn plan(entries: &[Entry], gpus: &[GpuState]) -> Result<Plan, PlanError> {
             let mut destroy: Vec<&Placed> = gpu.instances.iter().filter(|c| !want.iter().any(|w| same(c, w))).collect();
             destroy.sort_by_key(|p| std::cmp::Reverse(p.start));
             steps.extend(destroy.iter().map(|p| Step::Destroy { gpu: gpu.index, profile: p.profile, start: p.start }));
-            steps.extend(want.iter().filter(|w| !gpu.instances.iter().any(|c| same(c, w))).map(|p| Step::Create {
-                gpu: gpu.index,
-                profile: p.profile,
-                start: p.start,
-            }));
+            // Largest first, as `place` ordered them (placement order for explicit placements).
+            let mut create: Vec<&Placed> = want.iter().filter(|w| !gpu.instances.iter().any(|c| same(c, w))).collect();
+            create.sort_by(|a, b| b.profile.size.cmp(&a.profile.size).then(b.profile.compute_slices.cmp(&a.profile.compute_slices)).then(a.start.cmp(&b.start)));
+            steps.extend(create.iter().map(|p| Step::Create { gpu: gpu.index, profile: p.profile, start: p.start, cis: p.cis }));
         }
         if steps.len() == before {
             unchanged.push(gpu.index);
@@ -157,7 +198,7 @@ mod tests {
             product: "NVIDIA H100 80GB HBM3".into(),
             pci_device_id: 0x2330_10DE,
             mig_enabled: mig,
-            instances: instances.iter().map(|(n, s)| Placed { profile: mig::by_name(mig::H100_80GB, n).unwrap(), start: *s }).collect(),
+            instances: instances.iter().map(|(n, s)| Placed::new(mig::by_name(mig::H100_80GB, n).unwrap(), *s)).collect(),
         }
     }
 
@@ -204,9 +245,9 @@ mig-configs:
                     let i = g.instances.iter().position(|p| p.profile.id == profile.id && p.start == start).unwrap();
                     g.instances.remove(i);
                 }
-                Step::Create { profile, start, .. } => {
+                Step::Create { profile, start, cis, .. } => {
                     assert!(g.mig_enabled, "create before MIG is on");
-                    g.instances.push(Placed { profile, start });
+                    g.instances.push(Placed { profile, start, cis });
                     mig::check_placements(&g.instances).unwrap();
                 }
             }
@@ -251,5 +292,55 @@ mig-configs:
         odd.pci_device_id = 0x1234_10DE;
         let e = plan(spec.config("balanced").unwrap(), &[odd]).unwrap_err().to_string();
         assert!(e.contains("PCI device id 0x123410DE): no MIG profile table"), "{e}");
+    }
+
+    #[test]
+    fn compute_instance_profiles_pack_into_gpu_instances() {
+        let spec = Spec::parse(
+            r#"
+version: v1
+mig-configs:
+  shared:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"4g.40gb": 1, "1c.3g.40gb": 3}
+  mixed7:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"1c.7g.80gb": 2, "2c.7g.80gb": 1, "3c.7g.80gb": 1}
+  two-gis:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"2c.3g.40gb": 2}
+  too-big:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"4c.3g.40gb": 1}
+  no-3c-in-4g:
+    - devices: all
+      mig-enabled: true
+      mig-devices: {"3c.4g.40gb": 1}
+"#,
+        )
+        .unwrap();
+        let show = |config: &str, gpus: &[GpuState]| -> Result<Vec<String>, String> {
+            plan(spec.config(config).unwrap(), gpus).map(|p| p.steps.iter().map(|s| s.to_string()).collect()).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            show("shared", &[h100(0, true, &[])]).unwrap(),
+            ["GPU 0: create 4g.40gb (profile id 5) at placement 0", "GPU 0: create 3g.40gb (profile id 9) at placement 4 as compute instances 1c+1c+1c"]
+        );
+        assert_eq!(show("mixed7", &[h100(0, true, &[])]).unwrap(), ["GPU 0: create 7g.80gb (profile id 0) at placement 0 as compute instances 3c+2c+1c+1c"]);
+        // Two 2-slice CIs do not share one 3g instance: two 3g instances.
+        assert_eq!(show("two-gis", &[h100(0, true, &[])]).unwrap().len(), 2);
+        let e = show("too-big", &[h100(0, true, &[])]).unwrap_err();
+        assert!(e.contains("3g.40gb cannot be split into compute instances 4c"), "{e}");
+        let e = show("no-3c-in-4g", &[h100(0, true, &[])]).unwrap_err();
+        assert!(e.contains("4g.40gb cannot be split into compute instances 3c") && e.contains("[1, 2, 4]"), "{e}");
+        // An instance with the wrong split is replaced; the right one is kept.
+        let mut gpu = h100(0, true, &[("4g.40gb", 0), ("3g.40gb", 4)]);
+        assert_eq!(show("shared", std::slice::from_ref(&gpu)).unwrap().len(), 2, "destroy the full 3g, create the split one");
+        gpu.instances[1].cis = mig::CiSplit::new(mig::by_name(mig::H100_80GB, "3g.40gb").unwrap(), &[1, 1, 1]).unwrap();
+        assert!(show("shared", &[gpu]).unwrap().is_empty());
     }
 }

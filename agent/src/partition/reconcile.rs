@@ -290,9 +290,9 @@ mod tests {
         fn list(&self, gpu: u32) -> Result<Vec<GpuInstance>, MigError> {
             self.inner.list(gpu)
         }
-        fn create(&self, gpu: u32, profile: &'static GiProfile, start: u32) -> Result<GpuInstance, MigError> {
+        fn create(&self, gpu: u32, profile: &'static GiProfile, start: u32, cis: mig::CiSplit) -> Result<GpuInstance, MigError> {
             self.tick();
-            self.inner.create(gpu, profile, start)
+            self.inner.create(gpu, profile, start, cis)
         }
         fn destroy(&self, gpu: u32, gi_id: u32) -> Result<(), MigError> {
             self.tick();
@@ -319,6 +319,30 @@ mod tests {
         let again = Reconciler::new(hw.clone(), Arc::new(NoRuntimes), gpus(2), dir.path()).unwrap();
         assert_eq!(again.status(), Some(s.clone()));
         assert_eq!(again.resume().unwrap(), Some(s));
+    }
+
+    #[test]
+    fn compute_instance_splits_apply_verify_and_show_as_mig_devices() {
+        use crate::device::gpu::{GpuBackend, GpuSample};
+        let dir = tempfile::tempdir().unwrap();
+        let hw = Arc::new(SimMig::new(&[H100]));
+        let r = Reconciler::new(hw.clone(), Arc::new(NoRuntimes), gpus(1), dir.path()).unwrap();
+        assert_eq!(r.apply(SPEC, "shared-3g").unwrap().phase, Phase::Success);
+        let split: Vec<_> = hw.list(0).unwrap().iter().map(|i| (i.placed.profile.name, i.placed.cis.to_string())).collect();
+        assert_eq!(split, [("4g.40gb", String::new()), ("3g.40gb", "1c+1c+1c".to_owned())]);
+        // Applying again changes nothing; another split of the same instance is re-created.
+        assert_eq!(r.apply(SPEC, "shared-3g").unwrap().phase, Phase::Success);
+        assert_eq!(hw.list(0).unwrap().len(), 2);
+        let accs = crate::device::Inventory::accelerators(&crate::device::sim::SimInventory::new(
+            "n",
+            &[crate::device::sim::SimSpec::parse("1xH100-80GB").unwrap()],
+        ))
+        .unwrap();
+        let mut telemetry = crate::device::gpusim::SimGpus::new(&accs, hw, Arc::new(crate::device::gpusim::SimFaults::default()));
+        let mut s = GpuSample::default();
+        telemetry.sample(0, &mut s);
+        let devs: Vec<(String, u32)> = s.reading.migs.iter().map(|m| (m.device.profile.clone(), m.device.ci_id)).collect();
+        assert_eq!(devs, [("4g.40gb".to_owned(), 0), ("3g.40gb".to_owned(), 0), ("3g.40gb".to_owned(), 1), ("3g.40gb".to_owned(), 2)]);
     }
 
     #[test]

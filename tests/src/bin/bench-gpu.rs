@@ -47,7 +47,7 @@ fn view() -> Result<(GpuView, Attribution)> {
     for g in 0..8 {
         mig.set_mig_mode(g, true)?;
         for start in 0..7 {
-            mig.create(g, one_g, start)?;
+            mig.create(g, one_g, start, mig::CiSplit::FULL)?;
         }
     }
     let metrics = GpuMetrics::new(HostLabel::new("Hostname", "bench"));
