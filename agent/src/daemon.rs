@@ -2,7 +2,7 @@
 //! and stops them all within the grace period on shutdown.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hearth_controller::telemetry::{self, Readiness, TextMetrics};
@@ -64,13 +64,14 @@ impl RunningAgent {
     }
 }
 
-/// Accelerator facts as metrics, one series per device (bounded by the devices present).
-#[derive(Debug, Default)]
-struct DeviceInfoMetrics(Mutex<Vec<Accelerator>>);
+/// Accelerator facts as metrics, one series per device (bounded by the devices present),
+/// read from the report so GPUs NVML reveals after start appear too.
+#[derive(Debug)]
+struct DeviceInfoMetrics(watch::Receiver<NodeReport>);
 
 impl Collector for DeviceInfoMetrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let devs = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let devs = self.0.borrow().accelerators.clone();
         let mut info = enc.encode_descriptor("hearth_accelerator_info", "Accelerators on this node", None, MetricType::Gauge)?;
         for a in &devs {
             let idx = a.index.to_string();
@@ -134,8 +135,6 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         }
     };
     info!(backend = inventory.name(), count = accelerators.len(), "accelerators discovered");
-    let device_metrics = Arc::new(DeviceInfoMetrics(Mutex::new(accelerators.clone())));
-    registry.register_collector(Box::new(device_metrics));
 
     let cache = Cache::open(cfg.cache.config.clone(), &mut registry)?;
     subsystems.push(("cache".to_owned(), true, cache.root().display().to_string()));
@@ -206,19 +205,27 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         bandwidth: cache.source_bandwidth(),
         partition: reconciler.as_ref().and_then(|r| r.status()),
     });
+    registry.register_collector(Box::new(DeviceInfoMetrics(report_tx.subscribe())));
     let warm = tokio::spawn(warm_models(cache.clone(), cfg.cache.models.clone(), shutdown.clone()).instrument(info_span!("warm")));
     let cache_report = tokio::spawn(cache_report_loop(cache.clone(), report_tx.clone(), shutdown.clone()));
     let (status_tx, status_rx) = tokio::sync::mpsc::channel(256);
+    // Set once the GPU collector runs; the partition path uses it to ask for a sweep.
+    let sweep_now: Arc<std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>> = Arc::default();
     let mut dispatcher = CommandDispatcher::new(Some(cache.clone()), status_tx, shutdown.clone());
     let mut partition_task = None;
     if let Some(r) = &reconciler {
         let tx = report_tx.clone();
+        let nudge = sweep_now.clone();
         let publish: Arc<dyn Fn(PartitionStatus) + Send + Sync> = Arc::new(move |s| {
             tx.send_if_modified(|rep| {
                 let changed = rep.partition.as_ref() != Some(&s);
                 rep.partition = Some(s.clone());
                 changed
             });
+            // New MIG devices reach the snapshot and /metrics with the next sweep: now.
+            if let Some(n) = nudge.get() {
+                n();
+            }
         });
         dispatcher = dispatcher.with_partition(PartitionHandler { reconciler: r.clone(), publish: publish.clone() });
         // At start: apply the configured spec (idempotent), or finish an apply that an
@@ -251,6 +258,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         match tokio::task::spawn_blocking(move || gpu_metrics::start(backend, gm, every, move |v| publish_gpus(&tx, v))).await? {
             Ok(stop) => {
                 telemetry_extra.push(gpu_metrics.clone() as Arc<dyn TextMetrics>);
+                let _ = sweep_now.set(Box::new(stop.nudger()));
                 gpu_stop = Some(stop);
                 let podres_metrics = PodResMetrics::register(&mut registry);
                 let gm = gpu_metrics.clone();
@@ -314,9 +322,8 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
             if let Some(p) = partition_task {
                 let _ = p.await;
             }
-            if let Some((stop, thread)) = gpu_stop {
-                drop(stop);
-                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            if let Some(collector) = gpu_stop {
+                let _ = tokio::task::spawn_blocking(move || collector.stop()).await;
             }
             if let Some(r) = reporter {
                 let _ = r.await;

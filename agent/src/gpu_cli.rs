@@ -33,15 +33,14 @@ pub fn backend(simulate: &[String]) -> anyhow::Result<Box<dyn GpuBackend>> {
 pub fn collect(backend: Box<dyn GpuBackend>, sweeps: u32, every: Duration, hostname: &str) -> anyhow::Result<(Arc<GpuMetrics>, GpuView)> {
     let metrics = GpuMetrics::new(crate::gpu_metrics::render::HostLabel::new("Hostname", hostname));
     let (tx, rx) = std::sync::mpsc::channel();
-    let (stop, thread) = gpu_metrics::start(backend, metrics.clone(), every, move |v| {
+    let handle = gpu_metrics::start(backend, metrics.clone(), every, move |v| {
         let _ = tx.send(v.clone());
     })?;
     let mut last = None;
     for _ in 0..sweeps.max(1) {
         last = Some(rx.recv_timeout(every * 4 + Duration::from_secs(10)).context("GPU collection stalled")?);
     }
-    drop(stop);
-    let _ = thread.join();
+    handle.stop();
     Ok((metrics, last.context("no sweep")?))
 }
 

@@ -186,6 +186,12 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
     assert_eq!(json["nodes"][0]["name"], "local");
     assert_eq!(json["nodes"][0]["accelerators"][0], "2 x NVIDIA H100 80GB HBM3");
     eprintln!("local mode listed its node after {:?}", start.elapsed());
+    // Its simulated GPUs export the dcgm-exporter families, so dashboards can be tried.
+    let (_, metrics) = http_get(ah, "/metrics").await?;
+    for family in ["DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_PROF_GR_ENGINE_ACTIVE", "DCGM_FI_DEV_XID_ERRORS"] {
+        let n = metrics.lines().filter(|l| l.starts_with(&format!("{family}{{"))).count();
+        assert_eq!(n, 2, "{family} for both simulated GPUs");
+    }
 
     // Table output too, then Ctrl-C stops it cleanly and removes the published info.
     let out = Command::new(bin("hearth")).args(["status", "--state-dir"]).arg(&state).output()?;

@@ -201,6 +201,32 @@ pub struct Sweeper {
     sweeps: u64,
 }
 
+/// The running collector thread.
+#[derive(Debug)]
+pub struct CollectorHandle {
+    wake: mpsc::Sender<()>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl CollectorHandle {
+    /// A function that makes the collector sweep now instead of at its next tick (after a
+    /// partition change, so the snapshot shows the new MIG devices at once).
+    pub fn nudger(&self) -> impl Fn() + Send + Sync + 'static {
+        let wake = Mutex::new(self.wake.clone());
+        move || {
+            let _ = wake.lock().unwrap_or_else(|p| p.into_inner()).send(());
+        }
+    }
+
+    /// Stops the thread after the sweep in progress and waits for it. Blocks.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.wake.send(());
+        let _ = self.thread.join();
+    }
+}
+
 /// Reads the static facts and starts the collector thread; `on_sweep` runs after every
 /// sweep (the daemon copies inventory changes into the report from it).
 pub fn start(
@@ -208,7 +234,7 @@ pub fn start(
     metrics: Arc<GpuMetrics>,
     every: Duration,
     on_sweep: impl Fn(&GpuView) + Send + 'static,
-) -> Result<(mpsc::Sender<()>, std::thread::JoinHandle<()>), crate::device::DeviceError> {
+) -> Result<CollectorHandle, crate::device::DeviceError> {
     let driver = backend.driver()?;
     let statics = backend.gpus()?;
     info!(backend = backend.name(), gpus = statics.len(), driver = %driver.driver_version, "GPU collection starting");
@@ -224,19 +250,22 @@ pub fn start(
     };
     // Publish the first sweep before returning, so the first scrape and snapshot have it.
     on_sweep(&c.sweep());
-    let (stop_tx, stop_rx) = mpsc::channel::<()>();
-    let handle = std::thread::Builder::new()
+    let (wake, woken) = mpsc::channel::<()>();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopping = stop.clone();
+    let thread = std::thread::Builder::new()
         .name("gpu-collector".into())
         .spawn(move || {
             loop {
-                match stop_rx.recv_timeout(every) {
-                    Err(mpsc::RecvTimeoutError::Timeout) => on_sweep(&c.sweep()),
-                    _ => return,
+                let r = woken.recv_timeout(every);
+                if stopping.load(Ordering::SeqCst) || r == Err(mpsc::RecvTimeoutError::Disconnected) {
+                    return;
                 }
+                on_sweep(&c.sweep());
             }
         })
         .map_err(|e| crate::device::DeviceError::Unavailable { backend: "gpu-collector", reason: format!("cannot start thread: {e}") })?;
-    Ok((stop_tx, handle))
+    Ok(CollectorHandle { wake, stop, thread })
 }
 
 impl Sweeper {
@@ -417,10 +446,9 @@ mod tests {
     #[test]
     fn a_panicking_backend_call_is_contained() {
         let metrics = GpuMetrics::new(render::HostLabel::new("Hostname", "n"));
-        let (tx, thread) = start(Box::new(Panicky), metrics.clone(), Duration::from_millis(10), |_| {}).unwrap();
+        let handle = start(Box::new(Panicky), metrics.clone(), Duration::from_millis(10), |_| {}).unwrap();
         std::thread::sleep(Duration::from_millis(50));
-        drop(tx);
-        thread.join().unwrap();
+        handle.stop();
         let v = metrics.view();
         assert!(v.sweeps >= 2);
         assert_eq!(v.gpus[1].reading.gpu_util, Some(42));

@@ -53,12 +53,11 @@ fn view() -> Result<(GpuView, Attribution)> {
     let metrics = GpuMetrics::new(HostLabel::new("Hostname", "bench"));
     let backend: Box<dyn GpuBackend> = Box::new(SimGpus::new(&accs, mig, Arc::new(SimFaults::default())));
     let (tx, rx) = std::sync::mpsc::channel();
-    let (stop, thread) = gpu_metrics::start(backend, metrics, Duration::from_millis(50), move |v| {
+    let handle = gpu_metrics::start(backend, metrics, Duration::from_millis(50), move |v| {
         let _ = tx.send(v.clone());
     })?;
     let v = rx.recv_timeout(Duration::from_secs(10))?;
-    drop(stop);
-    let _ = thread.join();
+    handle.stop();
     let mut pods = Vec::new();
     for g in &v.gpus {
         for m in &g.reading.migs {
