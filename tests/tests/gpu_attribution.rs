@@ -63,6 +63,16 @@ fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     line[start..].split('"').next()
 }
 
+/// The controller's view of `node`, or None while it has none (or is unreachable).
+async fn node_state(grpc: std::net::SocketAddr, pki: &TestPki, node: &str) -> Result<Option<pb::NodeState>> {
+    let tls = pki.client_material("operator")?;
+    let Ok(ch) = channel(grpc, Some(&tls)).await else { return Ok(None) };
+    let Ok(r) = pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: node.into() }).await else {
+        return Ok(None);
+    };
+    Ok(r.into_inner().state)
+}
+
 async fn metrics(agent: &AgentProc) -> String {
     http_get(agent.http, "/metrics").await.map(|(_, b)| b).unwrap_or_default()
 }
@@ -145,10 +155,7 @@ async fn gpu_series_carry_pod_labels_from_the_kubelet_and_survive_its_restarts()
     .await?;
 
     // The controller's view carries the NVML-level details of each GPU.
-    let tls = pki.client_material("operator")?;
-    let ch = channel(grpc, Some(&tls)).await?;
-    let node = pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: "gpu-1".into() }).await?.into_inner();
-    let accs = node.state.unwrap().accelerators;
+    let accs = node_state(grpc, &pki, "gpu-1").await?.unwrap().accelerators;
     assert_eq!(accs.len(), 2);
     assert!(accs.iter().all(|a| a.driver_version == "580.159.04" && a.cuda_version == "13.0" && !a.mig_enabled), "{accs:?}");
     assert_eq!(accs[0].uuid, gpu0);
@@ -165,15 +172,7 @@ async fn an_agent_told_to_use_nvml_without_a_driver_runs_on_and_says_why() -> Re
     // A library path that does not exist stands for a host without the NVIDIA driver.
     let missing = dir.path().join("no-such-libnvidia-ml.so.1");
     let agent = AgentProc::start_with_devices(dir.path(), &pki, "cpu-1", grpc, &format!("{{backend: nvml, nvml_library: {}}}", missing.display()))?;
-    let tls = pki.client_material("operator")?;
-    let state = wait_for("node reported with the reason", Duration::from_secs(15), || async {
-        let Ok(ch) = channel(grpc, Some(&tls)).await else { return Ok(None) };
-        let Ok(r) = pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: "cpu-1".into() }).await else {
-            return Ok(None);
-        };
-        Ok(r.into_inner().state)
-    })
-    .await?;
+    let state = wait_for("node reported with the reason", Duration::from_secs(15), || node_state(grpc, &pki, "cpu-1")).await?;
     let devices = state.subsystems.iter().find(|s| s.name == "devices").expect("devices subsystem reported");
     assert!(!devices.enabled, "{devices:?}");
     assert!(devices.reason.contains("libnvidia-ml"), "{devices:?}");
@@ -199,13 +198,8 @@ async fn a_partition_spec_in_the_config_is_applied_reported_and_exported() -> Re
         grpc,
         &format!("partition: {{spec: {}, config: balanced}}\n", spec.display()),
     )?;
-    let tls = pki.client_material("operator")?;
     let state = wait_for("partition applied and reported", Duration::from_secs(20), || async {
-        let Ok(ch) = channel(grpc, Some(&tls)).await else { return Ok(None) };
-        let Ok(r) = pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: "mig-1".into() }).await else {
-            return Ok(None);
-        };
-        let s = r.into_inner().state.unwrap_or_default();
+        let s = node_state(grpc, &pki, "mig-1").await?.unwrap_or_default();
         let done = s.partition.as_ref().is_some_and(|p| p.phase == pb::partition_status::Phase::Success as i32)
             && s.accelerators.iter().all(|a| a.partitions.len() == 4);
         Ok(done.then_some(s))
