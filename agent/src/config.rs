@@ -368,7 +368,10 @@ impl TryFrom<RawConfig> for Config {
             collect_interval: gpu_every,
             host_label: {
                 let name = r.devices.hostname_label_name.unwrap_or_else(|| "Hostname".into());
-                if !(name.is_empty() || (name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))) {
+                if !(name.is_empty()
+                    || (name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')))
+                {
                     return Err(invalid("devices.hostname_label_name", "a Prometheus label name like \"Hostname\", or \"\"", name));
                 }
                 crate::gpu_metrics::render::HostLabel { name, value: r.devices.hostname_label.unwrap_or_else(|| node_name.clone()) }
@@ -392,8 +395,10 @@ impl TryFrom<RawConfig> for Config {
         let partition = match (r.partition.spec, r.partition.config) {
             (None, None) => None,
             (Some(path), Some(config)) => {
-                let text = std::fs::read_to_string(&path).map_err(|e| invalid("partition.spec", "a readable spec file", format!("{} ({e})", path.display())))?;
-                let spec = crate::partition::spec::Spec::parse(&text).map_err(|e| invalid("partition.spec", format!("a valid spec ({e})"), path.display().to_string()))?;
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| invalid("partition.spec", "a readable spec file", format!("{} ({e})", path.display())))?;
+                let spec = crate::partition::spec::Spec::parse(&text)
+                    .map_err(|e| invalid("partition.spec", format!("a valid spec ({e})"), path.display().to_string()))?;
                 spec.config(&config).map_err(|e| invalid("partition.config", e.to_string(), &config))?;
                 Some((text, config))
             }

@@ -24,10 +24,10 @@ use crate::config::{Config, DeviceBackendKind};
 use crate::device::gpu::GpuBackend;
 use crate::device::gpusim::{SimFaults, SimGpus};
 use crate::device::migctl::{MigControl, SimMig};
-use crate::partition::reconcile::{GpuIdentity, NoRuntimes, PartitionStatus, Reconciler};
 use crate::device::{Accelerator, Inventory, NoDevices, Vendor, sim::SimInventory};
 use crate::gpu_metrics::{self, CollectionMetrics, GpuMetrics, GpuView};
 use crate::node::{NodeMetrics, NodeReader, NodeSample};
+use crate::partition::reconcile::{GpuIdentity, NoRuntimes, PartitionStatus, Reconciler};
 use crate::podres::{self, PodResMetrics};
 use crate::report::{CommandDispatcher, NodeReport, PartitionHandler, ReportClient, ReportMetrics, ReportSettings};
 

@@ -83,7 +83,12 @@ pub fn inventory_text(v: &GpuView) -> String {
             ));
         }
         for p in &r.processes {
-            out.push_str(&format!("  process {}  {} MiB{}\n", p.pid, p.used_memory_bytes >> 20, p.gi_id.map(|g| format!("  GI {g}")).unwrap_or_default()));
+            out.push_str(&format!(
+                "  process {}  {} MiB{}\n",
+                p.pid,
+                p.used_memory_bytes >> 20,
+                p.gi_id.map(|g| format!("  GI {g}")).unwrap_or_default()
+            ));
         }
     }
     out

@@ -92,7 +92,10 @@ async fn gpu_series_carry_pod_labels_from_the_kubelet_and_survive_its_restarts()
         &pki,
         "gpu-1",
         grpc,
-        &format!("{{simulated: [2xH100-80GB], collect_interval: 200ms, pod_resources_dir: {}, pod_resources_interval: 200ms}}", pr.display()),
+        &format!(
+            "{{simulated: [2xH100-80GB], collect_interval: 200ms, pod_resources_dir: {}, pod_resources_interval: 200ms}}",
+            pr.display()
+        ),
     )?;
 
     // The GPUs' UUIDs, as the exporter labels them.
@@ -129,9 +132,8 @@ async fn gpu_series_carry_pod_labels_from_the_kubelet_and_survive_its_restarts()
 
     // The kubelet restarts: the socket is replaced at the same path; the agent redials.
     stop.cancel();
-    *kubelet.0.lock().unwrap() = ListPodResourcesResponse {
-        pod_resources: vec![pod("ml", "llama-1", "vllm", "nvidia.com/gpu", std::slice::from_ref(&gpu0))],
-    };
+    *kubelet.0.lock().unwrap() =
+        ListPodResourcesResponse { pod_resources: vec![pod("ml", "llama-1", "vllm", "nvidia.com/gpu", std::slice::from_ref(&gpu0))] };
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop = serve(&pr, kubelet.clone())?;
     wait_for("labels after a kubelet restart", Duration::from_secs(15), || async {
@@ -171,7 +173,8 @@ async fn an_agent_told_to_use_nvml_without_a_driver_runs_on_and_says_why() -> Re
     let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
     // A library path that does not exist stands for a host without the NVIDIA driver.
     let missing = dir.path().join("no-such-libnvidia-ml.so.1");
-    let agent = AgentProc::start_with_devices(dir.path(), &pki, "cpu-1", grpc, &format!("{{backend: nvml, nvml_library: {}}}", missing.display()))?;
+    let agent =
+        AgentProc::start_with_devices(dir.path(), &pki, "cpu-1", grpc, &format!("{{backend: nvml, nvml_library: {}}}", missing.display()))?;
     let state = wait_for("node reported with the reason", Duration::from_secs(15), || node_state(grpc, &pki, "cpu-1")).await?;
     let devices = state.subsystems.iter().find(|s| s.name == "devices").expect("devices subsystem reported");
     assert!(!devices.enabled, "{devices:?}");
@@ -191,13 +194,7 @@ async fn a_partition_spec_in_the_config_is_applied_reported_and_exported() -> Re
     let grpc = free_addr();
     let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
     let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/mig-spec.yaml");
-    let agent = AgentProc::start(
-        dir.path(),
-        &pki,
-        "mig-1",
-        grpc,
-        &format!("partition: {{spec: {}, config: balanced}}\n", spec.display()),
-    )?;
+    let agent = AgentProc::start(dir.path(), &pki, "mig-1", grpc, &format!("partition: {{spec: {}, config: balanced}}\n", spec.display()))?;
     let state = wait_for("partition applied and reported", Duration::from_secs(20), || async {
         let s = node_state(grpc, &pki, "mig-1").await?.unwrap_or_default();
         let done = s.partition.as_ref().is_some_and(|p| p.phase == pb::partition_status::Phase::Success as i32)

@@ -197,7 +197,9 @@ pub enum LayoutError {
     ComputeSlices { compute: u32 },
     #[error("{requested} do not fit one GPU: no allowed placements put them side by side")]
     NoFit { requested: String },
-    #[error("{profile} cannot be split into compute instances {split}: sizes must be among {allowed:?} compute slices and add up to at most the instance's")]
+    #[error(
+        "{profile} cannot be split into compute instances {split}: sizes must be among {allowed:?} compute slices and add up to at most the instance's"
+    )]
     ComputeSplit { profile: &'static str, split: String, allowed: &'static [u32] },
 }
 

@@ -455,7 +455,13 @@ pub mod raw {
         let call = "list compute instances";
         let list = nvml.lib().nvmlGpuInstanceGetComputeInstances.as_ref().map_err(|_| missing(gpu, call))?;
         let mut sizes = Vec::new();
-        for (slices, profile) in [(1, NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE), (2, NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE), (3, NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE), (4, NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE), (7, NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE)] {
+        for (slices, profile) in [
+            (1, NVML_COMPUTE_INSTANCE_PROFILE_1_SLICE),
+            (2, NVML_COMPUTE_INSTANCE_PROFILE_2_SLICE),
+            (3, NVML_COMPUTE_INSTANCE_PROFILE_3_SLICE),
+            (4, NVML_COMPUTE_INSTANCE_PROFILE_4_SLICE),
+            (7, NVML_COMPUTE_INSTANCE_PROFILE_7_SLICE),
+        ] {
             let mut cis: [nvmlComputeInstance_t; 8] = [std::ptr::null_mut(); 8];
             let mut count = 0u32;
             // SAFETY: `cis` has room for 8; NVML writes `count` <= 8 handles.
@@ -482,7 +488,14 @@ pub mod raw {
 
     /// Creates a GPU instance at an explicit placement and its compute instances (one
     /// spanning it unless `cis` splits it), so the MIG devices are usable at once.
-    pub fn create_instance(nvml: &Nvml, d: &Device<'_>, gpu: u32, p: &'static GiProfile, start: u32, cis: CiSplit) -> Result<GpuInstance, MigError> {
+    pub fn create_instance(
+        nvml: &Nvml,
+        d: &Device<'_>,
+        gpu: u32,
+        p: &'static GiProfile,
+        start: u32,
+        cis: CiSplit,
+    ) -> Result<GpuInstance, MigError> {
         let call = "create GPU instance";
         let create = nvml.lib().nvmlDeviceCreateGpuInstanceWithPlacement.as_ref().map_err(|_| missing(gpu, call))?;
         let info_fn = nvml.lib().nvmlGpuInstanceGetInfo.as_ref().map_err(|_| missing(gpu, call))?;

@@ -50,6 +50,9 @@ pub struct GpuView {
     pub gpus: Vec<GpuState>,
     pub sweeps: u64,
     pub last_sweep: Duration,
+    /// When the sweep finished: a hung driver call shows as a growing age, not stale values
+    /// passed off as fresh.
+    pub finished: Option<Instant>,
 }
 
 impl GpuView {
@@ -117,7 +120,6 @@ impl GpuMetrics {
         *self.attribution.lock().unwrap_or_else(|p| p.into_inner()) = a;
     }
 
-
     /// Failure counts so far, by (GPU, call).
     pub fn failures(&self) -> BTreeMap<(u32, Call), u64> {
         self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone()
@@ -151,6 +153,14 @@ impl Collector for CollectionMetrics {
             Some(&Unit::Seconds),
             MetricType::Gauge,
         )?)?;
+        if let Some(at) = v.finished {
+            ConstGauge::new(at.elapsed().as_secs_f64()).encode(enc.encode_descriptor(
+                "hearth_gpu_collection_age",
+                "Time since the last completed sweep (grows if an NVML call hangs)",
+                Some(&Unit::Seconds),
+                MetricType::Gauge,
+            )?)?;
+        }
         let failures = m.failures();
         let mut f =
             enc.encode_descriptor("hearth_gpu_collection_failures", "Failed NVML calls by GPU and call", None, MetricType::Counter)?;
@@ -307,8 +317,14 @@ impl Sweeper {
             gpus.push(GpuState { info: s, reading: sample.reading, last_xid, health, health_reason: reason, reachable });
         }
         self.sweeps += 1;
-        let view =
-            GpuView { backend: self.backend.name(), driver: self.driver.clone(), gpus, sweeps: self.sweeps, last_sweep: t0.elapsed() };
+        let view = GpuView {
+            backend: self.backend.name(),
+            driver: self.driver.clone(),
+            gpus,
+            sweeps: self.sweeps,
+            last_sweep: t0.elapsed(),
+            finished: Some(Instant::now()),
+        };
         self.metrics.set_view(view.clone());
         view
     }
@@ -390,6 +406,12 @@ mod tests {
         faults.clear();
         s.sweep();
         assert!(m.view().gpus[1].reachable, "recovers when the GPU answers again");
+        let mut reg = prometheus_client::registry::Registry::default();
+        reg.register_collector(Box::new(CollectionMetrics(m.clone())));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(text.contains("hearth_gpu_collection_age_seconds "), "{text}");
+        assert!(text.contains("hearth_gpu_collection_failures_total{gpu=\"0\",call=\"temperature\"} 2"), "{text}");
     }
 
     #[test]

@@ -480,6 +480,7 @@ mod tests {
             gpus,
             sweeps: 1,
             last_sweep: Duration::ZERO,
+            finished: None,
         };
         (view, a)
     }

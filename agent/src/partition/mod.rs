@@ -17,7 +17,11 @@ pub fn plan_command(spec_path: &std::path::Path, config: &str, simulate: &[Strin
     let text = std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let spec = spec::Spec::parse(&text).with_context(|| spec_path.display().to_string())?;
     let entries = spec.config(config)?;
-    let (source, gpus) = if simulate.is_empty() { ("NVML", nvml_state().context("reading this host's GPUs through NVML (or pass --simulate PRODUCTS, e.g. --simulate 8xH100-80GB, to plan against simulated GPUs)")?) } else { ("simulated", simulated_state(simulate)?) };
+    let (source, gpus) = if simulate.is_empty() {
+        ("NVML", nvml_state().context("reading this host's GPUs through NVML (or pass --simulate PRODUCTS, e.g. --simulate 8xH100-80GB, to plan against simulated GPUs)")?)
+    } else {
+        ("simulated", simulated_state(simulate)?)
+    };
     let p = plan::plan(entries, &gpus)?;
     let mut out = format!("plan for config {config:?} on {} {source} GPU(s) (read-only; nothing was changed):\n", gpus.len());
     for g in &gpus {
@@ -51,7 +55,13 @@ fn simulated_state(simulate: &[String]) -> anyhow::Result<Vec<plan::GpuState>> {
     Ok(crate::device::Inventory::accelerators(&inventory)?
         .into_iter()
         .filter(|a| a.vendor == crate::device::Vendor::Nvidia)
-        .map(|a| plan::GpuState { index: a.index, product: a.product, pci_device_id: a.pci_device_id, mig_enabled: false, instances: Vec::new() })
+        .map(|a| plan::GpuState {
+            index: a.index,
+            product: a.product,
+            pci_device_id: a.pci_device_id,
+            mig_enabled: false,
+            instances: Vec::new(),
+        })
         .collect())
 }
 
@@ -65,9 +75,13 @@ fn nvml_state() -> anyhow::Result<Vec<plan::GpuState>> {
         let state = match apply::read_state(&ctl, g.index, &g.name, g.pci_device_id) {
             Ok(s) => s,
             // A GPU without MIG support plans as "MIG off, nothing to list".
-            Err(crate::device::migctl::MigError::NotSupported { .. }) => {
-                plan::GpuState { index: g.index, product: g.name.clone(), pci_device_id: g.pci_device_id, mig_enabled: false, instances: Vec::new() }
-            }
+            Err(crate::device::migctl::MigError::NotSupported { .. }) => plan::GpuState {
+                index: g.index,
+                product: g.name.clone(),
+                pci_device_id: g.pci_device_id,
+                mig_enabled: false,
+                instances: Vec::new(),
+            },
             Err(e) => return Err(e.into()),
         };
         out.push(state);

@@ -19,12 +19,25 @@ pub struct GpuState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
-    EnableMig { gpu: u32 },
-    DisableMig { gpu: u32 },
+    EnableMig {
+        gpu: u32,
+    },
+    DisableMig {
+        gpu: u32,
+    },
     /// Destroys the GPU instance and its compute instances.
-    Destroy { gpu: u32, profile: &'static GiProfile, start: u32 },
+    Destroy {
+        gpu: u32,
+        profile: &'static GiProfile,
+        start: u32,
+    },
     /// Creates the GPU instance and its compute instances.
-    Create { gpu: u32, profile: &'static GiProfile, start: u32, cis: CiSplit },
+    Create {
+        gpu: u32,
+        profile: &'static GiProfile,
+        start: u32,
+        cis: CiSplit,
+    },
 }
 
 impl std::fmt::Display for Step {
@@ -117,11 +130,8 @@ fn target(entry: &Entry, gpu: &GpuState) -> Result<Vec<Placed>, PlanError> {
     let mut placed = if entry.mig_placements.is_empty() {
         mig::place(&wanted).map_err(layout_err)?
     } else {
-        let placed = entry
-            .mig_placements
-            .iter()
-            .map(|pl| Ok(Placed::new(lookup(&pl.profile)?, pl.start)))
-            .collect::<Result<Vec<_>, PlanError>>()?;
+        let placed =
+            entry.mig_placements.iter().map(|pl| Ok(Placed::new(lookup(&pl.profile)?, pl.start))).collect::<Result<Vec<_>, PlanError>>()?;
         let placed_profiles: Vec<&GiProfile> = placed.iter().map(|p| p.profile).collect();
         if !wanted.is_empty() && names(&placed_profiles) != names(&wanted) {
             return Err(PlanError::PlacementsMismatch {
@@ -177,7 +187,13 @@ pub fn plan(entries: &[Entry], gpus: &[GpuState]) -> Result<Plan, PlanError> {
             steps.extend(destroy.iter().map(|p| Step::Destroy { gpu: gpu.index, profile: p.profile, start: p.start }));
             // Largest first, as `place` ordered them (placement order for explicit placements).
             let mut create: Vec<&Placed> = want.iter().filter(|w| !gpu.instances.iter().any(|c| same(c, w))).collect();
-            create.sort_by(|a, b| b.profile.size.cmp(&a.profile.size).then(b.profile.compute_slices.cmp(&a.profile.compute_slices)).then(a.start.cmp(&b.start)));
+            create.sort_by(|a, b| {
+                b.profile
+                    .size
+                    .cmp(&a.profile.size)
+                    .then(b.profile.compute_slices.cmp(&a.profile.compute_slices))
+                    .then(a.start.cmp(&b.start))
+            });
             steps.extend(create.iter().map(|p| Step::Create { gpu: gpu.index, profile: p.profile, start: p.start, cis: p.cis }));
         }
         if steps.len() == before {
@@ -328,9 +344,15 @@ mig-configs:
         };
         assert_eq!(
             show("shared", &[h100(0, true, &[])]).unwrap(),
-            ["GPU 0: create 4g.40gb (profile id 5) at placement 0", "GPU 0: create 3g.40gb (profile id 9) at placement 4 as compute instances 1c+1c+1c"]
+            [
+                "GPU 0: create 4g.40gb (profile id 5) at placement 0",
+                "GPU 0: create 3g.40gb (profile id 9) at placement 4 as compute instances 1c+1c+1c"
+            ]
         );
-        assert_eq!(show("mixed7", &[h100(0, true, &[])]).unwrap(), ["GPU 0: create 7g.80gb (profile id 0) at placement 0 as compute instances 3c+2c+1c+1c"]);
+        assert_eq!(
+            show("mixed7", &[h100(0, true, &[])]).unwrap(),
+            ["GPU 0: create 7g.80gb (profile id 0) at placement 0 as compute instances 3c+2c+1c+1c"]
+        );
         // Two 2-slice CIs do not share one 3g instance: two 3g instances.
         assert_eq!(show("two-gis", &[h100(0, true, &[])]).unwrap().len(), 2);
         let e = show("too-big", &[h100(0, true, &[])]).unwrap_err();

@@ -151,7 +151,9 @@ impl Reconciler {
     fn load(&self) -> Result<Option<Record>, ReconcileError> {
         let err = |reason: String| ReconcileError::Record { path: self.record_path.clone(), reason };
         match std::fs::read(&self.record_path) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| err(format!("not a partition record ({e}); move it aside to start afresh"))),
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| err(format!("not a partition record ({e}); move it aside to start afresh"))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(err(e.to_string())),
         }
@@ -169,7 +171,10 @@ impl Reconciler {
     fn read_states(&self) -> Result<Vec<GpuState>, ReconcileError> {
         self.gpus
             .iter()
-            .map(|g| apply::read_state(self.ctl.as_ref(), g.index, &g.product, g.pci_device_id).map_err(|source| ReconcileError::Read { gpu: g.index, source }))
+            .map(|g| {
+                apply::read_state(self.ctl.as_ref(), g.index, &g.product, g.pci_device_id)
+                    .map_err(|source| ReconcileError::Read { gpu: g.index, source })
+            })
             .collect()
     }
 
@@ -352,7 +357,8 @@ mod tests {
         let r = Reconciler::new(hw.clone(), Arc::new(NoRuntimes), gpus(1), dir.path()).unwrap();
         let e = r.apply(SPEC, "no-such-config").unwrap_err().to_string();
         assert!(e.contains("no-such-config"), "{e}");
-        let e = r.apply("version: v1\nmig-configs: {x: [{devices: all, mig-enabled: true, mig-devices: {\"3g.40gb\": 3}}]}", "x").unwrap_err();
+        let e =
+            r.apply("version: v1\nmig-configs: {x: [{devices: all, mig-enabled: true, mig-devices: {\"3g.40gb\": 3}}]}", "x").unwrap_err();
         assert!(e.to_string().contains("3g.40gb"), "{e}");
         assert_eq!(hw.mig_mode(0).unwrap(), (false, false));
         assert!(!dir.path().join("partition.json").exists(), "nothing recorded for refused input");

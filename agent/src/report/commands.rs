@@ -186,7 +186,12 @@ impl CommandDispatcher {
     fn spawn_partition(&self, h: PartitionHandler, spec: String, config: String, accepted: CommandOutcome) {
         let me = self.clone();
         let span = info_span!("partition_command", command = %accepted.command_id, config = %config);
-        (h.publish)(PartitionStatus { config: config.clone(), phase: PartitionPhase::Pending, reason: "accepted".into(), gpus: Default::default() });
+        (h.publish)(PartitionStatus {
+            config: config.clone(),
+            phase: PartitionPhase::Pending,
+            reason: "accepted".into(),
+            gpus: Default::default(),
+        });
         tokio::spawn(
             async move {
                 let r = h.reconciler.clone();
@@ -195,7 +200,11 @@ impl CommandDispatcher {
                     Ok(Ok(status)) => {
                         (h.publish)(status.clone());
                         match status.phase {
-                            PartitionPhase::Success => CommandOutcome { phase: Phase::Succeeded, message: format!("partition config {config:?} applied"), ..accepted },
+                            PartitionPhase::Success => CommandOutcome {
+                                phase: Phase::Succeeded,
+                                message: format!("partition config {config:?} applied"),
+                                ..accepted
+                            },
                             p => CommandOutcome { phase: Phase::Failed, message: format!("{}: {}", p.as_str(), status.reason), ..accepted },
                         }
                     }

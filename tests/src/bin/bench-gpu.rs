@@ -66,7 +66,11 @@ fn view() -> Result<(GpuView, Attribution)> {
                 namespace: "serving".into(),
                 containers: vec![ContainerResources {
                     name: "vllm".into(),
-                    devices: vec![ContainerDevices { resource_name: "nvidia.com/mig-1g.10gb".into(), device_ids: vec![m.device.uuid.clone()], topology: None }],
+                    devices: vec![ContainerDevices {
+                        resource_name: "nvidia.com/mig-1g.10gb".into(),
+                        device_ids: vec![m.device.uuid.clone()],
+                        topology: None,
+                    }],
                 }],
             });
         }
@@ -125,9 +129,7 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 
 fn rss_kib(pid: u32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()))
-        .context("VmRSS")
+    s.lines().find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())).context("VmRSS")
 }
 
 async fn agent_rss(devices: &str, extra: &str, seconds: u64) -> Result<(u64, usize)> {
