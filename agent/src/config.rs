@@ -117,6 +117,17 @@ pub struct RawCache {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct RawKubernetes {
+    /// Write the partition state as labels on this node; default: on inside a cluster.
+    pub label_node: Option<bool>,
+    /// Default: the in-cluster service (KUBERNETES_SERVICE_HOST/PORT).
+    pub api_server: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RawPartition {
     /// Partition spec file (mig-parted format).
     pub spec: Option<PathBuf>,
@@ -141,6 +152,8 @@ pub struct RawConfig {
     pub max_message_size: Option<String>,
     #[serde(default)]
     pub partition: RawPartition,
+    #[serde(default)]
+    pub kubernetes: RawKubernetes,
     /// Durable agent state (the partition record); default /var/lib/hearth.
     pub state_dir: Option<PathBuf>,
 }
@@ -203,6 +216,8 @@ pub struct Config {
     /// Spec text and config name to apply at start.
     pub partition: Option<(String, String)>,
     pub state_dir: PathBuf,
+    /// Where to write node labels; None: not in a cluster, or turned off.
+    pub kubernetes: Option<crate::kube::KubeSettings>,
 }
 
 /// The cache as configured: engine settings and the models to keep warm (and whether pinned).
@@ -210,6 +225,37 @@ pub struct Config {
 pub struct CacheSettings {
     pub config: crate::cache::manager::CacheConfig,
     pub models: Vec<(crate::cache::spec::ModelSpec, bool)>,
+}
+
+fn kube_settings(r: RawKubernetes) -> Result<Option<crate::kube::KubeSettings>, AgentConfigError> {
+    use crate::kube::{KubeSettings, SA_DIR};
+    if r.label_node == Some(false) {
+        return Ok(None);
+    }
+    let base = match r.api_server {
+        Some(url) => {
+            if !url.starts_with("https://") {
+                return Err(invalid("kubernetes.api_server", "an https:// URL", url));
+            }
+            Some(KubeSettings { api_server: url, token_file: format!("{SA_DIR}/token").into(), ca_file: format!("{SA_DIR}/ca.crt").into() })
+        }
+        None => KubeSettings::in_cluster(),
+    };
+    match base {
+        None if r.label_node == Some(true) => {
+            Err(invalid("kubernetes.label_node", "kubernetes.api_server, or running in a cluster (KUBERNETES_SERVICE_HOST)", "true"))
+        }
+        None => Ok(None),
+        Some(mut k) => {
+            if let Some(t) = r.token_file {
+                k.token_file = t;
+            }
+            if let Some(c) = r.ca_file {
+                k.ca_file = c;
+            }
+            Ok(Some(k))
+        }
+    }
 }
 
 fn cache_settings(r: RawCache) -> Result<CacheSettings, AgentConfigError> {
@@ -423,6 +469,7 @@ impl TryFrom<RawConfig> for Config {
             shutdown_grace: dur("shutdown_grace", r.shutdown_grace, "5s")?,
             max_message_bytes: max as usize,
             partition,
+            kubernetes: kube_settings(r.kubernetes)?,
             state_dir: r.state_dir.unwrap_or_else(|| "/var/lib/hearth".into()),
         })
     }
@@ -442,6 +489,20 @@ mod tests {
         assert!(c.controller.is_none());
         assert_eq!(c.devices, DeviceBackendKind::None);
         assert_eq!(c.collect_interval, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn kubernetes_and_partition_sections_are_validated() {
+        let e = parse("node_name: n1\nkubernetes: {api_server: \"http://10.0.0.1\"}").unwrap_err().to_string();
+        assert_eq!(e, "kubernetes.api_server: expected an https:// URL, got \"http://10.0.0.1\"");
+        let c = parse("node_name: n1\nkubernetes: {api_server: \"https://10.0.0.1:6443\", token_file: /t}").unwrap();
+        let k = c.kubernetes.unwrap();
+        assert_eq!((k.api_server.as_str(), k.token_file.to_str().unwrap()), ("https://10.0.0.1:6443", "/t"));
+        assert!(parse("node_name: n1\nkubernetes: {api_server: \"https://x\", label_node: false}").unwrap().kubernetes.is_none());
+        let e = parse("node_name: n1\npartition: {config: balanced}").unwrap_err().to_string();
+        assert!(e.starts_with("partition.spec: expected a spec file"), "{e}");
+        let e = parse("node_name: n1\ndevices: {hostname_label_name: \"host name\"}").unwrap_err().to_string();
+        assert!(e.starts_with("devices.hostname_label_name: expected a Prometheus label name"), "{e}");
     }
 
     #[test]

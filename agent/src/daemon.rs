@@ -209,6 +209,16 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
     let warm = tokio::spawn(warm_models(cache.clone(), cfg.cache.models.clone(), shutdown.clone()).instrument(info_span!("warm")));
     let cache_report = tokio::spawn(cache_report_loop(cache.clone(), report_tx.clone(), shutdown.clone()));
     let (status_tx, status_rx) = tokio::sync::mpsc::channel(256);
+    // Labels for the Kubernetes Node object (the partition state), written by `kube::label_loop`.
+    let (node_labels, node_labels_rx) = watch::channel(std::collections::BTreeMap::<String, Option<String>>::new());
+    let labeler = cfg.kubernetes.clone().map(|k| {
+        let results = prometheus_client::metrics::family::Family::default();
+        registry.register("hearth_node_label_patches", "PATCHes of this node's labels in the Kubernetes API, by result", results.clone());
+        tokio::spawn(
+            crate::kube::label_loop(k, cfg.node_name.clone(), node_labels_rx, results, shutdown.clone())
+                .instrument(info_span!("node_labels")),
+        )
+    });
     // Set once the GPU collector runs; the partition path uses it to ask for a sweep.
     let sweep_now: Arc<std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>> = Arc::default();
     let mut dispatcher = CommandDispatcher::new(Some(cache.clone()), status_tx, shutdown.clone());
@@ -216,7 +226,14 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
     if let Some(r) = &reconciler {
         let tx = report_tx.clone();
         let nudge = sweep_now.clone();
+        let labels = node_labels.clone();
         let publish: Arc<dyn Fn(PartitionStatus) + Send + Sync> = Arc::new(move |s| {
+            labels.send_if_modified(|l| {
+                let next: std::collections::BTreeMap<String, Option<String>> = s.labels().into_iter().map(|(k, v)| (k, Some(v))).collect();
+                let changed = *l != next;
+                *l = next;
+                changed
+            });
             tx.send_if_modified(|rep| {
                 let changed = rep.partition.as_ref() != Some(&s);
                 rep.partition = Some(s.clone());
@@ -317,6 +334,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
             let _ = cache_report.await;
             if let Some(a) = attribution {
                 let _ = a.await;
+            }
+            if let Some(l) = labeler {
+                let _ = l.await;
             }
             // An apply in progress finishes (and records its outcome) before we exit.
             if let Some(p) = partition_task {

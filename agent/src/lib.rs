@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod device;
 pub mod gpu_cli;
 pub mod gpu_metrics;
+pub mod kube;
 pub mod local;
 pub mod node;
 pub mod partition;

@@ -143,6 +143,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         max_message_bytes: hearth_proto::transport::DEFAULT_MAX_MESSAGE_BYTES,
         partition: None,
         state_dir: dir.join("state"),
+        kubernetes: None,
     };
 
     let agent = crate::daemon::start(acfg, shutdown.clone()).await?;
