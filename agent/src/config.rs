@@ -195,7 +195,7 @@ pub struct GpuSettings {
     pub collect_interval: Duration,
     pub host_label: crate::gpu_metrics::render::HostLabel,
     pub nvml_library: Option<PathBuf>,
-    pub pod_resources: crate::podres::PodResSettings,
+    pub pod_resources: crate::kube::podres::PodResSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -423,8 +423,8 @@ impl TryFrom<RawConfig> for Config {
                 crate::gpu_metrics::render::HostLabel { name, value: r.devices.hostname_label.unwrap_or_else(|| node_name.clone()) }
             },
             nvml_library: r.devices.nvml_library,
-            pod_resources: crate::podres::PodResSettings {
-                dir: r.devices.pod_resources_dir.unwrap_or_else(|| crate::podres::DEFAULT_DIR.into()),
+            pod_resources: crate::kube::podres::PodResSettings {
+                dir: r.devices.pod_resources_dir.unwrap_or_else(|| crate::kube::podres::DEFAULT_DIR.into()),
                 every: podres_every,
                 timeout: Duration::from_secs(5),
                 stale_after: podres_every * 3,

@@ -13,7 +13,6 @@ pub mod kube;
 pub mod local;
 pub mod node;
 pub mod partition;
-pub mod podres;
 pub mod prefetch;
 pub mod report;
 pub mod status;

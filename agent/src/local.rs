@@ -117,7 +117,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
             host_label: crate::gpu_metrics::render::HostLabel::new("Hostname", &args.node_name),
             nvml_library: None,
             // No kubelet here: GPU metrics carry no pod labels (and count the missing socket).
-            pod_resources: crate::podres::PodResSettings {
+            pod_resources: crate::kube::podres::PodResSettings {
                 dir: dir.join("pod-resources"),
                 every: Duration::from_secs(30),
                 timeout: Duration::from_secs(2),

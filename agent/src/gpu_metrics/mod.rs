@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use crate::device::gpu::{Call, DriverInfo, GpuBackend, GpuReading, GpuSample, GpuStatic, health_of};
 use crate::device::{GpuDetail, Health};
-use crate::podres::Attribution;
+use crate::kube::podres::Attribution;
 
 /// Non-fatal XIDs count against health for this long; fatal ones until the agent restarts
 /// (a GPU that needs a reset comes back with a driver reload, which restarts us).

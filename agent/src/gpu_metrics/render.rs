@@ -17,7 +17,7 @@ use std::fmt::Write;
 
 use super::{GpuState, GpuView};
 use crate::device::gpu::{MigReading, ProfReading, xid_message};
-use crate::podres::{Attribution, PodLabels};
+use crate::kube::podres::{Attribution, PodLabels};
 
 /// The host label: dcgm-exporter releases up to 4.8 call it `Hostname`, later ones
 /// `hostname`; an empty name leaves it out (dcgm-exporter's `--no-hostname`).

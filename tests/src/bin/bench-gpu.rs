@@ -23,7 +23,7 @@ use hearth_agent::device::migctl::{MigControl, SimMig};
 use hearth_agent::device::sim::{SimInventory, SimSpec};
 use hearth_agent::gpu_metrics::render::{HostLabel, render};
 use hearth_agent::gpu_metrics::{self, GpuMetrics, GpuView};
-use hearth_agent::podres::Attribution;
+use hearth_agent::kube::podres::Attribution;
 use hearth_proto::podresources::{ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources};
 use hearth_tests::{bin, free_addr, http_get};
 use prometheus_client::encoding::EncodeLabelSet;

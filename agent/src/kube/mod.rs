@@ -1,10 +1,14 @@
-//! The one thing the agent writes to the Kubernetes API: labels on its own Node, so
-//! `kubectl get nodes -L hearth.dev/mig.config.state` and node selectors see what the
-//! partition reconciler did (as mig-parted's `nvidia.com/mig.config.state` does).
+//! The node's side of Kubernetes, kept thin: pod attribution through the kubelet's
+//! PodResources API (`podres`), and the one thing the agent writes to the Kubernetes API,
+//! labels on its own Node, so `kubectl get nodes -L hearth.dev/mig.config.state` and node
+//! selectors see what the partition reconciler did (as mig-parted's
+//! `nvidia.com/mig.config.state` does).
 //!
-//! Deliberately thin: a JSON merge patch of `metadata.labels` over HTTPS with the pod's
+//! Node labels are deliberately thin: a JSON merge patch of `metadata.labels` over HTTPS with the pod's
 //! service-account token, re-read on every call because projected tokens rotate. No
 //! client library, no watch, no cache. The Helm chart grants `patch` on `nodes`.
+
+pub mod podres;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
