@@ -9,6 +9,11 @@ sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 apt_pkgs=()
 command -v mold >/dev/null || apt_pkgs+=(mold)
 command -v curl >/dev/null || apt_pkgs+=(curl)
+# The agent's BPF programs are compiled with clang; the eBPF tests use ip, nsenter, python3.
+command -v clang >/dev/null || apt_pkgs+=(clang)
+command -v ip >/dev/null || apt_pkgs+=(iproute2)
+command -v nsenter >/dev/null || apt_pkgs+=(util-linux)
+command -v python3 >/dev/null || apt_pkgs+=(python3)
 { command -v prometheus >/dev/null && command -v promtool >/dev/null; } || apt_pkgs+=(prometheus)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   echo "installing: ${apt_pkgs[*]}"

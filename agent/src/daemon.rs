@@ -26,9 +26,9 @@ use crate::device::gpusim::{SimFaults, SimGpus};
 use crate::device::migctl::{MigControl, SimMig};
 use crate::device::{Accelerator, Inventory, NoDevices, Vendor, sim::SimInventory};
 use crate::gpu_metrics::{self, CollectionMetrics, GpuMetrics, GpuView};
+use crate::kube::podres::{self, PodResMetrics};
 use crate::node::{NodeMetrics, NodeReader, NodeSample};
 use crate::partition::reconcile::{GpuIdentity, NoRuntimes, PartitionStatus, Reconciler};
-use crate::kube::podres::{self, PodResMetrics};
 use crate::report::{CommandDispatcher, NodeReport, PartitionHandler, ReportClient, ReportMetrics, ReportSettings};
 
 #[derive(Debug, thiserror::Error)]

@@ -11,6 +11,7 @@ pub mod gpu_cli;
 pub mod gpu_metrics;
 pub mod kube;
 pub mod local;
+pub mod netobs;
 pub mod node;
 pub mod partition;
 pub mod prefetch;
