@@ -47,6 +47,15 @@ impl NetPair {
             sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
         }
+        // Static neighbours both ways: no ARP exchange to queue (and drop) the first packets.
+        let mac = |ns: &str, dev: &str| -> Result<String> {
+            let out = Command::new("ip").args(["-n", ns, "-o", "link", "show", dev]).output()?;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.split_whitespace().skip_while(|w| *w != "link/ether").nth(1).map(str::to_owned).context("no MAC")
+        };
+        let (mac_a, mac_b) = (mac(&a, &va)?, mac(&b, &vb)?);
+        sh(&["ip", "-n", &a, "neigh", "replace", &p.b_addr, "lladdr", &mac_b, "dev", &va, "nud", "permanent"])?;
+        sh(&["ip", "-n", &b, "neigh", "replace", &format!("10.99.{net}.1"), "lladdr", &mac_a, "dev", &vb, "nud", "permanent"])?;
         Ok(p)
     }
 }
@@ -107,7 +116,9 @@ s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], 5001)); s.listen(1)
 print("ready", flush=True)
+s.settimeout(60)
 c, _ = s.accept()
+c.settimeout(60)
 n = 0
 while True:
     b = c.recv(1 << 20)
@@ -177,5 +188,95 @@ fn tcp_payload_is_counted_exactly_on_both_ends_and_classified_by_peer() -> Resul
     let acks = find(idb, EGRESS);
     assert!(acks.len() == 1 && acks[0].1.payload_bytes == 0 && acks[0].1.packets > 0, "{acks:?}");
     assert_eq!(obs.errors()?, (0, 0));
+    Ok(())
+}
+
+const UDP_RECEIVER: &str = r#"
+import socket, sys
+sys.stdin.readline()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: no drops at the socket
+s.settimeout(20)
+s.bind((sys.argv[1], 5002))
+print("ready", flush=True)
+k = int(sys.argv[2]); got = 0; n = 0
+while got < k:
+    b = s.recv(65536); got += 1; n += len(b)
+print(n, flush=True)
+"#;
+
+const UDP_SENDER: &str = r#"
+import socket, sys
+sys.stdin.readline()
+k, size = int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(k):
+    s.sendto(b"u" * size, (sys.argv[1], 5002))
+"#;
+
+#[test]
+fn udp_datagrams_count_one_packet_each_with_ip_and_udp_headers() -> Result<()> {
+    require_root()?;
+    let tag = std::process::id() % 100_000 + 100_000;
+    let base = test_root(tag)?;
+    let parent = Cgroup::new(base.clone())?;
+    let (a, b) = (Cgroup::new(base.join("sender"))?, Cgroup::new(base.join("receiver"))?);
+    let net = NetPair::new(tag)?;
+    let obs = NetObs::attach(&parent.0, &[])?;
+    // Plain sendto of small datagrams: no UDP GSO on send, no UDP GRO on this receiver.
+    let (k, size) = (200u64, 1000u64);
+    let mut rx = spawn_in(&net.b, &b, UDP_RECEIVER, &[&net.b_addr, &k.to_string()])?;
+    ensure!(line(&mut rx)? == "ready", "receiver did not start");
+    let mut tx = spawn_in(&net.a, &a, UDP_SENDER, &[&net.b_addr, &k.to_string(), &size.to_string()])?;
+    ensure!(tx.wait()?.success(), "sender failed");
+    let got: u64 = line(&mut rx)?.parse()?;
+    ensure!(rx.wait()?.success(), "receiver failed");
+    assert_eq!(got, k * size);
+    let (ida, idb) = (netobs::cgroup_id(&a.0)?, netobs::cgroup_id(&b.0)?);
+    let traffic = obs.traffic()?;
+    let one = |id: u64, dir: u8| {
+        let v: Vec<_> = traffic.iter().filter(|(key, _)| key.cgroup_id == id && key.direction == dir).map(|(_, v)| *v).collect();
+        assert_eq!(v.len(), 1, "{traffic:?}");
+        v[0]
+    };
+    for v in [one(ida, EGRESS), one(idb, INGRESS)] {
+        assert_eq!(v.packets, k, "{v:?}");
+        assert_eq!(v.bytes, k * (size + 28), "IPv4 (20) + UDP (8) headers per datagram: {v:?}");
+        assert_eq!(v.payload_bytes, k * size, "{v:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_process_in_the_host_network_namespace_is_still_attributed_by_cgroup() -> Result<()> {
+    require_root()?;
+    let tag = std::process::id() % 100_000 + 200_000;
+    let base = test_root(tag)?;
+    let parent = Cgroup::new(base.clone())?;
+    let (a, b) = (Cgroup::new(base.join("hostnet-client"))?, Cgroup::new(base.join("hostnet-server"))?);
+    let obs = NetObs::attach(&parent.0, &[PeerClass::parse("loopback", &["127.0.0.0/8"]).unwrap()])?;
+    // No namespace switch: both run in the host's network namespace, like hostNetwork pods.
+    let spawn_host = |cg: &Cgroup, script: &str, args: &[&str]| -> Result<Child> {
+        let mut child = Command::new("python3").args(["-c", script]).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        cg.add(child.id())?;
+        writeln!(child.stdin.as_mut().context("stdin")?, "go")?;
+        Ok(child)
+    };
+    let port = 20000 + (tag % 20000);
+    let recv = RECEIVER.replace("5001", &port.to_string());
+    let send = SENDER.replace("5001", &port.to_string());
+    const N: u64 = 3 * 1024 * 1024 + 7;
+    let mut rx = spawn_host(&b, &recv, &["127.0.0.1"])?;
+    ensure!(line(&mut rx)? == "ready", "receiver did not start");
+    let mut tx = spawn_host(&a, &send, &["127.0.0.1", &N.to_string()])?;
+    let got: u64 = line(&mut rx)?.parse()?;
+    ensure!(tx.wait()?.success() && rx.wait()?.success(), "sender or receiver failed");
+    assert_eq!(got, N);
+    let (ida, idb) = (netobs::cgroup_id(&a.0)?, netobs::cgroup_id(&b.0)?);
+    let traffic = obs.traffic()?;
+    let sent: u64 = traffic.iter().filter(|(k, _)| k.cgroup_id == ida && k.direction == EGRESS).map(|(_, v)| v.payload_bytes).sum();
+    let received: u64 = traffic.iter().filter(|(k, _)| k.cgroup_id == idb && k.direction == INGRESS).map(|(_, v)| v.payload_bytes).sum();
+    assert_eq!((sent, received), (N, N), "{traffic:?}");
+    assert!(traffic.iter().filter(|(k, _)| k.cgroup_id == ida).all(|(k, _)| obs.class_name(k.peer_class) == "loopback"), "{traffic:?}");
     Ok(())
 }
