@@ -10,8 +10,19 @@
 // address, not the packet's, so NAT does not split one flow across classes; packets with
 // no full socket fall back to the header's remote address.
 //
-// Only uapi types are read (struct __sk_buff, struct bpf_sock), so no CO-RE relocation is
-// needed here; the program needs no kernel headers beyond linux/bpf.h.
+// TCP health comes from a sock_ops program at the same root: connections established and
+// failed by role, closes (so userspace derives active connections), retransmitted segments,
+// RTOs and a log2 histogram of smoothed RTT. sock_ops has no reliable "which cgroup" in
+// softirq context, so the socket's cgroup rides in socket-local storage: set by connect() and
+// listen() (process context), corrected by cgroup_skb (which knows the socket's own cgroup)
+// and cloned from a listener into the sockets it accepts (BPF_F_CLONE).
+//
+// Bytes on declared listening ports (model-serving ports) are counted per (cgroup, port,
+// direction) for sockets whose local port userspace put in PORTS.
+//
+// Only uapi types are read (struct __sk_buff, struct bpf_sock, struct bpf_sock_ops), whose
+// offsets the kernel rewrites itself, so no CO-RE relocation is needed; the programs need no
+// kernel headers beyond linux/bpf.h.
 
 #include <linux/bpf.h>
 
@@ -25,6 +36,10 @@ static long (*bpf_map_update_elem)(void *map, const void *key, const void *value
 static __u64 (*bpf_skb_cgroup_id)(struct __sk_buff *skb) = (void *)BPF_FUNC_skb_cgroup_id;
 static struct bpf_sock *(*bpf_sk_fullsock)(struct bpf_sock *sk) = (void *)BPF_FUNC_sk_fullsock;
 static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to, __u32 len) = (void *)BPF_FUNC_skb_load_bytes;
+static void *(*bpf_sk_storage_get)(void *map, void *sk, void *value, __u64 flags) = (void *)BPF_FUNC_sk_storage_get;
+static long (*bpf_sock_ops_cb_flags_set)(struct bpf_sock_ops *skops, int flags) = (void *)BPF_FUNC_sock_ops_cb_flags_set;
+static __u64 (*bpf_get_current_cgroup_id)(void) = (void *)BPF_FUNC_get_current_cgroup_id;
+static __u64 (*bpf_ktime_get_ns)(void) = (void *)BPF_FUNC_ktime_get_ns;
 
 #define DIR_INGRESS 0
 #define DIR_EGRESS 1
@@ -52,12 +67,98 @@ struct peer_key {
 	__u8 addr[16];
 };
 
+// Sized for a node's pods x containers x directions x peer classes; not preallocated, so
+// an idle node pays for the entries it has, not max_entries x CPUs.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct traffic_key);
 	__type(value, struct traffic_val);
 } TRAFFIC SEC(".maps");
+
+#define ROLE_CLIENT 0 // connect()
+#define ROLE_SERVER 1 // accept()
+#define RTT_BUCKETS 24 // log2 microseconds: [1us, 2^24us = 16.8 s)
+
+struct tcp_key {
+	__u64 cgroup_id;
+	__u8 peer_class;
+	__u8 role;
+	__u8 pad[6];
+};
+
+struct tcp_val {
+	__u64 established;
+	__u64 failed;   // connect() that never reached ESTABLISHED (refused, timed out, aborted)
+	__u64 closed;   // established connections that have closed; active = established - closed
+	__u64 retrans_segs;
+	__u64 rtos;
+	__u64 rtt_count;
+	__u64 rtt_sum_us;
+	__u64 rtt[RTT_BUCKETS]; // bucket i: smoothed RTT in [2^i, 2^(i+1)) us
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 8192);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct tcp_key);
+	__type(value, struct tcp_val);
+} TCP SEC(".maps");
+
+// A zeroed tcp_val to insert from: the value is too large for the 512-byte BPF stack.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tcp_val);
+} TCP_ZERO SEC(".maps");
+
+// What a socket carries for the sock_ops program.
+struct sock_info {
+	__u64 cgroup_id;
+	__u64 last_rtt_ns; // last RTT sample taken (at most one a second per connection)
+	__u8 role;
+	__u8 established;
+	__u8 peer_class;
+	__u8 pad[5];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC | BPF_F_CLONE);
+	__type(key, int);
+	__type(value, struct sock_info);
+} SOCKS SEC(".maps");
+
+// Declared serving ports (host byte order) -> 1.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u16);
+	__type(value, __u8);
+} PORTS SEC(".maps");
+
+struct listen_key {
+	__u64 cgroup_id;
+	__u16 port;
+	__u8 direction;
+	__u8 pad[5];
+};
+
+struct listen_val {
+	__u64 bytes;
+	__u64 packets;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct listen_key);
+	__type(value, struct listen_val);
+} LISTEN SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -67,22 +168,32 @@ struct {
 	__type(value, __u8);
 } PEERS SEC(".maps");
 
-// Packets the program could not attribute (no cgroup id) or count (map full).
+// What the programs could not attribute or count, by index.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 8);
 	__type(key, __u32);
 	__type(value, __u64);
 } ERRORS SEC(".maps");
 
-#define ERR_NO_CGROUP 0
-#define ERR_MAP_FULL 1
+#define ERR_NO_CGROUP 0       // packets with no cgroup id
+#define ERR_MAP_FULL 1        // TRAFFIC inserts refused
+#define ERR_NO_CGROUP_BYTES 2 // their bytes
+#define ERR_TCP_FULL 3        // TCP inserts refused
+#define ERR_LISTEN_FULL 4     // LISTEN inserts refused
+#define ERR_NO_SOCK_INFO 5    // TCP events on sockets the programs never saw start (older than the agent)
+#define ERR_STORAGE 6         // socket storage could not be created
+
+static __always_inline void count_error_n(__u32 which, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&ERRORS, &which);
+	if (v)
+		*v += n;
+}
 
 static __always_inline void count_error(__u32 which)
 {
-	__u64 *n = bpf_map_lookup_elem(&ERRORS, &which);
-	if (n)
-		*n += 1;
+	count_error_n(which, 1);
 }
 
 static __always_inline void v4_mapped(struct peer_key *k, __u32 ip4)
@@ -147,12 +258,52 @@ static __always_inline __u32 parse(struct __sk_buff *skb, int direction, struct 
 	return 0;
 }
 
+static __always_inline void count_listener(struct bpf_sock *sk, __u64 cgroup_id, int direction, __u32 len)
+{
+	__u16 port = sk->src_port;
+	if (!bpf_map_lookup_elem(&PORTS, &port))
+		return;
+	struct listen_key key = { .cgroup_id = cgroup_id, .port = port, .direction = direction };
+	struct listen_val *v = bpf_map_lookup_elem(&LISTEN, &key);
+	if (v) {
+		v->bytes += len;
+		v->packets += 1;
+		return;
+	}
+	struct listen_val init = { .bytes = len, .packets = 1 };
+	if (bpf_map_update_elem(&LISTEN, &key, &init, BPF_NOEXIST)) {
+		v = bpf_map_lookup_elem(&LISTEN, &key);
+		if (v) {
+			v->bytes += len;
+			v->packets += 1;
+		} else {
+			count_error(ERR_LISTEN_FULL);
+		}
+	}
+}
+
+// Tells the socket's storage which cgroup the socket belongs to (for sock_ops, which runs
+// where the current task says nothing about the socket).
+static __always_inline void remember_cgroup(struct bpf_sock *sk, __u64 cgroup_id)
+{
+	if (sk->protocol != PROTO_TCP)
+		return;
+	struct sock_info *info = bpf_sk_storage_get(&SOCKS, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!info) {
+		count_error(ERR_STORAGE);
+		return;
+	}
+	if (info->cgroup_id != cgroup_id)
+		info->cgroup_id = cgroup_id;
+}
+
 static __always_inline int account(struct __sk_buff *skb, int direction)
 {
 	struct traffic_key key = {};
 	key.cgroup_id = bpf_skb_cgroup_id(skb);
 	if (!key.cgroup_id) {
 		count_error(ERR_NO_CGROUP);
+		count_error_n(ERR_NO_CGROUP_BYTES, skb->len);
 		return 1;
 	}
 	key.direction = direction;
@@ -167,6 +318,8 @@ static __always_inline int account(struct __sk_buff *skb, int direction)
 	if (sk) {
 		sk = bpf_sk_fullsock(sk);
 		if (sk) {
+			remember_cgroup(sk, key.cgroup_id);
+			count_listener(sk, key.cgroup_id, direction, skb->len);
 			if (sk->family == 2 /* AF_INET */) {
 				__u32 d = sk->dst_ip4;
 				if (d) {
@@ -216,6 +369,160 @@ SEC("cgroup_skb/egress")
 int netobs_egress(struct __sk_buff *skb)
 {
 	return account(skb, DIR_EGRESS);
+}
+
+static __always_inline __u32 log2_u32(__u32 v)
+{
+	__u32 r = 0, shift;
+	shift = (v > 0xFFFF) << 4; v >>= shift; r |= shift;
+	shift = (v > 0xFF) << 3; v >>= shift; r |= shift;
+	shift = (v > 0xF) << 2; v >>= shift; r |= shift;
+	shift = (v > 0x3) << 1; v >>= shift; r |= shift;
+	r |= (v >> 1);
+	return r;
+}
+
+static __always_inline __u8 sock_ops_peer(struct bpf_sock_ops *skops)
+{
+	struct peer_key peer = {};
+	if (skops->family == 2 /* AF_INET */) {
+		v4_mapped(&peer, skops->remote_ip4);
+	} else if (skops->family == 10 /* AF_INET6 */) {
+		__u32 a0 = skops->remote_ip6[0], a1 = skops->remote_ip6[1], a2 = skops->remote_ip6[2], a3 = skops->remote_ip6[3];
+		__builtin_memcpy(&peer.addr[0], &a0, 4);
+		__builtin_memcpy(&peer.addr[4], &a1, 4);
+		__builtin_memcpy(&peer.addr[8], &a2, 4);
+		__builtin_memcpy(&peer.addr[12], &a3, 4);
+	} else {
+		return 0;
+	}
+	return classify(&peer);
+}
+
+#define TCP_EV_ESTABLISHED 0
+#define TCP_EV_FAILED 1
+#define TCP_EV_CLOSED 2
+#define TCP_EV_RETRANS 3
+#define TCP_EV_RTO 4
+#define TCP_EV_RTT 5
+
+static __always_inline void tcp_count(struct sock_info *info, int event, __u32 n)
+{
+	struct tcp_key key = { .cgroup_id = info->cgroup_id, .peer_class = info->peer_class, .role = info->role };
+	struct tcp_val *v = bpf_map_lookup_elem(&TCP, &key);
+	if (!v) {
+		__u32 zero_key = 0;
+		struct tcp_val *zero = bpf_map_lookup_elem(&TCP_ZERO, &zero_key);
+		if (!zero)
+			return;
+		// Losing a race with another CPU's insert is fine: the lookup below finds its entry.
+		bpf_map_update_elem(&TCP, &key, zero, BPF_NOEXIST);
+		v = bpf_map_lookup_elem(&TCP, &key);
+		if (!v) {
+			count_error(ERR_TCP_FULL);
+			return;
+		}
+	}
+	switch (event) {
+	case TCP_EV_ESTABLISHED: v->established += 1; break;
+	case TCP_EV_FAILED: v->failed += 1; break;
+	case TCP_EV_CLOSED: v->closed += 1; break;
+	case TCP_EV_RETRANS: v->retrans_segs += n; break;
+	case TCP_EV_RTO: v->rtos += 1; break;
+	case TCP_EV_RTT: {
+		__u32 b = n ? log2_u32(n) : 0;
+		if (b >= RTT_BUCKETS)
+			b = RTT_BUCKETS - 1;
+		v->rtt[b] += 1;
+		v->rtt_count += 1;
+		v->rtt_sum_us += n;
+		break;
+	}
+	}
+}
+
+#define TCP_SYN_SENT 2
+#define TCP_CLOSE 7
+#define NSEC_PER_SEC 1000000000ULL
+
+SEC("sockops")
+int netobs_sockops(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 1;
+	__u32 op = skops->op;
+	struct sock_info *info;
+	switch (op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		// Process context: the caller's cgroup is the socket's (cgroup_skb corrects it if
+		// the socket was made elsewhere). A listener's storage is cloned into every
+		// socket it accepts.
+		info = bpf_sk_storage_get(&SOCKS, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!info) {
+			count_error(ERR_STORAGE);
+			return 1;
+		}
+		info->cgroup_id = bpf_get_current_cgroup_id();
+		info->role = op == BPF_SOCK_OPS_TCP_CONNECT_CB ? ROLE_CLIENT : ROLE_SERVER;
+		info->established = 0;
+		if (op == BPF_SOCK_OPS_TCP_CONNECT_CB)
+			bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG);
+		return 1;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		info = bpf_sk_storage_get(&SOCKS, sk, 0, 0);
+		if (!info || !info->cgroup_id) {
+			count_error(ERR_NO_SOCK_INFO);
+			return 1;
+		}
+		info->role = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB ? ROLE_CLIENT : ROLE_SERVER;
+		info->peer_class = sock_ops_peer(skops);
+		info->established = 1;
+		info->last_rtt_ns = 0;
+		tcp_count(info, TCP_EV_ESTABLISHED, 0);
+		bpf_sock_ops_cb_flags_set(skops, BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG | BPF_SOCK_OPS_RTO_CB_FLAG |
+						    BPF_SOCK_OPS_RTT_CB_FLAG);
+		return 1;
+	}
+
+	// The rest only for sockets seen from their start.
+	info = bpf_sk_storage_get(&SOCKS, sk, 0, 0);
+	if (!info || !info->cgroup_id)
+		return 1;
+	switch (op) {
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] != TCP_CLOSE)
+			break;
+		if (info->established) {
+			info->established = 0;
+			tcp_count(info, TCP_EV_CLOSED, 0);
+		} else if (skops->args[0] == TCP_SYN_SENT && info->role == ROLE_CLIENT) {
+			info->peer_class = sock_ops_peer(skops);
+			tcp_count(info, TCP_EV_FAILED, 0);
+		}
+		break;
+	case BPF_SOCK_OPS_RETRANS_CB:
+		// args: seq, segments, error. The kernel's TcpRetransSegs counts successful ones.
+		if (skops->args[2] == 0)
+			tcp_count(info, TCP_EV_RETRANS, skops->args[1]);
+		break;
+	case BPF_SOCK_OPS_RTO_CB:
+		tcp_count(info, TCP_EV_RTO, 0);
+		break;
+	case BPF_SOCK_OPS_RTT_CB: {
+		// Every ACK with an RTT sample calls us; one histogram sample per connection per
+		// second keeps long bulk flows from drowning short ones, and the cost low.
+		__u64 now = bpf_ktime_get_ns();
+		if (info->last_rtt_ns && now - info->last_rtt_ns < NSEC_PER_SEC)
+			break;
+		info->last_rtt_ns = now;
+		tcp_count(info, TCP_EV_RTT, skops->srtt_us >> 3);
+		break;
+	}
+	}
+	return 1;
 }
 
 char _license[] SEC("license") = "Dual BSD/GPL";
