@@ -137,6 +137,35 @@ pub struct RawPartition {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct RawPeer {
+    pub name: String,
+    #[serde(default)]
+    pub cidrs: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawNetwork {
+    /// Per-pod network metrics from BPF (default true; off with a reason when not root).
+    pub enabled: Option<bool>,
+    /// Cgroup v2 directory to attach at; default: kubepods.slice or kubepods under the
+    /// cgroup v2 mount.
+    pub cgroup_root: Option<PathBuf>,
+    pub collect_interval: Option<String>,
+    /// How long a deleted pod's series stay (so the final values get scraped).
+    pub forget_after: Option<String>,
+    /// Declared serving ports whose bytes are counted per port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    /// Peer classes, in order (first match by longest prefix); the rest is "internet".
+    #[serde(default)]
+    pub peers: Vec<RawPeer>,
+    /// Turn on the kernel's per-program run-time accounting (costs two clock reads a run).
+    pub bpf_stats: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub node_name: Option<String>,
     #[serde(default)]
@@ -156,6 +185,8 @@ pub struct RawConfig {
     pub kubernetes: RawKubernetes,
     /// Durable agent state (the partition record); default /var/lib/hearth.
     pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub network: RawNetwork,
 }
 
 impl RawConfig {
@@ -218,6 +249,56 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Where to write node labels; None: not in a cluster, or turned off.
     pub kubernetes: Option<crate::kube::KubeSettings>,
+    pub network: NetworkSettings,
+}
+
+/// Per-pod network metrics, validated.
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    pub enabled: bool,
+    pub cgroup_root: Option<PathBuf>,
+    pub collect_interval: Duration,
+    pub forget_after: Duration,
+    pub ports: Vec<u16>,
+    pub peers: Vec<crate::netobs::PeerClass>,
+    pub bpf_stats: bool,
+    /// Pods known without the API server (UID -> name): `hearth local`'s sample workload.
+    pub static_pods: std::collections::HashMap<String, crate::netobs::pods::PodRef>,
+}
+
+fn network_settings(r: RawNetwork) -> Result<NetworkSettings, AgentConfigError> {
+    let collect_interval = dur("network.collect_interval", r.collect_interval, "10s")?;
+    if collect_interval < Duration::from_millis(100) {
+        return Err(invalid("network.collect_interval", "at least 100ms", format!("{collect_interval:?}")));
+    }
+    let forget_after = dur("network.forget_after", r.forget_after, "5m")?;
+    if let Some(p) = r.ports.iter().find(|p| **p == 0) {
+        return Err(invalid("network.ports", "ports 1-65535", p.to_string()));
+    }
+    if r.ports.len() > 64 {
+        return Err(invalid("network.ports", "at most 64 ports", r.ports.len().to_string()));
+    }
+    let mut peers = Vec::new();
+    for p in r.peers {
+        if p.name.is_empty() || p.name == "internet" || peers.iter().any(|q: &crate::netobs::PeerClass| q.name == p.name) {
+            return Err(invalid("network.peers", "unique names other than \"internet\" (the class of everything else)", p.name));
+        }
+        let cidrs: Vec<&str> = p.cidrs.iter().map(String::as_str).collect();
+        peers.push(crate::netobs::PeerClass::parse(&p.name, &cidrs).map_err(|e| invalid("network.peers", e.to_string(), p.name.clone()))?);
+    }
+    if peers.len() > 255 {
+        return Err(invalid("network.peers", "at most 255 classes", peers.len().to_string()));
+    }
+    Ok(NetworkSettings {
+        enabled: r.enabled.unwrap_or(true),
+        cgroup_root: r.cgroup_root,
+        collect_interval,
+        forget_after,
+        ports: r.ports,
+        peers,
+        bpf_stats: r.bpf_stats.unwrap_or(false),
+        static_pods: Default::default(),
+    })
 }
 
 /// The cache as configured: engine settings and the models to keep warm (and whether pinned).
@@ -471,6 +552,7 @@ impl TryFrom<RawConfig> for Config {
             partition,
             kubernetes: kube_settings(r.kubernetes)?,
             state_dir: r.state_dir.unwrap_or_else(|| "/var/lib/hearth".into()),
+            network: network_settings(r.network)?,
         })
     }
 }
@@ -503,6 +585,26 @@ mod tests {
         assert!(e.starts_with("partition.spec: expected a spec file"), "{e}");
         let e = parse("node_name: n1\ndevices: {hostname_label_name: \"host name\"}").unwrap_err().to_string();
         assert!(e.starts_with("devices.hostname_label_name: expected a Prometheus label name"), "{e}");
+    }
+
+    #[test]
+    fn network_section_is_validated() {
+        let c = parse("node_name: n1").unwrap();
+        assert!(c.network.enabled && c.network.peers.is_empty() && c.network.cgroup_root.is_none());
+        let c = parse(
+            "node_name: n1\nnetwork: {ports: [8000], peers: [{name: pods, cidrs: [10.244.0.0/16]}, {name: s3, cidrs: [52.216.0.0/15]}]}",
+        )
+        .unwrap();
+        assert_eq!((c.network.ports.as_slice(), c.network.peers.len()), (&[8000u16][..], 2));
+        let e = |y: &str| parse(&format!("node_name: n1\nnetwork: {y}")).unwrap_err().to_string();
+        assert_eq!(e("{ports: [0]}"), "network.ports: expected ports 1-65535, got \"0\"");
+        assert!(e("{peers: [{name: internet, cidrs: [1.0.0.0/8]}]}").starts_with("network.peers: expected unique names"));
+        assert!(e("{peers: [{name: a, cidrs: [1.0.0.0/8]}, {name: a, cidrs: [2.0.0.0/8]}]}").starts_with("network.peers: expected unique"));
+        assert_eq!(
+            e("{peers: [{name: pods, cidrs: [10.0.0.0/40]}]}"),
+            "network.peers: expected peer class \"pods\": expected a CIDR like 10.0.0.0/8 or fd00::/8, got \"10.0.0.0/40\", got \"pods\""
+        );
+        assert_eq!(e("{collect_interval: 1ms}"), "network.collect_interval: expected at least 100ms, got \"1ms\"");
     }
 
     #[test]

@@ -136,6 +136,18 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
     };
     info!(backend = inventory.name(), count = accelerators.len(), "accelerators discovered");
 
+    let net = crate::netobs::start(
+        &cfg.network,
+        crate::netobs::pods::PodTable::default(),
+        cfg.kubernetes.clone().map(|k| (k, cfg.node_name.clone())),
+        shutdown.clone(),
+    );
+    subsystems.push(match net.status().traffic.clone().and(net.status().tcp.clone()) {
+        Ok(()) => ("network".to_owned(), true, "per-pod traffic and TCP metrics".to_owned()),
+        Err(reason) => ("network".to_owned(), net.status().traffic.is_ok() || net.status().tcp.is_ok(), reason),
+    });
+    telemetry_extra.push(net as Arc<dyn TextMetrics>);
+
     let cache = Cache::open(cfg.cache.config.clone(), &mut registry)?;
     subsystems.push(("cache".to_owned(), true, cache.root().display().to_string()));
     let gpu_metrics = GpuMetrics::new(cfg.gpu.host_label.clone());

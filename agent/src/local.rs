@@ -98,6 +98,31 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         .iter()
         .map(|d| SimSpec::parse(d).map_err(|e| anyhow::anyhow!("--devices: expected {e}, got {d:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // Per-pod network metrics need root (BPF, cgroups): then a sample workload runs in two
+    // stand-in pods under a cgroup made for it; otherwise the metrics say why they are off.
+    let sample_port = 7480;
+    let sample = if rustix::process::geteuid().is_root() {
+        match crate::netobs::sample::SampleWorkload::start(sample_port) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                println!("network metrics: no sample workload ({e})");
+                None
+            }
+        }
+    } else {
+        println!("network metrics: off (run as root to see per-pod network metrics for a sample workload)");
+        None
+    };
+    let network = crate::config::NetworkSettings {
+        enabled: sample.is_some(),
+        cgroup_root: sample.as_ref().map(|w| w.root().to_owned()),
+        collect_interval: Duration::from_secs(2),
+        forget_after: Duration::from_secs(60),
+        ports: vec![sample_port],
+        peers: vec![crate::netobs::PeerClass::parse("loopback", &["127.0.0.0/8", "::1"])?],
+        bpf_stats: true,
+        static_pods: sample.as_ref().map(|w| w.pods.clone()).unwrap_or_default(),
+    };
     let acfg = Config {
         node_name: args.node_name.clone(),
         controller: Some(ControllerConfig {
@@ -144,6 +169,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         partition: None,
         state_dir: dir.join("state"),
         kubernetes: None,
+        network,
     };
 
     let agent = crate::daemon::start(acfg, shutdown.clone()).await?;
@@ -171,7 +197,15 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     println!("  Ctrl-C stops everything.");
 
     let live = live_status(controller.state.clone(), shutdown.clone());
+    if sample.is_some() {
+        println!(
+            "  network metrics     sample pods in namespace {:?}: curl -s {} | grep hearth_pod_network_",
+            crate::netobs::sample::NAMESPACE,
+            info.agent_metrics
+        );
+    }
     let (c, a, ()) = tokio::join!(controller.wait(), agent.wait(), live);
+    drop(sample);
     let _ = std::fs::remove_file(&info_file);
     c?;
     a?;

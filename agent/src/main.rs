@@ -109,6 +109,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: GpuCmd,
     },
+    /// `hearth local`'s sample network workload (internal).
+    #[command(name = "__sample-net", hide = true)]
+    SampleNet { role: String, addr: std::net::SocketAddr },
     /// Show the cluster as the controller sees it.
     Status {
         #[arg(long, value_enum, default_value = "table")]
@@ -206,6 +209,7 @@ fn main() -> ExitCode {
         Cmd::Status { .. } | Cmd::Prefetch { .. } | Cmd::Cache { .. } | Cmd::Partition { .. } | Cmd::Gpu { .. } => "warn",
         Cmd::Local { .. } => "warn,hearth_agent=info,hearth_controller=info",
         Cmd::Agent { .. } => "info",
+        Cmd::SampleNet { .. } => "warn",
     };
     init_logging(cli.log_format, default_filter);
     hearth_controller::telemetry::run_main(run(cli.cmd))
@@ -320,6 +324,14 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Cache { cmd: CacheCmd::Ls { dest, json } } => {
             hearth_agent::prefetch::ls(&dest.unwrap_or_else(hearth_agent::cache::default_root), json)?;
+        }
+        Cmd::SampleNet { role, addr } => {
+            let r = match role.as_str() {
+                "server" => hearth_agent::netobs::sample::serve(addr),
+                "client" => hearth_agent::netobs::sample::client(addr),
+                other => anyhow::bail!("__sample-net: expected server or client, got {other:?}"),
+            };
+            r.context("sample network workload")?;
         }
         Cmd::Cache { cmd: CacheCmd::Manifest { dir } } => hearth_agent::prefetch::write_manifest(&dir)?,
         Cmd::Cache { cmd: CacheCmd::Sample { dir, shards, shard_size } } => {

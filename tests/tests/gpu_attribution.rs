@@ -187,58 +187,6 @@ async fn an_agent_told_to_use_nvml_without_a_driver_runs_on_and_says_why() -> Re
     Ok(())
 }
 
-/// A Kubernetes-API-shaped HTTPS server that answers PATCHes with 200 and hands back each
-/// request's first line and body (the agent's node-label patches).
-async fn fake_api_server(dir: &std::path::Path) -> Result<(String, tokio::sync::mpsc::Receiver<String>)> {
-    use hearth_controller::pki::{CertAuthority, LeafSpec, Usage};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ca = CertAuthority::new("kube-ca")?;
-    let leaf = ca.issue(&LeafSpec::new("kube-apiserver", &["localhost"], Usage::Server, Duration::from_secs(3600)))?;
-    std::fs::write(dir.join("kube-ca.crt"), ca.cert_pem())?;
-    std::fs::write(dir.join("kube-token"), "token")?;
-    let certs = rustls_pemfile::certs(&mut leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = rustls_pemfile::private_key(&mut leaf.key_pem.as_bytes())?.ok_or_else(|| anyhow::anyhow!("key"))?;
-    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
-            let mut got = Vec::new();
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = tls.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                got.extend_from_slice(&buf[..n]);
-                let t = String::from_utf8_lossy(&got);
-                if let Some((head, body)) = t.split_once("\r\n\r\n")
-                    && head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).and_then(|v| v.trim().parse::<usize>().ok())
-                        <= Some(body.len())
-                {
-                    break;
-                }
-            }
-            let _ =
-                tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{\"kind\":\"Node\"}").await;
-            let _ = tls.shutdown().await;
-            let t = String::from_utf8_lossy(&got).into_owned();
-            let _ = tx.send(t.split_once("\r\n\r\n").map(|(h, b)| format!("{}\n{b}", h.lines().next().unwrap_or(""))).unwrap_or(t)).await;
-        }
-    });
-    let yaml = format!(
-        "kubernetes: {{api_server: \"https://localhost:{port}\", token_file: {}, ca_file: {}}}\n",
-        dir.join("kube-token").display(),
-        dir.join("kube-ca.crt").display()
-    );
-    Ok((yaml, rx))
-}
-
 #[tokio::test]
 async fn a_partition_spec_in_the_config_is_applied_reported_and_exported() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -246,7 +194,7 @@ async fn a_partition_spec_in_the_config_is_applied_reported_and_exported() -> Re
     let grpc = free_addr();
     let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
     let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/mig-spec.yaml");
-    let (kube_yaml, mut patches) = fake_api_server(dir.path()).await?;
+    let (kube_yaml, mut patches) = hearth_tests::fake_api_server(dir.path(), "{\"kind\":\"PodList\",\"items\":[]}".into()).await?;
     let agent = AgentProc::start(
         dir.path(),
         &pki,

@@ -604,3 +604,96 @@ fn spawn_in_host(cg: &Cgroup, script: &str, args: &[&str]) -> Result<Child> {
     writeln!(child.stdin.as_mut().context("stdin")?, "go")?;
     Ok(child)
 }
+
+#[tokio::test]
+async fn the_agent_names_pods_from_the_kubernetes_api_and_serves_their_network_metrics() -> Result<()> {
+    use hearth_tests::{AgentProc, TestPki, http_get, start_controller, wait_for};
+    use std::time::Duration;
+    require_root()?;
+    let tag = std::process::id() % 100_000 + 700_000;
+    let base = test_root(tag)?;
+    let _parent = Cgroup::new(base.clone())?;
+    let uid = format!("0000beef-0000-4000-8000-{tag:012x}");
+    let pod = Cgroup::new(base.join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"))))?;
+    let dir = tempfile::tempdir()?;
+    let pods = format!(r#"{{"kind":"PodList","items":[{{"metadata":{{"name":"vllm-0","namespace":"serving","uid":"{uid}"}}}}]}}"#);
+    let (kube_yaml, _requests) = hearth_tests::fake_api_server(dir.path(), pods).await?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let controller = start_controller(&pki, stop, |_| {}).await?.grpc_addr;
+    let port = 21000 + tag % 20000;
+    let agent = AgentProc::start(
+        dir.path(),
+        &pki,
+        "net-1",
+        controller,
+        &format!(
+            "network: {{cgroup_root: {}, collect_interval: 300ms, ports: [{port}], peers: [{{name: loopback, cidrs: [127.0.0.0/8]}}]}}\n{kube_yaml}",
+            base.display()
+        ),
+    )?;
+    wait_for("agent metrics", Duration::from_secs(20), || async {
+        Ok(http_get(agent.http, "/metrics").await.is_ok_and(|(s, _)| s == 200).then_some(()))
+    })
+    .await?;
+
+    // A server and a client in the same pod (hostNetwork-style, on loopback).
+    const N: u64 = 1024 * 1024 + 3;
+    let mut rx = spawn_in_host(&pod, &RECEIVER.replace("5001", &port.to_string()), &["127.0.0.1"])?;
+    ensure!(line(&mut rx)? == "ready", "receiver did not start");
+    let mut tx = spawn_in_host(&pod, &SENDER.replace("5001", &port.to_string()), &["127.0.0.1", &N.to_string()])?;
+    assert_eq!(line(&mut rx)?.parse::<u64>()?, N);
+    let _ = tcp_info_line(&mut tx)?;
+    ensure!(tx.wait()?.success() && rx.wait()?.success(), "sender or receiver failed");
+
+    let l = r#"namespace="serving",pod="vllm-0""#;
+    let established = format!(r#"hearth_pod_network_tcp_connections_total{{{l},peer="loopback",role="server",result="established"}} 1"#);
+    let listener = format!(r#"hearth_pod_network_listener_bytes_total{{{l},port="{port}",direction="ingress"}}"#);
+    let body = wait_for("the pod's series under its Kubernetes name", Duration::from_secs(30), || async {
+        let (_, body) = http_get(agent.http, "/metrics").await?;
+        Ok((body.contains(&established)
+            && body.contains(&listener)
+            && body.contains(r#"hearth_pod_network_enabled{family="tcp",reason=""} 1"#))
+        .then_some(()))
+    })
+    .await
+    .map(|_| ());
+    let (_, text) = http_get(agent.http, "/metrics").await?;
+    body.with_context(|| text.lines().filter(|l| l.contains("hearth_pod_network")).collect::<Vec<_>>().join("\n"))?;
+    let payload = format!(r#"hearth_pod_network_payload_bytes_total{{{l},direction="ingress",peer="loopback"}} "#);
+    let got: u64 = text.lines().find_map(|x| x.strip_prefix(&payload)).context("ingress payload series")?.parse()?;
+    ensure!(got >= N, "the pod received at least N payload bytes: {got}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_a_usable_cgroup_the_agent_runs_and_says_why_network_metrics_are_off() -> Result<()> {
+    use hearth_tests::{AgentProc, TestPki, http_get, start_controller, wait_for};
+    use std::time::Duration;
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop = stop.clone().drop_guard();
+    let controller = start_controller(&pki, stop, |_| {}).await?.grpc_addr;
+    // A plain directory: the kernel refuses to attach cgroup programs to it (and without
+    // root, loading fails first); either way the families are off with the kernel's reason.
+    let not_a_cgroup = dir.path().join("not-a-cgroup");
+    std::fs::create_dir_all(&not_a_cgroup)?;
+    let agent =
+        AgentProc::start(dir.path(), &pki, "net-off", controller, &format!("network: {{cgroup_root: {}}}\n", not_a_cgroup.display()))?;
+    let text = wait_for("metrics", Duration::from_secs(20), || async {
+        Ok(http_get(agent.http, "/metrics")
+            .await
+            .ok()
+            .filter(|(s, b)| *s == 200 && b.contains("hearth_node_cpu_usage_ratio"))
+            .map(|(_, b)| b))
+    })
+    .await?;
+    let off: Vec<&str> = text.lines().filter(|l| l.starts_with("hearth_pod_network_enabled{")).collect();
+    assert_eq!(off.len(), 2, "{text}");
+    assert!(off.iter().all(|l| l.ends_with(" 0") && !l.contains("reason=\"\"")), "{off:?}");
+    assert!(!text.contains("hearth_pod_network_bytes_total"), "no traffic series when off");
+    assert_eq!(http_get(agent.http, "/readyz").await?.0, 200, "the rest of the agent is ready");
+    Ok(())
+}

@@ -32,10 +32,10 @@ pub enum KubeError {
     Url(String),
     #[error("connecting to the API server {addr}: {source}")]
     Connect { addr: String, source: std::io::Error },
-    #[error("PATCH node {node}: HTTP {status}: {hint}")]
-    Status { node: String, status: u16, hint: String },
-    #[error("PATCH node {node}: no answer within {0:?}", .timeout)]
-    Timeout { node: String, timeout: Duration },
+    #[error("{what}: HTTP {status}: {hint}")]
+    Status { what: String, status: u16, hint: String },
+    #[error("{what}: no answer within {timeout:?}")]
+    Timeout { what: String, timeout: Duration },
 }
 
 /// Where the API server is and how to authenticate to it.
@@ -69,6 +69,43 @@ pub fn label_patch(labels: &BTreeMap<String, Option<String>>) -> String {
 
 /// PATCHes the node's labels once.
 pub async fn patch_node_labels(s: &KubeSettings, node: &str, labels: &BTreeMap<String, Option<String>>) -> Result<(), KubeError> {
+    let what = format!("PATCH node {node}");
+    let (status, body) =
+        call(s, &what, "PATCH", &format!("/api/v1/nodes/{node}"), Some(("application/merge-patch+json", &label_patch(labels)))).await?;
+    if (200..300).contains(&status) {
+        return Ok(());
+    }
+    let hint = match status {
+        401 => "unauthorized: the service account token was refused".to_owned(),
+        403 => "forbidden: the agent's ClusterRole must allow patch on nodes".to_owned(),
+        404 => format!("no Node named {node:?}: node_name must match the Kubernetes node name"),
+        _ => String::from_utf8_lossy(&body).chars().take(300).collect(),
+    };
+    Err(KubeError::Status { what, status, hint })
+}
+
+/// The pods bound to `node` (one LIST with a field selector), as UID -> namespace/name.
+pub async fn list_node_pods(
+    s: &KubeSettings,
+    node: &str,
+) -> Result<std::collections::HashMap<String, crate::netobs::pods::PodRef>, KubeError> {
+    let what = format!("LIST pods on node {node}");
+    let path = format!("/api/v1/pods?fieldSelector=spec.nodeName%3D{node}");
+    let (status, body) = call(s, &what, "GET", &path, None).await?;
+    if !(200..300).contains(&status) {
+        let hint = match status {
+            401 => "unauthorized: the service account token was refused".to_owned(),
+            403 => "forbidden: the agent's ClusterRole must allow list on pods".to_owned(),
+            _ => String::from_utf8_lossy(&body).chars().take(300).collect(),
+        };
+        return Err(KubeError::Status { what, status, hint });
+    }
+    crate::netobs::pods::parse_pod_list(&body).map_err(|e| KubeError::Status { what, status, hint: format!("unreadable PodList: {e}") })
+}
+
+/// One request over HTTPS with the service-account token: (status, body). HTTP/1.0 so the
+/// body arrives whole (no chunked encoding) and the connection closes after it.
+async fn call(s: &KubeSettings, what: &str, method: &str, path: &str, body: Option<(&str, &str)>) -> Result<(u16, Vec<u8>), KubeError> {
     let rest = s.api_server.strip_prefix("https://").ok_or_else(|| KubeError::Url(s.api_server.clone()))?;
     let authority = rest.trim_end_matches('/');
     let host = match authority.rsplit_once(':') {
@@ -101,13 +138,14 @@ pub async fn patch_node_labels(s: &KubeSettings, node: &str, labels: &BTreeMap<S
         .with_no_client_auth();
     let name = rustls::pki_types::ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_owned())
         .map_err(|_| KubeError::Url(s.api_server.clone()))?;
-    let body = label_patch(labels);
+    let (version, content) = match body {
+        Some((ct, b)) => ("HTTP/1.1", format!("Content-Type: {ct}\r\nContent-Length: {}\r\n\r\n{b}", b.len())),
+        None => ("HTTP/1.0", "\r\n".to_owned()),
+    };
     let request = format!(
-        "PATCH /api/v1/nodes/{node} HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {}\r\n\
-         Content-Type: application/merge-patch+json\r\nAccept: application/json\r\nUser-Agent: hearth-agent\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} {version}\r\nHost: {authority}\r\nAuthorization: Bearer {}\r\n\
+         Accept: application/json\r\nUser-Agent: hearth-agent\r\nConnection: close\r\n{content}",
         token.trim(),
-        body.len()
     );
     let timeout = Duration::from_secs(10);
     let exchange = async {
@@ -120,19 +158,11 @@ pub async fn patch_node_labels(s: &KubeSettings, node: &str, labels: &BTreeMap<S
         let _ = tls.read_to_end(&mut resp).await;
         Ok(resp)
     };
-    let resp = tokio::time::timeout(timeout, exchange).await.map_err(|_| KubeError::Timeout { node: node.to_owned(), timeout })??;
-    let text = String::from_utf8_lossy(&resp);
-    let status: u16 = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    if (200..300).contains(&status) {
-        return Ok(());
-    }
-    let hint = match status {
-        401 => "unauthorized: the service account token was refused".to_owned(),
-        403 => "forbidden: the agent's ClusterRole must allow patch on nodes".to_owned(),
-        404 => format!("no Node named {node:?}: node_name must match the Kubernetes node name"),
-        _ => text.split("\r\n\r\n").nth(1).unwrap_or("").chars().take(300).collect(),
-    };
-    Err(KubeError::Status { node: node.to_owned(), status, hint })
+    let resp = tokio::time::timeout(timeout, exchange).await.map_err(|_| KubeError::Timeout { what: what.to_owned(), timeout })??;
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n");
+    let head = String::from_utf8_lossy(&resp[..split.unwrap_or(resp.len())]).into_owned();
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, split.map(|i| resp[i + 4..].to_vec()).unwrap_or_default()))
 }
 
 /// Keeps the node's labels equal to the latest wanted set: patches on every change, retries

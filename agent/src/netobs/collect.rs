@@ -143,6 +143,11 @@ impl NetMetrics {
             .collect()
     }
 
+    /// Which families are on.
+    pub fn status(&self) -> FamilyStatus {
+        self.read().status.clone()
+    }
+
     /// Number of pod series of each kind (traffic, tcp, listen) and tracked cgroups.
     pub fn sizes(&self) -> (usize, usize, usize, usize) {
         let s = self.read();
@@ -378,7 +383,7 @@ fn esc(v: &str) -> String {
 }
 
 /// HELP and TYPE lines; counters' family name drops `_total` in OpenMetrics.
-fn header(out: &mut String, name: &str, kind: &str, help: &str, openmetrics: bool) {
+fn header(out: &mut String, name: &str, help: &str, kind: &str, openmetrics: bool) {
     let family = if openmetrics && kind == "counter" { name.strip_suffix("_total").unwrap_or(name) } else { name };
     let _ = writeln!(out, "# HELP {family} {help}");
     let _ = writeln!(out, "# TYPE {family} {kind}");
@@ -390,8 +395,8 @@ impl TextMetrics for NetMetrics {
         header(
             out,
             "hearth_pod_network_enabled",
-            "gauge",
             "Whether a network metric family is on (1) or off (0, with the reason).",
+            "gauge",
             openmetrics,
         );
         for (fam, st) in [("traffic", &s.status.traffic), ("tcp", &s.status.tcp)] {
@@ -416,7 +421,7 @@ impl TextMetrics for NetMetrics {
                     v.payload_bytes
                 }),
             ] {
-                header(out, name, "counter", help, openmetrics);
+                header(out, name, help, "counter", openmetrics);
                 for ((p, d, c), v) in &s.traffic {
                     let _ = writeln!(
                         out,

@@ -11,8 +11,111 @@
 pub mod bpf;
 pub mod collect;
 pub mod pods;
+pub mod sample;
 
 pub use bpf::{
     EGRESS, Family, INGRESS, KernelErrors, ListenKey, ListenVal, NetObs, NetObsError, PeerClass, ProgramCost, ROLE_CLIENT, ROLE_SERVER,
     RTT_BUCKETS, TcpKey, TcpVal, TrafficKey, TrafficVal, cgroup_id, cgroup2_mount,
 };
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::NetworkSettings;
+use collect::{Collector, FamilyStatus, NetMetrics};
+use pods::PodTable;
+
+/// How often pod names are re-listed from the API server.
+const POD_LIST_EVERY: Duration = Duration::from_secs(30);
+
+/// The attach root: configured, or the kubelet's pod slice under the cgroup v2 mount.
+pub fn pod_cgroup_root(configured: Option<&std::path::Path>) -> Result<PathBuf, String> {
+    if let Some(p) = configured {
+        return if p.is_dir() { Ok(p.to_owned()) } else { Err(format!("network.cgroup_root {} is not a directory", p.display())) };
+    }
+    let mount = cgroup2_mount().ok_or("no cgroup v2 mount in /proc/self/mountinfo (network metrics need the unified hierarchy)")?;
+    ["kubepods.slice", "kubepods"]
+        .iter()
+        .map(|d| mount.join(d))
+        .find(|p| p.is_dir())
+        .ok_or_else(|| format!("no kubepods.slice or kubepods cgroup under {}; set network.cgroup_root", mount.display()))
+}
+
+/// Starts per-pod network metrics as configured: attaches the programs, runs the collector
+/// and (with Kubernetes settings) the pod-name poller until `shutdown`. Never fails the
+/// agent: whatever cannot work is off, with its reason in the log and in
+/// `hearth_pod_network_enabled`.
+pub fn start(
+    settings: &NetworkSettings,
+    names: PodTable,
+    kube: Option<(crate::kube::KubeSettings, String)>,
+    shutdown: CancellationToken,
+) -> Arc<NetMetrics> {
+    let off = |reason: String| {
+        warn!(%reason, "per-pod network metrics are off");
+        NetMetrics::new(FamilyStatus::off(&reason))
+    };
+    if !settings.enabled {
+        return NetMetrics::new(FamilyStatus::off("turned off in config (network.enabled: false)"));
+    }
+    names.extend(settings.static_pods.clone());
+    let root = match pod_cgroup_root(settings.cgroup_root.as_deref()) {
+        Ok(r) => r,
+        Err(reason) => return off(reason),
+    };
+    let mut obs = match NetObs::attach(&root, &settings.peers, &settings.ports) {
+        Ok(o) => o,
+        Err(e) => {
+            let why = if rustix::process::geteuid().is_root() { String::new() } else { "not root: ".to_owned() };
+            return off(format!("{why}{e}"));
+        }
+    };
+    for f in [Family::Traffic, Family::Tcp] {
+        match obs.family(f) {
+            Ok(()) => {}
+            Err(reason) => warn!(family = f.as_str(), %reason, "a network metric family is off"),
+        }
+    }
+    if settings.bpf_stats
+        && let Err(e) = obs.enable_cost_stats()
+    {
+        warn!(error = %e, "cannot turn on BPF run-time stats; program cost metrics stay at 0");
+    }
+    info!(cgroup_root = %root.display(), peers = settings.peers.len(), ports = ?settings.ports, "per-pod network metrics attached");
+    let (collector, metrics) = Collector::new(obs, root, Arc::new(names.clone()), settings.forget_after);
+    tokio::spawn(collect::run(collector, settings.collect_interval, shutdown.clone()).instrument(info_span!("netobs")));
+    if let Some((kube, node)) = kube {
+        tokio::spawn(poll_pod_names(kube, node, names, shutdown).instrument(info_span!("netobs_pods")));
+    }
+    metrics
+}
+
+/// Keeps `names` equal to the API server's pods on this node.
+async fn poll_pod_names(kube: crate::kube::KubeSettings, node: String, names: PodTable, shutdown: CancellationToken) {
+    let mut failing = false;
+    loop {
+        match crate::kube::list_node_pods(&kube, &node).await {
+            Ok(pods) => {
+                if failing {
+                    info!(pods = pods.len(), "pod names listed again");
+                }
+                failing = false;
+                names.replace(pods);
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "cannot list this node's pods; network series name pods by UID until it works");
+                }
+                failing = true;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(POD_LIST_EVERY) => {}
+        }
+    }
+}

@@ -90,6 +90,9 @@ impl PodTable {
     pub fn replace(&self, pods: HashMap<String, PodRef>) {
         *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = pods;
     }
+    pub fn extend(&self, pods: HashMap<String, PodRef>) {
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).extend(pods);
+    }
     pub fn insert(&self, uid: &str, pod: PodRef) {
         self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid.to_owned(), pod);
     }
