@@ -35,7 +35,6 @@ static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)BPF_FU
 static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) = (void *)BPF_FUNC_map_update_elem;
 static __u64 (*bpf_skb_cgroup_id)(struct __sk_buff *skb) = (void *)BPF_FUNC_skb_cgroup_id;
 static struct bpf_sock *(*bpf_sk_fullsock)(struct bpf_sock *sk) = (void *)BPF_FUNC_sk_fullsock;
-static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to, __u32 len) = (void *)BPF_FUNC_skb_load_bytes;
 static void *(*bpf_sk_storage_get)(void *map, void *sk, void *value, __u64 flags) = (void *)BPF_FUNC_sk_storage_get;
 static long (*bpf_sock_ops_cb_flags_set)(struct bpf_sock_ops *skops, int flags) = (void *)BPF_FUNC_sock_ops_cb_flags_set;
 static __u64 (*bpf_get_current_cgroup_id)(void) = (void *)BPF_FUNC_get_current_cgroup_id;
@@ -121,8 +120,11 @@ struct sock_info {
 	__u64 last_rtt_ns; // last RTT sample taken (at most one a second per connection)
 	__u8 role;
 	__u8 established;
-	__u8 peer_class;
-	__u8 pad[5];
+	__u8 peer_class;    // sock_ops: the connection's class
+	__u8 traffic_class; // cgroup_skb: the class cached for `cached_peer`
+	__u8 declared;      // cgroup_skb: the local port is a declared serving port
+	__u8 pad[3];
+	__u32 cached_peer;  // remote address word the cache is for (0: nothing cached)
 };
 
 struct {
@@ -211,48 +213,50 @@ static __always_inline __u8 classify(struct peer_key *k)
 	return c ? *c : 0;
 }
 
-// Header lengths and the remote address from the packet (the fallback when there is no
-// full socket). Returns the payload length, or 0 when it cannot be parsed.
+// Payload length from the headers, read directly from the packet's linear part (the
+// headers are there at both hooks; direct reads cost far less than helper calls), and the
+// remote address from the header for packets whose socket has none. Returns 0 payload when
+// the headers cannot be read or the protocol is neither TCP nor UDP (bytes still count).
 static __always_inline __u32 parse(struct __sk_buff *skb, int direction, struct peer_key *peer, int *have_peer)
 {
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
 	__u32 len = skb->len;
 	if (skb->protocol == ETH_P_IP_BE) {
-		__u8 vihl;
-		__u8 proto;
-		__u32 addr;
-		if (bpf_skb_load_bytes(skb, 0, &vihl, 1) || bpf_skb_load_bytes(skb, 9, &proto, 1))
+		__u8 *ip = data;
+		if ((void *)(ip + 20) > end)
 			return 0;
-		__u32 ihl = (vihl & 0x0f) * 4;
-		if (bpf_skb_load_bytes(skb, direction == DIR_INGRESS ? 12 : 16, &addr, 4) == 0) {
-			v4_mapped(peer, addr);
-			*have_peer = 1;
-		}
-		if (proto == PROTO_TCP) {
-			__u8 doff;
-			if (bpf_skb_load_bytes(skb, ihl + 12, &doff, 1))
+		__u32 addr;
+		__builtin_memcpy(&addr, ip + (direction == DIR_INGRESS ? 12 : 16), 4);
+		v4_mapped(peer, addr);
+		*have_peer = 1;
+		__u32 ihl = (ip[0] & 0x0f) * 4;
+		if (ip[9] == PROTO_TCP) {
+			__u8 *tcp = ip + ihl;
+			if ((void *)(tcp + 13) > end)
 				return 0;
-			__u32 hdr = ihl + (doff >> 4) * 4;
+			__u32 hdr = ihl + (tcp[12] >> 4) * 4;
 			return len > hdr ? len - hdr : 0;
 		}
-		if (proto == PROTO_UDP)
+		if (ip[9] == PROTO_UDP)
 			return len > ihl + 8 ? len - ihl - 8 : 0;
 		return 0;
 	}
 	if (skb->protocol == ETH_P_IPV6_BE) {
-		__u8 next;
-		if (bpf_skb_load_bytes(skb, 6, &next, 1))
+		__u8 *ip6 = data;
+		if ((void *)(ip6 + 40) > end)
 			return 0;
-		if (bpf_skb_load_bytes(skb, direction == DIR_INGRESS ? 8 : 24, peer->addr, 16) == 0)
-			*have_peer = 1;
+		__builtin_memcpy(peer->addr, ip6 + (direction == DIR_INGRESS ? 8 : 24), 16);
+		*have_peer = 1;
 		// Extension headers are not walked: their payload counts as 0, bytes still count.
-		if (next == PROTO_TCP) {
-			__u8 doff;
-			if (bpf_skb_load_bytes(skb, 40 + 12, &doff, 1))
+		if (ip6[6] == PROTO_TCP) {
+			__u8 *tcp = ip6 + 40;
+			if ((void *)(tcp + 13) > end)
 				return 0;
-			__u32 hdr = 40 + (doff >> 4) * 4;
+			__u32 hdr = 40 + (tcp[12] >> 4) * 4;
 			return len > hdr ? len - hdr : 0;
 		}
-		if (next == PROTO_UDP)
+		if (ip6[6] == PROTO_UDP)
 			return len > 48 ? len - 48 : 0;
 	}
 	return 0;
@@ -261,8 +265,6 @@ static __always_inline __u32 parse(struct __sk_buff *skb, int direction, struct 
 static __always_inline void count_listener(struct bpf_sock *sk, __u64 cgroup_id, int direction, __u32 len)
 {
 	__u16 port = sk->src_port;
-	if (!bpf_map_lookup_elem(&PORTS, &port))
-		return;
 	struct listen_key key = { .cgroup_id = cgroup_id, .port = port, .direction = direction };
 	struct listen_val *v = bpf_map_lookup_elem(&LISTEN, &key);
 	if (v) {
@@ -282,21 +284,6 @@ static __always_inline void count_listener(struct bpf_sock *sk, __u64 cgroup_id,
 	}
 }
 
-// Tells the socket's storage which cgroup the socket belongs to (for sock_ops, which runs
-// where the current task says nothing about the socket).
-static __always_inline void remember_cgroup(struct bpf_sock *sk, __u64 cgroup_id)
-{
-	if (sk->protocol != PROTO_TCP)
-		return;
-	struct sock_info *info = bpf_sk_storage_get(&SOCKS, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!info) {
-		count_error(ERR_STORAGE);
-		return;
-	}
-	if (info->cgroup_id != cgroup_id)
-		info->cgroup_id = cgroup_id;
-}
-
 static __always_inline int account(struct __sk_buff *skb, int direction)
 {
 	struct traffic_key key = {};
@@ -312,33 +299,59 @@ static __always_inline int account(struct __sk_buff *skb, int direction)
 	int have_peer = 0;
 	__u32 payload = parse(skb, direction, &peer, &have_peer);
 
-	// The socket's remote address wins over the header's (NAT-stable). A listening socket
-	// has none (SYN, SYN-ACK): keep the header's then.
+	// The socket's remote address wins over the header's (NAT-stable). Its class and
+	// whether its local port is declared are cached in the socket's storage, so the trie
+	// and the port map are looked up once per connection, not per packet. A socket with
+	// no remote address (a listener's SYN and SYN-ACK, unconnected UDP) classifies by
+	// header, per packet.
+	int declared = 0;
+	int classified = 0;
 	struct bpf_sock *sk = skb->sk;
-	if (sk) {
+	if (sk)
 		sk = bpf_sk_fullsock(sk);
-		if (sk) {
-			remember_cgroup(sk, key.cgroup_id);
-			count_listener(sk, key.cgroup_id, direction, skb->len);
-			if (sk->family == 2 /* AF_INET */) {
-				__u32 d = sk->dst_ip4;
-				if (d) {
-					v4_mapped(&peer, d);
-					have_peer = 1;
-				}
-			} else if (sk->family == 10 /* AF_INET6 */) {
-				__u32 a0 = sk->dst_ip6[0], a1 = sk->dst_ip6[1], a2 = sk->dst_ip6[2], a3 = sk->dst_ip6[3];
-				if (a0 | a1 | a2 | a3) {
+	if (sk) {
+		struct sock_info *info = bpf_sk_storage_get(&SOCKS, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!info)
+			count_error(ERR_STORAGE);
+		else if (info->cgroup_id != key.cgroup_id)
+			info->cgroup_id = key.cgroup_id; // tells sock_ops (which cannot ask) the socket's cgroup
+		__u32 word = 0;
+		if (sk->family == 2 /* AF_INET */) {
+			word = sk->dst_ip4;
+		} else if (sk->family == 10 /* AF_INET6 */) {
+			word = sk->dst_ip6[0] ^ sk->dst_ip6[3];
+		}
+		if (word && info && info->cached_peer == word) {
+			key.peer_class = info->traffic_class;
+			declared = info->declared;
+			classified = 1;
+		} else {
+			__u16 port = sk->src_port;
+			declared = bpf_map_lookup_elem(&PORTS, &port) != 0;
+			if (word) {
+				if (sk->family == 2) {
+					v4_mapped(&peer, sk->dst_ip4);
+				} else {
+					__u32 a0 = sk->dst_ip6[0], a1 = sk->dst_ip6[1], a2 = sk->dst_ip6[2], a3 = sk->dst_ip6[3];
 					__builtin_memcpy(&peer.addr[0], &a0, 4);
 					__builtin_memcpy(&peer.addr[4], &a1, 4);
 					__builtin_memcpy(&peer.addr[8], &a2, 4);
 					__builtin_memcpy(&peer.addr[12], &a3, 4);
-					have_peer = 1;
+				}
+				key.peer_class = classify(&peer);
+				classified = 1;
+				if (info) {
+					info->traffic_class = key.peer_class;
+					info->declared = declared;
+					info->cached_peer = word;
 				}
 			}
 		}
+		if (declared)
+			count_listener(sk, key.cgroup_id, direction, skb->len);
 	}
-	key.peer_class = have_peer ? classify(&peer) : 0;
+	if (!classified)
+		key.peer_class = have_peer ? classify(&peer) : 0;
 
 	struct traffic_val *v = bpf_map_lookup_elem(&TRAFFIC, &key);
 	if (v) {
