@@ -175,7 +175,11 @@ async fn an_agent_told_to_use_nvml_without_a_driver_runs_on_and_says_why() -> Re
     let missing = dir.path().join("no-such-libnvidia-ml.so.1");
     let agent =
         AgentProc::start_with_devices(dir.path(), &pki, "cpu-1", grpc, &format!("{{backend: nvml, nvml_library: {}}}", missing.display()))?;
-    let state = wait_for("node reported with the reason", Duration::from_secs(15), || node_state(grpc, &pki, "cpu-1")).await?;
+    // The node can be known (Hello) a moment before its first snapshot: wait for the subsystems.
+    let state = wait_for("node reported with the reason", Duration::from_secs(15), || async {
+        Ok(node_state(grpc, &pki, "cpu-1").await?.filter(|s| s.subsystems.iter().any(|s| s.name == "devices")))
+    })
+    .await?;
     let devices = state.subsystems.iter().find(|s| s.name == "devices").expect("devices subsystem reported");
     assert!(!devices.enabled, "{devices:?}");
     assert!(devices.reason.contains("libnvidia-ml"), "{devices:?}");
