@@ -142,9 +142,10 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         cfg.kubernetes.clone().map(|k| (k, cfg.node_name.clone())),
         shutdown.clone(),
     );
-    subsystems.push(match net.status().traffic.clone().and(net.status().tcp.clone()) {
+    let st = net.status();
+    subsystems.push(match st.traffic.clone().and(st.tcp.clone()) {
         Ok(()) => ("network".to_owned(), true, "per-pod traffic and TCP metrics".to_owned()),
-        Err(reason) => ("network".to_owned(), net.status().traffic.is_ok() || net.status().tcp.is_ok(), reason),
+        Err(reason) => ("network".to_owned(), st.traffic.is_ok() || st.tcp.is_ok(), reason),
     });
     telemetry_extra.push(net as Arc<dyn TextMetrics>);
 

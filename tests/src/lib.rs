@@ -281,6 +281,15 @@ impl AgentProc {
     }
 }
 
+/// Runs a command, failing with its stderr when it fails.
+pub fn sh(args: &[&str]) -> Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 /// A minimal HTTP/1.1 GET (the endpoints under test are ours; no client crate needed).
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     http_get_with(addr, path, &[]).await

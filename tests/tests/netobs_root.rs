@@ -12,18 +12,13 @@ use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context, Result, bail, ensure};
 use hearth_agent::netobs::{self, EGRESS, Family, INGRESS, NetObs, PeerClass, ROLE_CLIENT, ROLE_SERVER};
+use hearth_tests::sh;
 
 fn require_root() -> Result<()> {
     ensure!(
         rustix::process::geteuid().is_root(),
         "this test loads BPF programs and creates network namespaces: run it as root (scripts/test.sh does in CI)"
     );
-    Ok(())
-}
-
-fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
-    ensure!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
 
@@ -96,15 +91,20 @@ impl Drop for Cgroup {
 /// Starts `python3 -c script` in namespace `ns`, moves it into `cg`, then lets it go (it
 /// waits for a line on stdin, so every socket it makes belongs to the cgroup).
 fn spawn_in(ns: &str, cg: &Cgroup, script: &str, args: &[&str]) -> Result<Child> {
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{ns}"))
-        .args(["python3", "-c", script])
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("nsenter")?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net=/run/netns/{ns}")).args(["python3", "-c", script]).args(args);
+    start_in(cmd, cg)
+}
+
+/// Like [`spawn_in`] without a namespace switch.
+fn spawn_in_host(cg: &Cgroup, script: &str, args: &[&str]) -> Result<Child> {
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", script]).args(args);
+    start_in(cmd, cg)
+}
+
+fn start_in(mut cmd: Command, cg: &Cgroup) -> Result<Child> {
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("starting python3")?;
     cg.add(child.id())?;
     writeln!(child.stdin.as_mut().context("stdin")?, "go")?;
     Ok(child)
@@ -301,19 +301,13 @@ fn a_process_in_the_host_network_namespace_is_still_attributed_by_cgroup() -> Re
     let (a, b) = (Cgroup::new(base.join("hostnet-client"))?, Cgroup::new(base.join("hostnet-server"))?);
     let obs = NetObs::attach(&parent.0, &[PeerClass::parse("loopback", &["127.0.0.0/8"]).unwrap()], &[])?;
     // No namespace switch: both run in the host's network namespace, like hostNetwork pods.
-    let spawn_host = |cg: &Cgroup, script: &str, args: &[&str]| -> Result<Child> {
-        let mut child = Command::new("python3").args(["-c", script]).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
-        cg.add(child.id())?;
-        writeln!(child.stdin.as_mut().context("stdin")?, "go")?;
-        Ok(child)
-    };
     let port = 20000 + (tag % 20000);
     let recv = RECEIVER.replace("5001", &port.to_string());
     let send = SENDER.replace("5001", &port.to_string());
     const N: u64 = 3 * 1024 * 1024 + 7;
-    let mut rx = spawn_host(&b, &recv, &["127.0.0.1"])?;
+    let mut rx = spawn_in_host(&b, &recv, &["127.0.0.1"])?;
     ensure!(line(&mut rx)? == "ready", "receiver did not start");
-    let mut tx = spawn_host(&a, &send, &["127.0.0.1", &N.to_string()])?;
+    let mut tx = spawn_in_host(&a, &send, &["127.0.0.1", &N.to_string()])?;
     let got: u64 = line(&mut rx)?.parse()?;
     let (bytes_sent, bytes_retrans) = tcp_info_line(&mut tx)?;
     ensure!(tx.wait()?.success() && rx.wait()?.success(), "sender or receiver failed");
@@ -595,14 +589,6 @@ fn a_thousand_pod_cgroups_created_and_deleted_leave_no_series_and_no_map_entries
     assert!(out.contains("hearth_pod_network_reclaimed_entries_total 1000"), "{out}");
     assert!(!out.contains("namespace=\"load\""), "no series left for the deleted pods");
     Ok(())
-}
-
-/// Like [`spawn_in`] without a namespace switch.
-fn spawn_in_host(cg: &Cgroup, script: &str, args: &[&str]) -> Result<Child> {
-    let mut child = Command::new("python3").args(["-c", script]).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
-    cg.add(child.id())?;
-    writeln!(child.stdin.as_mut().context("stdin")?, "go")?;
-    Ok(child)
 }
 
 #[tokio::test]

@@ -59,6 +59,14 @@ pub struct TrafficVal {
     pub payload_bytes: u64,
 }
 
+impl TrafficVal {
+    pub fn add(&mut self, o: &TrafficVal) {
+        self.bytes += o.bytes;
+        self.packets += o.packets;
+        self.payload_bytes += o.payload_bytes;
+    }
+}
+
 #[allow(unsafe_code)]
 // SAFETY: both are repr(C) structs of plain integers with explicit padding fields, valid
 // for any bit pattern, matching the C layout byte for byte.
@@ -124,6 +132,13 @@ pub struct ListenKey {
 pub struct ListenVal {
     pub bytes: u64,
     pub packets: u64,
+}
+
+impl ListenVal {
+    pub fn add(&mut self, o: &ListenVal) {
+        self.bytes += o.bytes;
+        self.packets += o.packets;
+    }
 }
 
 #[allow(unsafe_code)]
@@ -338,11 +353,7 @@ impl NetObs {
 
     /// Traffic counters, summed over CPUs.
     pub fn traffic(&self) -> Result<Vec<(TrafficKey, TrafficVal)>, NetObsError> {
-        self.read("TRAFFIC", |a: &mut TrafficVal, v: &TrafficVal| {
-            a.bytes += v.bytes;
-            a.packets += v.packets;
-            a.payload_bytes += v.payload_bytes;
-        })
+        self.read("TRAFFIC", TrafficVal::add)
     }
 
     /// TCP counters and RTT histograms, summed over CPUs.
@@ -352,10 +363,7 @@ impl NetObs {
 
     /// Declared-port bytes, summed over CPUs.
     pub fn listeners(&self) -> Result<Vec<(ListenKey, ListenVal)>, NetObsError> {
-        self.read("LISTEN", |a: &mut ListenVal, v: &ListenVal| {
-            a.bytes += v.bytes;
-            a.packets += v.packets;
-        })
+        self.read("LISTEN", ListenVal::add)
     }
 
     fn read<K, V>(&self, name: &'static str, add: impl Fn(&mut V, &V)) -> Result<Vec<(K, V)>, NetObsError>

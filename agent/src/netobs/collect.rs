@@ -44,18 +44,13 @@ struct Sums {
 
 impl Sums {
     fn add_traffic(&mut self, k: TrafficSeries, v: &TrafficVal) {
-        let e = self.traffic.entry(k).or_default();
-        e.bytes += v.bytes;
-        e.packets += v.packets;
-        e.payload_bytes += v.payload_bytes;
+        self.traffic.entry(k).or_default().add(v);
     }
     fn add_tcp(&mut self, k: TcpSeries, v: &TcpVal) {
         self.tcp.entry(k).or_default().add(v);
     }
     fn add_listen(&mut self, k: ListenSeries, v: &ListenVal) {
-        let e = self.listen.entry(k).or_default();
-        e.bytes += v.bytes;
-        e.packets += v.packets;
+        self.listen.entry(k).or_default().add(v);
     }
     fn merge(&mut self, o: &Sums) {
         for (k, v) in &o.traffic {
@@ -313,12 +308,7 @@ impl Collector {
         let mut not_a_pod_bytes = 0;
         for ((uid, d, c), v) in &live.traffic {
             match uid {
-                Some(u) => {
-                    let e: &mut TrafficVal = snap_traffic.entry((name(u), *d, *c)).or_default();
-                    e.bytes += v.bytes;
-                    e.packets += v.packets;
-                    e.payload_bytes += v.payload_bytes;
-                }
+                Some(u) => snap_traffic.entry((name(u), *d, *c)).or_insert_with(TrafficVal::default).add(v),
                 None => not_a_pod_bytes += v.bytes,
             }
         }
@@ -331,9 +321,7 @@ impl Collector {
         let mut snap_listen = BTreeMap::new();
         for ((uid, p, d), v) in &live.listen {
             if let Some(u) = uid {
-                let e: &mut ListenVal = snap_listen.entry((name(u), *p, *d)).or_default();
-                e.bytes += v.bytes;
-                e.packets += v.packets;
+                snap_listen.entry((name(u), *p, *d)).or_insert_with(ListenVal::default).add(v);
             }
         }
         let kernel = self.obs.errors()?;

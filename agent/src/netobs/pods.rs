@@ -96,12 +96,6 @@ impl PodTable {
     pub fn insert(&self, uid: &str, pod: PodRef) {
         self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid.to_owned(), pod);
     }
-    pub fn len(&self) -> usize {
-        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl PodDirectory for PodTable {

@@ -17,6 +17,9 @@ pub const NAMESPACE: &str = "hearth-local";
 pub fn serve(addr: SocketAddr) -> std::io::Result<()> {
     wait_for_go()?;
     let l = TcpListener::bind(addr)?;
+    // Tells `SampleWorkload::start` the port is open, so the client's first call lands.
+    println!("listening");
+    std::io::stdout().flush()?;
     for conn in l.incoming() {
         let Ok(mut c) = conn else { continue };
         let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
@@ -75,19 +78,26 @@ impl SampleWorkload {
             let mut child = std::process::Command::new(&exe)
                 .args(["__sample-net", role, &addr])
                 .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::null())
+                .stdout(if role == "server" { std::process::Stdio::piped() } else { std::process::Stdio::null() })
                 .spawn()
                 .map_err(|e| format!("starting the sample {role}: {e}"))?;
             let moved = std::fs::write(dir.join("cgroup.procs"), child.id().to_string());
             let go = child.stdin.take().map(|mut s| s.write_all(b"go\n"));
+            let listening = child.stdout.take().map(|out| {
+                let mut line = String::new();
+                std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).map(|_| line)
+            });
             w.children.push(child);
             moved.map_err(|e| format!("moving the sample {role} into {}: {e}", dir.display()))?;
             if let Some(Err(e)) = go {
                 return Err(format!("starting the sample {role}: {e}"));
             }
+            if let Some(l) = listening
+                && !matches!(l.as_deref().map(str::trim), Ok("listening"))
+            {
+                return Err(format!("the sample server did not start listening on {addr}: {l:?}"));
+            }
             w.pods.insert(uid, PodRef { namespace: NAMESPACE.into(), name: name.into() });
-            // The server listens before the client's first call.
-            std::thread::sleep(Duration::from_millis(100));
         }
         Ok(w)
     }

@@ -21,6 +21,7 @@ use clap::Parser;
 use hearth_agent::netobs::collect::Collector;
 use hearth_agent::netobs::pods::{PodRef, PodTable};
 use hearth_agent::netobs::{self, NetObs, PeerClass};
+use hearth_tests::sh;
 
 #[derive(Parser)]
 struct Args {
@@ -33,12 +34,6 @@ struct Args {
     /// Pod cgroups for the collector measurement.
     #[arg(long, default_value_t = 200)]
     cgroups: usize,
-}
-
-fn sh(args: &[&str]) -> Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
-    ensure!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    Ok(())
 }
 
 struct Setup {
@@ -69,7 +64,16 @@ impl Setup {
             Command::new("nsenter").args(["--net=/run/netns/hbench-b", "iperf3", "-s", "-B", "10.97.0.2"]).stdout(Stdio::null()).spawn()?;
         std::fs::write(s.server.join("cgroup.procs"), child.id().to_string())?;
         s.iperf = Some(child);
-        std::thread::sleep(Duration::from_millis(500));
+        // Ready once the server's socket listens in its namespace.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("nsenter").args(["--net=/run/netns/hbench-b", "ss", "-ltnH", "sport", "=", ":5201"]).output()?;
+            if !out.stdout.is_empty() {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "iperf3 -s did not listen within 10 s");
+            std::thread::yield_now();
+        }
         Ok(s)
     }
 
@@ -100,18 +104,21 @@ impl Drop for Setup {
         for d in [&self.client, &self.server] {
             let _ = std::fs::write(d.join("cgroup.kill"), "1");
         }
-        std::thread::sleep(Duration::from_millis(100));
         remove_tree(&self.root);
     }
 }
 
+/// Removes a cgroup tree, retrying for up to 5 s while killed processes finish exiting.
 fn remove_tree(root: &Path) {
     if let Ok(dirs) = std::fs::read_dir(root) {
         for d in dirs.flatten().filter(|d| d.path().is_dir()) {
             remove_tree(&d.path());
         }
     }
-    let _ = std::fs::remove_dir(root);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::fs::remove_dir(root).is_err() && root.exists() && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
 }
 
 fn median(v: &mut [f64]) -> f64 {
