@@ -16,6 +16,8 @@ pub enum ConfigError {
     Parse { path: PathBuf, source: serde_yaml::Error },
     #[error("{field}: expected {expected}, got {got:?}")]
     Invalid { field: &'static str, expected: &'static str, got: String },
+    #[error("{field}: expected {expected}, got {got:?}")]
+    Model { field: String, expected: &'static str, got: String },
     #[error("tls: ca, cert and key are required unless insecure mode is on (--insecure or insecure: true)")]
     TlsMissing,
 }

@@ -5,10 +5,12 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod api;
+pub mod catalog;
 pub mod config;
 pub mod fsutil;
 pub mod metrics;
 pub mod pki;
+pub mod placement;
 pub mod state;
 pub mod telemetry;
 

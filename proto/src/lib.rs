@@ -1,12 +1,14 @@
 //! The Hearth wire: `hearth.v1` messages and services generated from `proto/hearth/v1`,
 //! hand-written conversions from wire messages to validated domain types, and the transport
-//! rules both ends must agree on (TLS material, certificate identity, message size limits).
+//! rules both ends must agree on (TLS material, certificate identity, message size limits),
+//! and the MIG geometry both the agent (partitioning) and the controller (placement) use.
 //!
 //! Nothing here does I/O beyond reading the TLS files it is pointed at.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod convert;
+pub mod mig;
 pub mod transport;
 
 /// Generated `hearth.v1` code. Other crates convert to domain types at the edge instead of

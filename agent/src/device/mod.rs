@@ -6,7 +6,8 @@
 
 pub mod gpu;
 pub mod gpusim;
-pub mod mig;
+/// MIG geometry lives in hearth-proto: the controller places MIG requests with the same table.
+pub use hearth_proto::mig;
 pub mod migctl;
 pub mod nvml;
 pub mod nvml_bench;

@@ -4,14 +4,16 @@
 //! (sessions, epochs, sequence numbers); it does no I/O.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use hearth_proto::convert::AgentHello;
 use hearth_proto::prost::Message as _;
 use hearth_proto::v1 as pb;
 use tokio::sync::mpsc;
+
+use crate::placement::facts::NodeFacts;
 
 /// Identifies one stream; a newer stream for the same node supersedes an older one.
 pub type SessionId = u64;
@@ -63,9 +65,24 @@ struct NodeEntry {
     epoch: Option<u64>,
     seq: u64,
     state: pb::NodeState,
+    /// What placement reads, rebuilt on every snapshot and delta.
+    facts: Arc<NodeFacts>,
     state_bytes: u64,
     last_seen: Instant,
     last_report: SystemTime,
+}
+
+static EMPTY: std::sync::LazyLock<Arc<NodeFacts>> = std::sync::LazyLock::new(Arc::default);
+
+/// One node as placement sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct PlacementNode<'a> {
+    /// Some agent reports (or reported) this node.
+    pub known: bool,
+    pub connection: Connection,
+    /// False for a name no agent reports, and for a node before its first snapshot.
+    pub has_report: bool,
+    pub facts: &'a Arc<NodeFacts>,
 }
 
 /// What the read API and metrics see of one node.
@@ -141,6 +158,7 @@ impl ClusterState {
                         epoch: None,
                         seq: 0,
                         state: pb::NodeState::default(),
+                        facts: Arc::default(),
                         state_bytes: 0,
                         last_seen: now,
                         last_report: SystemTime::now(),
@@ -174,6 +192,7 @@ impl ClusterState {
             total.fetch_add(bytes, Ordering::Relaxed);
             total.fetch_sub(e.state_bytes, Ordering::Relaxed);
             e.state_bytes = bytes;
+            e.facts = Arc::new(NodeFacts::from_state(&state));
             e.state = state;
             e.epoch = Some(s.epoch);
             e.seq = s.seq;
@@ -197,6 +216,7 @@ impl ClusterState {
             }
             e.seq = d.seq;
             hearth_proto::convert::apply_delta(&mut e.state, d);
+            e.facts = Arc::new(NodeFacts::from_state(&e.state));
             let bytes = e.state.encoded_len() as u64;
             total.fetch_add(bytes, Ordering::Relaxed);
             total.fetch_sub(e.state_bytes, Ordering::Relaxed);
@@ -266,6 +286,30 @@ impl ClusterState {
     pub fn get(&self, name: &str, now: Instant) -> Option<(NodeView, pb::NodeState)> {
         let nodes = self.read();
         nodes.get(name).map(|e| (self.view(name, e, now), e.state.clone()))
+    }
+
+    /// Placement's view of the named nodes (every node when `names` is None), in name order
+    /// for the whole cluster and in the given order otherwise. A name no agent reports comes
+    /// back with `None`; a node that has not sent its first snapshot has `has_report` false.
+    pub fn placement_view<T>(&self, now: Instant, names: Option<&[String]>, mut f: impl FnMut(&str, PlacementNode<'_>) -> T) -> Vec<T> {
+        let nodes = self.read();
+        let mut one = |name: &str, e: Option<&NodeEntry>| {
+            let n = e.map(|e| PlacementNode {
+                known: true,
+                connection: self.connection(e, now),
+                has_report: e.epoch.is_some(),
+                facts: &e.facts,
+            });
+            f(name, n.unwrap_or(PlacementNode { known: false, connection: Connection::Disconnected, has_report: false, facts: &EMPTY }))
+        };
+        match names {
+            Some(names) => names.iter().map(|n| one(n, nodes.get(n))).collect(),
+            None => {
+                let mut all: Vec<(&String, &NodeEntry)> = nodes.iter().collect();
+                all.sort_by(|a, b| a.0.cmp(b.0));
+                all.into_iter().map(|(n, e)| one(n, Some(e))).collect()
+            }
+        }
     }
 
     /// Queues a command for a connected node's stream. Fails when the node has no session or

@@ -1,7 +1,8 @@
 //! MIG geometry as the hardware defines it: per-product GPU-instance profiles (NVML profile
 //! ids, slices, memory, how many fit, where they may start) and the rules for whether a set
-//! of placements fits one GPU. The simulator and the partition planner share this table, so
-//! a layout the planner accepts is one the simulated GPU accepts.
+//! of placements fits one GPU. The agent's simulator and partition planner and the
+//! controller's placement share this table, so a layout the planner accepts is one the
+//! simulated GPU accepts, and a slice placement counts as creatable is one the agent can make.
 //!
 //! Each GPU has 8 placement units (memory slices). A profile occupies `size` consecutive
 //! units from one of its allowed starts. The H100 and H200 rows are NVML's own answers, read
@@ -310,8 +311,8 @@ mod tests {
     #[test]
     fn tables_match_the_recorded_hardware_readings() {
         for (table, json) in [
-            (H100_80GB, include_str!("../../../docs/hardware/h100-80gb-mig-profiles.json")),
-            (H200_141GB, include_str!("../../../docs/hardware/h200-141gb-mig-profiles.json")),
+            (H100_80GB, include_str!("../../docs/hardware/h100-80gb-mig-profiles.json")),
+            (H200_141GB, include_str!("../../docs/hardware/h200-141gb-mig-profiles.json")),
         ] {
             let v: serde_json::Value = serde_json::from_str(json).unwrap();
             let gpu = &v["gpus"][0];

@@ -1,0 +1,213 @@
+//! What placement needs to know about one node, distilled from its reported state once per
+//! snapshot or delta, so that scoring 5,000 nodes reads a few small structs per node instead
+//! of walking every report.
+
+use std::collections::{HashMap, HashSet};
+
+use hearth_proto::mig::{self, GiProfile};
+use hearth_proto::v1 as pb;
+
+/// One MIG GPU instance as the agent reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    pub uuid: String,
+    pub profile: String,
+    pub start: u32,
+    pub size: u32,
+    /// A runtime or a process uses it.
+    pub busy: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gpu {
+    pub index: u32,
+    pub uuid: String,
+    pub healthy: bool,
+    pub mig_enabled: bool,
+    /// A MIG mode change waits for a reset: nothing new goes here until it is done.
+    pub mig_pending: bool,
+    /// Whole-GPU use: a runtime bound to the GPU or a process on it (MIG off).
+    pub busy: bool,
+    /// The product's MIG table; None for products without MIG support we know of.
+    pub table: Option<&'static [GiProfile]>,
+    pub instances: Vec<Instance>,
+}
+
+impl Gpu {
+    /// Placement units taken by existing instances.
+    pub fn used_units(&self) -> u32 {
+        self.instances.iter().map(|i| i.size).sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NeuronDevice {
+    pub index: u32,
+    pub healthy: bool,
+    pub cores: u32,
+    /// Per-core: taken by a reported partition that a runtime uses.
+    pub busy_cores: Vec<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeFacts {
+    pub gpus: Vec<Gpu>,
+    pub neuron: Vec<NeuronDevice>,
+    pub memory_available: u64,
+    /// Bytes present per model, keyed by (source URI, revision).
+    pub models: HashMap<(String, String), CachedBytes>,
+    /// Image references and digests present.
+    pub images: HashSet<String>,
+    /// Measured source bandwidth (EWMA bytes/s) by source prefix, longest first.
+    pub bandwidth: Vec<(String, f64)>,
+    /// Waiting + running requests over every runtime on the node.
+    pub requests: f64,
+    /// Highest KV-cache use of any runtime on the node.
+    pub kv_cache: f64,
+    /// Runtimes per model key, with their load, for scaling.
+    pub runtimes: Vec<RuntimeFacts>,
+    /// The last partition apply failed or waits for a reboot: no new MIG instances here.
+    pub partition_blocked: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CachedBytes {
+    pub present: u64,
+    pub total: u64,
+    pub ready: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeFacts {
+    pub name: String,
+    /// The runtime's model id (the agent's cache id or the catalog name).
+    pub model_id: String,
+    /// (source URI, revision) of the cached model that id names on this node, when known.
+    pub model_key: Option<(String, String)>,
+    pub ready: bool,
+    pub load: pb::RuntimeLoad,
+}
+
+fn healthy(h: i32) -> bool {
+    // Unspecified counts as healthy: older agents and simulated devices may not say.
+    h != pb::HealthState::Unhealthy as i32
+}
+
+impl NodeFacts {
+    pub fn from_state(s: &pb::NodeState) -> Self {
+        // Anything a runtime is bound to (GPU, MIG device, Neuron group uuid) is in use.
+        let bound: HashSet<&str> = s.runtimes.iter().map(|r| r.partition_uuid.as_str()).filter(|u| !u.is_empty()).collect();
+        let mut gpus = Vec::new();
+        let mut neuron = Vec::new();
+        for a in &s.accelerators {
+            if a.vendor == pb::AcceleratorVendor::AwsNeuron as i32 {
+                let mut busy_cores = vec![false; a.core_count as usize];
+                for p in &a.partitions {
+                    if bound.contains(p.uuid.as_str()) {
+                        for c in p.placement_start..p.placement_start.saturating_add(p.placement_size) {
+                            if let Some(b) = busy_cores.get_mut(c as usize) {
+                                *b = true;
+                            }
+                        }
+                    }
+                }
+                if bound.contains(a.uuid.as_str()) {
+                    busy_cores.iter_mut().for_each(|b| *b = true);
+                }
+                neuron.push(NeuronDevice { index: a.index, healthy: healthy(a.health), cores: a.core_count, busy_cores });
+                continue;
+            }
+            let gi_busy: HashSet<u32> = a.processes.iter().map(|p| p.gpu_instance_id).filter(|g| *g != 0).collect();
+            let instances = a
+                .partitions
+                .iter()
+                .map(|p| Instance {
+                    uuid: p.uuid.clone(),
+                    profile: p.profile.clone(),
+                    start: p.placement_start,
+                    size: p.placement_size,
+                    busy: bound.contains(p.uuid.as_str()) || gi_busy.contains(&p.gpu_instance_id),
+                })
+                .collect();
+            gpus.push(Gpu {
+                index: a.index,
+                uuid: a.uuid.clone(),
+                healthy: healthy(a.health),
+                mig_enabled: a.mig_enabled,
+                mig_pending: a.mig_pending,
+                busy: bound.contains(a.uuid.as_str()) || (!a.mig_enabled && !a.processes.is_empty()),
+                table: mig::profiles_for(a.pci_device_id),
+                instances,
+            });
+        }
+        let mut models = HashMap::with_capacity(s.models.len());
+        let mut by_id: HashMap<&str, (String, String)> = HashMap::with_capacity(s.models.len());
+        for m in &s.models {
+            let key = (m.source_uri.trim_end_matches('/').to_owned(), m.revision.clone());
+            let ready = m.state == pb::CacheEntryState::Ready as i32;
+            let present = if ready { m.bytes_total.max(m.bytes_present) } else { m.bytes_present };
+            // Bytes being evicted are about to be gone.
+            let present = if m.state == pb::CacheEntryState::Evicting as i32 { 0 } else { present };
+            by_id.insert(m.id.as_str(), key.clone());
+            let e: &mut CachedBytes = models.entry(key).or_default();
+            if present >= e.present {
+                *e = CachedBytes { present, total: m.bytes_total, ready };
+            }
+        }
+        let mut images = HashSet::with_capacity(s.images.len() * 2);
+        for i in &s.images {
+            images.insert(i.reference.clone());
+            if !i.digest.is_empty() {
+                images.insert(i.digest.clone());
+            }
+        }
+        let mut bandwidth: Vec<(String, f64)> = s
+            .source_bandwidth
+            .iter()
+            .filter(|b| b.bytes_per_second.is_finite() && b.bytes_per_second > 0.0)
+            .map(|b| (b.source.trim_end_matches('/').to_owned(), b.bytes_per_second))
+            .collect();
+        bandwidth.sort_by_key(|b| std::cmp::Reverse(b.0.len()));
+        let mut requests = 0.0;
+        let mut kv_cache: f64 = 0.0;
+        let runtimes = s
+            .runtimes
+            .iter()
+            .map(|r| {
+                let load = r.load.unwrap_or_default();
+                requests += finite(load.requests_waiting) + finite(load.requests_running);
+                kv_cache = kv_cache.max(finite(load.kv_cache_usage_ratio));
+                RuntimeFacts {
+                    name: r.name.clone(),
+                    model_id: r.model_id.clone(),
+                    model_key: by_id.get(r.model_id.as_str()).cloned(),
+                    ready: r.state.eq_ignore_ascii_case("ready") || r.state.eq_ignore_ascii_case("running"),
+                    load,
+                }
+            })
+            .collect();
+        let partition_blocked = s.partition.as_ref().and_then(|p| {
+            use pb::partition_status::Phase;
+            match Phase::try_from(p.phase) {
+                Ok(Phase::Failed) => Some(format!("partition spec {:?} failed: {}", p.spec_name, p.reason)),
+                Ok(Phase::RebootRequired) => Some(format!("partition spec {:?} waits for a reboot", p.spec_name)),
+                _ => None,
+            }
+        });
+        let memory_available = s.resources.as_ref().map(|r| r.memory_available_bytes).unwrap_or(0);
+        Self { gpus, neuron, memory_available, models, images, bandwidth, requests, kv_cache, runtimes, partition_blocked }
+    }
+
+    /// Measured bandwidth for the longest source prefix of `uri`, if any.
+    pub fn bandwidth_for(&self, uri: &str) -> Option<f64> {
+        self.bandwidth
+            .iter()
+            .find(|(src, _)| uri.starts_with(src.as_str()) && (uri.len() == src.len() || uri.as_bytes()[src.len()] == b'/'))
+            .map(|(_, b)| *b)
+    }
+}
+
+/// Agents report f64 loads; a NaN or negative one must not poison sums.
+fn finite(v: f64) -> f64 {
+    if v.is_finite() && v > 0.0 { v } else { 0.0 }
+}

@@ -1,0 +1,380 @@
+//! Placement: which nodes can host a replica of a model (Filter), how good each is (Score),
+//! and short leases on the devices a caller is about to use (Reserve/Release).
+//!
+//! Score is a predicted time-to-ready in seconds, built from what agents report: image pull
+//! (0 when the node has the image) + weight bytes the node is missing / its measured
+//! bandwidth from that source + reading the weights from local disk + runtime start, plus
+//! two penalties in seconds: the node's current runtime load and the fragmentation the
+//! placement leaves behind. Every score carries its parts. Lower is better; priorities 0-10
+//! for schedulers are relative to the best candidate.
+
+pub mod facts;
+pub mod fit;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use facts::NodeFacts;
+pub use fit::{Reject, Slot};
+
+use crate::catalog::{Catalog, ModelSpec};
+use crate::state::{ClusterState, Connection};
+
+/// Scoring constants; from the `placement:` config section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Params {
+    /// Bytes/s assumed from a source a node has not measured yet.
+    pub default_source_bandwidth: f64,
+    /// Bytes/s a runtime reads weights from local NVMe.
+    pub local_read_bandwidth: f64,
+    /// Bytes/s assumed for pulling an image that is not on the node.
+    pub image_pull_bandwidth: f64,
+    /// Fixed runtime start cost (process, CUDA context, warm-up).
+    pub runtime_start: Duration,
+    /// Seconds added for a node whose runtimes are saturated (scaled by load / saturation).
+    pub load_penalty: Duration,
+    /// Waiting + running requests at which a node counts as saturated.
+    pub load_saturation: f64,
+    /// Seconds added for the worst fragmentation (scaled 0..1).
+    pub fragmentation_penalty: Duration,
+    pub lease_ttl: Duration,
+    pub max_lease_ttl: Duration,
+}
+
+impl Default for Params {
+    fn default() -> Self {
+        Self {
+            default_source_bandwidth: 200e6,
+            local_read_bandwidth: 2e9,
+            image_pull_bandwidth: 100e6,
+            runtime_start: Duration::from_secs(20),
+            load_penalty: Duration::from_secs(30),
+            load_saturation: 64.0,
+            fragmentation_penalty: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(60),
+            max_lease_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A score and why.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Parts {
+    pub image_pull_s: f64,
+    pub download_s: f64,
+    pub local_load_s: f64,
+    pub runtime_start_s: f64,
+    pub load_penalty_s: f64,
+    pub fragmentation_penalty_s: f64,
+    pub missing_bytes: u64,
+    pub bandwidth: f64,
+    /// The bandwidth was measured by the node, not the default.
+    pub bandwidth_measured: bool,
+    pub image_cached: bool,
+}
+
+impl Parts {
+    /// Predicted seconds until a replica here serves.
+    pub fn time_to_ready(&self) -> f64 {
+        self.image_pull_s + self.download_s + self.local_load_s + self.runtime_start_s
+    }
+
+    pub fn total(&self) -> f64 {
+        self.time_to_ready() + self.load_penalty_s + self.fragmentation_penalty_s
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub node: String,
+    pub parts: Parts,
+    /// 0-10, 10 for the best candidate (scheduler extender priority).
+    pub priority: u8,
+    pub slot: Slot,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    pub node: String,
+    pub reason: Reject,
+}
+
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct FilterOutcome {
+    pub feasible: Vec<Scored>,
+    pub rejected: Vec<Rejected>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlacementError {
+    #[error("model {0:?} is not in the controller's catalog")]
+    UnknownModel(String),
+    #[error("no node can host {model} ({request}) now: {summary}")]
+    NoFit { model: String, request: String, summary: String },
+    #[error("request id {id:?} already holds a lease for model {model:?} on node {node:?}; use a new id for a different request")]
+    Conflict { id: String, model: String, node: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A granted reservation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Lease {
+    pub request_id: String,
+    pub model: String,
+    pub node: String,
+    pub slot: Slot,
+    pub memory_bytes: u64,
+    pub granted: SystemTime,
+    pub expires: Instant,
+    pub expires_at: SystemTime,
+    pub parts: Parts,
+}
+
+#[derive(Debug, Default)]
+struct Leases {
+    by_id: HashMap<String, Lease>,
+    by_node: HashMap<String, Vec<String>>,
+}
+
+impl Leases {
+    fn sweep(&mut self, now: Instant) -> usize {
+        let before = self.by_id.len();
+        let by_node = &mut self.by_node;
+        self.by_id.retain(|id, l| {
+            let keep = l.expires > now;
+            if !keep && let Some(v) = by_node.get_mut(&l.node) {
+                v.retain(|x| x != id);
+            }
+            keep
+        });
+        self.by_node.retain(|_, v| !v.is_empty());
+        before - self.by_id.len()
+    }
+
+    fn on_node(&self, node: &str, now: Instant) -> (Vec<&Slot>, u64) {
+        let mut slots = Vec::new();
+        let mut mem = 0;
+        for id in self.by_node.get(node).map(Vec::as_slice).unwrap_or_default() {
+            if let Some(l) = self.by_id.get(id).filter(|l| l.expires > now) {
+                slots.push(&l.slot);
+                mem += l.memory_bytes;
+            }
+        }
+        (slots, mem)
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Lease> {
+        let l = self.by_id.remove(id)?;
+        if let Some(v) = self.by_node.get_mut(&l.node) {
+            v.retain(|x| x != id);
+            if v.is_empty() {
+                self.by_node.remove(&l.node);
+            }
+        }
+        Some(l)
+    }
+}
+
+/// The placement engine over the live cluster view.
+#[derive(Debug)]
+pub struct Placement {
+    state: Arc<ClusterState>,
+    catalog: Arc<Catalog>,
+    params: Params,
+    leases: Mutex<Leases>,
+}
+
+fn parts(n: &NodeFacts, m: &ModelSpec, p: &Params, fragmentation: f64) -> Parts {
+    let cached = n.models.get(&(m.source_uri.clone(), m.revision.clone()));
+    let present = cached.map(|c| c.present.min(m.bytes)).unwrap_or(0);
+    let missing = m.bytes - present;
+    let (bandwidth, measured) = match n.bandwidth_for(&m.source_uri) {
+        Some(b) => (b, true),
+        None => (p.default_source_bandwidth, false),
+    };
+    let image_cached = n.images.contains(&m.image);
+    let load = (n.requests / p.load_saturation).min(1.0).max(n.kv_cache.min(1.0) * 0.5);
+    Parts {
+        image_pull_s: if image_cached { 0.0 } else { m.image_bytes as f64 / p.image_pull_bandwidth },
+        download_s: missing as f64 / bandwidth,
+        local_load_s: m.bytes as f64 / p.local_read_bandwidth,
+        runtime_start_s: p.runtime_start.as_secs_f64(),
+        load_penalty_s: load * p.load_penalty.as_secs_f64(),
+        fragmentation_penalty_s: fragmentation * p.fragmentation_penalty.as_secs_f64(),
+        missing_bytes: missing,
+        bandwidth,
+        bandwidth_measured: measured,
+        image_cached,
+    }
+}
+
+/// 0-10 relative to the best total: the best gets 10, one twice as slow 5.
+fn assign_priorities(scored: &mut [Scored]) {
+    let best = scored.iter().map(|s| s.parts.total()).fold(f64::INFINITY, f64::min);
+    for s in scored.iter_mut() {
+        let t = s.parts.total();
+        s.priority = if t <= 0.0 || !best.is_finite() { 10 } else { (10.0 * best / t).round().clamp(0.0, 10.0) as u8 };
+    }
+}
+
+impl Placement {
+    pub fn new(state: Arc<ClusterState>, catalog: Arc<Catalog>, params: Params) -> Self {
+        Self { state, catalog, params, leases: Mutex::default() }
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    pub fn state(&self) -> &Arc<ClusterState> {
+        &self.state
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, Leases> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn model(&self, name: &str) -> Result<&Arc<ModelSpec>, PlacementError> {
+        self.catalog.get(name).ok_or_else(|| PlacementError::UnknownModel(name.to_owned()))
+    }
+
+    fn evaluate(&self, m: &ModelSpec, names: Option<&[String]>, leases: &Leases, now: Instant) -> FilterOutcome {
+        let mut out = FilterOutcome::default();
+        for r in self.state.placement_view(now, names, |name, n| {
+            let verdict = if !n.known {
+                Err(Reject::Unknown)
+            } else if n.connection != Connection::Connected {
+                Err(Reject::NotConnected(n.connection.as_str()))
+            } else if !n.has_report {
+                Err(Reject::NoReport)
+            } else {
+                let (held, mem) = leases.on_node(name, now);
+                fit::fit(n.facts, m, &held, mem).map(|f| (parts(n.facts, m, &self.params, f.fragmentation), f.slot))
+            };
+            (name.to_owned(), verdict)
+        }) {
+            match r {
+                (node, Ok((parts, slot))) => out.feasible.push(Scored { node, parts, priority: 0, slot }),
+                (node, Err(reason)) => out.rejected.push(Rejected { node, reason }),
+            }
+        }
+        assign_priorities(&mut out.feasible);
+        out
+    }
+
+    /// Every candidate (all nodes, or `names`) with its score or its reason for not fitting.
+    pub fn filter(&self, model: &str, names: Option<&[String]>, now: Instant) -> Result<FilterOutcome, PlacementError> {
+        let m = self.model(model)?;
+        let mut leases = self.leases();
+        leases.sweep(now);
+        Ok(self.evaluate(m, names, &leases, now))
+    }
+
+    /// Feasible candidates, best first. None feasible is FailedPrecondition-shaped: NoFit
+    /// with a summary of why, by reason.
+    pub fn score(&self, model: &str, names: Option<&[String]>, now: Instant) -> Result<FilterOutcome, PlacementError> {
+        let m = self.model(model)?;
+        let out = {
+            let leases = self.leases();
+            self.evaluate(m, names, &leases, now)
+        };
+        if out.feasible.is_empty() {
+            return Err(no_fit(m, &out.rejected));
+        }
+        let mut out = out;
+        out.feasible.sort_by(|a, b| a.parts.total().total_cmp(&b.parts.total()).then_with(|| a.node.cmp(&b.node)));
+        Ok(out)
+    }
+
+    /// Reserves devices for `request_id` on `node` (or the best node) for `ttl` (the default
+    /// when None). The same id with the same model and node (or no node) gets the same lease
+    /// back; the same id for something else is a conflict.
+    pub fn reserve(
+        &self,
+        request_id: &str,
+        model: &str,
+        node: Option<&str>,
+        ttl: Option<Duration>,
+        now: Instant,
+    ) -> Result<Lease, PlacementError> {
+        if request_id.is_empty() || request_id.len() > 253 {
+            return Err(PlacementError::Invalid(format!("request_id: expected 1-253 characters, got {} characters", request_id.len())));
+        }
+        let ttl = ttl.unwrap_or(self.params.lease_ttl);
+        if ttl.is_zero() || ttl > self.params.max_lease_ttl {
+            return Err(PlacementError::Invalid(format!("ttl: expected above 0 and at most {:?}, got {ttl:?}", self.params.max_lease_ttl)));
+        }
+        let m = self.model(model)?;
+        let mut leases = self.leases();
+        leases.sweep(now);
+        if let Some(l) = leases.by_id.get(request_id) {
+            if l.model == model && node.is_none_or(|n| n == l.node) {
+                return Ok(l.clone());
+            }
+            return Err(PlacementError::Conflict { id: request_id.to_owned(), model: l.model.clone(), node: l.node.clone() });
+        }
+        let names: Option<Vec<String>> = node.map(|n| vec![n.to_owned()]);
+        let mut out = self.evaluate(m, names.as_deref(), &leases, now);
+        let Some(best) = out.feasible.iter().min_by(|a, b| a.parts.total().total_cmp(&b.parts.total()).then_with(|| a.node.cmp(&b.node)))
+        else {
+            return Err(no_fit(m, &out.rejected));
+        };
+        let best = best.clone();
+        out.feasible.clear();
+        let lease = Lease {
+            request_id: request_id.to_owned(),
+            model: model.to_owned(),
+            node: best.node.clone(),
+            slot: best.slot,
+            memory_bytes: m.memory_bytes,
+            granted: SystemTime::now(),
+            expires: now + ttl,
+            expires_at: SystemTime::now() + ttl,
+            parts: best.parts,
+        };
+        leases.by_node.entry(lease.node.clone()).or_default().push(request_id.to_owned());
+        leases.by_id.insert(request_id.to_owned(), lease.clone());
+        Ok(lease)
+    }
+
+    /// Ends a lease. Unknown or expired ids are not an error (a retried Release, or one that
+    /// came after the TTL): returns whether a live lease was released.
+    pub fn release(&self, request_id: &str, now: Instant) -> bool {
+        let mut leases = self.leases();
+        leases.sweep(now);
+        leases.remove(request_id).is_some()
+    }
+
+    /// Live leases, for metrics and the simulator.
+    pub fn lease_count(&self, now: Instant) -> usize {
+        let mut leases = self.leases();
+        leases.sweep(now);
+        leases.by_id.len()
+    }
+}
+
+fn no_fit(m: &ModelSpec, rejected: &[Rejected]) -> PlacementError {
+    let mut by: Vec<(&'static str, usize, String)> = Vec::new();
+    for r in rejected {
+        match by.iter_mut().find(|(c, _, _)| *c == r.reason.code()) {
+            Some(e) => e.1 += 1,
+            None => by.push((r.reason.code(), 1, format!("{} ({})", r.reason, r.node))),
+        }
+    }
+    by.sort_by_key(|b| std::cmp::Reverse(b.1));
+    let summary = if by.is_empty() {
+        "no node reports to the controller".to_owned()
+    } else {
+        by.iter().map(|(c, n, example)| format!("{n} node(s) {c}, e.g. {example}")).collect::<Vec<_>>().join("; ")
+    };
+    PlacementError::NoFit { model: m.name.clone(), request: m.device.to_string(), summary }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,209 @@
+use std::time::{Duration, Instant};
+
+use hearth_proto::convert::AgentHello;
+use hearth_proto::v1 as pb;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::catalog::{Catalog, DeviceRequest, ModelSpec, ScalingSpec};
+
+const GB: u64 = 1_000_000_000;
+
+pub(crate) fn gpu_node(gpus: u32) -> pb::NodeState {
+    pb::NodeState {
+        accelerators: (0..gpus)
+            .map(|i| pb::Accelerator {
+                index: i,
+                uuid: format!("GPU-{i}"),
+                vendor: pb::AcceleratorVendor::Nvidia as i32,
+                pci_device_id: 0x2330_10DE,
+                health: pb::HealthState::Healthy as i32,
+                ..Default::default()
+            })
+            .collect(),
+        resources: Some(pb::NodeResources { memory_available_bytes: 512 * GB, ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+fn model(name: &str, gpus: u32, bytes: u64) -> ModelSpec {
+    ModelSpec {
+        name: name.into(),
+        source_uri: format!("s3://models/{name}"),
+        revision: "main".into(),
+        bytes,
+        image: "vllm:v1".into(),
+        image_bytes: 10 * GB,
+        runtime: "vllm".into(),
+        device: DeviceRequest::Gpus(gpus),
+        memory_bytes: 64 * GB,
+        scaling: ScalingSpec::defaults(),
+    }
+}
+
+fn cached(name: &str, present: u64, total: u64) -> pb::CachedModel {
+    pb::CachedModel {
+        id: format!("id-{name}"),
+        source_uri: format!("s3://models/{name}"),
+        revision: "main".into(),
+        state: if present == total { pb::CacheEntryState::Ready } else { pb::CacheEntryState::Downloading } as i32,
+        bytes_present: present,
+        bytes_total: total,
+        ..Default::default()
+    }
+}
+
+struct Cluster {
+    state: Arc<ClusterState>,
+    t0: Instant,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        Self::stale_after(Duration::from_secs(15))
+    }
+
+    fn stale_after(d: Duration) -> Self {
+        Self { state: Arc::new(ClusterState::new(d, Duration::from_secs(600))), t0: Instant::now() }
+    }
+
+    fn add(&self, name: &str, s: pb::NodeState) {
+        let (tx, rx) = mpsc::channel(1);
+        std::mem::forget(rx);
+        let hello = AgentHello {
+            node_name: name.into(),
+            boot_id: "b".into(),
+            agent_version: "t".into(),
+            api_version: hearth_proto::API_VERSION,
+            capabilities: vec![],
+            heartbeat_interval_ms: 1000,
+        };
+        let id = self.state.open_session(hello, "p".into(), tx, self.t0).unwrap();
+        self.state.apply_snapshot(name, id, pb::Snapshot { epoch: 1, seq: 1, state: Some(s) }, self.t0).unwrap();
+    }
+
+    fn placement(&self, models: Vec<ModelSpec>) -> Placement {
+        Placement::new(self.state.clone(), Arc::new(Catalog::from_specs(models)), Params::default())
+    }
+}
+
+#[test]
+fn cached_bytes_and_bandwidth_decide_the_score_and_every_part_is_shown() {
+    let c = Cluster::new();
+    let mut warm = gpu_node(8);
+    warm.models.push(cached("llama", 140 * GB, 140 * GB));
+    warm.images.push(pb::CachedImage { reference: "vllm:v1".into(), ..Default::default() });
+    c.add("warm", warm);
+    let mut half = gpu_node(8);
+    half.models.push(cached("llama", 70 * GB, 140 * GB));
+    half.source_bandwidth.push(pb::SourceBandwidth { source: "s3://models".into(), bytes_per_second: 2e9, samples: 10 });
+    c.add("half", half);
+    c.add("cold", gpu_node(8));
+    let p = c.placement(vec![model("llama", 4, 140 * GB)]);
+    let out = p.score("llama", None, c.t0).unwrap();
+    let order: Vec<&str> = out.feasible.iter().map(|s| s.node.as_str()).collect();
+    assert_eq!(order, ["warm", "half", "cold"]);
+    let warm = &out.feasible[0];
+    assert_eq!((warm.parts.missing_bytes, warm.parts.image_pull_s, warm.parts.download_s), (0, 0.0, 0.0));
+    assert_eq!(warm.parts.local_load_s, 70.0, "140 GB at 2 GB/s");
+    assert_eq!(warm.parts.time_to_ready(), 90.0, "plus the 20 s runtime start");
+    assert_eq!(warm.priority, 10);
+    let half = &out.feasible[1];
+    assert_eq!((half.parts.missing_bytes, half.parts.bandwidth_measured), (70 * GB, true));
+    assert_eq!(half.parts.download_s, 35.0, "70 GB at the measured 2 GB/s");
+    assert_eq!(half.parts.image_pull_s, 100.0, "10 GB image at the 100 MB/s default");
+    let cold = &out.feasible[2];
+    assert_eq!(cold.parts.download_s, 700.0, "140 GB at the 200 MB/s default");
+    assert!(!cold.parts.bandwidth_measured);
+    assert_eq!(cold.priority, (10.0f64 * 90.0 / cold.parts.total()).round() as u8);
+}
+
+#[test]
+fn stale_unknown_and_unfit_nodes_are_rejected_with_reasons() {
+    let c = Cluster::new();
+    c.add("small", gpu_node(2));
+    c.add("big", gpu_node(8));
+    let p = c.placement(vec![model("m", 4, GB)]);
+    let names = vec!["small".to_owned(), "big".to_owned(), "ghost".to_owned()];
+    let out = p.filter("m", Some(&names), c.t0).unwrap();
+    assert_eq!(out.feasible.iter().map(|s| s.node.as_str()).collect::<Vec<_>>(), ["big"]);
+    let reasons: Vec<(&str, &str)> = out.rejected.iter().map(|r| (r.node.as_str(), r.reason.code())).collect();
+    assert_eq!(reasons, [("small", "gpus"), ("ghost", "unknown_node")]);
+    assert_eq!(
+        out.rejected[0].reason.to_string(),
+        "needs 4 whole GPU(s); 2 free of 2 (others are unhealthy, in MIG mode, in use or leased)"
+    );
+    // 20 s later without a message both nodes are stale: nothing fits, and the error says why.
+    let later = c.t0 + Duration::from_secs(20);
+    let err = p.score("m", None, later).unwrap_err();
+    let PlacementError::NoFit { summary, .. } = &err else { panic!("{err:?}") };
+    assert!(summary.starts_with("2 node(s) stale, e.g. node is stale"), "{summary}");
+    assert_eq!(p.score("nope", None, c.t0).unwrap_err(), PlacementError::UnknownModel("nope".into()));
+}
+
+#[test]
+fn leases_are_idempotent_hold_devices_and_expire() {
+    let c = Cluster::stale_after(Duration::from_secs(3600));
+    c.add("a", gpu_node(8));
+    let p = c.placement(vec![model("m", 4, GB), model("other", 4, GB)]);
+    let t = c.t0;
+    let l1 = p.reserve("req-1", "m", None, None, t).unwrap();
+    assert_eq!(l1.slot, Slot::Gpus(vec![0, 1, 2, 3]));
+    // A retry gets the same answer.
+    assert_eq!(p.reserve("req-1", "m", None, None, t + Duration::from_secs(1)).unwrap(), l1);
+    assert_eq!(p.reserve("req-1", "m", Some("a"), None, t).unwrap(), l1);
+    // The same id for something else is a conflict, not a second lease.
+    assert!(matches!(p.reserve("req-1", "other", None, None, t), Err(PlacementError::Conflict { .. })));
+    let l2 = p.reserve("req-2", "m", None, None, t).unwrap();
+    assert_eq!(l2.slot, Slot::Gpus(vec![4, 5, 6, 7]));
+    let err = p.reserve("req-3", "m", None, None, t).unwrap_err();
+    assert!(err.to_string().contains("4 whole GPU(s); 0 free of 8"), "{err}");
+    assert!(p.release("req-2", t));
+    assert!(!p.release("req-2", t), "a second release is a no-op");
+    assert_eq!(p.reserve("req-3", "m", None, None, t).unwrap().slot, Slot::Gpus(vec![4, 5, 6, 7]));
+    // A crashed caller never releases: its devices come back after the TTL.
+    let after = t + Duration::from_secs(61);
+    assert_eq!(p.lease_count(after), 0);
+    assert_eq!(p.reserve("req-4", "m", None, Some(Duration::from_secs(5)), after).unwrap().slot, Slot::Gpus(vec![0, 1, 2, 3]));
+    assert!(matches!(p.reserve("req-5", "m", None, Some(Duration::from_secs(3600)), after), Err(PlacementError::Invalid(_))));
+}
+
+#[test]
+fn memory_leases_limit_a_node() {
+    let c = Cluster::new();
+    let mut s = gpu_node(8);
+    s.resources = Some(pb::NodeResources { memory_available_bytes: 100 * GB, ..Default::default() });
+    c.add("a", s);
+    let p = c.placement(vec![model("m", 1, GB)]);
+    p.reserve("r1", "m", None, None, c.t0).unwrap();
+    let err = p.reserve("r2", "m", None, None, c.t0).unwrap_err();
+    assert!(err.to_string().contains("memory"), "{err}");
+}
+
+#[test]
+fn mig_instances_from_reports_are_placed_best_fit() {
+    let c = Cluster::new();
+    let mut s = gpu_node(2);
+    for a in &mut s.accelerators {
+        a.mig_enabled = true;
+    }
+    s.accelerators[1].partitions.push(pb::Partition {
+        uuid: "MIG-a".into(),
+        profile: "3g.40gb".into(),
+        gpu_instance_id: 1,
+        placement_start: 4,
+        placement_size: 4,
+        ..Default::default()
+    });
+    s.runtimes.push(pb::ServingRuntime { name: "r".into(), partition_uuid: "MIG-a".into(), ..Default::default() });
+    c.add("a", s);
+    let mut m = model("m", 1, GB);
+    m.device = DeviceRequest::Mig("3g.40gb".into());
+    let p = c.placement(vec![m]);
+    // GPU 1's 3g.40gb is in use; the second fits beside it at unit 0, leaving GPU 0 whole.
+    assert_eq!(
+        p.reserve("r1", "m", None, None, c.t0).unwrap().slot,
+        Slot::MigCreate { gpu: 1, profile: "3g.40gb".into(), start: 0, size: 4 }
+    );
+    assert!(matches!(p.reserve("r2", "m", None, None, c.t0).unwrap().slot, Slot::MigCreate { gpu: 0, .. }));
+}
