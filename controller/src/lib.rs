@@ -11,6 +11,7 @@ pub mod fsutil;
 pub mod metrics;
 pub mod pki;
 pub mod placement;
+pub mod scaling;
 pub mod state;
 pub mod telemetry;
 

@@ -1,0 +1,353 @@
+//! Scaling: a recommendation per model deployment from its replicas' reported load, made
+//! once per `interval` by one loop, published as decisions with increasing ids, and
+//! pre-warm plans that send Prefetch commands to the nodes the next replicas will want.
+//!
+//! The arithmetic is in [`scaler`] (pure, shared with the simulator); this module gathers
+//! observations from the cluster view, asks placement for the next replica's predicted
+//! time-to-ready (the lead time), and keeps what callers read and watch.
+
+pub mod scaler;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use hearth_proto::v1 as pb;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::catalog::ModelSpec;
+use crate::placement::Placement;
+pub use scaler::{Observation, Reason, Recommendation, Scaler};
+
+/// Scaling loop settings; from the `scaling:` config section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub interval: Duration,
+    /// Pre-warm looks this far past the lead time.
+    pub prewarm_horizon: Duration,
+    /// Most Prefetch commands in flight per model.
+    pub max_prewarm_per_model: usize,
+    /// Lead time used when no node can take a replica now.
+    pub fallback_lead_time: Duration,
+    /// An external pending-request count (Recommend's `pending_requests`) counts this long.
+    pub external_demand_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(2),
+            prewarm_horizon: Duration::from_secs(300),
+            max_prewarm_per_model: 4,
+            fallback_lead_time: Duration::from_secs(120),
+            external_demand_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A change of a model's desired replica count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// Increases by one with every decision the controller makes, across models.
+    pub id: u64,
+    pub model: String,
+    pub recommendation: Recommendation,
+    pub at: SystemTime,
+}
+
+/// A Prefetch sent ahead of a predicted scale-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prewarm {
+    pub model: String,
+    pub node: String,
+    pub command_id: String,
+    pub missing_bytes: u64,
+    pub issued: Instant,
+    /// The bytes should be there before the scale-up the plan anticipates.
+    pub deadline: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct Metrics {
+    decisions: Family<[(&'static str, &'static str); 1], Counter>,
+    desired: Family<[(&'static str, String); 1], Gauge>,
+    prewarm: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+#[derive(Debug)]
+struct ModelState {
+    scaler: Scaler,
+    last: Option<Decision>,
+    latest: Option<Recommendation>,
+    external: Option<(f64, Instant)>,
+    prewarms: Vec<Prewarm>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ScalingError {
+    #[error("model {0:?} is not in the controller's catalog")]
+    UnknownModel(String),
+    #[error("pending_requests: expected a finite number >= 0, got {0}")]
+    BadDemand(f64),
+}
+
+/// The scaling engine; one per controller.
+#[derive(Debug)]
+pub struct Scaling {
+    placement: Arc<Placement>,
+    settings: Settings,
+    models: Mutex<HashMap<String, ModelState>>,
+    next_id: AtomicU64,
+    tx: broadcast::Sender<Decision>,
+    metrics: Metrics,
+}
+
+/// Load of one model's replicas as the cluster view shows it.
+pub fn observe(placement: &Placement, m: &ModelSpec, now: Instant) -> Observation {
+    let key = (m.source_uri.clone(), m.revision.clone());
+    let mut o = Observation::default();
+    placement.state().placement_view(now, None, |_, n| {
+        for r in n.facts.runtimes.iter().filter(|r| r.model_id == m.name || r.model_key.as_ref() == Some(&key)) {
+            o.demand += pos(r.load.requests_waiting) + pos(r.load.requests_running);
+            if r.ready {
+                o.ready += 1;
+                o.kv_cache = o.kv_cache.max(pos(r.load.kv_cache_usage_ratio));
+                let ttft = Duration::try_from_secs_f64(pos(r.load.ttft_p50_seconds)).unwrap_or_default();
+                o.ttft_p50 = o.ttft_p50.max(ttft);
+            }
+        }
+    });
+    o
+}
+
+fn pos(v: f64) -> f64 {
+    if v.is_finite() && v > 0.0 { v } else { 0.0 }
+}
+
+impl Scaling {
+    pub fn new(placement: Arc<Placement>, settings: Settings, registry: &mut Registry) -> Self {
+        let metrics = Metrics { decisions: Family::default(), desired: Family::default(), prewarm: Family::default() };
+        let r = registry.sub_registry_with_prefix("hearth_controller");
+        r.register("scaling_decisions", "Scaling decisions made, by reason", metrics.decisions.clone());
+        r.register("desired_replicas", "Latest desired replica count per model deployment", metrics.desired.clone());
+        r.register("prewarm", "Pre-warm Prefetch plans by outcome (issued, arrived_in_time, late, send_failed)", metrics.prewarm.clone());
+        let models = placement
+            .catalog()
+            .iter()
+            .map(|m| {
+                let st = ModelState {
+                    scaler: Scaler::new(m.scaling.clone(), 0),
+                    last: None,
+                    latest: None,
+                    external: None,
+                    prewarms: Vec::new(),
+                };
+                (m.name.clone(), st)
+            })
+            .collect();
+        let (tx, _) = broadcast::channel(1024);
+        Self { placement, settings, models: Mutex::new(models), next_id: AtomicU64::new(1), tx, metrics }
+    }
+
+    fn models(&self) -> std::sync::MutexGuard<'_, HashMap<String, ModelState>> {
+        self.models.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Decision> {
+        self.tx.subscribe()
+    }
+
+    /// The latest decision per model (all models when `model` is None).
+    pub fn decisions(&self, model: Option<&str>) -> Result<Vec<Decision>, ScalingError> {
+        let models = self.models();
+        if let Some(m) = model
+            && !models.contains_key(m)
+        {
+            return Err(ScalingError::UnknownModel(m.to_owned()));
+        }
+        let mut v: Vec<Decision> =
+            models.iter().filter(|(k, _)| model.is_none_or(|m| m == *k)).filter_map(|(_, s)| s.last.clone()).collect();
+        v.sort_by_key(|d| d.id);
+        Ok(v)
+    }
+
+    /// The latest recommendation and decision for a model; `pending` (requests queued
+    /// outside any replica, e.g. at a gateway while scaled to zero) joins the demand until
+    /// it is older than `external_demand_ttl`, and triggers an immediate evaluation.
+    pub fn recommend(&self, model: &str, pending: Option<f64>, now: Instant) -> Result<(Recommendation, Option<Decision>), ScalingError> {
+        if let Some(p) = pending
+            && !(p.is_finite() && p >= 0.0)
+        {
+            return Err(ScalingError::BadDemand(p));
+        }
+        {
+            let mut models = self.models();
+            let st = models.get_mut(model).ok_or_else(|| ScalingError::UnknownModel(model.to_owned()))?;
+            if let Some(p) = pending {
+                st.external = Some((p, now));
+            }
+            if pending.is_none()
+                && let Some(r) = &st.latest
+            {
+                return Ok((r.clone(), st.last.clone()));
+            }
+        }
+        self.evaluate(model, now);
+        let models = self.models();
+        let st = models.get(model).ok_or_else(|| ScalingError::UnknownModel(model.to_owned()))?;
+        let rec = st.latest.clone().unwrap_or_else(|| unreachable!("evaluate sets latest"));
+        Ok((rec, st.last.clone()))
+    }
+
+    /// One evaluation of one model: observe, recommend with lead time, decide, pre-warm.
+    pub fn evaluate(&self, model: &str, now: Instant) {
+        let Some(spec) = self.placement.catalog().get(model).cloned() else { return };
+        let obs = observe(&self.placement, &spec, now);
+        // The next replica's predicted time-to-ready on its best node is the lead time.
+        let scored = self.placement.score(model, None, now).ok();
+        let lead = scored
+            .as_ref()
+            .and_then(|o| o.feasible.first())
+            .map(|s| Duration::try_from_secs_f64(s.parts.time_to_ready()).unwrap_or(self.settings.fallback_lead_time))
+            .unwrap_or(self.settings.fallback_lead_time);
+        let mut models = self.models();
+        let Some(st) = models.get_mut(model) else { return };
+        let external =
+            st.external.filter(|(_, at)| now.saturating_duration_since(*at) <= self.settings.external_demand_ttl).map(|(p, _)| p);
+        // Like KPA, compare against replicas that serve now, not ones still starting.
+        st.scaler.set_current(obs.ready);
+        st.scaler.observe(now, obs.demand + external.unwrap_or(0.0));
+        let rec = st.scaler.recommend(now, &obs, lead, self.settings.prewarm_horizon);
+        self.metrics.desired.get_or_create(&[("model", model.to_owned())]).set(i64::from(rec.desired));
+        let changed = st.last.as_ref().is_none_or(|d| d.recommendation.desired != rec.desired);
+        if changed {
+            let d = Decision {
+                id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                model: model.to_owned(),
+                recommendation: rec.clone(),
+                at: SystemTime::now(),
+            };
+            self.metrics.decisions.get_or_create(&[("reason", rec.reason.as_str())]).inc();
+            info!(
+                model,
+                id = d.id,
+                desired = rec.desired,
+                current = rec.current,
+                reason = rec.reason.as_str(),
+                lead_s = lead.as_secs_f64(),
+                "scaling decision"
+            );
+            let _ = self.tx.send(d.clone());
+            st.last = Some(d);
+        }
+        st.latest = Some(rec.clone());
+        self.track_prewarms(st, &spec, now);
+        if let Some(out) = scored {
+            self.plan_prewarm(st, &spec, &rec, &out.feasible, now);
+        }
+    }
+
+    /// Settles pre-warms whose bytes arrived (in time or late) or whose deadline passed.
+    fn track_prewarms(&self, st: &mut ModelState, m: &ModelSpec, now: Instant) {
+        let key = (m.source_uri.clone(), m.revision.clone());
+        let placement = &self.placement;
+        let metrics = &self.metrics;
+        st.prewarms.retain(|p| {
+            let names = [p.node.clone()];
+            let ready = placement.state().placement_view(now, Some(&names), |_, n| n.facts.models.get(&key).is_some_and(|c| c.ready));
+            let arrived = ready.first().copied().unwrap_or(false);
+            if arrived {
+                let outcome = if now <= p.deadline { "arrived_in_time" } else { "late" };
+                metrics.prewarm.get_or_create(&[("outcome", outcome)]).inc();
+                debug!(model = %p.model, node = %p.node, outcome, "pre-warm settled");
+                return false;
+            }
+            // Keep waiting for a late arrival up to twice the deadline, then give up.
+            if now > p.deadline + p.deadline.saturating_duration_since(p.issued) {
+                metrics.prewarm.get_or_create(&[("outcome", "late")]).inc();
+                return false;
+            }
+            true
+        });
+    }
+
+    /// Before a predicted scale-up, sends Prefetch to the best nodes that lack the bytes.
+    fn plan_prewarm(&self, st: &mut ModelState, m: &ModelSpec, rec: &Recommendation, feasible: &[crate::placement::Scored], now: Instant) {
+        let extra = rec.upcoming.saturating_sub(rec.desired.max(rec.current)) as usize;
+        let room = self.settings.max_prewarm_per_model.saturating_sub(st.prewarms.len());
+        let want = extra.saturating_sub(st.prewarms.len()).min(room);
+        if want == 0 {
+            return;
+        }
+        let candidates: Vec<_> =
+            feasible.iter().filter(|s| s.parts.missing_bytes > 0 && !st.prewarms.iter().any(|p| p.node == s.node)).take(want).collect();
+        for s in candidates {
+            let id = format!("prewarm-{}-{}", m.name, self.next_id.fetch_add(1, Ordering::Relaxed));
+            let cmd = pb::Command {
+                id: id.clone(),
+                idempotency_key: format!("prewarm/{}/{}/{}", m.name, m.revision, s.node),
+                deadline: None,
+                kind: Some(pb::command::Kind::Prefetch(pb::PrefetchCommand {
+                    source_uri: m.source_uri.clone(),
+                    revision: m.revision.clone(),
+                    include: vec![],
+                    exclude: vec![],
+                })),
+            };
+            match self.placement.state().send_command(&s.node, cmd) {
+                Ok(()) => {
+                    self.metrics.prewarm.get_or_create(&[("outcome", "issued")]).inc();
+                    info!(model = %m.name, node = %s.node, missing_bytes = s.parts.missing_bytes, "pre-warm: prefetch sent");
+                    st.prewarms.push(Prewarm {
+                        model: m.name.clone(),
+                        node: s.node.clone(),
+                        command_id: id,
+                        missing_bytes: s.parts.missing_bytes,
+                        issued: now,
+                        deadline: now + rec.lead_time + self.settings.prewarm_horizon,
+                    });
+                }
+                Err(e) => {
+                    self.metrics.prewarm.get_or_create(&[("outcome", "send_failed")]).inc();
+                    warn!(model = %m.name, node = %s.node, error = %e, "pre-warm: prefetch not sent");
+                }
+            }
+        }
+    }
+
+    /// Pre-warms in flight for a model.
+    pub fn prewarms(&self, model: &str) -> Vec<Prewarm> {
+        self.models().get(model).map(|s| s.prewarms.clone()).unwrap_or_default()
+    }
+
+    /// Evaluates every model once per interval until cancelled.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let names: Vec<String> = self.placement.catalog().iter().map(|m| m.name.clone()).collect();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {
+                    let this = self.clone();
+                    let names = names.clone();
+                    // Scoring every model over every node is CPU work; keep it off the I/O threads.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        let now = Instant::now();
+                        for n in &names {
+                            this.evaluate(n, now);
+                        }
+                    })
+                    .await;
+                }
+            }
+        }
+    }
+}
