@@ -4,7 +4,14 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["hearth/v1/node.proto", "hearth/v1/agent.proto", "hearth/v1/operator.proto"];
+    let files = [
+        "hearth/v1/node.proto",
+        "hearth/v1/agent.proto",
+        "hearth/v1/operator.proto",
+        "hearth/v1/placement.proto",
+        "hearth/v1/scaling.proto",
+        "keda/externalscaler.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -73,6 +73,14 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         http_listen: args.controller_http_listen.clone(),
         ..Default::default()
     };
+    // One model deployment over the sample model, so placement and scaling have something
+    // to answer about; the extender on a free local port.
+    let sample_dir = dir.join("sample-models/llama-sample");
+    craw.models = serde_yaml::from_str(&format!(
+        "- {{name: llama-sample, source: \"file://{}\", size: 256Mi, image: vllm/vllm-openai:latest, image_size: 8Gi, resources: {{gpus: 1, memory: 1Gi}}, scaling: {{min_replicas: 0, max_replicas: 2}}}}",
+        sample_dir.display()
+    ))?;
+    craw.extender.listen = "127.0.0.1:0".into();
     craw.tls.ca = Some(server_files.ca.clone());
     craw.tls.cert = Some(server_files.cert);
     craw.tls.key = Some(server_files.key);
@@ -81,7 +89,6 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     let controller_url = format!("https://{}", controller.grpc_addr);
 
     // An FSx-style source to prefetch from: a sample model on local disk, written once.
-    let sample_dir = dir.join("sample-models/llama-sample");
     if !sample_dir.join(crate::cache::verify::MANIFEST_NAME).exists() {
         println!("writing a sample model (4 x 64 MiB safetensors shards) to {} ...", sample_dir.display());
         let d = sample_dir.clone();
@@ -194,6 +201,17 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     println!("  agent metrics       {}", info.agent_metrics);
     println!("  state and certs     {}", dir.display());
     println!("  in another terminal: hearth status   (or: hearth status --output json)");
+    if let Some(ext) = controller.extender_addr {
+        println!("  placement (scheduler extender, operator cert):");
+        println!(
+            "    curl -s --cacert {ca} --cert {cert} --key {key} https://localhost:{port}/extender/prioritize -d '{{\"Pod\":{{\"metadata\":{{\"annotations\":{{\"hearth.dev/model\":\"llama-sample\"}}}}}},\"NodeNames\":[\"{node}\"]}}'",
+            ca = info.ca.display(),
+            cert = info.cert.display(),
+            key = info.key.display(),
+            port = ext.port(),
+            node = args.node_name
+        );
+    }
     println!("  Ctrl-C stops everything.");
 
     let live = live_status(controller.state.clone(), shutdown.clone());

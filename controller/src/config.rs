@@ -101,6 +101,119 @@ pub struct RawConfig {
     pub hello_timeout: String,
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: String,
+    /// Model deployments placement and scaling know about.
+    #[serde(default)]
+    pub models: Vec<crate::catalog::RawModel>,
+    #[serde(default)]
+    pub placement: RawPlacement,
+    #[serde(default)]
+    pub scaling: RawScaling,
+    #[serde(default)]
+    pub auth: crate::api::auth::RawAuth,
+    #[serde(default)]
+    pub extender: RawExtender,
+}
+
+/// Bandwidths are sizes per second ("200M" = 200 MB/s).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlacement {
+    pub default_source_bandwidth: Option<String>,
+    pub local_read_bandwidth: Option<String>,
+    pub image_pull_bandwidth: Option<String>,
+    pub runtime_start: Option<String>,
+    pub load_penalty: Option<String>,
+    pub load_saturation: Option<f64>,
+    pub fragmentation_penalty: Option<String>,
+    pub lease_ttl: Option<String>,
+    pub max_lease_ttl: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawScaling {
+    pub interval: Option<String>,
+    pub prewarm_horizon: Option<String>,
+    pub max_prewarm_per_model: Option<usize>,
+    pub fallback_lead_time: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExtender {
+    /// Where the kube-scheduler extender listens; "" turns it off.
+    #[serde(default = "default_extender_listen")]
+    pub listen: String,
+    #[serde(default = "default_extender_prefix")]
+    pub prefix: String,
+}
+
+impl Default for RawExtender {
+    fn default() -> Self {
+        Self { listen: default_extender_listen(), prefix: default_extender_prefix() }
+    }
+}
+
+fn default_extender_listen() -> String {
+    "0.0.0.0:7444".into()
+}
+fn default_extender_prefix() -> String {
+    "/extender".into()
+}
+
+fn opt_dur(field: &'static str, v: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    v.as_deref().map(|s| parse_duration(field, s)).transpose().map(|d| d.unwrap_or(default))
+}
+
+fn opt_rate(field: &'static str, v: &Option<String>, default: f64) -> Result<f64, ConfigError> {
+    match v.as_deref() {
+        None => Ok(default),
+        Some(s) => match parse_size(field, s)? {
+            0 => Err(invalid(field, "a bandwidth above 0 in bytes per second, like \"200M\"", s)),
+            n => Ok(n as f64),
+        },
+    }
+}
+
+impl RawPlacement {
+    fn resolve(&self) -> Result<crate::placement::Params, ConfigError> {
+        let d = crate::placement::Params::default();
+        let p = crate::placement::Params {
+            default_source_bandwidth: opt_rate("placement.default_source_bandwidth", &self.default_source_bandwidth, d.default_source_bandwidth)?,
+            local_read_bandwidth: opt_rate("placement.local_read_bandwidth", &self.local_read_bandwidth, d.local_read_bandwidth)?,
+            image_pull_bandwidth: opt_rate("placement.image_pull_bandwidth", &self.image_pull_bandwidth, d.image_pull_bandwidth)?,
+            runtime_start: opt_dur("placement.runtime_start", &self.runtime_start, d.runtime_start)?,
+            load_penalty: opt_dur("placement.load_penalty", &self.load_penalty, d.load_penalty)?,
+            load_saturation: self.load_saturation.unwrap_or(d.load_saturation),
+            fragmentation_penalty: opt_dur("placement.fragmentation_penalty", &self.fragmentation_penalty, d.fragmentation_penalty)?,
+            lease_ttl: opt_dur("placement.lease_ttl", &self.lease_ttl, d.lease_ttl)?,
+            max_lease_ttl: opt_dur("placement.max_lease_ttl", &self.max_lease_ttl, d.max_lease_ttl)?,
+        };
+        if !(p.load_saturation.is_finite() && p.load_saturation > 0.0) {
+            return Err(invalid("placement.load_saturation", "a request count above 0", p.load_saturation.to_string()));
+        }
+        if p.lease_ttl.is_zero() || p.lease_ttl > p.max_lease_ttl {
+            return Err(invalid("placement.lease_ttl", "above 0 and at most max_lease_ttl", format!("{:?}", p.lease_ttl)));
+        }
+        Ok(p)
+    }
+}
+
+impl RawScaling {
+    fn resolve(&self) -> Result<crate::scaling::Settings, ConfigError> {
+        let d = crate::scaling::Settings::default();
+        let s = crate::scaling::Settings {
+            interval: opt_dur("scaling.interval", &self.interval, d.interval)?,
+            prewarm_horizon: opt_dur("scaling.prewarm_horizon", &self.prewarm_horizon, d.prewarm_horizon)?,
+            max_prewarm_per_model: self.max_prewarm_per_model.unwrap_or(d.max_prewarm_per_model),
+            fallback_lead_time: opt_dur("scaling.fallback_lead_time", &self.fallback_lead_time, d.fallback_lead_time)?,
+            external_demand_ttl: d.external_demand_ttl,
+        };
+        if s.interval < Duration::from_millis(100) {
+            return Err(invalid("scaling.interval", "at least 100ms", format!("{:?}", s.interval)));
+        }
+        Ok(s)
+    }
 }
 
 fn default_listen() -> String {
@@ -148,6 +261,13 @@ pub struct Config {
     /// How long a new stream may take to send Hello.
     pub hello_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub catalog: crate::catalog::Catalog,
+    pub placement: crate::placement::Params,
+    pub scaling: crate::scaling::Settings,
+    pub auth: crate::api::auth::Auth,
+    /// None: no extender listener.
+    pub extender_listen: Option<SocketAddr>,
+    pub extender_prefix: String,
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -171,6 +291,15 @@ impl TryFrom<RawConfig> for Config {
             max_message_bytes: max as usize,
             hello_timeout: parse_duration("hello_timeout", &r.hello_timeout)?,
             shutdown_grace: parse_duration("shutdown_grace", &r.shutdown_grace)?,
+            catalog: crate::catalog::Catalog::from_raw(&r.models)?,
+            placement: r.placement.resolve()?,
+            scaling: r.scaling.resolve()?,
+            auth: r.auth.resolve(r.insecure)?,
+            extender_listen: if r.extender.listen.is_empty() { None } else { Some(parse_addr("extender.listen", &r.extender.listen)?) },
+            extender_prefix: match r.extender.prefix.as_str() {
+                p if p.starts_with('/') => p.trim_end_matches('/').to_owned(),
+                p => return Err(invalid("extender.prefix", "a URL path starting with '/'", p)),
+            },
         })
     }
 }

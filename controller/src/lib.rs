@@ -51,7 +51,11 @@ pub enum ControllerError {
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    /// The kube-scheduler extender's address, when it is on.
+    pub extender_addr: Option<SocketAddr>,
     pub state: Arc<state::ClusterState>,
+    pub placement: Arc<placement::Placement>,
+    pub scaling: Arc<scaling::Scaling>,
     task: JoinHandle<Result<(), ControllerError>>,
 }
 
@@ -73,6 +77,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let state = Arc::new(state::ClusterState::new(config.stale_after, config.forget_after));
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::register(&mut registry, state.clone());
+    let placement = Arc::new(placement::Placement::new(state.clone(), Arc::new(config.catalog.clone()), config.placement.clone()));
+    let scaling = Arc::new(scaling::Scaling::new(placement.clone(), config.scaling.clone(), &mut registry));
+    let auth = config.auth.clone();
     let readiness = Arc::new(telemetry::Readiness::default());
 
     let grpc =
@@ -82,12 +89,31 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         .await
         .map_err(|source| ControllerError::Bind { what: "HTTP", addr: config.http_listen, source })?;
 
+    let extender = match config.extender_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(|source| ControllerError::Bind { what: "extender", addr, source })?;
+            let bound = l.local_addr().map_err(|source| ControllerError::Bind { what: "extender", addr, source })?;
+            Some((l, bound))
+        }
+        None => None,
+    };
+    let extender_addr = extender.as_ref().map(|(_, a)| *a);
+
     let sessions = TaskTracker::new();
-    let agent_svc =
-        api::NodeAgentService::new(state.clone(), metrics.clone(), insecure, config.hello_timeout, shutdown.clone(), sessions.clone());
+    let agent_svc = api::NodeAgentService::new(
+        state.clone(),
+        metrics.clone(),
+        insecure,
+        auth.clone(),
+        config.hello_timeout,
+        shutdown.clone(),
+        sessions.clone(),
+    );
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<pb::node_agent_server::NodeAgentServer<api::NodeAgentService>>().await;
     health.set_serving::<pb::operator_server::OperatorServer<api::OperatorService>>().await;
+    health.set_serving::<pb::placement_server::PlacementServer<api::PlacementService>>().await;
+    health.set_serving::<pb::scaling_server::ScalingServer<api::ScalingService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(hearth_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -101,14 +127,39 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .add_service(pb::node_agent_server::NodeAgentServer::new(agent_svc).max_decoding_message_size(max).max_encoding_message_size(max))
         .add_service(
-            pb::operator_server::OperatorServer::new(api::OperatorService::new(state.clone(), insecure))
+            pb::operator_server::OperatorServer::new(api::OperatorService::new(state.clone(), auth.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
+        .add_service(pb::placement_server::PlacementServer::new(api::PlacementService::new(placement.clone(), auth.clone())))
+        .add_service(pb::scaling_server::ScalingServer::new(api::ScalingService::new(scaling.clone(), auth.clone())))
+        .add_service(hearth_proto::externalscaler::external_scaler_server::ExternalScalerServer::new(api::KedaService::new(
+            scaling.clone(),
+            auth.clone(),
+        )))
         .add_service(health_svc)
         .add_service(reflection);
 
     let grace = config.shutdown_grace;
+    let scaling_loop = scaling.clone().run(shutdown.clone());
+    let extender_task = {
+        let tls_cfg = match &tls {
+            Some(m) => {
+                // HTTP/1.1 for kube-scheduler; client certificates optional so bearer tokens work.
+                let mut c = m.server_config()?;
+                c.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Some(Arc::new(c))
+            }
+            None => None,
+        };
+        let (placement, auth, stop, prefix) = (placement.clone(), auth.clone(), shutdown.clone(), config.extender_prefix.clone());
+        async move {
+            match extender {
+                Some((l, _)) => api::extender::serve(l, tls_cfg, prefix, placement, auth, stop).await,
+                None => Ok(()),
+            }
+        }
+    };
     let sweeper_state = state.clone();
     let sweeper_stop = shutdown.clone();
     let task = tokio::spawn(
@@ -142,18 +193,19 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
                 }
                 Ok::<(), ControllerError>(())
             };
-            let (served, http, ()) = tokio::join!(serve, http, sweeper);
+            let (served, http, (), (), ext) = tokio::join!(serve, http, sweeper, scaling_loop, extender_task);
             sessions.close();
             if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
                 return Err(ControllerError::ShutdownTimeout(grace));
             }
             served?;
             http.map_err(ControllerError::Http)?;
+            ext.map_err(ControllerError::Http)?;
             info!("controller stopped");
             Ok(())
         }
         .instrument(info_span!("controller")),
     );
-    info!(%grpc_addr, %http_addr, tls = !insecure, "controller listening");
-    Ok(Running { grpc_addr, http_addr, state, task })
+    info!(%grpc_addr, %http_addr, extender = ?extender_addr, tls = !insecure, models = config.catalog.len(), "controller listening");
+    Ok(Running { grpc_addr, http_addr, extender_addr, state, placement, scaling, task })
 }

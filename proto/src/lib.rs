@@ -18,6 +18,12 @@ pub mod v1 {
     tonic::include_proto!("hearth.v1");
 }
 
+/// KEDA's external scaler contract, served by the controller.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod externalscaler {
+    tonic::include_proto!("externalscaler");
+}
+
 /// kubelet's PodResources v1 (package `v1`), client and server: the agent lists which pods
 /// hold which devices; tests stand up a kubelet-shaped server.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -395,6 +395,7 @@ pub async fn start_controller(
     let files = pki.server()?;
     let mut raw =
         hearth_controller::config::RawConfig { listen: "127.0.0.1:0".into(), http_listen: "127.0.0.1:0".into(), ..Default::default() };
+    raw.extender.listen = "127.0.0.1:0".into();
     raw.tls.ca = Some(files.ca);
     raw.tls.cert = Some(files.cert);
     raw.tls.key = Some(files.key);

@@ -24,6 +24,7 @@ pub struct NodeAgentService {
     state: Arc<ClusterState>,
     metrics: Metrics,
     insecure: bool,
+    auth: super::auth::Auth,
     hello_timeout: Duration,
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -34,11 +35,12 @@ impl NodeAgentService {
         state: Arc<ClusterState>,
         metrics: Metrics,
         insecure: bool,
+        auth: super::auth::Auth,
         hello_timeout: Duration,
         shutdown: CancellationToken,
         tasks: TaskTracker,
     ) -> Self {
-        Self { state, metrics, insecure, hello_timeout, shutdown, tasks }
+        Self { state, metrics, insecure, auth, hello_timeout, shutdown, tasks }
     }
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
@@ -79,6 +81,13 @@ impl NodeAgentService {
         self.count("hello");
         let hello = AgentHello::try_from(hello).map_err(|e| self.refuse("invalid_hello", Status::invalid_argument(e.to_string())))?;
         if let Some(cert) = cert {
+            // A scheduler's or operator's certificate must not report as a node, even one
+            // whose name matches its identity.
+            let role = self.auth.role_of_cert(cert);
+            if role != super::auth::Role::Agent {
+                let msg = format!("a {} identity cannot report as node {:?}", role.as_str(), hello.node_name);
+                return Err(self.refuse("identity_mismatch", Status::permission_denied(msg)));
+            }
             hearth_proto::transport::check_node_identity(cert, &hello.node_name)
                 .map_err(|e| self.refuse("identity_mismatch", Status::permission_denied(e.to_string())))?;
         }

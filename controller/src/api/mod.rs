@@ -4,10 +4,14 @@
 //! errors into gRPC statuses; decisions live elsewhere.
 
 mod agent_stream;
+pub mod auth;
+mod decide;
+pub mod extender;
 mod operator;
 mod tls;
 
 pub use agent_stream::NodeAgentService;
+pub use decide::{KedaService, PlacementService, ScalingService};
 pub use operator::OperatorService;
 pub use tls::tls_incoming;
 

@@ -5,19 +5,20 @@ use std::time::Instant;
 use hearth_proto::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use super::auth::{self, Auth};
 use crate::state::{ClusterState, Connection, NodeView};
 
-/// Read-only cluster view for operators. Any certificate our CA issued may read it; roles
-/// that separate agents from schedulers come with the placement API.
+/// Read-only cluster view for operators, schedulers and autoscalers; agents may not read
+/// other nodes' state.
 #[derive(Debug, Clone)]
 pub struct OperatorService {
     state: Arc<ClusterState>,
-    insecure: bool,
+    auth: Auth,
 }
 
 impl OperatorService {
-    pub fn new(state: Arc<ClusterState>, insecure: bool) -> Self {
-        Self { state, insecure }
+    pub fn new(state: Arc<ClusterState>, auth: Auth) -> Self {
+        Self { state, auth }
     }
 }
 
@@ -59,13 +60,13 @@ pub(crate) fn summary(v: NodeView, state: &pb::NodeState) -> pb::NodeSummary {
 #[tonic::async_trait]
 impl pb::operator_server::Operator for OperatorService {
     async fn list_nodes(&self, req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
-        super::client_cert(&req, self.insecure)?;
+        self.auth.check(&req, auth::READ, "Operator.ListNodes")?;
         let nodes = self.state.list(Instant::now(), summary);
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
     async fn get_node(&self, req: Request<pb::GetNodeRequest>) -> Result<Response<pb::GetNodeResponse>, Status> {
-        super::client_cert(&req, self.insecure)?;
+        self.auth.check(&req, auth::READ, "Operator.GetNode")?;
         let name = &req.get_ref().name;
         let (view, state) =
             self.state.get(name, Instant::now()).ok_or_else(|| Status::not_found(format!("node {name:?} is not in the cluster view")))?;
