@@ -179,7 +179,11 @@ impl RawPlacement {
     fn resolve(&self) -> Result<crate::placement::Params, ConfigError> {
         let d = crate::placement::Params::default();
         let p = crate::placement::Params {
-            default_source_bandwidth: opt_rate("placement.default_source_bandwidth", &self.default_source_bandwidth, d.default_source_bandwidth)?,
+            default_source_bandwidth: opt_rate(
+                "placement.default_source_bandwidth",
+                &self.default_source_bandwidth,
+                d.default_source_bandwidth,
+            )?,
             local_read_bandwidth: opt_rate("placement.local_read_bandwidth", &self.local_read_bandwidth, d.local_read_bandwidth)?,
             image_pull_bandwidth: opt_rate("placement.image_pull_bandwidth", &self.image_pull_bandwidth, d.image_pull_bandwidth)?,
             runtime_start: opt_dur("placement.runtime_start", &self.runtime_start, d.runtime_start)?,

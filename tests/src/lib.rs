@@ -309,6 +309,47 @@ pub async fn http_get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)
     Ok((status, body))
 }
 
+/// One HTTPS POST to a server our test CA signed (name "localhost"), with an optional client
+/// certificate and extra headers; the response status and body.
+pub async fn https_post(
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+    client: Option<&TlsMaterial>,
+    headers: &[(&str, &str)],
+    ca_pem: &str,
+) -> Result<(u16, String)> {
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(c?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let b = rustls::ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?.with_root_certificates(roots);
+    let cfg = match client {
+        Some(t) => b.with_client_auth_cert(t.cert_chain()?, t.private_key()?)?,
+        None => b.with_no_client_auth(),
+    };
+    let tcp = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await??;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let mut s = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await?;
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::new();
+    // A server that closes without close_notify is fine here: we have what it sent.
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no HTTP header end in {text:?}"))?;
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or_else(|| anyhow!("bad status line {head:?}"))?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    Ok((status, body))
+}
+
 fn dechunk(mut s: &str) -> String {
     let mut out = String::new();
     while let Some((size, rest)) = s.split_once("\r\n") {

@@ -96,7 +96,11 @@ pub struct Auth {
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Auth").field("identities", &self.identities.len()).field("tokens", &self.tokens.len()).field("open", &self.open).finish()
+        f.debug_struct("Auth")
+            .field("identities", &self.identities.len())
+            .field("tokens", &self.tokens.len())
+            .field("open", &self.open)
+            .finish()
     }
 }
 
@@ -107,23 +111,32 @@ fn invalid(field: String, expected: &'static str, got: impl Into<String>) -> Con
 impl RawAuth {
     pub fn resolve(self, insecure: bool) -> Result<Auth, ConfigError> {
         let mut identities = Vec::new();
-        for (field, names, role) in
-            [("schedulers", &self.schedulers, Role::Scheduler), ("autoscalers", &self.autoscalers, Role::Autoscaler), ("operators", &self.operators, Role::Operator)]
-        {
+        for (field, names, role) in [
+            ("schedulers", &self.schedulers, Role::Scheduler),
+            ("autoscalers", &self.autoscalers, Role::Autoscaler),
+            ("operators", &self.operators, Role::Operator),
+        ] {
             for (i, n) in names.iter().enumerate() {
-                let name = rustls::pki_types::ServerName::try_from(n.clone())
-                    .map_err(|_| invalid(format!("auth.{field}[{i}]"), "a DNS name as it appears in the client certificate's SAN", n.clone()))?;
+                let name = rustls::pki_types::ServerName::try_from(n.clone()).map_err(|_| {
+                    invalid(format!("auth.{field}[{i}]"), "a DNS name as it appears in the client certificate's SAN", n.clone())
+                })?;
                 identities.push((name, role));
             }
         }
         let mut tokens = Vec::new();
         for (i, t) in self.tokens.iter().enumerate() {
-            let role = Role::parse(&t.role).ok_or_else(|| invalid(format!("auth.tokens[{i}].role"), "scheduler, autoscaler or operator", t.role.clone()))?;
-            let text = std::fs::read_to_string(&t.file)
-                .map_err(|e| invalid(format!("auth.tokens[{i}].file"), "a readable file holding the token", format!("{}: {e}", t.file.display())))?;
+            let role = Role::parse(&t.role)
+                .ok_or_else(|| invalid(format!("auth.tokens[{i}].role"), "scheduler, autoscaler or operator", t.role.clone()))?;
+            let text = std::fs::read_to_string(&t.file).map_err(|e| {
+                invalid(format!("auth.tokens[{i}].file"), "a readable file holding the token", format!("{}: {e}", t.file.display()))
+            })?;
             let token = text.trim();
             if token.len() < 16 {
-                return Err(invalid(format!("auth.tokens[{i}].file"), "a token of at least 16 characters", format!("{} characters in {}", token.len(), t.file.display())));
+                return Err(invalid(
+                    format!("auth.tokens[{i}].file"),
+                    "a token of at least 16 characters",
+                    format!("{} characters in {}", token.len(), t.file.display()),
+                ));
             }
             tokens.push((token.as_bytes().to_vec(), role));
         }
@@ -166,7 +179,8 @@ impl Auth {
 
     /// Admits a gRPC request whose caller holds one of `allowed`.
     pub fn check<T>(&self, req: &Request<T>, allowed: &[Role], what: &str) -> Result<(), Status> {
-        let bearer = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
+        let bearer =
+            req.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
         let cert = req.peer_certs().and_then(|c| c.first().cloned());
         self.admit(self.caller_role(bearer, cert.as_ref())?, allowed, what)
     }

@@ -121,9 +121,7 @@ impl pb::placement_server::Placement for PlacementService {
         let r = req.into_inner();
         let ttl = r
             .ttl
-            .map(|d| {
-                Duration::try_from(d).map_err(|_| Status::invalid_argument(format!("ttl: expected a positive duration, got {d:?}")))
-            })
+            .map(|d| Duration::try_from(d).map_err(|_| Status::invalid_argument(format!("ttl: expected a positive duration, got {d:?}"))))
             .transpose()?;
         let node = (!r.node.is_empty()).then_some(r.node.as_str());
         let l = self.placement.reserve(&r.request_id, &r.model, node, ttl, Instant::now()).map_err(placement_status)?;
@@ -323,7 +321,7 @@ impl keda::external_scaler_server::ExternalScaler for KedaService {
         self.auth.check(&req, auth::SCALING, "ExternalScaler.StreamIsActive")?;
         let model = Self::model(req.get_ref())?;
         let first = self.desired(&model)? > 0;
-        let mut inner = decision_stream(self.scaling.clone(), Some(model), u64::MAX).map_err(scaling_status)?;
+        let mut inner = decision_stream(self.scaling.clone(), Some(model), 0).map_err(scaling_status)?;
         let out = async_stream(move |tx| async move {
             use tokio_stream::StreamExt;
             // KEDA wants to hear about changes of activity, not every decision.

@@ -96,30 +96,35 @@ fn candidates(args: &ExtenderArgs) -> Result<(Vec<String>, Option<Vec<Value>>), 
     Ok((names, Some(items)))
 }
 
-fn authorize(s: &AppState, headers: &HeaderMap, conn: ConnRole) -> Result<(), Response> {
+fn authorize(s: &AppState, headers: &HeaderMap, conn: ConnRole) -> Result<(), Box<Response>> {
     let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
     let role = match bearer {
-        Some(b) => Some(s.auth.role_of_token(b).ok_or_else(|| (StatusCode::UNAUTHORIZED, "bearer token not recognised\n").into_response())?),
+        Some(b) => {
+            Some(s.auth.role_of_token(b).ok_or_else(|| (StatusCode::UNAUTHORIZED, "bearer token not recognised\n").into_response())?)
+        }
         None if s.auth.is_open() => None,
         None => Some(conn.0.ok_or_else(|| {
-            (StatusCode::UNAUTHORIZED, "present a client certificate or an Authorization: Bearer token\n").into_response()
+            Box::new((StatusCode::UNAUTHORIZED, "present a client certificate or an Authorization: Bearer token\n").into_response())
         })?),
     };
-    s.auth.admit(role, auth::PLACEMENT, "the scheduler extender").map_err(|e| (StatusCode::FORBIDDEN, format!("{}\n", e.message())).into_response())
+    s.auth
+        .admit(role, auth::PLACEMENT, "the scheduler extender")
+        .map_err(|e| Box::new((StatusCode::FORBIDDEN, format!("{}\n", e.message())).into_response()))
 }
 
-fn parse(body: &[u8]) -> Result<ExtenderArgs, Response> {
-    serde_json::from_slice(body)
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("request body is not a kube-scheduler ExtenderArgs JSON object: {e}\n")).into_response())
+fn parse(body: &[u8]) -> Result<ExtenderArgs, Box<Response>> {
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new((StatusCode::BAD_REQUEST, format!("request body is not a kube-scheduler ExtenderArgs JSON object: {e}\n")).into_response())
+    })
 }
 
 async fn filter(State(s): State<AppState>, Extension(conn): Extension<ConnRole>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
     if let Err(r) = authorize(&s, &headers, conn) {
-        return r;
+        return *r;
     }
     let args = match parse(&body) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let (names, items) = match candidates(&args) {
         Ok(c) => c,
@@ -152,7 +157,9 @@ async fn filter(State(s): State<AppState>, Extension(conn): Extension<ConnRole>,
         Some(items) => {
             let keep: Vec<Value> = items
                 .into_iter()
-                .filter(|i| i.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).is_some_and(|n| feasible.iter().any(|f| f == n)))
+                .filter(|i| {
+                    i.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).is_some_and(|n| feasible.iter().any(|f| f == n))
+                })
                 .collect();
             out.nodes = Some(serde_json::json!({ "items": keep }));
         }
@@ -162,13 +169,18 @@ async fn filter(State(s): State<AppState>, Extension(conn): Extension<ConnRole>,
     Json(out).into_response()
 }
 
-async fn prioritize(State(s): State<AppState>, Extension(conn): Extension<ConnRole>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn prioritize(
+    State(s): State<AppState>,
+    Extension(conn): Extension<ConnRole>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     if let Err(r) = authorize(&s, &headers, conn) {
-        return r;
+        return *r;
     }
     let args = match parse(&body) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let names = match candidates(&args) {
         Ok((n, _)) => n,
@@ -267,10 +279,13 @@ mod tests {
 
     #[test]
     fn go_field_names_and_lowercase_both_parse() {
-        let a: ExtenderArgs = serde_json::from_str(r#"{"Pod":{"metadata":{"annotations":{"hearth.dev/model":"m"}}},"Nodes":null,"NodeNames":["a"]}"#).unwrap();
+        let a: ExtenderArgs =
+            serde_json::from_str(r#"{"Pod":{"metadata":{"annotations":{"hearth.dev/model":"m"}}},"Nodes":null,"NodeNames":["a"]}"#)
+                .unwrap();
         assert_eq!(a.node_names.as_deref(), Some(&["a".to_owned()][..]));
         assert_eq!(model_of(a.pod.as_ref().unwrap()).as_deref(), Some("m"));
-        let a: ExtenderArgs = serde_json::from_str(r#"{"pod":{"metadata":{"labels":{"hearth.dev/model":"x"}}},"nodenames":["b"]}"#).unwrap();
+        let a: ExtenderArgs =
+            serde_json::from_str(r#"{"pod":{"metadata":{"labels":{"hearth.dev/model":"x"}}},"nodenames":["b"]}"#).unwrap();
         assert_eq!(candidates(&a).unwrap().0, ["b"]);
         assert_eq!(model_of(a.pod.as_ref().unwrap()).as_deref(), Some("x"));
         let a: ExtenderArgs = serde_json::from_str(r#"{"Pod":{},"Nodes":{"items":[{"metadata":{"name":"n1"}}]}}"#).unwrap();

@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 use crate::catalog::ScalingSpec;
 
 /// What the replicas of one model reported at one moment.
+/// The most a trend projection may multiply current demand by.
+const MAX_GROWTH: f64 = 3.0;
+
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Observation {
     /// Waiting + running requests over every replica (plus any external pending count).
@@ -172,8 +175,14 @@ impl Scaler {
         let s = &self.spec;
         let stable = self.average(now, s.stable_window);
         let panic_avg = self.average(now, s.panic_window);
-        let slope = self.slope().max(0.0);
-        let projected = stable + slope * lead_time.as_secs_f64();
+        // A trend needs history: at least half a stable window of samples, or a burst over a
+        // second would be extrapolated across a ten-minute cold start. And a projection
+        // never asks for more than MAX_GROWTH x today's demand.
+        let covered = self.samples.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) >= s.stable_window / 2);
+        let slope = if covered { self.slope().max(0.0) } else { 0.0 };
+        let cap = stable.max(panic_avg) * MAX_GROWTH;
+        let project = |ahead: Duration| (stable + slope * ahead.as_secs_f64()).min(cap).max(stable);
+        let projected = project(lead_time);
         let current = self.current;
         let capacity = f64::from(current.max(1)) * s.target_concurrency;
 
@@ -263,7 +272,7 @@ impl Scaler {
         while self.recent.len() > 1 && self.recent.get(1).is_some_and(|(t, _)| now.saturating_duration_since(*t) >= s.scale_down_delay) {
             self.recent.pop_front();
         }
-        let upcoming_demand = stable + slope * (lead_time + prewarm_horizon).as_secs_f64();
+        let upcoming_demand = project(lead_time + prewarm_horizon);
         let upcoming = self.replicas_for(upcoming_demand).clamp(s.min_replicas, s.max_replicas).max(desired);
         Recommendation {
             desired,
