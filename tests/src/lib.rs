@@ -197,7 +197,7 @@ impl ControllerProc {
         std::fs::write(
             &cfg,
             format!(
-                "listen: {grpc}\nhttp_listen: {http}\ntls: {{ca: {}, cert: {}, key: {}}}\n{extra_yaml}",
+                "listen: {grpc}\nhttp_listen: {http}\nextender: {{listen: \"127.0.0.1:0\"}}\ntls: {{ca: {}, cert: {}, key: {}}}\n{extra_yaml}",
                 files.ca.display(),
                 files.cert.display(),
                 files.key.display()
