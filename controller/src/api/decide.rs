@@ -108,11 +108,10 @@ impl pb::placement_server::Placement for PlacementService {
     async fn score(&self, req: Request<pb::ScoreRequest>) -> Result<Response<pb::ScoreResponse>, Status> {
         self.auth.check(&req, auth::PLACEMENT, "Placement.Score")?;
         let r = req.into_inner();
-        let out = self.placement.score(&r.model, names(&r.nodes), Instant::now()).map_err(placement_status)?;
-        let limit = if r.limit == 0 { usize::MAX } else { r.limit as usize };
+        let out = self.placement.score(&r.model, names(&r.nodes), r.limit as usize, Instant::now()).map_err(placement_status)?;
         Ok(Response::new(pb::ScoreResponse {
-            scores: out.feasible.iter().take(limit).map(node_score).collect(),
-            rejected: out.rejected.len() as u32,
+            scores: out.best.iter().map(node_score).collect(),
+            rejected: u32::try_from(out.rejected).unwrap_or(u32::MAX),
         }))
     }
 

@@ -186,8 +186,9 @@ pub struct Placement {
     leases: Mutex<Leases>,
 }
 
-fn parts(n: &NodeFacts, m: &ModelSpec, p: &Params, fragmentation: f64) -> Parts {
-    let cached = n.models.get(&(m.source_uri.clone(), m.revision.clone()));
+/// `key` is the model's (source URI, revision), built once per evaluation rather than per node.
+fn parts(n: &NodeFacts, m: &ModelSpec, key: &(String, String), p: &Params, fragmentation: f64) -> Parts {
+    let cached = n.models.get(key);
     let present = cached.map(|c| c.present.min(m.bytes)).unwrap_or(0);
     let missing = m.bytes - present;
     let (bandwidth, measured) = match n.bandwidth_for(&m.source_uri) {
@@ -208,6 +209,51 @@ fn parts(n: &NodeFacts, m: &ModelSpec, p: &Params, fragmentation: f64) -> Parts 
         bandwidth_measured: measured,
         image_cached,
     }
+}
+
+/// Feasible candidates best first: by total, then by name so equal scores are stable.
+fn best_first(a: &Scored, b: &Scored) -> std::cmp::Ordering {
+    a.parts.total().total_cmp(&b.parts.total()).then_with(|| a.node.cmp(&b.node))
+}
+
+/// Above this many kept candidates a full sort beats the linear scan of `keep_best`.
+const KEEP_BEST_MAX: usize = 64;
+
+/// What one evaluation keeps.
+#[derive(Debug, Clone, Copy)]
+enum Keep {
+    /// Every feasible candidate and every rejection with its reason (Filter, error messages).
+    All,
+    /// The k best feasible candidates; rejections only counted.
+    Best(usize),
+}
+
+#[derive(Debug, Default)]
+struct Evaluated {
+    feasible: Vec<Scored>,
+    rejected: Vec<Rejected>,
+    rejected_count: usize,
+}
+
+/// Keeps `kept` at the k best candidates seen so far (unordered). Candidates arrive in name
+/// order, so on equal totals the earlier name stays, as `best_first` would order them.
+fn keep_best(kept: &mut Vec<Scored>, k: usize, node: &str, parts: Parts, slot: Slot) {
+    let total = parts.total();
+    if kept.len() < k {
+        kept.push(Scored { node: node.to_owned(), parts, priority: 0, slot });
+        return;
+    }
+    let Some((worst, _)) = kept.iter().enumerate().max_by(|a, b| best_first(a.1, b.1)) else { return };
+    if total < kept[worst].parts.total() {
+        kept[worst] = Scored { node: node.to_owned(), parts, priority: 0, slot };
+    }
+}
+
+/// Score's answer: the best candidates, best first, and how many nodes were rejected.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ScoreOutcome {
+    pub best: Vec<Scored>,
+    pub rejected: usize,
 }
 
 /// 0-10 relative to the best total: the best gets 10, one twice as slow 5.
@@ -244,9 +290,10 @@ impl Placement {
         self.catalog.get(name).ok_or_else(|| PlacementError::UnknownModel(name.to_owned()))
     }
 
-    fn evaluate(&self, m: &ModelSpec, names: Option<&[String]>, leases: &Leases, now: Instant) -> FilterOutcome {
-        let mut out = FilterOutcome::default();
-        for r in self.state.placement_view(now, names, |name, n| {
+    fn evaluate(&self, m: &ModelSpec, names: Option<&[String]>, leases: &Leases, now: Instant, keep: Keep) -> Evaluated {
+        let key = (m.source_uri.clone(), m.revision.clone());
+        let mut out = Evaluated::default();
+        self.state.placement_view(now, names, |name, n| {
             let verdict = if !n.known {
                 Err(Reject::Unknown)
             } else if n.connection != Connection::Connected {
@@ -255,15 +302,25 @@ impl Placement {
                 Err(Reject::NoReport)
             } else {
                 let (held, mem) = leases.on_node(name, now);
-                fit::fit(n.facts, m, &held, mem).map(|f| (parts(n.facts, m, &self.params, f.fragmentation), f.slot))
+                fit::fit(n.facts, m, &held, mem)
             };
-            (name.to_owned(), verdict)
-        }) {
-            match r {
-                (node, Ok((parts, slot))) => out.feasible.push(Scored { node, parts, priority: 0, slot }),
-                (node, Err(reason)) => out.rejected.push(Rejected { node, reason }),
+            match (verdict, keep) {
+                (Ok(f), Keep::All) => out.feasible.push(Scored {
+                    node: name.to_owned(),
+                    parts: parts(n.facts, m, &key, &self.params, f.fragmentation),
+                    priority: 0,
+                    slot: f.slot,
+                }),
+                (Ok(f), Keep::Best(k)) => {
+                    keep_best(&mut out.feasible, k, name, parts(n.facts, m, &key, &self.params, f.fragmentation), f.slot)
+                }
+                (Err(reason), Keep::All) => {
+                    out.rejected_count += 1;
+                    out.rejected.push(Rejected { node: name.to_owned(), reason });
+                }
+                (Err(_), Keep::Best(_)) => out.rejected_count += 1,
             }
-        }
+        });
         assign_priorities(&mut out.feasible);
         out
     }
@@ -273,23 +330,29 @@ impl Placement {
         let m = self.model(model)?;
         let mut leases = self.leases();
         leases.sweep(now);
-        Ok(self.evaluate(m, names, &leases, now))
+        let e = self.evaluate(m, names, &leases, now, Keep::All);
+        Ok(FilterOutcome { feasible: e.feasible, rejected: e.rejected })
     }
 
-    /// Feasible candidates, best first. None feasible is FailedPrecondition-shaped: NoFit
-    /// with a summary of why, by reason.
-    pub fn score(&self, model: &str, names: Option<&[String]>, now: Instant) -> Result<FilterOutcome, PlacementError> {
+    /// The `limit` best feasible candidates (all of them for 0), best first, and how many
+    /// were rejected. Only the kept candidates are built, so asking a 5,000-node cluster for
+    /// its 10 best costs one pass and no sort of the rest. None feasible is
+    /// FailedPrecondition-shaped: NoFit with a summary of why, by reason.
+    pub fn score(&self, model: &str, names: Option<&[String]>, limit: usize, now: Instant) -> Result<ScoreOutcome, PlacementError> {
         let m = self.model(model)?;
-        let out = {
-            let leases = self.leases();
-            self.evaluate(m, names, &leases, now)
-        };
-        if out.feasible.is_empty() {
-            return Err(no_fit(m, &out.rejected));
+        let leases = self.leases();
+        let keep = if limit == 0 || limit > KEEP_BEST_MAX { Keep::All } else { Keep::Best(limit) };
+        let mut e = self.evaluate(m, names, &leases, now, keep);
+        if e.feasible.is_empty() {
+            // The rare path: evaluate again, keeping every reason for the message.
+            let all = self.evaluate(m, names, &leases, now, Keep::All);
+            return Err(no_fit(m, &all.rejected));
         }
-        let mut out = out;
-        out.feasible.sort_by(|a, b| a.parts.total().total_cmp(&b.parts.total()).then_with(|| a.node.cmp(&b.node)));
-        Ok(out)
+        e.feasible.sort_by(best_first);
+        if limit > 0 {
+            e.feasible.truncate(limit);
+        }
+        Ok(ScoreOutcome { best: e.feasible, rejected: e.rejected_count })
     }
 
     /// Reserves devices for `request_id` on `node` (or the best node) for `ttl` (the default
@@ -320,13 +383,9 @@ impl Placement {
             return Err(PlacementError::Conflict { id: request_id.to_owned(), model: l.model.clone(), node: l.node.clone() });
         }
         let names: Option<Vec<String>> = node.map(|n| vec![n.to_owned()]);
-        let mut out = self.evaluate(m, names.as_deref(), &leases, now);
-        let Some(best) = out.feasible.iter().min_by(|a, b| a.parts.total().total_cmp(&b.parts.total()).then_with(|| a.node.cmp(&b.node)))
-        else {
-            return Err(no_fit(m, &out.rejected));
+        let Some(best) = self.evaluate(m, names.as_deref(), &leases, now, Keep::Best(1)).feasible.pop() else {
+            return Err(no_fit(m, &self.evaluate(m, names.as_deref(), &leases, now, Keep::All).rejected));
         };
-        let best = best.clone();
-        out.feasible.clear();
         let lease = Lease {
             request_id: request_id.to_owned(),
             model: model.to_owned(),

@@ -100,19 +100,19 @@ fn cached_bytes_and_bandwidth_decide_the_score_and_every_part_is_shown() {
     c.add("half", half);
     c.add("cold", gpu_node(8));
     let p = c.placement(vec![model("llama", 4, 140 * GB)]);
-    let out = p.score("llama", None, c.t0).unwrap();
-    let order: Vec<&str> = out.feasible.iter().map(|s| s.node.as_str()).collect();
+    let out = p.score("llama", None, 0, c.t0).unwrap();
+    let order: Vec<&str> = out.best.iter().map(|s| s.node.as_str()).collect();
     assert_eq!(order, ["warm", "half", "cold"]);
-    let warm = &out.feasible[0];
+    let warm = &out.best[0];
     assert_eq!((warm.parts.missing_bytes, warm.parts.image_pull_s, warm.parts.download_s), (0, 0.0, 0.0));
     assert_eq!(warm.parts.local_load_s, 70.0, "140 GB at 2 GB/s");
     assert_eq!(warm.parts.time_to_ready(), 90.0, "plus the 20 s runtime start");
     assert_eq!(warm.priority, 10);
-    let half = &out.feasible[1];
+    let half = &out.best[1];
     assert_eq!((half.parts.missing_bytes, half.parts.bandwidth_measured), (70 * GB, true));
     assert_eq!(half.parts.download_s, 35.0, "70 GB at the measured 2 GB/s");
     assert_eq!(half.parts.image_pull_s, 100.0, "10 GB image at the 100 MB/s default");
-    let cold = &out.feasible[2];
+    let cold = &out.best[2];
     assert_eq!(cold.parts.download_s, 700.0, "140 GB at the 200 MB/s default");
     assert!(!cold.parts.bandwidth_measured);
     assert_eq!(cold.priority, (10.0f64 * 90.0 / cold.parts.total()).round() as u8);
@@ -135,10 +135,10 @@ fn stale_unknown_and_unfit_nodes_are_rejected_with_reasons() {
     );
     // 20 s later without a message both nodes are stale: nothing fits, and the error says why.
     let later = c.t0 + Duration::from_secs(20);
-    let err = p.score("m", None, later).unwrap_err();
+    let err = p.score("m", None, 0, later).unwrap_err();
     let PlacementError::NoFit { summary, .. } = &err else { panic!("{err:?}") };
     assert!(summary.starts_with("2 node(s) stale, e.g. node is stale"), "{summary}");
-    assert_eq!(p.score("nope", None, c.t0).unwrap_err(), PlacementError::UnknownModel("nope".into()));
+    assert_eq!(p.score("nope", None, 0, c.t0).unwrap_err(), PlacementError::UnknownModel("nope".into()));
 }
 
 #[test]
@@ -206,4 +206,31 @@ fn mig_instances_from_reports_are_placed_best_fit() {
         Slot::MigCreate { gpu: 1, profile: "3g.40gb".into(), start: 0, size: 4 }
     );
     assert!(matches!(p.reserve("r2", "m", None, None, c.t0).unwrap().slot, Slot::MigCreate { gpu: 0, .. }));
+}
+
+#[test]
+fn the_best_k_are_the_first_k_of_the_full_ranking() {
+    let c = Cluster::new();
+    // Nodes that differ in cached bytes, bandwidth and free GPUs, with ties on purpose
+    // (every fifth node is identical to the one five before it).
+    for i in 0..40u64 {
+        let mut n = gpu_node(2 + (i % 3) as u32 * 3);
+        n.models.push(cached("m", (i % 5) * 20 * GB, 100 * GB));
+        n.source_bandwidth.push(pb::SourceBandwidth {
+            source: "s3://models".into(),
+            bytes_per_second: 1e8 * (1 + i % 4) as f64,
+            samples: 1,
+        });
+        c.add(&format!("n{i:02}"), n);
+    }
+    c.add("full", gpu_node(1));
+    let p = c.placement(vec![model("m", 2, 100 * GB)]);
+    let all = p.score("m", None, 0, c.t0).unwrap();
+    assert_eq!((all.best.len(), all.rejected), (40, 1));
+    for k in [1, 3, 7, 40, 100] {
+        let top = p.score("m", None, k, c.t0).unwrap();
+        let names = |v: &[Scored]| v.iter().map(|s| (s.node.clone(), s.priority)).collect::<Vec<_>>();
+        assert_eq!(names(&top.best), names(&all.best[..k.min(40)]), "k = {k}");
+        assert_eq!(top.rejected, 1);
+    }
 }

@@ -211,10 +211,12 @@ impl Scaling {
         let Some(spec) = self.placement.catalog().get(model).cloned() else { return };
         let obs = observe(&self.placement, &spec, now);
         // The next replica's predicted time-to-ready on its best node is the lead time.
-        let scored = self.placement.score(model, None, now).ok();
+        // Only the best few matter: the first gives the lead time, and pre-warm targets the
+        // nodes the next replicas would go to.
+        let scored = self.placement.score(model, None, 2 * self.settings.max_prewarm_per_model + 1, now).ok();
         let lead = scored
             .as_ref()
-            .and_then(|o| o.feasible.first())
+            .and_then(|o| o.best.first())
             .map(|s| Duration::try_from_secs_f64(s.parts.time_to_ready()).unwrap_or(self.settings.fallback_lead_time))
             .unwrap_or(self.settings.fallback_lead_time);
         let mut models = self.models();
@@ -250,7 +252,7 @@ impl Scaling {
         st.latest = Some(rec.clone());
         self.track_prewarms(st, &spec, now);
         if let Some(out) = scored {
-            self.plan_prewarm(st, &spec, &rec, &out.feasible, now);
+            self.plan_prewarm(st, &spec, &rec, &out.best, now);
         }
     }
 

@@ -3,7 +3,7 @@
 //! and send their snapshots. This module owns the view and the rules for changing it
 //! (sessions, epochs, sequence numbers); it does no I/O.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -100,7 +100,8 @@ pub struct NodeView {
 
 #[derive(Debug)]
 pub struct ClusterState {
-    nodes: RwLock<HashMap<String, NodeEntry>>,
+    /// Ordered by name, so whole-cluster views (placement over every node, list) need no sort.
+    nodes: RwLock<BTreeMap<String, NodeEntry>>,
     stale_after: Duration,
     forget_after: Duration,
     next_session: AtomicU64,
@@ -112,13 +113,13 @@ impl ClusterState {
         Self { nodes: RwLock::default(), stale_after, forget_after, next_session: AtomicU64::new(1), state_bytes: AtomicU64::new(0) }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, NodeEntry>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, NodeEntry>> {
         // A panic while holding the lock cannot leave an entry half-updated in a way later
         // readers could trip on (each update is a few assignments), so poisoning is ignored.
         self.nodes.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, NodeEntry>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, NodeEntry>> {
         self.nodes.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -278,9 +279,7 @@ impl ClusterState {
     /// Every node, sorted by name, with the parts of its state a summary needs.
     pub fn list<T>(&self, now: Instant, f: impl Fn(NodeView, &pb::NodeState) -> T) -> Vec<T> {
         let nodes = self.read();
-        let mut names: Vec<&String> = nodes.keys().collect();
-        names.sort();
-        names.into_iter().map(|n| f(self.view(n, &nodes[n], now), &nodes[n].state)).collect()
+        nodes.iter().map(|(n, e)| f(self.view(n, e, now), &e.state)).collect()
     }
 
     pub fn get(&self, name: &str, now: Instant) -> Option<(NodeView, pb::NodeState)> {
@@ -304,11 +303,7 @@ impl ClusterState {
         };
         match names {
             Some(names) => names.iter().map(|n| one(n, nodes.get(n))).collect(),
-            None => {
-                let mut all: Vec<(&String, &NodeEntry)> = nodes.iter().collect();
-                all.sort_by(|a, b| a.0.cmp(b.0));
-                all.into_iter().map(|(n, e)| one(n, Some(e))).collect()
-            }
+            None => nodes.iter().map(|(n, e)| one(n, Some(e))).collect(),
         }
     }
 
