@@ -27,6 +27,9 @@ pub struct LocalInfo {
     pub controller_metrics: String,
     pub agent_metrics: String,
     pub node_name: String,
+    /// The kube-scheduler extender's base URL (operator certificate), when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extender_url: Option<String>,
 }
 
 /// `$HEARTH_STATE_DIR`, else `$XDG_STATE_HOME/hearth`, else `~/.local/state/hearth`.
@@ -191,6 +194,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         controller_metrics: format!("http://{}/metrics", controller.http_addr),
         agent_metrics: format!("http://{}/metrics", agent.http_addr),
         node_name: args.node_name.clone(),
+        extender_url: controller.extender_addr.map(|a| format!("https://localhost:{}/extender", a.port())),
     };
     let info_file = info_path(&args.state_dir);
     write_atomic(&info_file, serde_json::to_string_pretty(&info)?.as_bytes(), false)?;
@@ -201,14 +205,13 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     println!("  agent metrics       {}", info.agent_metrics);
     println!("  state and certs     {}", dir.display());
     println!("  in another terminal: hearth status   (or: hearth status --output json)");
-    if let Some(ext) = controller.extender_addr {
+    if let Some(url) = &info.extender_url {
         println!("  placement (scheduler extender, operator cert):");
         println!(
-            "    curl -s --cacert {ca} --cert {cert} --key {key} https://localhost:{port}/extender/prioritize -d '{{\"Pod\":{{\"metadata\":{{\"annotations\":{{\"hearth.dev/model\":\"llama-sample\"}}}}}},\"NodeNames\":[\"{node}\"]}}'",
+            "    curl -s --cacert {ca} --cert {cert} --key {key} {url}/prioritize -d '{{\"Pod\":{{\"metadata\":{{\"annotations\":{{\"hearth.dev/model\":\"llama-sample\"}}}}}},\"NodeNames\":[\"{node}\"]}}'",
             ca = info.ca.display(),
             cert = info.cert.display(),
             key = info.key.display(),
-            port = ext.port(),
             node = args.node_name
         );
     }

@@ -136,6 +136,8 @@ pub struct RawScaling {
     pub prewarm_horizon: Option<String>,
     pub max_prewarm_per_model: Option<usize>,
     pub fallback_lead_time: Option<String>,
+    /// How long a Recommend `pending_requests` count counts as demand.
+    pub pending_ttl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -211,10 +213,13 @@ impl RawScaling {
             prewarm_horizon: opt_dur("scaling.prewarm_horizon", &self.prewarm_horizon, d.prewarm_horizon)?,
             max_prewarm_per_model: self.max_prewarm_per_model.unwrap_or(d.max_prewarm_per_model),
             fallback_lead_time: opt_dur("scaling.fallback_lead_time", &self.fallback_lead_time, d.fallback_lead_time)?,
-            external_demand_ttl: d.external_demand_ttl,
+            external_demand_ttl: opt_dur("scaling.pending_ttl", &self.pending_ttl, d.external_demand_ttl)?,
         };
         if s.interval < Duration::from_millis(100) {
             return Err(invalid("scaling.interval", "at least 100ms", format!("{:?}", s.interval)));
+        }
+        if s.external_demand_ttl < s.interval {
+            return Err(invalid("scaling.pending_ttl", "at least scaling.interval", format!("{:?}", s.external_demand_ttl)));
         }
         Ok(s)
     }

@@ -114,6 +114,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     health.set_serving::<pb::operator_server::OperatorServer<api::OperatorService>>().await;
     health.set_serving::<pb::placement_server::PlacementServer<api::PlacementService>>().await;
     health.set_serving::<pb::scaling_server::ScalingServer<api::ScalingService>>().await;
+    health.set_serving::<hearth_proto::externalscaler::external_scaler_server::ExternalScalerServer<api::KedaService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(hearth_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -4,6 +4,7 @@
 
 pub mod faultproxy;
 pub mod seaweed;
+pub mod sim;
 
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener};

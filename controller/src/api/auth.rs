@@ -189,11 +189,14 @@ impl Auth {
         match role {
             None => Ok(()),
             Some(r) if allowed.contains(&r) => Ok(()),
-            Some(r) => Err(Status::permission_denied(format!(
-                "{what} needs a {} identity; this caller is {} (see auth: in the controller config)",
-                allowed.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(" or "),
-                r.as_str()
-            ))),
+            Some(r) => {
+                let roles = allowed.iter().map(|r| r.as_str()).collect::<Vec<_>>().join(" or ");
+                let article = if roles.starts_with(['a', 'e', 'i', 'o', 'u']) { "an" } else { "a" };
+                Err(Status::permission_denied(format!(
+                    "{what} needs {article} {roles} identity; this caller is {} (see auth: in the controller config)",
+                    r.as_str()
+                )))
+            }
         }
     }
 }

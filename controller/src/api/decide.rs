@@ -1,7 +1,8 @@
 //! The decision APIs: `hearth.v1.Placement`, `hearth.v1.Scaling` and KEDA's external scaler.
 //! Each call checks the caller's role first, then turns domain answers and errors into wire
 //! messages and statuses: an unknown model is NOT_FOUND, a request no node can satisfy is
-//! FAILED_PRECONDITION with the reasons, bad arguments are INVALID_ARGUMENT.
+//! FAILED_PRECONDITION with the reasons, bad arguments are INVALID_ARGUMENT, and a Reserve
+//! whose request id already holds a lease for another model or node is ALREADY_EXISTS.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -120,7 +121,10 @@ impl pb::placement_server::Placement for PlacementService {
         let r = req.into_inner();
         let ttl = r
             .ttl
-            .map(|d| Duration::try_from(d).map_err(|_| Status::invalid_argument(format!("ttl: expected a positive duration, got {d:?}"))))
+            .map(|d| {
+                Duration::try_from(d)
+                    .map_err(|_| Status::invalid_argument(format!("ttl: expected a positive duration, got {}s {}ns", d.seconds, d.nanos)))
+            })
             .transpose()?;
         let node = (!r.node.is_empty()).then_some(r.node.as_str());
         let l = self.placement.reserve(&r.request_id, &r.model, node, ttl, Instant::now()).map_err(placement_status)?;

@@ -3,9 +3,53 @@
 //! of walking every report.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use hearth_proto::mig::{self, GiProfile};
 use hearth_proto::v1 as pb;
+
+/// The hash rustc uses for its own tables (FxHash): a multiply and a rotate per word, several
+/// times faster than SipHash on the short strings placement looks up per node per call
+/// (model URIs, image references). The keys come from authenticated agents and a node's
+/// tables are small, so flooding resistance buys nothing here.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl FxHasher {
+    fn add(&mut self, w: u64) {
+        self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut b = [0u8; 8];
+            b[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(b));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+pub type FastSet<K> = HashSet<K, BuildHasherDefault<FxHasher>>;
 
 /// One MIG GPU instance as the agent reports it.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,9 +99,9 @@ pub struct NodeFacts {
     pub neuron: Vec<NeuronDevice>,
     pub memory_available: u64,
     /// Bytes present per model, keyed by (source URI, revision).
-    pub models: HashMap<(String, String), CachedBytes>,
+    pub models: FastMap<(String, String), CachedBytes>,
     /// Image references and digests present.
-    pub images: HashSet<String>,
+    pub images: FastSet<String>,
     /// Measured source bandwidth (EWMA bytes/s) by source prefix, longest first.
     pub bandwidth: Vec<(String, f64)>,
     /// Waiting + running requests over every runtime on the node.
@@ -68,6 +112,9 @@ pub struct NodeFacts {
     pub runtimes: Vec<RuntimeFacts>,
     /// The last partition apply failed or waits for a reboot: no new MIG instances here.
     pub partition_blocked: Option<String>,
+    /// Bit k set: `gpus[k]` can be handed out whole now (healthy, MIG off and not pending,
+    /// unused). Scoring reads this instead of walking every GPU of every node.
+    pub whole_free: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -140,7 +187,7 @@ impl NodeFacts {
                 instances,
             });
         }
-        let mut models = HashMap::with_capacity(s.models.len());
+        let mut models = FastMap::with_capacity_and_hasher(s.models.len(), Default::default());
         let mut by_id: HashMap<&str, (String, String)> = HashMap::with_capacity(s.models.len());
         for m in &s.models {
             let key = (m.source_uri.trim_end_matches('/').to_owned(), m.revision.clone());
@@ -154,7 +201,7 @@ impl NodeFacts {
                 *e = CachedBytes { present, total: m.bytes_total, ready };
             }
         }
-        let mut images = HashSet::with_capacity(s.images.len() * 2);
+        let mut images = FastSet::with_capacity_and_hasher(s.images.len() * 2, Default::default());
         for i in &s.images {
             images.insert(i.reference.clone());
             if !i.digest.is_empty() {
@@ -195,7 +242,8 @@ impl NodeFacts {
             }
         });
         let memory_available = s.resources.as_ref().map(|r| r.memory_available_bytes).unwrap_or(0);
-        Self { gpus, neuron, memory_available, models, images, bandwidth, requests, kv_cache, runtimes, partition_blocked }
+        let whole_free = whole_free(&gpus);
+        Self { gpus, neuron, memory_available, models, images, bandwidth, requests, kv_cache, runtimes, partition_blocked, whole_free }
     }
 
     /// Measured bandwidth for the longest source prefix of `uri`, if any.
@@ -205,6 +253,16 @@ impl NodeFacts {
             .find(|(src, _)| uri.starts_with(src.as_str()) && (uri.len() == src.len() || uri.as_bytes()[src.len()] == b'/'))
             .map(|(_, b)| *b)
     }
+}
+
+/// The `whole_free` mask of a GPU list (GPUs past the 64th are never handed out whole; no
+/// node has that many).
+pub fn whole_free(gpus: &[Gpu]) -> u64 {
+    gpus.iter()
+        .take(64)
+        .enumerate()
+        .filter(|(_, g)| g.healthy && !g.mig_enabled && !g.mig_pending && !g.busy)
+        .fold(0, |m, (k, _)| m | 1 << k)
 }
 
 /// Agents report f64 loads; a NaN or negative one must not poison sums.

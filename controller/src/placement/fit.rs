@@ -97,16 +97,30 @@ pub fn fit(n: &NodeFacts, m: &ModelSpec, held: &[&Slot], held_memory: u64) -> Re
 }
 
 fn whole_gpus(n: &NodeFacts, want: u32, held: &[&Slot]) -> Result<Fit, Reject> {
-    let leased = |i: u32| held.iter().any(|s| matches!(s, Slot::Gpus(g) if g.contains(&i)));
-    let free: Vec<u32> =
-        n.gpus.iter().filter(|g| g.healthy && !g.mig_enabled && !g.mig_pending && !g.busy && !leased(g.index)).map(|g| g.index).collect();
+    let mut free = n.whole_free;
+    for s in held {
+        if let Slot::Gpus(leased) = s {
+            for (k, g) in n.gpus.iter().take(64).enumerate() {
+                if leased.contains(&g.index) {
+                    free &= !(1u64 << k);
+                }
+            }
+        }
+    }
+    let count = free.count_ones();
     let total = n.gpus.len() as u32;
-    if (free.len() as u32) < want {
-        return Err(Reject::Gpus { want, free: free.len() as u32, total });
+    if count < want {
+        return Err(Reject::Gpus { want, free: count, total });
     }
     // Best fit: a node this request fills leaves no stranded GPUs.
-    let left = free.len() as u32 - want;
-    Ok(Fit { slot: Slot::Gpus(free[..want as usize].to_vec()), fragmentation: f64::from(left) / f64::from(total.max(1)) })
+    let left = count - want;
+    let mut slot = Vec::with_capacity(want as usize);
+    let mut bits = free;
+    while bits != 0 && slot.len() < want as usize {
+        slot.push(n.gpus[bits.trailing_zeros() as usize].index);
+        bits &= bits - 1;
+    }
+    Ok(Fit { slot: Slot::Gpus(slot), fragmentation: f64::from(left) / f64::from(total.max(1)) })
 }
 
 /// Units taken on `g` by instances and by leased creations, as a bit mask.
@@ -286,11 +300,13 @@ mod tests {
         let mut n = NodeFacts { gpus: (0..4).map(|i| gpu(i, false, vec![])).collect(), ..Default::default() };
         n.gpus[0].healthy = false;
         n.gpus[1].busy = true;
+        n.whole_free = super::super::facts::whole_free(&n.gpus);
         let m = model(DeviceRequest::Gpus(2));
         assert_eq!(fit(&n, &m, &[], 0).unwrap().slot, Slot::Gpus(vec![2, 3]));
         let lease = Slot::Gpus(vec![2]);
         assert_eq!(fit(&n, &m, &[&lease], 0).unwrap_err(), Reject::Gpus { want: 2, free: 1, total: 4 });
         n.gpus[3].mig_enabled = true;
+        n.whole_free = super::super::facts::whole_free(&n.gpus);
         assert!(matches!(fit(&n, &model(DeviceRequest::Gpus(1)), &[&lease], 0), Err(Reject::Gpus { free: 0, .. })));
     }
 
@@ -350,7 +366,8 @@ mod tests {
 
     #[test]
     fn memory_counts_leases() {
-        let n = NodeFacts { gpus: vec![gpu(0, false, vec![])], memory_available: 100, ..Default::default() };
+        let gpus = vec![gpu(0, false, vec![])];
+        let n = NodeFacts { whole_free: super::super::facts::whole_free(&gpus), gpus, memory_available: 100, ..Default::default() };
         let mut m = model(DeviceRequest::Gpus(1));
         m.memory_bytes = 60;
         assert!(fit(&n, &m, &[], 0).is_ok());

@@ -155,6 +155,9 @@ impl Leases {
 
     fn on_node(&self, node: &str, now: Instant) -> (Vec<&Slot>, u64) {
         let mut slots = Vec::new();
+        if self.by_node.is_empty() {
+            return (slots, 0);
+        }
         let mut mem = 0;
         for id in self.by_node.get(node).map(Vec::as_slice).unwrap_or_default() {
             if let Some(l) = self.by_id.get(id).filter(|l| l.expires > now) {
@@ -235,8 +238,8 @@ struct Evaluated {
     rejected_count: usize,
 }
 
-/// Keeps `kept` at the k best candidates seen so far (unordered). Candidates arrive in name
-/// order, so on equal totals the earlier name stays, as `best_first` would order them.
+/// Keeps `kept` at the k best candidates seen so far (unordered), in `best_first`'s order
+/// whatever order the candidates arrive in.
 fn keep_best(kept: &mut Vec<Scored>, k: usize, node: &str, parts: Parts, slot: Slot) {
     let total = parts.total();
     if kept.len() < k {
@@ -244,7 +247,8 @@ fn keep_best(kept: &mut Vec<Scored>, k: usize, node: &str, parts: Parts, slot: S
         return;
     }
     let Some((worst, _)) = kept.iter().enumerate().max_by(|a, b| best_first(a.1, b.1)) else { return };
-    if total < kept[worst].parts.total() {
+    let w = &kept[worst];
+    if total.total_cmp(&w.parts.total()).then_with(|| node.cmp(&w.node)).is_lt() {
         kept[worst] = Scored { node: node.to_owned(), parts, priority: 0, slot };
     }
 }

@@ -233,4 +233,9 @@ fn the_best_k_are_the_first_k_of_the_full_ranking() {
         assert_eq!(names(&top.best), names(&all.best[..k.min(40)]), "k = {k}");
         assert_eq!(top.rejected, 1);
     }
+    // A caller's candidate list in any order ranks the same way.
+    let mut names: Vec<String> = (0..40).rev().map(|i| format!("n{i:02}")).collect();
+    names.swap(3, 17);
+    let top = p.score("m", Some(&names), 5, c.t0).unwrap();
+    assert_eq!(top.best.iter().map(|s| &s.node).collect::<Vec<_>>(), all.best[..5].iter().map(|s| &s.node).collect::<Vec<_>>());
 }

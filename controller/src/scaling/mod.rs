@@ -105,6 +105,8 @@ pub struct Scaling {
     settings: Settings,
     models: Mutex<HashMap<String, ModelState>>,
     next_id: AtomicU64,
+    /// Pre-warm command ids, apart from decision ids so those stay consecutive.
+    next_prewarm: AtomicU64,
     tx: broadcast::Sender<Decision>,
     metrics: Metrics,
 }
@@ -153,7 +155,7 @@ impl Scaling {
             })
             .collect();
         let (tx, _) = broadcast::channel(1024);
-        Self { placement, settings, models: Mutex::new(models), next_id: AtomicU64::new(1), tx, metrics }
+        Self { placement, settings, models: Mutex::new(models), next_id: AtomicU64::new(1), next_prewarm: AtomicU64::new(1), tx, metrics }
     }
 
     fn models(&self) -> std::sync::MutexGuard<'_, HashMap<String, ModelState>> {
@@ -291,7 +293,7 @@ impl Scaling {
         let candidates: Vec<_> =
             feasible.iter().filter(|s| s.parts.missing_bytes > 0 && !st.prewarms.iter().any(|p| p.node == s.node)).take(want).collect();
         for s in candidates {
-            let id = format!("prewarm-{}-{}", m.name, self.next_id.fetch_add(1, Ordering::Relaxed));
+            let id = format!("prewarm-{}-{}", m.name, self.next_prewarm.fetch_add(1, Ordering::Relaxed));
             let cmd = pb::Command {
                 id: id.clone(),
                 idempotency_key: format!("prewarm/{}/{}/{}", m.name, m.revision, s.node),

@@ -101,11 +101,21 @@ pub struct Scaler {
     recent: VecDeque<(Instant, u32)>,
     last_demand_at: Option<Instant>,
     current: u32,
+    /// The last recommendation: replicas asked for but not ready yet still count as held.
+    last_desired: u32,
 }
 
 impl Scaler {
     pub fn new(spec: ScalingSpec, current: u32) -> Self {
-        Self { spec, samples: VecDeque::new(), panic_since: None, recent: VecDeque::new(), last_demand_at: None, current }
+        Self {
+            spec,
+            samples: VecDeque::new(),
+            panic_since: None,
+            recent: VecDeque::new(),
+            last_demand_at: None,
+            current,
+            last_desired: current,
+        }
     }
 
     pub fn spec(&self) -> &ScalingSpec {
@@ -213,15 +223,19 @@ impl Scaler {
             want = obs.ready + 1;
             reason = Reason::Saturation;
         }
-        // Activation: any demand at zero replicas gets one at once.
-        if current == 0 && (stable > 0.0 || panic_avg > 0.0) && want == 0 {
+        // What is held: ready replicas, or more when replicas asked for are still starting.
+        // Going down from there waits for the delay like any scale-down, so a replica that
+        // is still loading is never cancelled by a quiet moment.
+        let held = current.max(self.last_desired);
+        // Activation: any demand with nothing held gets one at once.
+        if held == 0 && (stable > 0.0 || panic_avg > 0.0) && want == 0 {
             want = 1;
         }
-        if current == 0 && want > 0 {
+        if held == 0 && want > 0 {
             reason = Reason::Activation;
         }
         // Scale to zero only after the quiet period; until then keep one.
-        if want == 0 && current > 0 {
+        if want == 0 && held > 0 {
             let quiet = self.last_demand_at.is_none_or(|t| now.saturating_duration_since(t) >= s.scale_to_zero_after);
             if s.min_replicas > 0 || !quiet {
                 want = 1;
@@ -233,41 +247,42 @@ impl Scaler {
             reason = Reason::Bounds;
         }
 
-        let desired = if want > current {
+        let desired = if want > held {
             // Tolerance applies to up and down alike, except when activating from zero.
-            if current > 0 && reason != Reason::Panic && f64::from(want) <= f64::from(current) * (1.0 + s.tolerance) {
+            if held > 0 && reason != Reason::Panic && f64::from(want) <= f64::from(held) * (1.0 + s.tolerance) {
                 reason = Reason::Steady;
-                current
+                held
             } else {
                 if reason == Reason::Steady {
                     reason = Reason::ScaleUp;
                 }
                 want
             }
-        } else if want < current {
+        } else if want < held {
             if panic {
                 // Never down in panic mode.
                 reason = Reason::Panic;
-                current
-            } else if want > 0 && f64::from(want) >= f64::from(current) * (1.0 - s.tolerance) {
+                held
+            } else if want > 0 && f64::from(want) >= f64::from(held) * (1.0 - s.tolerance) {
                 reason = Reason::Steady;
-                current
+                held
             } else {
                 // Scale down to the highest recommendation of the last scale_down_delay, and
                 // only once that much history exists: a brief dip never drops replicas.
                 let full = self.recent.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) >= s.scale_down_delay);
                 let highest = self.recent.iter().map(|(_, w)| *w).max().unwrap_or(want).max(want);
-                if full && highest < current {
+                if full && highest < held {
                     reason = if highest == 0 { Reason::ScaleToZero } else { Reason::ScaleDown };
                     highest
                 } else {
                     reason = Reason::CoolingDown;
-                    current
+                    held
                 }
             }
         } else {
-            current
+            held
         };
+        self.last_desired = desired;
         self.recent.push_back((now, want));
         while self.recent.len() > 1 && self.recent.get(1).is_some_and(|(t, _)| now.saturating_duration_since(*t) >= s.scale_down_delay) {
             self.recent.pop_front();
@@ -410,6 +425,33 @@ mod tests {
         assert!(now_only.desired <= 4, "{now_only:?}");
         assert!(ahead.desired >= now_only.desired + 5, "{ahead:?} vs {now_only:?}");
         assert_eq!(ahead.reason, Reason::LeadTime);
+    }
+
+    #[test]
+    fn replicas_still_starting_are_held_through_a_quiet_moment() {
+        let mut s = Scaler::new(spec(), 0);
+        let mut t = Instant::now();
+        let obs = |d: f64| Observation { demand: d, ready: 0, ..Default::default() };
+        t += Duration::from_secs(1);
+        s.observe(t, 30.0);
+        let r = s.recommend(t, &obs(30.0), Duration::ZERO, Duration::ZERO);
+        assert_eq!((r.desired, r.reason), (3, Reason::Activation));
+        // Nothing is ready yet (current stays 0) and the queue drains to the gateway: the
+        // three replicas loading weights are kept, not dropped to zero.
+        for _ in 0..200 {
+            t += Duration::from_secs(1);
+            s.observe(t, 0.0);
+            let r = s.recommend(t, &obs(0.0), Duration::ZERO, Duration::ZERO);
+            assert!(r.desired >= 1, "{r:?}");
+        }
+        // After the scale-down delay it comes down to one, and to zero only after the quiet period.
+        assert_eq!(s.recommend(t, &obs(0.0), Duration::ZERO, Duration::ZERO).desired, 1);
+        for _ in 0..400 {
+            t += Duration::from_secs(1);
+            s.observe(t, 0.0);
+            s.recommend(t, &obs(0.0), Duration::ZERO, Duration::ZERO);
+        }
+        assert_eq!(s.recommend(t, &obs(0.0), Duration::ZERO, Duration::ZERO).desired, 0);
     }
 
     #[test]
