@@ -125,6 +125,7 @@ pub struct RawPlacement {
     pub load_penalty: Option<String>,
     pub load_saturation: Option<f64>,
     pub fragmentation_penalty: Option<String>,
+    pub eviction_weight: Option<f64>,
     pub lease_ttl: Option<String>,
     pub max_lease_ttl: Option<String>,
 }
@@ -192,9 +193,13 @@ impl RawPlacement {
             load_penalty: opt_dur("placement.load_penalty", &self.load_penalty, d.load_penalty)?,
             load_saturation: self.load_saturation.unwrap_or(d.load_saturation),
             fragmentation_penalty: opt_dur("placement.fragmentation_penalty", &self.fragmentation_penalty, d.fragmentation_penalty)?,
+            eviction_weight: self.eviction_weight.unwrap_or(d.eviction_weight),
             lease_ttl: opt_dur("placement.lease_ttl", &self.lease_ttl, d.lease_ttl)?,
             max_lease_ttl: opt_dur("placement.max_lease_ttl", &self.max_lease_ttl, d.max_lease_ttl)?,
         };
+        if !(p.eviction_weight.is_finite() && p.eviction_weight >= 0.0) {
+            return Err(invalid("placement.eviction_weight", "a factor of 0 or more", p.eviction_weight.to_string()));
+        }
         if !(p.load_saturation.is_finite() && p.load_saturation > 0.0) {
             return Err(invalid("placement.load_saturation", "a request count above 0", p.load_saturation.to_string()));
         }
@@ -213,8 +218,11 @@ impl RawScaling {
             prewarm_horizon: opt_dur("scaling.prewarm_horizon", &self.prewarm_horizon, d.prewarm_horizon)?,
             max_prewarm_per_model: self.max_prewarm_per_model.unwrap_or(d.max_prewarm_per_model),
             fallback_lead_time: opt_dur("scaling.fallback_lead_time", &self.fallback_lead_time, d.fallback_lead_time)?,
-            external_demand_ttl: opt_dur("scaling.pending_ttl", &self.pending_ttl, d.external_demand_ttl)?,
+            external_demand_ttl: d.external_demand_ttl,
         };
+        let mut s = s;
+        // Unset, it outlasts one evaluation interval at least.
+        s.external_demand_ttl = opt_dur("scaling.pending_ttl", &self.pending_ttl, d.external_demand_ttl.max(s.interval))?;
         if s.interval < Duration::from_millis(100) {
             return Err(invalid("scaling.interval", "at least 100ms", format!("{:?}", s.interval)));
         }

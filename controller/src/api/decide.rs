@@ -56,6 +56,8 @@ fn parts(p: &Parts) -> pb::ScoreParts {
         runtime_start_seconds: p.runtime_start_s,
         load_penalty_seconds: p.load_penalty_s,
         fragmentation_penalty_seconds: p.fragmentation_penalty_s,
+        eviction_penalty_seconds: p.eviction_penalty_s,
+        evict_bytes: p.evict_bytes,
         missing_bytes: p.missing_bytes,
         bandwidth_bytes_per_second: p.bandwidth,
         bandwidth_measured: p.bandwidth_measured,

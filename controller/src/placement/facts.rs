@@ -115,6 +115,8 @@ pub struct NodeFacts {
     /// Bit k set: `gpus[k]` can be handed out whole now (healthy, MIG off and not pending,
     /// unused). Scoring reads this instead of walking every GPU of every node.
     pub whole_free: u64,
+    /// Free bytes on the cache volume, when the agent reports the volume.
+    pub cache_free: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -243,7 +245,21 @@ impl NodeFacts {
         });
         let memory_available = s.resources.as_ref().map(|r| r.memory_available_bytes).unwrap_or(0);
         let whole_free = whole_free(&gpus);
-        Self { gpus, neuron, memory_available, models, images, bandwidth, requests, kv_cache, runtimes, partition_blocked, whole_free }
+        let cache_free = s.resources.as_ref().filter(|r| r.cache_capacity_bytes > 0).map(|r| r.cache_free_bytes);
+        Self {
+            gpus,
+            neuron,
+            memory_available,
+            models,
+            images,
+            bandwidth,
+            requests,
+            kv_cache,
+            runtimes,
+            partition_blocked,
+            whole_free,
+            cache_free,
+        }
     }
 
     /// Measured bandwidth for the longest source prefix of `uri`, if any.

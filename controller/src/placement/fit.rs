@@ -54,7 +54,7 @@ pub enum Reject {
     #[error("needs {want} whole GPU(s); {free} free of {total} (others are unhealthy, in MIG mode, in use or leased)")]
     Gpus { want: u32, free: u32, total: u32 },
     #[error("no MIG {profile} instance free or creatable: {why}")]
-    Mig { profile: String, why: String },
+    Mig { profile: String, why: std::borrow::Cow<'static, str> },
     #[error("needs {want} contiguous Neuron cores; the longest free run is {longest} of {total}")]
     NeuronCores { want: u32, longest: u32, total: u32 },
     #[error("needs {want} bytes of host memory; {free} available after leases")]
@@ -85,19 +85,37 @@ pub struct Fit {
 
 /// Finds the best-fitting slot on `n` for `m`, treating `held` slots and `held_memory` as taken.
 pub fn fit(n: &NodeFacts, m: &ModelSpec, held: &[&Slot], held_memory: u64) -> Result<Fit, Reject> {
-    let free_mem = n.memory_available.saturating_sub(held_memory);
+    fit_with(&hot(n), n, m, held, held_memory)
+}
+
+fn hot(n: &NodeFacts) -> crate::state::Hot {
+    crate::state::Hot {
+        memory_available: n.memory_available,
+        whole_free: n.whole_free,
+        gpu_count: n.gpus.len() as u32,
+        dense_gpu_indices: n.gpus.iter().enumerate().all(|(k, g)| g.index as usize == k),
+        requests: n.requests,
+        kv_cache: n.kv_cache,
+        cache_free: n.cache_free.unwrap_or(u64::MAX),
+    }
+}
+
+/// `fit` reading the per-call hot copy of the node's facts where it can (memory, whole GPUs),
+/// so scoring a whole cluster for whole-GPU models never touches the facts themselves.
+pub fn fit_with(h: &crate::state::Hot, n: &NodeFacts, m: &ModelSpec, held: &[&Slot], held_memory: u64) -> Result<Fit, Reject> {
+    let free_mem = h.memory_available.saturating_sub(held_memory);
     if m.memory_bytes > free_mem {
         return Err(Reject::Memory { want: m.memory_bytes, free: free_mem });
     }
     match &m.device {
-        DeviceRequest::Gpus(want) => whole_gpus(n, *want, held),
+        DeviceRequest::Gpus(want) => whole_gpus(h, n, *want, held),
         DeviceRequest::Mig(p) => mig_instance(n, p, held),
         DeviceRequest::NeuronCores(want) => neuron_cores(n, *want, held),
     }
 }
 
-fn whole_gpus(n: &NodeFacts, want: u32, held: &[&Slot]) -> Result<Fit, Reject> {
-    let mut free = n.whole_free;
+fn whole_gpus(h: &crate::state::Hot, n: &NodeFacts, want: u32, held: &[&Slot]) -> Result<Fit, Reject> {
+    let mut free = h.whole_free;
     for s in held {
         if let Slot::Gpus(leased) = s {
             for (k, g) in n.gpus.iter().take(64).enumerate() {
@@ -108,7 +126,7 @@ fn whole_gpus(n: &NodeFacts, want: u32, held: &[&Slot]) -> Result<Fit, Reject> {
         }
     }
     let count = free.count_ones();
-    let total = n.gpus.len() as u32;
+    let total = h.gpu_count;
     if count < want {
         return Err(Reject::Gpus { want, free: count, total });
     }
@@ -117,7 +135,8 @@ fn whole_gpus(n: &NodeFacts, want: u32, held: &[&Slot]) -> Result<Fit, Reject> {
     let mut slot = Vec::with_capacity(want as usize);
     let mut bits = free;
     while bits != 0 && slot.len() < want as usize {
-        slot.push(n.gpus[bits.trailing_zeros() as usize].index);
+        let k = bits.trailing_zeros();
+        slot.push(if h.dense_gpu_indices { k } else { n.gpus[k as usize].index });
         bits &= bits - 1;
     }
     Ok(Fit { slot: Slot::Gpus(slot), fragmentation: f64::from(left) / f64::from(total.max(1)) })
@@ -159,7 +178,7 @@ fn longest_free(mask: u32) -> u32 {
 }
 
 fn mig_instance(n: &NodeFacts, profile: &str, held: &[&Slot]) -> Result<Fit, Reject> {
-    let reject = |why: String| Reject::Mig { profile: profile.to_owned(), why };
+    let reject = |why: std::borrow::Cow<'static, str>| Reject::Mig { profile: profile.to_owned(), why };
     let leased_uuid = |u: &str| held.iter().any(|s| matches!(s, Slot::MigExisting { uuid, .. } if uuid == u));
     let mut best: Option<Fit> = None;
     let mut knows_profile = false;
@@ -210,7 +229,7 @@ fn mig_instance(n: &NodeFacts, profile: &str, held: &[&Slot]) -> Result<Fit, Rej
         } else if !knows_profile && !n.gpus.iter().any(|g| g.instances.iter().any(|i| i.profile == profile)) {
             "no GPU of a product with that profile".into()
         } else if let Some(why) = &n.partition_blocked {
-            format!("every instance of it is in use and new ones cannot be made: {why}")
+            format!("every instance of it is in use and new ones cannot be made: {why}").into()
         } else {
             "every instance of it is in use and no GPU has room for another at an allowed start".into()
         })

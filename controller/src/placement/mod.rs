@@ -4,8 +4,8 @@
 //! Score is a predicted time-to-ready in seconds, built from what agents report: image pull
 //! (0 when the node has the image) + weight bytes the node is missing / its measured
 //! bandwidth from that source + reading the weights from local disk + runtime start, plus
-//! two penalties in seconds: the node's current runtime load and the fragmentation the
-//! placement leaves behind. Every score carries its parts. Lower is better; priorities 0-10
+//! three penalties in seconds: the node's current runtime load, the fragmentation the
+//! placement leaves behind, and the other models' weights it would evict from a full cache. Every score carries its parts. Lower is better; priorities 0-10
 //! for schedulers are relative to the best candidate.
 
 pub mod facts;
@@ -15,11 +15,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use facts::NodeFacts;
 pub use fit::{Reject, Slot};
 
 use crate::catalog::{Catalog, ModelSpec};
-use crate::state::{ClusterState, Connection};
+use crate::state::{ClusterState, Connection, ModelColumns, ScanNode};
 
 /// Scoring constants; from the `placement:` config section.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +37,9 @@ pub struct Params {
     pub load_saturation: f64,
     /// Seconds added for the worst fragmentation (scaled 0..1).
     pub fragmentation_penalty: Duration,
+    /// Weights that would not fit in the node's free cache space evict others' weights; the
+    /// placement pays this share of the time to fetch those bytes again.
+    pub eviction_weight: f64,
     pub lease_ttl: Duration,
     pub max_lease_ttl: Duration,
 }
@@ -52,6 +54,7 @@ impl Default for Params {
             load_penalty: Duration::from_secs(30),
             load_saturation: 64.0,
             fragmentation_penalty: Duration::from_secs(10),
+            eviction_weight: 0.5,
             lease_ttl: Duration::from_secs(60),
             max_lease_ttl: Duration::from_secs(600),
         }
@@ -67,7 +70,10 @@ pub struct Parts {
     pub runtime_start_s: f64,
     pub load_penalty_s: f64,
     pub fragmentation_penalty_s: f64,
+    pub eviction_penalty_s: f64,
     pub missing_bytes: u64,
+    /// Bytes of other cached weights the missing bytes would push out of the node's cache.
+    pub evict_bytes: u64,
     pub bandwidth: f64,
     /// The bandwidth was measured by the node, not the default.
     pub bandwidth_measured: bool,
@@ -81,7 +87,7 @@ impl Parts {
     }
 
     pub fn total(&self) -> f64 {
-        self.time_to_ready() + self.load_penalty_s + self.fragmentation_penalty_s
+        self.time_to_ready() + self.load_penalty_s + self.fragmentation_penalty_s + self.eviction_penalty_s
     }
 }
 
@@ -189,17 +195,17 @@ pub struct Placement {
     leases: Mutex<Leases>,
 }
 
-/// `key` is the model's (source URI, revision), built once per evaluation rather than per node.
-fn parts(n: &NodeFacts, m: &ModelSpec, key: &(String, String), p: &Params, fragmentation: f64) -> Parts {
-    let cached = n.models.get(key);
-    let present = cached.map(|c| c.present.min(m.bytes)).unwrap_or(0);
+/// The score parts of `m` on one node, from the node's row and the model's index entries.
+fn parts(n: &ScanNode<'_>, cols: &ModelColumns<'_>, m: &ModelSpec, p: &Params, fragmentation: f64) -> Parts {
+    let present = cols.cached(n.row).present.min(m.bytes);
     let missing = m.bytes - present;
-    let (bandwidth, measured) = match n.bandwidth_for(&m.source_uri) {
+    let (bandwidth, measured) = match cols.bandwidth(n.row) {
         Some(b) => (b, true),
         None => (p.default_source_bandwidth, false),
     };
-    let image_cached = n.images.contains(&m.image);
-    let load = (n.requests / p.load_saturation).min(1.0).max(n.kv_cache.min(1.0) * 0.5);
+    let image_cached = cols.image_cached(n.row);
+    let load = (n.hot.requests / p.load_saturation).min(1.0).max(n.hot.kv_cache.min(1.0) * 0.5);
+    let evict = missing.saturating_sub(n.hot.cache_free);
     Parts {
         image_pull_s: if image_cached { 0.0 } else { m.image_bytes as f64 / p.image_pull_bandwidth },
         download_s: missing as f64 / bandwidth,
@@ -207,7 +213,9 @@ fn parts(n: &NodeFacts, m: &ModelSpec, key: &(String, String), p: &Params, fragm
         runtime_start_s: p.runtime_start.as_secs_f64(),
         load_penalty_s: load * p.load_penalty.as_secs_f64(),
         fragmentation_penalty_s: fragmentation * p.fragmentation_penalty.as_secs_f64(),
+        eviction_penalty_s: p.eviction_weight * evict as f64 / bandwidth,
         missing_bytes: missing,
+        evict_bytes: evict,
         bandwidth,
         bandwidth_measured: measured,
         image_cached,
@@ -297,7 +305,7 @@ impl Placement {
     fn evaluate(&self, m: &ModelSpec, names: Option<&[String]>, leases: &Leases, now: Instant, keep: Keep) -> Evaluated {
         let key = (m.source_uri.clone(), m.revision.clone());
         let mut out = Evaluated::default();
-        self.state.placement_view(now, names, |name, n| {
+        self.state.placement_scan(now, names, (&key, &m.image, &m.source_uri), |n, cols| {
             let verdict = if !n.known {
                 Err(Reject::Unknown)
             } else if n.connection != Connection::Connected {
@@ -305,26 +313,31 @@ impl Placement {
             } else if !n.has_report {
                 Err(Reject::NoReport)
             } else {
-                let (held, mem) = leases.on_node(name, now);
-                fit::fit(n.facts, m, &held, mem)
+                let (held, mem) = leases.on_node(n.name, now);
+                fit::fit_with(n.hot, n.facts, m, &held, mem)
             };
             match (verdict, keep) {
                 (Ok(f), Keep::All) => out.feasible.push(Scored {
-                    node: name.to_owned(),
-                    parts: parts(n.facts, m, &key, &self.params, f.fragmentation),
+                    node: n.name.to_owned(),
+                    parts: parts(&n, cols, m, &self.params, f.fragmentation),
                     priority: 0,
                     slot: f.slot,
                 }),
                 (Ok(f), Keep::Best(k)) => {
-                    keep_best(&mut out.feasible, k, name, parts(n.facts, m, &key, &self.params, f.fragmentation), f.slot)
+                    keep_best(&mut out.feasible, k, n.name, parts(&n, cols, m, &self.params, f.fragmentation), f.slot)
                 }
                 (Err(reason), Keep::All) => {
                     out.rejected_count += 1;
-                    out.rejected.push(Rejected { node: name.to_owned(), reason });
+                    out.rejected.push(Rejected { node: n.name.to_owned(), reason });
                 }
                 (Err(_), Keep::Best(_)) => out.rejected_count += 1,
             }
         });
+        if names.is_none() {
+            // The scan walks the index, not names: whole-cluster answers list nodes by name.
+            out.feasible.sort_by(|a, b| a.node.cmp(&b.node));
+            out.rejected.sort_by(|a, b| a.node.cmp(&b.node));
+        }
         assign_priorities(&mut out.feasible);
         out
     }

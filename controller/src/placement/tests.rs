@@ -239,3 +239,28 @@ fn the_best_k_are_the_first_k_of_the_full_ranking() {
     let top = p.score("m", Some(&names), 5, c.t0).unwrap();
     assert_eq!(top.best.iter().map(|s| &s.node).collect::<Vec<_>>(), all.best[..5].iter().map(|s| &s.node).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_node_whose_cache_is_full_pays_for_what_it_would_evict() {
+    let c = Cluster::new();
+    let with_room = |free: u64| {
+        let mut n = gpu_node(8);
+        n.resources = Some(pb::NodeResources {
+            memory_available_bytes: 512 * GB,
+            cache_capacity_bytes: 1000 * GB,
+            cache_free_bytes: free,
+            ..Default::default()
+        });
+        n
+    };
+    c.add("full", with_room(40 * GB));
+    c.add("roomy", with_room(900 * GB));
+    c.add("unknown", gpu_node(8));
+    let p = c.placement(vec![model("llama", 4, 140 * GB)]);
+    let out = p.score("llama", None, 0, c.t0).unwrap();
+    let by = |n: &str| out.best.iter().find(|s| s.node == n).unwrap().parts.clone();
+    assert_eq!((by("full").evict_bytes, by("roomy").evict_bytes, by("unknown").evict_bytes), (100 * GB, 0, 0));
+    // 100 GB to fetch again at the 200 MB/s default, half of it charged.
+    assert_eq!(by("full").eviction_penalty_s, 250.0);
+    assert_eq!(out.best.last().unwrap().node, "full");
+}

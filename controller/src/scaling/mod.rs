@@ -112,11 +112,11 @@ pub struct Scaling {
 }
 
 /// Load of one model's replicas as the cluster view shows it.
-pub fn observe(placement: &Placement, m: &ModelSpec, now: Instant) -> Observation {
+pub fn observe(placement: &Placement, m: &ModelSpec) -> Observation {
     let key = (m.source_uri.clone(), m.revision.clone());
     let mut o = Observation::default();
-    placement.state().placement_view(now, None, |_, n| {
-        for r in n.facts.runtimes.iter().filter(|r| r.model_id == m.name || r.model_key.as_ref() == Some(&key)) {
+    placement.state().with_runtimes_of(&m.name, &key, |facts| {
+        for r in facts.runtimes.iter().filter(|r| r.model_id == m.name || r.model_key.as_ref() == Some(&key)) {
             o.demand += pos(r.load.requests_waiting) + pos(r.load.requests_running);
             if r.ready {
                 o.ready += 1;
@@ -211,7 +211,7 @@ impl Scaling {
     /// One evaluation of one model: observe, recommend with lead time, decide, pre-warm.
     pub fn evaluate(&self, model: &str, now: Instant) {
         let Some(spec) = self.placement.catalog().get(model).cloned() else { return };
-        let obs = observe(&self.placement, &spec, now);
+        let obs = observe(&self.placement, &spec);
         // The next replica's predicted time-to-ready on its best node is the lead time.
         // Only the best few matter: the first gives the lead time, and pre-warm targets the
         // nodes the next replicas would go to.
@@ -291,7 +291,12 @@ impl Scaling {
             return;
         }
         let candidates: Vec<_> =
-            feasible.iter().filter(|s| s.parts.missing_bytes > 0 && !st.prewarms.iter().any(|p| p.node == s.node)).take(want).collect();
+            // A pre-warm is a bet; it never pushes other models' weights out to make room.
+            feasible
+                .iter()
+                .filter(|s| s.parts.missing_bytes > 0 && s.parts.evict_bytes == 0 && !st.prewarms.iter().any(|p| p.node == s.node))
+                .take(want)
+                .collect();
         for s in candidates {
             let id = format!("prewarm-{}-{}", m.name, self.next_prewarm.fetch_add(1, Ordering::Relaxed));
             let cmd = pb::Command {

@@ -15,6 +15,10 @@ use tokio::sync::mpsc;
 
 use crate::placement::facts::NodeFacts;
 
+pub mod index;
+pub use index::{Hot, ModelColumns, RowId};
+use index::{Index, Row};
+
 /// Identifies one stream; a newer stream for the same node supersedes an older one.
 pub type SessionId = u64;
 
@@ -65,8 +69,9 @@ struct NodeEntry {
     epoch: Option<u64>,
     seq: u64,
     state: pb::NodeState,
-    /// What placement reads, rebuilt on every snapshot and delta.
-    facts: Arc<NodeFacts>,
+    /// This node's row in the placement index, which holds what placement reads (the
+    /// node's facts, rebuilt on every snapshot and delta).
+    row: RowId,
     state_bytes: u64,
     last_seen: Instant,
     last_report: SystemTime,
@@ -85,6 +90,21 @@ pub struct PlacementNode<'a> {
     pub facts: &'a Arc<NodeFacts>,
 }
 
+/// One node as a placement scan sees it: its row's copied facts and the full facts.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanNode<'a> {
+    pub name: &'a str,
+    pub row: RowId,
+    pub known: bool,
+    pub connection: Connection,
+    pub has_report: bool,
+    pub hot: &'a Hot,
+    pub facts: &'a Arc<NodeFacts>,
+}
+
+static COLD: Hot =
+    Hot { memory_available: 0, whole_free: 0, gpu_count: 0, dense_gpu_indices: true, requests: 0.0, kv_cache: 0.0, cache_free: u64::MAX };
+
 /// What the read API and metrics see of one node.
 #[derive(Debug, Clone)]
 pub struct NodeView {
@@ -98,10 +118,28 @@ pub struct NodeView {
     pub peer: String,
 }
 
+#[derive(Debug, Default)]
+struct Nodes {
+    /// Ordered by name, so whole-cluster views need no sort.
+    by_name: BTreeMap<String, NodeEntry>,
+    index: Index,
+}
+
+impl Nodes {
+    /// Copies what placement reads of an entry into its row.
+    fn sync_row(&mut self, name: &str) {
+        if let Some(e) = self.by_name.get(name) {
+            let r = self.index.row_mut(e.row);
+            r.session = e.session.is_some();
+            r.has_report = e.epoch.is_some();
+            r.last_seen = e.last_seen;
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct ClusterState {
-    /// Ordered by name, so whole-cluster views (placement over every node, list) need no sort.
-    nodes: RwLock<BTreeMap<String, NodeEntry>>,
+    nodes: RwLock<Nodes>,
     stale_after: Duration,
     forget_after: Duration,
     next_session: AtomicU64,
@@ -113,13 +151,13 @@ impl ClusterState {
         Self { nodes: RwLock::default(), stale_after, forget_after, next_session: AtomicU64::new(1), state_bytes: AtomicU64::new(0) }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, NodeEntry>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Nodes> {
         // A panic while holding the lock cannot leave an entry half-updated in a way later
         // readers could trip on (each update is a few assignments), so poisoning is ignored.
         self.nodes.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, NodeEntry>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Nodes> {
         self.nodes.write().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -135,9 +173,11 @@ impl ClusterState {
         now: Instant,
     ) -> Result<SessionId, StateError> {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
-        let mut nodes = self.write();
+        let mut guard = self.write();
+        let nodes = &mut *guard;
         let session = Some(Session { id, peer, commands });
-        match nodes.get_mut(&hello.node_name) {
+        let name = hello.node_name.clone();
+        match nodes.by_name.get_mut(&hello.node_name) {
             Some(e) => {
                 if let Some(s) = &e.session {
                     let age = now.saturating_duration_since(e.last_seen);
@@ -151,7 +191,8 @@ impl ClusterState {
                 e.last_seen = now;
             }
             None => {
-                nodes.insert(
+                let row = nodes.index.insert(&hello.node_name, now);
+                nodes.by_name.insert(
                     hello.node_name.clone(),
                     NodeEntry {
                         hello,
@@ -159,7 +200,7 @@ impl ClusterState {
                         epoch: None,
                         seq: 0,
                         state: pb::NodeState::default(),
-                        facts: Arc::default(),
+                        row,
                         state_bytes: 0,
                         last_seen: now,
                         last_report: SystemTime::now(),
@@ -167,23 +208,32 @@ impl ClusterState {
                 );
             }
         }
+        nodes.sync_row(&name);
         Ok(id)
     }
 
-    fn with_session<T>(
+    fn with_session(
         &self,
         node: &str,
         session: SessionId,
         now: Instant,
-        f: impl FnOnce(&mut NodeEntry, &AtomicU64) -> Result<T, StateError>,
-    ) -> Result<T, StateError> {
-        let mut nodes = self.write();
+        f: impl FnOnce(&mut NodeEntry, &AtomicU64) -> Result<Option<Arc<NodeFacts>>, StateError>,
+    ) -> Result<(), StateError> {
+        let mut guard = self.write();
+        let nodes = &mut *guard;
         let e = nodes
+            .by_name
             .get_mut(node)
             .filter(|e| e.session.as_ref().is_some_and(|s| s.id == session))
             .ok_or_else(|| StateError::Superseded { node: node.to_owned() })?;
         e.last_seen = now;
-        f(e, &self.state_bytes)
+        let row = e.row;
+        let out = f(e, &self.state_bytes);
+        if let Ok(Some(facts)) = &out {
+            nodes.index.set_facts(row, facts.clone());
+        }
+        nodes.sync_row(node);
+        out.map(|_| ())
     }
 
     pub fn apply_snapshot(&self, node: &str, session: SessionId, s: pb::Snapshot, now: Instant) -> Result<(), StateError> {
@@ -193,12 +243,12 @@ impl ClusterState {
             total.fetch_add(bytes, Ordering::Relaxed);
             total.fetch_sub(e.state_bytes, Ordering::Relaxed);
             e.state_bytes = bytes;
-            e.facts = Arc::new(NodeFacts::from_state(&state));
+            let facts = Arc::new(NodeFacts::from_state(&state));
             e.state = state;
             e.epoch = Some(s.epoch);
             e.seq = s.seq;
             e.last_report = SystemTime::now();
-            Ok(())
+            Ok(Some(facts))
         })
     }
 
@@ -217,13 +267,13 @@ impl ClusterState {
             }
             e.seq = d.seq;
             hearth_proto::convert::apply_delta(&mut e.state, d);
-            e.facts = Arc::new(NodeFacts::from_state(&e.state));
+            let facts = Arc::new(NodeFacts::from_state(&e.state));
             let bytes = e.state.encoded_len() as u64;
             total.fetch_add(bytes, Ordering::Relaxed);
             total.fetch_sub(e.state_bytes, Ordering::Relaxed);
             e.state_bytes = bytes;
             e.last_report = SystemTime::now();
-            Ok(())
+            Ok(Some(facts))
         })
     }
 
@@ -236,22 +286,23 @@ impl ClusterState {
                 "heartbeat epoch {} seq {} is ahead of stored epoch {} seq {}",
                 h.epoch, h.seq, epoch, e.seq
             ))),
-            Some(_) => Ok(()),
+            Some(_) => Ok(None),
         })
     }
 
     /// Marks any message as proof of life.
     pub fn touch(&self, node: &str, session: SessionId, now: Instant) -> Result<(), StateError> {
-        self.with_session(node, session, now, |_, _| Ok(()))
+        self.with_session(node, session, now, |_, _| Ok(None))
     }
 
     /// Ends a session; its node keeps its last state, shown as disconnected, until forgotten.
     pub fn close_session(&self, node: &str, session: SessionId) {
         let mut nodes = self.write();
-        if let Some(e) = nodes.get_mut(node)
+        if let Some(e) = nodes.by_name.get_mut(node)
             && e.session.as_ref().is_some_and(|s| s.id == session)
         {
             e.session = None;
+            nodes.sync_row(node);
         }
     }
 
@@ -279,12 +330,12 @@ impl ClusterState {
     /// Every node, sorted by name, with the parts of its state a summary needs.
     pub fn list<T>(&self, now: Instant, f: impl Fn(NodeView, &pb::NodeState) -> T) -> Vec<T> {
         let nodes = self.read();
-        nodes.iter().map(|(n, e)| f(self.view(n, e, now), &e.state)).collect()
+        nodes.by_name.iter().map(|(n, e)| f(self.view(n, e, now), &e.state)).collect()
     }
 
     pub fn get(&self, name: &str, now: Instant) -> Option<(NodeView, pb::NodeState)> {
         let nodes = self.read();
-        nodes.get(name).map(|e| (self.view(name, e, now), e.state.clone()))
+        nodes.by_name.get(name).map(|e| (self.view(name, e, now), e.state.clone()))
     }
 
     /// Placement's view of the named nodes (every node when `names` is None), in name order
@@ -297,13 +348,77 @@ impl ClusterState {
                 known: true,
                 connection: self.connection(e, now),
                 has_report: e.epoch.is_some(),
-                facts: &e.facts,
+                facts: &nodes.index.row(e.row).facts,
             });
             f(name, n.unwrap_or(PlacementNode { known: false, connection: Connection::Disconnected, has_report: false, facts: &EMPTY }))
         };
         match names {
-            Some(names) => names.iter().map(|n| one(n, nodes.get(n))).collect(),
-            None => nodes.iter().map(|(n, e)| one(n, Some(e))).collect(),
+            Some(names) => names.iter().map(|n| one(n, nodes.by_name.get(n))).collect(),
+            None => nodes.by_name.iter().map(|(n, e)| one(n, Some(e))).collect(),
+        }
+    }
+
+    fn row_connection(&self, r: &Row, now: Instant) -> Connection {
+        if !r.session {
+            Connection::Disconnected
+        } else if now.saturating_duration_since(r.last_seen) >= self.stale_after {
+            Connection::Stale
+        } else {
+            Connection::Connected
+        }
+    }
+
+    /// Scoring's walk: the named nodes in the given order, or every node in index order (not
+    /// name order), each with the model's inverted-index entries looked up once for the call.
+    pub fn placement_scan(
+        &self,
+        now: Instant,
+        names: Option<&[String]>,
+        model: (&(String, String), &str, &str),
+        mut f: impl FnMut(ScanNode<'_>, &ModelColumns<'_>),
+    ) {
+        let nodes = self.read();
+        let (key, image, uri) = model;
+        let cols = nodes.index.columns(key, image, uri);
+        let mut emit = |name: &str, hit: Option<(RowId, &Row)>| {
+            let n = match hit {
+                Some((id, r)) => ScanNode {
+                    name: &r.name,
+                    row: id,
+                    known: true,
+                    connection: self.row_connection(r, now),
+                    has_report: r.has_report,
+                    hot: &r.hot,
+                    facts: &r.facts,
+                },
+                None => ScanNode {
+                    name,
+                    row: RowId::MAX,
+                    known: false,
+                    connection: Connection::Disconnected,
+                    has_report: false,
+                    hot: &COLD,
+                    facts: &EMPTY,
+                },
+            };
+            f(n, &cols);
+        };
+        match names {
+            None => nodes.index.rows().for_each(|(id, r)| emit(&r.name, Some((id, r)))),
+            Some(names) => {
+                for name in names {
+                    emit(name, nodes.by_name.get(name).map(|e| (e.row, nodes.index.row(e.row))));
+                }
+            }
+        }
+    }
+
+    /// Calls `f` with the facts of every node that runs a replica of the model named `name`
+    /// (by catalog name) or serving its cached weights `key`, each node once.
+    pub fn with_runtimes_of(&self, name: &str, key: &(String, String), mut f: impl FnMut(&NodeFacts)) {
+        let nodes = self.read();
+        for r in nodes.index.rows_running(name, key) {
+            f(&r.facts);
         }
     }
 
@@ -311,32 +426,35 @@ impl ClusterState {
     /// its queue is full (backpressure: the caller retries or reports).
     pub fn send_command(&self, node: &str, cmd: pb::Command) -> Result<(), StateError> {
         let nodes = self.read();
-        let s = nodes.get(node).and_then(|e| e.session.as_ref()).ok_or_else(|| StateError::Superseded { node: node.to_owned() })?;
+        let s = nodes.by_name.get(node).and_then(|e| e.session.as_ref()).ok_or_else(|| StateError::Superseded { node: node.to_owned() })?;
         s.commands.try_send(cmd).map_err(|_| StateError::NeedResync(format!("command queue for node {node:?} is full or closed")))
     }
 
     /// Drops disconnected nodes not heard from within `forget_after`. Returns how many.
     pub fn sweep(&self, now: Instant) -> usize {
-        let mut nodes = self.write();
-        let before = nodes.len();
+        let mut guard = self.write();
+        let nodes = &mut *guard;
+        let before = nodes.by_name.len();
         let forget = self.forget_after;
         let mut freed = 0;
-        nodes.retain(|_, e| {
+        let index = &mut nodes.index;
+        nodes.by_name.retain(|_, e| {
             let keep = e.session.is_some() || now.saturating_duration_since(e.last_seen) < forget;
             if !keep {
                 freed += e.state_bytes;
+                index.remove(e.row);
             }
             keep
         });
         self.state_bytes.fetch_sub(freed, Ordering::Relaxed);
-        before - nodes.len()
+        before - nodes.by_name.len()
     }
 
     /// Node count by connection state, for metrics.
     pub fn counts(&self, now: Instant) -> [(Connection, u64); 3] {
         let nodes = self.read();
         let mut c = [(Connection::Connected, 0), (Connection::Stale, 0), (Connection::Disconnected, 0)];
-        for e in nodes.values() {
+        for e in nodes.by_name.values() {
             let i = match self.connection(e, now) {
                 Connection::Connected => 0,
                 Connection::Stale => 1,

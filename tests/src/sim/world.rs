@@ -3,7 +3,7 @@
 //! and the physics behind it: downloads that share a node's source bandwidth, an LRU cache
 //! with a capacity, runtimes that hold devices. The controller only ever sees `report()`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use hearth_controller::placement::Slot;
 use hearth_proto::v1 as pb;
@@ -119,7 +119,8 @@ pub struct Node {
     pub gpus: Vec<Gpu>,
     /// Node-wide Neuron core index -> replica.
     pub cores: Vec<Option<u64>>,
-    pub cache: HashMap<usize, Entry>,
+    /// Ordered, so eviction ties (equal last use) break the same way in every run.
+    pub cache: BTreeMap<usize, Entry>,
     pub images: Vec<String>,
     pub downloads: Vec<Download>,
     /// Simulated time the downloads were last advanced to.
@@ -160,7 +161,7 @@ impl Node {
             cache_capacity,
             gpus,
             cores: vec![None; (kind.neuron_devices() * NEURON_CORES_PER_DEVICE) as usize],
-            cache: HashMap::new(),
+            cache: BTreeMap::new(),
             images: Vec::new(),
             downloads: Vec::new(),
             downloads_at: 0.0,
@@ -223,7 +224,7 @@ impl Node {
                 return true;
             }
             let downloading = |m: &usize, ds: &[Download]| ds.iter().any(|d| d.model == *m);
-            let lru = |idle: bool, cache: &HashMap<usize, Entry>, ds: &[Download]| {
+            let lru = |idle: bool, cache: &BTreeMap<usize, Entry>, ds: &[Download]| {
                 cache
                     .iter()
                     .filter(|(m, e)| e.pins == 0 && downloading(m, ds) != idle)
@@ -501,7 +502,12 @@ impl Node {
                 .measured_bps
                 .map(|b| vec![pb::SourceBandwidth { source: "s3://models".into(), bytes_per_second: b, samples: 1 }])
                 .unwrap_or_default(),
-            resources: Some(pb::NodeResources { memory_available_bytes: 2 << 40, ..Default::default() }),
+            resources: Some(pb::NodeResources {
+                memory_available_bytes: 2 << 40,
+                cache_capacity_bytes: self.cache_capacity as u64,
+                cache_free_bytes: (self.cache_capacity - self.cache.values().map(|e| e.total).sum::<f64>()).max(0.0) as u64,
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
