@@ -5,10 +5,16 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    let src = PathBuf::from("../ebpf/netobs.bpf.c");
+    for name in ["netobs", "null"] {
+        compile(name);
+    }
+}
+
+fn compile(name: &str) {
+    let src = PathBuf::from(format!("../ebpf/{name}.bpf.c"));
     println!("cargo:rerun-if-changed={}", src.display());
     println!("cargo:rerun-if-env-changed=CLANG");
-    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("netobs.bpf.o");
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join(format!("{name}.bpf.o"));
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".into());
     let arch = match std::env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
         Ok("aarch64") => "arm64",

@@ -17,6 +17,8 @@ use aya::programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps};
 
 /// The compiled programs (see build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/netobs.bpf.o"));
+/// Programs that only return "pass" (`ebpf/null.bpf.c`): the overhead benchmark's anchor.
+static NULL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/null.bpf.o"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetObsError {
@@ -28,6 +30,8 @@ pub enum NetObsError {
     Map { name: &'static str, source: aya::maps::MapError },
     #[error("BPF map {0} missing from the object")]
     MissingMap(&'static str),
+    #[error("turning on BPF run-time stats: {0}")]
+    Stats(String),
     #[error("BPF program {0} missing from the object")]
     MissingProgram(&'static str),
     #[error("opening cgroup {path}: {source} (expected a cgroup v2 directory)")]
@@ -175,6 +179,61 @@ pub struct KernelErrors {
     pub storage: u64,
 }
 
+/// aya attaches through a BPF link on kernels >= 5.7. Cgroup links always coexist with other
+/// programs (the kernel attaches them multi) and refuse any attach flag, so the link path
+/// takes `Single` (no flags); the legacy attach path needs `AllowMultiple`.
+fn attach_mode() -> CgroupAttachMode {
+    let links = aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 7, 0));
+    if links { CgroupAttachMode::Single } else { CgroupAttachMode::AllowMultiple }
+}
+
+/// Do-nothing programs of the same kinds, attached the same way as [`NetObs`]'s: what a run
+/// costs on this machine before any work is done. Only the overhead benchmark uses them.
+#[derive(Debug)]
+pub struct NullPrograms {
+    bpf: aya::Ebpf,
+    _stats: OwnedFd,
+}
+
+const NULL_PROGRAMS: [&str; 3] = ["null_egress", "null_ingress", "null_sockops"];
+
+impl NullPrograms {
+    /// Loads and attaches them at `cgroup`, with BPF run-time stats on while they live.
+    pub fn attach(cgroup: &Path) -> Result<Self, NetObsError> {
+        let mut bpf = aya::Ebpf::load(NULL_OBJECT)?;
+        let dir = std::fs::File::open(cgroup).map_err(|source| NetObsError::Cgroup { path: cgroup.into(), source })?;
+        for (name, kind) in [("null_egress", CgroupSkbAttachType::Egress), ("null_ingress", CgroupSkbAttachType::Ingress)] {
+            let prog: &mut CgroupSkb = bpf
+                .program_mut(name)
+                .ok_or(NetObsError::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| NetObsError::Program { name, source })?;
+            prog.load().map_err(|source| NetObsError::Program { name, source })?;
+            prog.attach(dir.as_fd(), kind, attach_mode()).map_err(|source| NetObsError::Program { name, source })?;
+        }
+        let name = "null_sockops";
+        let prog: &mut SockOps = bpf
+            .program_mut(name)
+            .ok_or(NetObsError::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| NetObsError::Program { name, source })?;
+        prog.load().map_err(|source| NetObsError::Program { name, source })?;
+        prog.attach(dir.as_fd(), attach_mode()).map_err(|source| NetObsError::Program { name, source })?;
+        let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| NetObsError::Stats(e.to_string()))?;
+        Ok(Self { bpf, _stats: stats })
+    }
+
+    pub fn costs(&self) -> Vec<ProgramCost> {
+        NULL_PROGRAMS
+            .iter()
+            .filter_map(|name| {
+                let info = self.bpf.program(name)?.info().ok()?;
+                Some(ProgramCost { name, run_time_ns: info.run_time().as_nanos() as u64, run_count: info.run_count() })
+            })
+            .collect()
+    }
+}
+
 /// A program's cumulative cost, from the kernel's program info (needs BPF stats enabled).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProgramCost {
@@ -285,11 +344,7 @@ impl NetObs {
             }
         }
         let dir = std::fs::File::open(cgroup).map_err(|source| NetObsError::Cgroup { path: cgroup.into(), source })?;
-        // aya attaches through a BPF link on kernels >= 5.7. Cgroup links always coexist with
-        // other programs (the kernel attaches them multi) and refuse any attach flag, so the
-        // link path takes `Single` (no flags); the legacy attach path needs `AllowMultiple`.
-        let links = aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 7, 0));
-        let mode = if links { CgroupAttachMode::Single } else { CgroupAttachMode::AllowMultiple };
+        let mode = attach_mode();
 
         let traffic = (|| {
             for (name, kind) in TRAFFIC_PROGRAMS {

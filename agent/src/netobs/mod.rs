@@ -14,8 +14,8 @@ pub mod pods;
 pub mod sample;
 
 pub use bpf::{
-    EGRESS, Family, INGRESS, KernelErrors, ListenKey, ListenVal, NetObs, NetObsError, PeerClass, ProgramCost, ROLE_CLIENT, ROLE_SERVER,
-    RTT_BUCKETS, TcpKey, TcpVal, TrafficKey, TrafficVal, cgroup_id, cgroup2_mount,
+    EGRESS, Family, INGRESS, KernelErrors, ListenKey, ListenVal, NetObs, NetObsError, NullPrograms, PeerClass, ProgramCost, ROLE_CLIENT,
+    ROLE_SERVER, RTT_BUCKETS, TcpKey, TcpVal, TrafficKey, TrafficVal, cgroup_id, cgroup2_mount,
 };
 
 use std::path::PathBuf;

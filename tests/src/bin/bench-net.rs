@@ -4,7 +4,10 @@
 //!    test cgroup, with and without Hearth's programs attached at their parent, interleaved
 //!    (without, with, without, with, ...) so drift hits both alike; single stream and
 //!    8 streams. Prints throughput per run, the medians and the ratio with/without.
-//! 2. Average run time per program over the "with" runs (BPF_ENABLE_STATS).
+//! 2. Average run time per program over the "with" runs (BPF_ENABLE_STATS), beside the
+//!    anchor: do-nothing programs of the same kinds (`ebpf/null.bpf.c`) attached the same
+//!    way in a third interleaved mode, which shows what one run costs on this machine before
+//!    any work (program entry and exit, the stats' own clock reads).
 //! 3. The collector with 200 pod cgroups that all have traffic: CPU per collection and the
 //!    process's RSS.
 //!
@@ -20,7 +23,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use hearth_agent::netobs::collect::Collector;
 use hearth_agent::netobs::pods::{PodRef, PodTable};
-use hearth_agent::netobs::{self, NetObs, PeerClass};
+use hearth_agent::netobs::{self, NetObs, NullPrograms, PeerClass, ProgramCost};
 use hearth_tests::sh;
 
 #[derive(Parser)]
@@ -150,33 +153,44 @@ fn main() -> Result<()> {
     let setup = Setup::new()?;
     let classes = [PeerClass::parse("pods", &["10.97.0.0/24"])?];
     println!("iperf3 over veth between two namespaces, {} s per run, {} runs per mode, interleaved", args.seconds, args.runs);
-    println!("{:>8} {:>4} {:>14} {:>14}", "streams", "run", "without Gb/s", "with Gb/s");
     let mut summary = Vec::new();
     let mut costs: HashMap<&'static str, (u64, u64)> = HashMap::new();
+    let mut add = |before: &[ProgramCost], after: Vec<ProgramCost>| {
+        for (b, a) in before.iter().zip(after) {
+            let e = costs.entry(a.name).or_default();
+            e.0 += a.run_time_ns - b.run_time_ns;
+            e.1 += a.run_count - b.run_count;
+        }
+    };
+    println!("{:>8} {:>4} {:>14} {:>14} {:>14}", "streams", "run", "without Gb/s", "null Gb/s", "with Gb/s");
     for streams in [1u32, 8] {
-        let (mut without, mut with) = (Vec::new(), Vec::new());
+        let (mut without, mut null, mut with) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..args.runs {
             without.push(setup.run(streams, args.seconds)? / 1e9);
+            let anchor = NullPrograms::attach(&setup.root)?;
+            let before = anchor.costs();
+            null.push(setup.run(streams, args.seconds)? / 1e9);
+            add(&before, anchor.costs());
+            drop(anchor);
             let mut obs = NetObs::attach(&setup.root, &classes, &[5201])?;
             obs.enable_cost_stats()?;
             let before = obs.costs();
             with.push(setup.run(streams, args.seconds)? / 1e9);
-            for (b, a) in before.iter().zip(obs.costs()) {
-                let e = costs.entry(a.name).or_default();
-                e.0 += a.run_time_ns - b.run_time_ns;
-                e.1 += a.run_count - b.run_count;
-            }
+            add(&before, obs.costs());
             drop(obs);
-            println!("{streams:>8} {run:>4} {:>14.2} {:>14.2}", without[run], with[run]);
+            println!("{streams:>8} {run:>4} {:>14.2} {:>14.2} {:>14.2}", without[run], null[run], with[run]);
         }
-        let (mw, mh) = (median(&mut without), median(&mut with));
-        summary.push((streams, mw, mh));
+        let (mw, mn, mh) = (median(&mut without), median(&mut null), median(&mut with));
+        summary.push((streams, mw, mn, mh));
     }
     println!();
-    println!("{:>8} {:>16} {:>16} {:>8} {:>8}", "streams", "median without", "median with", "ratio", "target");
-    for (streams, mw, mh) in &summary {
+    println!("{:>8} {:>16} {:>16} {:>16} {:>8} {:>8}", "streams", "median without", "median null", "median with", "ratio", "target");
+    for (streams, mw, mn, mh) in &summary {
         let ratio = mh / mw;
-        println!("{streams:>8} {mw:>13.2} Gb/s {mh:>11.2} Gb/s {ratio:>8.3} {:>8}", if ratio >= 0.97 { ">=0.97 ok" } else { "MISS" });
+        println!(
+            "{streams:>8} {mw:>13.2} Gb/s {mn:>11.2} Gb/s {mh:>11.2} Gb/s {ratio:>8.3} {:>8}",
+            if ratio >= 0.97 { ">=0.97 ok" } else { "MISS" }
+        );
     }
     println!();
     println!("{:>16} {:>14} {:>12} {:>8}", "program", "runs", "avg ns/run", "target");
@@ -185,8 +199,22 @@ fn main() -> Result<()> {
     for n in names {
         let (ns, runs) = costs[n];
         let avg = ns as f64 / runs.max(1) as f64;
-        println!("{n:>16} {runs:>14} {avg:>12.1} {:>8}", if avg < 100.0 { "<100 ok" } else { "MISS" });
+        let target = if n.starts_with("null_") {
+            "anchor"
+        } else if avg < 100.0 {
+            "<100 ok"
+        } else {
+            "MISS"
+        };
+        println!("{n:>16} {runs:>14} {avg:>12.1} {target:>8}");
     }
+    let avg = |n: &str| costs.get(n).map_or(f64::NAN, |(ns, runs)| *ns as f64 / (*runs).max(1) as f64);
+    println!(
+        "above the do-nothing anchor: egress {:.0} ns, ingress {:.0} ns, sock_ops {:.0} ns",
+        avg("netobs_egress") - avg("null_egress"),
+        avg("netobs_ingress") - avg("null_ingress"),
+        avg("netobs_sockops") - avg("null_sockops")
+    );
     drop(setup);
     collector_cost(args.cgroups)
 }
