@@ -187,6 +187,28 @@ fn attach_mode() -> CgroupAttachMode {
     if links { CgroupAttachMode::Single } else { CgroupAttachMode::AllowMultiple }
 }
 
+fn attach_skb(
+    bpf: &mut aya::Ebpf,
+    name: &'static str,
+    dir: &std::fs::File,
+    kind: CgroupSkbAttachType,
+    mode: CgroupAttachMode,
+) -> Result<(), NetObsError> {
+    let err = |source| NetObsError::Program { name, source };
+    let prog: &mut CgroupSkb = bpf.program_mut(name).ok_or(NetObsError::MissingProgram(name))?.try_into().map_err(err)?;
+    prog.load().map_err(err)?;
+    prog.attach(dir.as_fd(), kind, mode).map_err(err)?;
+    Ok(())
+}
+
+fn attach_sockops(bpf: &mut aya::Ebpf, name: &'static str, dir: &std::fs::File, mode: CgroupAttachMode) -> Result<(), NetObsError> {
+    let err = |source| NetObsError::Program { name, source };
+    let prog: &mut SockOps = bpf.program_mut(name).ok_or(NetObsError::MissingProgram(name))?.try_into().map_err(err)?;
+    prog.load().map_err(err)?;
+    prog.attach(dir.as_fd(), mode).map_err(err)?;
+    Ok(())
+}
+
 /// Do-nothing programs of the same kinds, attached the same way as [`NetObs`]'s: what a run
 /// costs on this machine before any work is done. Only the overhead benchmark uses them.
 #[derive(Debug)]
@@ -202,23 +224,9 @@ impl NullPrograms {
     pub fn attach(cgroup: &Path) -> Result<Self, NetObsError> {
         let mut bpf = aya::Ebpf::load(NULL_OBJECT)?;
         let dir = std::fs::File::open(cgroup).map_err(|source| NetObsError::Cgroup { path: cgroup.into(), source })?;
-        for (name, kind) in [("null_egress", CgroupSkbAttachType::Egress), ("null_ingress", CgroupSkbAttachType::Ingress)] {
-            let prog: &mut CgroupSkb = bpf
-                .program_mut(name)
-                .ok_or(NetObsError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| NetObsError::Program { name, source })?;
-            prog.load().map_err(|source| NetObsError::Program { name, source })?;
-            prog.attach(dir.as_fd(), kind, attach_mode()).map_err(|source| NetObsError::Program { name, source })?;
-        }
-        let name = "null_sockops";
-        let prog: &mut SockOps = bpf
-            .program_mut(name)
-            .ok_or(NetObsError::MissingProgram(name))?
-            .try_into()
-            .map_err(|source| NetObsError::Program { name, source })?;
-        prog.load().map_err(|source| NetObsError::Program { name, source })?;
-        prog.attach(dir.as_fd(), attach_mode()).map_err(|source| NetObsError::Program { name, source })?;
+        attach_skb(&mut bpf, "null_egress", &dir, CgroupSkbAttachType::Egress, attach_mode())?;
+        attach_skb(&mut bpf, "null_ingress", &dir, CgroupSkbAttachType::Ingress, attach_mode())?;
+        attach_sockops(&mut bpf, "null_sockops", &dir, attach_mode())?;
         let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| NetObsError::Stats(e.to_string()))?;
         Ok(Self { bpf, _stats: stats })
     }
@@ -346,31 +354,9 @@ impl NetObs {
         let dir = std::fs::File::open(cgroup).map_err(|source| NetObsError::Cgroup { path: cgroup.into(), source })?;
         let mode = attach_mode();
 
-        let traffic = (|| {
-            for (name, kind) in TRAFFIC_PROGRAMS {
-                let prog: &mut CgroupSkb = bpf
-                    .program_mut(name)
-                    .ok_or(NetObsError::MissingProgram(name))?
-                    .try_into()
-                    .map_err(|source| NetObsError::Program { name, source })?;
-                prog.load().map_err(|source| NetObsError::Program { name, source })?;
-                prog.attach(dir.as_fd(), kind, mode).map_err(|source| NetObsError::Program { name, source })?;
-            }
-            Ok::<(), NetObsError>(())
-        })()
-        .map_err(|e| error_chain(&e));
-        let tcp = (|| {
-            let name = SOCKOPS_PROGRAM;
-            let prog: &mut SockOps = bpf
-                .program_mut(name)
-                .ok_or(NetObsError::MissingProgram(name))?
-                .try_into()
-                .map_err(|source| NetObsError::Program { name, source })?;
-            prog.load().map_err(|source| NetObsError::Program { name, source })?;
-            prog.attach(dir.as_fd(), mode).map_err(|source| NetObsError::Program { name, source })?;
-            Ok::<(), NetObsError>(())
-        })()
-        .map_err(|e| error_chain(&e));
+        let traffic =
+            TRAFFIC_PROGRAMS.iter().try_for_each(|(name, kind)| attach_skb(&mut bpf, name, &dir, *kind, mode)).map_err(|e| error_chain(&e));
+        let tcp = attach_sockops(&mut bpf, SOCKOPS_PROGRAM, &dir, mode).map_err(|e| error_chain(&e));
         if let (Err(t), Err(c)) = (&traffic, &tcp) {
             return Err(NetObsError::NothingAttached { traffic: t.clone(), tcp: c.clone() });
         }

@@ -85,19 +85,7 @@ pub struct Fit {
 
 /// Finds the best-fitting slot on `n` for `m`, treating `held` slots and `held_memory` as taken.
 pub fn fit(n: &NodeFacts, m: &ModelSpec, held: &[&Slot], held_memory: u64) -> Result<Fit, Reject> {
-    fit_with(&hot(n), n, m, held, held_memory)
-}
-
-fn hot(n: &NodeFacts) -> crate::state::Hot {
-    crate::state::Hot {
-        memory_available: n.memory_available,
-        whole_free: n.whole_free,
-        gpu_count: n.gpus.len() as u32,
-        dense_gpu_indices: n.gpus.iter().enumerate().all(|(k, g)| g.index as usize == k),
-        requests: n.requests,
-        kv_cache: n.kv_cache,
-        cache_free: n.cache_free.unwrap_or(u64::MAX),
-    }
+    fit_with(&crate::state::Hot::of(n), n, m, held, held_memory)
 }
 
 /// `fit` reading the per-call hot copy of the node's facts where it can (memory, whole GPUs),

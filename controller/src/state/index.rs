@@ -27,7 +27,7 @@ pub struct Hot {
 }
 
 impl Hot {
-    fn of(f: &NodeFacts) -> Self {
+    pub fn of(f: &NodeFacts) -> Self {
         Self {
             memory_available: f.memory_available,
             whole_free: f.whole_free,

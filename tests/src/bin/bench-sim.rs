@@ -97,28 +97,8 @@ fn main() -> Result<()> {
             Err(e) => bail!("{} seed {seed}: {e:#}", s.name()),
         };
         let Some((_, acc)) = by.iter_mut().find(|(x, _)| *x == s) else { continue };
-        acc.cold_starts.extend(r.cold_starts);
-        acc.prediction_errors.extend(r.prediction_errors);
-        acc.floors.extend(r.floors);
-        acc.bytes_needed += r.bytes_needed;
-        acc.bytes_hit += r.bytes_hit;
-        acc.s3_bytes += r.s3_bytes;
-        acc.prefetch_bytes += r.prefetch_bytes;
-        acc.gpu_seconds_serving += r.gpu_seconds_serving;
-        acc.gpu_seconds_starting += r.gpu_seconds_starting;
-        acc.stranded_slice_seconds += r.stranded_slice_seconds;
-        acc.mig_slice_capacity = r.mig_slice_capacity;
-        acc.arrivals += r.arrivals;
-        acc.wait_request_seconds += r.wait_request_seconds;
-        acc.placement_failures += r.placement_failures;
-        acc.cache_full += r.cache_full;
-        acc.prewarm_issued += r.prewarm_issued;
-        acc.prewarm_in_time += r.prewarm_in_time;
-        acc.prewarm_late += r.prewarm_late;
-        acc.measured_seconds += r.measured_seconds;
-        acc.wall += r.wall;
+        acc.merge(r);
     }
-    let seeds = a.seeds as f64;
     println!();
     println!(
         "| strategy | cold starts | p50 (s) | p95 (s) | p99 (s) | byte hit ratio | S3 TB/day | GPU-h serving/day | GPU-h starting/day | stranded MIG slices | mean request wait (s) | no fit / cache full | pre-warm issued / in time / late |"
@@ -147,7 +127,6 @@ fn main() -> Result<()> {
             r.prewarm_late
         );
     }
-    let _ = seeds;
     let ll = by[0].1.cold_start(0.95);
     let hp = by[3].1.cold_start(0.95);
     println!();

@@ -204,6 +204,30 @@ pub struct Report {
 }
 
 impl Report {
+    /// Pools another run's measurements into this one (seeds of one strategy).
+    pub fn merge(&mut self, r: Report) {
+        self.cold_starts.extend(r.cold_starts);
+        self.prediction_errors.extend(r.prediction_errors);
+        self.floors.extend(r.floors);
+        self.bytes_needed += r.bytes_needed;
+        self.bytes_hit += r.bytes_hit;
+        self.s3_bytes += r.s3_bytes;
+        self.prefetch_bytes += r.prefetch_bytes;
+        self.gpu_seconds_serving += r.gpu_seconds_serving;
+        self.gpu_seconds_starting += r.gpu_seconds_starting;
+        self.stranded_slice_seconds += r.stranded_slice_seconds;
+        self.mig_slice_capacity = r.mig_slice_capacity;
+        self.arrivals += r.arrivals;
+        self.wait_request_seconds += r.wait_request_seconds;
+        self.placement_failures += r.placement_failures;
+        self.cache_full += r.cache_full;
+        self.prewarm_issued += r.prewarm_issued;
+        self.prewarm_in_time += r.prewarm_in_time;
+        self.prewarm_late += r.prewarm_late;
+        self.measured_seconds += r.measured_seconds;
+        self.wall += r.wall;
+    }
+
     pub fn cold_start(&self, p: f64) -> f64 {
         dist::quantile(&mut self.cold_starts.clone(), p)
     }
@@ -288,7 +312,7 @@ fn catalog(cfg: &Config, rng: &mut Rng) -> (Vec<ModelSpec>, Vec<ModelInfo>, Vec<
     let mut specs = Vec::new();
     let mut infos = Vec::new();
     let mut units = Vec::new();
-    for i in 0..cfg.models {
+    for (i, &rank) in ranks.iter().enumerate() {
         let bytes = (lo.ln() + rng.f64() * (hi.ln() - lo.ln())).exp().round();
         let gbs = bytes / GB;
         let neuron = rng.f64() < cfg.neuron_share && gbs <= 190.0;
@@ -319,7 +343,6 @@ fn catalog(cfg: &Config, rng: &mut Rng) -> (Vec<ModelSpec>, Vec<ModelInfo>, Vec<
         let (image, image_gb) = if neuron { ("public.ecr.aws/neuron/vllm:0.9", 10.0) } else { images[rng.usize(4).min(3)] };
         let name = format!("m{i:03}");
         let uri = format!("s3://models/{name}");
-        let rank = ranks[i];
         specs.push(ModelSpec {
             name: name.clone(),
             source_uri: uri.clone(),
@@ -353,7 +376,7 @@ fn catalog(cfg: &Config, rng: &mut Rng) -> (Vec<ModelSpec>, Vec<ModelInfo>, Vec<
     let total = cfg.warmup + cfg.measure;
     let traffic = units
         .iter()
-        .map(|&(class, p, u)| {
+        .map(|&(class, p, _)| {
             let demand: f64 = units.iter().filter(|x| x.0 == class).map(|x| x.1 * x.2).sum();
             // replicas = rate x service / target; units = replicas x u
             let k = cfg.load * capacity[class] * 8.0 / (cfg.service_time * demand.max(f64::MIN_POSITIVE));
@@ -364,7 +387,6 @@ fn catalog(cfg: &Config, rng: &mut Rng) -> (Vec<ModelSpec>, Vec<ModelInfo>, Vec<
                 bursts.push((t, t + len, rng.range(cfg.burst_mult.0, cfg.burst_mult.1)));
                 t += len + rng.exp(cfg.burst_every);
             }
-            let _ = u;
             Traffic {
                 base: p * k,
                 phase: rng.range(-3600.0, 3600.0),
@@ -853,7 +875,7 @@ pub fn run(cfg: &Config, strategy: Strategy, seed: u64) -> Result<Report> {
         }
         sim.now = t;
         sim.traffic_step();
-        if second % tick == 0 {
+        if second.is_multiple_of(tick) {
             sim.scaling_tick()?;
         } else {
             sim.flush_dirty()?;
@@ -876,13 +898,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_small_cluster_replays_by_seed_and_hearth_reuses_what_nodes_have() {
+    fn a_small_cluster_replays_by_seed_and_hearth_reuses_what_nodes_have() -> Result<()> {
         let cfg = Config::small();
-        let ll = run(&cfg, Strategy::LeastLoaded, 1).unwrap();
-        let again = run(&cfg, Strategy::LeastLoaded, 1).unwrap();
+        let ll = run(&cfg, Strategy::LeastLoaded, 1)?;
+        let again = run(&cfg, Strategy::LeastLoaded, 1)?;
         assert_eq!((&ll.cold_starts, ll.s3_bytes), (&again.cold_starts, again.s3_bytes), "a seed replays exactly");
         assert!(ll.cold_starts.len() > 100 && ll.arrivals > 0.0, "{} cold starts", ll.cold_starts.len());
-        let h = run(&cfg, Strategy::PredictedReady, 1).unwrap();
+        let h = run(&cfg, Strategy::PredictedReady, 1)?;
         // Placement by predicted time-to-ready finds the bytes the cluster already holds...
         assert!(h.byte_hit_ratio() > ll.byte_hit_ratio() + 0.1, "hit ratio {} vs {}", h.byte_hit_ratio(), ll.byte_hit_ratio());
         assert!(h.s3_bytes < 0.7 * ll.s3_bytes, "S3 bytes {} vs {}", h.s3_bytes, ll.s3_bytes);
@@ -890,7 +912,8 @@ mod tests {
         assert!(h.cold_start(0.99) < 0.7 * ll.cold_start(0.99), "p99 {} vs {}", h.cold_start(0.99), ll.cold_start(0.99));
         // ...and best-fit packing leaves whole nodes for the 8-GPU models.
         assert!(h.placement_failures < ll.placement_failures, "no fit {} vs {}", h.placement_failures, ll.placement_failures);
-        let p = run(&cfg, Strategy::PredictedReadyPrewarm, 1).unwrap();
+        let p = run(&cfg, Strategy::PredictedReadyPrewarm, 1)?;
         assert!(p.prewarm_in_time > 0 && p.prefetch_bytes > 0.0, "pre-warm: {} in time, {} bytes", p.prewarm_in_time, p.prefetch_bytes);
+        Ok(())
     }
 }
