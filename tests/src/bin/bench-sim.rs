@@ -101,13 +101,13 @@ fn main() -> Result<()> {
     }
     println!();
     println!(
-        "| strategy | cold starts | p50 (s) | p95 (s) | p99 (s) | byte hit ratio | S3 TB/day | GPU-h serving/day | GPU-h starting/day | stranded MIG slices | mean request wait (s) | no fit / cache full | pre-warm issued / in time / late |"
+        "| strategy | cold starts | p50 (s) | p95 (s) | p99 (s) | byte hit ratio | S3 TB/day | GPU-h serving/day | GPU-h starting/day | stranded MIG slices | mean request wait (s) | abandoned | no fit / cache full | pre-warm issued / in time / late |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
     let days = by[0].1.measured_seconds / 86_400.0;
     for (s, r) in &by {
         println!(
-            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.1} | {:.0} | {:.0} | {:.1} of {:.0} | {:.2} | {} / {} | {} / {} / {} |",
+            "| {} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.1} | {:.0} | {:.0} | {:.1} of {:.0} | {:.2} | {:.3}% | {} / {} | {} / {} / {} |",
             s.name(),
             r.cold_starts.len(),
             r.cold_start(0.5),
@@ -120,6 +120,7 @@ fn main() -> Result<()> {
             r.stranded_slices(),
             r.mig_slice_capacity,
             r.mean_wait(),
+            100.0 * r.abandoned / r.arrivals.max(1.0),
             r.placement_failures,
             r.cache_full,
             r.prewarm_issued,
