@@ -245,7 +245,12 @@ async fn main() -> Result<()> {
     println!("throughput, {} clients, {} s each, {cores} cores (client and server share them):", args.clients, args.seconds);
     println!("  anchor: gRPC health Check            {anchor:>9.0} calls/s");
     for (size, rate) in &sampled {
-        println!("  Score, {size} candidate nodes{:>w$}{rate:>9.0} calls/s  ({:.2} x anchor; target >= 5000/s)", "", rate / anchor, w = 11 - size.to_string().len());
+        println!(
+            "  Score, {size} candidate nodes{:>w$}{rate:>9.0} calls/s  ({:.2} x anchor; target >= 5000/s)",
+            "",
+            rate / anchor,
+            w = 11 - size.to_string().len()
+        );
     }
     println!("  Score, all {} nodes, limit 10      {full:>9.0} calls/s  ({:.3} x anchor)", args.nodes, full / anchor);
     Ok(())

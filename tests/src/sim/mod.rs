@@ -605,7 +605,7 @@ impl Sim<'_> {
         // Moving downloads to now before the set changes keeps every share exact.
         self.sync_downloads(i);
         let info = self.models[m].clone();
-        let Some(present) = self.nodes[i].want(m, &info, self.now, true, false) else {
+        let Some(present) = self.nodes[i].want(m, &info, self.now, true) else {
             // Replicas' pinned weights fill the node's cache: the runtime cannot start here.
             if self.measuring() {
                 self.report.cache_full += 1;
@@ -621,15 +621,7 @@ impl Sim<'_> {
             node.images.push(info.image.clone());
             self.now + info.image_bytes / node.registry_bps
         };
-        node.runtimes.push(Runtime {
-            id,
-            model: m,
-            slot: lease.slot.clone(),
-            partition_uuid: uuid,
-            ready: false,
-            running: 0.0,
-            waiting: 0.0,
-        });
+        node.runtimes.push(Runtime { id, model: m, partition_uuid: uuid, ready: false, running: 0.0, waiting: 0.0 });
         let weights = present >= info.bytes;
         if self.measuring() {
             self.report.bytes_needed += info.bytes;
@@ -774,7 +766,7 @@ impl Sim<'_> {
                     continue;
                 }
                 self.sync_downloads(i);
-                if self.nodes[i].want(m, &info, self.now, false, true).is_some() {
+                if self.nodes[i].want(m, &info, self.now, false).is_some() {
                     if self.measuring() {
                         self.report.prefetch_bytes += info.bytes;
                     }

@@ -92,8 +92,6 @@ impl Entry {
 pub struct Download {
     pub model: usize,
     pub remaining: f64,
-    /// Started by a pre-warm Prefetch rather than a replica.
-    pub prefetch: bool,
 }
 
 /// A replica the node runs (or is starting).
@@ -101,7 +99,6 @@ pub struct Download {
 pub struct Runtime {
     pub id: u64,
     pub model: usize,
-    pub slot: Slot,
     pub partition_uuid: String,
     pub ready: bool,
     pub running: f64,
@@ -243,13 +240,13 @@ impl Node {
 
     /// Makes sure `model`'s bytes are here or on their way; returns the bytes present now,
     /// or None when the cache cannot make room. `pin` holds it for a replica.
-    pub fn want(&mut self, model: usize, info: &ModelInfo, now: f64, pin: bool, prefetch: bool) -> Option<f64> {
+    pub fn want(&mut self, model: usize, info: &ModelInfo, now: f64, pin: bool) -> Option<f64> {
         if !self.cache.contains_key(&model) {
             if !self.make_room(info.bytes) {
                 return None;
             }
             self.cache.insert(model, Entry { total: info.bytes, present: 0.0, last_used: now, pins: 0 });
-            self.downloads.push(Download { model, remaining: info.bytes, prefetch });
+            self.downloads.push(Download { model, remaining: info.bytes });
             self.downloads_gen += 1;
         }
         let e = self.cache.get_mut(&model)?;
