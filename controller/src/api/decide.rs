@@ -302,8 +302,14 @@ impl KedaService {
         })
     }
 
-    fn desired(&self, model: &str) -> Result<u32, Status> {
-        let (rec, _) = self.scaling.recommend(model, None, Instant::now()).map_err(scaling_status)?;
+    /// The current desired count. A model never evaluated yet is evaluated now, which scores
+    /// the cluster: that runs off the async runtime, as Recommend does.
+    async fn desired(&self, model: &str) -> Result<u32, Status> {
+        let (scaling, model) = (self.scaling.clone(), model.to_owned());
+        let (rec, _) = tokio::task::spawn_blocking(move || scaling.recommend(&model, None, Instant::now()))
+            .await
+            .map_err(|e| Status::internal(format!("recommendation task failed: {e}")))?
+            .map_err(scaling_status)?;
         Ok(rec.desired)
     }
 }
@@ -317,7 +323,7 @@ impl keda::external_scaler_server::ExternalScaler for KedaService {
     async fn is_active(&self, req: Request<keda::ScaledObjectRef>) -> Result<Response<keda::IsActiveResponse>, Status> {
         self.auth.check(&req, auth::SCALING, "ExternalScaler.IsActive")?;
         let model = Self::model(req.get_ref())?;
-        Ok(Response::new(keda::IsActiveResponse { result: self.desired(&model)? > 0 }))
+        Ok(Response::new(keda::IsActiveResponse { result: self.desired(&model).await? > 0 }))
     }
 
     type StreamIsActiveStream = BoxStream<keda::IsActiveResponse>;
@@ -325,7 +331,7 @@ impl keda::external_scaler_server::ExternalScaler for KedaService {
     async fn stream_is_active(&self, req: Request<keda::ScaledObjectRef>) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         self.auth.check(&req, auth::SCALING, "ExternalScaler.StreamIsActive")?;
         let model = Self::model(req.get_ref())?;
-        let first = self.desired(&model)? > 0;
+        let first = self.desired(&model).await? > 0;
         let mut inner = decision_stream(self.scaling.clone(), Some(model), 0).map_err(scaling_status)?;
         let out = async_stream(move |tx| async move {
             use tokio_stream::StreamExt;
@@ -352,7 +358,7 @@ impl keda::external_scaler_server::ExternalScaler for KedaService {
         self.auth.check(&req, auth::SCALING, "ExternalScaler.GetMetricSpec")?;
         let model = Self::model(req.get_ref())?;
         // Unknown models fail here, when the ScaledObject is set up, not at the first poll.
-        self.desired(&model)?;
+        self.desired(&model).await?;
         Ok(Response::new(keda::GetMetricSpecResponse {
             metric_specs: vec![keda::MetricSpec { metric_name: metric_name(&model), target_size: 1, target_size_float: 1.0 }],
         }))
@@ -363,7 +369,7 @@ impl keda::external_scaler_server::ExternalScaler for KedaService {
         let r = req.get_ref();
         let so = r.scaled_object_ref.as_ref().ok_or_else(|| Status::invalid_argument("GetMetricsRequest.scaledObjectRef is required"))?;
         let model = Self::model(so)?;
-        let desired = self.desired(&model)?;
+        let desired = self.desired(&model).await?;
         Ok(Response::new(keda::GetMetricsResponse {
             metric_values: vec![keda::MetricValue {
                 metric_name: if r.metric_name.is_empty() { metric_name(&model) } else { r.metric_name.clone() },

@@ -103,7 +103,41 @@ pub fn fit_with(h: &crate::state::Hot, n: &NodeFacts, m: &ModelSpec, held: &[&Sl
 }
 
 fn whole_gpus(h: &crate::state::Hot, n: &NodeFacts, want: u32, held: &[&Slot]) -> Result<Fit, Reject> {
-    let mut free = h.whole_free;
+    // The node's own facts sit behind a pointer: a cache miss per node on a cluster-wide
+    // scan. The common case (no leases on the node, GPU k has index k) is answered from the
+    // row alone; the helpers that read `n` are kept out of line so that the compiler cannot
+    // hoist their loads into this path (it may: a reference is always dereferenceable).
+    let free = if held.is_empty() { h.whole_free } else { without_leased(n, h.whole_free, held) };
+    let count = free.count_ones();
+    let total = h.gpu_count;
+    if count < want {
+        return Err(Reject::Gpus { want, free: count, total });
+    }
+    // Best fit: a node this request fills leaves no stranded GPUs.
+    let left = count - want;
+    let slot = if h.dense_gpu_indices { lowest_bits(free, want) } else { indices_of(n, free, want) };
+    Ok(Fit { slot: Slot::Gpus(slot), fragmentation: f64::from(left) / f64::from(total.max(1)) })
+}
+
+/// The positions of the `want` lowest set bits of `mask`.
+fn lowest_bits(mask: u64, want: u32) -> Vec<u32> {
+    let mut out = Vec::with_capacity(want as usize);
+    let mut bits = mask;
+    while bits != 0 && out.len() < want as usize {
+        out.push(bits.trailing_zeros());
+        bits &= bits - 1;
+    }
+    out
+}
+
+#[inline(never)]
+fn indices_of(n: &NodeFacts, mask: u64, want: u32) -> Vec<u32> {
+    lowest_bits(mask, want).into_iter().map(|k| n.gpus[k as usize].index).collect()
+}
+
+/// `free` less the GPUs leased out on the node.
+#[inline(never)]
+fn without_leased(n: &NodeFacts, mut free: u64, held: &[&Slot]) -> u64 {
     for s in held {
         if let Slot::Gpus(leased) = s {
             for (k, g) in n.gpus.iter().take(64).enumerate() {
@@ -113,21 +147,7 @@ fn whole_gpus(h: &crate::state::Hot, n: &NodeFacts, want: u32, held: &[&Slot]) -
             }
         }
     }
-    let count = free.count_ones();
-    let total = h.gpu_count;
-    if count < want {
-        return Err(Reject::Gpus { want, free: count, total });
-    }
-    // Best fit: a node this request fills leaves no stranded GPUs.
-    let left = count - want;
-    let mut slot = Vec::with_capacity(want as usize);
-    let mut bits = free;
-    while bits != 0 && slot.len() < want as usize {
-        let k = bits.trailing_zeros();
-        slot.push(if h.dense_gpu_indices { k } else { n.gpus[k as usize].index });
-        bits &= bits - 1;
-    }
-    Ok(Fit { slot: Slot::Gpus(slot), fragmentation: f64::from(left) / f64::from(total.max(1)) })
+    free
 }
 
 /// Units taken on `g` by instances and by leased creations, as a bit mask.

@@ -237,6 +237,9 @@ enum Keep {
     All,
     /// The k best feasible candidates; rejections only counted.
     Best(usize),
+    /// Every feasible candidate, in scan order; rejections only counted (Score without a
+    /// small limit, which ranks them anyway).
+    Feasible,
 }
 
 #[derive(Debug, Default)]
@@ -244,20 +247,33 @@ struct Evaluated {
     feasible: Vec<Scored>,
     rejected: Vec<Rejected>,
     rejected_count: usize,
+    /// `keep_best`'s memory of its worst kept candidate.
+    worst: Option<usize>,
 }
 
 /// Keeps `kept` at the k best candidates seen so far (unordered), in `best_first`'s order
-/// whatever order the candidates arrive in.
-fn keep_best(kept: &mut Vec<Scored>, k: usize, node: &str, parts: Parts, slot: Slot) {
-    let total = parts.total();
+/// whatever order the candidates arrive in. `worst` remembers which kept one is worst, so a
+/// candidate that cannot get in (most of them, on a large cluster) costs one comparison.
+fn keep_best(kept: &mut Vec<Scored>, worst: &mut Option<usize>, k: usize, node: &str, parts: Parts, slot: Slot) {
     if kept.len() < k {
         kept.push(Scored { node: node.to_owned(), parts, priority: 0, slot });
+        *worst = None;
         return;
     }
-    let Some((worst, _)) = kept.iter().enumerate().max_by(|a, b| best_first(a.1, b.1)) else { return };
-    let w = &kept[worst];
-    if total.total_cmp(&w.parts.total()).then_with(|| node.cmp(&w.node)).is_lt() {
-        kept[worst] = Scored { node: node.to_owned(), parts, priority: 0, slot };
+    let w = match *worst {
+        Some(w) => w,
+        None => match kept.iter().enumerate().max_by(|a, b| best_first(a.1, b.1)) {
+            Some((w, _)) => {
+                *worst = Some(w);
+                w
+            }
+            None => return,
+        },
+    };
+    let old = &kept[w];
+    if parts.total().total_cmp(&old.parts.total()).then_with(|| node.cmp(&old.node)).is_lt() {
+        kept[w] = Scored { node: node.to_owned(), parts, priority: 0, slot };
+        *worst = None;
     }
 }
 
@@ -317,23 +333,23 @@ impl Placement {
                 fit::fit_with(n.hot, n.facts, m, &held, mem)
             };
             match (verdict, keep) {
-                (Ok(f), Keep::All) => out.feasible.push(Scored {
+                (Ok(f), Keep::All | Keep::Feasible) => out.feasible.push(Scored {
                     node: n.name.to_owned(),
                     parts: parts(&n, cols, m, &self.params, f.fragmentation),
                     priority: 0,
                     slot: f.slot,
                 }),
                 (Ok(f), Keep::Best(k)) => {
-                    keep_best(&mut out.feasible, k, n.name, parts(&n, cols, m, &self.params, f.fragmentation), f.slot)
+                    keep_best(&mut out.feasible, &mut out.worst, k, n.name, parts(&n, cols, m, &self.params, f.fragmentation), f.slot)
                 }
                 (Err(reason), Keep::All) => {
                     out.rejected_count += 1;
                     out.rejected.push(Rejected { node: n.name.to_owned(), reason });
                 }
-                (Err(_), Keep::Best(_)) => out.rejected_count += 1,
+                (Err(_), Keep::Best(_) | Keep::Feasible) => out.rejected_count += 1,
             }
         });
-        if names.is_none() {
+        if names.is_none() && matches!(keep, Keep::All) {
             // The scan walks the index, not names: whole-cluster answers list nodes by name.
             out.feasible.sort_by(|a, b| a.node.cmp(&b.node));
             out.rejected.sort_by(|a, b| a.node.cmp(&b.node));
@@ -358,14 +374,16 @@ impl Placement {
     pub fn score(&self, model: &str, names: Option<&[String]>, limit: usize, now: Instant) -> Result<ScoreOutcome, PlacementError> {
         let m = self.model(model)?;
         let leases = self.leases();
-        let keep = if limit == 0 || limit > KEEP_BEST_MAX { Keep::All } else { Keep::Best(limit) };
+        let keep = if limit == 0 || limit > KEEP_BEST_MAX { Keep::Feasible } else { Keep::Best(limit) };
         let mut e = self.evaluate(m, names, &leases, now, keep);
         if e.feasible.is_empty() {
             // The rare path: evaluate again, keeping every reason for the message.
             let all = self.evaluate(m, names, &leases, now, Keep::All);
             return Err(no_fit(m, &all.rejected));
         }
-        e.feasible.sort_by(best_first);
+        // Node names are unique, so best_first is a total order and an unstable sort gives
+        // the same answer as a stable one, with fewer moves of these wide records.
+        e.feasible.sort_unstable_by(best_first);
         if limit > 0 {
             e.feasible.truncate(limit);
         }

@@ -57,6 +57,9 @@ pub type RowId = u32;
 pub struct Index {
     rows: Vec<Row>,
     free: Vec<RowId>,
+    /// Node name -> row: a candidate list from a scheduler is resolved with one hash probe
+    /// per name (the name-ordered map costs a dozen string compares, each a cache miss).
+    names: FastMap<String, RowId>,
     /// (source URI, revision) -> rows with bytes of it.
     cached: FastMap<(String, String), FastMap<RowId, CachedBytes>>,
     /// Image reference or digest -> rows that have it.
@@ -124,7 +127,7 @@ impl Index {
             hot: Hot::default(),
             facts: Arc::default(),
         };
-        match self.free.pop() {
+        let id = match self.free.pop() {
             Some(id) => {
                 self.rows[id as usize] = row;
                 id
@@ -133,7 +136,14 @@ impl Index {
                 self.rows.push(row);
                 (self.rows.len() - 1) as RowId
             }
-        }
+        };
+        self.names.insert(name.to_owned(), id);
+        id
+    }
+
+    /// The live row of the node named `name`.
+    pub fn find(&self, name: &str) -> Option<(RowId, &Row)> {
+        self.names.get(name).map(|&id| (id, &self.rows[id as usize]))
     }
 
     pub fn row_mut(&mut self, id: RowId) -> &mut Row {
@@ -219,6 +229,7 @@ impl Index {
     pub fn remove(&mut self, id: RowId) {
         self.unindex(id);
         let row = &mut self.rows[id as usize];
+        self.names.remove(&row.name);
         row.live = false;
         row.facts = Arc::default();
         row.name.clear();
@@ -294,6 +305,8 @@ mod tests {
         ix.remove(b);
         assert!(ix.cached.is_empty() && ix.images.is_empty() && ix.bandwidth.is_empty() && ix.runtimes.is_empty());
         assert_eq!(ix.rows().count(), 1);
+        assert!(ix.find("b").is_none() && ix.find("a").is_some_and(|(id, r)| id == a && r.name == "a"));
         assert_eq!(ix.insert("c", t), b, "the freed row is reused");
+        assert_eq!(ix.find("c").map(|(id, _)| id), Some(b));
     }
 }

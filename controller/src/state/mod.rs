@@ -407,7 +407,7 @@ impl ClusterState {
             None => nodes.index.rows().for_each(|(id, r)| emit(&r.name, Some((id, r)))),
             Some(names) => {
                 for name in names {
-                    emit(name, nodes.by_name.get(name).map(|e| (e.row, nodes.index.row(e.row))));
+                    emit(name, nodes.index.find(name));
                 }
             }
         }
