@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0)
 //
 // Per-cgroup traffic counters, aggregated in the kernel. cgroup_skb programs attached at
-// the pod cgroup root (with BPF_F_ALLOW_MULTI, beside the CNI's and systemd's) see every
+// the pod cgroup root (as BPF links, which coexist with the CNI's and systemd's) see every
 // packet of every socket below it, hostNetwork pods included, and add it to a per-CPU hash
 // keyed by (cgroup id, direction, peer class). Nothing is streamed per packet.
 //
@@ -17,14 +17,22 @@
 // listen() (process context), corrected by cgroup_skb (which knows the socket's own cgroup)
 // and cloned from a listener into the sockets it accepts (BPF_F_CLONE).
 //
-// Bytes on declared listening ports (model-serving ports) are counted per (cgroup, port,
-// direction) for sockets whose local port userspace put in PORTS.
+// Bytes on declared listening ports (model-serving ports) carry that port in the traffic
+// key, for sockets whose local port userspace put in PORTS (0 for every other socket), so a
+// serving packet costs one hash update like any other; userspace sums over ports for the
+// traffic series and over peer classes for the listener series.
 //
 // Only uapi types are read (struct __sk_buff, struct bpf_sock, struct bpf_sock_ops), whose
 // offsets the kernel rewrites itself, so no CO-RE relocation is needed; the programs need no
 // kernel headers beyond linux/bpf.h.
 
 #include <linux/bpf.h>
+
+// The uapi headers spell __always_inline as plain `inline`, which clang may ignore: it left
+// account() as a BPF-to-BPF call made for every packet, with its direction a run-time
+// argument. Force it.
+#undef __always_inline
+#define __always_inline inline __attribute__((always_inline))
 
 #define SEC(name) __attribute__((section(name), used))
 #define __uint(name, val) int (*name)[val]
@@ -51,7 +59,8 @@ struct traffic_key {
 	__u64 cgroup_id;
 	__u8 direction;
 	__u8 peer_class;
-	__u8 pad[6];
+	__u16 port; // declared local port (host order), or 0
+	__u8 pad[4];
 };
 
 struct traffic_val {
@@ -66,7 +75,8 @@ struct peer_key {
 	__u8 addr[16];
 };
 
-// Sized for a node's pods x containers x directions x peer classes; not preallocated, so
+// Sized for a node's pods x containers x directions x peer classes (x declared ports on
+// serving pods); not preallocated, so
 // an idle node pays for the entries it has, not max_entries x CPUs.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -142,26 +152,6 @@ struct {
 	__type(value, __u8);
 } PORTS SEC(".maps");
 
-struct listen_key {
-	__u64 cgroup_id;
-	__u16 port;
-	__u8 direction;
-	__u8 pad[5];
-};
-
-struct listen_val {
-	__u64 bytes;
-	__u64 packets;
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 4096);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct listen_key);
-	__type(value, struct listen_val);
-} LISTEN SEC(".maps");
-
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 1024);
@@ -182,7 +172,7 @@ struct {
 #define ERR_MAP_FULL 1        // TRAFFIC inserts refused
 #define ERR_NO_CGROUP_BYTES 2 // their bytes
 #define ERR_TCP_FULL 3        // TCP inserts refused
-#define ERR_LISTEN_FULL 4     // LISTEN inserts refused
+// 4 was LISTEN inserts refused: declared ports now live in TRAFFIC.
 #define ERR_NO_SOCK_INFO 5    // TCP events on sockets the programs never saw start (older than the agent)
 #define ERR_STORAGE 6         // socket storage could not be created
 
@@ -262,28 +252,6 @@ static __always_inline __u32 parse(struct __sk_buff *skb, int direction, struct 
 	return 0;
 }
 
-static __always_inline void count_listener(struct bpf_sock *sk, __u64 cgroup_id, int direction, __u32 len)
-{
-	__u16 port = sk->src_port;
-	struct listen_key key = { .cgroup_id = cgroup_id, .port = port, .direction = direction };
-	struct listen_val *v = bpf_map_lookup_elem(&LISTEN, &key);
-	if (v) {
-		v->bytes += len;
-		v->packets += 1;
-		return;
-	}
-	struct listen_val init = { .bytes = len, .packets = 1 };
-	if (bpf_map_update_elem(&LISTEN, &key, &init, BPF_NOEXIST)) {
-		v = bpf_map_lookup_elem(&LISTEN, &key);
-		if (v) {
-			v->bytes += len;
-			v->packets += 1;
-		} else {
-			count_error(ERR_LISTEN_FULL);
-		}
-	}
-}
-
 static __always_inline int account(struct __sk_buff *skb, int direction)
 {
 	struct traffic_key key = {};
@@ -348,7 +316,7 @@ static __always_inline int account(struct __sk_buff *skb, int direction)
 			}
 		}
 		if (declared)
-			count_listener(sk, key.cgroup_id, direction, skb->len);
+			key.port = sk->src_port;
 	}
 	if (!classified)
 		key.peer_class = have_peer ? classify(&peer) : 0;

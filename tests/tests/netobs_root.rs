@@ -226,8 +226,10 @@ fn tcp_payload_is_counted_exactly_on_both_ends_and_classified_by_peer() -> Resul
     assert_eq!((class.as_str(), server.established, server.failed, server.closed), ("internet", 1, 0, 1), "{tcp:?}");
     ensure!(tcp.len() == 2, "no other TCP series: {tcp:?}");
 
-    // Declared port 5001: the receiver's socket is on it both ways, byte for byte the
-    // receiver's traffic; the sender's ephemeral port is not labelled.
+    // Declared port 5001: the receiver's socket is on it both ways, so its traffic entries
+    // carry the port (the handshake on the listener too) and the listener series are byte
+    // for byte the receiver's traffic; the sender's ephemeral port is not labelled.
+    assert_eq!((sent[0].0.port, received[0].0.port, acks[0].0.port), (0, 5001, 5001), "{traffic:?}");
     let listeners = obs.listeners()?;
     ensure!(listeners.iter().all(|(k, _)| k.cgroup_id == idb && k.port == 5001), "{listeners:?}");
     let lb = |dir: u8| listeners.iter().find(|(k, _)| k.direction == dir).map(|(_, v)| v.bytes);

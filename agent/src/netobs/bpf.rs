@@ -51,7 +51,9 @@ pub struct TrafficKey {
     pub cgroup_id: u64,
     pub direction: u8,
     pub peer_class: u8,
-    pub pad: [u8; 6],
+    /// The socket's local port when it is a declared serving port, else 0.
+    pub port: u16,
+    pub pad: [u8; 4],
 }
 
 /// `struct traffic_val`.
@@ -120,18 +122,15 @@ impl TcpVal {
     }
 }
 
-/// `struct listen_key`: bytes of sockets whose local port is a declared serving port.
-#[repr(C)]
+/// Bytes of sockets whose local port is a declared serving port, per cgroup, port and
+/// direction: the TRAFFIC entries with a port, summed over peer classes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ListenKey {
     pub cgroup_id: u64,
     pub port: u16,
     pub direction: u8,
-    pub pad: [u8; 5],
 }
 
-/// `struct listen_val`.
-#[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ListenVal {
     pub bytes: u64,
@@ -145,18 +144,23 @@ impl ListenVal {
     }
 }
 
+/// The listener series in traffic entries: those with a port, summed over peer classes.
+pub fn listeners_of(traffic: &[(TrafficKey, TrafficVal)]) -> Vec<(ListenKey, ListenVal)> {
+    let mut out: std::collections::BTreeMap<ListenKey, ListenVal> = std::collections::BTreeMap::new();
+    for (k, v) in traffic.iter().filter(|(k, _)| k.port != 0) {
+        out.entry(ListenKey { cgroup_id: k.cgroup_id, port: k.port, direction: k.direction })
+            .or_default()
+            .add(&ListenVal { bytes: v.bytes, packets: v.packets });
+    }
+    out.into_iter().collect()
+}
+
 #[allow(unsafe_code)]
 // SAFETY: repr(C) plain integers with explicit padding, as the C side lays them out.
 unsafe impl aya::Pod for TcpKey {}
 #[allow(unsafe_code)]
 // SAFETY: as above.
 unsafe impl aya::Pod for TcpVal {}
-#[allow(unsafe_code)]
-// SAFETY: as above.
-unsafe impl aya::Pod for ListenKey {}
-#[allow(unsafe_code)]
-// SAFETY: as above.
-unsafe impl aya::Pod for ListenVal {}
 
 pub const INGRESS: u8 = 0;
 pub const EGRESS: u8 = 1;
@@ -172,7 +176,6 @@ pub struct KernelErrors {
     /// Inserts refused because a map was full.
     pub traffic_full: u64,
     pub tcp_full: u64,
-    pub listen_full: u64,
     /// TCP events on sockets opened before the programs were attached.
     pub no_sock_info: u64,
     /// Socket storage that could not be created (memory).
@@ -392,7 +395,8 @@ impl NetObs {
         self.classes.get(usize::from(id)).map_or("unknown", String::as_str)
     }
 
-    /// Traffic counters, summed over CPUs.
+    /// Traffic counters, summed over CPUs; a serving pod's entries are split by declared
+    /// port (0 for other sockets).
     pub fn traffic(&self) -> Result<Vec<(TrafficKey, TrafficVal)>, NetObsError> {
         self.read("TRAFFIC", TrafficVal::add)
     }
@@ -402,9 +406,9 @@ impl NetObs {
         self.read("TCP", TcpVal::add)
     }
 
-    /// Declared-port bytes, summed over CPUs.
+    /// Declared-port bytes, summed over CPUs and peer classes.
     pub fn listeners(&self) -> Result<Vec<(ListenKey, ListenVal)>, NetObsError> {
-        self.read("LISTEN", ListenVal::add)
+        Ok(listeners_of(&self.traffic()?))
     }
 
     fn read<K, V>(&self, name: &'static str, add: impl Fn(&mut V, &V)) -> Result<Vec<(K, V)>, NetObsError>
@@ -440,7 +444,6 @@ impl NetObs {
         }
         let mut n = remove_where::<TrafficKey, TrafficVal>(&mut self.bpf, "TRAFFIC", |k| dead.contains(&k.cgroup_id))?;
         n += remove_where::<TcpKey, TcpVal>(&mut self.bpf, "TCP", |k| dead.contains(&k.cgroup_id))?;
-        n += remove_where::<ListenKey, ListenVal>(&mut self.bpf, "LISTEN", |k| dead.contains(&k.cgroup_id))?;
         Ok(n)
     }
 
@@ -454,7 +457,6 @@ impl NetObs {
             traffic_full: sum(1)?,
             no_cgroup_bytes: sum(2)?,
             tcp_full: sum(3)?,
-            listen_full: sum(4)?,
             no_sock_info: sum(5)?,
             storage: sum(6)?,
         })

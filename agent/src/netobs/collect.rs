@@ -234,13 +234,12 @@ impl Collector {
         }
         let traffic = self.obs.traffic()?;
         let tcp = self.obs.tcp()?;
-        let listen = self.obs.listeners()?;
+        let listen = super::bpf::listeners_of(&traffic);
 
         // Cgroups in the maps but not in the tree: gone (after a short grace for ones never
         // seen, which may be newer than the walk).
         let mut in_maps: HashSet<u64> = traffic.iter().map(|(k, _)| k.cgroup_id).collect();
         in_maps.extend(tcp.iter().map(|(k, _)| k.cgroup_id));
-        in_maps.extend(listen.iter().map(|(k, _)| k.cgroup_id));
         let mut dead = HashSet::new();
         for id in &in_maps {
             if scan.pods.contains_key(id) {
@@ -541,7 +540,6 @@ impl TextMetrics for NetMetrics {
         for (m, v) in [
             ("traffic", s.kernel.traffic_full),
             ("tcp", s.kernel.tcp_full),
-            ("listen", s.kernel.listen_full),
             ("sock_storage", s.kernel.storage),
         ] {
             let _ = writeln!(out, "hearth_pod_network_map_update_errors_total{{map=\"{m}\"}} {v}");
