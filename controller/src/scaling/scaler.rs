@@ -156,18 +156,25 @@ impl Scaler {
         if n == 0 { 0.0 } else { sum / f64::from(n) }
     }
 
-    /// Least-squares slope of demand over the stable window, per second.
-    fn slope(&self) -> f64 {
-        let Some((t0, _)) = self.samples.front() else { return 0.0 };
-        let n = self.samples.len() as f64;
+    /// Where the trend's history starts: after the last sample with no demand. A step up
+    /// from zero (a model activating) is not a trend, however steep its least-squares line
+    /// over a window that is mostly zeros.
+    fn trend_start(&self) -> usize {
+        self.samples.iter().rposition(|(_, d)| *d == 0.0).map_or(0, |i| i + 1)
+    }
+
+    /// Least-squares slope of demand per second, over the samples from `from` on.
+    fn slope(&self, from: usize) -> f64 {
+        let Some((t0, _)) = self.samples.get(from) else { return 0.0 };
+        let n = (self.samples.len() - from) as f64;
         if n < 3.0 {
             return 0.0;
         }
-        let xs = self.samples.iter().map(|(t, _)| t.saturating_duration_since(*t0).as_secs_f64());
+        let xs = self.samples.range(from..).map(|(t, _)| t.saturating_duration_since(*t0).as_secs_f64());
         let mx = xs.clone().sum::<f64>() / n;
-        let my = self.samples.iter().map(|(_, d)| d).sum::<f64>() / n;
+        let my = self.samples.range(from..).map(|(_, d)| d).sum::<f64>() / n;
         let (mut sxy, mut sxx) = (0.0, 0.0);
-        for (x, (_, y)) in xs.zip(self.samples.iter()) {
+        for (x, (_, y)) in xs.zip(self.samples.range(from..)) {
             sxy += (x - mx) * (y - my);
             sxx += (x - mx) * (x - mx);
         }
@@ -185,11 +192,13 @@ impl Scaler {
         let s = &self.spec;
         let stable = self.average(now, s.stable_window);
         let panic_avg = self.average(now, s.panic_window);
-        // A trend needs history: at least half a stable window of samples, or a burst over a
-        // second would be extrapolated across a ten-minute cold start. And a projection
-        // never asks for more than MAX_GROWTH x today's demand.
-        let covered = self.samples.front().is_some_and(|(t, _)| now.saturating_duration_since(*t) >= s.stable_window / 2);
-        let slope = if covered { self.slope().max(0.0) } else { 0.0 };
+        // A trend needs history: at least half a stable window of samples with demand, or a
+        // burst over a second (or an activation from zero) would be extrapolated across a
+        // ten-minute cold start. And a projection never asks for more than MAX_GROWTH x
+        // today's demand.
+        let from = self.trend_start();
+        let covered = self.samples.get(from).is_some_and(|(t, _)| now.saturating_duration_since(*t) >= s.stable_window / 2);
+        let slope = if covered { self.slope(from).max(0.0) } else { 0.0 };
         let cap = stable.max(panic_avg) * MAX_GROWTH;
         let project = |ahead: Duration| (stable + slope * ahead.as_secs_f64()).min(cap).max(stable);
         let projected = project(lead_time);
@@ -425,6 +434,38 @@ mod tests {
         assert!(now_only.desired <= 4, "{now_only:?}");
         assert!(ahead.desired >= now_only.desired + 5, "{ahead:?} vs {now_only:?}");
         assert_eq!(ahead.reason, Reason::LeadTime);
+    }
+
+    #[test]
+    fn a_step_up_from_zero_is_not_read_as_a_trend() {
+        // A model at zero gets 5 requests and keeps them: one replica (target 10) is enough.
+        // Reading the step as a ramp over a 10-minute cold start would ask for two.
+        let mut s = Scaler::new(spec(), 0);
+        let mut t = Instant::now();
+        let lead = Duration::from_secs(600);
+        run(&mut s, &mut t, 120, 0.0, lead);
+        for i in 0..120 {
+            t += Duration::from_secs(1);
+            s.observe(t, 5.0);
+            let r = s.recommend(t, &Observation { demand: 5.0, ready: s.current(), ..Default::default() }, lead, Duration::ZERO);
+            s.set_current(r.desired);
+            assert_eq!(r.desired, 1, "second {i}: {r:?}");
+        }
+        // A real ramp that starts from zero is still projected once it has lasted half a
+        // stable window.
+        let mut s = Scaler::new(spec(), 0);
+        run(&mut s, &mut t, 120, 0.0, lead);
+        let mut last = None;
+        for i in 1..=120u32 {
+            t += Duration::from_secs(1);
+            let d = 0.5 * f64::from(i);
+            s.observe(t, d);
+            let r = s.recommend(t, &Observation { demand: d, ready: s.current(), ..Default::default() }, lead, Duration::ZERO);
+            s.set_current(r.desired);
+            last = Some(r);
+        }
+        let r = last.unwrap();
+        assert!(r.desired > 6 && r.reason == Reason::LeadTime, "60 requests now, rising 0.5/s: {r:?}");
     }
 
     #[test]
