@@ -76,8 +76,8 @@ struct peer_key {
 };
 
 // Sized for a node's pods x containers x directions x peer classes (x declared ports on
-// serving pods); not preallocated, so
-// an idle node pays for the entries it has, not max_entries x CPUs.
+// serving pods); not preallocated, so an idle node pays for the entries it has, not
+// max_entries x CPUs.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(max_entries, 16384);

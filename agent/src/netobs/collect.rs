@@ -537,11 +537,7 @@ impl TextMetrics for NetMetrics {
             "counter",
             openmetrics,
         );
-        for (m, v) in [
-            ("traffic", s.kernel.traffic_full),
-            ("tcp", s.kernel.tcp_full),
-            ("sock_storage", s.kernel.storage),
-        ] {
+        for (m, v) in [("traffic", s.kernel.traffic_full), ("tcp", s.kernel.tcp_full), ("sock_storage", s.kernel.storage)] {
             let _ = writeln!(out, "hearth_pod_network_map_update_errors_total{{map=\"{m}\"}} {v}");
         }
         header(

@@ -242,18 +242,26 @@ where
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
+/// `Scaling::recommend` on the blocking pool: an evaluation scores every node, CPU work that
+/// stays off the I/O threads.
+async fn recommend_off_runtime(
+    scaling: &Arc<Scaling>,
+    model: &str,
+    pending: Option<f64>,
+) -> Result<(Recommendation, Option<Decision>), Status> {
+    let (scaling, model) = (scaling.clone(), model.to_owned());
+    tokio::task::spawn_blocking(move || scaling.recommend(&model, pending, Instant::now()))
+        .await
+        .map_err(|e| Status::internal(format!("recommendation task failed: {e}")))?
+        .map_err(scaling_status)
+}
+
 #[tonic::async_trait]
 impl pb::scaling_server::Scaling for ScalingService {
     async fn recommend(&self, req: Request<pb::RecommendRequest>) -> Result<Response<pb::RecommendResponse>, Status> {
         self.auth.check(&req, auth::SCALING, "Scaling.Recommend")?;
         let r = req.into_inner();
-        let scaling = self.scaling.clone();
-        let model = r.model.clone();
-        // An evaluation scores every node: CPU work, off the I/O threads.
-        let (rec, last) = tokio::task::spawn_blocking(move || scaling.recommend(&model, r.pending_requests, Instant::now()))
-            .await
-            .map_err(|e| Status::internal(format!("recommendation task failed: {e}")))?
-            .map_err(scaling_status)?;
+        let (rec, last) = recommend_off_runtime(&self.scaling, &r.model, r.pending_requests).await?;
         Ok(Response::new(pb::RecommendResponse {
             recommendation: Some(recommendation(&r.model, &rec)),
             last_decision: last.as_ref().map(decision),
@@ -302,15 +310,9 @@ impl KedaService {
         })
     }
 
-    /// The current desired count. A model never evaluated yet is evaluated now, which scores
-    /// the cluster: that runs off the async runtime, as Recommend does.
+    /// The current desired count (a model never evaluated yet is evaluated now).
     async fn desired(&self, model: &str) -> Result<u32, Status> {
-        let (scaling, model) = (self.scaling.clone(), model.to_owned());
-        let (rec, _) = tokio::task::spawn_blocking(move || scaling.recommend(&model, None, Instant::now()))
-            .await
-            .map_err(|e| Status::internal(format!("recommendation task failed: {e}")))?
-            .map_err(scaling_status)?;
-        Ok(rec.desired)
+        Ok(recommend_off_runtime(&self.scaling, model, None).await?.0.desired)
     }
 }
 

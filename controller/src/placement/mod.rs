@@ -260,17 +260,9 @@ fn keep_best(kept: &mut Vec<Scored>, worst: &mut Option<usize>, k: usize, node: 
         *worst = None;
         return;
     }
-    let w = match *worst {
-        Some(w) => w,
-        None => match kept.iter().enumerate().max_by(|a, b| best_first(a.1, b.1)) {
-            Some((w, _)) => {
-                *worst = Some(w);
-                w
-            }
-            None => return,
-        },
-    };
-    let old = &kept[w];
+    // k >= 1 here (Keep::Best is only used for a limit of 1 or more), so `kept` is not empty.
+    let w = *worst.get_or_insert_with(|| kept.iter().enumerate().max_by(|a, b| best_first(a.1, b.1)).map_or(0, |(w, _)| w));
+    let Some(old) = kept.get(w) else { return };
     if parts.total().total_cmp(&old.parts.total()).then_with(|| node.cmp(&old.node)).is_lt() {
         kept[w] = Scored { node: node.to_owned(), parts, priority: 0, slot };
         *worst = None;
