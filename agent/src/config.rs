@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hearth_controller::config::{ConfigError, RawTls, parse_duration, parse_size};
+use hearth_service::config::{ConfigError, RawTls, parse_duration, parse_size};
 use hearth_proto::transport::{DEFAULT_MAX_MESSAGE_BYTES, TlsFiles};
 use serde::Deserialize;
 
@@ -197,7 +197,7 @@ impl RawConfig {
 
     pub fn from_yaml(path: &Path, text: &str) -> Result<Self, AgentConfigError> {
         let text = if text.trim().is_empty() { "{}" } else { text };
-        Ok(serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?)
+        Ok(serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })?)
     }
 }
 

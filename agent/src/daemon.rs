@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hearth_controller::telemetry::{self, Readiness, TextMetrics};
+use hearth_service::http::{self, Readiness, TextMetrics};
 use hearth_proto::convert::AgentHello;
 use hearth_proto::transport::TlsMaterial;
 use prometheus_client::collector::Collector;
@@ -332,7 +332,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         tokio::spawn(client.run(shutdown.clone()).instrument(info_span!("report", node = %cfg.node_name)))
     });
 
-    let (http_addr, http) = telemetry::bind_http(cfg.http_listen, Arc::new(registry), readiness, telemetry_extra, shutdown.clone())
+    let (http_addr, http) = http::bind_http(cfg.http_listen, Arc::new(registry), readiness, telemetry_extra, shutdown.clone())
         .await
         .map_err(|source| AgentError::Bind { addr: cfg.http_listen, source })?;
     info!(%http_addr, node = %cfg.node_name, "agent serving /metrics, /healthz, /readyz");

@@ -146,7 +146,7 @@ pub fn inventory_json(v: &GpuView) -> anyhow::Result<String> {
 /// The dcgm-exporter exposition after `sweeps` sweeps, plus Hearth's collection counters.
 pub fn metrics_text(metrics: &GpuMetrics) -> String {
     let mut out = String::new();
-    hearth_controller::telemetry::TextMetrics::render(metrics, &mut out, false);
+    hearth_service::http::TextMetrics::render(metrics, &mut out, false);
     for ((gpu, call), n) in metrics.failures() {
         out.push_str(&format!("# collection failure: gpu {gpu} call {} x{n}\n", call.as_str()));
     }

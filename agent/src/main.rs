@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hearth_agent::config::{Config, RawConfig};
-use hearth_controller::telemetry::{LogFormat, init_logging};
+use hearth_service::telemetry::{LogFormat, init_logging};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -40,6 +40,7 @@ enum Cmd {
         http_listen: Option<String>,
     },
     /// Run a controller and an agent with simulated accelerators on this machine.
+    #[cfg(feature = "local")]
     Local {
         /// Where certificates, state and the cache go [default: ~/.local/state/hearth].
         #[arg(long)]
@@ -207,12 +208,13 @@ fn main() -> ExitCode {
     let default_filter = match cli.cmd {
         // Status output is the product; keep logs out of it.
         Cmd::Status { .. } | Cmd::Prefetch { .. } | Cmd::Cache { .. } | Cmd::Partition { .. } | Cmd::Gpu { .. } => "warn",
+        #[cfg(feature = "local")]
         Cmd::Local { .. } => "warn,hearth_agent=info,hearth_controller=info",
         Cmd::Agent { .. } => "info",
         Cmd::SampleNet { .. } => "warn",
     };
     init_logging(cli.log_format, default_filter);
-    hearth_controller::telemetry::run_main(run(cli.cmd))
+    hearth_service::telemetry::run_main(run(cli.cmd))
 }
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
@@ -232,6 +234,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             spawn_signal_handler(shutdown);
             agent.wait().await?;
         }
+        #[cfg(feature = "local")]
         Cmd::Local { state_dir, node_name, devices, controller_listen, controller_http_listen, agent_http_listen } => {
             spawn_signal_handler(shutdown.clone());
             let args = hearth_agent::local::LocalArgs {
@@ -259,9 +262,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             limit_rate,
             stall_timeout,
         } => {
-            let stall_timeout = hearth_controller::config::parse_duration("--stall-timeout", &stall_timeout)?;
-            let limit_rate = limit_rate.map(|r| hearth_controller::config::parse_size("--limit-rate", &r)).transpose()?;
-            let part_size = hearth_controller::config::parse_size("--part-size", &part_size)?;
+            let stall_timeout = hearth_service::config::parse_duration("--stall-timeout", &stall_timeout)?;
+            let limit_rate = limit_rate.map(|r| hearth_service::config::parse_size("--limit-rate", &r)).transpose()?;
+            let part_size = hearth_service::config::parse_size("--part-size", &part_size)?;
             if !(64 << 10..=(1 << 30)).contains(&part_size) {
                 anyhow::bail!("--part-size: expected between 64Ki and 1Gi, got {part_size}");
             }
@@ -312,7 +315,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 }
                 GpuCmd::Profiles => print!("{}", tokio::task::spawn_blocking(gpu_cli::profiles_report).await??),
                 GpuCmd::Bench { rounds, pause } => {
-                    let pause = hearth_controller::config::parse_duration("--pause", &pause)?;
+                    let pause = hearth_service::config::parse_duration("--pause", &pause)?;
                     let report = tokio::task::spawn_blocking(move || {
                         let mut g = hearth_agent::device::nvml::NvmlGpus::open(None)?;
                         hearth_agent::device::nvml_bench::run(&mut g, rounds, pause).map_err(anyhow::Error::msg)
@@ -335,7 +338,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Cache { cmd: CacheCmd::Manifest { dir } } => hearth_agent::prefetch::write_manifest(&dir)?,
         Cmd::Cache { cmd: CacheCmd::Sample { dir, shards, shard_size } } => {
-            let size = hearth_controller::config::parse_size("--shard-size", &shard_size)?;
+            let size = hearth_service::config::parse_size("--shard-size", &shard_size)?;
             hearth_agent::cache::sample::write_sample_model(&dir, shards, size)
                 .with_context(|| format!("writing a sample model to {}", dir.display()))?;
             println!("wrote {shards} shards of {size} bytes to {}", dir.display());
@@ -359,7 +362,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
 
 fn spawn_signal_handler(shutdown: CancellationToken) {
     tokio::spawn(async move {
-        hearth_controller::telemetry::shutdown_signal().await;
+        hearth_service::telemetry::shutdown_signal().await;
         shutdown.cancel();
     });
 }

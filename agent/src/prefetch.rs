@@ -169,7 +169,7 @@ pub fn ls(dest: &std::path::Path, json: bool) -> anyhow::Result<()> {
 pub fn write_manifest(dir: &std::path::Path) -> anyhow::Result<()> {
     let m = Manifest::build(dir).with_context(|| format!("building a manifest of {}", dir.display()))?;
     let path = dir.join(MANIFEST_NAME);
-    hearth_controller::fsutil::write_atomic(&path, m.to_json().as_bytes(), false).with_context(|| format!("writing {}", path.display()))?;
+    hearth_service::fsutil::write_atomic(&path, m.to_json().as_bytes(), false).with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {} ({} files)", path.display(), m.files.len());
     Ok(())
 }

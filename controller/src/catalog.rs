@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, parse_duration, parse_size};
+use hearth_service::config::{ConfigError, parse_duration, parse_size};
 
 /// What one replica needs from a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,7 +127,7 @@ fn default_runtime() -> String {
 const RUNTIMES: [&str; 5] = ["vllm", "sglang", "tgi", "triton", "custom"];
 
 fn invalid(field: String, expected: &'static str, got: impl Into<String>) -> ConfigError {
-    ConfigError::Model { field, expected, got: got.into() }
+    ConfigError::Entry { field, expected: expected.into(), got: got.into() }
 }
 
 fn dur(field: String, s: &Option<String>, default: Duration) -> Result<Duration, ConfigError> {
@@ -301,7 +301,7 @@ mod tests {
     use super::*;
 
     fn parse(yaml: &str) -> Result<Catalog, ConfigError> {
-        let raw: Vec<RawModel> = serde_yaml::from_str(yaml).unwrap();
+        let raw: Vec<RawModel> = serde_yaml_ng::from_str(yaml).unwrap();
         Catalog::from_raw(&raw)
     }
 

@@ -2,83 +2,12 @@
 //! so a bad value fails before anything listens. Every error names the field.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use hearth_proto::transport::{DEFAULT_MAX_MESSAGE_BYTES, TlsFiles};
+pub use hearth_service::config::{ConfigError, RawTls, invalid, parse_addr, parse_duration, parse_size};
 use serde::Deserialize;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config file {path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path}: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
-    #[error("{field}: expected {expected}, got {got:?}")]
-    Invalid { field: &'static str, expected: &'static str, got: String },
-    #[error("{field}: expected {expected}, got {got:?}")]
-    Model { field: String, expected: &'static str, got: String },
-    #[error("tls: ca, cert and key are required unless insecure mode is on (--insecure or insecure: true)")]
-    TlsMissing,
-}
-
-fn invalid(field: &'static str, expected: &'static str, got: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, expected, got: got.into() }
-}
-
-/// A duration like "15s", "500ms", "2m", for config fields.
-pub fn parse_duration(field: &'static str, s: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s).map_err(|_| invalid(field, "a duration like \"15s\" or \"500ms\"", s))
-}
-
-/// A size like "4Mi", "500Gi", "1048576".
-pub fn parse_size(field: &'static str, s: &str) -> Result<u64, ConfigError> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: u64 = match unit.trim() {
-        "" => 1,
-        "Ki" => 1 << 10,
-        "Mi" => 1 << 20,
-        "Gi" => 1 << 30,
-        "Ti" => 1 << 40,
-        "K" | "k" => 1_000,
-        "M" => 1_000_000,
-        "G" => 1_000_000_000,
-        "T" => 1_000_000_000_000,
-        _ => {
-            return Err(invalid(field, "a size like \"4Mi\", \"500Gi\" or a number of bytes", s));
-        }
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| invalid(field, "a size like \"4Mi\", \"500Gi\" or a number of bytes", s))
-}
-
-pub(crate) fn parse_addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
-    s.parse().map_err(|_| invalid(field, "an address like \"0.0.0.0:7443\"", s))
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawTls {
-    pub ca: Option<PathBuf>,
-    pub cert: Option<PathBuf>,
-    pub key: Option<PathBuf>,
-}
-
-impl RawTls {
-    /// All three or none; insecure mode allows none.
-    pub fn resolve(self, insecure: bool) -> Result<Option<TlsFiles>, ConfigError> {
-        match (self.ca, self.cert, self.key) {
-            (Some(ca), Some(cert), Some(key)) => Ok(Some(TlsFiles { ca, cert, key })),
-            (None, None, None) if insecure => Ok(None),
-            _ if insecure => Err(invalid("tls", "all of ca, cert and key, or none of them", "a partial set")),
-            _ => Err(ConfigError::TlsMissing),
-        }
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -257,7 +186,7 @@ fn default_shutdown_grace() -> String {
 
 impl Default for RawConfig {
     fn default() -> Self {
-        serde_yaml::from_str("{}").expect("empty config has every default")
+        serde_yaml_ng::from_str("{}").expect("empty config has every default")
     }
 }
 
@@ -323,20 +252,18 @@ impl TryFrom<RawConfig> for Config {
 
 impl RawConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::from_yaml(path, &text)
+        hearth_service::config::read_yaml(path)
     }
 
     pub fn from_yaml(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        // An empty file is an empty mapping: every default.
-        let text = if text.trim().is_empty() { "{}" } else { text };
-        serde_yaml::from_str(text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+        hearth_service::config::parse_yaml(path, text)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn parse(yaml: &str) -> Result<Config, ConfigError> {
         Config::try_from(RawConfig::from_yaml(Path::new("c.yaml"), yaml)?)
@@ -375,12 +302,4 @@ mod tests {
         assert_eq!(c.tls.map(|t| t.key), Some(PathBuf::from("/c")));
     }
 
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("f", "4Mi").ok(), Some(4 << 20));
-        assert_eq!(parse_size("f", "500Gi").ok(), Some(500 << 30));
-        assert_eq!(parse_size("f", "123").ok(), Some(123));
-        assert!(parse_size("f", "lots").is_err());
-        assert!(parse_size("f", "99999999999999999999Ti").is_err());
-    }
 }

@@ -7,13 +7,10 @@
 pub mod api;
 pub mod catalog;
 pub mod config;
-pub mod fsutil;
 pub mod metrics;
-pub mod pki;
 pub mod placement;
 pub mod scaling;
 pub mod state;
-pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,12 +77,12 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let placement = Arc::new(placement::Placement::new(state.clone(), Arc::new(config.catalog.clone()), config.placement.clone()));
     let scaling = Arc::new(scaling::Scaling::new(placement.clone(), config.scaling.clone(), &mut registry));
     let auth = config.auth.clone();
-    let readiness = Arc::new(telemetry::Readiness::default());
+    let readiness = Arc::new(hearth_service::http::Readiness::default());
 
     let grpc =
         TcpListener::bind(config.listen).await.map_err(|source| ControllerError::Bind { what: "gRPC", addr: config.listen, source })?;
     let grpc_addr = grpc.local_addr().map_err(|source| ControllerError::Bind { what: "gRPC", addr: config.listen, source })?;
-    let (http_addr, http) = telemetry::bind_http(config.http_listen, Arc::new(registry), readiness, Vec::new(), shutdown.clone())
+    let (http_addr, http) = hearth_service::http::bind_http(config.http_listen, Arc::new(registry), readiness, Vec::new(), shutdown.clone())
         .await
         .map_err(|source| ControllerError::Bind { what: "HTTP", addr: config.http_listen, source })?;
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use hearth_controller::config::RawConfig;
-use hearth_controller::telemetry::{LogFormat, init_logging};
+use hearth_service::telemetry::{LogFormat, init_logging};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -40,7 +40,7 @@ enum Cmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, "info");
-    hearth_controller::telemetry::run_main(run(cli.cmd))
+    hearth_service::telemetry::run_main(run(cli.cmd))
 }
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
@@ -61,7 +61,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
     let running = hearth_controller::start(cfg, shutdown.clone()).await?;
     let stop = shutdown.clone();
     tokio::spawn(async move {
-        hearth_controller::telemetry::shutdown_signal().await;
+        hearth_service::telemetry::shutdown_signal().await;
         stop.cancel();
     });
     running.wait().await?;

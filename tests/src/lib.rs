@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use hearth_controller::pki::{CertAuthority, Issued, LeafSpec, Usage};
+use hearth_service::pki::{CertAuthority, Issued, LeafSpec, Usage};
 use hearth_proto::transport::TlsMaterial;
 use hearth_proto::v1 as pb;
 use tokio::sync::mpsc;
@@ -82,7 +82,7 @@ impl TestPki {
     }
 
     fn write(&self, name: &str, issued: &Issued) -> Result<hearth_proto::transport::TlsFiles> {
-        Ok(hearth_controller::pki::write_bundle(&self.dir, name, self.ca.cert_pem(), issued)?)
+        Ok(hearth_service::pki::write_bundle(&self.dir, name, self.ca.cert_pem(), issued)?)
     }
 
     pub fn server(&self) -> Result<hearth_proto::transport::TlsFiles> {

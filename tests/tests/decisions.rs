@@ -83,7 +83,7 @@ async fn env(nodes: Vec<(&str, pb::NodeState)>) -> Result<Env> {
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{token}\n"))?;
     let stop = tokio_util::sync::CancellationToken::new();
-    let models: Vec<hearth_controller::catalog::RawModel> = serde_yaml::from_str(MODELS)?;
+    let models: Vec<hearth_controller::catalog::RawModel> = serde_yaml_ng::from_str(MODELS)?;
     let ctl = start_controller(&pki, stop.clone(), |raw| {
         raw.models = models;
         raw.scaling.interval = Some("200ms".into());

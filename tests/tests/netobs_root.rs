@@ -545,7 +545,7 @@ print("done", flush=True)
 fn a_thousand_pod_cgroups_created_and_deleted_leave_no_series_and_no_map_entries() -> Result<()> {
     use hearth_agent::netobs::collect::Collector;
     use hearth_agent::netobs::pods::{PodRef, PodTable};
-    use hearth_controller::telemetry::TextMetrics;
+    use hearth_service::http::TextMetrics;
     use std::time::{Duration, Instant};
 
     require_root()?;

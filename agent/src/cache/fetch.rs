@@ -343,7 +343,7 @@ pub async fn fetch(
         remove_dir_if_exists(&staging)?;
         std::fs::create_dir_all(staging.join("data")).map_err(io_err(&staging))?;
         let json = serde_json::to_vec_pretty(&plan).map_err(|e| FetchError::Io { path: plan_path.clone(), source: e.into() })?;
-        hearth_controller::fsutil::write_atomic(&plan_path, &json, false).map_err(io_err(&plan_path))?;
+        hearth_service::fsutil::write_atomic(&plan_path, &json, false).map_err(io_err(&plan_path))?;
     }
     let (mut journal, records) = Journal::open(&staging.join("journal"))?;
 
@@ -816,7 +816,7 @@ fn verify_and_publish(
     let parent = final_path.parent().unwrap_or(final_path);
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
     std::fs::rename(data, final_path).map_err(io_err(final_path))?;
-    hearth_controller::fsutil::sync_dir(parent).map_err(io_err(parent))
+    hearth_service::fsutil::sync_dir(parent).map_err(io_err(parent))
 }
 
 /// Parses the safetensors header and checks every tensor lies inside the file.
@@ -891,8 +891,7 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
             } else {
                 Duration::from_millis(100)
             };
-            let step = base.saturating_mul(1 << attempt.min(6)).min(Duration::from_secs(10));
-            let delay = step / 2 + (step / 2).mul_f64(fastrand::f64());
+            let delay = hearth_service::retry::jittered(base, Duration::from_secs(10), attempt);
             debug!(key = %f.obj.key, offset, attempt, ?delay, error = %err, "part read failed; retrying");
             tokio::select! {
                 _ = ctx.cancel.cancelled() => return,

@@ -109,7 +109,7 @@ impl Index {
     pub fn put(&self, e: &IndexEntry) -> Result<(), IndexError> {
         let path = self.path(&e.id);
         let json = serde_json::to_vec_pretty(e).map_err(|source| IndexError::Parse { path: path.clone(), source })?;
-        hearth_controller::fsutil::write_atomic(&path, &json, false).map_err(|source| IndexError::Io { path, source })
+        hearth_service::fsutil::write_atomic(&path, &json, false).map_err(|source| IndexError::Io { path, source })
     }
 
     pub fn get(&self, id: &str) -> Result<Option<IndexEntry>, IndexError> {
@@ -124,7 +124,7 @@ impl Index {
     pub fn remove(&self, id: &str) -> Result<(), IndexError> {
         let path = self.path(id);
         match std::fs::remove_file(&path) {
-            Ok(()) => hearth_controller::fsutil::sync_dir(&self.dir).map_err(|source| IndexError::Io { path, source }),
+            Ok(()) => hearth_service::fsutil::sync_dir(&self.dir).map_err(|source| IndexError::Io { path, source }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(IndexError::Io { path, source }),
         }

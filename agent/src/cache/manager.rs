@@ -445,7 +445,7 @@ impl Cache {
         if changed {
             let json = serde_json::to_vec(&*pins).unwrap_or_default();
             let path = self.cfg.root.join("pins.json");
-            hearth_controller::fsutil::write_atomic(&path, &json, false).map_err(|source| CacheError::Io { path, source })?;
+            hearth_service::fsutil::write_atomic(&path, &json, false).map_err(|source| CacheError::Io { path, source })?;
             drop(pins);
             self.changed();
         }

@@ -127,7 +127,7 @@ impl GpuMetrics {
 }
 
 /// Renders the dcgm-exporter families; registered with the HTTP server.
-impl hearth_controller::telemetry::TextMetrics for GpuMetrics {
+impl hearth_service::http::TextMetrics for GpuMetrics {
     fn render(&self, out: &mut String, openmetrics: bool) {
         render::render(&self.view(), &self.attribution(), &self.host, openmetrics, out);
     }
@@ -377,7 +377,7 @@ mod tests {
 
     fn scrape(m: &GpuMetrics) -> String {
         let mut out = String::new();
-        hearth_controller::telemetry::TextMetrics::render(m, &mut out, false);
+        hearth_service::http::TextMetrics::render(m, &mut out, false);
         out
     }
 

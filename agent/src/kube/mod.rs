@@ -166,7 +166,7 @@ async fn call(s: &KubeSettings, what: &str, method: &str, path: &str, body: Opti
 }
 
 /// Keeps the node's labels equal to the latest wanted set: patches on every change, retries
-/// with backoff (1 s doubling to 60 s) while the API server refuses, logs once per run of
+/// with jittered backoff (1 s doubling to 60 s) while the API server refuses, logs once per run of
 /// failures. Runs until `shutdown`.
 pub async fn label_loop(
     s: KubeSettings,
@@ -175,7 +175,7 @@ pub async fn label_loop(
     results: prometheus_client::metrics::family::Family<[(&'static str, &'static str); 1], prometheus_client::metrics::counter::Counter>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_secs(1);
+    let mut backoff = hearth_service::retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
     let mut failing = false;
     loop {
         let labels = wanted.borrow_and_update().clone();
@@ -187,7 +187,7 @@ pub async fn label_loop(
                         info!(node, "node labels written again");
                     }
                     failing = false;
-                    backoff = Duration::from_secs(1);
+                    backoff.reset();
                 }
                 Err(e) => {
                     results.get_or_create(&[("result", "error")]).inc();
@@ -197,9 +197,8 @@ pub async fn label_loop(
                     failing = true;
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(60));
                     continue;
                 }
             }
@@ -214,7 +213,7 @@ pub async fn label_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hearth_controller::pki::{CertAuthority, LeafSpec, Usage};
+    use hearth_service::pki::{CertAuthority, LeafSpec, Usage};
 
     /// A Node as the API server returns it after a merge patch (trimmed recording).
     const NODE_JSON: &str = r#"{"kind":"Node","apiVersion":"v1","metadata":{"name":"gpu-node-1","uid":"5f1c9a2e-0b7d-4a53-9a61-3e1f0c2d4b77","resourceVersion":"918273","labels":{"kubernetes.io/hostname":"gpu-node-1","nvidia.com/gpu.present":"true","hearth.dev/mig.config":"balanced","hearth.dev/mig.config.state":"success"}},"spec":{"providerID":"aws:///us-east-1a/i-0abc"},"status":{"capacity":{"nvidia.com/gpu":"8"}}}"#;

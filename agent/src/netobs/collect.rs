@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use hearth_controller::telemetry::TextMetrics;
+use hearth_service::http::TextMetrics;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 

@@ -165,7 +165,7 @@ impl Reconciler {
             std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
         }
         let body = serde_json::to_vec_pretty(rec).map_err(|e| err(e.to_string()))?;
-        hearth_controller::fsutil::write_atomic(&self.record_path, &body, true).map_err(|e| err(e.to_string()))
+        hearth_service::fsutil::write_atomic(&self.record_path, &body, true).map_err(|e| err(e.to_string()))
     }
 
     fn read_states(&self) -> Result<Vec<GpuState>, ReconcileError> {

@@ -20,7 +20,7 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
     #[error("partition spec: {0}")]
-    Parse(#[from] serde_yaml::Error),
+    Parse(#[from] serde_yaml_ng::Error),
     #[error("partition spec: version: expected \"v1\", got {0:?}")]
     Version(String),
     #[error("partition spec: mig-configs.{config}[{entry}].device-filter: expected PCI device ids like \"0x233010DE\", got {got:?}")]
@@ -80,7 +80,7 @@ struct RawSpec {
     /// Reserved: Neuron core groups will be configured here.
     #[serde(default)]
     #[allow(dead_code)]
-    neuron_configs: Option<serde_yaml::Value>,
+    neuron_configs: Option<serde_yaml_ng::Value>,
 }
 
 /// One entry of a named config: which GPUs, and what they should look like.
@@ -112,7 +112,7 @@ pub struct Spec {
 
 impl Spec {
     pub fn parse(yaml: &str) -> Result<Self, SpecError> {
-        let raw: RawSpec = serde_yaml::from_str(yaml)?;
+        let raw: RawSpec = serde_yaml_ng::from_str(yaml)?;
         if raw.version != "v1" {
             return Err(SpecError::Version(raw.version));
         }

@@ -4,7 +4,6 @@
 //! per attempt. The agent's node-local work never waits on this module: it reads the
 //! report from a watch channel and only ever sends.
 
-mod backoff;
 mod commands;
 
 use std::collections::BTreeMap;
@@ -25,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
-pub use backoff::Backoff;
+pub use hearth_service::retry::Backoff;
 pub use commands::{CommandDispatcher, CommandOutcome, PartitionHandler};
 
 use crate::device::Accelerator;
@@ -216,7 +215,7 @@ pub struct ReportClient {
     epoch: u64,
     report: watch::Receiver<NodeReport>,
     metrics: ReportMetrics,
-    readiness: Arc<hearth_controller::telemetry::Readiness>,
+    readiness: Arc<hearth_service::http::Readiness>,
     commands: CommandDispatcher,
     /// Results of long commands; they wait here while the controller is away.
     statuses: mpsc::Receiver<pb::CommandStatus>,
@@ -234,7 +233,7 @@ impl ReportClient {
         hello: AgentHello,
         report: watch::Receiver<NodeReport>,
         metrics: ReportMetrics,
-        readiness: Arc<hearth_controller::telemetry::Readiness>,
+        readiness: Arc<hearth_service::http::Readiness>,
         commands: CommandDispatcher,
         statuses: mpsc::Receiver<pb::CommandStatus>,
     ) -> Self {

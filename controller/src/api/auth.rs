@@ -10,7 +10,7 @@ use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 use tonic::{Request, Status};
 
-use crate::config::ConfigError;
+use hearth_service::config::ConfigError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
@@ -105,7 +105,7 @@ impl std::fmt::Debug for Auth {
 }
 
 fn invalid(field: String, expected: &'static str, got: impl Into<String>) -> ConfigError {
-    ConfigError::Model { field, expected, got: got.into() }
+    ConfigError::Entry { field, expected: expected.into(), got: got.into() }
 }
 
 impl RawAuth {
@@ -204,7 +204,7 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{CertAuthority, LeafSpec, Usage};
+    use hearth_service::pki::{CertAuthority, LeafSpec, Usage};
     use std::time::Duration;
 
     fn der(ca: &CertAuthority, name: &str) -> CertificateDer<'static> {
@@ -217,7 +217,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tok = dir.path().join("t");
         std::fs::write(&tok, "0123456789abcdef-token\n").unwrap();
-        let raw: RawAuth = serde_yaml::from_str(&format!("tokens: [{{role: scheduler, file: {}}}]", tok.display())).unwrap();
+        let raw: RawAuth = serde_yaml_ng::from_str(&format!("tokens: [{{role: scheduler, file: {}}}]", tok.display())).unwrap();
         let auth = raw.resolve(false).unwrap();
         let ca = CertAuthority::new("t").unwrap();
         assert_eq!(auth.role_of_cert(&der(&ca, "hearth-scheduler")), Role::Scheduler);
@@ -233,13 +233,13 @@ mod tests {
 
     #[test]
     fn bad_auth_config_names_the_field() {
-        let raw: RawAuth = serde_yaml::from_str("tokens: [{role: root, file: /nonexistent}]").unwrap();
+        let raw: RawAuth = serde_yaml_ng::from_str("tokens: [{role: root, file: /nonexistent}]").unwrap();
         let e = raw.resolve(false).unwrap_err().to_string();
         assert!(e.starts_with("auth.tokens[0].role: expected scheduler, autoscaler or operator"), "{e}");
-        let raw: RawAuth = serde_yaml::from_str("tokens: [{role: scheduler, file: /nonexistent}]").unwrap();
+        let raw: RawAuth = serde_yaml_ng::from_str("tokens: [{role: scheduler, file: /nonexistent}]").unwrap();
         let e = raw.resolve(false).unwrap_err().to_string();
         assert!(e.starts_with("auth.tokens[0].file: expected a readable file"), "{e}");
-        let raw: RawAuth = serde_yaml::from_str("schedulers: ['not a name!']").unwrap();
+        let raw: RawAuth = serde_yaml_ng::from_str("schedulers: ['not a name!']").unwrap();
         assert!(raw.resolve(false).unwrap_err().to_string().starts_with("auth.schedulers[0]"));
     }
 }

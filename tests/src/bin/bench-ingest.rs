@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use hearth_controller::pki::{LeafSpec, Usage};
+use hearth_service::pki::{LeafSpec, Usage};
 use hearth_proto::transport::TlsMaterial;
 use hearth_proto::v1::{self as pb, agent_message::Kind as Out, controller_message::Kind as In};
 use hearth_tests::*;

@@ -248,7 +248,7 @@ fn collector_cost(n: usize) -> Result<()> {
         }
         let (cpu, wall) = (cpu_seconds() - cpu0, t0.elapsed());
         let mut out = String::new();
-        hearth_controller::telemetry::TextMetrics::render(metrics.as_ref(), &mut out, false);
+        hearth_service::http::TextMetrics::render(metrics.as_ref(), &mut out, false);
         let (traffic, _, _, cgroups) = metrics.sizes();
         println!();
         println!(

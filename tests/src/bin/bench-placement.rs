@@ -142,7 +142,7 @@ async fn main() -> Result<()> {
     let pki = TestPki::new(&dir.path().join("pki"))?;
     let stop = tokio_util::sync::CancellationToken::new();
     let _stop = stop.clone().drop_guard();
-    let models: Vec<hearth_controller::catalog::RawModel> = serde_yaml::from_str(&catalog_yaml(args.models))?;
+    let models: Vec<hearth_controller::catalog::RawModel> = serde_yaml_ng::from_str(&catalog_yaml(args.models))?;
     let ctl = start_controller(&pki, stop, |raw| {
         raw.models = models;
         raw.stale_after = "1h".into();

@@ -236,8 +236,7 @@ impl Source for S3Source {
                 match r {
                     Ok(v) => return Ok(v),
                     Err(e) if attempt < LIST_ATTEMPTS && !matches!(e, SourceError::Denied { .. }) => {
-                        let step = Duration::from_millis(100).saturating_mul(1 << attempt.min(6)).min(Duration::from_secs(5));
-                        let delay = step / 2 + (step / 2).mul_f64(fastrand::f64());
+                        let delay = hearth_service::retry::jittered(Duration::from_millis(100), Duration::from_secs(5), attempt);
                         tracing::debug!(error = %e, attempt, ?delay, "listing failed; retrying");
                         tokio::time::sleep(delay).await;
                     }

@@ -1,52 +1,16 @@
-//! `hearth local`: a controller and an agent in one process on loopback, with simulated
-//! accelerators and real mTLS from a dev CA generated on each start. It publishes its
-//! addresses and operator credentials in `<state dir>/local/local.json`, which `hearth
-//! status` reads when given no flags.
+//! The running part of `hearth local`: dev CA, embedded controller, agent, live status.
 
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use hearth_controller::pki::{CertAuthority, LeafSpec, Usage, write_atomic, write_bundle};
-use serde::{Deserialize, Serialize};
+use hearth_service::pki::{CertAuthority, LeafSpec, Usage, write_atomic, write_bundle};
 use tokio_util::sync::CancellationToken;
 
+use super::{LocalInfo, info_path};
 use crate::config::{Config, ControllerConfig, DEFAULT_EXCLUDED_INTERFACES, DeviceBackendKind};
 use crate::device::sim::SimSpec;
-
-/// What `hearth status` needs to reach a running local mode.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-pub struct LocalInfo {
-    pub pid: u32,
-    pub controller_url: String,
-    pub server_name: String,
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub controller_metrics: String,
-    pub agent_metrics: String,
-    pub node_name: String,
-    /// The kube-scheduler extender's base URL (operator certificate), when it runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub extender_url: Option<String>,
-}
-
-/// `$HEARTH_STATE_DIR`, else `$XDG_STATE_HOME/hearth`, else `~/.local/state/hearth`.
-pub fn default_state_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("HEARTH_STATE_DIR").filter(|d| !d.is_empty()) {
-        return d.into();
-    }
-    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("hearth");
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    home.join(".local/state/hearth")
-}
-
-pub fn info_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("local").join("local.json")
-}
 
 #[derive(Debug, Clone)]
 pub struct LocalArgs {
@@ -79,7 +43,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     // One model deployment over the sample model, so placement and scaling have something
     // to answer about; the extender on a free local port.
     let sample_dir = dir.join("sample-models/llama-sample");
-    craw.models = serde_yaml::from_str(&format!(
+    craw.models = serde_yaml_ng::from_str(&format!(
         "- {{name: llama-sample, source: \"file://{}\", size: 256Mi, image: vllm/vllm-openai:latest, image_size: 8Gi, resources: {{gpus: 1, memory: 1Gi}}, scaling: {{min_replicas: 0, max_replicas: 2}}}}",
         sample_dir.display()
     ))?;
@@ -98,7 +62,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         tokio::task::spawn_blocking(move || {
             crate::cache::sample::write_sample_model(&d, 4, 64 << 20)?;
             let m = crate::cache::verify::Manifest::build(&d).map_err(std::io::Error::other)?;
-            hearth_controller::fsutil::write_atomic(&d.join(crate::cache::verify::MANIFEST_NAME), m.to_json().as_bytes(), false)
+            hearth_service::fsutil::write_atomic(&d.join(crate::cache::verify::MANIFEST_NAME), m.to_json().as_bytes(), false)
         })
         .await??;
     }

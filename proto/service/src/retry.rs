@@ -1,4 +1,20 @@
+//! The one retry delay of every Hearth retry loop (the controller stream, part reads,
+//! listings, API server writes): capped exponential steps with "equal jitter".
+
 use std::time::Duration;
+
+/// The capped exponential step before retry number `attempt` (0 for the first), no jitter.
+pub fn step(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let factor = 1u32.checked_shl(attempt.min(30)).unwrap_or(u32::MAX);
+    initial.saturating_mul(factor).min(max)
+}
+
+/// The delay before retry number `attempt`: half of [`step`] plus a random part of the
+/// other half.
+pub fn jittered(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let half = step(initial, max, attempt) / 2;
+    half + half.mul_f64(fastrand::f64())
+}
 
 /// Exponential backoff with "equal jitter": each delay is half the capped exponential step
 /// plus a random part of the other half, so a fleet of agents that lost the controller at
@@ -25,15 +41,13 @@ impl Backoff {
 
     /// The capped exponential step for the current attempt, before jitter.
     pub fn step(&self) -> Duration {
-        let factor = 1u32.checked_shl(self.attempt.min(30)).unwrap_or(u32::MAX);
-        self.initial.saturating_mul(factor).min(self.max)
+        step(self.initial, self.max, self.attempt)
     }
 
     pub fn next_delay(&mut self) -> Duration {
-        let step = self.step();
+        let d = jittered(self.initial, self.max, self.attempt);
         self.attempt = self.attempt.saturating_add(1);
-        let half = step / 2;
-        half + half.mul_f64(fastrand::f64())
+        d
     }
 }
 
