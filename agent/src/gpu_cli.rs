@@ -33,7 +33,7 @@ pub fn backend(simulate: &[String]) -> anyhow::Result<Box<dyn GpuBackend>> {
 pub fn collect(backend: Box<dyn GpuBackend>, sweeps: u32, every: Duration, hostname: &str) -> anyhow::Result<(Arc<GpuMetrics>, GpuView)> {
     let metrics = GpuMetrics::new(crate::gpu_metrics::render::HostLabel::new("Hostname", hostname));
     let (tx, rx) = std::sync::mpsc::channel();
-    let handle = gpu_metrics::start(backend, metrics.clone(), every, move |v| {
+    let handle = gpu_metrics::spawn_collector(backend, metrics.clone(), every, move |v| {
         let _ = tx.send(v.clone());
     })?;
     let mut last = None;

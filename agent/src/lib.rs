@@ -17,3 +17,4 @@ pub mod partition;
 pub mod prefetch;
 pub mod report;
 pub mod status;
+pub mod subsystem;

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -17,6 +17,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+use hearth_service::tasks::{TaskMetrics, Tasks};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -44,6 +45,10 @@ pub enum CacheError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Shared(String),
+    #[error("stopped waiting for {0}: cancelled")]
+    Cancelled(String),
+    #[error("cache task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +75,37 @@ const EWMA_ALPHA: f64 = 0.3;
 
 type Shared = watch::Receiver<Option<Result<IndexEntry, String>>>;
 
+/// One download in progress and who still wants it. The download runs under its own token,
+/// cancelled only when the last caller stops waiting (or the agent shuts down): one caller
+/// giving up never takes the download away from the others.
+struct Flight {
+    rx: Shared,
+    wanters: Arc<AtomicUsize>,
+}
+
+/// A caller's claim on a flight; dropping it (the caller returned, was cancelled or its
+/// future was dropped) releases the claim, and the last release cancels the download.
+struct Want {
+    wanters: Arc<AtomicUsize>,
+    cancel: CancellationToken,
+}
+
+impl Want {
+    /// Joins a flight unless its last caller already left (the count never rises from 0).
+    fn join(wanters: &Arc<AtomicUsize>, cancel: &CancellationToken) -> Option<Self> {
+        wanters.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n > 0).then_some(n + 1)).ok()?;
+        Some(Self { wanters: wanters.clone(), cancel: cancel.clone() })
+    }
+}
+
+impl Drop for Want {
+    fn drop(&mut self) {
+        if self.wanters.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.cancel.cancel();
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Metrics {
     hits: Counter,
@@ -85,7 +121,9 @@ pub struct Cache {
     cfg: CacheConfig,
     layout: Layout,
     index: Index,
-    inflight: Mutex<HashMap<String, Shared>>,
+    inflight: Mutex<HashMap<String, (Flight, CancellationToken)>>,
+    /// Downloads run here: tracked, counted if they panic, cancelled at shutdown.
+    tasks: Tasks,
     progress: Mutex<BTreeMap<String, Arc<Progress>>>,
     bandwidth: Mutex<BTreeMap<String, Ewma>>,
     downloaded: Mutex<BTreeMap<String, u64>>,
@@ -111,8 +149,15 @@ pub struct SourceBandwidth {
 }
 
 impl Cache {
-    /// Opens the cache: scans for what a crash left and cleans it up, then registers metrics.
+    /// Opens the cache with downloads under their own task set (the CLI and tests).
+    /// Blocking: the start-up scan reads the whole index.
     pub fn open(cfg: CacheConfig, registry: &mut Registry) -> Result<Arc<Self>, CacheError> {
+        Self::open_in(cfg, registry, Tasks::new("cache", CancellationToken::new(), TaskMetrics::default()))
+    }
+
+    /// Opens the cache: scans for what a crash left and cleans it up, then registers
+    /// metrics. Downloads run as `tasks`. Blocking: call it on the blocking pool.
+    pub fn open_in(cfg: CacheConfig, registry: &mut Registry, tasks: Tasks) -> Result<Arc<Self>, CacheError> {
         let layout = Layout { root: cfg.root.clone() };
         std::fs::create_dir_all(cfg.root.join("models")).map_err(|source| CacheError::Io { path: cfg.root.clone(), source })?;
         let index = Index::new(&cfg.root);
@@ -133,6 +178,7 @@ impl Cache {
             layout,
             index,
             inflight: Mutex::default(),
+            tasks,
             progress: Mutex::default(),
             bandwidth: Mutex::default(),
             downloaded: Mutex::default(),
@@ -248,44 +294,75 @@ impl Cache {
             .collect()
     }
 
+    /// A cached, complete entry, with its use recorded; None when it must be downloaded.
+    /// Blocking (index read and write).
+    fn hit(&self, id: &str) -> Result<Option<IndexEntry>, CacheError> {
+        let Some(mut e) = self.index.get(id)?.filter(|e| e.state == EntryState::Ready) else {
+            return Ok(None);
+        };
+        if !e.files.iter().all(|f| self.layout.model_dir(id).join(&f.key).is_file()) {
+            return Ok(None);
+        }
+        self.metrics.hits.inc();
+        e.last_used = super::index::now_secs();
+        self.index.put(&e)?;
+        e.pinned = self.pins.lock().unwrap_or_else(|p| p.into_inner()).contains(id);
+        Ok(Some(e))
+    }
+
     /// Makes sure `spec` is cached and returns its entry. Concurrent callers for the same
-    /// model share one download.
+    /// model share one download, which goes on while any of them still waits; `cancel`
+    /// ends this caller's wait (and the download, if no one else wants it).
     pub async fn ensure(self: &Arc<Self>, spec: &ModelSpec, cancel: CancellationToken) -> Result<IndexEntry, CacheError> {
         let id = spec.id();
-        if let Some(mut e) = self.index.get(&id)?.filter(|e| e.state == EntryState::Ready)
-            && e.files.iter().all(|f| self.layout.model_dir(&id).join(&f.key).is_file())
-        {
-            self.metrics.hits.inc();
-            e.last_used = super::index::now_secs();
-            self.index.put(&e)?;
-            e.pinned = self.pins.lock().unwrap_or_else(|p| p.into_inner()).contains(&id);
+        let me = self.clone();
+        let hit_id = id.clone();
+        if let Some(e) = tokio::task::spawn_blocking(move || me.hit(&hit_id)).await?? {
             return Ok(e);
         }
-        let mut rx = {
-            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-            match inflight.get(&id) {
-                Some(rx) => rx.clone(),
-                None => {
-                    self.metrics.misses.inc();
-                    let (tx, rx) = watch::channel(None);
-                    inflight.insert(id.clone(), rx.clone());
-                    let me = self.clone();
-                    let spec = spec.clone();
-                    tokio::spawn(async move {
-                        let r = me.download(&spec, cancel).await;
-                        me.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&spec.id());
-                        let _ = tx.send(Some(r.map_err(|e| e.to_string())));
-                    });
-                    rx
-                }
-            }
-        };
         loop {
-            if let Some(r) = rx.borrow_and_update().clone() {
-                return r.map_err(CacheError::Shared);
-            }
-            if rx.changed().await.is_err() {
-                return Err(CacheError::Shared(format!("download of {id} was abandoned")));
+            let (mut rx, want) = {
+                let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                match inflight.get(&id) {
+                    Some((f, token)) => (f.rx.clone(), Want::join(&f.wanters, token)),
+                    None => {
+                        self.metrics.misses.inc();
+                        let (tx, rx) = watch::channel(None);
+                        let wanters = Arc::new(AtomicUsize::new(1));
+                        let token = self.tasks.cancel_token().child_token();
+                        let want = Want { wanters: wanters.clone(), cancel: token.clone() };
+                        inflight.insert(id.clone(), (Flight { rx: rx.clone(), wanters }, token.clone()));
+                        let (me, spec) = (self.clone(), spec.clone());
+                        self.tasks.spawn("download", async move {
+                            let r = me.download(&spec, token).await;
+                            // Out of the map before the result is sent: a caller that saw
+                            // this flight abandoned retries and must find it gone.
+                            me.inflight.lock().unwrap_or_else(|p| p.into_inner()).remove(&spec.id());
+                            let _ = tx.send(Some(r.map_err(|e| e.to_string())));
+                        });
+                        (rx, Some(want))
+                    }
+                }
+            };
+            let wait = async {
+                loop {
+                    if let Some(r) = rx.borrow_and_update().clone() {
+                        return Some(r);
+                    }
+                    if rx.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            };
+            let ended = tokio::select! {
+                r = wait => r,
+                _ = cancel.cancelled() => return Err(CacheError::Cancelled(id)),
+            };
+            match (ended, want) {
+                (Some(r), Some(_want)) => return r.map_err(CacheError::Shared),
+                // Everyone else had left that flight and it was being cancelled: start anew.
+                (Some(_), None) => continue,
+                (None, _) => return Err(CacheError::Shared(format!("download of {id} was abandoned"))),
             }
         }
     }
@@ -297,7 +374,9 @@ impl Cache {
         // Room first: listing is cheap, and a download that cannot fit must not start.
         let objects = source.list().await.map_err(FetchError::from)?;
         let needed: u64 = objects.iter().filter(|o| spec.wants(&o.key)).map(|o| o.size).sum();
-        self.make_room(&id, needed)?;
+        // Making room may delete whole models: not on an async worker.
+        let (me, for_id) = (self.clone(), id.clone());
+        tokio::task::spawn_blocking(move || me.make_room(&for_id, needed)).await??;
         let progress = Arc::new(Progress::default());
         self.progress.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), progress.clone());
         self.changed();
@@ -323,7 +402,8 @@ impl Cache {
                 for f in &e.files {
                     self.metrics.verifications.get_or_create(&[("outcome", verification_label(&f.verification))]).inc();
                 }
-                self.enforce_watermarks();
+                let me = self.clone();
+                tokio::task::spawn_blocking(move || me.enforce_watermarks()).await?;
                 Ok(e)
             }
             Err(err) => {
@@ -379,6 +459,7 @@ impl Cache {
     }
 
     /// Evicts unpinned entries while disk use is above the high watermark, down to the low.
+    /// Blocking.
     pub fn enforce_watermarks(&self) {
         let Ok((total, free)) = disk(&self.cfg.root) else {
             return;
@@ -421,7 +502,8 @@ impl Cache {
         Ok(())
     }
 
-    /// Evicts a model now (refused while pinned or downloading).
+    /// Evicts a model now (refused while pinned or downloading). Blocking: deleting a
+    /// model directory can take seconds; async callers use the blocking pool.
     pub fn evict(&self, id: &str) -> Result<(), CacheError> {
         if self.pins.lock().unwrap_or_else(|p| p.into_inner()).contains(id) {
             return Err(CacheError::Pinned(id.to_owned()));
@@ -435,7 +517,7 @@ impl Cache {
         self.remove(id)
     }
 
-    /// Pins (a runtime uses it: never evicted) or unpins a model.
+    /// Pins (a runtime uses it: never evicted) or unpins a model. Blocking (fsync).
     pub fn pin(&self, id: &str, pinned: bool) -> Result<(), CacheError> {
         if pinned && self.index.get(id)?.is_none() && !self.inflight.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
             return Err(CacheError::Unknown(id.to_owned()));
@@ -630,6 +712,63 @@ mod tests {
         let total = ra.max(rb);
         assert!((0.8..2.5).contains(&total), "{ra} {rb}");
         assert!(ra.min(rb) > 0.7 * total, "one download starved the other: {ra} vs {rb}");
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shared_download_goes_on_while_any_caller_waits_and_stops_when_none_does() {
+        let d = tempfile::tempdir().unwrap();
+        let mut cfg = CacheConfig {
+            root: d.path().join("cache"),
+            capacity: None,
+            high_watermark: 0.999,
+            low_watermark: 0.99,
+            fetch: FetchConfig { part_size: 64 << 10, concurrency: 4, ..Default::default() },
+            s3: S3Options::default(),
+        };
+        // 4 MiB at 4 MiB/s: long enough to cancel a caller in the middle.
+        cfg.fetch.limit = Some(Arc::new(crate::cache::ratelimit::RateLimiter::new(4 << 20)));
+        let c = Cache::open(cfg, &mut Registry::default()).unwrap();
+        let m = model(d.path(), "m", 4 << 20);
+        let (first, second) = (CancellationToken::new(), CancellationToken::new());
+        let a = tokio::spawn({
+            let (c, m, t) = (c.clone(), m.clone(), first.clone());
+            async move { c.ensure(&m, t).await }
+        });
+        let b = tokio::spawn({
+            let (c, m, t) = (c.clone(), m.clone(), second.clone());
+            async move { c.ensure(&m, t).await }
+        });
+        until("the download to start", || c.downloading()).await;
+        first.cancel();
+        assert!(matches!(a.await.unwrap(), Err(CacheError::Cancelled(_))), "the first caller stops waiting");
+        let e = b.await.unwrap().expect("the second caller still gets the model");
+        assert_eq!((e.state, e.bytes_present), (EntryState::Ready, 4 << 20));
+        assert_eq!(c.metrics.misses.get(), 1, "one download for both callers");
+
+        // Alone, a caller that gives up takes the download with it.
+        let n = model(d.path(), "n", 4 << 20);
+        let only = CancellationToken::new();
+        let w = tokio::spawn({
+            let (c, n, t) = (c.clone(), n.clone(), only.clone());
+            async move { c.ensure(&n, t).await }
+        });
+        until("the second download to start", || c.downloading()).await;
+        only.cancel();
+        assert!(matches!(w.await.unwrap(), Err(CacheError::Cancelled(_))));
+        until("the abandoned download to stop", || !c.downloading() && c.inflight.lock().unwrap().is_empty()).await;
+        let entry = c.entries().into_iter().find(|e| e.id == n.id()).expect("the partial download is indexed");
+        assert_ne!(entry.state, EntryState::Ready);
+        // And a new request starts it again and finishes from what was journaled.
+        let again = c.ensure(&n, CancellationToken::new()).await.unwrap();
+        assert_eq!(again.state, EntryState::Ready);
     }
 
     #[tokio::test]

@@ -14,6 +14,9 @@ pub mod sample;
 pub mod source;
 pub mod spec;
 pub mod verify;
+mod subsystem;
+
+pub use subsystem::start;
 
 use std::sync::Arc;
 

@@ -12,6 +12,9 @@ pub mod migctl;
 pub mod nvml;
 pub mod nvml_bench;
 pub mod sim;
+mod subsystem;
+
+pub use subsystem::start;
 
 use hearth_proto::v1 as pb;
 

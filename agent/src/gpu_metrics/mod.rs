@@ -7,6 +7,9 @@
 //! first of a run is logged, and the other fields and GPUs are exported as usual.
 
 pub mod render;
+mod subsystem;
+
+pub use subsystem::start;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -239,7 +242,7 @@ impl CollectorHandle {
 
 /// Reads the static facts and starts the collector thread; `on_sweep` runs after every
 /// sweep (the daemon copies inventory changes into the report from it).
-pub fn start(
+pub fn spawn_collector(
     mut backend: Box<dyn GpuBackend>,
     metrics: Arc<GpuMetrics>,
     every: Duration,
@@ -468,7 +471,7 @@ mod tests {
     #[test]
     fn a_panicking_backend_call_is_contained() {
         let metrics = GpuMetrics::new(render::HostLabel::new("Hostname", "n"));
-        let handle = start(Box::new(Panicky), metrics.clone(), Duration::from_millis(10), |_| {}).unwrap();
+        let handle = spawn_collector(Box::new(Panicky), metrics.clone(), Duration::from_millis(10), |_| {}).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         handle.stop();
         let v = metrics.view();

@@ -9,6 +9,9 @@
 //! client library, no watch, no cache. The Helm chart grants `patch` on `nodes`.
 
 pub mod podres;
+mod subsystem;
+
+pub use subsystem::start;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -25,7 +25,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+use hearth_service::tasks::Tasks;
+
 use crate::config::NetworkSettings;
+use crate::daemon::AgentError;
+use crate::subsystem::{Started, Status, Wiring};
 use collect::{Collector, FamilyStatus, NetMetrics};
 use pods::PodTable;
 
@@ -45,16 +49,40 @@ pub fn pod_cgroup_root(configured: Option<&std::path::Path>) -> Result<PathBuf, 
         .ok_or_else(|| format!("no kubepods.slice or kubepods cgroup under {}; set network.cgroup_root", mount.display()))
 }
 
-/// Starts per-pod network metrics as configured: attaches the programs, runs the collector
-/// and (with Kubernetes settings) the pod-name poller until `shutdown`. Never fails the
-/// agent: whatever cannot work is off, with its reason in the log and in
-/// `hearth_pod_network_enabled`.
-pub fn start(
+/// The network subsystem: attaches the programs, runs the collector and the pod-name
+/// poller as its tasks. Never fails the agent: a family that cannot work is off, with its
+/// reason in the status, the log and `hearth_pod_network_enabled`.
+pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> {
+    let kube = w.cfg.kubernetes.clone().map(|k| (k, w.cfg.node_name.clone()));
+    let net = attach(&w.cfg.network, PodTable::default(), kube, &tasks);
+    let st = net.status();
+    let mut caps = Vec::new();
+    if st.traffic.is_ok() {
+        caps.push("network.traffic");
+    }
+    if st.tcp.is_ok() {
+        caps.push("network.tcp");
+    }
+    let status = match (st.traffic, st.tcp) {
+        (Ok(()), Ok(())) => Status::enabled("per-pod traffic and TCP metrics"),
+        (Err(a), Err(b)) if a == b => Status::off(a),
+        (Err(a), Err(b)) => Status::off(format!("traffic: {a}; tcp: {b}")),
+        (Err(r), Ok(())) => Status::degraded(format!("traffic family off: {r}")),
+        (Ok(()), Err(r)) => Status::degraded(format!("tcp family off: {r}")),
+    };
+    w.text_metrics.push(net as Arc<dyn hearth_service::http::TextMetrics>);
+    Ok(Started::new(status).with_capabilities(&caps))
+}
+
+/// Attaches the programs as configured and starts the collector and (with Kubernetes
+/// settings) the pod-name poller in `tasks`. Whatever cannot work is off, with its reason.
+pub fn attach(
     settings: &NetworkSettings,
     names: PodTable,
     kube: Option<(crate::kube::KubeSettings, String)>,
-    shutdown: CancellationToken,
+    tasks: &Tasks,
 ) -> Arc<NetMetrics> {
+    let shutdown = tasks.cancel_token().clone();
     let off = |reason: String| {
         warn!(%reason, "per-pod network metrics are off");
         NetMetrics::new(FamilyStatus::off(&reason))
@@ -87,9 +115,9 @@ pub fn start(
     }
     info!(cgroup_root = %root.display(), peers = settings.peers.len(), ports = ?settings.ports, "per-pod network metrics attached");
     let (collector, metrics) = Collector::new(obs, root, Arc::new(names.clone()), settings.forget_after);
-    tokio::spawn(collect::run(collector, settings.collect_interval, shutdown.clone()).instrument(info_span!("netobs")));
+    tasks.spawn("collector", collect::run(collector, settings.collect_interval, shutdown.clone()).instrument(info_span!("netobs")));
     if let Some((kube, node)) = kube {
-        tokio::spawn(poll_pod_names(kube, node, names, shutdown).instrument(info_span!("netobs_pods")));
+        tasks.spawn("pod_names", poll_pod_names(kube, node, names, shutdown).instrument(info_span!("netobs_pods")));
     }
     metrics
 }

@@ -4,6 +4,9 @@
 //! scrape path; a scrape only reads the latest sample.
 
 mod procfs;
+mod subsystem;
+
+pub use subsystem::start;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

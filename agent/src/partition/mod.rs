@@ -8,6 +8,9 @@ pub mod apply;
 pub mod plan;
 pub mod reconcile;
 pub mod spec;
+mod subsystem;
+
+pub use subsystem::start;
 
 /// `hearth partition plan`: reads a spec, reads the GPUs' current state (NVML, read-only:
 /// MIG mode and the GPU instances present; or simulated products with `simulate`, fresh:

@@ -4,7 +4,7 @@ use std::time::SystemTime;
 
 use hearth_proto::v1::{self as pb, command::Kind, command_status::Phase};
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use hearth_service::tasks::Tasks;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::cache::manager::Cache;
@@ -97,18 +97,24 @@ pub struct CommandDispatcher {
     partition: Option<PartitionHandler>,
     seen: Arc<Mutex<Seen>>,
     statuses: mpsc::Sender<pb::CommandStatus>,
-    cancel: CancellationToken,
+    /// Every command runs here, never in the stream loop: a 100 GB eviction or a MIG apply
+    /// must not hold up heartbeats.
+    tasks: Tasks,
 }
 
 impl CommandDispatcher {
-    pub fn new(cache: Option<Arc<Cache>>, statuses: mpsc::Sender<pb::CommandStatus>, cancel: CancellationToken) -> Self {
-        Self { cache, partition: None, seen: Arc::default(), statuses, cancel }
+    pub fn new(statuses: mpsc::Sender<pb::CommandStatus>, tasks: Tasks) -> Self {
+        Self { cache: None, partition: None, seen: Arc::default(), statuses, tasks }
+    }
+
+    /// Lets this agent run Prefetch, Evict and Pin.
+    pub fn set_cache(&mut self, cache: Arc<Cache>) {
+        self.cache = Some(cache);
     }
 
     /// Lets this agent run ApplyPartition.
-    pub fn with_partition(mut self, h: PartitionHandler) -> Self {
+    pub fn set_partition(&mut self, h: PartitionHandler) {
         self.partition = Some(h);
-        self
     }
 
     fn supported(&self) -> Vec<&'static str> {
@@ -123,6 +129,8 @@ impl CommandDispatcher {
         self.seen.lock().unwrap_or_else(|p| p.into_inner()).record(o);
     }
 
+    /// Answers at once (Rejected, or Accepted with the work started as a task); the end
+    /// of accepted work reaches the controller as a later CommandStatus. Never blocks.
     pub fn dispatch(&self, cmd: pb::Command, now: SystemTime) -> CommandOutcome {
         if !cmd.idempotency_key.is_empty()
             && let Some(prev) = self.seen.lock().unwrap_or_else(|p| p.into_inner()).outcomes.get(&cmd.idempotency_key)
@@ -160,19 +168,57 @@ impl CommandDispatcher {
                         }
                     },
                 },
-                (Some(Kind::Evict(e)), Some(c)) => match c.evict(&e.model_id) {
-                    Ok(()) => outcome(Phase::Succeeded, format!("evicted {}", e.model_id)),
-                    Err(err) => outcome(Phase::Failed, err.to_string()),
-                },
-                (Some(Kind::Pin(p)), Some(c)) => match c.pin(&p.model_id, p.pinned) {
-                    Ok(()) => outcome(Phase::Succeeded, format!("{} {}", if p.pinned { "pinned" } else { "unpinned" }, p.model_id)),
-                    Err(err) => outcome(Phase::Failed, err.to_string()),
-                },
+                (Some(Kind::Evict(e)), Some(c)) => {
+                    let accepted = outcome(Phase::Accepted, format!("evicting {}", e.model_id));
+                    let (c, id) = (c.clone(), e.model_id);
+                    let span = info_span!("evict_command", command = %accepted.command_id, model = %id);
+                    self.spawn_command("evict", span, accepted.clone(), async move {
+                        let r = tokio::task::spawn_blocking({
+                            let id = id.clone();
+                            move || c.evict(&id)
+                        })
+                        .await;
+                        match r {
+                            Ok(Ok(())) => (Phase::Succeeded, format!("evicted {id}")),
+                            Ok(Err(err)) => (Phase::Failed, err.to_string()),
+                            Err(err) => (Phase::Failed, format!("evict task failed: {err}")),
+                        }
+                    });
+                    accepted
+                }
+                (Some(Kind::Pin(p)), Some(c)) => {
+                    let verb = if p.pinned { "pinned" } else { "unpinned" };
+                    let accepted = outcome(Phase::Accepted, format!("{} {}", if p.pinned { "pinning" } else { "unpinning" }, p.model_id));
+                    let (c, id, pinned) = (c.clone(), p.model_id, p.pinned);
+                    let span = info_span!("pin_command", command = %accepted.command_id, model = %id);
+                    self.spawn_command("pin", span, accepted.clone(), async move {
+                        let r = tokio::task::spawn_blocking({
+                            let id = id.clone();
+                            move || c.pin(&id, pinned)
+                        })
+                        .await;
+                        match r {
+                            Ok(Ok(())) => (Phase::Succeeded, format!("{verb} {id}")),
+                            Ok(Err(err)) => (Phase::Failed, err.to_string()),
+                            Err(err) => (Phase::Failed, format!("pin task failed: {err}")),
+                        }
+                    });
+                    accepted
+                }
                 (Some(Kind::Prefetch(p)), Some(c)) => match ModelSpec::new(&p.source_uri, &p.include, &p.exclude, &p.revision) {
                     Err(e) => outcome(Phase::Rejected, e.to_string()),
                     Ok(spec) => {
                         let accepted = outcome(Phase::Accepted, format!("prefetching {} as {}", spec.uri, spec.id()));
-                        self.spawn_prefetch(c.clone(), spec, accepted.clone());
+                        let (c, cancel) = (c.clone(), self.tasks.cancel_token().child_token());
+                        let span = info_span!("prefetch_command", command = %accepted.command_id, model = %spec.id());
+                        self.spawn_command("prefetch", span, accepted.clone(), async move {
+                            match c.ensure(&spec, cancel).await {
+                                Ok(e) => {
+                                    (Phase::Succeeded, format!("{} ready: {} bytes, verification {}", e.id, e.bytes_total, e.verification))
+                                }
+                                Err(err) => (Phase::Failed, err.to_string()),
+                            }
+                        });
                         accepted
                     }
                 },
@@ -183,40 +229,22 @@ impl CommandDispatcher {
         result
     }
 
-    fn spawn_partition(&self, h: PartitionHandler, spec: String, config: String, accepted: CommandOutcome) {
+    /// Runs accepted work as a tracked task; its end is remembered under the command's key
+    /// and queued for the controller.
+    fn spawn_command(
+        &self,
+        task: &'static str,
+        span: tracing::Span,
+        accepted: CommandOutcome,
+        work: impl std::future::Future<Output = (Phase, String)> + Send + 'static,
+    ) {
         let me = self.clone();
-        let span = info_span!("partition_command", command = %accepted.command_id, config = %config);
-        (h.publish)(PartitionStatus {
-            config: config.clone(),
-            phase: PartitionPhase::Pending,
-            reason: "accepted".into(),
-            gpus: Default::default(),
-        });
-        tokio::spawn(
+        self.tasks.spawn(
+            task,
             async move {
-                let r = h.reconciler.clone();
-                let (spec2, config2) = (spec.clone(), config.clone());
-                let end = match tokio::task::spawn_blocking(move || r.apply(&spec2, &config2)).await {
-                    Ok(Ok(status)) => {
-                        (h.publish)(status.clone());
-                        match status.phase {
-                            PartitionPhase::Success => CommandOutcome {
-                                phase: Phase::Succeeded,
-                                message: format!("partition config {config:?} applied"),
-                                ..accepted
-                            },
-                            p => CommandOutcome { phase: Phase::Failed, message: format!("{}: {}", p.as_str(), status.reason), ..accepted },
-                        }
-                    }
-                    Ok(Err(e)) => {
-                        if let Some(s) = h.reconciler.status() {
-                            (h.publish)(s);
-                        }
-                        CommandOutcome { phase: Phase::Failed, message: e.to_string(), ..accepted }
-                    }
-                    Err(e) => CommandOutcome { phase: Phase::Failed, message: format!("apply task failed: {e}"), ..accepted },
-                };
-                info!(phase = ?end.phase, message = %end.message, "partition command finished");
+                let (phase, message) = work.await;
+                let end = CommandOutcome { phase, message, ..accepted };
+                info!(phase = ?end.phase, message = %end.message, "{task} command finished");
                 me.remember(&end);
                 if me.statuses.try_send(end.into_status()).is_err() {
                     warn!("command status queue full; the controller will learn the result from the snapshot");
@@ -226,27 +254,34 @@ impl CommandDispatcher {
         );
     }
 
-    fn spawn_prefetch(&self, cache: Arc<Cache>, spec: ModelSpec, accepted: CommandOutcome) {
-        let me = self.clone();
-        let span = info_span!("prefetch_command", command = %accepted.command_id, model = %spec.id());
-        tokio::spawn(
-            async move {
-                let end = match cache.ensure(&spec, me.cancel.child_token()).await {
-                    Ok(e) => CommandOutcome {
-                        phase: Phase::Succeeded,
-                        message: format!("{} ready: {} bytes, verification {}", e.id, e.bytes_total, e.verification),
-                        ..accepted
-                    },
-                    Err(err) => CommandOutcome { phase: Phase::Failed, message: err.to_string(), ..accepted },
-                };
-                info!(phase = ?end.phase, message = %end.message, "prefetch command finished");
-                me.remember(&end);
-                if me.statuses.try_send(end.into_status()).is_err() {
-                    warn!("command status queue full; the controller will learn the result from the snapshot");
+    fn spawn_partition(&self, h: PartitionHandler, spec: String, config: String, accepted: CommandOutcome) {
+        let span = info_span!("partition_command", command = %accepted.command_id, config = %config);
+        (h.publish)(PartitionStatus {
+            config: config.clone(),
+            phase: PartitionPhase::Pending,
+            reason: "accepted".into(),
+            gpus: Default::default(),
+        });
+        self.spawn_command("apply_partition", span, accepted, async move {
+            let r = h.reconciler.clone();
+            let config2 = config.clone();
+            match tokio::task::spawn_blocking(move || r.apply(&spec, &config2)).await {
+                Ok(Ok(status)) => {
+                    (h.publish)(status.clone());
+                    match status.phase {
+                        PartitionPhase::Success => (Phase::Succeeded, format!("partition config {config:?} applied")),
+                        p => (Phase::Failed, format!("{}: {}", p.as_str(), status.reason)),
+                    }
                 }
+                Ok(Err(e)) => {
+                    if let Some(s) = h.reconciler.status() {
+                        (h.publish)(s);
+                    }
+                    (Phase::Failed, e.to_string())
+                }
+                Err(e) => (Phase::Failed, format!("apply task failed: {e}")),
             }
-            .instrument(span),
-        );
+        });
     }
 }
 
@@ -265,7 +300,12 @@ mod tests {
 
     fn dispatcher(cache: Option<Arc<Cache>>) -> (CommandDispatcher, mpsc::Receiver<pb::CommandStatus>) {
         let (tx, rx) = mpsc::channel(8);
-        (CommandDispatcher::new(cache, tx, CancellationToken::new()), rx)
+        let tasks = Tasks::new("commands", tokio_util::sync::CancellationToken::new(), Default::default());
+        let mut d = CommandDispatcher::new(tx, tasks);
+        if let Some(c) = cache {
+            d.set_cache(c);
+        }
+        (d, rx)
     }
 
     fn cache(root: &std::path::Path) -> Arc<Cache> {
@@ -293,13 +333,15 @@ mod tests {
     #[tokio::test]
     async fn expired_deadline_is_rejected_and_same_key_gets_the_same_answer() {
         let dir = tempfile::tempdir().unwrap();
-        let (d, _rx) = dispatcher(Some(cache(dir.path())));
+        let (d, mut rx) = dispatcher(Some(cache(dir.path())));
         let now = SystemTime::now();
         let o = d.dispatch(cmd("1", "k1", Some(now - Duration::from_secs(1)), evict("m")), now);
         assert_eq!((o.phase, o.message.as_str()), (Phase::Rejected, "evict command arrived after its deadline"));
         let first = d.dispatch(cmd("2", "k2", Some(now + Duration::from_secs(60)), evict("nope")), now);
-        assert_eq!(first.phase, Phase::Failed);
-        assert!(first.message.contains("not in the cache"), "{}", first.message);
+        assert_eq!(first.phase, Phase::Accepted);
+        let end = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        assert_eq!((end.command_id.as_str(), end.phase), ("2", Phase::Failed as i32));
+        assert!(end.message.contains("not in the cache"), "{}", end.message);
         let retry = d.dispatch(cmd("3", "k2", None, evict("nope")), now + Duration::from_secs(120));
         assert_eq!((retry.phase, retry.command_id.as_str()), (Phase::Failed, "3"));
     }
@@ -345,8 +387,8 @@ mod tests {
         let rec = Arc::new(Reconciler::new(hw.clone(), Arc::new(NoRuntimes), ids, dir.path()).unwrap());
         let published = Arc::new(Mutex::new(Vec::new()));
         let p = published.clone();
-        let (d, mut rx) = dispatcher(None);
-        let d = d.with_partition(PartitionHandler { reconciler: rec, publish: Arc::new(move |s| p.lock().unwrap().push(s)) });
+        let (mut d, mut rx) = dispatcher(None);
+        d.set_partition(PartitionHandler { reconciler: rec, publish: Arc::new(move |s| p.lock().unwrap().push(s)) });
         let spec = include_str!("../../../manifests/examples/mig-spec.yaml");
         let apply = |config: &str| Kind::ApplyPartition(pb::ApplyPartitionCommand { spec: spec.into(), config_name: config.into() });
 

@@ -17,7 +17,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -38,8 +37,8 @@ pub struct NodeReport {
     pub labels: BTreeMap<String, String>,
     pub sample: Option<NodeSample>,
     pub accelerators: Vec<Accelerator>,
-    /// Subsystems that are off, and why.
-    pub subsystems: Vec<(String, bool, String)>,
+    /// Every subsystem's status, by name.
+    pub subsystems: BTreeMap<&'static str, crate::subsystem::Status>,
     pub models: Vec<crate::cache::index::IndexEntry>,
     pub bandwidth: Vec<crate::cache::manager::SourceBandwidth>,
     /// The partition reconciler's last status, also reported as node labels.
@@ -97,11 +96,7 @@ impl NodeReport {
                     .collect(),
             }),
             accelerators: self.accelerators.iter().map(pb::Accelerator::from).collect(),
-            subsystems: self
-                .subsystems
-                .iter()
-                .map(|(name, enabled, reason)| pb::SubsystemStatus { name: name.clone(), enabled: *enabled, reason: reason.clone() })
-                .collect(),
+            subsystems: self.subsystems.iter().map(|(name, s)| s.to_wire(name)).collect(),
             models: self.models.iter().map(model_to_wire).collect(),
             source_bandwidth: self
                 .bandwidth
@@ -215,7 +210,6 @@ pub struct ReportClient {
     epoch: u64,
     report: watch::Receiver<NodeReport>,
     metrics: ReportMetrics,
-    readiness: Arc<hearth_service::http::Readiness>,
     commands: CommandDispatcher,
     /// Results of long commands; they wait here while the controller is away.
     statuses: mpsc::Receiver<pb::CommandStatus>,
@@ -233,20 +227,20 @@ impl ReportClient {
         hello: AgentHello,
         report: watch::Receiver<NodeReport>,
         metrics: ReportMetrics,
-        readiness: Arc<hearth_service::http::Readiness>,
         commands: CommandDispatcher,
         statuses: mpsc::Receiver<pb::CommandStatus>,
     ) -> Self {
         let epoch = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-        Self { settings, hello, epoch, report, metrics, readiness, commands, statuses }
+        Self { settings, hello, epoch, report, metrics, commands, statuses }
     }
 
     /// Runs until `shutdown`, reconnecting as needed. Never returns an error: a controller
-    /// that is away is a state to report, not a reason for the agent to stop.
+    /// that is away is a state to report (`hearth_agent_controller_connected`, the log), not
+    /// a reason for the agent to stop, nor to fail readiness: a DaemonSet rollout must not
+    /// stall on every node because the controller is down.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.settings.backoff_initial, self.settings.backoff_max);
         let mut seq = 0u64;
-        self.readiness.set("controller", Some("not connected yet".into()));
         loop {
             self.metrics.connect_attempts.inc();
             let (err, up_for) = match self.session(&mut seq, &shutdown).await {
@@ -256,7 +250,6 @@ impl ReportClient {
             };
             self.metrics.connected.set(0);
             self.metrics.connect_failures.get_or_create(&[("reason", err.reason())]).inc();
-            self.readiness.set("controller", Some(err.to_string()));
             // A stream that stayed up a while was healthy: start the backoff over.
             if up_for.is_some_and(|d| d >= Duration::from_secs(30)) {
                 backoff.reset();
@@ -360,7 +353,6 @@ impl ReportClient {
                             if !connected {
                                 connected = true;
                                 self.metrics.connected.set(1);
-                                self.readiness.set("controller", None);
                                 info!(url = %self.settings.url, epoch = self.epoch, "connected to controller");
                             }
                             // Acks arrive in order; everything up to this seq is done.

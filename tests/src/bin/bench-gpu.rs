@@ -53,7 +53,7 @@ fn view() -> Result<(GpuView, Attribution)> {
     let metrics = GpuMetrics::new(HostLabel::new("Hostname", "bench"));
     let backend: Box<dyn GpuBackend> = Box::new(SimGpus::new(&accs, mig, Arc::new(SimFaults::default())));
     let (tx, rx) = std::sync::mpsc::channel();
-    let handle = gpu_metrics::start(backend, metrics, Duration::from_millis(50), move |v| {
+    let handle = gpu_metrics::spawn_collector(backend, metrics, Duration::from_millis(50), move |v| {
         let _ = tx.send(v.clone());
     })?;
     let v = rx.recv_timeout(Duration::from_secs(10))?;
