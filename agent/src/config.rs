@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hearth_service::config::{ConfigError, RawTls, parse_duration, parse_size};
 use hearth_proto::transport::{DEFAULT_MAX_MESSAGE_BYTES, TlsFiles};
+use hearth_service::config::{ConfigError, RawTls, parse_duration, parse_size};
 use serde::Deserialize;
 
 use crate::device::sim::SimSpec;

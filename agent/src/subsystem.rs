@@ -165,14 +165,20 @@ pub struct StatusMetrics(pub watch::Receiver<NodeReport>);
 impl Collector for StatusMetrics {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let subsystems = self.0.borrow().subsystems.clone();
-        let mut m =
-            enc.encode_descriptor("hearth_subsystem_status", "1 for the state each subsystem is in, 0 for the others", None, MetricType::Gauge)?;
+        let mut m = enc.encode_descriptor(
+            "hearth_subsystem_status",
+            "1 for the state each subsystem is in, 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
         for (name, s) in &subsystems {
             for state in State::ALL {
-                ConstGauge::new(i64::from(s.state == state)).encode(m.encode_family(&[("subsystem", *name), ("state", state.as_str())])?)?;
+                ConstGauge::new(i64::from(s.state == state))
+                    .encode(m.encode_family(&[("subsystem", *name), ("state", state.as_str())])?)?;
             }
         }
-        let mut info = enc.encode_descriptor("hearth_subsystem_info", "What each subsystem runs, or why it is off", None, MetricType::Gauge)?;
+        let mut info =
+            enc.encode_descriptor("hearth_subsystem_info", "What each subsystem runs, or why it is off", None, MetricType::Gauge)?;
         for (name, s) in &subsystems {
             ConstGauge::new(1).encode(info.encode_family(&[("subsystem", *name), ("detail", s.detail.as_str())])?)?;
         }

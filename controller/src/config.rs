@@ -301,5 +301,4 @@ mod tests {
         let c = parse("tls: {ca: /a, cert: /b, key: /c}").expect("complete tls");
         assert_eq!(c.tls.map(|t| t.key), Some(PathBuf::from("/c")));
     }
-
 }

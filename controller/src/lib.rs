@@ -82,9 +82,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let grpc =
         TcpListener::bind(config.listen).await.map_err(|source| ControllerError::Bind { what: "gRPC", addr: config.listen, source })?;
     let grpc_addr = grpc.local_addr().map_err(|source| ControllerError::Bind { what: "gRPC", addr: config.listen, source })?;
-    let (http_addr, http) = hearth_service::http::bind_http(config.http_listen, Arc::new(registry), readiness, Vec::new(), shutdown.clone())
-        .await
-        .map_err(|source| ControllerError::Bind { what: "HTTP", addr: config.http_listen, source })?;
+    let (http_addr, http) =
+        hearth_service::http::bind_http(config.http_listen, Arc::new(registry), readiness, Vec::new(), shutdown.clone())
+            .await
+            .map_err(|source| ControllerError::Bind { what: "HTTP", addr: config.http_listen, source })?;
 
     let extender = match config.extender_listen {
         Some(addr) => {

@@ -13,9 +13,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use hearth_service::pki::{CertAuthority, Issued, LeafSpec, Usage};
 use hearth_proto::transport::TlsMaterial;
 use hearth_proto::v1 as pb;
+use hearth_service::pki::{CertAuthority, Issued, LeafSpec, Usage};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 

@@ -33,7 +33,13 @@ fn seed_model(cache_root: &Path, files: usize) -> Result<()> {
         include: Vec::new(),
         exclude: Vec::new(),
         state: EntryState::Ready,
-        files: vec![FileEntry { key: "0/shard-0.bin".into(), size: 0, version: String::new(), verification: "unverified".into(), ready: true }],
+        files: vec![FileEntry {
+            key: "0/shard-0.bin".into(),
+            size: 0,
+            version: String::new(),
+            verification: "unverified".into(),
+            ready: true,
+        }],
         bytes_present: 0,
         bytes_total: 0,
         verification: String::new(),
@@ -78,9 +84,7 @@ async fn heartbeats_keep_flowing_while_a_large_eviction_runs() -> Result<()> {
     let agent = hearth_agent::daemon::start(hearth_agent::config::Config::try_from(raw)?, stop.clone()).await?;
 
     let state = controller.state.clone();
-    let has_model = move || {
-        state.get(NODE, Instant::now()).is_some_and(|(_, s)| s.models.iter().any(|m| m.id == MODEL))
-    };
+    let has_model = move || state.get(NODE, Instant::now()).is_some_and(|(_, s)| s.models.iter().any(|m| m.id == MODEL));
     wait_for("the agent to report the seeded model", Duration::from_secs(20), || {
         let has = has_model.clone();
         async move { Ok(has().then_some(())) }
@@ -102,7 +106,12 @@ async fn heartbeats_keep_flowing_while_a_large_eviction_runs() -> Result<()> {
     let mut fresh = 0u32;
     loop {
         let (view, s) = controller.state.get(NODE, Instant::now()).context("node vanished from the controller")?;
-        ensure!(view.connection.as_str() == "connected", "node {} during the eviction (after {:?})", view.connection.as_str(), started.elapsed());
+        ensure!(
+            view.connection.as_str() == "connected",
+            "node {} during the eviction (after {:?})",
+            view.connection.as_str(),
+            started.elapsed()
+        );
         worst_age = worst_age.max(view.last_report_age);
         if view.last_report_age < HEARTBEAT * 2 {
             fresh += 1;

@@ -333,149 +333,153 @@ pub async fn fetch(
     // Directory scans, the journal replay, fallocate and fsyncs run on the blocking pool,
     // never on an async worker.
     let prepared = {
-        let (layout, index, cfg, progress, spec, id) = (layout.clone(), index.clone(), cfg.clone(), progress.clone(), spec.clone(), id.clone());
+        let (layout, index, cfg, progress, spec, id) =
+            (layout.clone(), index.clone(), cfg.clone(), progress.clone(), spec.clone(), id.clone());
         blocking(&layout.root.clone(), move || {
             let (layout, index, cfg, spec) = (&layout, &index, &cfg, &spec);
-        // What an earlier run left: published files (index) and durable parts (journal).
-        let previous = index.get(&id)?;
-        let staging = layout.staging_dir(&id);
-        let model_dir = layout.model_dir(&id);
-        let plan_path = staging.join("plan.json");
-        let old_plan: Option<Plan> = std::fs::read(&plan_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
-        if old_plan.as_ref() != Some(&plan) {
-            if staging.exists() {
-                info!(%id, "source changed or new download: discarding staged parts");
+            // What an earlier run left: published files (index) and durable parts (journal).
+            let previous = index.get(&id)?;
+            let staging = layout.staging_dir(&id);
+            let model_dir = layout.model_dir(&id);
+            let plan_path = staging.join("plan.json");
+            let old_plan: Option<Plan> = std::fs::read(&plan_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            if old_plan.as_ref() != Some(&plan) {
+                if staging.exists() {
+                    info!(%id, "source changed or new download: discarding staged parts");
+                }
+                remove_dir_if_exists(&staging)?;
+                std::fs::create_dir_all(staging.join("data")).map_err(io_err(&staging))?;
+                let json = serde_json::to_vec_pretty(&plan).map_err(|e| FetchError::Io { path: plan_path.clone(), source: e.into() })?;
+                hearth_service::fsutil::write_atomic(&plan_path, &json, false).map_err(io_err(&plan_path))?;
             }
-            remove_dir_if_exists(&staging)?;
-            std::fs::create_dir_all(staging.join("data")).map_err(io_err(&staging))?;
-            let json = serde_json::to_vec_pretty(&plan).map_err(|e| FetchError::Io { path: plan_path.clone(), source: e.into() })?;
-            hearth_service::fsutil::write_atomic(&plan_path, &json, false).map_err(io_err(&plan_path))?;
-        }
-        let (journal, records) = Journal::open(&staging.join("journal"))?;
+            let (journal, records) = Journal::open(&staging.join("journal"))?;
 
-        let mut entry = IndexEntry {
-            id: id.clone(),
-            uri: spec.uri.to_string(),
-            revision: spec.revision.clone(),
-            include: spec.include.iter().map(|g| g.as_str().to_owned()).collect(),
-            exclude: spec.exclude.iter().map(|g| g.as_str().to_owned()).collect(),
-            state: EntryState::Downloading,
-            files: Vec::with_capacity(objects.len()),
-            bytes_present: 0,
-            bytes_total: 0,
-            verification: String::new(),
-            pinned: previous.as_ref().is_some_and(|p| p.pinned),
-            created: previous.as_ref().map_or_else(now_secs, |p| p.created),
-            last_used: now_secs(),
-            error: None,
-        };
-
-        // Order: small files first, then big ones as listed; safetensors headers lead their file.
-        objects.sort_by_key(|o| (o.size > part_size, if o.size > part_size { 0 } else { o.size }));
-        let mut works = Vec::with_capacity(objects.len());
-        let mut needed_space = 0u64;
-        for (i, obj) in objects.into_iter().enumerate() {
-            let vouched = vouch(&obj, manifest.as_ref())?;
-            let crc = match vouched.expected {
-                Expected::Crc64Nvme(_) => PartCrc::Crc64Nvme,
-                Expected::Crc32c(_) => PartCrc::Crc32c,
-                _ => PartCrc::None,
+            let mut entry = IndexEntry {
+                id: id.clone(),
+                uri: spec.uri.to_string(),
+                revision: spec.revision.clone(),
+                include: spec.include.iter().map(|g| g.as_str().to_owned()).collect(),
+                exclude: spec.exclude.iter().map(|g| g.as_str().to_owned()).collect(),
+                state: EntryState::Downloading,
+                files: Vec::with_capacity(objects.len()),
+                bytes_present: 0,
+                bytes_total: 0,
+                verification: String::new(),
+                pinned: previous.as_ref().is_some_and(|p| p.pinned),
+                created: previous.as_ref().map_or_else(now_secs, |p| p.created),
+                last_used: now_secs(),
+                error: None,
             };
-            let final_path = model_dir.join(&obj.key);
-            let was_ready = previous
-                .as_ref()
-                .and_then(|p| p.files.iter().find(|f| f.key == obj.key))
-                .is_some_and(|f| f.ready && f.version == obj.version && f.size == obj.size)
-                && std::fs::metadata(&final_path).is_ok_and(|m| m.len() == obj.size);
-            let prev_verification =
-                previous.as_ref().and_then(|p| p.files.iter().find(|f| f.key == obj.key)).map(|f| f.verification.clone()).unwrap_or_default();
-            entry.files.push(FileEntry {
-                key: obj.key.clone(),
-                size: obj.size,
-                version: obj.version.clone(),
-                verification: if was_ready { prev_verification } else { String::new() },
-                ready: was_ready,
-            });
-            let data_path = staging.join("data").join(i.to_string());
-            let data_existed = data_path.exists();
-            let parts = obj.size.div_ceil(part_size).max(1) as u32;
-            let (buffered, direct) = if was_ready {
-                // Never written: a placeholder handle keeps the types simple.
-                (Arc::new(File::open("/dev/null").map_err(io_err(Path::new("/dev/null")))?), None)
-            } else {
-                let (b, d, allocated) = open_data_file(&data_path, obj.size, cfg.write_mode)?;
-                needed_space += obj.size.saturating_sub(allocated);
-                (Arc::new(b), d.map(Arc::new))
-            };
-            works.push(FileWork {
-                obj,
-                vouched,
-                crc,
-                parts,
-                part_crcs: vec![None; parts as usize],
-                done_parts: 0,
-                corrupt_refetches: 0,
-                data_path,
-                buffered,
-                direct,
-                published: was_ready,
-                data_existed,
-            });
-        }
-        // A download that cannot fit fails now, before it fills the disk.
-        let available = available_space(&layout.root)?;
-        if needed_space > available {
-            return Err(FetchError::NoSpace { path: layout.root.clone(), needed: needed_space, available });
-        }
-        for w in works.iter().filter(|w| !w.published) {
-            allocate(&w.buffered, &w.data_path, w.obj.size)?;
-        }
 
-        // Replay the journal. File numbers are positions in the sorted order above, which is a
-        // pure function of the listing, so they mean the same thing as long as the plan does.
-        let mut resumed = 0u64;
-        let mut journaled = vec![0u32; works.len()];
-        for r in &records {
-            if let Some(n) = journaled.get_mut(r.file as usize) {
-                *n += 1;
+            // Order: small files first, then big ones as listed; safetensors headers lead their file.
+            objects.sort_by_key(|o| (o.size > part_size, if o.size > part_size { 0 } else { o.size }));
+            let mut works = Vec::with_capacity(objects.len());
+            let mut needed_space = 0u64;
+            for (i, obj) in objects.into_iter().enumerate() {
+                let vouched = vouch(&obj, manifest.as_ref())?;
+                let crc = match vouched.expected {
+                    Expected::Crc64Nvme(_) => PartCrc::Crc64Nvme,
+                    Expected::Crc32c(_) => PartCrc::Crc32c,
+                    _ => PartCrc::None,
+                };
+                let final_path = model_dir.join(&obj.key);
+                let was_ready = previous
+                    .as_ref()
+                    .and_then(|p| p.files.iter().find(|f| f.key == obj.key))
+                    .is_some_and(|f| f.ready && f.version == obj.version && f.size == obj.size)
+                    && std::fs::metadata(&final_path).is_ok_and(|m| m.len() == obj.size);
+                let prev_verification = previous
+                    .as_ref()
+                    .and_then(|p| p.files.iter().find(|f| f.key == obj.key))
+                    .map(|f| f.verification.clone())
+                    .unwrap_or_default();
+                entry.files.push(FileEntry {
+                    key: obj.key.clone(),
+                    size: obj.size,
+                    version: obj.version.clone(),
+                    verification: if was_ready { prev_verification } else { String::new() },
+                    ready: was_ready,
+                });
+                let data_path = staging.join("data").join(i.to_string());
+                let data_existed = data_path.exists();
+                let parts = obj.size.div_ceil(part_size).max(1) as u32;
+                let (buffered, direct) = if was_ready {
+                    // Never written: a placeholder handle keeps the types simple.
+                    (Arc::new(File::open("/dev/null").map_err(io_err(Path::new("/dev/null")))?), None)
+                } else {
+                    let (b, d, allocated) = open_data_file(&data_path, obj.size, cfg.write_mode)?;
+                    needed_space += obj.size.saturating_sub(allocated);
+                    (Arc::new(b), d.map(Arc::new))
+                };
+                works.push(FileWork {
+                    obj,
+                    vouched,
+                    crc,
+                    parts,
+                    part_crcs: vec![None; parts as usize],
+                    done_parts: 0,
+                    corrupt_refetches: 0,
+                    data_path,
+                    buffered,
+                    direct,
+                    published: was_ready,
+                    data_existed,
+                });
             }
-        }
-        for (i, w) in works.iter_mut().enumerate() {
-            // A crash between publishing a file (rename, only ever after verification) and
-            // recording it in the index: the data file is gone, the published copy is whole.
-            if !w.published && !w.data_existed && journaled[i] >= w.parts {
-                let final_path = model_dir.join(&w.obj.key);
-                if std::fs::metadata(&final_path).is_ok_and(|m| m.len() == w.obj.size) {
-                    w.published = true;
-                    if let Some(f) = entry.files.iter_mut().find(|f| f.key == w.obj.key) {
-                        f.ready = true;
-                        f.verification = w.vouched.kind.as_str().to_owned();
+            // A download that cannot fit fails now, before it fills the disk.
+            let available = available_space(&layout.root)?;
+            if needed_space > available {
+                return Err(FetchError::NoSpace { path: layout.root.clone(), needed: needed_space, available });
+            }
+            for w in works.iter().filter(|w| !w.published) {
+                allocate(&w.buffered, &w.data_path, w.obj.size)?;
+            }
+
+            // Replay the journal. File numbers are positions in the sorted order above, which is a
+            // pure function of the listing, so they mean the same thing as long as the plan does.
+            let mut resumed = 0u64;
+            let mut journaled = vec![0u32; works.len()];
+            for r in &records {
+                if let Some(n) = journaled.get_mut(r.file as usize) {
+                    *n += 1;
+                }
+            }
+            for (i, w) in works.iter_mut().enumerate() {
+                // A crash between publishing a file (rename, only ever after verification) and
+                // recording it in the index: the data file is gone, the published copy is whole.
+                if !w.published && !w.data_existed && journaled[i] >= w.parts {
+                    let final_path = model_dir.join(&w.obj.key);
+                    if std::fs::metadata(&final_path).is_ok_and(|m| m.len() == w.obj.size) {
+                        w.published = true;
+                        if let Some(f) = entry.files.iter_mut().find(|f| f.key == w.obj.key) {
+                            f.ready = true;
+                            f.verification = w.vouched.kind.as_str().to_owned();
+                        }
                     }
                 }
             }
-        }
-        for r in &records {
-            let Some(w) = works.get_mut(r.file as usize) else {
-                continue;
-            };
-            // Parts of a data file that did not survive describe bytes that are not there.
-            if w.published || !w.data_existed || r.part >= w.parts || w.part_crcs[r.part as usize].is_some() {
-                continue;
+            for r in &records {
+                let Some(w) = works.get_mut(r.file as usize) else {
+                    continue;
+                };
+                // Parts of a data file that did not survive describe bytes that are not there.
+                if w.published || !w.data_existed || r.part >= w.parts || w.part_crcs[r.part as usize].is_some() {
+                    continue;
+                }
+                w.part_crcs[r.part as usize] = Some(r.crc);
+                w.done_parts += 1;
+                resumed += w.part_len(part_size, r.part);
             }
-            w.part_crcs[r.part as usize] = Some(r.crc);
-            w.done_parts += 1;
-            resumed += w.part_len(part_size, r.part);
-        }
 
-        let total: u64 = works.iter().map(|w| w.obj.size).sum();
-        let published_bytes: u64 = works.iter().filter(|w| w.published).map(|w| w.obj.size).sum();
-        progress.bytes_total.store(total, Ordering::Relaxed);
-        progress.files_total.store(works.len() as u64, Ordering::Relaxed);
-        progress.files_done.store(works.iter().filter(|w| w.published).count() as u64, Ordering::Relaxed);
-        progress.bytes_done.store(published_bytes + resumed, Ordering::Relaxed);
-        progress.bytes_resumed.store(resumed, Ordering::Relaxed);
-        entry.refresh();
-        index.put(&entry)?;
+            let total: u64 = works.iter().map(|w| w.obj.size).sum();
+            let published_bytes: u64 = works.iter().filter(|w| w.published).map(|w| w.obj.size).sum();
+            progress.bytes_total.store(total, Ordering::Relaxed);
+            progress.files_total.store(works.len() as u64, Ordering::Relaxed);
+            progress.files_done.store(works.iter().filter(|w| w.published).count() as u64, Ordering::Relaxed);
+            progress.bytes_done.store(published_bytes + resumed, Ordering::Relaxed);
+            progress.bytes_resumed.store(resumed, Ordering::Relaxed);
+            entry.refresh();
+            index.put(&entry)?;
             Ok((staging, model_dir, journal, entry, works, resumed, total))
         })
         .await?

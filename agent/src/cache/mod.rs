@@ -13,8 +13,8 @@ pub mod ratelimit;
 pub mod sample;
 pub mod source;
 pub mod spec;
-pub mod verify;
 mod subsystem;
+pub mod verify;
 
 pub use subsystem::start;
 

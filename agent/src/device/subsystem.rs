@@ -20,10 +20,10 @@ use super::sim::SimInventory;
 use super::{Accelerator, Inventory, Vendor};
 use crate::config::DeviceBackendKind;
 use crate::daemon::AgentError;
-use hearth_service::tasks::Tasks;
 use crate::partition::reconcile::GpuIdentity;
 use crate::report::NodeReport;
 use crate::subsystem::{Gpus, Started, Status, Wiring};
+use hearth_service::tasks::Tasks;
 
 /// Accelerator facts as metrics, one series per device (bounded by the devices present),
 /// read from the report so GPUs NVML reveals after start appear too.

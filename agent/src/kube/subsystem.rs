@@ -15,6 +15,9 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
     w.registry.register("hearth_node_label_patches", "PATCHes of this node's labels in the Kubernetes API, by result", results.clone());
     let detail = format!("node labels through {}", k.api_server);
     let (node, wanted, stop) = (w.cfg.node_name.clone(), w.node_labels.subscribe(), tasks.cancel_token().clone());
-    tasks.spawn("node_labels", tracing::Instrument::instrument(super::label_loop(k, node, wanted, results, stop), info_span!("node_labels")));
+    tasks.spawn(
+        "node_labels",
+        tracing::Instrument::instrument(super::label_loop(k, node, wanted, results, stop), info_span!("node_labels")),
+    );
     Ok(Started::new(Status::enabled(detail)).with_capabilities(&["kube.node-labels"]))
 }

@@ -46,4 +46,3 @@ pub fn default_state_dir() -> PathBuf {
 pub fn info_path(state_dir: &Path) -> PathBuf {
     state_dir.join("local").join("local.json")
 }
-

@@ -3,8 +3,8 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use hearth_proto::v1::{self as pb, command::Kind, command_status::Phase};
-use tokio::sync::mpsc;
 use hearth_service::tasks::Tasks;
+use tokio::sync::mpsc;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::cache::manager::Cache;

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
-pub use hearth_service::retry::Backoff;
 pub use commands::{CommandDispatcher, CommandOutcome, PartitionHandler};
+pub use hearth_service::retry::Backoff;
 
 use crate::device::Accelerator;
 use crate::node::{NodeInfo, NodeSample};

@@ -1,7 +1,6 @@
 //! Process set-up both binaries share: log format and filter, the runtime and exit code
 //! around `run`, and the one signal handler.
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum LogFormat {
     /// Human-readable lines (colour on a terminal).
@@ -56,4 +55,3 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("signal received, shutting down");
 }
-

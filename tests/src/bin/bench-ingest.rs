@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use hearth_service::pki::{LeafSpec, Usage};
 use hearth_proto::transport::TlsMaterial;
 use hearth_proto::v1::{self as pb, agent_message::Kind as Out, controller_message::Kind as In};
+use hearth_service::pki::{LeafSpec, Usage};
 use hearth_tests::*;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
