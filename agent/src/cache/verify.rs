@@ -5,7 +5,7 @@
 //! of a safetensors header. It reads local files only to build a manifest; fetching, placing
 //! and evicting files belong to the rest of the cache.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
@@ -288,11 +288,14 @@ impl Manifest {
 }
 
 /// What a sane safetensors header describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SafetensorsHeader {
     pub header_len: u64,
     pub tensors: usize,
     pub data_len: u64,
+    /// Dtypes newer than this agent knows. Their tensors had their offsets checked but not
+    /// their size; the caller says so in a log line rather than failing a valid download.
+    pub unknown_dtypes: BTreeSet<String>,
 }
 
 #[derive(Deserialize)]
@@ -303,19 +306,40 @@ struct RawTensor {
     data_offsets: [u64; 2],
 }
 
-fn dtype_size(dtype: &str) -> Option<u64> {
+/// Bits per element of every dtype of the safetensors format, as `Dtype::bitsize` has them in
+/// huggingface/safetensors (safetensors/src/tensor.rs, checked at 24b0b28, May 2026). In bits
+/// because F4 and F6 elements are packed several to a byte.
+fn dtype_bits(dtype: &str) -> Option<u64> {
     Some(match dtype {
-        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" => 1,
-        "I16" | "U16" | "F16" | "BF16" => 2,
-        "I32" | "U32" | "F32" => 4,
-        "F64" | "I64" | "U64" => 8,
+        "F4" => 4,
+        "F6_E2M3" | "F6_E3M2" => 6,
+        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" | "F8_E4M3FNUZ" | "F8_E5M2FNUZ" => 8,
+        "I16" | "U16" | "F16" | "BF16" => 16,
+        "I32" | "U32" | "F32" => 32,
+        "I64" | "U64" | "F64" | "C64" => 64,
         _ => return None,
     })
 }
 
+/// Bytes a tensor of `bits`-bit elements and `shape` takes, or why it cannot be stored.
+/// Matches the safetensors crate's `Metadata::validate`: a tensor whose bits do not fill whole
+/// bytes is rejected, not rounded up, since the next tensor would have to start mid-byte.
+fn tensor_bytes(bits: u64, shape: &[u64], dtype: &str) -> Result<Option<u64>, String> {
+    // u128 so that a product too big for u64 is still exact enough to say so.
+    let nbits = shape.iter().try_fold(u128::from(bits), |acc, &dim| acc.checked_mul(u128::from(dim)));
+    match nbits {
+        Some(n) if n % 8 != 0 => Err(format!("shape {shape:?} of {dtype} is {n} bits: expected a whole number of bytes")),
+        Some(n) => Ok(u64::try_from(n / 8).ok()),
+        None => Ok(None),
+    }
+}
+
 /// Checks that a safetensors header is self-consistent and fits a file of `file_size` bytes,
-/// catching a truncated or mislabelled file before a runtime maps it. `prefix` is the start
-/// of the file; when it is too short, `NeedMore` says how much to read.
+/// catching a truncated or mislabelled file before a runtime maps it. It rejects what the
+/// safetensors crate's loader rejects: tensors must tile the data section from its start to
+/// the end of the file, each sized by its dtype and shape. A dtype newer than this code is
+/// checked for offsets only and listed in `unknown_dtypes`. `prefix` is the start of the file;
+/// when it is too short, `NeedMore` says how much to read.
 pub fn check_safetensors_header(prefix: &[u8], file_size: u64) -> Result<SafetensorsHeader, VerifyError> {
     let Some(len) = prefix.first_chunk::<8>() else {
         return Err(VerifyError::NeedMore { needed: 8 });
@@ -334,6 +358,7 @@ pub fn check_safetensors_header(prefix: &[u8], file_size: u64) -> Result<Safeten
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(json).map_err(|e| VerifyError::Header(format!("expected a JSON object: {e}")))?;
     let mut ranges = Vec::with_capacity(header.len());
+    let mut unknown_dtypes = BTreeSet::new();
     for (name, value) in header {
         if name == "__metadata__" {
             let meta = serde_json::from_value::<BTreeMap<String, String>>(value);
@@ -342,30 +367,50 @@ pub fn check_safetensors_header(prefix: &[u8], file_size: u64) -> Result<Safeten
         }
         let fail = |problem| VerifyError::Tensor { name: name.clone(), problem };
         let t: RawTensor = serde_json::from_value(value).map_err(|e| fail(format!("expected {{dtype, shape, data_offsets}}: {e}")))?;
-        let size = dtype_size(&t.dtype).ok_or_else(|| fail(format!("unknown dtype {:?}", t.dtype)))?;
         let [begin, end] = t.data_offsets;
         if begin > end || end > data_len {
             return Err(fail(format!("data_offsets [{begin}, {end}]: expected begin <= end <= {data_len}")));
         }
-        let needs = t.shape.iter().try_fold(size, |acc, &dim| acc.checked_mul(dim));
-        if needs != Some(end - begin) {
-            let needs = needs.map_or("over 2^64".to_owned(), |n| n.to_string());
-            let (held, shape, dtype) = (end - begin, t.shape, t.dtype);
-            return Err(fail(format!("data_offsets [{begin}, {end}] hold {held} bytes but shape {shape:?} of {dtype} needs {needs}")));
+        match dtype_bits(&t.dtype) {
+            Some(bits) => {
+                let needs = tensor_bytes(bits, &t.shape, &t.dtype).map_err(fail)?;
+                if needs != Some(end - begin) {
+                    let needs = needs.map_or("over 2^64".to_owned(), |n| n.to_string());
+                    let (held, shape, dtype) = (end - begin, t.shape, t.dtype);
+                    return Err(fail(format!(
+                        "data_offsets [{begin}, {end}] hold {held} bytes but shape {shape:?} of {dtype} needs {needs}"
+                    )));
+                }
+            }
+            None => {
+                unknown_dtypes.insert(t.dtype);
+            }
         }
         ranges.push((begin, end, name));
     }
     let tensors = ranges.len();
+    // Sorted by offsets as the safetensors crate sorts them; names only break ties.
     ranges.sort();
-    for pair in ranges.windows(2) {
-        if let [(b1, e1, first), (b2, e2, name)] = pair
-            && b2 < e1
-        {
-            let problem = format!("data_offsets [{b2}, {e2}] overlap tensor {first:?} at [{b1}, {e1}]");
+    let mut prev: Option<&(u64, u64, String)> = None;
+    for range @ (b, e, name) in &ranges {
+        let at = prev.map_or(0, |p| p.1);
+        if *b != at {
+            let problem = match prev {
+                Some((pb, pe, first)) if *b < at => format!("data_offsets [{b}, {e}] overlap tensor {first:?} at [{pb}, {pe}]"),
+                Some((_, pe, first)) => format!("data_offsets [{b}, {e}]: expected to begin at {pe}, where tensor {first:?} ends"),
+                None => format!("data_offsets [{b}, {e}]: expected the first tensor to begin at 0"),
+            };
             return Err(VerifyError::Tensor { name: name.clone(), problem });
         }
+        prev = Some(range);
     }
-    Ok(SafetensorsHeader { header_len, tensors, data_len })
+    let end = prev.map_or(0, |p| p.1);
+    if end != data_len {
+        return Err(VerifyError::Header(format!(
+            "tensors end at byte {end} of the data section: expected them to fill all {data_len} bytes up to the end of the file"
+        )));
+    }
+    Ok(SafetensorsHeader { header_len, tensors, data_len, unknown_dtypes })
 }
 
 #[cfg(test)]
@@ -481,7 +526,7 @@ mod tests {
         let h = r#"{"__metadata__":{"format":"pt"},
             "model.embed.weight":{"dtype":"F16","shape":[10,20],"data_offsets":[0,400]},
             "lm_head.bias":{"dtype":"F32","shape":[5],"data_offsets":[400,420]}}"#;
-        let want = SafetensorsHeader { header_len: h.len() as u64, tensors: 2, data_len: 420 };
+        let want = SafetensorsHeader { header_len: h.len() as u64, tensors: 2, data_len: 420, unknown_dtypes: BTreeSet::new() };
         assert_eq!(check(h, 420).unwrap(), want);
     }
 
@@ -497,11 +542,152 @@ mod tests {
         assert!(err(check(overlap, 12)).contains(r#""b": data_offsets [8, 12] overlap tensor "a""#));
         let past_end = r#"{"a":{"dtype":"U8","shape":[10],"data_offsets":[0,10]}}"#;
         assert!(err(check(past_end, 9)).contains("expected begin <= end <= 9"));
-        let bad_dtype = r#"{"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}}"#;
-        assert!(err(check(bad_dtype, 1)).contains(r#"unknown dtype "F4""#));
         let overflow = r#"{"a":{"dtype":"F64","shape":[4294967296,4294967296],"data_offsets":[0,0]}}"#;
         assert!(err(check(overflow, 0)).contains("needs over 2^64"));
         assert!(matches!(check("[1]", 0), Err(VerifyError::Header(_))));
+    }
+
+    /// Every dtype of the safetensors format with its bits per element, copied from
+    /// `Dtype::bitsize` in huggingface/safetensors safetensors/src/tensor.rs.
+    const FORMAT_DTYPES: [(&str, u64); 22] = [
+        ("BOOL", 8),
+        ("F4", 4),
+        ("F6_E2M3", 6),
+        ("F6_E3M2", 6),
+        ("U8", 8),
+        ("I8", 8),
+        ("F8_E5M2", 8),
+        ("F8_E4M3", 8),
+        ("F8_E8M0", 8),
+        ("F8_E4M3FNUZ", 8),
+        ("F8_E5M2FNUZ", 8),
+        ("I16", 16),
+        ("U16", 16),
+        ("F16", 16),
+        ("BF16", 16),
+        ("I32", 32),
+        ("U32", 32),
+        ("F32", 32),
+        ("C64", 64),
+        ("F64", 64),
+        ("I64", 64),
+        ("U64", 64),
+    ];
+
+    /// A header laying `(dtype, shape, bytes)` tensors end to end from offset 0, named t0, t1..,
+    /// and the data length they fill.
+    fn layout(tensors: &[(&str, &[u64], u64)]) -> (String, u64) {
+        let mut header = serde_json::Map::new();
+        let mut at = 0;
+        for (i, (dtype, shape, bytes)) in tensors.iter().enumerate() {
+            let t = serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [at, at + bytes]});
+            header.insert(format!("t{i}"), t);
+            at += bytes;
+        }
+        (serde_json::Value::Object(header).to_string(), at)
+    }
+
+    #[test]
+    fn safetensors_every_dtype_of_the_format_is_sized_in_bits() {
+        // Element counts that fill whole bytes at any width, and for byte-wide dtypes a scalar
+        // and odd counts too. F4 [2, 6] is 6 bytes and F6 [3, 8] is 18: sizes that are no
+        // whole number of bytes per element.
+        let packed: [&[u64]; 5] = [&[0], &[4], &[2, 6], &[3, 8], &[1, 4, 1]];
+        let whole_bytes: [&[u64]; 3] = [&[], &[3], &[5, 7]];
+        for (dtype, bits) in FORMAT_DTYPES {
+            let mut shapes = packed.to_vec();
+            if bits % 8 == 0 {
+                shapes.extend(whole_bytes);
+            }
+            let tensors: Vec<_> = shapes.iter().map(|&s| (dtype, s, s.iter().product::<u64>() * bits / 8)).collect();
+            let (h, data_len) = layout(&tensors);
+            let got = check(&h, data_len).unwrap_or_else(|e| panic!("{dtype}: {e}"));
+            assert_eq!((got.tensors, got.unknown_dtypes.len()), (shapes.len(), 0), "{dtype}");
+            // One byte too many for the last tensor: the size is checked, not only the offsets.
+            let mut tensors = tensors;
+            if let Some(last) = tensors.last_mut() {
+                last.2 += 1;
+            }
+            let (h, data_len) = layout(&tensors);
+            assert!(err(check(&h, data_len)).contains(&format!("of {dtype} needs")), "{dtype}");
+        }
+    }
+
+    #[test]
+    fn safetensors_sub_byte_tensors_must_fill_whole_bytes() {
+        // As the safetensors crate does (MisalignedSlice), whether the offsets round down or up.
+        for (dtype, shape) in [("F4", &[3u64][..]), ("F4", &[1, 5]), ("F6_E2M3", &[2]), ("F6_E3M2", &[3]), ("F6_E3M2", &[])] {
+            for bytes in [0, 1, 2, 3] {
+                let (h, data_len) = layout(&[(dtype, shape, bytes)]);
+                assert!(err(check(&h, data_len)).contains("expected a whole number of bytes"), "{dtype} {shape:?} in {bytes}");
+            }
+        }
+        let (h, data_len) = layout(&[("U8", &[4], 4), ("F6_E2M3", &[3], 3)]);
+        assert_eq!(
+            err(check(&h, data_len)),
+            r#"safetensors: tensor "t1": shape [3] of F6_E2M3 is 18 bits: expected a whole number of bytes"#
+        );
+    }
+
+    #[test]
+    fn safetensors_sub_byte_tensor_of_the_wrong_size_fails() {
+        // Sized a byte per element, as a checker that knows no sub-byte dtype would.
+        let (h, data_len) = layout(&[("BF16", &[2], 4), ("F4", &[4, 4], 16)]);
+        assert_eq!(
+            err(check(&h, data_len)),
+            r#"safetensors: tensor "t1": data_offsets [4, 20] hold 16 bytes but shape [4, 4] of F4 needs 8"#
+        );
+        let (h, data_len) = layout(&[("F6_E3M2", &[8], 8)]);
+        assert!(err(check(&h, data_len)).contains("hold 8 bytes but shape [8] of F6_E3M2 needs 6"));
+    }
+
+    #[test]
+    fn safetensors_unknown_dtype_passes_on_offsets_alone() {
+        let (h, data_len) = layout(&[("F2_E1M0", &[7], 3), ("F16", &[2], 4), ("F2_E1M0", &[1], 5), ("I3", &[9], 0)]);
+        let got = check(&h, data_len).unwrap();
+        assert_eq!(got.unknown_dtypes.iter().collect::<Vec<_>>(), ["F2_E1M0", "I3"]);
+        assert_eq!(got.tensors, 4);
+        // Its offsets are still checked: past the end, overlapping, leaving a gap, not at 0.
+        let cases = [
+            (r#"{"a":{"dtype":"X9","shape":[3],"data_offsets":[0,11]}}"#, 10, "expected begin <= end <= 10"),
+            (
+                r#"{"a":{"dtype":"X9","shape":[3],"data_offsets":[0,6]},"b":{"dtype":"X9","shape":[3],"data_offsets":[5,10]}}"#,
+                10,
+                r#"tensor "b": data_offsets [5, 10] overlap tensor "a" at [0, 6]"#,
+            ),
+            (
+                r#"{"a":{"dtype":"X9","shape":[3],"data_offsets":[0,4]},"b":{"dtype":"X9","shape":[3],"data_offsets":[5,10]}}"#,
+                10,
+                r#"tensor "b": data_offsets [5, 10]: expected to begin at 4, where tensor "a" ends"#,
+            ),
+            (r#"{"a":{"dtype":"X9","shape":[3],"data_offsets":[2,10]}}"#, 10, "expected the first tensor to begin at 0"),
+            (
+                r#"{"a":{"dtype":"X9","shape":[3],"data_offsets":[0,8]}}"#,
+                10,
+                "tensors end at byte 8 of the data section: expected them to fill all 10 bytes",
+            ),
+        ];
+        for (h, data_len, want) in cases {
+            assert!(err(check(h, data_len)).contains(want), "{h}: {}", err(check(h, data_len)));
+        }
+    }
+
+    #[test]
+    fn safetensors_tensors_must_tile_the_data_section() {
+        // What the safetensors crate's loader refuses: a gap, a late start, trailing bytes.
+        let gap = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[6,10]}}"#;
+        assert!(err(check(gap, 10)).contains(r#"expected to begin at 4, where tensor "a" ends"#));
+        let late = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[1,5]}}"#;
+        assert!(err(check(late, 5)).contains("expected the first tensor to begin at 0"));
+        let trailing = r#"{"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]}}"#;
+        assert_eq!(
+            err(check(trailing, 6)),
+            "safetensors header: tensors end at byte 4 of the data section: expected them to fill all 6 bytes up to the end of the file"
+        );
+        // Empty tensors may share an offset with their neighbours, in any name order.
+        let empty = r#"{"z":{"dtype":"F4","shape":[0],"data_offsets":[0,0]},"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"m":{"dtype":"F32","shape":[2,0],"data_offsets":[4,4]}}"#;
+        assert_eq!(check(empty, 4).unwrap().tensors, 3);
+        assert_eq!(check("{}", 0).unwrap().tensors, 0);
     }
 
     #[test]
