@@ -534,6 +534,10 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 mod tests {
     use super::*;
 
+    use std::collections::BTreeMap;
+
+    use aya_obj::btf::BtfKind;
+
     #[test]
     fn peer_classes_parse_and_map_ipv4_into_the_v6_trie() {
         let c = PeerClass::parse("pods", &["10.244.0.0/16", "fd00::/8", "192.168.1.7"]).unwrap();
@@ -543,5 +547,208 @@ mod tests {
         let k = trie_key("10.244.0.0".parse().unwrap(), 16);
         assert_eq!(k.prefix_len(), 112);
         assert_eq!(&k.data()[10..], &[0xff, 0xff, 10, 244, 0, 0]);
+    }
+
+    /// A struct as the BPF object's BTF describes it: size, and each field's byte offset and
+    /// byte size by C name.
+    #[derive(Debug)]
+    struct CStruct {
+        size: usize,
+        fields: BTreeMap<String, (usize, usize)>,
+    }
+
+    /// Reads struct layouts out of BTF bytes. aya-obj 0.3 parses BTF and finds types by name,
+    /// but keeps members and strings crate-private, so members are decoded here from the
+    /// bytes it re-encodes (`Btf::to_bytes`); the format is in the kernel's
+    /// Documentation/bpf/btf.rst.
+    struct BtfLayouts {
+        /// Per type id (0 is void): kind, kind_flag, size or type, and the vlen records after it.
+        types: Vec<(u32, bool, u32, Vec<[u32; 3]>)>,
+        strings: Vec<u8>,
+    }
+
+    impl BtfLayouts {
+        fn parse(b: &[u8]) -> Self {
+            let u32_at = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+            assert_eq!(u16::from_le_bytes([b[0], b[1]]), 0xeb9f, "BTF magic");
+            let hdr_len = u32_at(4) as usize;
+            let (type_off, type_len) = (hdr_len + u32_at(8) as usize, u32_at(12) as usize);
+            let (str_off, str_len) = (hdr_len + u32_at(16) as usize, u32_at(20) as usize);
+            let strings = b[str_off..str_off + str_len].to_vec();
+            let mut types = vec![(0, false, 0, Vec::new())];
+            let mut at = type_off;
+            while at < type_off + type_len {
+                // The name (at + 0) is not needed: aya-obj finds structs by name.
+                let (info, size_or_type) = (u32_at(at + 4), u32_at(at + 8));
+                let (kind, vlen, kind_flag) = ((info >> 24) & 0x1f, (info & 0xffff) as usize, info >> 31 == 1);
+                at += 12;
+                // Bytes after the common header, by kind: INT, VAR, DECL_TAG carry one u32;
+                // ARRAY three; the rest a record per vlen item.
+                let (records, words) = match kind {
+                    1 | 14 | 17 => (1, 1),
+                    3 => (1, 3),
+                    4 | 5 | 15 | 19 => (vlen, 3),
+                    6 | 13 => (vlen, 2),
+                    _ => (0, 0),
+                };
+                let mut items = Vec::with_capacity(records);
+                for _ in 0..records {
+                    let mut r = [0u32; 3];
+                    for w in r.iter_mut().take(words) {
+                        *w = u32_at(at);
+                        at += 4;
+                    }
+                    items.push(r);
+                }
+                types.push((kind, kind_flag, size_or_type, items));
+            }
+            Self { types, strings }
+        }
+
+        fn string(&self, offset: u32) -> String {
+            let s = &self.strings[offset as usize..];
+            String::from_utf8_lossy(&s[..s.iter().position(|&c| c == 0).unwrap_or(s.len())]).into_owned()
+        }
+
+        /// Bytes a type takes: through typedefs and qualifiers, arrays by element count.
+        fn type_size(&self, id: u32) -> usize {
+            let (kind, _, size_or_type, items) = &self.types[id as usize];
+            match kind {
+                // INT, STRUCT, UNION, ENUM, FLOAT, ENUM64: the size is in the header.
+                1 | 4 | 5 | 6 | 16 | 19 => *size_or_type as usize,
+                3 => self.type_size(items[0][0]) * items[0][2] as usize,
+                // TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG.
+                8..=11 | 18 => self.type_size(*size_or_type),
+                other => panic!("BTF type {id} of kind {other} has no size here"),
+            }
+        }
+
+        fn structure(&self, id: u32) -> CStruct {
+            let (kind, kind_flag, size, members) = &self.types[id as usize];
+            assert_eq!(*kind, BtfKind::Struct as u32, "type {id} is a struct");
+            let mut fields = BTreeMap::new();
+            for [name, ty, offset] in members {
+                // With kind_flag the top byte is a bitfield size; bitfields have no Rust twin.
+                let bits = if *kind_flag { offset & 0xff_ffff } else { *offset };
+                assert!(!*kind_flag || offset >> 24 == 0, "bitfield {} in a map struct", self.string(*name));
+                assert_eq!(bits % 8, 0, "field {} at bit {bits}", self.string(*name));
+                fields.insert(self.string(*name), ((bits / 8) as usize, self.type_size(*ty)));
+            }
+            CStruct { size: *size as usize, fields }
+        }
+    }
+
+    fn size_of_field<T, F>(_: fn(&T) -> &F) -> usize {
+        size_of::<F>()
+    }
+
+    /// A Rust struct's layout keyed by the C field name each Rust field stands for:
+    /// `(size, [(c_name, rust_name, offset, size)])`.
+    macro_rules! rust_layout {
+        ($t:ty { $($field:ident => $c:literal),* $(,)? }) => {
+            (
+                size_of::<$t>(),
+                vec![$(($c, stringify!($field), std::mem::offset_of!($t, $field), size_of_field::<$t, _>(|s| &s.$field))),*],
+            )
+        };
+    }
+
+    #[test]
+    fn bpf_map_structs_match_their_c_layout_in_btf() {
+        let obj = aya_obj::Object::parse(OBJECT).expect("the embedded netobs.bpf.o parses");
+        let btf = obj.btf.as_ref().expect("netobs.bpf.o carries BTF (build.rs compiles it with -g)");
+        let layouts = BtfLayouts::parse(&btf.to_bytes());
+        let c_struct = |name: &str| {
+            let id = btf.id_by_type_name_kind(name, BtfKind::Struct).unwrap_or_else(|e| panic!("struct {name} in BTF: {e}"));
+            layouts.structure(id)
+        };
+
+        // Each Rust field with the C field it mirrors; a C field left out here fails too.
+        let shared = [
+            (
+                "traffic_key",
+                "TrafficKey",
+                rust_layout!(TrafficKey {
+                    cgroup_id => "cgroup_id",
+                    direction => "direction",
+                    peer_class => "peer_class",
+                    port => "port",
+                    pad => "pad",
+                }),
+            ),
+            (
+                "traffic_val",
+                "TrafficVal",
+                rust_layout!(TrafficVal { bytes => "bytes", packets => "packets", payload_bytes => "payload_bytes" }),
+            ),
+            (
+                "tcp_key",
+                "TcpKey",
+                rust_layout!(TcpKey { cgroup_id => "cgroup_id", peer_class => "peer_class", role => "role", pad => "pad" }),
+            ),
+            (
+                "tcp_val",
+                "TcpVal",
+                rust_layout!(TcpVal {
+                    established => "established",
+                    failed => "failed",
+                    closed => "closed",
+                    retrans_segs => "retrans_segs",
+                    rtos => "rtos",
+                    rtt_count => "rtt_count",
+                    rtt_sum_us => "rtt_sum_us",
+                    rtt => "rtt",
+                }),
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (c_name, rust_name, (rust_size, fields)) in shared {
+            let c = c_struct(c_name);
+            if c.size != rust_size {
+                wrong.push(format!("struct {c_name} is {} bytes, {rust_name} {rust_size}", c.size));
+            }
+            let mut unmapped: Vec<&String> = c.fields.keys().collect();
+            for (c_field, rust_field, offset, size) in fields {
+                unmapped.retain(|f| *f != c_field);
+                match c.fields.get(c_field) {
+                    None => wrong.push(format!("{c_name}.{c_field}: not in BTF; {rust_name}.{rust_field} expects it")),
+                    Some(&(c_offset, c_size)) if (c_offset, c_size) != (offset, size) => wrong.push(format!(
+                        "{c_name}.{c_field} at byte {c_offset}, {c_size} bytes; {rust_name}.{rust_field} at byte {offset}, {size} bytes"
+                    )),
+                    Some(_) => {}
+                }
+            }
+            wrong.extend(unmapped.iter().map(|f| format!("{c_name}.{f}: no field of {rust_name} maps to it")));
+        }
+
+        // The trie key userspace writes is aya's lpm_trie::Key<[u8; 16]>, repr(C, packed)
+        // { prefix_len: u32, data }; its fields are private, so their offsets are that layout's.
+        let peer = c_struct("peer_key");
+        let want: BTreeMap<String, (usize, usize)> = [("prefixlen".to_owned(), (0, 4)), ("addr".to_owned(), (4, 16))].into();
+        if (peer.size, &peer.fields) != (size_of::<LpmKey<[u8; 16]>>(), &want) {
+            wrong.push(format!("struct peer_key is {peer:?}; aya's Key<[u8; 16]> is 20 bytes, prefix_len at 0, data at 4"));
+        }
+
+        // Each map's key and value, as the map definitions declare them (aya-obj reads their
+        // sizes from BTF), against the types this module reads and writes them as.
+        let maps = [
+            ("TRAFFIC", size_of::<TrafficKey>(), size_of::<TrafficVal>()),
+            ("TCP", size_of::<TcpKey>(), size_of::<TcpVal>()),
+            ("TCP_ZERO", size_of::<u32>(), size_of::<TcpVal>()),
+            ("PEERS", size_of::<LpmKey<[u8; 16]>>(), size_of::<u8>()),
+            ("PORTS", size_of::<u16>(), size_of::<u8>()),
+            ("ERRORS", size_of::<u32>(), size_of::<u64>()),
+        ];
+        for (name, key, value) in maps {
+            let Some(m) = obj.maps.get(name) else {
+                wrong.push(format!("map {name} missing from the object"));
+                continue;
+            };
+            let (k, v) = (m.key_size() as usize, m.value_size() as usize);
+            if (k, v) != (key, value) {
+                wrong.push(format!("map {name}: key {k} and value {v} bytes in C, {key} and {value} in Rust"));
+            }
+        }
+        assert!(wrong.is_empty(), "BPF map layouts differ between ebpf/netobs.bpf.c and bpf.rs:\n{}", wrong.join("\n"));
     }
 }
