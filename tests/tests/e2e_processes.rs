@@ -51,9 +51,10 @@ async fn agent_reports_snapshot_then_deltas_and_survives_restarts_of_both_sides(
         Ok(agent_metric(&agent, "hearth_agent_controller_connected").await.filter(|v| *v == 0.0))
     })
     .await?;
+    // Readiness is the node-local job: a controller outage must not fail it (a DaemonSet
+    // rollout would stall on every node).
     let (status, body) = http_get(agent.http, "/readyz").await?;
-    assert_eq!(status, 503, "not ready while the controller is away: {body}");
-    assert!(body.contains("controller"), "{body}");
+    assert_eq!(status, 200, "ready while the controller is away: {body}");
     // The agent keeps its node-local work going: /metrics still serves fresh node samples.
     assert!(agent_metric(&agent, "hearth_node_memory_total_bytes").await.is_some());
 

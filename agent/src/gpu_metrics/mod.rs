@@ -88,7 +88,8 @@ impl GpuView {
 #[derive(Debug)]
 pub struct GpuMetrics {
     view: Mutex<Arc<GpuView>>,
-    attribution: Mutex<Arc<Attribution>>,
+    /// Pod labels per device, rendered when the attribution changes.
+    attribution: Mutex<Arc<render::PodLabelSets>>,
     host: render::HostLabel,
     failures: Mutex<BTreeMap<(u32, Call), u64>>,
     xids: Mutex<BTreeMap<(u32, u64), u64>>,
@@ -115,12 +116,13 @@ impl GpuMetrics {
         *self.view.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(v);
     }
 
-    pub fn attribution(&self) -> Arc<Attribution> {
+    pub fn attribution(&self) -> Arc<render::PodLabelSets> {
         self.attribution.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn set_attribution(&self, a: Arc<Attribution>) {
-        *self.attribution.lock().unwrap_or_else(|p| p.into_inner()) = a;
+        let labels = Arc::new(render::PodLabelSets::new(&a));
+        *self.attribution.lock().unwrap_or_else(|p| p.into_inner()) = labels;
     }
 
     /// Failure counts so far, by (GPU, call).

@@ -17,7 +17,9 @@ use std::fmt::Write;
 
 use super::{GpuState, GpuView};
 use crate::device::gpu::{MigReading, ProfReading, xid_message};
-use crate::kube::podres::{Attribution, PodLabels};
+use std::collections::HashMap;
+
+use crate::kube::podres::Attribution;
 
 /// The host label: dcgm-exporter releases up to 4.8 call it `Hostname`, later ones
 /// `hostname`; an empty name leaves it out (dcgm-exporter's `--no-hostname`).
@@ -254,6 +256,40 @@ fn gpu_labels(g: &GpuState) -> String {
     s
 }
 
+/// A container's labels rendered once: `container="c"` and `namespace="n",pod="p"`, kept
+/// apart because dcgm-exporter sorts extra labels by name and the XID family's `err_code`
+/// and `err_msg` fall between them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodLabels {
+    pub container: String,
+    pub namespace_pod: String,
+}
+
+/// Pod label text per device UUID, rendered once per attribution refresh, not per scrape.
+#[derive(Debug, Default)]
+pub struct PodLabelSets(HashMap<String, Vec<PodLabels>>);
+
+impl PodLabelSets {
+    pub fn new(a: &Attribution) -> Self {
+        let render = |c: &crate::kube::podres::ContainerRef| {
+            let mut container = String::from("container=\"");
+            escape(&c.container, &mut container);
+            container.push('"');
+            let mut namespace_pod = String::from("namespace=\"");
+            escape(&c.pod.namespace, &mut namespace_pod);
+            namespace_pod.push_str("\",pod=\"");
+            escape(&c.pod.name, &mut namespace_pod);
+            namespace_pod.push('"');
+            PodLabels { container, namespace_pod }
+        };
+        Self(a.iter().map(|(id, cs)| (id.to_owned(), cs.iter().map(render).collect())).collect())
+    }
+
+    pub fn pods_of(&self, uuid: &str) -> &[PodLabels] {
+        self.0.get(uuid).map_or(&[], Vec::as_slice)
+    }
+}
+
 struct Series<'a> {
     /// `{...` up to the pod labels, without the closing brace.
     labels: String,
@@ -308,7 +344,7 @@ fn sample(out: &mut String, name: &str, s: &Series<'_>, extra: &str, v: Val) {
 }
 
 /// Appends the dcgm-exporter families for `view` to `out`.
-pub fn render(view: &GpuView, attribution: &Attribution, host: &HostLabel, openmetrics: bool, out: &mut String) {
+pub fn render(view: &GpuView, attribution: &PodLabelSets, host: &HostLabel, openmetrics: bool, out: &mut String) {
     if view.gpus.is_empty() {
         return;
     }
@@ -439,7 +475,7 @@ mod tests {
     ];
 
     /// GPU 0 on MIG (3g.40gb + 1g.10gb, the 1g held by a pod), GPU 1 whole and held by a pod.
-    pub(crate) fn fixture() -> (GpuView, Attribution) {
+    pub(crate) fn fixture() -> (GpuView, PodLabelSets) {
         let accs = SimInventory::new("n", &[SimSpec::parse("2xH100-80GB").unwrap()]).accelerators().unwrap();
         let m = Arc::new(SimMig::new(&[0x2330_10DE, 0x2330_10DE]));
         m.set_mig_mode(0, true).unwrap();
@@ -471,9 +507,9 @@ mod tests {
                 devices: vec![ContainerDevices { resource_name: "nvidia.com/gpu".into(), device_ids: ids, topology: None }],
             }],
         };
-        let a = Attribution::from_list(&ListPodResourcesResponse {
+        let a = PodLabelSets::new(&Attribution::from_list(&ListPodResourcesResponse {
             pod_resources: vec![pod("small", vec![one_g]), pod("big", vec![gpus[1].info.uuid.clone()])],
-        });
+        }));
         let view = GpuView {
             backend: "simulated",
             driver: DriverInfo { driver_version: "580.159.04".into(), cuda_version: "13.0".into() },

@@ -41,6 +41,13 @@ pub enum KubeError {
     Timeout { what: String, timeout: Duration },
 }
 
+/// A pod's identity, as Kubernetes names it and metrics label it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
 /// Where the API server is and how to authenticate to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KubeSettings {

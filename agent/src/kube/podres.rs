@@ -24,33 +24,24 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::gpu_metrics::render::escape;
+use super::PodRef;
 
 /// The socket's file name inside the mounted directory.
 pub const SOCKET_NAME: &str = "kubelet.sock";
 pub const DEFAULT_DIR: &str = "/var/lib/kubelet/pod-resources";
 
+/// A container of a pod, as PodResources names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodRef {
-    pub namespace: String,
-    pub pod: String,
+pub struct ContainerRef {
+    pub pod: PodRef,
     pub container: String,
 }
 
-/// A pod's labels rendered once: `container="c"` and `namespace="n",pod="p"`, kept apart
-/// because dcgm-exporter sorts extra labels by name and the XID family's `err_code` and
-/// `err_msg` fall between them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodLabels {
-    pub container: String,
-    pub namespace_pod: String,
-}
-
-/// Device id -> the pods (containers) holding it, with their label text rendered once.
+/// Device id -> the containers holding it. Data only: the metrics that label series with
+/// it render their own label text.
 #[derive(Debug, Default, PartialEq)]
 pub struct Attribution {
-    by_device: HashMap<String, Vec<PodLabels>>,
-    refs: HashMap<String, Vec<PodRef>>,
+    by_device: HashMap<String, Vec<ContainerRef>>,
 }
 
 /// The device id without a time-slicing replica suffix (`GPU-x::3` -> `GPU-x`).
@@ -60,7 +51,7 @@ pub fn base_device_id(id: &str) -> &str {
 
 impl Attribution {
     pub fn from_list(resp: &ListPodResourcesResponse) -> Self {
-        let mut refs: HashMap<String, Vec<PodRef>> = HashMap::new();
+        let mut by_device: HashMap<String, Vec<ContainerRef>> = HashMap::new();
         for pod in &resp.pod_resources {
             for c in &pod.containers {
                 for d in &c.devices {
@@ -69,8 +60,11 @@ impl Attribution {
                         if !(id.starts_with("GPU-") || id.starts_with("MIG-")) {
                             continue;
                         }
-                        let r = PodRef { namespace: pod.namespace.clone(), pod: pod.name.clone(), container: c.name.clone() };
-                        let list = refs.entry(id.to_owned()).or_default();
+                        let r = ContainerRef {
+                            pod: PodRef { namespace: pod.namespace.clone(), name: pod.name.clone() },
+                            container: c.name.clone(),
+                        };
+                        let list = by_device.entry(id.to_owned()).or_default();
                         // Two time-slice replicas of one GPU in one container are one series.
                         if !list.contains(&r) {
                             list.push(r);
@@ -79,36 +73,17 @@ impl Attribution {
                 }
             }
         }
-        let by_device = refs
-            .iter()
-            .map(|(id, pods)| {
-                let labels = pods
-                    .iter()
-                    .map(|p| {
-                        let mut container = String::from("container=\"");
-                        escape(&p.container, &mut container);
-                        container.push('"');
-                        let mut namespace_pod = String::from("namespace=\"");
-                        escape(&p.namespace, &mut namespace_pod);
-                        namespace_pod.push_str("\",pod=\"");
-                        escape(&p.pod, &mut namespace_pod);
-                        namespace_pod.push('"');
-                        PodLabels { container, namespace_pod }
-                    })
-                    .collect();
-                (id.clone(), labels)
-            })
-            .collect();
-        Self { by_device, refs }
+        Self { by_device }
     }
 
-    /// Rendered pod label sets for a device UUID.
-    pub fn pods_of(&self, uuid: &str) -> &[PodLabels] {
+    /// The containers holding a device (GPU or MIG UUID).
+    pub fn containers_of(&self, uuid: &str) -> &[ContainerRef] {
         self.by_device.get(uuid).map_or(&[], Vec::as_slice)
     }
 
-    pub fn refs_of(&self, uuid: &str) -> &[PodRef] {
-        self.refs.get(uuid).map_or(&[], Vec::as_slice)
+    /// Every attributed device with its containers.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[ContainerRef])> {
+        self.by_device.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
     }
 
     pub fn devices(&self) -> usize {
@@ -258,12 +233,12 @@ mod tests {
             ],
         };
         let a = Attribution::from_list(&resp);
-        let p = &a.pods_of("GPU-aaa")[0];
-        assert_eq!((p.container.as_str(), p.namespace_pod.as_str()), ("container=\"vllm\"", "namespace=\"ml\",pod=\"llama-0\""));
-        assert_eq!(a.refs_of("MIG-bbb")[0].pod, "small-0");
-        let shared: Vec<_> = a.refs_of("GPU-ccc").iter().map(|r| r.pod.as_str()).collect();
+        let p = &a.containers_of("GPU-aaa")[0];
+        assert_eq!((p.container.as_str(), p.pod.namespace.as_str(), p.pod.name.as_str()), ("vllm", "ml", "llama-0"));
+        assert_eq!(a.containers_of("MIG-bbb")[0].pod.name, "small-0");
+        let shared: Vec<_> = a.containers_of("GPU-ccc").iter().map(|r| r.pod.name.as_str()).collect();
         assert_eq!(shared, ["nb-1", "nb-2"], "one entry per pod, replicas folded");
-        assert!(a.pods_of("0000:3b:00.1").is_empty(), "non-GPU devices ignored");
+        assert!(a.containers_of("0000:3b:00.1").is_empty(), "non-GPU devices ignored");
         assert_eq!(a.devices(), 3);
     }
 

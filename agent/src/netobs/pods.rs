@@ -12,12 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-/// A pod's identity as metrics label it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PodRef {
-    pub namespace: String,
-    pub name: String,
-}
+pub use crate::kube::PodRef;
 
 /// One walk of the cgroup tree: cgroup id -> pod UID (None for cgroups outside any pod:
 /// system services, the runtime itself).

@@ -21,7 +21,7 @@ use hearth_agent::device::gpusim::{SimFaults, SimGpus};
 use hearth_agent::device::mig;
 use hearth_agent::device::migctl::{MigControl, SimMig};
 use hearth_agent::device::sim::{SimInventory, SimSpec};
-use hearth_agent::gpu_metrics::render::{HostLabel, render};
+use hearth_agent::gpu_metrics::render::{HostLabel, PodLabelSets, render};
 use hearth_agent::gpu_metrics::{self, GpuMetrics, GpuView};
 use hearth_agent::kube::podres::Attribution;
 use hearth_proto::podresources::{ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources};
@@ -40,7 +40,7 @@ struct Args {
     rss_seconds: u64,
 }
 
-fn view() -> Result<(GpuView, Attribution)> {
+fn view() -> Result<(GpuView, PodLabelSets)> {
     let accs = SimInventory::new("bench", &[SimSpec::parse("8xH100-80GB").map_err(anyhow::Error::msg)?]).accelerators()?;
     let mig = Arc::new(SimMig::new(&[0x2330_10DE; 8]));
     let one_g = mig::by_name(mig::H100_80GB, "1g.10gb").context("profile")?;
@@ -76,7 +76,7 @@ fn view() -> Result<(GpuView, Attribution)> {
         }
     }
     anyhow::ensure!(pods.len() == 56, "{} MIG devices", pods.len());
-    Ok((v, Attribution::from_list(&ListPodResourcesResponse { pod_resources: pods })))
+    Ok((v, PodLabelSets::new(&Attribution::from_list(&ListPodResourcesResponse { pod_resources: pods }))))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
