@@ -252,19 +252,7 @@ pub struct Config {
     pub network: NetworkSettings,
 }
 
-/// Per-pod network metrics, validated.
-#[derive(Debug, Clone)]
-pub struct NetworkSettings {
-    pub enabled: bool,
-    pub cgroup_root: Option<PathBuf>,
-    pub collect_interval: Duration,
-    pub forget_after: Duration,
-    pub ports: Vec<u16>,
-    pub peers: Vec<crate::netobs::PeerClass>,
-    pub bpf_stats: bool,
-    /// Pods known without the API server (UID -> name): `hearth local`'s sample workload.
-    pub static_pods: std::collections::HashMap<String, crate::netobs::pods::PodRef>,
-}
+pub use crate::netobs::NetworkSettings;
 
 fn network_settings(r: RawNetwork) -> Result<NetworkSettings, AgentConfigError> {
     let collect_interval = dur("network.collect_interval", r.collect_interval, "10s")?;
@@ -394,10 +382,7 @@ fn cache_settings(r: RawCache) -> Result<CacheSettings, AgentConfigError> {
     })
 }
 
-/// Interfaces that belong to pods or overlays; per-pod traffic comes from the eBPF layer,
-/// and counting every veth here would make the label set grow with the pod count.
-pub const DEFAULT_EXCLUDED_INTERFACES: &[&str] =
-    &["lo", "veth*", "cali*", "cilium*", "lxc*", "docker*", "cni*", "flannel*", "kube-*", "tunl*", "vxlan*", "genev*"];
+pub use crate::node::DEFAULT_EXCLUDED_INTERFACES;
 
 fn default_node_name() -> String {
     std::env::var("NODE_NAME")

@@ -27,11 +27,24 @@ use tracing::{Instrument, info, info_span, warn};
 
 use hearth_service::tasks::Tasks;
 
-use crate::config::NetworkSettings;
 use crate::daemon::AgentError;
 use crate::subsystem::{Started, Status, Wiring};
 use collect::{Collector, FamilyStatus, NetMetrics};
 use pods::PodTable;
+
+/// Per-pod network metrics: the `network` config section, validated by `config`.
+#[derive(Debug, Clone)]
+pub struct NetworkSettings {
+    pub enabled: bool,
+    pub cgroup_root: Option<PathBuf>,
+    pub collect_interval: Duration,
+    pub forget_after: Duration,
+    pub ports: Vec<u16>,
+    pub peers: Vec<PeerClass>,
+    pub bpf_stats: bool,
+    /// Pods known without the API server (UID -> name): `hearth local`'s sample workload.
+    pub static_pods: std::collections::HashMap<String, crate::kube::PodRef>,
+}
 
 /// How often pod names are re-listed from the API server.
 const POD_LIST_EVERY: Duration = Duration::from_secs(30);

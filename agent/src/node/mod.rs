@@ -20,6 +20,11 @@ use prometheus_client::registry::Unit;
 
 pub use procfs::{CpuTimes, NetDev};
 
+/// Interfaces that belong to pods or overlays; per-pod traffic comes from the eBPF layer,
+/// and counting every veth here would make the label set grow with the pod count.
+pub const DEFAULT_EXCLUDED_INTERFACES: &[&str] =
+    &["lo", "veth*", "cali*", "cilium*", "lxc*", "docker*", "cni*", "flannel*", "kube-*", "tunl*", "vxlan*", "genev*"];
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error("reading {path}: {source}")]
@@ -257,7 +262,7 @@ mod tests {
     #[test]
     fn reads_info_and_samples_from_a_fixture_root() {
         let d = fixture();
-        let r = NodeReader::new(d.path(), d.path(), crate::config::DEFAULT_EXCLUDED_INTERFACES.iter().map(|s| (*s).into()).collect());
+        let r = NodeReader::new(d.path(), d.path(), DEFAULT_EXCLUDED_INTERFACES.iter().map(|s| (*s).into()).collect());
         let info = r.info().expect("info");
         assert_eq!((info.cpu_count, info.memory_total_bytes), (2, 16_000_000 * 1024));
         assert_eq!((info.hostname.as_str(), info.boot_id.as_str()), ("gpu-1", "1234-abcd"));
