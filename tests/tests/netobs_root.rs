@@ -545,7 +545,6 @@ print("done", flush=True)
 fn a_thousand_pod_cgroups_created_and_deleted_leave_no_series_and_no_map_entries() -> Result<()> {
     use hearth_agent::netobs::collect::Collector;
     use hearth_agent::netobs::pods::{PodRef, PodTable};
-    use hearth_service::http::TextMetrics;
     use std::time::{Duration, Instant};
 
     require_root()?;
@@ -587,7 +586,9 @@ fn a_thousand_pod_cgroups_created_and_deleted_leave_no_series_and_no_map_entries
     collector.tick(t0 + Duration::from_secs(61));
     assert_eq!(metrics.sizes().0, 0, "and are forgotten after the delay");
     let mut out = String::new();
-    metrics.render(&mut out, false);
+    let mut registry = prometheus_client::registry::Registry::default();
+    metrics.register(&mut registry);
+    out.push_str(&hearth_service::http::prometheus_text(&registry)?);
     assert!(out.contains("hearth_pod_network_reclaimed_entries_total 1000"), "{out}");
     assert!(!out.contains("namespace=\"load\""), "no series left for the deleted pods");
     Ok(())

@@ -12,12 +12,16 @@
 //! declared port x direction. No per-IP or per-connection series exist.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use hearth_service::http::TextMetrics;
+use prometheus_client::collector::Collector as PromCollector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Unit;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -136,6 +140,11 @@ impl NetMetrics {
             .filter(|((p, _, _), _)| p.namespace == namespace && p.name == pod)
             .map(|((_, d, c), v)| (direction(*d).to_owned(), class(&s.classes, *c).to_owned(), v.bytes))
             .collect()
+    }
+
+    /// Adds the `hearth_pod_network_*` families to `registry`.
+    pub fn register(self: &Arc<Self>, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(Shared(self.clone())));
     }
 
     /// Which families are on.
@@ -365,208 +374,256 @@ pub async fn run(mut collector: Collector, every: Duration, shutdown: Cancellati
     }
 }
 
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
+type L<'a, const N: usize> = [(&'static str, &'a str); N];
 
-/// HELP and TYPE lines; counters' family name drops `_total` in OpenMetrics.
-fn header(out: &mut String, name: &str, help: &str, kind: &str, openmetrics: bool) {
-    let family = if openmetrics && kind == "counter" { name.strip_suffix("_total").unwrap_or(name) } else { name };
-    let _ = writeln!(out, "# HELP {family} {help}");
-    let _ = writeln!(out, "# TYPE {family} {kind}");
-}
-
-impl TextMetrics for NetMetrics {
-    fn render(&self, out: &mut String, openmetrics: bool) {
-        let s = self.read();
-        header(
-            out,
-            "hearth_pod_network_enabled",
-            "Whether a network metric family is on (1) or off (0, with the reason).",
-            "gauge",
-            openmetrics,
-        );
-        for (fam, st) in [("traffic", &s.status.traffic), ("tcp", &s.status.tcp)] {
-            let (v, reason) = match st {
-                Ok(()) => (1, ""),
-                Err(r) => (0, r.as_str()),
-            };
-            let _ = writeln!(out, "hearth_pod_network_enabled{{family=\"{fam}\",reason=\"{}\"}} {v}", esc(reason));
+/// Counter and gauge helpers: one family, its samples from an iterator of label sets.
+fn counter<'a, const N: usize, V: EncodeCounterValue + std::fmt::Debug + Send + Sync>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (L<'a, N>, V)>,
+) -> Result<(), std::fmt::Error> {
+    let mut f = enc.encode_descriptor(name, help, unit, MetricType::Counter)?;
+    if N == 0 {
+        // One unlabelled sample: `name 3`, not `name{} 3`.
+        if let Some((_, v)) = samples.into_iter().next() {
+            ConstCounter::new(v).encode(f)?;
         }
-        let pod = |p: &PodRef| format!("namespace=\"{}\",pod=\"{}\"", esc(&p.namespace), esc(&p.name));
+        return Ok(());
+    }
+    for (labels, v) in samples {
+        ConstCounter::new(v).encode(f.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge<'a, const N: usize, V: EncodeGaugeValue + std::fmt::Debug + Send + Sync>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (L<'a, N>, V)>,
+) -> Result<(), std::fmt::Error> {
+    let mut f = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    if N == 0 {
+        // One unlabelled sample: `name 3`, not `name{} 3`.
+        if let Some((_, v)) = samples.into_iter().next() {
+            ConstGauge::new(v).encode(f)?;
+        }
+        return Ok(());
+    }
+    for (labels, v) in samples {
+        ConstGauge::new(v).encode(f.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// The registry owns its collectors boxed; this one reads the shared metrics.
+#[derive(Debug)]
+struct Shared(Arc<NetMetrics>);
+
+impl PromCollector for Shared {
+    fn encode(&self, enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(enc)
+    }
+}
+
+fn peer_labels<'a>(s: &'a Snapshot, p: &'a PodRef, c: u8) -> L<'a, 3> {
+    [("namespace", p.namespace.as_str()), ("pod", p.name.as_str()), ("peer", class(&s.classes, c))]
+}
+
+fn tcp_labels<'a>(s: &'a Snapshot, p: &'a PodRef, c: u8, r: u8) -> L<'a, 4> {
+    let [n, pod, peer] = peer_labels(s, p, c);
+    [n, pod, peer, ("role", role(r))]
+}
+
+/// The `hearth_pod_network_*` families, through prometheus-client like every other Hearth
+/// family: names, escaping and both exposition formats are its business. Cardinality:
+/// pods x directions x peer classes (configured, at most a few) for traffic; pods x peer
+/// classes x roles for TCP; pods x declared ports x directions for listeners.
+impl PromCollector for NetMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let guard = self.read();
+        let s: &Snapshot = &guard;
+        let e = &mut enc;
+        gauge(
+            e,
+            "hearth_pod_network_enabled",
+            "Whether a network metric family is on (1) or off (0, with the reason)",
+            None,
+            [("traffic", &s.status.traffic), ("tcp", &s.status.tcp)].map(|(fam, st)| match st {
+                Ok(()) => ([("family", fam), ("reason", "")], 1i64),
+                Err(r) => ([("family", fam), ("reason", r.as_str())], 0i64),
+            }),
+        )?;
         if s.status.traffic.is_ok() {
-            for (name, help, get) in [
-                (
-                    "hearth_pod_network_bytes_total",
-                    "IP bytes (headers included) by pod, direction and peer class.",
-                    (|v: &TrafficVal| v.bytes) as fn(&TrafficVal) -> u64,
-                ),
-                ("hearth_pod_network_packets_total", "IP packets (a GSO/GRO batch counts once) by pod, direction and peer class.", |v| {
-                    v.packets
+            let traffic = |get: fn(&TrafficVal) -> u64| {
+                s.traffic.iter().map(move |((p, d, c), v)| {
+                    (
+                        [
+                            ("namespace", p.namespace.as_str()),
+                            ("pod", p.name.as_str()),
+                            ("direction", direction(*d)),
+                            ("peer", class(&s.classes, *c)),
+                        ],
+                        get(v),
+                    )
+                })
+            };
+            counter(
+                e,
+                "hearth_pod_network_bytes",
+                "IP bytes (headers included) by pod, direction and peer class",
+                None,
+                traffic(|v| v.bytes),
+            )?;
+            counter(
+                e,
+                "hearth_pod_network_packets",
+                "IP packets (a GSO/GRO batch counts once) by pod, direction and peer class",
+                None,
+                traffic(|v| v.packets),
+            )?;
+            counter(
+                e,
+                "hearth_pod_network_payload_bytes",
+                "TCP and UDP payload bytes by pod, direction and peer class",
+                None,
+                traffic(|v| v.payload_bytes),
+            )?;
+            let ports: Vec<String> = s.listen.keys().map(|(_, port, _)| port.to_string()).collect();
+            counter(
+                e,
+                "hearth_pod_network_listener_bytes",
+                "IP bytes on declared serving ports by pod, port and direction",
+                None,
+                s.listen.iter().zip(&ports).map(|(((p, _, d), v), port)| {
+                    (
+                        [
+                            ("namespace", p.namespace.as_str()),
+                            ("pod", p.name.as_str()),
+                            ("port", port.as_str()),
+                            ("direction", direction(*d)),
+                        ],
+                        v.bytes,
+                    )
                 }),
-                ("hearth_pod_network_payload_bytes_total", "TCP and UDP payload bytes by pod, direction and peer class.", |v| {
-                    v.payload_bytes
-                }),
-            ] {
-                header(out, name, help, "counter", openmetrics);
-                for ((p, d, c), v) in &s.traffic {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{{},direction=\"{}\",peer=\"{}\"}} {}",
-                        pod(p),
-                        direction(*d),
-                        esc(class(&s.classes, *c)),
-                        get(v)
-                    );
-                }
-            }
-            header(
-                out,
-                "hearth_pod_network_listener_bytes_total",
-                "IP bytes on declared serving ports by pod, port and direction.",
-                "counter",
-                openmetrics,
-            );
-            for ((p, port, d), v) in &s.listen {
-                let _ = writeln!(
-                    out,
-                    "hearth_pod_network_listener_bytes_total{{{},port=\"{port}\",direction=\"{}\"}} {}",
-                    pod(p),
-                    direction(*d),
-                    v.bytes
-                );
-            }
+            )?;
         }
         if s.status.tcp.is_ok() {
-            header(
-                out,
-                "hearth_pod_network_tcp_connections_total",
-                "TCP connections by pod, peer class, role and result (established or failed).",
-                "counter",
-                openmetrics,
-            );
-            for ((p, c, r), v) in &s.tcp {
-                let l = format!("{},peer=\"{}\",role=\"{}\"", pod(p), esc(class(&s.classes, *c)), role(*r));
-                let _ = writeln!(out, "hearth_pod_network_tcp_connections_total{{{l},result=\"established\"}} {}", v.established);
-                let _ = writeln!(out, "hearth_pod_network_tcp_connections_total{{{l},result=\"failed\"}} {}", v.failed);
-            }
-            header(
-                out,
+            let tcp = |p, c, r| tcp_labels(s, p, c, r);
+            counter(
+                e,
+                "hearth_pod_network_tcp_connections",
+                "TCP connections by pod, peer class, role and result (established or failed)",
+                None,
+                s.tcp.iter().flat_map(|((p, c, r), v)| {
+                    let [a, b, cl, ro] = tcp(p, *c, *r);
+                    [([a, b, cl, ro, ("result", "established")], v.established), ([a, b, cl, ro, ("result", "failed")], v.failed)]
+                }),
+            )?;
+            gauge(
+                e,
                 "hearth_pod_network_tcp_active_connections",
-                "Established TCP connections open now, by pod, peer class and role.",
-                "gauge",
-                openmetrics,
-            );
-            for ((p, c, r), v) in &s.tcp {
-                let active = v.established.saturating_sub(v.closed);
-                let _ = writeln!(
-                    out,
-                    "hearth_pod_network_tcp_active_connections{{{},peer=\"{}\",role=\"{}\"}} {active}",
-                    pod(p),
-                    esc(class(&s.classes, *c)),
-                    role(*r)
-                );
-            }
+                "Established TCP connections open now, by pod, peer class and role",
+                None,
+                s.tcp.iter().map(|((p, c, r), v)| (tcp(p, *c, *r), v.established.saturating_sub(v.closed) as i64)),
+            )?;
             // Retransmits, RTOs and RTT by pod and peer class (summed over roles).
             let mut by_peer: BTreeMap<(&PodRef, u8), TcpVal> = BTreeMap::new();
             for ((p, c, _), v) in &s.tcp {
                 by_peer.entry((p, *c)).or_default().add(v);
             }
-            header(
-                out,
-                "hearth_pod_network_tcp_retransmits_total",
-                "Retransmitted TCP segments by pod and peer class.",
-                "counter",
-                openmetrics,
-            );
+            let peer = |p, c| peer_labels(s, p, c);
+            counter(
+                e,
+                "hearth_pod_network_tcp_retransmits",
+                "Retransmitted TCP segments by pod and peer class",
+                None,
+                by_peer.iter().map(|((p, c), v)| (peer(p, *c), v.retrans_segs)),
+            )?;
+            counter(
+                e,
+                "hearth_pod_network_tcp_rtos",
+                "TCP retransmission timeouts by pod and peer class",
+                None,
+                by_peer.iter().map(|((p, c), v)| (peer(p, *c), v.rtos)),
+            )?;
+            let mut rtt = e.encode_descriptor(
+                "hearth_pod_network_tcp_rtt",
+                "Smoothed TCP RTT by pod and peer class, sampled at most once a second per connection (log2 buckets)",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?;
             for ((p, c), v) in &by_peer {
-                let _ = writeln!(
-                    out,
-                    "hearth_pod_network_tcp_retransmits_total{{{},peer=\"{}\"}} {}",
-                    pod(p),
-                    esc(class(&s.classes, *c)),
-                    v.retrans_segs
-                );
-            }
-            header(out, "hearth_pod_network_tcp_rtos_total", "TCP retransmission timeouts by pod and peer class.", "counter", openmetrics);
-            for ((p, c), v) in &by_peer {
-                let _ = writeln!(out, "hearth_pod_network_tcp_rtos_total{{{},peer=\"{}\"}} {}", pod(p), esc(class(&s.classes, *c)), v.rtos);
-            }
-            header(
-                out,
-                "hearth_pod_network_tcp_rtt_seconds",
-                "Smoothed TCP RTT by pod and peer class, sampled at most once a second per connection (log2 buckets).",
-                "histogram",
-                openmetrics,
-            );
-            for ((p, c), v) in &by_peer {
-                let l = format!("{},peer=\"{}\"", pod(p), esc(class(&s.classes, *c)));
-                let mut cum = 0;
-                for (i, n) in v.rtt.iter().enumerate().take(RTT_BUCKETS) {
-                    cum += n;
-                    let le = (1u64 << (i + 1)) as f64 / 1e6;
-                    let _ = writeln!(out, "hearth_pod_network_tcp_rtt_seconds_bucket{{{l},le=\"{le}\"}} {cum}");
-                }
-                let _ = writeln!(out, "hearth_pod_network_tcp_rtt_seconds_bucket{{{l},le=\"+Inf\"}} {}", v.rtt_count);
-                let _ = writeln!(out, "hearth_pod_network_tcp_rtt_seconds_sum{{{l}}} {}", v.rtt_sum_us as f64 / 1e6);
-                let _ = writeln!(out, "hearth_pod_network_tcp_rtt_seconds_count{{{l}}} {}", v.rtt_count);
+                // Bucket i holds RTTs below 2^(i+1) microseconds; what lies above the last
+                // bound counts only in +Inf.
+                let mut buckets: Vec<(f64, u64)> =
+                    v.rtt.iter().take(RTT_BUCKETS).enumerate().map(|(i, n)| ((1u64 << (i + 1)) as f64 / 1e6, *n)).collect();
+                let bounded: u64 = buckets.iter().map(|(_, n)| n).sum();
+                buckets.push((f64::MAX, v.rtt_count.saturating_sub(bounded)));
+                rtt.encode_family(&peer(p, *c))?.encode_histogram::<NoLabelSet>(v.rtt_sum_us as f64 / 1e6, v.rtt_count, &buckets, None)?;
             }
         }
         if s.status.traffic.is_err() && s.status.tcp.is_err() {
-            return;
+            return Ok(());
         }
         // Self-cost.
-        header(
-            out,
-            "hearth_pod_network_bpf_run_seconds_total",
-            "CPU time spent in each BPF program (needs BPF stats on).",
-            "counter",
-            openmetrics,
-        );
-        for c in &s.costs {
-            let _ = writeln!(out, "hearth_pod_network_bpf_run_seconds_total{{program=\"{}\"}} {}", c.name, c.run_time_ns as f64 / 1e9);
-        }
-        header(out, "hearth_pod_network_bpf_runs_total", "Runs of each BPF program (needs BPF stats on).", "counter", openmetrics);
-        for c in &s.costs {
-            let _ = writeln!(out, "hearth_pod_network_bpf_runs_total{{program=\"{}\"}} {}", c.name, c.run_count);
-        }
-        header(
-            out,
-            "hearth_pod_network_map_update_errors_total",
-            "Kernel map inserts refused (map full or out of memory), by map.",
-            "counter",
-            openmetrics,
-        );
-        for (m, v) in [("traffic", s.kernel.traffic_full), ("tcp", s.kernel.tcp_full), ("sock_storage", s.kernel.storage)] {
-            let _ = writeln!(out, "hearth_pod_network_map_update_errors_total{{map=\"{m}\"}} {v}");
-        }
-        header(
-            out,
-            "hearth_pod_network_unattributed_bytes_total",
-            "Bytes not attributed to a pod: no cgroup on the packet, or a cgroup outside any pod.",
-            "counter",
-            openmetrics,
-        );
-        let _ = writeln!(out, "hearth_pod_network_unattributed_bytes_total{{reason=\"no_cgroup\"}} {}", s.kernel.no_cgroup_bytes);
-        let _ = writeln!(out, "hearth_pod_network_unattributed_bytes_total{{reason=\"not_a_pod\"}} {}", s.not_a_pod_bytes);
-        header(
-            out,
-            "hearth_pod_network_untracked_tcp_events_total",
-            "TCP events on connections opened before the programs were attached.",
-            "counter",
-            openmetrics,
-        );
-        let _ = writeln!(out, "hearth_pod_network_untracked_tcp_events_total {}", s.kernel.no_sock_info);
-        header(out, "hearth_pod_network_cgroups", "Cgroups under the attach root at the last collection.", "gauge", openmetrics);
-        let _ = writeln!(out, "hearth_pod_network_cgroups {}", s.cgroups);
-        header(out, "hearth_pod_network_pods", "Pods with network series (deleted ones until forgotten).", "gauge", openmetrics);
-        let _ = writeln!(out, "hearth_pod_network_pods {}", s.pods);
-        header(out, "hearth_pod_network_reclaimed_entries_total", "Kernel map entries of deleted cgroups removed.", "counter", openmetrics);
-        let _ = writeln!(out, "hearth_pod_network_reclaimed_entries_total {}", s.reclaimed_entries);
-        header(out, "hearth_pod_network_collect_errors_total", "Collections that failed.", "counter", openmetrics);
-        let _ = writeln!(out, "hearth_pod_network_collect_errors_total {}", s.collect_errors);
-        header(out, "hearth_pod_network_collect_seconds", "Duration of the last collection.", "gauge", openmetrics);
-        let _ = writeln!(out, "hearth_pod_network_collect_seconds {}", s.last_collect.as_secs_f64());
+        counter(
+            e,
+            "hearth_pod_network_bpf_run",
+            "CPU time spent in each BPF program (needs BPF stats on)",
+            Some(&Unit::Seconds),
+            s.costs.iter().map(|c| ([("program", c.name)], c.run_time_ns as f64 / 1e9)),
+        )?;
+        counter(
+            e,
+            "hearth_pod_network_bpf_runs",
+            "Runs of each BPF program (needs BPF stats on)",
+            None,
+            s.costs.iter().map(|c| ([("program", c.name)], c.run_count)),
+        )?;
+        counter(
+            e,
+            "hearth_pod_network_map_update_errors",
+            "Kernel map inserts refused (map full or out of memory), by map",
+            None,
+            [("traffic", s.kernel.traffic_full), ("tcp", s.kernel.tcp_full), ("sock_storage", s.kernel.storage)]
+                .map(|(m, v)| ([("map", m)], v)),
+        )?;
+        counter(
+            e,
+            "hearth_pod_network_unattributed_bytes",
+            "Bytes not attributed to a pod: no cgroup on the packet, or a cgroup outside any pod",
+            None,
+            [([("reason", "no_cgroup")], s.kernel.no_cgroup_bytes), ([("reason", "not_a_pod")], s.not_a_pod_bytes)],
+        )?;
+        counter(
+            e,
+            "hearth_pod_network_untracked_tcp_events",
+            "TCP events on connections opened before the programs were attached",
+            None,
+            [([], s.kernel.no_sock_info)],
+        )?;
+        gauge(e, "hearth_pod_network_cgroups", "Cgroups under the attach root at the last collection", None, [([], s.cgroups as i64)])?;
+        gauge(e, "hearth_pod_network_pods", "Pods with network series (deleted ones until forgotten)", None, [([], s.pods as i64)])?;
+        counter(
+            e,
+            "hearth_pod_network_reclaimed_entries",
+            "Kernel map entries of deleted cgroups removed",
+            None,
+            [([], s.reclaimed_entries)],
+        )?;
+        counter(e, "hearth_pod_network_collect_errors", "Collections that failed", None, [([], s.collect_errors)])?;
+        gauge(
+            e,
+            "hearth_pod_network_collect",
+            "Duration of the last collection",
+            Some(&Unit::Seconds),
+            [([], s.last_collect.as_secs_f64())],
+        )?;
+        Ok(())
     }
 }
 
@@ -574,11 +631,19 @@ impl TextMetrics for NetMetrics {
 mod tests {
     use super::*;
 
+    fn text(m: &Arc<NetMetrics>, openmetrics: bool) -> String {
+        let mut r = prometheus_client::registry::Registry::default();
+        m.register(&mut r);
+        let mut om = String::new();
+        prometheus_client::encoding::text::encode(&mut om, &r).unwrap();
+        if openmetrics { om } else { hearth_service::http::openmetrics_to_prometheus_text(&om) }
+    }
+
     #[test]
     fn off_families_render_their_reason_and_nothing_else() {
         let m = NetMetrics::new(FamilyStatus::off("not root: loading BPF programs needs CAP_BPF"));
         let mut out = String::new();
-        m.render(&mut out, false);
+        out.push_str(&text(&m, false));
         assert!(
             out.contains("hearth_pod_network_enabled{family=\"traffic\",reason=\"not root: loading BPF programs needs CAP_BPF\"} 0"),
             "{out}"
@@ -600,15 +665,15 @@ mod tests {
             s.tcp.insert((PodRef { namespace: "ns".into(), name: "p".into() }, 1, 0), v);
         }
         let mut out = String::new();
-        m.render(&mut out, true);
+        out.push_str(&text(&m, true));
         let l = "namespace=\"ns\",pod=\"p\",peer=\"pods\"";
         assert!(out.contains("# TYPE hearth_pod_network_tcp_connections counter"), "{out}");
         assert!(out.contains(&format!("hearth_pod_network_tcp_connections_total{{{l},role=\"client\",result=\"failed\"}} 2")), "{out}");
         assert!(out.contains(&format!("hearth_pod_network_tcp_active_connections{{{l},role=\"client\"}} 2")), "{out}");
-        assert!(out.contains(&format!("hearth_pod_network_tcp_rtt_seconds_bucket{{{l},le=\"0.032768\"}} 0")), "{out}");
-        assert!(out.contains(&format!("hearth_pod_network_tcp_rtt_seconds_bucket{{{l},le=\"0.065536\"}} 2")), "{out}");
-        assert!(out.contains(&format!("hearth_pod_network_tcp_rtt_seconds_bucket{{{l},le=\"0.131072\"}} 3")), "{out}");
-        assert!(out.contains(&format!("hearth_pod_network_tcp_rtt_seconds_bucket{{{l},le=\"+Inf\"}} 3")), "{out}");
+        assert!(out.contains(&format!("hearth_pod_network_tcp_rtt_seconds_bucket{{le=\"0.032768\",{l}}} 0")), "{out}");
+        assert!(out.contains(&format!("hearth_pod_network_tcp_rtt_seconds_bucket{{le=\"0.065536\",{l}}} 2")), "{out}");
+        assert!(out.contains(&format!("hearth_pod_network_tcp_rtt_seconds_bucket{{le=\"0.131072\",{l}}} 3")), "{out}");
+        assert!(out.contains(&format!("hearth_pod_network_tcp_rtt_seconds_bucket{{le=\"+Inf\",{l}}} 3")), "{out}");
         assert!(out.contains(&format!("hearth_pod_network_tcp_rtt_seconds_sum{{{l}}} 0.15")), "{out}");
     }
 }

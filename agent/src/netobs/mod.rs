@@ -83,7 +83,7 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
         (Err(r), Ok(())) => Status::degraded(format!("traffic family off: {r}")),
         (Ok(()), Err(r)) => Status::degraded(format!("tcp family off: {r}")),
     };
-    w.text_metrics.push(net as Arc<dyn hearth_service::http::TextMetrics>);
+    net.register(&mut w.registry);
     Ok(Started::new(status).with_capabilities(&caps))
 }
 

@@ -112,6 +112,14 @@ pub async fn bind_http(
     Ok((bound, fut))
 }
 
+/// A registry in Prometheus text format 0.0.4, as `/metrics` serves it to scrapers that do
+/// not ask for OpenMetrics.
+pub fn prometheus_text(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut om = String::with_capacity(16 * 1024);
+    prometheus_client::encoding::text::encode(&mut om, registry)?;
+    Ok(openmetrics_to_prometheus_text(&om))
+}
+
 /// Rewrites prometheus-client's OpenMetrics text as Prometheus text format 0.0.4, for
 /// scrapers and linters that do not negotiate OpenMetrics: counters are declared under their
 /// `_total` sample name, `# UNIT` and `# EOF` go, `unknown` becomes `untyped`.

@@ -248,7 +248,9 @@ fn collector_cost(n: usize) -> Result<()> {
         }
         let (cpu, wall) = (cpu_seconds() - cpu0, t0.elapsed());
         let mut out = String::new();
-        hearth_service::http::TextMetrics::render(metrics.as_ref(), &mut out, false);
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        out.push_str(&hearth_service::http::prometheus_text(&registry)?);
         let (traffic, _, _, cgroups) = metrics.sizes();
         println!();
         println!(
