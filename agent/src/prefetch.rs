@@ -96,7 +96,7 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
         human(entry.bytes_total as f64),
         secs,
         human(fetched as f64 / secs.max(1e-9)),
-        entry.verification,
+        entry.verification_label(),
         human(Progress::get(&progress.bytes_resumed) as f64),
         Progress::get(&progress.retries),
     );
@@ -126,13 +126,13 @@ pub fn ls(dest: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let rows: Vec<LsRow> = entries
         .into_iter()
         .map(|e| LsRow {
+            verification: e.verification_label().to_owned(),
             state: e.state.as_str(),
             files: e.files.len(),
             id: e.id,
             uri: e.uri,
             bytes_present: e.bytes_present,
             bytes_total: e.bytes_total,
-            verification: e.verification,
             pinned: e.pinned,
             last_used: e.last_used,
             error: e.error,

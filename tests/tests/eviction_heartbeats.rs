@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use hearth_agent::cache::index::{EntryState, FileEntry, Index, IndexEntry, now_secs};
+use hearth_agent::cache::index::{EntryState, FileEntry, Index, IndexEntry, VerificationKind, now_secs};
 use hearth_proto::v1 as pb;
 use hearth_tests::{TestPki, start_controller, wait_for};
 use tokio_util::sync::CancellationToken;
@@ -37,12 +37,12 @@ fn seed_model(cache_root: &Path, files: usize) -> Result<()> {
             key: "0/shard-0.bin".into(),
             size: 0,
             version: String::new(),
-            verification: "unverified".into(),
+            verification: Some(VerificationKind::Unverified),
             ready: true,
         }],
         bytes_present: 0,
         bytes_total: 0,
-        verification: String::new(),
+        verification: None,
         pinned: false,
         created: now_secs(),
         last_used: now_secs(),

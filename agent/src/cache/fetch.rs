@@ -364,7 +364,7 @@ pub async fn fetch(
                 files: Vec::with_capacity(objects.len()),
                 bytes_present: 0,
                 bytes_total: 0,
-                verification: String::new(),
+                verification: None,
                 pinned: previous.as_ref().is_some_and(|p| p.pinned),
                 created: previous.as_ref().map_or_else(now_secs, |p| p.created),
                 last_used: now_secs(),
@@ -388,16 +388,13 @@ pub async fn fetch(
                     .and_then(|p| p.files.iter().find(|f| f.key == obj.key))
                     .is_some_and(|f| f.ready && f.version == obj.version && f.size == obj.size)
                     && std::fs::metadata(&final_path).is_ok_and(|m| m.len() == obj.size);
-                let prev_verification = previous
-                    .as_ref()
-                    .and_then(|p| p.files.iter().find(|f| f.key == obj.key))
-                    .map(|f| f.verification.clone())
-                    .unwrap_or_default();
+                let prev_verification =
+                    previous.as_ref().and_then(|p| p.files.iter().find(|f| f.key == obj.key)).and_then(|f| f.verification);
                 entry.files.push(FileEntry {
                     key: obj.key.clone(),
                     size: obj.size,
                     version: obj.version.clone(),
-                    verification: if was_ready { prev_verification } else { String::new() },
+                    verification: if was_ready { prev_verification } else { None },
                     ready: was_ready,
                 });
                 let data_path = staging.join("data").join(i.to_string());
@@ -453,7 +450,7 @@ pub async fn fetch(
                         w.published = true;
                         if let Some(f) = entry.files.iter_mut().find(|f| f.key == w.obj.key) {
                             f.ready = true;
-                            f.verification = w.vouched.kind.as_str().to_owned();
+                            f.verification = Some(w.vouched.kind);
                         }
                     }
                 }
@@ -608,7 +605,7 @@ pub async fn fetch(
                 fetched = Progress::get(&progress.bytes_fetched),
                 resumed,
                 secs = started.elapsed().as_secs_f64(),
-                verification = %entry.verification,
+                verification = entry.verification_label(),
                 "model cached"
             );
             Ok(entry)
@@ -780,7 +777,7 @@ async fn finish_file(
             ctx.progress.files_done.fetch_add(1, Ordering::Relaxed);
             if let Some(f) = entry.files.iter_mut().find(|f| f.key == w.obj.key) {
                 f.ready = true;
-                f.verification = kind.as_str().to_owned();
+                f.verification = Some(kind);
             }
             entry.refresh();
             put_entry(index, entry).await?;
@@ -1039,7 +1036,7 @@ mod tests {
         let (r, p) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
         let e = r.unwrap();
         assert_eq!(e.state, EntryState::Ready);
-        assert_eq!(e.verification, "unverified", "a bare directory vouches only for sizes");
+        assert_eq!(e.verification, Some(VerificationKind::Unverified), "a bare directory vouches only for sizes");
         assert_eq!(e.bytes_present, e.bytes_total);
         assert_eq!(Progress::get(&p.bytes_fetched), e.bytes_total);
         assert_identical(&fx, &e.id);
@@ -1057,7 +1054,7 @@ mod tests {
         let m = Manifest::build(&fx.src).unwrap();
         std::fs::write(fx.src.join(MANIFEST_NAME), m.to_json()).unwrap();
         let (r, _) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
-        assert_eq!(r.unwrap().verification, "manifest");
+        assert_eq!(r.unwrap().verification, Some(VerificationKind::Manifest));
 
         // The source changes under a published manifest: same size, different bytes.
         let fx2 = fixture(2, 200_000);
@@ -1090,7 +1087,7 @@ mod tests {
         let cfg = FetchConfig { stall_timeout: Duration::from_millis(300), ..cfg() };
         let (r, p) = run(&fx, src.clone(), &cfg).await;
         let e = r.unwrap();
-        assert_eq!((e.state, e.verification.as_str()), (EntryState::Ready, "manifest"));
+        assert_eq!((e.state, e.verification), (EntryState::Ready, Some(VerificationKind::Manifest)));
         assert_eq!(src.remaining(), 0, "every fault was hit");
         assert!(Progress::get(&p.retries) >= 3 && Progress::get(&p.throttled) == 1);
         assert!(Progress::get(&p.bytes_fetched) > e.bytes_total, "the flipped file was fetched again");

@@ -8,6 +8,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+pub use super::verify::VerificationKind;
+
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
     #[error("index {path}: {source}")]
@@ -44,8 +46,9 @@ pub struct FileEntry {
     pub size: u64,
     /// Source version (ETag, version id, mtime+inode) at download time.
     pub version: String,
-    /// "checksum", "manifest" or "unverified"; empty until the file is ready.
-    pub verification: String,
+    /// How the file was verified; None until it is ready.
+    #[serde(with = "crate::cache::verify::verification_field")]
+    pub verification: Option<VerificationKind>,
     pub ready: bool,
 }
 
@@ -61,7 +64,9 @@ pub struct IndexEntry {
     pub bytes_present: u64,
     pub bytes_total: u64,
     /// The weakest verification over all files: what the whole model can be trusted as.
-    pub verification: String,
+    /// None until every file is ready.
+    #[serde(with = "crate::cache::verify::verification_field")]
+    pub verification: Option<VerificationKind>,
     pub pinned: bool,
     /// Seconds since the Unix epoch.
     pub created: u64,
@@ -74,19 +79,20 @@ pub fn now_secs() -> u64 {
 }
 
 impl IndexEntry {
+    /// The verification as the report and logs spell it: `""` until every file is ready.
+    pub fn verification_label(&self) -> &'static str {
+        self.verification.map_or("", VerificationKind::as_str)
+    }
+
     /// Recomputes the derived fields (bytes present, overall verification) from the files.
     pub fn refresh(&mut self) {
         self.bytes_total = self.files.iter().map(|f| f.size).sum();
         self.bytes_present = self.files.iter().filter(|f| f.ready).map(|f| f.size).sum();
-        let rank = |v: &str| match v {
-            "checksum" => 2,
-            "manifest" => 1,
-            _ => 0,
-        };
         self.verification = if self.files.is_empty() || self.files.iter().any(|f| !f.ready) {
-            String::new()
+            None
         } else {
-            self.files.iter().map(|f| f.verification.as_str()).min_by_key(|v| rank(v)).unwrap_or("unverified").to_owned()
+            // A ready file without a recorded verification counts as unverified.
+            self.files.iter().map(|f| f.verification.unwrap_or(VerificationKind::Unverified)).min()
         };
     }
 }
@@ -172,12 +178,12 @@ mod tests {
             exclude: vec![],
             state: EntryState::Downloading,
             files: vec![
-                FileEntry { key: "a".into(), size: 10, version: "e1".into(), verification: "checksum".into(), ready: true },
-                FileEntry { key: "b".into(), size: 30, version: "e2".into(), verification: String::new(), ready: false },
+                FileEntry { key: "a".into(), size: 10, version: "e1".into(), verification: Some(VerificationKind::Checksum), ready: true },
+                FileEntry { key: "b".into(), size: 30, version: "e2".into(), verification: None, ready: false },
             ],
             bytes_present: 0,
             bytes_total: 0,
-            verification: String::new(),
+            verification: None,
             pinned: false,
             created: 1,
             last_used: 1,
@@ -186,14 +192,27 @@ mod tests {
     }
 
     #[test]
+    fn verification_reads_the_strings_index_files_always_had() {
+        let f: FileEntry = serde_json::from_str(r#"{"key":"a","size":1,"version":"v","verification":"checksum","ready":true}"#).unwrap();
+        assert_eq!(f.verification, Some(VerificationKind::Checksum));
+        let f: FileEntry = serde_json::from_str(r#"{"key":"a","size":1,"version":"v","verification":"","ready":false}"#).unwrap();
+        assert_eq!(f.verification, None);
+        assert!(serde_json::to_string(&f).unwrap().contains(r#""verification":"""#));
+        let err = serde_json::from_str::<FileEntry>(r#"{"key":"a","size":1,"version":"v","verification":"sha1","ready":true}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected checksum, manifest, unverified") && err.contains("sha1"), "{err}");
+    }
+
+    #[test]
     fn refresh_derives_bytes_and_weakest_verification() {
         let mut e = entry("m");
         e.refresh();
-        assert_eq!((e.bytes_present, e.bytes_total, e.verification.as_str()), (10, 40, ""));
+        assert_eq!((e.bytes_present, e.bytes_total, e.verification), (10, 40, None));
         e.files[1].ready = true;
-        e.files[1].verification = "unverified".into();
+        e.files[1].verification = Some(VerificationKind::Unverified);
         e.refresh();
-        assert_eq!((e.bytes_present, e.verification.as_str()), (40, "unverified"));
+        assert_eq!((e.bytes_present, e.verification), (40, Some(VerificationKind::Unverified)));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::fetch::{FetchConfig, FetchError, Layout, Progress, fetch};
-use super::index::{EntryState, Index, IndexEntry, IndexError};
+use super::index::{EntryState, Index, IndexEntry, IndexError, VerificationKind};
 use super::source::s3::S3Options;
 use super::spec::ModelSpec;
 
@@ -400,7 +400,8 @@ impl Cache {
             Ok(e) => {
                 self.metrics.duration.observe(secs);
                 for f in &e.files {
-                    self.metrics.verifications.get_or_create(&[("outcome", verification_label(&f.verification))]).inc();
+                    let outcome = f.verification.unwrap_or(VerificationKind::Unverified).as_str();
+                    self.metrics.verifications.get_or_create(&[("outcome", outcome)]).inc();
                 }
                 let me = self.clone();
                 tokio::task::spawn_blocking(move || me.enforce_watermarks()).await?;
@@ -535,14 +536,6 @@ impl Cache {
     }
 }
 
-fn verification_label(v: &str) -> &'static str {
-    match v {
-        "checksum" => "checksum",
-        "manifest" => "manifest",
-        _ => "unverified",
-    }
-}
-
 fn disk(root: &std::path::Path) -> Result<(u64, u64), CacheError> {
     let st = rustix::fs::statvfs(root).map_err(|e| CacheError::Io { path: root.to_owned(), source: e.into() })?;
     Ok((st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
@@ -581,7 +574,8 @@ impl Collector for CacheCollector {
         for (s, n) in &by_state {
             ConstGauge::new(*n).encode(m.encode_family(&[("state", *s)])?)?;
         }
-        let unverified = entries.iter().filter(|e| e.state == EntryState::Ready && e.verification == "unverified").count();
+        let unverified =
+            entries.iter().filter(|e| e.state == EntryState::Ready && e.verification == Some(VerificationKind::Unverified)).count();
         ConstGauge::new(unverified as i64).encode(enc.encode_descriptor(
             "unverified_entries",
             "Ready models whose source vouched only for sizes (no checksum, no manifest)",

@@ -55,7 +55,7 @@ async fn warm_models(cache: Arc<Cache>, models: Vec<(ModelSpec, bool)>, shutdown
         let id = spec.id();
         match cache.ensure(&spec, shutdown.child_token()).await {
             Ok(e) => {
-                info!(model = %id, uri = %spec.uri, verification = %e.verification, "model warm");
+                info!(model = %id, uri = %spec.uri, verification = e.verification_label(), "model warm");
                 if pin {
                     let (c, i) = (cache.clone(), id.clone());
                     match tokio::task::spawn_blocking(move || c.pin(&i, true)).await {

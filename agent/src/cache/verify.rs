@@ -66,11 +66,41 @@ pub enum Expected {
 }
 
 /// How a file came to be trusted. A metric and report label, bounded by its three values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Ordered from weakest to strongest: a model is trusted as its weakest file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum VerificationKind {
-    Checksum,
-    Manifest,
     Unverified,
+    Manifest,
+    Checksum,
+}
+
+impl std::fmt::Display for VerificationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The index's spelling of a verification that may not exist yet: `""` until the file (or
+/// every file of a model) is ready, so index files written before the type existed read
+/// back unchanged.
+pub mod verification_field {
+    use super::VerificationKind;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Option<VerificationKind>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.map_or("", VerificationKind::as_str))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<VerificationKind>, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "" => Ok(None),
+            "checksum" => Ok(Some(VerificationKind::Checksum)),
+            "manifest" => Ok(Some(VerificationKind::Manifest)),
+            "unverified" => Ok(Some(VerificationKind::Unverified)),
+            other => Err(serde::de::Error::custom(format!("verification: expected checksum, manifest, unverified or \"\", got {other:?}"))),
+        }
+    }
 }
 
 impl VerificationKind {

@@ -213,9 +213,10 @@ impl CommandDispatcher {
                         let span = info_span!("prefetch_command", command = %accepted.command_id, model = %spec.id());
                         self.spawn_command("prefetch", span, accepted.clone(), async move {
                             match c.ensure(&spec, cancel).await {
-                                Ok(e) => {
-                                    (Phase::Succeeded, format!("{} ready: {} bytes, verification {}", e.id, e.bytes_total, e.verification))
-                                }
+                                Ok(e) => (
+                                    Phase::Succeeded,
+                                    format!("{} ready: {} bytes, verification {}", e.id, e.bytes_total, e.verification_label()),
+                                ),
                                 Err(err) => (Phase::Failed, err.to_string()),
                             }
                         });

@@ -61,7 +61,7 @@ fn model_to_wire(e: &crate::cache::index::IndexEntry) -> pb::CachedModel {
         bytes_present: e.bytes_present,
         bytes_total: e.bytes_total,
         pinned: e.pinned,
-        verification: e.verification.clone(),
+        verification: e.verification_label().to_owned(),
         last_used: Some(hearth_proto::prost_types::Timestamp { seconds: e.last_used as i64, nanos: 0 }),
         error: e.error.clone().unwrap_or_default(),
     }
