@@ -121,39 +121,40 @@ pub fn prometheus_text(registry: &Registry) -> Result<String, std::fmt::Error> {
 }
 
 /// Rewrites prometheus-client's OpenMetrics text as Prometheus text format 0.0.4, for
-/// scrapers and linters that do not negotiate OpenMetrics: counters are declared under their
-/// `_total` sample name, `# UNIT` and `# EOF` go, `unknown` becomes `untyped`.
+/// scrapers and linters that do not negotiate OpenMetrics (promtool, older agents).
+/// prometheus-client writes only OpenMetrics, and the two formats differ in exactly these
+/// ways for what it writes: a counter family is declared under its `_total` sample name,
+/// `# UNIT`, `_created` samples and `# EOF` do not exist, and `unknown` is `untyped`.
+/// One pass; each family's HELP line waits for its TYPE line, which follows it.
 pub fn openmetrics_to_prometheus_text(om: &str) -> String {
-    let mut out = String::with_capacity(om.len());
-    let mut counter_family: Option<String> = None;
+    let mut out = String::with_capacity(om.len() + om.len() / 16);
+    let mut help: Option<(&str, &str)> = None;
+    let mut counter: Option<&str> = None;
     for line in om.lines() {
         if line == "# EOF" || line.starts_with("# UNIT ") {
             continue;
         }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
-            if kind == "counter" && !name.ends_with("_total") {
-                counter_family = Some(name.to_owned());
-                out.push_str(&format!("# TYPE {name}_total counter\n"));
-            } else {
-                counter_family = None;
-                let kind = if kind == "unknown" { "untyped" } else { kind };
-                out.push_str(&format!("# TYPE {name} {kind}\n"));
-            }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest.split_once(' ').unwrap_or((rest, "")));
             continue;
         }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
-            // HELP precedes TYPE, so look ahead is not possible; counters are renamed when the
-            // TYPE line arrives, and HELP is written with the name the samples will carry.
-            let counter = om.contains(&format!("# TYPE {name} counter\n")) && !name.ends_with("_total");
-            let name = if counter { format!("{name}_total") } else { name.to_owned() };
-            out.push_str(&format!("# HELP {name} {help}\n"));
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (declared, kind) = match kind {
+                "counter" if !name.ends_with("_total") => (format!("{name}_total"), "counter"),
+                "unknown" => (name.to_owned(), "untyped"),
+                k => (name.to_owned(), k),
+            };
+            counter = (kind == "counter").then_some(name);
+            if let Some(text) = help.take().filter(|(h, _)| *h == name).map(|(_, t)| t) {
+                out.push_str(&format!("# HELP {declared} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {declared} {kind}\n"));
             continue;
         }
         // Counter `_created` samples have no Prometheus-text equivalent.
-        if let Some(f) = &counter_family
-            && line.starts_with(&format!("{f}_created"))
+        if let Some(f) = counter
+            && line.strip_prefix(f).is_some_and(|rest| rest.starts_with("_created"))
         {
             continue;
         }
@@ -187,6 +188,18 @@ mod tests {
             "# HELP hearth_things_total Things seen.\n# TYPE hearth_things_total counter\n\
              hearth_things_total{kind=\"a\"} 3\n# HELP hearth_disk_bytes Disk.\n\
              # TYPE hearth_disk_bytes gauge\nhearth_disk_bytes 42\n"
+        );
+    }
+
+    #[test]
+    fn created_samples_units_and_unknown_types_have_text_equivalents() {
+        let om = "# HELP req Requests.\n# TYPE req counter\nreq_total{a=\"1\"} 2\nreq_created{a=\"1\"} 1.7e9\n\
+                  # HELP lat Latency.\n# TYPE lat_seconds histogram\n# UNIT lat_seconds seconds\nlat_seconds_sum 1\n\
+                  # TYPE odd unknown\nodd 3\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus_text(om),
+            "# HELP req_total Requests.\n# TYPE req_total counter\nreq_total{a=\"1\"} 2\n\
+             # TYPE lat_seconds histogram\nlat_seconds_sum 1\n# TYPE odd untyped\nodd 3\n"
         );
     }
 
