@@ -31,7 +31,7 @@ async fn env() -> Result<Env> {
 }
 
 async fn env_with(tweak: impl FnOnce(&mut hearth_controller::config::RawConfig)) -> Result<Env> {
-    hearth_service::http::init_logging(Default::default(), "warn");
+    hearth_service::telemetry::init_logging(Default::default(), "warn");
     let dir = tempfile::tempdir()?;
     let pki = TestPki::new(dir.path())?;
     let stop = CancellationToken::new();
