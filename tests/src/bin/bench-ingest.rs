@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use hearth_service::pki::{LeafSpec, Usage};
 use hearth_proto::transport::TlsMaterial;
 use hearth_proto::v1::{self as pb, agent_message::Kind as Out, controller_message::Kind as In};
+use hearth_service::pki::{LeafSpec, Usage};
 use hearth_tests::*;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -182,8 +182,8 @@ struct Row {
 }
 
 async fn run_one(n: usize, args: &Args, dir: &std::path::Path, pki: &TestPki, clients: &[TlsMaterial]) -> Result<Row> {
-    let grpc = free_addr();
-    let ctl = ControllerProc::start(dir, pki, grpc, "stale_after: 60s\n").await?;
+    let ctl = ControllerProc::start(dir, pki, "stale_after: 60s\n").await?;
+    let grpc = ctl.grpc;
     let pid = ctl.proc.pid();
     let stop = tokio_util::sync::CancellationToken::new();
     let measuring = Arc::new(AtomicBool::new(false));
