@@ -131,11 +131,17 @@ async fn gpu_series_carry_pod_labels_from_the_kubelet_and_survive_its_restarts()
     })
     .await?;
 
-    // The kubelet restarts: the socket is replaced at the same path; the agent redials.
+    // The kubelet restarts: the socket is replaced at the same path; the agent redials. It
+    // comes back only once the agent has found it gone (its socket file still there,
+    // refusing connections).
     stop.cancel();
     *kubelet.0.lock().unwrap() =
         ListPodResourcesResponse { pod_resources: vec![pod("ml", "llama-1", "vllm", "nvidia.com/gpu", std::slice::from_ref(&gpu0))] };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for("the agent to find the kubelet down", Duration::from_secs(15), || async {
+        let b = metrics(&agent).await;
+        Ok(metric_value(&b, "hearth_gpu_attribution_refreshes_total{result=\"connect\"}").filter(|n| *n >= 1.0))
+    })
+    .await?;
     stop = serve(&pr, kubelet.clone())?;
     wait_for("labels after a kubelet restart", Duration::from_secs(15), || async {
         let b = metrics(&agent).await;
