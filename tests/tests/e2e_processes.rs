@@ -24,6 +24,25 @@ async fn agent_metric(agent: &AgentProc, series: &str) -> Option<f64> {
     http_get(agent.http, "/metrics").await.ok().and_then(|(_, body)| metric_value(&body, series))
 }
 
+/// The agent's (connect attempts, failed attempts) counters.
+async fn attempt_counts(agent: &AgentProc) -> Option<(u64, u64)> {
+    let (_, body) = http_get(agent.http, "/metrics").await.ok()?;
+    let attempts = metric_value(&body, "hearth_agent_controller_connect_attempts_total")?;
+    // Failures are counted by reason: add them up.
+    let failed: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("hearth_agent_controller_connect_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some((attempts as u64, failed as u64))
+}
+
+/// A `Duration` as `{:?}` prints it ("150ms", "73.25ms", "1s", "999.5µs").
+fn debug_duration(s: &str) -> Option<Duration> {
+    let (n, unit) = [("ns", 1e-9), ("µs", 1e-6), ("ms", 1e-3), ("s", 1.0)].into_iter().find_map(|(u, f)| Some((s.strip_suffix(u)?, f)))?;
+    Some(Duration::from_secs_f64(n.parse::<f64>().ok()? * unit))
+}
+
 #[tokio::test]
 async fn agent_reports_snapshot_then_deltas_and_survives_restarts_of_both_sides() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -105,10 +124,36 @@ async fn agent_waits_for_an_absent_controller_without_flooding_logs() -> Result<
     })
     .await?;
     assert_eq!(agent_metric(&agent, "hearth_agent_controller_connected").await, Some(0.0));
-    let attempts = agent_metric(&agent, "hearth_agent_controller_connect_attempts_total").await.unwrap_or(0.0);
-    let log = agent.proc.log_text();
-    let lines = log.lines().filter(|l| l.contains("controller stream down")).count() as f64;
-    assert!(lines <= attempts, "one log line per attempt at most: {lines} lines, {attempts} attempts");
+    // The report loop logs one warning per failed attempt, numbered from 1, with the delay it
+    // then waits: 100 ms doubling to the 1 s cap, each delay between half its step and the
+    // step. Compare the log with the counters at a moment between attempts: counters read
+    // before and after the log agree, and every attempt counted has failed.
+    let (failed, lines) = wait_for("a reading of the log between attempts", Duration::from_secs(10), || async {
+        let before = attempt_counts(&agent).await;
+        let log = agent.proc.own_log_text();
+        let after = attempt_counts(&agent).await;
+        let lines: Vec<String> = log.lines().filter(|l| l.contains("controller stream down")).map(str::to_owned).collect();
+        Ok(match (before, after) {
+            (Some((attempts, failed)), Some(again)) if again == (attempts, failed) && attempts == failed => {
+                // The counter moves a moment before the line is written: read again.
+                (lines.len() as u64 + 1 != failed).then_some((failed, lines))
+            }
+            _ => None,
+        })
+    })
+    .await?;
+    let numbers: Vec<u64> = lines.iter().filter_map(|l| log_field(l, "attempt")?.parse().ok()).collect();
+    assert_eq!(numbers, (1..=failed).collect::<Vec<_>>(), "one line per failed attempt, in order:\n{}", lines.join("\n"));
+    for (i, line) in lines.iter().enumerate() {
+        let step = Duration::from_millis(100).saturating_mul(1 << i.min(10)).min(Duration::from_secs(1));
+        let delay = log_field(line, "retry_in").and_then(debug_duration);
+        assert!(
+            delay.is_some_and(|d| d >= step / 2 && d <= step),
+            "attempt {}: retry_in not within {:?}..={step:?}: {line}",
+            i + 1,
+            step / 2
+        );
+    }
     // Serving metrics meanwhile, and node-local sampling works.
     assert!(agent_metric(&agent, "hearth_node_cpu_usage_ratio").await.is_some());
 
