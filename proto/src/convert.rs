@@ -236,7 +236,7 @@ mod tests {
         let new = pb::NodeState {
             models: vec![model("a", 50), model("c", 0)],
             resources: Some(pb::NodeResources { load1: 2.0, ..Default::default() }),
-            accelerators: vec![pb::Accelerator { index: 0, ..Default::default() }],
+            accelerators: vec![pb::Accelerator::h100(0)],
             ..Default::default()
         };
         let d = diff(&old, &new, 7, 2).expect("states differ");

@@ -8,6 +8,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod convert;
+#[cfg(any(test, feature = "test-fixtures"))]
+pub mod fixtures;
 pub mod mig;
 pub mod transport;
 

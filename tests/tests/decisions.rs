@@ -20,39 +20,10 @@ const MODELS: &str = "
 - {name: huge, source: s3://models/huge, size: 700Gi, image: vllm:v1, resources: {gpus: 16}}
 ";
 
-fn gpus(n: u32) -> Vec<pb::Accelerator> {
-    (0..n)
-        .map(|i| pb::Accelerator {
-            index: i,
-            uuid: format!("GPU-{i}"),
-            vendor: pb::AcceleratorVendor::Nvidia as i32,
-            product: "NVIDIA H100 80GB HBM3".into(),
-            pci_device_id: 0x2330_10DE,
-            memory_bytes: 80 * GB,
-            health: pb::HealthState::Healthy as i32,
-            ..Default::default()
-        })
-        .collect()
-}
-
 fn node(n: u32, cached: bool, runtimes: Vec<pb::ServingRuntime>) -> pb::NodeState {
-    let mut s = pb::NodeState {
-        accelerators: gpus(n),
-        resources: Some(pb::NodeResources { memory_available_bytes: 1024 * GB, ..Default::default() }),
-        runtimes,
-        ..Default::default()
-    };
+    let mut s = pb::NodeState { runtimes, ..pb::NodeState::h100s(n).with_memory_available(1024 * GB) };
     if cached {
-        s.models.push(pb::CachedModel {
-            id: "c-llama".into(),
-            source_uri: "s3://models/llama".into(),
-            revision: "main".into(),
-            state: pb::CacheEntryState::Ready as i32,
-            bytes_present: 140 * GB,
-            bytes_total: 140 * GB,
-            ..Default::default()
-        });
-        s.images.push(pb::CachedImage { reference: "vllm:v1".into(), ..Default::default() });
+        s = s.with_model(pb::CachedModel::ready("c-llama", "s3://models/llama", "main", 140 * GB)).with_image("vllm:v1");
     }
     s
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use hearth_proto::v1 as pb;
+use hearth_tests::relay::Relay;
 use hearth_tests::*;
 
 async fn node(ctl: std::net::SocketAddr, pki: &TestPki, name: &str) -> Result<Option<pb::NodeSummary>> {
@@ -23,24 +24,46 @@ async fn agent_metric(agent: &AgentProc, series: &str) -> Option<f64> {
     http_get(agent.http, "/metrics").await.ok().and_then(|(_, body)| metric_value(&body, series))
 }
 
+/// The agent's (connect attempts, failed attempts) counters.
+async fn attempt_counts(agent: &AgentProc) -> Option<(u64, u64)> {
+    let (_, body) = http_get(agent.http, "/metrics").await.ok()?;
+    let attempts = metric_value(&body, "hearth_agent_controller_connect_attempts_total")?;
+    // Failures are counted by reason: add them up.
+    let failed: f64 = body
+        .lines()
+        .filter(|l| l.starts_with("hearth_agent_controller_connect_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some((attempts as u64, failed as u64))
+}
+
+/// A `Duration` as `{:?}` prints it ("150ms", "73.25ms", "1s", "999.5µs").
+fn debug_duration(s: &str) -> Option<Duration> {
+    let (n, unit) = [("ns", 1e-9), ("µs", 1e-6), ("ms", 1e-3), ("s", 1.0)].into_iter().find_map(|(u, f)| Some((s.strip_suffix(u)?, f)))?;
+    Some(Duration::from_secs_f64(n.parse::<f64>().ok()? * unit))
+}
+
 #[tokio::test]
 async fn agent_reports_snapshot_then_deltas_and_survives_restarts_of_both_sides() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = TestPki::new(&dir.path().join("pki"))?;
-    let grpc = free_addr();
-    let mut ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
-    let mut agent = AgentProc::start(dir.path(), &pki, "gpu-1", grpc, "")?;
+    let mut ctl = ControllerProc::start(dir.path(), &pki, "").await?;
+    // The restarted controller gets a new port: the agent reaches it through a relay that
+    // keeps one address.
+    let mut relay = Relay::new()?;
+    relay.forward_to(ctl.grpc)?;
+    let mut agent = AgentProc::start(dir.path(), &pki, "gpu-1", relay.addr, "").await?;
 
     // Snapshot: the node appears with its simulated accelerators.
     let first = wait_for("gpu-1 connected with 2 GPUs", Duration::from_secs(15), || async {
-        Ok(node(grpc, &pki, "gpu-1").await?.filter(|n| connected(n) && n.accelerator_count == 2))
+        Ok(node(ctl.grpc, &pki, "gpu-1").await?.filter(|n| connected(n) && n.accelerator_count == 2))
     })
     .await
     .map_err(|e| e.context(agent.proc.log_text()))?;
     assert_eq!(first.accelerator_summary, vec!["2 x NVIDIA H100 80GB HBM3".to_string()]);
     // Deltas: node samples every 300 ms change the resources, so seq climbs past the snapshot.
     let later = wait_for("deltas applied", Duration::from_secs(10), || async {
-        Ok(node(grpc, &pki, "gpu-1").await?.filter(|n| n.epoch == first.epoch && n.seq >= first.seq + 2))
+        Ok(node(ctl.grpc, &pki, "gpu-1").await?.filter(|n| n.epoch == first.epoch && n.seq >= first.seq + 2))
     })
     .await?;
     assert!(later.seq > first.seq);
@@ -58,9 +81,10 @@ async fn agent_reports_snapshot_then_deltas_and_survives_restarts_of_both_sides(
     // The agent keeps its node-local work going: /metrics still serves fresh node samples.
     assert!(agent_metric(&agent, "hearth_node_memory_total_bytes").await.is_some());
 
-    ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
+    ctl = ControllerProc::start(dir.path(), &pki, "").await?;
+    relay.forward_to(ctl.grpc)?;
     let rebuilt = wait_for("view rebuilt after controller restart", Duration::from_secs(15), || async {
-        Ok(node(grpc, &pki, "gpu-1").await?.filter(|n| connected(n) && n.accelerator_count == 2))
+        Ok(node(ctl.grpc, &pki, "gpu-1").await?.filter(|n| connected(n) && n.accelerator_count == 2))
     })
     .await?;
     assert_eq!(rebuilt.epoch, first.epoch, "same agent process, same epoch");
@@ -72,12 +96,12 @@ async fn agent_reports_snapshot_then_deltas_and_survives_restarts_of_both_sides(
     // Agent restart (kill -9): the node shows disconnected, then comes back with a new epoch.
     agent.proc.kill9()?;
     wait_for("node disconnected after agent kill", Duration::from_secs(10), || async {
-        Ok(node(grpc, &pki, "gpu-1").await?.filter(|n| n.connection == pb::NodeConnection::Disconnected as i32))
+        Ok(node(ctl.grpc, &pki, "gpu-1").await?.filter(|n| n.connection == pb::NodeConnection::Disconnected as i32))
     })
     .await?;
-    let agent2 = AgentProc::start(dir.path(), &pki, "gpu-1", grpc, "")?;
+    let agent2 = AgentProc::start(dir.path(), &pki, "gpu-1", relay.addr, "").await?;
     let back = wait_for("restarted agent connected", Duration::from_secs(15), || async {
-        Ok(node(grpc, &pki, "gpu-1").await?.filter(|n| connected(n) && n.epoch != first.epoch))
+        Ok(node(ctl.grpc, &pki, "gpu-1").await?.filter(|n| connected(n) && n.epoch != first.epoch))
     })
     .await
     .map_err(|e| e.context(agent2.proc.log_text()))?;
@@ -90,8 +114,9 @@ async fn agent_reports_snapshot_then_deltas_and_survives_restarts_of_both_sides(
 async fn agent_waits_for_an_absent_controller_without_flooding_logs() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = TestPki::new(&dir.path().join("pki"))?;
-    let grpc = free_addr();
-    let agent = AgentProc::start(dir.path(), &pki, "gpu-2", grpc, "")?;
+    // The agent's controller address refuses connections until the controller is started.
+    let mut relay = Relay::new()?;
+    let agent = AgentProc::start(dir.path(), &pki, "gpu-2", relay.addr, "").await?;
     wait_for("agent /metrics", Duration::from_secs(10), || async { Ok(agent_metric(&agent, "hearth_agent_controller_connected").await) })
         .await?;
     // Let it fail for a while: backoff 100 ms doubling to a 1 s cap.
@@ -100,16 +125,43 @@ async fn agent_waits_for_an_absent_controller_without_flooding_logs() -> Result<
     })
     .await?;
     assert_eq!(agent_metric(&agent, "hearth_agent_controller_connected").await, Some(0.0));
-    let attempts = agent_metric(&agent, "hearth_agent_controller_connect_attempts_total").await.unwrap_or(0.0);
-    let log = agent.proc.log_text();
-    let lines = log.lines().filter(|l| l.contains("controller stream down")).count() as f64;
-    assert!(lines <= attempts, "one log line per attempt at most: {lines} lines, {attempts} attempts");
+    // The report loop logs one warning per failed attempt, numbered from 1, with the delay it
+    // then waits: 100 ms doubling to the 1 s cap, each delay between half its step and the
+    // step. Compare the log with the counters at a moment between attempts: counters read
+    // before and after the log agree, and every attempt counted has failed.
+    let (failed, lines) = wait_for("a reading of the log between attempts", Duration::from_secs(10), || async {
+        let before = attempt_counts(&agent).await;
+        let log = agent.proc.own_log_text();
+        let after = attempt_counts(&agent).await;
+        let lines: Vec<String> = log.lines().filter(|l| l.contains("controller stream down")).map(str::to_owned).collect();
+        Ok(match (before, after) {
+            (Some((attempts, failed)), Some(again)) if again == (attempts, failed) && attempts == failed => {
+                // The counter moves a moment before the line is written: read again.
+                (lines.len() as u64 + 1 != failed).then_some((failed, lines))
+            }
+            _ => None,
+        })
+    })
+    .await?;
+    let numbers: Vec<u64> = lines.iter().filter_map(|l| log_field(l, "attempt")?.parse().ok()).collect();
+    assert_eq!(numbers, (1..=failed).collect::<Vec<_>>(), "one line per failed attempt, in order:\n{}", lines.join("\n"));
+    for (i, line) in lines.iter().enumerate() {
+        let step = Duration::from_millis(100).saturating_mul(1 << i.min(10)).min(Duration::from_secs(1));
+        let delay = log_field(line, "retry_in").and_then(debug_duration);
+        assert!(
+            delay.is_some_and(|d| d >= step / 2 && d <= step),
+            "attempt {}: retry_in not within {:?}..={step:?}: {line}",
+            i + 1,
+            step / 2
+        );
+    }
     // Serving metrics meanwhile, and node-local sampling works.
     assert!(agent_metric(&agent, "hearth_node_cpu_usage_ratio").await.is_some());
 
-    let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
+    let ctl = ControllerProc::start(dir.path(), &pki, "").await?;
+    relay.forward_to(ctl.grpc)?;
     wait_for("connects once the controller is up", Duration::from_secs(10), || async {
-        Ok(node(grpc, &pki, "gpu-2").await?.filter(connected))
+        Ok(node(ctl.grpc, &pki, "gpu-2").await?.filter(connected))
     })
     .await?;
     Ok(())
@@ -119,9 +171,9 @@ async fn agent_waits_for_an_absent_controller_without_flooding_logs() -> Result<
 async fn sigterm_stops_both_processes_within_the_grace_period() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = TestPki::new(&dir.path().join("pki"))?;
-    let grpc = free_addr();
-    let mut ctl = ControllerProc::start(dir.path(), &pki, grpc, "shutdown_grace: 3s\n").await?;
-    let mut agent = AgentProc::start(dir.path(), &pki, "gpu-3", grpc, "shutdown_grace: 3s\n")?;
+    let mut ctl = ControllerProc::start(dir.path(), &pki, "shutdown_grace: 3s\n").await?;
+    let grpc = ctl.grpc;
+    let mut agent = AgentProc::start(dir.path(), &pki, "gpu-3", grpc, "shutdown_grace: 3s\n").await?;
     wait_for("connected", Duration::from_secs(15), || async { Ok(node(grpc, &pki, "gpu-3").await?.filter(connected)) }).await?;
 
     agent.proc.signal("TERM")?;
@@ -161,15 +213,15 @@ fn invalid_config_exits_non_zero_naming_the_field() -> Result<()> {
 async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let state = dir.path().join("state");
-    let (g, ch, ah) = (free_addr(), free_addr(), free_addr());
+    // Every listener on port 0: local mode publishes what it bound in local.json.
     let mut local = Proc::spawn(
         "local",
         Command::new(bin("hearth"))
             .arg("local")
             .arg("--state-dir")
             .arg(&state)
-            .args(["--controller-listen", &g.to_string(), "--controller-http-listen", &ch.to_string()])
-            .args(["--agent-http-listen", &ah.to_string()]),
+            .args(["--controller-listen", "127.0.0.1:0", "--controller-http-listen", "127.0.0.1:0"])
+            .args(["--agent-http-listen", "127.0.0.1:0"]),
         dir.path(),
     )?;
     let start = std::time::Instant::now();
@@ -188,6 +240,10 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
     assert_eq!(json["nodes"][0]["accelerators"][0], "2 x NVIDIA H100 80GB HBM3");
     eprintln!("local mode listed its node after {:?}", start.elapsed());
     // Its simulated GPUs export the dcgm-exporter families, so dashboards can be tried.
+    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("local/local.json"))?)?;
+    let agent_metrics = info["agent_metrics"].as_str().unwrap();
+    let ah: std::net::SocketAddr = agent_metrics.strip_prefix("http://").and_then(|a| a.strip_suffix("/metrics")).unwrap().parse()?;
+    assert_ne!(ah.port(), 0, "local.json names the bound port: {agent_metrics}");
     let (_, metrics) = http_get(ah, "/metrics").await?;
     for family in ["DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_PROF_GR_ENGINE_ACTIVE", "DCGM_FI_DEV_XID_ERRORS"] {
         let n = metrics.lines().filter(|l| l.starts_with(&format!("{family}{{"))).count();
@@ -212,9 +268,9 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
 async fn frozen_agent_turns_stale_then_recovers() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = TestPki::new(&dir.path().join("pki"))?;
-    let grpc = free_addr();
-    let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "stale_after: 1500ms\n").await?;
-    let agent = AgentProc::start(dir.path(), &pki, "gpu-4", grpc, "")?;
+    let ctl = ControllerProc::start(dir.path(), &pki, "stale_after: 1500ms\n").await?;
+    let grpc = ctl.grpc;
+    let agent = AgentProc::start(dir.path(), &pki, "gpu-4", grpc, "").await?;
     wait_for("connected", Duration::from_secs(15), || async { Ok(node(grpc, &pki, "gpu-4").await?.filter(connected)) }).await?;
     // A stopped process keeps its TCP connection open but sends nothing: missed heartbeats.
     agent.proc.signal("STOP")?;

@@ -48,9 +48,8 @@ async fn prometheus_scrapes_agent_and_controller_and_promtool_is_clean() -> Resu
     let prometheus = require_tool("prometheus", "apt-get install prometheus")?;
     let dir = tempfile::tempdir()?;
     let pki = TestPki::new(&dir.path().join("pki"))?;
-    let grpc = free_addr();
-    let ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
-    let agent = AgentProc::start(dir.path(), &pki, "gpu-1", grpc, "")?;
+    let ctl = ControllerProc::start(dir.path(), &pki, "").await?;
+    let agent = AgentProc::start(dir.path(), &pki, "gpu-1", ctl.grpc, "").await?;
     wait_for("agent connected", Duration::from_secs(15), || async {
         Ok(http_get(agent.http, "/metrics")
             .await
@@ -73,7 +72,6 @@ async fn prometheus_scrapes_agent_and_controller_and_promtool_is_clean() -> Resu
     let (_, om) = http_get_with(agent.http, "/metrics", &[("Accept", "application/openmetrics-text; version=1.0.0")]).await?;
     assert!(om.trim_end().ends_with("# EOF"), "OpenMetrics must end with # EOF");
 
-    let web = free_addr();
     let cfg = dir.path().join("prometheus.yml");
     std::fs::write(
         &cfg,
@@ -84,14 +82,16 @@ async fn prometheus_scrapes_agent_and_controller_and_promtool_is_clean() -> Resu
             agent.http, ctl.http
         ),
     )?;
-    let prom = Proc::spawn(
+    let mut prom = Proc::spawn(
         "prometheus",
         Command::new(prometheus)
             .arg(format!("--config.file={}", cfg.display()))
             .arg(format!("--storage.tsdb.path={}", dir.path().join("tsdb").display()))
-            .arg(format!("--web.listen-address={web}")),
+            .arg("--web.listen-address=127.0.0.1:0"),
         dir.path(),
     )?;
+    // Prometheus logs the address it bound: `msg="Listening on" address=127.0.0.1:PORT`.
+    let web = logged_addr(&prom.wait_for_log_line("msg=\"Listening on\"", Duration::from_secs(30)).await?, "address")?;
     let targets = wait_for("both targets up with no scrape error", Duration::from_secs(30), || async {
         let Ok((200, body)) = http_get(web, "/api/v1/targets").await else {
             return Ok(None);

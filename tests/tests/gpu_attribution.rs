@@ -81,8 +81,8 @@ async fn metrics(agent: &AgentProc) -> String {
 async fn gpu_series_carry_pod_labels_from_the_kubelet_and_survive_its_restarts() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = TestPki::new(&dir.path().join("pki"))?;
-    let grpc = free_addr();
-    let ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
+    let ctl = ControllerProc::start(dir.path(), &pki, "").await?;
+    let grpc = ctl.grpc;
     let pr = dir.path().join("pod-resources");
     std::fs::create_dir_all(&pr)?;
     let kubelet = Kubelet::default();
@@ -96,7 +96,8 @@ async fn gpu_series_carry_pod_labels_from_the_kubelet_and_survive_its_restarts()
             "{{simulated: [2xH100-80GB], collect_interval: 200ms, pod_resources_dir: {}, pod_resources_interval: 200ms}}",
             pr.display()
         ),
-    )?;
+    )
+    .await?;
 
     // The GPUs' UUIDs, as the exporter labels them.
     let body = wait_for("GPU metrics", Duration::from_secs(15), || async {
@@ -130,11 +131,17 @@ async fn gpu_series_carry_pod_labels_from_the_kubelet_and_survive_its_restarts()
     })
     .await?;
 
-    // The kubelet restarts: the socket is replaced at the same path; the agent redials.
+    // The kubelet restarts: the socket is replaced at the same path; the agent redials. It
+    // comes back only once the agent has found it gone (its socket file still there,
+    // refusing connections).
     stop.cancel();
     *kubelet.0.lock().unwrap() =
         ListPodResourcesResponse { pod_resources: vec![pod("ml", "llama-1", "vllm", "nvidia.com/gpu", std::slice::from_ref(&gpu0))] };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_for("the agent to find the kubelet down", Duration::from_secs(15), || async {
+        let b = metrics(&agent).await;
+        Ok(metric_value(&b, "hearth_gpu_attribution_refreshes_total{result=\"connect\"}").filter(|n| *n >= 1.0))
+    })
+    .await?;
     stop = serve(&pr, kubelet.clone())?;
     wait_for("labels after a kubelet restart", Duration::from_secs(15), || async {
         let b = metrics(&agent).await;
@@ -169,12 +176,13 @@ async fn gpu_series_carry_pod_labels_from_the_kubelet_and_survive_its_restarts()
 async fn an_agent_told_to_use_nvml_without_a_driver_runs_on_and_says_why() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = TestPki::new(&dir.path().join("pki"))?;
-    let grpc = free_addr();
-    let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
+    let ctl = ControllerProc::start(dir.path(), &pki, "").await?;
+    let grpc = ctl.grpc;
     // A library path that does not exist stands for a host without the NVIDIA driver.
     let missing = dir.path().join("no-such-libnvidia-ml.so.1");
     let agent =
-        AgentProc::start_with_devices(dir.path(), &pki, "cpu-1", grpc, &format!("{{backend: nvml, nvml_library: {}}}", missing.display()))?;
+        AgentProc::start_with_devices(dir.path(), &pki, "cpu-1", grpc, &format!("{{backend: nvml, nvml_library: {}}}", missing.display()))
+            .await?;
     // The node can be known (Hello) a moment before its first snapshot: wait for the subsystems.
     let state = wait_for("node reported with the reason", Duration::from_secs(15), || async {
         Ok(node_state(grpc, &pki, "cpu-1").await?.filter(|s| s.subsystems.iter().any(|s| s.name == "devices")))
@@ -195,8 +203,8 @@ async fn an_agent_told_to_use_nvml_without_a_driver_runs_on_and_says_why() -> Re
 async fn a_partition_spec_in_the_config_is_applied_reported_and_exported() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = TestPki::new(&dir.path().join("pki"))?;
-    let grpc = free_addr();
-    let _ctl = ControllerProc::start(dir.path(), &pki, grpc, "").await?;
+    let ctl = ControllerProc::start(dir.path(), &pki, "").await?;
+    let grpc = ctl.grpc;
     let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/mig-spec.yaml");
     let (kube_yaml, mut patches) = hearth_tests::fake_api_server(dir.path(), "{\"kind\":\"PodList\",\"items\":[]}".into()).await?;
     let agent = AgentProc::start(
@@ -205,7 +213,8 @@ async fn a_partition_spec_in_the_config_is_applied_reported_and_exported() -> Re
         "mig-1",
         grpc,
         &format!("partition: {{spec: {}, config: balanced}}\n{kube_yaml}", spec.display()),
-    )?;
+    )
+    .await?;
     let state = wait_for("partition applied and reported", Duration::from_secs(20), || async {
         let s = node_state(grpc, &pki, "mig-1").await?.unwrap_or_default();
         let done = s.partition.as_ref().is_some_and(|p| p.phase == pb::partition_status::Phase::Success as i32)

@@ -110,12 +110,18 @@ fn start_in(mut cmd: Command, cg: &Cgroup) -> Result<Child> {
     Ok(child)
 }
 
+/// Binds port 5001 (in a namespace of the test's own; on the host the test replaces it with
+/// 0 so the kernel picks one) and prints the port, then listens once told (see `listening`
+/// and `listen_now`) and says "ready"; then prints how many bytes it received.
 const RECEIVER: &str = r#"
 import socket, sys
 sys.stdin.readline()
 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5001)); s.listen(1)
+s.bind((sys.argv[1], 5001))
+print(s.getsockname()[1], flush=True)
+sys.stdin.readline()
+s.listen(1)
 print("ready", flush=True)
 s.settimeout(60)
 c, _ = s.accept()
@@ -149,6 +155,27 @@ fn line(child: &mut Child) -> Result<String> {
     Ok(l.trim().to_owned())
 }
 
+/// The port a RECEIVER bound.
+fn bound_port(rx: &mut Child) -> Result<u16> {
+    let l = line(rx)?;
+    l.parse().with_context(|| format!("receiver did not bind: {l:?}"))
+}
+
+/// Tells a RECEIVER that has bound to listen, once whatever must see its listen() (the
+/// sock_ops program marks listeners there) is attached.
+fn listen_now(rx: &mut Child) -> Result<()> {
+    writeln!(rx.stdin.as_mut().context("stdin")?, "listen")?;
+    ensure!(line(rx)? == "ready", "receiver did not start listening");
+    Ok(())
+}
+
+/// A RECEIVER that binds and listens straight away: its port.
+fn listening(rx: &mut Child) -> Result<u16> {
+    let port = bound_port(rx)?;
+    listen_now(rx)?;
+    Ok(port)
+}
+
 /// The SENDER's last line: (tcpi_bytes_sent, tcpi_bytes_retrans), checked for consistency.
 fn tcp_info_line(tx: &mut Child) -> Result<(u64, u64)> {
     let info = line(tx)?;
@@ -179,7 +206,7 @@ fn tcp_payload_is_counted_exactly_on_both_ends_and_classified_by_peer() -> Resul
 
     const N: u64 = 10 * 1024 * 1024 + 1;
     let mut rx = spawn_in(&net.b, &b, RECEIVER, &[&net.b_addr])?;
-    ensure!(line(&mut rx)? == "ready", "receiver did not start");
+    listening(&mut rx)?;
     let mut tx = spawn_in(&net.a, &a, SENDER, &[&net.b_addr, &N.to_string()])?;
     let got: u64 = line(&mut rx)?.parse()?;
     let (bytes_sent, bytes_retrans) = tcp_info_line(&mut tx)?;
@@ -302,14 +329,12 @@ fn a_process_in_the_host_network_namespace_is_still_attributed_by_cgroup() -> Re
     let parent = Cgroup::new(base.clone())?;
     let (a, b) = (Cgroup::new(base.join("hostnet-client"))?, Cgroup::new(base.join("hostnet-server"))?);
     let obs = NetObs::attach(&parent.0, &[PeerClass::parse("loopback", &["127.0.0.0/8"]).unwrap()], &[])?;
-    // No namespace switch: both run in the host's network namespace, like hostNetwork pods.
-    let port = 20000 + (tag % 20000);
-    let recv = RECEIVER.replace("5001", &port.to_string());
-    let send = SENDER.replace("5001", &port.to_string());
+    // No namespace switch: both run in the host's network namespace, like hostNetwork pods,
+    // so the receiver takes a port the kernel picks.
     const N: u64 = 3 * 1024 * 1024 + 7;
-    let mut rx = spawn_in_host(&b, &recv, &["127.0.0.1"])?;
-    ensure!(line(&mut rx)? == "ready", "receiver did not start");
-    let mut tx = spawn_in_host(&a, &send, &["127.0.0.1", &N.to_string()])?;
+    let mut rx = spawn_in_host(&b, &RECEIVER.replace("5001", "0"), &["127.0.0.1"])?;
+    let port = listening(&mut rx)?;
+    let mut tx = spawn_in_host(&a, &SENDER.replace("5001", &port.to_string()), &["127.0.0.1", &N.to_string()])?;
     let got: u64 = line(&mut rx)?.parse()?;
     let (bytes_sent, bytes_retrans) = tcp_info_line(&mut tx)?;
     ensure!(tx.wait()?.success() && rx.wait()?.success(), "sender or receiver failed");
@@ -475,7 +500,7 @@ fn retransmits_under_loss_match_the_kernels_own_count() -> Result<()> {
     let before = ImpairedPair::nstat(&net.a, "TcpRetransSegs")?;
     const N: u64 = 2 * 1024 * 1024;
     let mut rx = spawn_in(&net.b, &b, RECEIVER, &[&net.b_addr])?;
-    ensure!(line(&mut rx)? == "ready", "receiver did not start");
+    listening(&mut rx)?;
     let mut tx = spawn_in(&net.a, &a, SENDER, &[&net.b_addr, &N.to_string()])?;
     let got: u64 = line(&mut rx)?.parse()?;
     ensure!(tx.wait()?.success() && rx.wait()?.success(), "sender or receiver failed");
@@ -498,7 +523,7 @@ fn rtt_under_a_50ms_delay_lands_in_the_bucket_ss_agrees_with() -> Result<()> {
     let net = ImpairedPair::new(tag, 50, 0)?;
     let obs = NetObs::attach(&parent.0, &[], &[])?;
     let mut rx = spawn_in(&net.b, &b, RECEIVER, &[&net.b_addr])?;
-    ensure!(line(&mut rx)? == "ready", "receiver did not start");
+    listening(&mut rx)?;
     let mut tx = spawn_in(&net.a, &a, HOLDING_SENDER, &[&net.b_addr, &(256 * 1024).to_string()])?;
     ensure!(line(&mut tx)? == "sent", "sender did not send");
     // The kernel's own view of the live connection: "rtt:<srtt ms>/<rttvar ms>".
@@ -611,7 +636,10 @@ async fn the_agent_names_pods_from_the_kubernetes_api_and_serves_their_network_m
     let stop = tokio_util::sync::CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let controller = start_controller(&pki, stop, |_| {}).await?.grpc_addr;
-    let port = 21000 + tag % 20000;
+    // The pod's server, on the host's loopback (hostNetwork-style): it binds a port the
+    // kernel picks, which the agent is told to watch, and listens once the agent is up.
+    let mut rx = spawn_in_host(&pod, &RECEIVER.replace("5001", "0"), &["127.0.0.1"])?;
+    let port = bound_port(&mut rx)?;
     let agent = AgentProc::start(
         dir.path(),
         &pki,
@@ -621,16 +649,16 @@ async fn the_agent_names_pods_from_the_kubernetes_api_and_serves_their_network_m
             "network: {{cgroup_root: {}, collect_interval: 300ms, ports: [{port}], peers: [{{name: loopback, cidrs: [127.0.0.0/8]}}]}}\n{kube_yaml}",
             base.display()
         ),
-    )?;
+    )
+    .await?;
     wait_for("agent metrics", Duration::from_secs(20), || async {
         Ok(http_get(agent.http, "/metrics").await.is_ok_and(|(s, _)| s == 200).then_some(()))
     })
     .await?;
 
-    // A server and a client in the same pod (hostNetwork-style, on loopback).
+    // A server and a client in the same pod.
     const N: u64 = 1024 * 1024 + 3;
-    let mut rx = spawn_in_host(&pod, &RECEIVER.replace("5001", &port.to_string()), &["127.0.0.1"])?;
-    ensure!(line(&mut rx)? == "ready", "receiver did not start");
+    listen_now(&mut rx)?;
     let mut tx = spawn_in_host(&pod, &SENDER.replace("5001", &port.to_string()), &["127.0.0.1", &N.to_string()])?;
     assert_eq!(line(&mut rx)?.parse::<u64>()?, N);
     let _ = tcp_info_line(&mut tx)?;
@@ -670,7 +698,8 @@ async fn without_a_usable_cgroup_the_agent_runs_and_says_why_network_metrics_are
     let not_a_cgroup = dir.path().join("not-a-cgroup");
     std::fs::create_dir_all(&not_a_cgroup)?;
     let agent =
-        AgentProc::start(dir.path(), &pki, "net-off", controller, &format!("network: {{cgroup_root: {}}}\n", not_a_cgroup.display()))?;
+        AgentProc::start(dir.path(), &pki, "net-off", controller, &format!("network: {{cgroup_root: {}}}\n", not_a_cgroup.display()))
+            .await?;
     let text = wait_for("metrics", Duration::from_secs(20), || async {
         Ok(http_get(agent.http, "/metrics")
             .await

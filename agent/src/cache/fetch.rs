@@ -1127,7 +1127,12 @@ mod tests {
         };
         let spec = spec(&fx);
         let r = fetch(Arc::new(PosixSource::new(&fx.src)), &spec, &fx.layout, &fx.index, &cfg, progress.clone(), cancel).await;
-        watcher.await.unwrap();
+        // The watcher polls with no deadline of its own: a fetch that ended early must fail
+        // the test, not hang it.
+        tokio::time::timeout(Duration::from_secs(30), watcher)
+            .await
+            .unwrap_or_else(|_| panic!("fetch ended before 1.5 MB: {r:?}"))
+            .unwrap();
         assert!(matches!(r, Err(FetchError::Cancelled { .. })), "{r:?}");
         let kept = Progress::get(&progress.bytes_done);
         assert!(kept >= 1_500_000);

@@ -6,7 +6,7 @@
 //! `SimFaults`.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::gpu::{Call, DriverInfo, GpuBackend, GpuProcess, GpuSample, GpuStatic, MigDevice, MigReading, ProfReading, XidEvent, record};
 use super::migctl::{MigControl, SimMig};
@@ -54,12 +54,34 @@ impl SimFaults {
     }
 }
 
+/// A clock for the simulator that moves only when told, so a test steps time instead of
+/// sleeping; clones share the time.
+#[derive(Debug, Clone, Default)]
+pub struct SimClock(Arc<Mutex<Duration>>);
+
+impl SimClock {
+    pub fn advance(&self, by: Duration) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) += by;
+    }
+
+    fn elapsed(&self) -> Duration {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Where the readings' time comes from: the wall clock since start, or a `SimClock`.
+#[derive(Debug)]
+enum Clock {
+    Wall(Instant),
+    Sim(SimClock),
+}
+
 #[derive(Debug)]
 pub struct SimGpus {
     gpus: Vec<Accelerator>,
     mig: Arc<SimMig>,
     faults: Arc<SimFaults>,
-    start: Instant,
+    clock: Clock,
     /// Energy so far and when it was last integrated, per GPU.
     energy: Vec<(f64, f64)>,
 }
@@ -69,7 +91,13 @@ impl SimGpus {
     pub fn new(accelerators: &[Accelerator], mig: Arc<SimMig>, faults: Arc<SimFaults>) -> Self {
         let gpus: Vec<_> = accelerators.iter().filter(|a| a.vendor == Vendor::Nvidia).cloned().collect();
         let energy = vec![(0.0, 0.0); gpus.len()];
-        Self { gpus, mig, faults, start: Instant::now(), energy }
+        Self { gpus, mig, faults, clock: Clock::Wall(Instant::now()), energy }
+    }
+
+    /// Takes time from `clock` instead of the wall clock (it starts at zero).
+    pub fn with_clock(mut self, clock: SimClock) -> Self {
+        self.clock = Clock::Sim(clock);
+        self
     }
 
     fn fails(&self, gpu: u32, call: Call) -> bool {
@@ -137,7 +165,11 @@ impl GpuBackend for SimGpus {
             out.failed.push((Call::Handle, "GPU is lost".into()));
             return;
         }
-        let t = self.start.elapsed().as_secs_f64();
+        let t = match &self.clock {
+            Clock::Wall(start) => start.elapsed(),
+            Clock::Sim(c) => c.elapsed(),
+        }
+        .as_secs_f64();
         let u = load(t, index);
         let hopper = !a.product.contains("A100");
         let (max_power, idle_power, sm_max, mem_clock) = if hopper { (700.0, 72.0, 1980, 2619) } else { (400.0, 55.0, 1410, 1593) };
@@ -254,7 +286,9 @@ mod tests {
 
     #[test]
     fn readings_are_plausible_and_energy_only_grows() {
-        let (mut g, _, _) = sim("2xH100-80GB");
+        let (g, _, _) = sim("2xH100-80GB");
+        let clock = SimClock::default();
+        let mut g = g.with_clock(clock.clone());
         let mut a = GpuSample::default();
         g.sample(0, &mut a);
         assert!(a.failed.is_empty(), "{:?}", a.failed);
@@ -263,10 +297,13 @@ mod tests {
         assert!(r.gpu_util.unwrap() <= 100);
         assert_eq!(r.fb_used_mib.unwrap() + r.fb_free_mib.unwrap() + r.fb_reserved_mib.unwrap(), 81559);
         assert!(r.prof.is_some(), "H100 has GPM");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        clock.advance(Duration::from_millis(20));
         let mut b = GpuSample::default();
         g.sample(0, &mut b);
         assert!(b.reading.energy_mj.unwrap() > r.energy_mj.unwrap());
+        // Energy integrates power: 20 ms at the new reading's power, in millijoules.
+        let gained = (b.reading.energy_mj.unwrap() - r.energy_mj.unwrap()) as f64;
+        assert!((gained - b.reading.power_w.unwrap() * 20.0).abs() <= 1.0, "{gained} mJ at {} W", b.reading.power_w.unwrap());
         let (mut a100, _, _) = sim("1xA100-40GB");
         let mut c = GpuSample::default();
         a100.sample(0, &mut c);

@@ -473,8 +473,15 @@ mod tests {
     #[test]
     fn a_panicking_backend_call_is_contained() {
         let metrics = GpuMetrics::new(render::HostLabel::new("Hostname", "n"));
-        let handle = spawn_collector(Box::new(Panicky), metrics.clone(), Duration::from_millis(10), |_| {}).unwrap();
-        std::thread::sleep(Duration::from_millis(50));
+        // Each published sweep is reported here, so the test waits for the collector thread's
+        // own sweep rather than for a guess at how long it takes.
+        let (swept, sweeps) = mpsc::channel();
+        let handle = spawn_collector(Box::new(Panicky), metrics.clone(), Duration::from_millis(10), move |v| {
+            let _ = swept.send(v.sweeps);
+        })
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sweeps.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("a second sweep within 10 s") < 2 {}
         handle.stop();
         let v = metrics.view();
         assert!(v.sweeps >= 2);

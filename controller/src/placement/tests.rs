@@ -10,20 +10,7 @@ use crate::catalog::{Catalog, DeviceRequest, ModelSpec, ScalingSpec};
 const GB: u64 = 1_000_000_000;
 
 pub(crate) fn gpu_node(gpus: u32) -> pb::NodeState {
-    pb::NodeState {
-        accelerators: (0..gpus)
-            .map(|i| pb::Accelerator {
-                index: i,
-                uuid: format!("GPU-{i}"),
-                vendor: pb::AcceleratorVendor::Nvidia as i32,
-                pci_device_id: 0x2330_10DE,
-                health: pb::HealthState::Healthy as i32,
-                ..Default::default()
-            })
-            .collect(),
-        resources: Some(pb::NodeResources { memory_available_bytes: 512 * GB, ..Default::default() }),
-        ..Default::default()
-    }
+    pb::NodeState::h100s(gpus).with_memory_available(512 * GB)
 }
 
 fn model(name: &str, gpus: u32, bytes: u64) -> ModelSpec {
@@ -42,15 +29,7 @@ fn model(name: &str, gpus: u32, bytes: u64) -> ModelSpec {
 }
 
 fn cached(name: &str, present: u64, total: u64) -> pb::CachedModel {
-    pb::CachedModel {
-        id: format!("id-{name}"),
-        source_uri: format!("s3://models/{name}"),
-        revision: "main".into(),
-        state: if present == total { pb::CacheEntryState::Ready } else { pb::CacheEntryState::Downloading } as i32,
-        bytes_present: present,
-        bytes_total: total,
-        ..Default::default()
-    }
+    pb::CachedModel::cached(format!("id-{name}"), format!("s3://models/{name}"), "main", present, total)
 }
 
 struct Cluster {
@@ -171,9 +150,7 @@ fn leases_are_idempotent_hold_devices_and_expire() {
 #[test]
 fn memory_leases_limit_a_node() {
     let c = Cluster::new();
-    let mut s = gpu_node(8);
-    s.resources = Some(pb::NodeResources { memory_available_bytes: 100 * GB, ..Default::default() });
-    c.add("a", s);
+    c.add("a", pb::NodeState::h100s(8).with_memory_available(100 * GB));
     let p = c.placement(vec![model("m", 1, GB)]);
     p.reserve("r1", "m", None, None, c.t0).unwrap();
     let err = p.reserve("r2", "m", None, None, c.t0).unwrap_err();
@@ -183,18 +160,11 @@ fn memory_leases_limit_a_node() {
 #[test]
 fn mig_instances_from_reports_are_placed_best_fit() {
     let c = Cluster::new();
-    let mut s = gpu_node(2);
-    for a in &mut s.accelerators {
-        a.mig_enabled = true;
-    }
-    s.accelerators[1].partitions.push(pb::Partition {
-        uuid: "MIG-a".into(),
-        profile: "3g.40gb".into(),
-        gpu_instance_id: 1,
-        placement_start: 4,
-        placement_size: 4,
-        ..Default::default()
-    });
+    let mut s = pb::NodeState::from_accelerators([
+        pb::Accelerator::h100(0).with_mig([]),
+        pb::Accelerator::h100(1).with_mig([pb::Partition::mig("MIG-a", "3g.40gb", 1, 4, 4)]),
+    ])
+    .with_memory_available(512 * GB);
     s.runtimes.push(pb::ServingRuntime { name: "r".into(), partition_uuid: "MIG-a".into(), ..Default::default() });
     c.add("a", s);
     let mut m = model("m", 1, GB);

@@ -261,18 +261,7 @@ mod tests {
 
     fn facts(models: &[(&str, u64)], images: &[&str], bw: &[(&str, f64)]) -> Arc<NodeFacts> {
         let s = pb::NodeState {
-            models: models
-                .iter()
-                .map(|(u, b)| pb::CachedModel {
-                    id: u.to_string(),
-                    source_uri: u.to_string(),
-                    revision: "r".into(),
-                    state: pb::CacheEntryState::Ready as i32,
-                    bytes_present: *b,
-                    bytes_total: *b,
-                    ..Default::default()
-                })
-                .collect(),
+            models: models.iter().map(|(u, b)| pb::CachedModel::ready(*u, *u, "r", *b)).collect(),
             images: images.iter().map(|i| pb::CachedImage { reference: i.to_string(), ..Default::default() }).collect(),
             source_bandwidth: bw
                 .iter()

@@ -25,7 +25,7 @@ use hearth_agent::gpu_metrics::render::{HostLabel, PodLabelSets, render};
 use hearth_agent::gpu_metrics::{self, GpuMetrics, GpuView};
 use hearth_agent::kube::podres::Attribution;
 use hearth_proto::podresources::{ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources};
-use hearth_tests::{bin, free_addr, http_get};
+use hearth_tests::{Proc, bin, http_get, logged_addr};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -134,17 +134,22 @@ fn rss_kib(pid: u32) -> Result<u64> {
 
 async fn agent_rss(devices: &str, extra: &str, seconds: u64) -> Result<(u64, usize)> {
     let dir = tempfile::tempdir()?;
-    let http = free_addr();
     let cfg = dir.path().join("agent.yaml");
     std::fs::write(
         &cfg,
         format!(
-            "node_name: bench\nhttp_listen: {http}\ndevices: {devices}\nstate_dir: {}\ncache: {{root: {}}}\n{extra}",
+            "node_name: bench\nhttp_listen: 127.0.0.1:0\ndevices: {devices}\nstate_dir: {}\ncache: {{root: {}}}\n{extra}",
             dir.path().join("state").display(),
             dir.path().join("cache").display()
         ),
     )?;
-    let mut child = Command::new(bin("hearth")).args(["agent", "--config"]).arg(&cfg).env("RUST_LOG", "warn").spawn()?;
+    // Warnings, and the one info line that names the bound address.
+    let mut agent = Proc::spawn(
+        "agent",
+        Command::new(bin("hearth")).args(["agent", "--config"]).arg(&cfg).env("RUST_LOG", "warn,hearth_agent::daemon=info"),
+        dir.path(),
+    )?;
+    let http = logged_addr(&agent.wait_for_log_line("agent serving /metrics", Duration::from_secs(20)).await?, "http_addr")?;
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut body_len = 0;
     while Instant::now() < end {
@@ -153,9 +158,8 @@ async fn agent_rss(devices: &str, extra: &str, seconds: u64) -> Result<(u64, usi
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let rss = rss_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    let rss = rss_kib(agent.child.id());
+    agent.kill9()?;
     Ok((rss?, body_len))
 }
 

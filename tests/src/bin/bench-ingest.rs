@@ -68,28 +68,13 @@ fn node_state(i: usize) -> pb::NodeState {
         }),
         resources: Some(pb::NodeResources { cpu_usage_ratio: 0.2, load1: 12.0, ..Default::default() }),
         accelerators: (0..8)
-            .map(|g| pb::Accelerator {
-                index: g,
-                uuid: format!("GPU-{i:08x}-{g:04x}-0000-0000-000000000000"),
-                vendor: pb::AcceleratorVendor::Nvidia as i32,
-                product: "NVIDIA H100 80GB HBM3".into(),
-                memory_bytes: 81559 << 20,
-                pci_bus_id: format!("00000000:{:02X}:00.0", 0x18 + g * 16),
-                pci_device_id: 0x2330_10DE,
-                simulated: true,
-                ..Default::default()
+            .map(|g| {
+                pb::Accelerator::h100(g)
+                    .with_uuid(format!("GPU-{i:08x}-{g:04x}-0000-0000-000000000000"))
+                    .simulated_at(format!("00000000:{:02X}:00.0", 0x18 + g * 16))
             })
             .collect(),
-        models: (0..5)
-            .map(|m| pb::CachedModel {
-                id: format!("model-{m}"),
-                source_uri: format!("s3://models/llama-{m}/"),
-                state: pb::CacheEntryState::Ready as i32,
-                bytes_present: 140 << 30,
-                bytes_total: 140 << 30,
-                ..Default::default()
-            })
-            .collect(),
+        models: (0..5).map(|m| pb::CachedModel::ready(format!("model-{m}"), format!("s3://models/llama-{m}/"), "", 140 << 30)).collect(),
         ..Default::default()
     }
 }
@@ -182,8 +167,8 @@ struct Row {
 }
 
 async fn run_one(n: usize, args: &Args, dir: &std::path::Path, pki: &TestPki, clients: &[TlsMaterial]) -> Result<Row> {
-    let grpc = free_addr();
-    let ctl = ControllerProc::start(dir, pki, grpc, "stale_after: 60s\n").await?;
+    let ctl = ControllerProc::start(dir, pki, "stale_after: 60s\n").await?;
+    let grpc = ctl.grpc;
     let pid = ctl.proc.pid();
     let stop = tokio_util::sync::CancellationToken::new();
     let measuring = Arc::new(AtomicBool::new(false));

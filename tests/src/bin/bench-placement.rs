@@ -54,16 +54,7 @@ fn catalog_yaml(models: usize) -> String {
 
 /// A node with 8 GPUs, some busy, a handful of cached models and measured bandwidths.
 fn node_state(i: usize, models: usize) -> pb::NodeState {
-    let accelerators = (0..8u32)
-        .map(|g| pb::Accelerator {
-            index: g,
-            uuid: format!("GPU-{i}-{g}"),
-            vendor: pb::AcceleratorVendor::Nvidia as i32,
-            pci_device_id: 0x2330_10DE,
-            health: pb::HealthState::Healthy as i32,
-            ..Default::default()
-        })
-        .collect();
+    let accelerators = (0..8u32).map(|g| pb::Accelerator::h100(g).with_uuid(format!("GPU-{i}-{g}"))).collect();
     let busy = i % 5;
     let runtimes = (0..busy as u32)
         .map(|g| pb::ServingRuntime {
@@ -78,14 +69,7 @@ fn node_state(i: usize, models: usize) -> pb::NodeState {
     let cached = (0..6)
         .map(|k| {
             let m = (i * 7 + k * 13) % models;
-            pb::CachedModel {
-                id: format!("c{m}"),
-                source_uri: format!("s3://models/m{m}"),
-                state: pb::CacheEntryState::Ready as i32,
-                bytes_present: (2 + m as u64 * 3) * GB,
-                bytes_total: (2 + m as u64 * 3) * GB,
-                ..Default::default()
-            }
+            pb::CachedModel::ready(format!("c{m}"), format!("s3://models/m{m}"), "", (2 + m as u64 * 3) * GB)
         })
         .collect();
     pb::NodeState {

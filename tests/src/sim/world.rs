@@ -41,10 +41,11 @@ impl Kind {
         }
     }
 
-    fn pci_device_id(self) -> u32 {
+    /// GPU `index` of this kind, idle, as its agent reports it.
+    fn gpu(self, index: u32) -> pb::Accelerator {
         match self {
-            Kind::H100 => 0x2330_10DE,
-            _ => 0x20B2_10DE,
+            Kind::H100 => pb::Accelerator::h100(index),
+            _ => pb::Accelerator::a100(index),
         }
     }
 }
@@ -412,28 +413,10 @@ impl Node {
                 Some(id) => vec![pb::GpuProcess { pid: id as u32, used_memory_bytes: 70 << 30, gpu_instance_id: 0 }],
                 None => vec![],
             };
-            accelerators.push(pb::Accelerator {
-                index: i,
-                uuid: self.gpu_uuid(i),
-                vendor: pb::AcceleratorVendor::Nvidia as i32,
-                pci_device_id: self.kind.pci_device_id(),
-                health: pb::HealthState::Healthy as i32,
-                mig_enabled: g.mig,
-                partitions: g
-                    .instances
-                    .iter()
-                    .map(|m| pb::Partition {
-                        uuid: m.uuid.clone(),
-                        profile: m.profile.clone(),
-                        gpu_instance_id: m.gi_id,
-                        placement_start: m.start,
-                        placement_size: m.size,
-                        ..Default::default()
-                    })
-                    .collect(),
-                processes,
-                ..Default::default()
-            });
+            let gpu = self.kind.gpu(i).with_uuid(self.gpu_uuid(i)).with_processes(processes);
+            // MIG instances exist only on a GPU with MIG on.
+            let devices = g.instances.iter().map(|m| pb::Partition::mig(m.uuid.clone(), &m.profile, m.gi_id, m.start, m.size));
+            accelerators.push(if g.mig { gpu.with_mig(devices) } else { gpu });
         }
         for d in 0..self.kind.neuron_devices() {
             // One partition per replica per device it spans, all sharing the replica's
@@ -445,19 +428,15 @@ impl Node {
                     let uuid = format!("NC-{}-{id}", self.name);
                     match partitions.iter_mut().find(|p| p.uuid == uuid) {
                         Some(p) => p.placement_size += 1,
-                        None => partitions.push(pb::Partition { uuid, placement_start: c, placement_size: 1, ..Default::default() }),
+                        None => partitions.push(pb::Partition::cores(uuid, c, 1)),
                     }
                 }
             }
-            accelerators.push(pb::Accelerator {
-                index: d,
-                uuid: format!("NEURON-{}-{d}", self.name),
-                vendor: pb::AcceleratorVendor::AwsNeuron as i32,
-                core_count: NEURON_CORES_PER_DEVICE,
-                health: pb::HealthState::Healthy as i32,
-                partitions,
-                ..Default::default()
-            });
+            accelerators.push(
+                pb::Accelerator::neuron(d, NEURON_CORES_PER_DEVICE)
+                    .with_uuid(format!("NEURON-{}-{d}", self.name))
+                    .with_core_groups(partitions),
+            );
         }
         let cached = self
             .cache
