@@ -182,6 +182,9 @@ fn diff_keyed<T: Clone + PartialEq>(
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
