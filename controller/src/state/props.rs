@@ -29,16 +29,10 @@ pub(crate) enum Floats {
 fn float(f: Floats) -> BoxedStrategy<f64> {
     match f {
         Floats::Finite => prop_oneof![Just(0.0), 0.0..100.0, 1e6..1e12].boxed(),
-        Floats::Any => prop_oneof![
-            Just(0.0),
-            0.0..100.0,
-            -1e3..0.0,
-            Just(f64::NAN),
-            Just(f64::INFINITY),
-            Just(f64::NEG_INFINITY),
-            Just(f64::MAX),
-        ]
-        .boxed(),
+        Floats::Any => {
+            prop_oneof![Just(0.0), 0.0..100.0, -1e3..0.0, Just(f64::NAN), Just(f64::INFINITY), Just(f64::NEG_INFINITY), Just(f64::MAX),]
+                .boxed()
+        }
     }
 }
 
@@ -73,11 +67,15 @@ fn partition() -> impl Strategy<Value = pb::Partition> {
     })
 }
 
-fn accelerator() -> impl Strategy<Value = pb::Accelerator> {
+fn accelerator() -> BoxedStrategy<pb::Accelerator> {
     // Mostly an H100, whose MIG table has the test catalog's profile.
     let pci = prop_oneof![4 => Just(0x2330_10DE_u32), 1 => Just(0x20B0_10DE), 1 => Just(0), 1 => any::<u32>()];
     let processes = prop::collection::vec(
-        (n32(), n64(), n32()).prop_map(|(pid, used_memory_bytes, gpu_instance_id)| pb::GpuProcess { pid, used_memory_bytes, gpu_instance_id }),
+        (n32(), n64(), n32()).prop_map(|(pid, used_memory_bytes, gpu_instance_id)| pb::GpuProcess {
+            pid,
+            used_memory_bytes,
+            gpu_instance_id,
+        }),
         0..3,
     );
     (
@@ -107,6 +105,7 @@ fn accelerator() -> impl Strategy<Value = pb::Accelerator> {
                 ..Default::default()
             }
         })
+        .boxed()
 }
 
 fn model() -> impl Strategy<Value = pb::CachedModel> {
@@ -135,12 +134,23 @@ fn runtime(f: Floats) -> impl Strategy<Value = pb::ServingRuntime> {
         ttft_p50_seconds: d,
     }));
     (pick(&["r1", "r2", "r3"]), pick(MODEL_IDS), pick(UUIDS), pick(&["ready", "Running", "starting", ""]), load).prop_map(
-        |(name, model_id, partition_uuid, state, load)| pb::ServingRuntime { name, model_id, partition_uuid, state, load, ..Default::default() },
+        |(name, model_id, partition_uuid, state, load)| pb::ServingRuntime {
+            name,
+            model_id,
+            partition_uuid,
+            state,
+            load,
+            ..Default::default()
+        },
     )
 }
 
 fn bandwidth(f: Floats) -> impl Strategy<Value = pb::SourceBandwidth> {
-    (pick(SOURCES), float(f), n64()).prop_map(|(source, bytes_per_second, samples)| pb::SourceBandwidth { source, bytes_per_second, samples })
+    (pick(SOURCES), float(f), n64()).prop_map(|(source, bytes_per_second, samples)| pb::SourceBandwidth {
+        source,
+        bytes_per_second,
+        samples,
+    })
 }
 
 fn resources(f: Floats) -> impl Strategy<Value = pb::NodeResources> {
@@ -187,7 +197,7 @@ fn subsystem() -> impl Strategy<Value = pb::SubsystemStatus> {
 
 /// A structurally valid report: every field any value the wire allows, keys drawn from
 /// small pools so that they repeat (within a list too) and match the test catalog.
-pub(crate) fn node_state(f: Floats) -> impl Strategy<Value = pb::NodeState> {
+pub(crate) fn node_state(f: Floats) -> BoxedStrategy<pb::NodeState> {
     (
         prop::option::of(info()),
         prop::option::of(resources(f)),
@@ -210,10 +220,11 @@ pub(crate) fn node_state(f: Floats) -> impl Strategy<Value = pb::NodeState> {
             partition,
             subsystems,
         })
+        .boxed()
 }
 
 /// A delta with any subset of its parts set, removals naming keys that may or may not exist.
-pub(crate) fn delta(f: Floats) -> impl Strategy<Value = pb::Delta> {
+pub(crate) fn delta(f: Floats) -> BoxedStrategy<pb::Delta> {
     let lists = (
         prop::option::of(prop::collection::vec(accelerator(), 0..3).prop_map(|items| pb::AcceleratorList { items })),
         prop::option::of(prop::collection::vec(bandwidth(f), 0..2).prop_map(|items| pb::SourceBandwidthList { items })),
@@ -230,27 +241,29 @@ pub(crate) fn delta(f: Floats) -> impl Strategy<Value = pb::Delta> {
         prop::collection::vec(runtime(f), 0..3),
         prop::collection::vec(pick(&["r1", "r2", "r3"]), 0..2),
     );
-    (lists, keyed).prop_map(
-        |(
-            (accelerators, source_bandwidth, subsystems, info, resources, partition),
-            (model_upserts, model_removals, image_upserts, image_removals, runtime_upserts, runtime_removals),
-        )| pb::Delta {
-            epoch: 0,
-            seq: 0,
-            resources,
-            accelerators,
-            model_upserts,
-            model_removals,
-            image_upserts,
-            image_removals,
-            runtime_upserts,
-            runtime_removals,
-            source_bandwidth,
-            partition,
-            subsystems,
-            info,
-        },
-    )
+    (lists, keyed)
+        .prop_map(
+            |(
+                (accelerators, source_bandwidth, subsystems, info, resources, partition),
+                (model_upserts, model_removals, image_upserts, image_removals, runtime_upserts, runtime_removals),
+            )| pb::Delta {
+                epoch: 0,
+                seq: 0,
+                resources,
+                accelerators,
+                model_upserts,
+                model_removals,
+                image_upserts,
+                image_removals,
+                runtime_upserts,
+                runtime_removals,
+                source_bandwidth,
+                partition,
+                subsystems,
+                info,
+            },
+        )
+        .boxed()
 }
 
 /// Epochs and sequence numbers that mostly follow on from each other, with the edges.
@@ -265,13 +278,14 @@ pub(crate) enum Report {
     Heartbeat(pb::Heartbeat),
 }
 
-pub(crate) fn report(f: Floats) -> impl Strategy<Value = Report> {
+pub(crate) fn report(f: Floats) -> BoxedStrategy<Report> {
     prop_oneof![
         2 => (counter(), counter(), node_state(f)).prop_map(|(epoch, seq, s)| Report::Snapshot(pb::Snapshot { epoch, seq, state: Some(s) })),
         1 => (counter(), counter()).prop_map(|(epoch, seq)| Report::Snapshot(pb::Snapshot { epoch, seq, state: None })),
         4 => (counter(), counter(), delta(f)).prop_map(|(epoch, seq, d)| Report::Delta(pb::Delta { epoch, seq, ..d })),
         2 => (counter(), counter()).prop_map(|(epoch, seq)| Report::Heartbeat(pb::Heartbeat { epoch, seq, sent_at: None })),
     ]
+    .boxed()
 }
 
 /// Each keyed list without repeated keys (first one wins), as an agent builds them.
