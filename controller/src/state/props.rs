@@ -343,7 +343,7 @@ pub(crate) fn one_node() -> (Arc<ClusterState>, SessionId, Instant) {
     (s, id, t)
 }
 
-fn spec(name: &str, source_uri: &str, device: DeviceRequest) -> ModelSpec {
+pub(crate) fn spec(name: &str, source_uri: &str, device: DeviceRequest) -> ModelSpec {
     ModelSpec {
         name: name.into(),
         source_uri: source_uri.into(),
@@ -356,6 +356,31 @@ fn spec(name: &str, source_uri: &str, device: DeviceRequest) -> ModelSpec {
         memory_bytes: 1 << 30,
         scaling: ScalingSpec::defaults(),
     }
+}
+
+/// One model per kind of device request: whole GPUs ("gm"), MIG ("mm"), Neuron cores ("nm").
+pub(crate) fn catalog() -> Catalog {
+    Catalog::from_specs([
+        spec("gm", "s3://m/a", DeviceRequest::Gpus(1)),
+        spec("mm", "s3://m/b", DeviceRequest::Mig("3g.40gb".into())),
+        spec("nm", "file:///x", DeviceRequest::NeuronCores(2)),
+    ])
+}
+
+/// A report of one idle, healthy H100 and plenty of memory: room for one "gm" replica.
+pub(crate) fn one_free_gpu() -> pb::Snapshot {
+    let state = pb::NodeState {
+        accelerators: vec![pb::Accelerator {
+            uuid: "GPU-0".into(),
+            vendor: pb::AcceleratorVendor::Nvidia as i32,
+            pci_device_id: 0x2330_10DE,
+            health: pb::HealthState::Healthy as i32,
+            ..Default::default()
+        }],
+        resources: Some(pb::NodeResources { memory_available_bytes: 1 << 40, ..Default::default() }),
+        ..Default::default()
+    };
+    pb::Snapshot { epoch: 1, seq: 1, state: Some(state) }
 }
 
 /// The stored state of "n1" as the model of the sequence rules predicts it.
@@ -452,12 +477,7 @@ proptest! {
     #[test]
     fn placement_and_scaling_read_any_report(reports in prop::collection::vec(report(Floats::Any), 1..6), pending in prop::option::of(0.0..1e3f64)) {
         let (s, id, t) = one_node();
-        let catalog = Catalog::from_specs([
-            spec("gm", "s3://m/a", DeviceRequest::Gpus(1)),
-            spec("mm", "s3://m/b", DeviceRequest::Mig("3g.40gb".into())),
-            spec("nm", "file:///x", DeviceRequest::NeuronCores(2)),
-        ]);
-        let placement = Arc::new(Placement::new(s.clone(), Arc::new(catalog), Params::default()));
+        let placement = Arc::new(Placement::new(s.clone(), Arc::new(catalog()), Params::default()));
         let scaling = Scaling::new(placement.clone(), Settings::default(), &mut prometheus_client::registry::Registry::default());
         let names = ["n1".to_owned(), "ghost".to_owned()];
         for r in &reports {
