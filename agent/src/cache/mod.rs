@@ -14,6 +14,8 @@ pub mod sample;
 pub mod source;
 pub mod spec;
 pub mod verify;
+#[cfg(test)]
+mod verify_props;
 
 use std::sync::Arc;
 
