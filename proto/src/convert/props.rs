@@ -3,9 +3,9 @@
 //! validates into an [`AgentHello`] that converts back unchanged or fails with an error that
 //! names the Hello field and stays short however long the input was.
 
-use prost::Message as _;
 use proptest::prelude::*;
 use proptest::sample::Index;
+use prost::Message as _;
 
 use super::*;
 
@@ -163,8 +163,7 @@ fn text() -> impl Strategy<Value = String> {
         "[a-z0-9.-]{0,12}",
         "[a-zA-Z0-9._ -]{0,12}",
         "\\PC{0,8}",
-        (prop::sample::select(vec![62usize, 63, 64, 65, 252, 253, 254, 300, 2000]), "[a-z0-9-]")
-            .prop_map(|(n, c)| c.repeat(n)),
+        (prop::sample::select(vec![62usize, 63, 64, 65, 252, 253, 254, 300, 2000]), "[a-z0-9-]").prop_map(|(n, c)| c.repeat(n)),
     ]
 }
 
