@@ -493,7 +493,8 @@ impl TryFrom<RawConfig> for Config {
                 dir: r.devices.pod_resources_dir.unwrap_or_else(|| crate::kube::podres::DEFAULT_DIR.into()),
                 every: podres_every,
                 timeout: Duration::from_secs(5),
-                stale_after: podres_every * 3,
+                // Saturating: an interval past Duration::MAX / 3 is "never", and so is its staleness.
+                stale_after: podres_every.saturating_mul(3),
             },
         };
 
@@ -541,6 +542,9 @@ impl TryFrom<RawConfig> for Config {
         })
     }
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {

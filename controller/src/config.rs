@@ -261,6 +261,9 @@ impl RawConfig {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::path::PathBuf;

@@ -127,7 +127,8 @@ fn upsert<T>(items: &mut Vec<T>, upserts: Vec<T>, removals: &[String], key: impl
 }
 
 /// The Delta that turns `old` into `new`, or `None` when nothing changed. `apply_delta(old,
-/// diff(old, new))` equals `new` up to list order of keyed items.
+/// diff(old, new))` equals `new` up to list order of keyed items, provided `new` has info,
+/// resources and partition wherever `old` has them: a Delta cannot clear those.
 pub fn diff(old: &pb::NodeState, new: &pb::NodeState, epoch: u64, seq: u64) -> Option<pb::Delta> {
     let mut d = pb::Delta { epoch, seq, ..Default::default() };
     let mut changed = false;
@@ -180,6 +181,9 @@ fn diff_keyed<T: Clone + PartialEq>(
     }
     !upserts.is_empty() || !removals.is_empty()
 }
+
+#[cfg(test)]
+mod props;
 
 #[cfg(test)]
 mod tests {

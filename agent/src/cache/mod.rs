@@ -15,6 +15,8 @@ pub mod source;
 pub mod spec;
 mod subsystem;
 pub mod verify;
+#[cfg(test)]
+mod verify_props;
 
 pub use subsystem::start;
 

@@ -221,3 +221,6 @@ impl NodeAgentService {
         }
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -381,3 +381,6 @@ impl keda::external_scaler_server::ExternalScaler for KedaService {
         }))
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -274,6 +274,9 @@ pub async fn serve(
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -137,6 +137,11 @@ pub struct RuntimeFacts {
     pub load: pb::RuntimeLoad,
 }
 
+/// Most NeuronCores one device is taken to have: real ones have 2 (Inferentia2, Trainium)
+/// or 8 (Trainium2), and a model asks for at most 256 on a node. The per-core table is sized
+/// from the report, so without a bound one corrupt `core_count` costs gigabytes per placement.
+pub const MAX_NEURON_CORES: u32 = 256;
+
 fn healthy(h: i32) -> bool {
     // Unspecified counts as healthy: older agents and simulated devices may not say.
     h != pb::HealthState::Unhealthy as i32
@@ -150,10 +155,12 @@ impl NodeFacts {
         let mut neuron = Vec::new();
         for a in &s.accelerators {
             if a.vendor == pb::AcceleratorVendor::AwsNeuron as i32 {
-                let mut busy_cores = vec![false; a.core_count as usize];
+                let cores = a.core_count.min(MAX_NEURON_CORES);
+                let mut busy_cores = vec![false; cores as usize];
                 for p in &a.partitions {
                     if bound.contains(p.uuid.as_str()) {
-                        for c in p.placement_start..p.placement_start.saturating_add(p.placement_size) {
+                        // Up to the cores the device has: the reported range may run to u32::MAX.
+                        for c in p.placement_start..p.placement_start.saturating_add(p.placement_size).min(cores) {
                             if let Some(b) = busy_cores.get_mut(c as usize) {
                                 *b = true;
                             }
@@ -163,7 +170,7 @@ impl NodeFacts {
                 if bound.contains(a.uuid.as_str()) {
                     busy_cores.iter_mut().for_each(|b| *b = true);
                 }
-                neuron.push(NeuronDevice { index: a.index, healthy: healthy(a.health), cores: a.core_count, busy_cores });
+                neuron.push(NeuronDevice { index: a.index, healthy: healthy(a.health), cores, busy_cores });
                 continue;
             }
             let gi_busy: HashSet<u32> = a.processes.iter().map(|p| p.gpu_instance_id).filter(|g| *g != 0).collect();

@@ -154,7 +154,8 @@ fn without_leased(n: &NodeFacts, mut free: u64, held: &[&Slot]) -> u64 {
 fn taken_units(g: &Gpu, held: &[&Slot]) -> u32 {
     let mut mask = 0u32;
     let mut take = |start: u32, size: u32| {
-        for u in start..(start + size).min(PLACEMENT_UNITS) {
+        // Instances come from agent reports: their start and size may be anything.
+        for u in start..start.saturating_add(size).min(PLACEMENT_UNITS) {
             mask |= 1 << u;
         }
     };

@@ -259,7 +259,7 @@ impl ClusterState {
             let Some(epoch) = e.epoch else {
                 return Err(StateError::NoSnapshot("delta"));
             };
-            if d.epoch != epoch || d.seq != e.seq + 1 {
+            if d.epoch != epoch || e.seq.checked_add(1) != Some(d.seq) {
                 return Err(StateError::NeedResync(format!(
                     "delta epoch {} seq {} does not follow stored epoch {} seq {}",
                     d.epoch, d.seq, epoch, e.seq
@@ -470,6 +470,9 @@ impl ClusterState {
         self.state_bytes.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod props;
 
 #[cfg(test)]
 mod tests {
