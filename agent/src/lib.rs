@@ -1,5 +1,6 @@
 //! hearth-agent: the node agent (`hearth agent`) and the operator CLI (`hearth local`,
-//! `hearth status`). One module per capability; `daemon` wires them together.
+//! `hearth status`, `hearth prefetch`...). One module per capability, each started by the
+//! daemon as a subsystem of one shape (`subsystem`); `daemon` is the list of them.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
