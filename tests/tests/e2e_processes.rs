@@ -61,6 +61,10 @@ async fn agent_reports_snapshot_then_deltas_and_survives_restarts_of_both_sides(
     .await
     .map_err(|e| e.context(agent.proc.log_text()))?;
     assert_eq!(first.accelerator_summary, vec!["2 x NVIDIA H100 80GB HBM3".to_string()]);
+    // Capabilities from what started: simulated GPUs bring metrics and partitioning.
+    for cap in ["node-metrics", "devices.simulated", "gpu-metrics", "partition.mig", "cache"] {
+        assert!(first.capabilities.iter().any(|c| c == cap), "{cap} missing from {:?}", first.capabilities);
+    }
     // Deltas: node samples every 300 ms change the resources, so seq climbs past the snapshot.
     let later = wait_for("deltas applied", Duration::from_secs(10), || async {
         Ok(node(ctl.grpc, &pki, "gpu-1").await?.filter(|n| n.epoch == first.epoch && n.seq >= first.seq + 2))

@@ -91,6 +91,16 @@ async fn heartbeats_keep_flowing_while_a_large_eviction_runs() -> Result<()> {
     })
     .await?;
 
+    // Hello carries what started on this node, not what the build could do: no devices,
+    // so no GPU metrics or partitioning; network metrics were turned off.
+    let (view, _) = controller.state.get(NODE, Instant::now()).context("node known")?;
+    let caps = &view.hello.capabilities;
+    ensure!(caps.iter().any(|c| c == "cache") && caps.iter().any(|c| c == "node-metrics"), "capabilities {caps:?}");
+    ensure!(
+        !caps.iter().any(|c| c.starts_with("devices.") || c == "gpu-metrics" || c.starts_with("partition") || c.starts_with("network")),
+        "capabilities of subsystems that are off: {caps:?}"
+    );
+
     let cmd = pb::Command {
         id: "evict-1".into(),
         idempotency_key: "evict-big-model".into(),
