@@ -621,7 +621,12 @@ mod tests {
     use crate::cache::sample::write_sample_model;
 
     fn open(root: &std::path::Path, capacity: Option<u64>) -> Arc<Cache> {
-        let cfg = CacheConfig {
+        open_with(root, capacity, None)
+    }
+
+    /// A cache whose downloads share `limit` bytes per second, if given.
+    fn open_with(root: &std::path::Path, capacity: Option<u64>, limit: Option<u64>) -> Arc<Cache> {
+        let mut cfg = CacheConfig {
             root: root.into(),
             capacity,
             high_watermark: 0.999,
@@ -629,6 +634,7 @@ mod tests {
             fetch: FetchConfig { part_size: 64 << 10, concurrency: 4, ..Default::default() },
             s3: S3Options::default(),
         };
+        cfg.fetch.limit = limit.map(|l| Arc::new(crate::cache::ratelimit::RateLimiter::new(l)));
         Cache::open(cfg, &mut Registry::default()).unwrap()
     }
 
@@ -679,16 +685,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_downloads_share_the_bandwidth_limit_fairly() {
         let d = tempfile::tempdir().unwrap();
-        let mut cfg = CacheConfig {
-            root: d.path().join("cache"),
-            capacity: None,
-            high_watermark: 0.999,
-            low_watermark: 0.99,
-            fetch: FetchConfig { part_size: 64 << 10, concurrency: 4, ..Default::default() },
-            s3: S3Options::default(),
-        };
-        cfg.fetch.limit = Some(Arc::new(crate::cache::ratelimit::RateLimiter::new(8 << 20)));
-        let c = Cache::open(cfg, &mut Registry::default()).unwrap();
+        let c = open_with(&d.path().join("cache"), None, Some(8 << 20));
         let (a, b) = (model(d.path(), "a", 4 << 20), model(d.path(), "b", 4 << 20));
         let started = Instant::now();
         let (ra, rb) = tokio::join!(
@@ -719,17 +716,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_shared_download_goes_on_while_any_caller_waits_and_stops_when_none_does() {
         let d = tempfile::tempdir().unwrap();
-        let mut cfg = CacheConfig {
-            root: d.path().join("cache"),
-            capacity: None,
-            high_watermark: 0.999,
-            low_watermark: 0.99,
-            fetch: FetchConfig { part_size: 64 << 10, concurrency: 4, ..Default::default() },
-            s3: S3Options::default(),
-        };
         // 4 MiB at 4 MiB/s: long enough to cancel a caller in the middle.
-        cfg.fetch.limit = Some(Arc::new(crate::cache::ratelimit::RateLimiter::new(4 << 20)));
-        let c = Cache::open(cfg, &mut Registry::default()).unwrap();
+        let c = open_with(&d.path().join("cache"), None, Some(4 << 20));
         let m = model(d.path(), "m", 4 << 20);
         let (first, second) = (CancellationToken::new(), CancellationToken::new());
         let a = tokio::spawn({
