@@ -314,7 +314,8 @@ pub async fn fetch(
 ) -> Result<IndexEntry, FetchError> {
     let id = spec.id();
     let started = Instant::now();
-    let mut objects: Vec<RemoteObject> = source.list().await?.into_iter().filter(|o| !o.key.ends_with('/') && spec.wants(&o.key)).collect();
+    let listing: Vec<RemoteObject> = source.list().await?.into_iter().filter(|o| !o.key.ends_with('/')).collect();
+    let mut objects: Vec<RemoteObject> = listing.iter().filter(|o| spec.wants(&o.key)).cloned().collect();
     if objects.is_empty() {
         return Err(FetchError::NoObjects {
             uri: spec.uri.to_string(),
@@ -322,7 +323,9 @@ pub async fn fetch(
             exclude: spec.exclude.iter().map(|g| g.as_str().to_owned()).collect(),
         });
     }
-    let manifest = read_manifest(source.as_ref(), &objects).await?;
+    // The manifest vouches for the files whatever the user's filters select: `--include
+    // '*.safetensors'` must not cost the model its verification.
+    let manifest = read_manifest(source.as_ref(), &listing).await?;
     let part_size = cfg.part_size as u64;
     let plan = Plan {
         id: id.clone(),
@@ -383,13 +386,27 @@ pub async fn fetch(
                     _ => PartCrc::None,
                 };
                 let final_path = model_dir.join(&obj.key);
-                let was_ready = previous
+                let mut was_ready = previous
                     .as_ref()
                     .and_then(|p| p.files.iter().find(|f| f.key == obj.key))
                     .is_some_and(|f| f.ready && f.version == obj.version && f.size == obj.size)
                     && std::fs::metadata(&final_path).is_ok_and(|m| m.len() == obj.size);
-                let prev_verification =
+                let mut prev_verification =
                     previous.as_ref().and_then(|p| p.files.iter().find(|f| f.key == obj.key)).and_then(|f| f.verification);
+                if was_ready && prev_verification.is_none_or(|v| v < vouched.kind) {
+                    // Something vouches for this file now that did not when it was cached (a
+                    // manifest published since): check the copy on disk rather than fetch it.
+                    match verify::check_file(&final_path, &vouched.expected, obj.size) {
+                        Ok(()) => {
+                            info!(key = %obj.key, verification = vouched.kind.as_str(), "cached file verified against what now vouches for it");
+                            prev_verification = Some(vouched.kind);
+                        }
+                        Err(e) => {
+                            warn!(key = %obj.key, error = %e, "cached file does not match what now vouches for it; fetching it again");
+                            was_ready = false;
+                        }
+                    }
+                }
                 entry.files.push(FileEntry {
                     key: obj.key.clone(),
                     size: obj.size,
@@ -1073,6 +1090,39 @@ mod tests {
         assert_eq!(e.state, EntryState::Failed);
         assert!(e.error.unwrap().contains("model-00002-of-00002.safetensors"));
         assert!(e.files.iter().any(|f| f.key == "config.json" && f.ready), "good files stay ready");
+    }
+
+    #[tokio::test]
+    async fn the_manifest_vouches_whatever_the_filters_and_a_late_one_checks_what_is_cached() {
+        let fx = fixture(2, 200_000);
+        let only_weights = ModelSpec::new(&format!("file://{}", fx.src.display()), &["*.safetensors".into()], &[], "").unwrap();
+        let prefetch = || async {
+            let (p, c) = (Arc::new(Progress::default()), cfg());
+            let r =
+                fetch(Arc::new(PosixSource::new(&fx.src)), &only_weights, &fx.layout, &fx.index, &c, p.clone(), CancellationToken::new());
+            (r.await.unwrap(), Progress::get(&p.bytes_fetched))
+        };
+        // Cached while the source had no manifest: sizes only.
+        let (e, _) = prefetch().await;
+        assert_eq!(e.verification, Some(VerificationKind::Unverified));
+        assert!(e.files.iter().all(|f| f.key.ends_with(".safetensors")), "the filter holds");
+
+        // A manifest appears at the source (the filter does not select it), and one cached
+        // copy has gone bad on disk meanwhile (same size).
+        std::fs::write(fx.src.join(MANIFEST_NAME), Manifest::build(&fx.src).unwrap().to_json()).unwrap();
+        let bad = "model-00001-of-00002.safetensors";
+        let cached = fx.layout.model_dir(&e.id).join(bad);
+        let mut bytes = std::fs::read(&cached).unwrap();
+        bytes[100_000] ^= 0xff;
+        std::fs::write(&cached, bytes).unwrap();
+
+        // The next prefetch checks the cached copies against it: the good one is kept, the
+        // bad one fetched again, and the model is now manifest-verified.
+        let (e, fetched) = prefetch().await;
+        assert_eq!((e.state, e.verification), (EntryState::Ready, Some(VerificationKind::Manifest)));
+        assert_eq!(fetched, std::fs::metadata(fx.src.join(bad)).unwrap().len(), "only the bad copy is read again");
+        assert_eq!(std::fs::read(&cached).unwrap(), std::fs::read(fx.src.join(bad)).unwrap());
+        assert!(!fx.layout.model_dir(&e.id).join(MANIFEST_NAME).exists(), "the filter still holds");
     }
 
     #[tokio::test]

@@ -113,6 +113,23 @@ impl VerificationKind {
     }
 }
 
+/// Checks a whole file on disk against `expected` (size first, then the digest), reading it
+/// in 8 MiB blocks. Blocking.
+pub fn check_file(path: &Path, expected: &Expected, size: u64) -> Result<(), VerifyError> {
+    let io = |source| VerifyError::Io { path: path.to_owned(), source };
+    let mut f = File::open(path).map_err(io)?;
+    let mut d = Digester::new(expected, size);
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        d.update(&buf[..n]);
+    }
+    d.finish()
+}
+
 /// An expectation with who vouched for it: a SHA-256 may come from S3 or from a manifest,
 /// so the kind is the caller's to say, not derived from `Expected`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
