@@ -204,12 +204,14 @@ fn invalid_config_exits_non_zero_naming_the_field() -> Result<()> {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown field `bogus`"), "{err}");
+    assert_eq!(err.matches("unknown field").count(), 1, "the cause is said once: {err}");
 
     // TLS files that do not exist are named, at start.
     std::fs::write(&cfg, "tls: {ca: /nonexistent/ca.pem, cert: /x, key: /y}\n")?;
     let out = Command::new(bin("hearth-controller")).args(["run", "--config"]).arg(&cfg).output()?;
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("CA bundle /nonexistent/ca.pem: cannot read"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "the cause is said once: {err}");
     Ok(())
 }
 

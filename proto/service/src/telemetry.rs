@@ -36,10 +36,28 @@ pub fn run_main(run: impl std::future::Future<Output = anyhow::Result<()>>) -> s
     match rt.block_on(run) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             std::process::ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes, each said once: many error types already put their source in
+/// their own message (`config file x: unknown field`), and printing the chain would say
+/// it again (`...: unknown field: unknown field`).
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if msg.is_empty() || out.contains(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C): the one signal handler each binary installs.
@@ -54,4 +72,24 @@ pub async fn shutdown_signal() {
         }
     }
     tracing::info!("signal received, shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("config file {path}: {source}")]
+    struct Parse {
+        path: &'static str,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let e = anyhow::Error::new(Parse { path: "a.yaml", source: std::io::Error::other("unknown field `x` at line 2 column 1") });
+        assert_eq!(describe(&e), "config file a.yaml: unknown field `x` at line 2 column 1");
+        let e = anyhow::Error::new(std::io::Error::from(std::io::ErrorKind::NotFound)).context("reading /etc/hearth/agent.yaml");
+        assert_eq!(describe(&e), "reading /etc/hearth/agent.yaml: entity not found");
+    }
 }
