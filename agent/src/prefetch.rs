@@ -119,6 +119,13 @@ struct LsRow {
 }
 
 pub fn ls(dest: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    // A mistyped --dest is not an empty cache.
+    if !dest.is_dir() {
+        anyhow::bail!(
+            "cache directory {} does not exist (--dest, $HEARTH_CACHE_DIR or the default picks the cache; `hearth prefetch` creates it)",
+            dest.display()
+        );
+    }
     let (entries, bad) = Index::new(dest).list()?;
     for b in &bad {
         eprintln!("warning: {b}");

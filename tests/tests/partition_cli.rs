@@ -32,3 +32,17 @@ fn plan_refuses_profiles_the_product_lacks_and_says_why() {
     assert!(!ok);
     assert!(err.contains("pass --simulate"), "{err}");
 }
+
+#[test]
+fn plan_says_when_the_device_filter_excludes_every_gpu() {
+    // `balanced-h200` is for H200s (0x233510DE); these are H100s.
+    let (ok, out, err) = plan(&["--config", "balanced-h200", "--simulate", "2xH100-80GB"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains(
+            "config \"balanced-h200\" applies to none of these GPUs (its device filter selects 0x233510de; these GPUs are 0x233010de): nothing would change"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("nothing to do"), "{out}");
+}

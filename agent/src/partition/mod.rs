@@ -37,7 +37,26 @@ pub fn plan_command(spec_path: &std::path::Path, config: &str, simulate: &[Strin
             if layout.is_empty() { String::new() } else { format!(" [{}]", layout.join(", ")) }
         ));
     }
-    if p.steps.is_empty() {
+    let covered = gpus.iter().filter(|g| entries.iter().any(|e| e.applies_to(g.index, g.pci_device_id))).count();
+    if covered == 0 && !gpus.is_empty() {
+        // Not "nothing to do": the spec says nothing about these GPUs at all.
+        let filters: Vec<String> = entries
+            .iter()
+            .flat_map(|e| e.device_filter.iter().map(|f| format!("{f:#010x}")))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        out.push_str(&format!(
+            "  config {config:?} applies to none of these GPUs (its device filter selects {}; these GPUs are {}): nothing would change\n",
+            if filters.is_empty() { "other device indexes".to_owned() } else { filters.join(", ") },
+            gpus.iter()
+                .map(|g| format!("{:#010x}", g.pci_device_id))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    } else if p.steps.is_empty() {
         out.push_str("  nothing to do\n");
     }
     for s in &p.steps {
