@@ -219,11 +219,17 @@ impl RawModel {
             (None, None, Some(n @ 1..=256)) => DeviceRequest::NeuronCores(n),
             (None, Some(p), None) => return Err(invalid(f("resources.mig"), "a MIG profile name like \"3g.40gb\"", p.clone())),
             _ => {
-                return Err(invalid(
-                    f("resources"),
-                    "exactly one of gpus (1-64), mig (a profile name) or neuron_cores (1-256)",
-                    format!("gpus={:?} mig={:?} neuron_cores={:?}", r.gpus, r.mig, r.neuron_cores),
-                ));
+                return Err(invalid(f("resources"), "exactly one of gpus (1-64), mig (a profile name) or neuron_cores (1-256)", {
+                    let set: Vec<String> = [
+                        r.gpus.map(|n| format!("gpus: {n}")),
+                        r.mig.as_ref().map(|p| format!("mig: {p}")),
+                        r.neuron_cores.map(|n| format!("neuron_cores: {n}")),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                    if set.is_empty() { "none of them".to_owned() } else { set.join(", ") }
+                }));
             }
         };
         Ok(ModelSpec {
@@ -326,6 +332,7 @@ mod tests {
         let err = |y: &str| parse(y).unwrap_err().to_string();
         let e = err("- {name: a, source: s3://b/c, size: 1Gi, image: i, resources: {gpus: 1, mig: 1g.10gb}}");
         assert!(e.starts_with("models[0] (a).resources: expected exactly one of"), "{e}");
+        assert!(e.ends_with("got \"gpus: 1, mig: 1g.10gb\""), "what was given, in words: {e}");
         let e = err("- {name: a, source: http://x, size: 1Gi, image: i, resources: {gpus: 1}}");
         assert!(e.starts_with("models[0] (a).source: expected an s3://"), "{e}");
         let e = err("- {name: a, source: s3://b/c, size: 1Gi, image: i, resources: {mig: big}}");

@@ -95,7 +95,12 @@ impl SampleWorkload {
             if let Some(l) = listening
                 && !matches!(l.as_deref().map(str::trim), Ok("listening"))
             {
-                return Err(format!("the sample server did not start listening on {addr}: {l:?}"));
+                let said = match l {
+                    Ok(s) if s.trim().is_empty() => "it exited without a word".to_owned(),
+                    Ok(s) => format!("it said {:?}", s.trim()),
+                    Err(e) => e.to_string(),
+                };
+                return Err(format!("the sample server did not start listening on {addr}: {said}"));
             }
             w.pods.insert(uid, PodRef { namespace: NAMESPACE.into(), name: name.into() });
         }

@@ -46,8 +46,13 @@ pub fn run_main(run: impl std::future::Future<Output = anyhow::Result<()>>) -> s
 /// their own message (`config file x: unknown field`), and printing the chain would say
 /// it again (`...: unknown field: unknown field`).
 pub fn describe(e: &anyhow::Error) -> String {
+    describe_error(e.as_ref())
+}
+
+/// [`describe`] for any error and its sources.
+pub fn describe_error(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = String::new();
-    for cause in e.chain() {
+    for cause in std::iter::successors(Some(e), |c| c.source()) {
         let msg = cause.to_string();
         if msg.is_empty() || out.contains(&msg) {
             continue;

@@ -85,7 +85,9 @@ impl S3Source {
         };
         let code = err.code().unwrap_or("").to_owned();
         let msg = match (&code[..], err.message()) {
-            ("", None) => format!("{}", aws_sdk_s3::error::DisplayErrorContext(err)),
+            // The SDK's own context printer ends in its Debug form; the chain of messages says
+            // the same in words.
+            ("", None) => hearth_service::telemetry::describe_error(err),
             (c, m) => format!("{c} {}", m.unwrap_or("")).trim().to_owned(),
         };
         let kind = match (status, code.as_str()) {
