@@ -244,6 +244,9 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
     .map_err(|e| e.context(local.log_text()))?;
     assert_eq!(json["nodes"][0]["name"], "local");
     assert_eq!(json["nodes"][0]["accelerators"][0], "2 x NVIDIA H100 80GB HBM3");
+    // The banner gives the status command that finds this state directory.
+    let banner = local.log_text();
+    assert!(banner.contains(&format!("in another terminal: hearth status --state-dir {}", state.display())), "{banner}");
     eprintln!("local mode listed its node after {:?}", start.elapsed());
     // Its simulated GPUs export the dcgm-exporter families, so dashboards can be tried.
     let info: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("local/local.json"))?)?;
@@ -288,5 +291,24 @@ async fn frozen_agent_turns_stale_then_recovers() -> Result<()> {
     let stale = stale?;
     assert!(stale.last_report_age_ms >= 1500, "{}", stale.last_report_age_ms);
     wait_for("connected again", Duration::from_secs(10), || async { Ok(node(grpc, &pki, "gpu-4").await?.filter(connected)) }).await?;
+    Ok(())
+}
+
+#[test]
+fn local_mode_that_cannot_start_says_why_and_leaves_nothing_behind() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    let state = dir.path().join("state");
+    let out = Command::new(bin("hearth"))
+        .arg("local")
+        .arg("--state-dir")
+        .arg(&state)
+        .args(["--controller-listen", &addr, "--controller-http-listen", "127.0.0.1:0", "--agent-http-listen", "127.0.0.1:0"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("cannot listen on {addr} (gRPC): Address already in use")), "{err}");
+    assert!(!state.exists(), "a failed start removes the certificates and directories it created");
     Ok(())
 }

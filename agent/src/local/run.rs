@@ -1,7 +1,7 @@
 //! The running part of `hearth local`: dev CA, embedded controller, agent, live status.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -25,6 +25,8 @@ pub struct LocalArgs {
 pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let dir = args.state_dir.join("local");
     let pki = dir.join("pki");
+    // A start that fails leaves nothing behind that it created (certificates included).
+    let mut undo = Undo(pki.ancestors().take_while(|p| !p.exists()).last().map(Path::to_owned));
     std::fs::create_dir_all(&pki).with_context(|| format!("creating {}", pki.display()))?;
     let year = Duration::from_secs(365 * 86400);
     let ca = CertAuthority::new("hearth local CA")?;
@@ -147,6 +149,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     };
 
     let agent = crate::daemon::start(acfg, shutdown.clone()).await?;
+    undo.0 = None;
 
     let info = LocalInfo {
         pid: std::process::id(),
@@ -168,7 +171,13 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     println!("  controller metrics  {}", info.controller_metrics);
     println!("  agent metrics       {}", info.agent_metrics);
     println!("  state and certs     {}", dir.display());
-    println!("  in another terminal: hearth status   (or: hearth status --output json)");
+    // The exact command: `hearth status` alone finds only the default state directory.
+    let status = if args.state_dir == super::default_state_dir() {
+        "hearth status".to_owned()
+    } else {
+        format!("hearth status --state-dir {}", args.state_dir.display())
+    };
+    println!("  in another terminal: {status}   (or: {status} --output json)");
     if let Some(url) = &info.extender_url {
         println!("  placement (scheduler extender, operator cert):");
         println!(
@@ -196,6 +205,17 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     a?;
     println!("stopped");
     Ok(())
+}
+
+/// Removes a directory this run created, unless the run got far enough to keep it.
+struct Undo(Option<PathBuf>);
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
 }
 
 /// Prints the cluster view: a line rewritten in place on a terminal, a new line on each
