@@ -286,6 +286,7 @@ fn network_settings(r: RawNetwork) -> Result<NetworkSettings, AgentConfigError> 
         peers,
         bpf_stats: r.bpf_stats.unwrap_or(false),
         static_pods: Default::default(),
+        off_reason: None,
     })
 }
 

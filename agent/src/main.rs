@@ -56,6 +56,12 @@ enum Cmd {
         controller_http_listen: String,
         #[arg(long, default_value = "127.0.0.1:9400")]
         agent_http_listen: String,
+        /// The kube-scheduler extender (HTTPS); port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:7444")]
+        extender_listen: String,
+        /// The sample workload's serving port (run as root); 0 picks a free one.
+        #[arg(long, default_value_t = 7480)]
+        sample_port: u16,
     },
     /// Download a model into the local cache, verified and resumable (no controller needed).
     Prefetch {
@@ -235,7 +241,16 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             agent.wait().await?;
         }
         #[cfg(feature = "local")]
-        Cmd::Local { state_dir, node_name, devices, controller_listen, controller_http_listen, agent_http_listen } => {
+        Cmd::Local {
+            state_dir,
+            node_name,
+            devices,
+            controller_listen,
+            controller_http_listen,
+            agent_http_listen,
+            extender_listen,
+            sample_port,
+        } => {
             spawn_signal_handler(shutdown.clone());
             let args = hearth_agent::local::LocalArgs {
                 state_dir: state_dir.unwrap_or_else(hearth_agent::local::default_state_dir),
@@ -244,6 +259,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 controller_listen,
                 controller_http_listen,
                 agent_http_listen,
+                extender_listen,
+                sample_port,
             };
             hearth_agent::local::run(args, shutdown).await?;
         }

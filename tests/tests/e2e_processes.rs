@@ -227,7 +227,7 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
             .arg("--state-dir")
             .arg(&state)
             .args(["--controller-listen", "127.0.0.1:0", "--controller-http-listen", "127.0.0.1:0"])
-            .args(["--agent-http-listen", "127.0.0.1:0"]),
+            .args(["--agent-http-listen", "127.0.0.1:0", "--extender-listen", "127.0.0.1:0", "--sample-port", "0"]),
         dir.path(),
     )?;
     let start = std::time::Instant::now();
@@ -258,6 +258,17 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
         let n = metrics.lines().filter(|l| l.starts_with(&format!("{family}{{"))).count();
         assert_eq!(n, 2, "{family} for both simulated GPUs");
     }
+    // Every port it took is printed; as root the sample workload runs on the port it was
+    // given (0: a free one) and network metrics are on.
+    let banner = local.log_text();
+    assert!(banner.contains("  scheduler extender  https://localhost:"), "{banner}");
+    let sample_port = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("sample workload     127.0.0.1:"))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse::<u16>().ok());
+    assert!(sample_port.is_some_and(|p| p != 0), "{banner}");
+    assert!(metrics.contains("hearth_pod_network_enabled{family=\"traffic\",reason=\"\"} 1"), "{metrics}");
 
     // Table output too, then Ctrl-C stops it cleanly and removes the published info.
     let out = Command::new(bin("hearth")).args(["status", "--state-dir"]).arg(&state).output()?;
@@ -310,5 +321,37 @@ fn local_mode_that_cannot_start_says_why_and_leaves_nothing_behind() -> Result<(
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("cannot listen on {addr} (gRPC): Address already in use")), "{err}");
     assert!(!state.exists(), "a failed start removes the certificates and directories it created");
+    Ok(())
+}
+
+#[tokio::test]
+async fn local_mode_says_why_network_metrics_are_off_when_the_sample_port_is_taken() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = taken.local_addr()?.port().to_string();
+    let mut local = Proc::spawn(
+        "local",
+        Command::new(bin("hearth"))
+            .arg("local")
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--controller-listen", "127.0.0.1:0", "--controller-http-listen", "127.0.0.1:0"])
+            .args(["--agent-http-listen", "127.0.0.1:0", "--extender-listen", "127.0.0.1:0", "--sample-port", &port]),
+        dir.path(),
+    )?;
+    let info = wait_for("local.json", Duration::from_secs(15), || async {
+        Ok(std::fs::read(state.join("local/local.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()))
+    })
+    .await
+    .map_err(|e| e.context(local.log_text()))?;
+    let agent: std::net::SocketAddr =
+        info["agent_metrics"].as_str().and_then(|a| a.strip_prefix("http://")).and_then(|a| a.strip_suffix("/metrics")).unwrap().parse()?;
+    let (_, metrics) = http_get(agent, "/metrics").await?;
+    let off = metrics.lines().find(|l| l.starts_with("hearth_pod_network_enabled{family=\"traffic\"")).unwrap_or_default().to_owned();
+    assert!(off.contains("reason=\"the sample workload did not start") && off.ends_with(" 0"), "{off}");
+    assert!(!off.contains("network.enabled: false"), "not a config choice: {off}");
+    local.signal("INT")?;
+    ensure!(local.wait_exit(Duration::from_secs(8)).await?.is_some_and(|s| s.success()), "{}", local.log_text());
     Ok(())
 }

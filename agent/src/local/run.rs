@@ -20,6 +20,9 @@ pub struct LocalArgs {
     pub controller_listen: String,
     pub controller_http_listen: String,
     pub agent_http_listen: String,
+    pub extender_listen: String,
+    /// 0: any free port.
+    pub sample_port: u16,
 }
 
 pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -49,7 +52,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         "- {{name: llama-sample, source: \"file://{}\", size: 256Mi, image: vllm/vllm-openai:latest, image_size: 8Gi, resources: {{gpus: 1, memory: 1Gi}}, scaling: {{min_replicas: 0, max_replicas: 2}}}}",
         sample_dir.display()
     ))?;
-    craw.extender.listen = "127.0.0.1:0".into();
+    craw.extender.listen = args.extender_listen.clone();
     craw.tls.ca = Some(server_files.ca.clone());
     craw.tls.cert = Some(server_files.cert);
     craw.tls.key = Some(server_files.key);
@@ -76,28 +79,27 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         .collect::<anyhow::Result<Vec<_>>>()?;
     // Per-pod network metrics need root (BPF, cgroups): then a sample workload runs in two
     // stand-in pods under a cgroup made for it; otherwise the metrics say why they are off.
-    let sample_port = 7480;
-    let sample = if rustix::process::geteuid().is_root() {
-        match crate::netobs::sample::SampleWorkload::start(sample_port) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                println!("network metrics: no sample workload ({e})");
-                None
-            }
+    let (sample, network_off) = if rustix::process::geteuid().is_root() {
+        match crate::netobs::sample::SampleWorkload::start(args.sample_port) {
+            Ok(w) => (Some(w), None),
+            Err(e) => (None, Some(format!("the sample workload did not start: {e}"))),
         }
     } else {
-        println!("network metrics: off (run as root to see per-pod network metrics for a sample workload)");
-        None
+        (None, Some("not root: per-pod network metrics need BPF and cgroups (run hearth local as root)".to_owned()))
     };
+    if let Some(why) = &network_off {
+        println!("network metrics: off ({why})");
+    }
     let network = crate::config::NetworkSettings {
         enabled: sample.is_some(),
         cgroup_root: sample.as_ref().map(|w| w.root().to_owned()),
         collect_interval: Duration::from_secs(2),
         forget_after: Duration::from_secs(60),
-        ports: vec![sample_port],
+        ports: sample.as_ref().map(|w| vec![w.port]).unwrap_or_default(),
         peers: vec![crate::netobs::PeerClass::parse("loopback", &["127.0.0.0/8", "::1"])?],
         bpf_stats: true,
         static_pods: sample.as_ref().map(|w| w.pods.clone()).unwrap_or_default(),
+        off_reason: network_off,
     };
     let acfg = Config {
         node_name: args.node_name.clone(),
@@ -178,6 +180,12 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         format!("hearth status --state-dir {}", args.state_dir.display())
     };
     println!("  in another terminal: {status}   (or: {status} --output json)");
+    if let Some(a) = controller.extender_addr {
+        println!("  scheduler extender  https://localhost:{}/extender", a.port());
+    }
+    if let Some(w) = &sample {
+        println!("  sample workload     127.0.0.1:{} (two stand-in pods in namespace {:?})", w.port, crate::netobs::sample::NAMESPACE);
+    }
     if let Some(url) = &info.extender_url {
         println!("  placement (scheduler extender, operator cert):");
         println!(
@@ -192,11 +200,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
 
     let live = live_status(controller.state.clone(), shutdown.clone());
     if sample.is_some() {
-        println!(
-            "  network metrics     sample pods in namespace {:?}: curl -s {} | grep hearth_pod_network_",
-            crate::netobs::sample::NAMESPACE,
-            info.agent_metrics
-        );
+        println!("  network metrics     curl -s {} | grep hearth_pod_network_", info.agent_metrics);
     }
     let (c, a, ()) = tokio::join!(controller.wait(), agent.wait(), live);
     drop(sample);

@@ -42,6 +42,8 @@ pub struct NetworkSettings {
     pub ports: Vec<u16>,
     pub peers: Vec<PeerClass>,
     pub bpf_stats: bool,
+    /// Why the families are off when `enabled` is false, if not because config says so.
+    pub off_reason: Option<String>,
     /// Pods known without the API server (UID -> name): `hearth local`'s sample workload.
     pub static_pods: std::collections::HashMap<String, crate::kube::PodRef>,
 }
@@ -101,7 +103,9 @@ pub fn attach(
         NetMetrics::new(FamilyStatus::off(&reason))
     };
     if !settings.enabled {
-        return NetMetrics::new(FamilyStatus::off("turned off in config (network.enabled: false)"));
+        return NetMetrics::new(FamilyStatus::off(
+            settings.off_reason.as_deref().unwrap_or("turned off in config (network.enabled: false)"),
+        ));
     }
     names.extend(settings.static_pods.clone());
     let root = match pod_cgroup_root(settings.cgroup_root.as_deref()) {

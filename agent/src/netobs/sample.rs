@@ -17,8 +17,9 @@ pub const NAMESPACE: &str = "hearth-local";
 pub fn serve(addr: SocketAddr) -> std::io::Result<()> {
     wait_for_go()?;
     let l = TcpListener::bind(addr)?;
-    // Tells `SampleWorkload::start` the port is open, so the client's first call lands.
-    println!("listening");
+    // Tells `SampleWorkload::start` the port is open (and which, for port 0), so the
+    // client's first call lands.
+    println!("listening {}", l.local_addr()?.port());
     std::io::stdout().flush()?;
     for conn in l.incoming() {
         let Ok(mut c) = conn else { continue };
@@ -63,13 +64,14 @@ pub struct SampleWorkload {
 
 impl SampleWorkload {
     /// Creates `<cgroup2 mount>/hearth-local-<pid>/pod<uid>` for each pod and starts the
-    /// server and the client in them (the server on 127.0.0.1:`port`).
+    /// server and the client in them (the server on 127.0.0.1:`port`; 0 picks a free port,
+    /// which `port` then holds).
     pub fn start(port: u16) -> Result<Self, String> {
         let mount = super::cgroup2_mount().ok_or("no cgroup v2 mount")?;
         let root = mount.join(format!("hearth-local-{}", std::process::id()));
         std::fs::create_dir_all(&root).map_err(|e| format!("creating cgroup {}: {e}", root.display()))?;
         let mut w = Self { root, children: Vec::new(), pods: HashMap::new(), port };
-        let addr = format!("127.0.0.1:{port}");
+        let mut addr = format!("127.0.0.1:{port}");
         let exe = std::env::current_exe().map_err(|e| format!("finding the hearth binary: {e}"))?;
         for (i, (name, role)) in [("sample-model-server", "server"), ("sample-client", "client")].into_iter().enumerate() {
             let uid = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), i + 1);
@@ -92,15 +94,18 @@ impl SampleWorkload {
             if let Some(Err(e)) = go {
                 return Err(format!("starting the sample {role}: {e}"));
             }
-            if let Some(l) = listening
-                && !matches!(l.as_deref().map(str::trim), Ok("listening"))
-            {
-                let said = match l {
-                    Ok(s) if s.trim().is_empty() => "it exited without a word".to_owned(),
-                    Ok(s) => format!("it said {:?}", s.trim()),
-                    Err(e) => e.to_string(),
+            if let Some(l) = listening {
+                let bound = l.as_deref().ok().and_then(|s| s.trim().strip_prefix("listening ")).and_then(|p| p.parse::<u16>().ok());
+                let Some(bound) = bound else {
+                    let said = match l {
+                        Ok(s) if s.trim().is_empty() => "it exited without a word".to_owned(),
+                        Ok(s) => format!("it said {:?}", s.trim()),
+                        Err(e) => e.to_string(),
+                    };
+                    return Err(format!("the sample server did not start listening on {addr}: {said}"));
                 };
-                return Err(format!("the sample server did not start listening on {addr}: {said}"));
+                w.port = bound;
+                addr = format!("127.0.0.1:{bound}");
             }
             w.pods.insert(uid, PodRef { namespace: NAMESPACE.into(), name: name.into() });
         }
