@@ -396,6 +396,8 @@ impl Cache {
             e.samples += 1;
         }
         self.changed();
+        // The download's buffers are free now; give them back rather than sit on them.
+        let _ = tokio::task::spawn_blocking(super::trim::release_free_memory).await;
         match result {
             Ok(e) => {
                 self.metrics.duration.observe(secs);

@@ -14,6 +14,7 @@ pub mod sample;
 pub mod source;
 pub mod spec;
 mod subsystem;
+mod trim;
 pub mod verify;
 #[cfg(test)]
 mod verify_props;
