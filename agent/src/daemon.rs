@@ -84,13 +84,17 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         warn!("reporting to the controller WITHOUT TLS (insecure mode)");
     }
     let cfg = Arc::new(cfg);
+    // Every task hangs off `stop`: if a subsystem fails to start, the guard stops the ones
+    // already running before the error is returned.
+    let stop = shutdown.child_token();
+    let abort = stop.clone().drop_guard();
     let mut registry = Registry::default();
     let task_metrics = TaskMetrics::register(&mut registry);
     let (report, report_rx) = watch::channel(NodeReport::default());
     registry.register_collector(Box::new(StatusMetrics(report.subscribe())));
     // Results of long commands wait here while the controller is away.
     let (status_tx, status_rx) = tokio::sync::mpsc::channel(256);
-    let command_tasks = Tasks::new("commands", shutdown.child_token(), task_metrics.clone());
+    let command_tasks = Tasks::new("commands", stop.child_token(), task_metrics.clone());
     let mut w = Wiring {
         cfg: cfg.clone(),
         registry,
@@ -107,7 +111,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
     let mut running = Vec::with_capacity(SUBSYSTEMS.len());
     let mut capabilities = BTreeSet::new();
     for &(name, start) in SUBSYSTEMS {
-        let tasks = Tasks::new(name, shutdown.child_token(), task_metrics.clone());
+        let tasks = Tasks::new(name, stop.child_token(), task_metrics.clone());
         let span = info_span!("subsystem", name);
         let Started { status, capabilities: caps, on_stop } = start(&mut w, tasks.clone()).instrument(span).await?;
         info!(subsystem = name, state = status.state.as_str(), detail = %status.detail, "subsystem started");
@@ -117,7 +121,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
     }
 
     running.push(Running { name: "commands", tasks: command_tasks, on_stop: None });
-    let report_tasks = Tasks::new("report", shutdown.child_token(), task_metrics.clone());
+    let report_tasks = Tasks::new("report", stop.child_token(), task_metrics.clone());
     if let Some(c) = &cfg.controller {
         let hello = AgentHello {
             node_name: cfg.node_name.clone(),
@@ -149,6 +153,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         .await
         .map_err(|source| AgentError::Bind { addr: cfg.http_listen, source })?;
     info!(%http_addr, node = %cfg.node_name, capabilities = ?capabilities, "agent serving /metrics, /healthz, /readyz");
+    abort.disarm();
 
     let grace = cfg.shutdown_grace;
     let http = tokio::spawn(http);
