@@ -5,6 +5,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cache;
+pub mod call;
 pub mod config;
 pub mod daemon;
 pub mod device;

@@ -119,6 +119,36 @@ enum Cmd {
     /// `hearth local`'s sample network workload (internal).
     #[command(name = "__sample-net", hide = true)]
     SampleNet { role: String, addr: std::net::SocketAddr },
+    /// Call any controller RPC with a JSON request (grpcurl's format); no METHOD lists them.
+    /// Without --controller it reaches the running `hearth local`.
+    Call {
+        /// e.g. hearth.v1.Placement/Score, hearth.v1.Scaling/Recommend,
+        /// externalscaler.ExternalScaler/GetMetrics.
+        method: Option<String>,
+        /// The request as proto3 JSON, e.g. '{"model": "llama-sample"}'.
+        #[arg(short = 'd', long = "data", default_value = "")]
+        data: String,
+        /// Stop a stream (Watch, StreamIsActive) after this many messages.
+        #[arg(long)]
+        max_messages: Option<u64>,
+        /// Stop after this long, e.g. 60s.
+        #[arg(long)]
+        max_time: Option<String>,
+        #[arg(long, env = "HEARTH_CONTROLLER")]
+        controller: Option<String>,
+        #[arg(long, env = "HEARTH_CA")]
+        ca: Option<PathBuf>,
+        #[arg(long, env = "HEARTH_CERT")]
+        cert: Option<PathBuf>,
+        #[arg(long, env = "HEARTH_KEY")]
+        key: Option<PathBuf>,
+        #[arg(long)]
+        server_name: Option<String>,
+        #[arg(long)]
+        insecure: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Show the cluster as the controller sees it.
     Status {
         #[arg(long, value_enum, default_value = "table")]
@@ -213,7 +243,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.cmd {
         // Status output is the product; keep logs out of it.
-        Cmd::Status { .. } | Cmd::Prefetch { .. } | Cmd::Cache { .. } | Cmd::Partition { .. } | Cmd::Gpu { .. } => "warn",
+        Cmd::Status { .. } | Cmd::Call { .. } | Cmd::Prefetch { .. } | Cmd::Cache { .. } | Cmd::Partition { .. } | Cmd::Gpu { .. } => {
+            "warn"
+        }
         #[cfg(feature = "local")]
         Cmd::Local { .. } => "warn,hearth_agent=info,hearth_controller=info",
         Cmd::Agent { .. } => "info",
@@ -359,6 +391,20 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             hearth_agent::cache::sample::write_sample_model(&dir, shards, size)
                 .with_context(|| format!("writing a sample model to {}", dir.display()))?;
             println!("wrote {shards} shards of {size} bytes to {}", dir.display());
+        }
+        Cmd::Call { method, data, max_messages, max_time, controller, ca, cert, key, server_name, insecure, state_dir } => {
+            let max_time = max_time.map(|t| hearth_service::config::parse_duration("--max-time", &t)).transpose()?;
+            let conn = hearth_agent::status::StatusArgs {
+                controller,
+                ca,
+                cert,
+                key,
+                server_name,
+                insecure,
+                output: hearth_agent::status::Output::Json,
+                state_dir: state_dir.unwrap_or_else(hearth_agent::local::default_state_dir),
+            };
+            hearth_agent::call::run(hearth_agent::call::CallArgs { method, data, max_messages, max_time, conn }).await?;
         }
         Cmd::Status { output, controller, ca, cert, key, server_name, insecure, state_dir } => {
             let args = hearth_agent::status::StatusArgs {

@@ -91,16 +91,25 @@ fn target(a: &StatusArgs) -> anyhow::Result<(String, String, Option<TlsFiles>)> 
     }
 }
 
-pub async fn fetch(a: &StatusArgs) -> anyhow::Result<ClusterStatus> {
+/// A channel to the controller the flags (or a running local mode) point at; `timeout`
+/// bounds each call (None for streams that run until stopped).
+pub async fn connect(a: &StatusArgs, timeout: Option<Duration>) -> anyhow::Result<(String, tonic::transport::Channel)> {
     let (url, server_name, tls) = target(a)?;
     let mut ep = Endpoint::from_shared(url.clone())
         .with_context(|| format!("--controller: expected a URL like https://host:7443, got {url:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10));
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(t) = timeout {
+        ep = ep.timeout(t);
+    }
     if let Some(files) = &tls {
         ep = ep.tls_config(TlsMaterial::load(files)?.client_config(&server_name))?;
     }
     let channel = ep.connect().await.with_context(|| format!("connecting to the controller at {url}"))?;
+    Ok((url, channel))
+}
+
+pub async fn fetch(a: &StatusArgs) -> anyhow::Result<ClusterStatus> {
+    let (url, channel) = connect(a, Some(Duration::from_secs(10))).await?;
     let resp = pb::operator_client::OperatorClient::new(channel)
         .list_nodes(pb::ListNodesRequest {})
         .await

@@ -270,6 +270,24 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
     assert!(sample_port.is_some_and(|p| p != 0), "{banner}");
     assert!(metrics.contains("hearth_pod_network_enabled{family=\"traffic\",reason=\"\"} 1"), "{metrics}");
 
+    // `hearth call` reaches the decision APIs with local mode's credentials, JSON in and out.
+    let call = |args: &[&str]| {
+        let out = Command::new(bin("hearth")).arg("call").args(args).arg("--state-dir").arg(&state).output().expect("run hearth call");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, out, err) = call(&["hearth.v1.Placement/Score", "-d", r#"{"model": "llama-sample"}"#]);
+    assert_eq!(code, Some(0), "{err}");
+    let score: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(score["scores"][0]["node"], "local", "{out}");
+    let (code, out, err) =
+        call(&["hearth.v1.Scaling/Watch", "-d", r#"{"model": "llama-sample"}"#, "--max-messages", "1", "--max-time", "30s"]);
+    assert_eq!(code, Some(0), "{err}");
+    let decision: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(decision["model"], "llama-sample", "{out}");
+    let (code, _, err) = call(&["hearth.v1.Placement/Scor"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("hearth.v1.Placement has no method \"Scor\""), "{err}");
+
     // Table output too, then Ctrl-C stops it cleanly and removes the published info.
     let out = Command::new(bin("hearth")).args(["status", "--state-dir"]).arg(&state).output()?;
     let table = String::from_utf8_lossy(&out.stdout);
