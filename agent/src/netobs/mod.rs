@@ -69,7 +69,10 @@ pub fn pod_cgroup_root(configured: Option<&std::path::Path>) -> Result<PathBuf, 
 /// reason in the status, the log and `hearth_pod_network_enabled`.
 pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> {
     let kube = w.cfg.kubernetes.clone().map(|k| (k, w.cfg.node_name.clone()));
-    let net = attach(&w.cfg.network, PodTable::default(), kube, &tasks);
+    // Loading and attaching BPF programs are syscalls that can take a while: not on an
+    // async worker.
+    let (settings, attach_tasks) = (w.cfg.network.clone(), tasks.clone());
+    let net = tokio::task::spawn_blocking(move || attach(&settings, PodTable::default(), kube, &attach_tasks)).await?;
     let st = net.status();
     let mut caps = Vec::new();
     if st.traffic.is_ok() {
