@@ -525,6 +525,17 @@ impl Cache {
         if pinned && self.index.get(id)?.is_none() && !self.inflight.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id) {
             return Err(CacheError::Unknown(id.to_owned()));
         }
+        self.set_pin(id, pinned)
+    }
+
+    /// Pins a model the configuration wants kept, before it is cached: it is then never
+    /// seen ready and unpinned, and never evicted between its download and the pin.
+    /// Blocking (fsync).
+    pub fn pin_configured(&self, id: &str) -> Result<(), CacheError> {
+        self.set_pin(id, true)
+    }
+
+    fn set_pin(&self, id: &str, pinned: bool) -> Result<(), CacheError> {
         let mut pins = self.pins.lock().unwrap_or_else(|p| p.into_inner());
         let changed = if pinned { pins.insert(id.to_owned()) } else { pins.remove(id) };
         if changed {

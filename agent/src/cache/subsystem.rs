@@ -53,18 +53,17 @@ async fn warm_models(cache: Arc<Cache>, models: Vec<(ModelSpec, bool)>, shutdown
             return;
         }
         let id = spec.id();
-        match cache.ensure(&spec, shutdown.child_token()).await {
-            Ok(e) => {
-                info!(model = %id, uri = %spec.uri, verification = e.verification_label(), "model warm");
-                if pin {
-                    let (c, i) = (cache.clone(), id.clone());
-                    match tokio::task::spawn_blocking(move || c.pin(&i, true)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(err)) => warn!(model = %id, error = %err, "could not pin"),
-                        Err(err) => warn!(model = %id, error = %err, "pin task failed"),
-                    }
-                }
+        // Pinned first, so the model is never reported ready but unpinned.
+        if pin {
+            let (c, i) = (cache.clone(), id.clone());
+            match tokio::task::spawn_blocking(move || c.pin_configured(&i)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => warn!(model = %id, error = %err, "could not pin"),
+                Err(err) => warn!(model = %id, error = %err, "pin task failed"),
             }
+        }
+        match cache.ensure(&spec, shutdown.child_token()).await {
+            Ok(e) => info!(model = %id, uri = %spec.uri, verification = e.verification_label(), "model warm"),
             Err(err) if shutdown.is_cancelled() => {
                 info!(model = %id, reason = %err, "warm-up stopped for shutdown");
                 return;
