@@ -134,42 +134,52 @@ enum Cmd {
         /// Stop after this long, e.g. 60s.
         #[arg(long)]
         max_time: Option<String>,
-        #[arg(long, env = "HEARTH_CONTROLLER")]
-        controller: Option<String>,
-        #[arg(long, env = "HEARTH_CA")]
-        ca: Option<PathBuf>,
-        #[arg(long, env = "HEARTH_CERT")]
-        cert: Option<PathBuf>,
-        #[arg(long, env = "HEARTH_KEY")]
-        key: Option<PathBuf>,
-        #[arg(long)]
-        server_name: Option<String>,
-        #[arg(long)]
-        insecure: bool,
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Show the cluster as the controller sees it.
     Status {
         #[arg(long, value_enum, default_value = "table")]
         output: hearth_agent::status::Output,
-        /// Controller URL; without it, the running `hearth local`.
-        #[arg(long, env = "HEARTH_CONTROLLER")]
-        controller: Option<String>,
-        #[arg(long, env = "HEARTH_CA")]
-        ca: Option<PathBuf>,
-        #[arg(long, env = "HEARTH_CERT")]
-        cert: Option<PathBuf>,
-        #[arg(long, env = "HEARTH_KEY")]
-        key: Option<PathBuf>,
-        /// Name expected in the controller's certificate (default: the URL's host).
-        #[arg(long)]
-        server_name: Option<String>,
-        #[arg(long)]
-        insecure: bool,
-        #[arg(long)]
-        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
     },
+}
+
+/// How `status` and `call` reach a controller: flags, or a running `hearth local`.
+#[derive(clap::Args)]
+struct Conn {
+    /// Controller URL; without it, the running `hearth local`.
+    #[arg(long, env = "HEARTH_CONTROLLER")]
+    controller: Option<String>,
+    #[arg(long, env = "HEARTH_CA")]
+    ca: Option<PathBuf>,
+    #[arg(long, env = "HEARTH_CERT")]
+    cert: Option<PathBuf>,
+    #[arg(long, env = "HEARTH_KEY")]
+    key: Option<PathBuf>,
+    /// Name expected in the controller's certificate (default: the URL's host).
+    #[arg(long)]
+    server_name: Option<String>,
+    #[arg(long)]
+    insecure: bool,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+impl Conn {
+    fn into_args(self, output: hearth_agent::status::Output) -> hearth_agent::status::StatusArgs {
+        hearth_agent::status::StatusArgs {
+            controller: self.controller,
+            ca: self.ca,
+            cert: self.cert,
+            key: self.key,
+            server_name: self.server_name,
+            insecure: self.insecure,
+            output,
+            state_dir: self.state_dir.unwrap_or_else(hearth_agent::local::default_state_dir),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -392,33 +402,12 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 .with_context(|| format!("writing a sample model to {}", dir.display()))?;
             println!("wrote {shards} shards of {size} bytes to {}", dir.display());
         }
-        Cmd::Call { method, data, max_messages, max_time, controller, ca, cert, key, server_name, insecure, state_dir } => {
+        Cmd::Call { method, data, max_messages, max_time, conn } => {
             let max_time = max_time.map(|t| hearth_service::config::parse_duration("--max-time", &t)).transpose()?;
-            let conn = hearth_agent::status::StatusArgs {
-                controller,
-                ca,
-                cert,
-                key,
-                server_name,
-                insecure,
-                output: hearth_agent::status::Output::Json,
-                state_dir: state_dir.unwrap_or_else(hearth_agent::local::default_state_dir),
-            };
+            let conn = conn.into_args(hearth_agent::status::Output::Json);
             hearth_agent::call::run(hearth_agent::call::CallArgs { method, data, max_messages, max_time, conn }).await?;
         }
-        Cmd::Status { output, controller, ca, cert, key, server_name, insecure, state_dir } => {
-            let args = hearth_agent::status::StatusArgs {
-                controller,
-                ca,
-                cert,
-                key,
-                server_name,
-                insecure,
-                output,
-                state_dir: state_dir.unwrap_or_else(hearth_agent::local::default_state_dir),
-            };
-            hearth_agent::status::run(args).await?;
-        }
+        Cmd::Status { output, conn } => hearth_agent::status::run(conn.into_args(output)).await?,
     }
     Ok(())
 }
