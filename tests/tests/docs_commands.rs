@@ -78,16 +78,7 @@ async fn every_documented_decision_command_runs_against_local_mode() -> Result<(
     let doc = std::fs::read_to_string(repo.join("docs/decisions.md"))?;
     let dir = tempfile::tempdir()?;
     let state = dir.path().join("state");
-    let local = Proc::spawn(
-        "local",
-        Command::new(bin("hearth"))
-            .arg("local")
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--controller-listen", "127.0.0.1:0", "--controller-http-listen", "127.0.0.1:0"])
-            .args(["--agent-http-listen", "127.0.0.1:0", "--extender-listen", "127.0.0.1:0", "--sample-port", "0"]),
-        dir.path(),
-    )?;
+    let local = Proc::spawn("local", &mut hearth_tests::local_mode(&state, "0"), dir.path())?;
     let hearth = bin("hearth");
     // Ready for the docs: the node reports, and its sample model is cached.
     wait_for("local mode with its sample model cached", Duration::from_secs(60), || async {

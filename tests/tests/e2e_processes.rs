@@ -220,16 +220,7 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let state = dir.path().join("state");
     // Every listener on port 0: local mode publishes what it bound in local.json.
-    let mut local = Proc::spawn(
-        "local",
-        Command::new(bin("hearth"))
-            .arg("local")
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--controller-listen", "127.0.0.1:0", "--controller-http-listen", "127.0.0.1:0"])
-            .args(["--agent-http-listen", "127.0.0.1:0", "--extender-listen", "127.0.0.1:0", "--sample-port", "0"]),
-        dir.path(),
-    )?;
+    let mut local = Proc::spawn("local", &mut hearth_tests::local_mode(&state, "0"), dir.path())?;
     let start = std::time::Instant::now();
     let json = wait_for("hearth status --output json lists the node", Duration::from_secs(10), || async {
         let out = Command::new(bin("hearth")).args(["status", "--output", "json", "--state-dir"]).arg(&state).output()?;
@@ -348,16 +339,7 @@ async fn local_mode_says_why_network_metrics_are_off_when_the_sample_port_is_tak
     let state = dir.path().join("state");
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = taken.local_addr()?.port().to_string();
-    let mut local = Proc::spawn(
-        "local",
-        Command::new(bin("hearth"))
-            .arg("local")
-            .arg("--state-dir")
-            .arg(&state)
-            .args(["--controller-listen", "127.0.0.1:0", "--controller-http-listen", "127.0.0.1:0"])
-            .args(["--agent-http-listen", "127.0.0.1:0", "--extender-listen", "127.0.0.1:0", "--sample-port", &port]),
-        dir.path(),
-    )?;
+    let mut local = Proc::spawn("local", &mut hearth_tests::local_mode(&state, &port), dir.path())?;
     let info = wait_for("local.json", Duration::from_secs(15), || async {
         Ok(std::fs::read(state.join("local/local.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()))
     })

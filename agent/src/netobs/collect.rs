@@ -377,6 +377,27 @@ pub async fn run(mut collector: Collector, every: Duration, shutdown: Cancellati
 type L<'a, const N: usize> = [(&'static str, &'a str); N];
 
 /// Counter and gauge helpers: one family, its samples from an iterator of label sets.
+/// One family of constant samples; `N == 0` is a single unlabelled sample (`name 3`, not
+/// `name{} 3`).
+fn family<'a, const N: usize, V, M: EncodeMetric>(
+    enc: &mut DescriptorEncoder,
+    (name, help, unit, kind): (&str, &str, Option<&Unit>, MetricType),
+    samples: impl IntoIterator<Item = (L<'a, N>, V)>,
+    metric: impl Fn(V) -> M,
+) -> Result<(), std::fmt::Error> {
+    let mut f = enc.encode_descriptor(name, help, unit, kind)?;
+    if N == 0 {
+        if let Some((_, v)) = samples.into_iter().next() {
+            metric(v).encode(f)?;
+        }
+        return Ok(());
+    }
+    for (labels, v) in samples {
+        metric(v).encode(f.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 fn counter<'a, const N: usize, V: EncodeCounterValue + std::fmt::Debug + Send + Sync>(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -384,18 +405,7 @@ fn counter<'a, const N: usize, V: EncodeCounterValue + std::fmt::Debug + Send + 
     unit: Option<&Unit>,
     samples: impl IntoIterator<Item = (L<'a, N>, V)>,
 ) -> Result<(), std::fmt::Error> {
-    let mut f = enc.encode_descriptor(name, help, unit, MetricType::Counter)?;
-    if N == 0 {
-        // One unlabelled sample: `name 3`, not `name{} 3`.
-        if let Some((_, v)) = samples.into_iter().next() {
-            ConstCounter::new(v).encode(f)?;
-        }
-        return Ok(());
-    }
-    for (labels, v) in samples {
-        ConstCounter::new(v).encode(f.encode_family(&labels)?)?;
-    }
-    Ok(())
+    family(enc, (name, help, unit, MetricType::Counter), samples, ConstCounter::new)
 }
 
 fn gauge<'a, const N: usize, V: EncodeGaugeValue + std::fmt::Debug + Send + Sync>(
@@ -405,18 +415,7 @@ fn gauge<'a, const N: usize, V: EncodeGaugeValue + std::fmt::Debug + Send + Sync
     unit: Option<&Unit>,
     samples: impl IntoIterator<Item = (L<'a, N>, V)>,
 ) -> Result<(), std::fmt::Error> {
-    let mut f = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
-    if N == 0 {
-        // One unlabelled sample: `name 3`, not `name{} 3`.
-        if let Some((_, v)) = samples.into_iter().next() {
-            ConstGauge::new(v).encode(f)?;
-        }
-        return Ok(());
-    }
-    for (labels, v) in samples {
-        ConstGauge::new(v).encode(f.encode_family(&labels)?)?;
-    }
-    Ok(())
+    family(enc, (name, help, unit, MetricType::Gauge), samples, ConstGauge::new)
 }
 
 /// The registry owns its collectors boxed; this one reads the shared metrics.
