@@ -118,12 +118,32 @@ pub struct RawCache {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawKubernetes {
-    /// Write the partition state as labels on this node; default: on inside a cluster.
+    /// Talk to the Kubernetes API at all; default: on inside a cluster or with a kubeconfig.
+    pub enabled: Option<bool>,
+    /// A kubeconfig file (for `hearth agent` run by hand); default: the in-cluster service
+    /// account.
+    pub kubeconfig: Option<PathBuf>,
+    /// Write the partition state as labels on this node (default true).
     pub label_node: Option<bool>,
-    /// Default: the in-cluster service (KUBERNETES_SERVICE_HOST/PORT).
+    /// Watch this node's pods, to name pods in per-pod metrics (default true).
+    pub pod_names: Option<bool>,
+    /// Post Events on the Node (default true).
+    pub events: Option<bool>,
+    #[serde(default)]
+    pub health: RawHealth,
+    /// An API server URL with a token and CA file, instead of a kubeconfig.
     pub api_server: Option<String>,
     pub token_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    /// Keep the HearthAcceleratorsHealthy condition on the Node (default true).
+    pub condition: Option<bool>,
+    /// Taint the Node NoSchedule while an accelerator is unhealthy (default false).
+    pub taint: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -247,7 +267,8 @@ pub struct Config {
     /// Spec text and config name to apply at start.
     pub partition: Option<(String, String)>,
     pub state_dir: PathBuf,
-    /// Where to write node labels; None: not in a cluster, or turned off.
+    /// How to reach the Kubernetes API and what to do there; None: not in a cluster, or
+    /// turned off.
     pub kubernetes: Option<crate::kube::KubeSettings>,
     pub network: NetworkSettings,
 }
@@ -298,34 +319,49 @@ pub struct CacheSettings {
 }
 
 fn kube_settings(r: RawKubernetes) -> Result<Option<crate::kube::KubeSettings>, AgentConfigError> {
-    use crate::kube::{KubeSettings, SA_DIR};
-    if r.label_node == Some(false) {
-        return Ok(None);
-    }
-    let base = match r.api_server {
-        Some(url) => {
+    use crate::kube::{KubeSettings, KubeSource, SA_DIR};
+    let source = match (r.api_server, r.kubeconfig) {
+        (Some(_), Some(k)) => {
+            return Err(invalid("kubernetes.kubeconfig", "either kubeconfig or api_server, not both", k.display().to_string()));
+        }
+        (Some(url), None) => {
             if !url.starts_with("https://") {
                 return Err(invalid("kubernetes.api_server", "an https:// URL", url));
             }
-            Some(KubeSettings { api_server: url, token_file: format!("{SA_DIR}/token").into(), ca_file: format!("{SA_DIR}/ca.crt").into() })
+            Some(KubeSource::Explicit {
+                api_server: url,
+                token_file: r.token_file.unwrap_or_else(|| format!("{SA_DIR}/token").into()),
+                ca_file: r.ca_file.unwrap_or_else(|| format!("{SA_DIR}/ca.crt").into()),
+            })
         }
-        None => KubeSettings::in_cluster(),
+        (None, Some(path)) => {
+            if !path.is_file() {
+                return Err(invalid("kubernetes.kubeconfig", "a readable kubeconfig file", path.display().to_string()));
+            }
+            Some(KubeSource::Kubeconfig(path))
+        }
+        (None, None) => std::env::var_os("KUBERNETES_SERVICE_HOST").map(|_| KubeSource::InCluster),
     };
-    match base {
-        None if r.label_node == Some(true) => {
-            Err(invalid("kubernetes.label_node", "kubernetes.api_server, or running in a cluster (KUBERNETES_SERVICE_HOST)", "true"))
+    let source = match (r.enabled, source) {
+        (Some(false), _) => return Ok(None),
+        (Some(true), None) => {
+            return Err(invalid(
+                "kubernetes.enabled",
+                "kubernetes.kubeconfig, kubernetes.api_server, or running in a cluster (KUBERNETES_SERVICE_HOST)",
+                "true",
+            ));
         }
-        None => Ok(None),
-        Some(mut k) => {
-            if let Some(t) = r.token_file {
-                k.token_file = t;
-            }
-            if let Some(c) = r.ca_file {
-                k.ca_file = c;
-            }
-            Ok(Some(k))
-        }
-    }
+        (None, None) => return Ok(None),
+        (_, Some(s)) => s,
+    };
+    Ok(Some(KubeSettings {
+        source,
+        label_node: r.label_node.unwrap_or(true),
+        pod_names: r.pod_names.unwrap_or(true),
+        events: r.events.unwrap_or(true),
+        health_condition: r.health.condition.unwrap_or(true),
+        health_taint: r.health.taint.unwrap_or(false),
+    }))
 }
 
 fn cache_settings(r: RawCache) -> Result<CacheSettings, AgentConfigError> {
@@ -514,6 +550,11 @@ impl TryFrom<RawConfig> for Config {
                 let spec = crate::partition::spec::Spec::parse(&text)
                     .map_err(|e| invalid("partition.spec", format!("a valid spec ({e})"), path.display().to_string()))?;
                 spec.config(&config).map_err(|e| invalid("partition.config", e.to_string(), &config))?;
+                // The name becomes the value of a Node label: an invalid one would be refused by
+                // the API server on every write.
+                if !crate::kube::is_label_value(&config) {
+                    return Err(invalid("partition.config", crate::kube::LABEL_VALUE_RULE, &config));
+                }
                 Some((text, config))
             }
             (Some(_), None) => return Err(invalid("partition.config", "a config name from the spec", "nothing")),
@@ -569,8 +610,16 @@ mod tests {
         assert_eq!(e, "kubernetes.api_server: expected an https:// URL, got \"http://10.0.0.1\"");
         let c = parse("node_name: n1\nkubernetes: {api_server: \"https://10.0.0.1:6443\", token_file: /t}").unwrap();
         let k = c.kubernetes.unwrap();
-        assert_eq!((k.api_server.as_str(), k.token_file.to_str().unwrap()), ("https://10.0.0.1:6443", "/t"));
-        assert!(parse("node_name: n1\nkubernetes: {api_server: \"https://x\", label_node: false}").unwrap().kubernetes.is_none());
+        let crate::kube::KubeSource::Explicit { api_server, token_file, .. } = &k.source else { panic!("{k:?}") };
+        assert_eq!((api_server.as_str(), token_file.to_str().unwrap()), ("https://10.0.0.1:6443", "/t"));
+        // Turning labels off leaves pod names, events and health on (they used to go together).
+        let k = parse("node_name: n1\nkubernetes: {api_server: \"https://x\", label_node: false}").unwrap().kubernetes.unwrap();
+        assert!(!k.label_node && k.pod_names && k.events && k.health_condition && !k.health_taint, "{k:?}");
+        assert!(parse("node_name: n1\nkubernetes: {api_server: \"https://x\", enabled: false}").unwrap().kubernetes.is_none());
+        let e = parse("node_name: n1\nkubernetes: {kubeconfig: /nonexistent/kubeconfig}").unwrap_err().to_string();
+        assert_eq!(e, "kubernetes.kubeconfig: expected a readable kubeconfig file, got \"/nonexistent/kubeconfig\"");
+        let e = parse("node_name: n1\nkubernetes: {enabled: true}").unwrap_err().to_string();
+        assert!(e.starts_with("kubernetes.enabled: expected kubernetes.kubeconfig"), "{e}");
         let e = parse("node_name: n1\npartition: {config: balanced}").unwrap_err().to_string();
         assert!(e.starts_with("partition.spec: expected a spec file"), "{e}");
         let e = parse("node_name: n1\ndevices: {hostname_label_name: \"host name\"}").unwrap_err().to_string();

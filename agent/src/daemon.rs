@@ -95,6 +95,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
     // Results of long commands wait here while the controller is away.
     let (status_tx, status_rx) = tokio::sync::mpsc::channel(256);
     let command_tasks = Tasks::new("commands", stop.child_token(), task_metrics.clone());
+    let (events, events_queue) = crate::kube::events::NodeEvents::channel();
     let mut w = Wiring {
         cfg: cfg.clone(),
         registry,
@@ -103,6 +104,9 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         text_metrics: Vec::new(),
         commands: CommandDispatcher::new(status_tx, command_tasks.clone()),
         node_labels: watch::channel(Default::default()).0,
+        pods: crate::netobs::pods::PodTable::with_retention(cfg.network.forget_after),
+        events,
+        events_queue: Some(events_queue),
         gpus: None,
         sweep_now: None,
         cache: None,

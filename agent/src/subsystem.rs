@@ -140,8 +140,15 @@ pub struct Wiring {
     pub text_metrics: Vec<Arc<dyn TextMetrics>>,
     /// Where controller commands go; subsystems add their handlers.
     pub commands: CommandDispatcher,
-    /// Labels wanted on the Kubernetes Node object (written by the kube subsystem).
-    pub node_labels: watch::Sender<BTreeMap<String, Option<String>>>,
+    /// Every label Hearth wants on its Node object now (the kube subsystem applies the whole
+    /// set, so a label left out is removed).
+    pub node_labels: watch::Sender<BTreeMap<String, String>>,
+    /// This node's pods by UID (the kube subsystem's watcher keeps it; netobs names series).
+    pub pods: crate::netobs::pods::PodTable,
+    /// Events on the Node; dropped when Kubernetes is off.
+    pub events: crate::kube::events::NodeEvents,
+    /// The queue behind `events`, taken by the kube subsystem's publisher.
+    pub events_queue: Option<tokio::sync::mpsc::Receiver<crate::kube::events::NodeEvent>>,
     pub gpus: Option<Gpus>,
     /// Asks the GPU collector for a sweep now (after a partition change).
     pub sweep_now: Option<Arc<dyn Fn() + Send + Sync>>,

@@ -41,6 +41,35 @@ pub struct RawConfig {
     pub auth: crate::api::auth::RawAuth,
     #[serde(default)]
     pub extender: RawExtender,
+    #[serde(default)]
+    pub leader_election: RawLeaderElection,
+    #[serde(default)]
+    pub kubernetes: RawKubernetes,
+}
+
+/// Leader election through a Lease, for more than one replica.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawLeaderElection {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Default: $POD_NAMESPACE.
+    pub namespace: Option<String>,
+    pub lease_name: Option<String>,
+    /// Default: $POD_NAME, then the hostname.
+    pub identity: Option<String>,
+    pub lease_duration: Option<String>,
+    pub renew_deadline: Option<String>,
+    pub retry_period: Option<String>,
+    /// Label this controller's pod (`$POD_NAME`) `hearth.dev/leader`; default true.
+    pub label_pod: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawKubernetes {
+    /// Default: the in-cluster service account.
+    pub kubeconfig: Option<std::path::PathBuf>,
 }
 
 /// Bandwidths are sizes per second ("200M" = 200 MB/s).
@@ -214,6 +243,8 @@ pub struct Config {
     /// None: no extender listener.
     pub extender_listen: Option<SocketAddr>,
     pub extender_prefix: String,
+    /// None: no election, this controller always leads.
+    pub leader_election: Option<crate::leader::Settings>,
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -246,8 +277,70 @@ impl TryFrom<RawConfig> for Config {
                 p if p.starts_with('/') => p.trim_end_matches('/').to_owned(),
                 p => return Err(invalid("extender.prefix", "a URL path starting with '/'", p)),
             },
+            leader_election: leader_settings(r.leader_election, r.kubernetes)?,
         })
     }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn leader_settings(r: RawLeaderElection, k: RawKubernetes) -> Result<Option<crate::leader::Settings>, ConfigError> {
+    use hearth_service::kube::{KubeSource, is_dns_label};
+    if !r.enabled {
+        return Ok(None);
+    }
+    let source = match k.kubeconfig {
+        Some(p) if !p.is_file() => return Err(invalid("kubernetes.kubeconfig", "a readable kubeconfig file", p.display().to_string())),
+        Some(p) => KubeSource::Kubeconfig(p),
+        None if env("KUBERNETES_SERVICE_HOST").is_some() => KubeSource::InCluster,
+        None => {
+            return Err(invalid(
+                "leader_election.enabled",
+                "kubernetes.kubeconfig, or running in a cluster (KUBERNETES_SERVICE_HOST)",
+                "true",
+            ));
+        }
+    };
+    let namespace = r.namespace.or_else(|| env("POD_NAMESPACE")).ok_or_else(|| {
+        invalid("leader_election.namespace", "a namespace (or $POD_NAMESPACE from the downward API)", "nothing")
+    })?;
+    if !is_dns_label(&namespace) {
+        return Err(invalid("leader_election.namespace", "a DNS-1123 label", namespace));
+    }
+    let lease_name = r.lease_name.unwrap_or_else(|| "hearth-controller".into());
+    if !is_dns_label(&lease_name) {
+        return Err(invalid("leader_election.lease_name", "a DNS-1123 label", lease_name));
+    }
+    let pod = env("POD_NAME");
+    let identity = r
+        .identity
+        .or_else(|| pod.clone())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_owned()))
+        .filter(|i| !i.is_empty())
+        .ok_or_else(|| invalid("leader_election.identity", "an identity (or $POD_NAME)", "nothing"))?;
+    let lease_duration = parse_duration("leader_election.lease_duration", r.lease_duration.as_deref().unwrap_or("15s"))?;
+    let renew_deadline = parse_duration("leader_election.renew_deadline", r.renew_deadline.as_deref().unwrap_or("10s"))?;
+    let retry_period = parse_duration("leader_election.retry_period", r.retry_period.as_deref().unwrap_or("2s"))?;
+    if lease_duration < Duration::from_secs(1) {
+        return Err(invalid("leader_election.lease_duration", "at least 1s", format!("{lease_duration:?}")));
+    }
+    // The leader must give up before anyone may take over, and must try more than once.
+    if renew_deadline >= lease_duration {
+        return Err(invalid("leader_election.renew_deadline", "shorter than lease_duration", format!("{renew_deadline:?}")));
+    }
+    if retry_period.is_zero() || retry_period >= renew_deadline {
+        return Err(invalid("leader_election.retry_period", "more than 0 and shorter than renew_deadline", format!("{retry_period:?}")));
+    }
+    let pod = match r.label_pod {
+        Some(false) => None,
+        Some(true) if pod.is_none() => {
+            return Err(invalid("leader_election.label_pod", "$POD_NAME set (downward API) to know which pod to label", "true"));
+        }
+        _ => pod,
+    };
+    Ok(Some(crate::leader::Settings { source, namespace, lease_name, identity, lease_duration, renew_deadline, retry_period, pod }))
 }
 
 impl RawConfig {

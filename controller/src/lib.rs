@@ -7,6 +7,7 @@
 pub mod api;
 pub mod catalog;
 pub mod config;
+pub mod leader;
 pub mod metrics;
 pub mod placement;
 pub mod scaling;
@@ -39,6 +40,8 @@ pub enum ControllerError {
     Serve(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("leader election: {0}")]
+    Kube(#[from] hearth_service::kube::KubeError),
     #[error("tasks did not stop within the {0:?} grace period")]
     ShutdownTimeout(Duration),
 }
@@ -78,6 +81,9 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     let scaling = Arc::new(scaling::Scaling::new(placement.clone(), config.scaling.clone(), &mut registry));
     let auth = config.auth.clone();
     let readiness = Arc::new(hearth_service::http::Readiness::default());
+    // The election runs beside the servers and stops with them (releasing the Lease).
+    let election = TaskTracker::new();
+    let leadership = leader::start(config.leader_election.clone(), &mut registry, &election, shutdown.clone()).await?;
 
     let grpc =
         TcpListener::bind(config.listen).await.map_err(|source| ControllerError::Bind { what: "gRPC", addr: config.listen, source })?;
@@ -106,6 +112,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         config.hello_timeout,
         shutdown.clone(),
         sessions.clone(),
+        leadership.clone(),
     );
     let (health, health_svc) = tonic_health::server::health_reporter();
     health.set_serving::<pb::node_agent_server::NodeAgentServer<api::NodeAgentService>>().await;
@@ -124,6 +131,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         // Finds agents whose node vanished without closing the connection.
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(api::LeaderGateLayer(leadership.clone()))
         .add_service(pb::node_agent_server::NodeAgentServer::new(agent_svc).max_decoding_message_size(max).max_encoding_message_size(max))
         .add_service(
             pb::operator_server::OperatorServer::new(api::OperatorService::new(state.clone(), auth.clone()))
@@ -140,7 +148,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
         .add_service(reflection);
 
     let grace = config.shutdown_grace;
-    let scaling_loop = scaling.clone().run(shutdown.clone());
+    let scaling_loop = scaling.clone().run(leadership.clone(), shutdown.clone());
     let extender_task = {
         let tls_cfg = match &tls {
             Some(m) => {
@@ -152,9 +160,10 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             None => None,
         };
         let (placement, auth, stop, prefix) = (placement.clone(), auth.clone(), shutdown.clone(), config.extender_prefix.clone());
+        let leadership = leadership.clone();
         async move {
             match extender {
-                Some((l, _)) => api::extender::serve(l, tls_cfg, prefix, placement, auth, stop).await,
+                Some((l, _)) => api::extender::serve(l, tls_cfg, prefix, placement, auth, leadership, stop).await,
                 None => Ok(()),
             }
         }
@@ -194,7 +203,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
             };
             let (served, http, (), (), ext) = tokio::join!(serve, http, sweeper, scaling_loop, extender_task);
             sessions.close();
-            if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+            election.close();
+            if tokio::time::timeout(grace, async { tokio::join!(sessions.wait(), election.wait()) }).await.is_err() {
                 return Err(ControllerError::ShutdownTimeout(grace));
             }
             served?;

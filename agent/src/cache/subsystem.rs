@@ -13,6 +13,7 @@ use tracing::{info, info_span, warn};
 use super::manager::Cache;
 use super::spec::ModelSpec;
 use crate::daemon::AgentError;
+use crate::kube::events::{NodeEvent, NodeEvents};
 use crate::report::NodeReport;
 use crate::subsystem::{Started, Status, Wiring};
 
@@ -37,7 +38,7 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
     // journals to be written.
     tasks.spawn(
         "warm",
-        tracing::Instrument::instrument(warm_models(cache.clone(), w.cfg.cache.models.clone(), stop.clone()), info_span!("warm")),
+        tracing::Instrument::instrument(warm_models(cache.clone(), w.cfg.cache.models.clone(), w.events.clone(), stop.clone()), info_span!("warm")),
     );
     tasks.spawn("report", report_loop(cache.clone(), w.report.clone(), stop));
     w.commands.set_cache(cache.clone());
@@ -47,7 +48,7 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
 }
 
 /// Downloads the configured models, one at a time so the first is usable soonest.
-async fn warm_models(cache: Arc<Cache>, models: Vec<(ModelSpec, bool)>, shutdown: CancellationToken) {
+async fn warm_models(cache: Arc<Cache>, models: Vec<(ModelSpec, bool)>, events: NodeEvents, shutdown: CancellationToken) {
     for (spec, pin) in models {
         if shutdown.is_cancelled() {
             return;
@@ -68,7 +69,10 @@ async fn warm_models(cache: Arc<Cache>, models: Vec<(ModelSpec, bool)>, shutdown
                 info!(model = %id, reason = %err, "warm-up stopped for shutdown");
                 return;
             }
-            Err(err) => warn!(model = %id, uri = %spec.uri, error = %err, "could not warm model"),
+            Err(err) => {
+                warn!(model = %id, uri = %spec.uri, error = %err, "could not warm model");
+                events.post(NodeEvent::warning("ModelCacheFailed", "Download", format!("{}: {err}", spec.uri)));
+            }
         }
     }
 }

@@ -202,7 +202,12 @@ fn config() -> BoxedStrategy<Value> {
         ("bpf_stats", boolean()),
     ]);
     let kubernetes = section(vec![
+        ("enabled", boolean()),
         ("label_node", boolean()),
+        ("pod_names", boolean()),
+        ("events", boolean()),
+        ("health", section(vec![("condition", boolean()), ("taint", boolean())])),
+        ("kubeconfig", nowhere()),
         ("api_server", one_of(vec!["https://10.0.0.1:6443"], vec!["http://10.0.0.1"])),
         ("token_file", nowhere()),
         ("ca_file", nowhere()),

@@ -215,31 +215,115 @@ pub trait GpuBackend: Send {
     fn poll_xids(&mut self) -> Result<Vec<XidEvent>, String>;
 }
 
-/// Health from what a sample and recent XIDs say: uncorrectable remapped rows pending or a
-/// failed remap, and XIDs the driver documents as fatal, make a GPU unhealthy.
+/// What a GPU signal says about the node. The rules follow the EKS node monitoring agent's
+/// `AcceleratedHardwareReady`: a signal after which the GPU needs a reset (or is gone) makes
+/// the node not ready for accelerated work (the `HearthAcceleratorsHealthy` condition turns
+/// False, the optional taint goes on, placement avoids the GPU); an application-level or
+/// recoverable one is a warning: an Event, and Degraded in the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Xid(u64),
+    /// Row remapping failed: uncorrectable memory the GPU cannot retire.
+    RowRemapFailure,
+    /// A remap is recorded and waits for a GPU reset.
+    RowRemapPending,
+    /// NVML cannot reach the GPU at all.
+    Unreachable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Warning,
+    Fatal,
+}
+
+/// One row of the health table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthRule {
+    pub signal: Signal,
+    pub severity: Severity,
+    /// The condition's or the Event's reason (PascalCase).
+    pub reason: &'static str,
+}
+
+const fn rule(signal: Signal, severity: Severity, reason: &'static str) -> HealthRule {
+    HealthRule { signal, severity, reason }
+}
+
+/// The health rules, one row per signal. XIDs not listed are warnings (reason
+/// `NvidiaXIDError`): an unknown XID is worth an Event, not a drained node.
+pub const HEALTH_RULES: &[HealthRule] = &[
+    rule(Signal::Xid(13), Severity::Warning, "NvidiaXID13Error"),
+    rule(Signal::Xid(31), Severity::Warning, "NvidiaXID31Error"),
+    rule(Signal::Xid(43), Severity::Warning, "NvidiaXID43Error"),
+    rule(Signal::Xid(45), Severity::Warning, "NvidiaXID45Error"),
+    rule(Signal::Xid(48), Severity::Fatal, "NvidiaXID48Error"),
+    rule(Signal::Xid(63), Severity::Warning, "NvidiaXID63Error"),
+    rule(Signal::Xid(64), Severity::Fatal, "NvidiaXID64Error"),
+    rule(Signal::Xid(74), Severity::Fatal, "NvidiaXID74Error"),
+    rule(Signal::Xid(79), Severity::Fatal, "NvidiaXID79Error"),
+    rule(Signal::Xid(92), Severity::Warning, "NvidiaXID92Error"),
+    rule(Signal::Xid(94), Severity::Fatal, "NvidiaXID94Error"),
+    rule(Signal::Xid(95), Severity::Fatal, "NvidiaXID95Error"),
+    rule(Signal::Xid(119), Severity::Fatal, "NvidiaXID119Error"),
+    rule(Signal::Xid(120), Severity::Fatal, "NvidiaXID120Error"),
+    rule(Signal::RowRemapFailure, Severity::Fatal, "NvidiaRowRemapFailure"),
+    rule(Signal::RowRemapPending, Severity::Warning, "NvidiaRowRemapPending"),
+    rule(Signal::Unreachable, Severity::Fatal, "NvidiaGPUUnreachable"),
+];
+
+/// The row for `signal` (an unlisted XID is a warning).
+pub fn rule_for(signal: Signal) -> HealthRule {
+    HEALTH_RULES.iter().find(|r| r.signal == signal).copied().unwrap_or(rule(signal, Severity::Warning, "NvidiaXIDError"))
+}
+
+/// The reason code a health reason string starts with (`NvidiaXID79Error: ...`).
+pub fn reason_code(health_reason: &str) -> &str {
+    health_reason.split_once(':').map_or(health_reason, |(c, _)| c)
+}
+
+/// Health from the signals a sample and recent XIDs carry: the most severe rule wins (the
+/// first such signal names it). The reason reads `<rule reason>: <what happened>`.
 pub fn health_of(r: &GpuReading, recent_xids: &[u64]) -> (Health, String) {
+    let mut signals: Vec<(Signal, String)> = Vec::new();
     if r.remap_failure == Some(true) {
-        return (Health::Unhealthy, "row remapping failed".into());
+        signals.push((Signal::RowRemapFailure, "row remapping failed".into()));
     }
-    if let Some(&x) = recent_xids.iter().find(|x| FATAL_XIDS.contains(x)) {
-        return (Health::Unhealthy, format!("XID {x}: {}", xid_message(x)));
+    for &x in recent_xids {
+        signals.push((Signal::Xid(x), format!("XID {x}: {}", xid_message(x))));
     }
     if r.remap_pending == Some(true) {
-        return (Health::Degraded, "row remapping pending (reset the GPU to apply)".into());
+        signals.push((Signal::RowRemapPending, "row remapping pending (reset the GPU to apply)".into()));
     }
-    if let Some(&x) = recent_xids.first() {
-        return (Health::Degraded, format!("XID {x}: {}", xid_message(x)));
+    worst(signals)
+}
+
+/// The health of the GPU the collector cannot reach.
+pub fn unreachable() -> (Health, String) {
+    worst(vec![(Signal::Unreachable, "NVML cannot reach the GPU".into())])
+}
+
+fn worst(signals: Vec<(Signal, String)>) -> (Health, String) {
+    let mut best: Option<(HealthRule, String)> = None;
+    for (s, what) in signals {
+        let r = rule_for(s);
+        if best.as_ref().is_none_or(|(b, _)| r.severity > b.severity) {
+            best = Some((r, what));
+        }
     }
-    (Health::Healthy, String::new())
+    match best {
+        None => (Health::Healthy, String::new()),
+        Some((r, what)) => {
+            let h = if r.severity == Severity::Fatal { Health::Unhealthy } else { Health::Degraded };
+            (h, format!("{}: {what}", r.reason))
+        }
+    }
 }
 
 /// Whether the GPU needs a reset after this XID.
 pub fn is_fatal_xid(code: u64) -> bool {
-    FATAL_XIDS.contains(&code)
+    rule_for(Signal::Xid(code)).severity == Severity::Fatal
 }
-
-/// XIDs after which the GPU needs a reset (NVIDIA's XID catalogue).
-const FATAL_XIDS: &[u64] = &[48, 63, 64, 74, 79, 92, 94, 95, 119, 120];
 
 /// Short description of an XID code, after NVIDIA's XID catalogue.
 pub fn xid_message(code: u64) -> &'static str {
@@ -271,6 +355,54 @@ pub fn xid_message(code: u64) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One test per row of the health table: the signal, through `health_of` (or
+    /// `unreachable`), gives the row's severity and reason.
+    macro_rules! rule_rows {
+        ($($name:ident: $signal:expr => $sev:ident, $reason:literal;)*) => {$(
+            #[test]
+            fn $name() {
+                let (h, why) = match $signal {
+                    Signal::Xid(x) => health_of(&GpuReading::default(), &[x]),
+                    Signal::RowRemapFailure => health_of(&GpuReading { remap_failure: Some(true), ..Default::default() }, &[]),
+                    Signal::RowRemapPending => health_of(&GpuReading { remap_pending: Some(true), ..Default::default() }, &[]),
+                    Signal::Unreachable => unreachable(),
+                };
+                let want = if Severity::$sev == Severity::Fatal { Health::Unhealthy } else { Health::Degraded };
+                assert_eq!((h, reason_code(&why)), (want, $reason), "{why}");
+                assert_eq!(rule_for($signal), HealthRule { signal: $signal, severity: Severity::$sev, reason: $reason });
+            }
+        )*
+        #[test]
+        fn every_row_has_its_test() {
+            let tested = [$($signal),*];
+            for r in HEALTH_RULES {
+                assert!(tested.contains(&r.signal), "no test for {:?}", r.signal);
+            }
+        }
+        };
+    }
+
+    rule_rows! {
+        xid_13_graphics_exception_warns: Signal::Xid(13) => Warning, "NvidiaXID13Error";
+        xid_31_page_fault_warns: Signal::Xid(31) => Warning, "NvidiaXID31Error";
+        xid_43_stopped_processing_warns: Signal::Xid(43) => Warning, "NvidiaXID43Error";
+        xid_45_preemptive_cleanup_warns: Signal::Xid(45) => Warning, "NvidiaXID45Error";
+        xid_48_double_bit_ecc_is_fatal: Signal::Xid(48) => Fatal, "NvidiaXID48Error";
+        xid_63_remap_recorded_warns: Signal::Xid(63) => Warning, "NvidiaXID63Error";
+        xid_64_remap_recording_failure_is_fatal: Signal::Xid(64) => Fatal, "NvidiaXID64Error";
+        xid_74_nvlink_is_fatal: Signal::Xid(74) => Fatal, "NvidiaXID74Error";
+        xid_79_off_the_bus_is_fatal: Signal::Xid(79) => Fatal, "NvidiaXID79Error";
+        xid_92_high_sbe_rate_warns: Signal::Xid(92) => Warning, "NvidiaXID92Error";
+        xid_94_contained_ecc_is_fatal: Signal::Xid(94) => Fatal, "NvidiaXID94Error";
+        xid_95_uncontained_ecc_is_fatal: Signal::Xid(95) => Fatal, "NvidiaXID95Error";
+        xid_119_gsp_timeout_is_fatal: Signal::Xid(119) => Fatal, "NvidiaXID119Error";
+        xid_120_gsp_error_is_fatal: Signal::Xid(120) => Fatal, "NvidiaXID120Error";
+        row_remap_failure_is_fatal: Signal::RowRemapFailure => Fatal, "NvidiaRowRemapFailure";
+        row_remap_pending_warns: Signal::RowRemapPending => Warning, "NvidiaRowRemapPending";
+        unreachable_gpu_is_fatal: Signal::Unreachable => Fatal, "NvidiaGPUUnreachable";
+        unlisted_xid_warns: Signal::Xid(999) => Warning, "NvidiaXIDError";
+    }
 
     #[test]
     fn health_follows_remapping_and_xids() {

@@ -32,6 +32,16 @@ pub enum Vendor {
     AwsNeuron,
 }
 
+impl Vendor {
+    /// What people call one device of this vendor.
+    pub fn device_word(self) -> &'static str {
+        match self {
+            Self::Nvidia => "GPU",
+            Self::AwsNeuron => "Neuron device",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
     Healthy,

@@ -316,7 +316,7 @@ impl Sweeper {
             let codes: Vec<u64> = recent.iter().map(|(_, c)| *c).collect();
             let (mut health, mut reason) = health_of(&sample.reading, &codes);
             if !reachable {
-                (health, reason) = (Health::Unhealthy, "NVML cannot reach the GPU".into());
+                (health, reason) = crate::device::gpu::unreachable();
             }
             let last_xid = self.last_xid.get(&s.index).copied();
             gpus.push(GpuState { info: s, reading: sample.reading, last_xid, health, health_reason: reason, reachable });

@@ -22,7 +22,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use hearth_service::tasks::Tasks;
@@ -48,9 +47,6 @@ pub struct NetworkSettings {
     pub static_pods: std::collections::HashMap<String, crate::kube::PodRef>,
 }
 
-/// How often pod names are re-listed from the API server.
-const POD_LIST_EVERY: Duration = Duration::from_secs(30);
-
 /// The attach root: configured, or the kubelet's pod slice under the cgroup v2 mount.
 pub fn pod_cgroup_root(configured: Option<&std::path::Path>) -> Result<PathBuf, String> {
     if let Some(p) = configured {
@@ -68,11 +64,11 @@ pub fn pod_cgroup_root(configured: Option<&std::path::Path>) -> Result<PathBuf, 
 /// poller as its tasks. Never fails the agent: a family that cannot work is off, with its
 /// reason in the status, the log and `hearth_pod_network_enabled`.
 pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> {
-    let kube = w.cfg.kubernetes.clone().map(|k| (k, w.cfg.node_name.clone()));
     // Loading and attaching BPF programs are syscalls that can take a while: not on an
     // async worker.
     let (settings, attach_tasks) = (w.cfg.network.clone(), tasks.clone());
-    let net = tokio::task::spawn_blocking(move || attach(&settings, PodTable::default(), kube, &attach_tasks)).await?;
+    let names = w.pods.clone();
+    let net = tokio::task::spawn_blocking(move || attach(&settings, names, &attach_tasks)).await?;
     let st = net.status();
     let mut caps = Vec::new();
     if st.traffic.is_ok() {
@@ -92,14 +88,10 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
     Ok(Started::new(status).with_capabilities(&caps))
 }
 
-/// Attaches the programs as configured and starts the collector and (with Kubernetes
-/// settings) the pod-name poller in `tasks`. Whatever cannot work is off, with its reason.
-pub fn attach(
-    settings: &NetworkSettings,
-    names: PodTable,
-    kube: Option<(crate::kube::KubeSettings, String)>,
-    tasks: &Tasks,
-) -> Arc<NetMetrics> {
+/// Attaches the programs as configured and starts the collector in `tasks`; pod names come
+/// from `names` (the kube subsystem's pod watcher keeps it). Whatever cannot work is off,
+/// with its reason.
+pub fn attach(settings: &NetworkSettings, names: PodTable, tasks: &Tasks) -> Arc<NetMetrics> {
     let shutdown = tasks.cancel_token().clone();
     let off = |reason: String| {
         warn!(%reason, "per-pod network metrics are off");
@@ -135,35 +127,7 @@ pub fn attach(
     }
     info!(cgroup_root = %root.display(), peers = settings.peers.len(), ports = ?settings.ports, "per-pod network metrics attached");
     let (collector, metrics) = Collector::new(obs, root, Arc::new(names.clone()), settings.forget_after);
-    tasks.spawn("collector", collect::run(collector, settings.collect_interval, shutdown.clone()).instrument(info_span!("netobs")));
-    if let Some((kube, node)) = kube {
-        tasks.spawn("pod_names", poll_pod_names(kube, node, names, shutdown).instrument(info_span!("netobs_pods")));
-    }
+    tasks.spawn("collector", collect::run(collector, settings.collect_interval, shutdown).instrument(info_span!("netobs")));
     metrics
 }
 
-/// Keeps `names` equal to the API server's pods on this node.
-async fn poll_pod_names(kube: crate::kube::KubeSettings, node: String, names: PodTable, shutdown: CancellationToken) {
-    let mut failing = false;
-    loop {
-        match crate::kube::list_node_pods(&kube, &node).await {
-            Ok(pods) => {
-                if failing {
-                    info!(pods = pods.len(), "pod names listed again");
-                }
-                failing = false;
-                names.replace(pods);
-            }
-            Err(e) => {
-                if !failing {
-                    warn!(error = %e, "cannot list this node's pods; network series name pods by UID until it works");
-                }
-                failing = true;
-            }
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(POD_LIST_EVERY) => {}
-        }
-    }
-}

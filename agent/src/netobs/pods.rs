@@ -77,48 +77,84 @@ pub trait PodDirectory: Send + Sync {
     fn lookup(&self, uid: &str) -> Option<PodRef>;
 }
 
-/// A directory filled by someone else (the Kubernetes poller, `hearth local`, tests).
-#[derive(Debug, Default, Clone)]
-pub struct PodTable(Arc<RwLock<HashMap<String, PodRef>>>);
+/// A directory filled by someone else (the pod watcher, `hearth local`, tests). A pod that
+/// goes away keeps its name for `retain`: its last series are still exported (until
+/// `network.forget_after`), and must keep their pod and namespace labels until then.
+#[derive(Debug, Clone)]
+pub struct PodTable(Arc<RwLock<Pods>>);
+
+#[derive(Debug)]
+struct Pods {
+    live: HashMap<String, PodRef>,
+    gone: HashMap<String, (PodRef, std::time::Instant)>,
+    retain: std::time::Duration,
+}
+
+impl Default for PodTable {
+    fn default() -> Self {
+        Self::with_retention(std::time::Duration::from_secs(600))
+    }
+}
 
 impl PodTable {
+    pub fn with_retention(retain: std::time::Duration) -> Self {
+        Self(Arc::new(RwLock::new(Pods { live: HashMap::new(), gone: HashMap::new(), retain })))
+    }
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Pods> {
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    /// Makes `pods` the live set; the ones no longer in it are kept as gone.
     pub fn replace(&self, pods: HashMap<String, PodRef>) {
-        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = pods;
+        let mut t = self.write();
+        let now = std::time::Instant::now();
+        let old = std::mem::replace(&mut t.live, pods);
+        for (uid, pod) in old {
+            if !t.live.contains_key(&uid) {
+                t.gone.insert(uid, (pod, now));
+            }
+        }
+        let live = std::mem::take(&mut t.live);
+        t.gone.retain(|uid, _| !live.contains_key(uid));
+        t.live = live;
+        t.expire(now);
     }
     pub fn extend(&self, pods: HashMap<String, PodRef>) {
-        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).extend(pods);
+        let mut t = self.write();
+        for (uid, pod) in pods {
+            t.gone.remove(&uid);
+            t.live.insert(uid, pod);
+        }
     }
     pub fn insert(&self, uid: &str, pod: PodRef) {
-        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner).insert(uid.to_owned(), pod);
+        self.extend(HashMap::from([(uid.to_owned(), pod)]));
+    }
+    /// The pod was deleted: keep its name for the retention time.
+    pub fn remove(&self, uid: &str) {
+        let mut t = self.write();
+        let now = std::time::Instant::now();
+        if let Some(pod) = t.live.remove(uid) {
+            t.gone.insert(uid.to_owned(), (pod, now));
+        }
+        t.expire(now);
+    }
+    /// Pods on the node now (not the ones kept after deletion).
+    pub fn live(&self) -> usize {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).live.len()
+    }
+}
+
+impl Pods {
+    fn expire(&mut self, now: std::time::Instant) {
+        let retain = self.retain;
+        self.gone.retain(|_, (_, at)| now.duration_since(*at) < retain);
     }
 }
 
 impl PodDirectory for PodTable {
     fn lookup(&self, uid: &str) -> Option<PodRef> {
-        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(uid).cloned()
+        let t = self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        t.live.get(uid).or_else(|| t.gone.get(uid).map(|(p, _)| p)).cloned()
     }
-}
-
-/// Parses a `PodList` from the Kubernetes API into UID -> pod.
-pub fn parse_pod_list(body: &[u8]) -> Result<HashMap<String, PodRef>, serde_json::Error> {
-    #[derive(serde::Deserialize)]
-    struct List {
-        #[serde(default)]
-        items: Vec<Item>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Item {
-        metadata: Meta,
-    }
-    #[derive(serde::Deserialize)]
-    struct Meta {
-        uid: String,
-        name: String,
-        #[serde(default)]
-        namespace: String,
-    }
-    let list: List = serde_json::from_slice(body)?;
-    Ok(list.items.into_iter().map(|i| (i.metadata.uid, PodRef { namespace: i.metadata.namespace, name: i.metadata.name })).collect())
 }
 
 #[cfg(test)]
@@ -154,11 +190,18 @@ mod tests {
     }
 
     #[test]
-    fn pod_lists_from_the_api_parse_to_uids() {
-        let body = br#"{"kind":"PodList","items":[{"metadata":{"name":"vllm-0","namespace":"serving","uid":"u1"}},{"metadata":{"name":"x","uid":"u2"}}]}"#;
-        let m = parse_pod_list(body).unwrap();
-        assert_eq!(m["u1"], PodRef { namespace: "serving".into(), name: "vllm-0".into() });
-        assert_eq!(m["u2"].namespace, "");
-        assert!(parse_pod_list(b"{\"items\": 3}").is_err());
+    fn a_deleted_pod_keeps_its_name_until_retention_ends() {
+        let t = PodTable::with_retention(std::time::Duration::from_millis(200));
+        let pod = |n: &str| PodRef { namespace: "serving".into(), name: n.into() };
+        t.replace(HashMap::from([("u1".into(), pod("a")), ("u2".into(), pod("b"))]));
+        t.remove("u1");
+        // A re-list without u2 keeps it too.
+        t.replace(HashMap::new());
+        assert_eq!((t.lookup("u1"), t.lookup("u2"), t.live()), (Some(pod("a")), Some(pod("b")), 0));
+        // A pod that comes back (same UID) is live again.
+        t.insert("u2", pod("b"));
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        t.remove("nothing");
+        assert_eq!((t.lookup("u1"), t.lookup("u2")), (None, Some(pod("b"))));
     }
 }

@@ -11,6 +11,7 @@ use tracing::warn;
 
 use super::reconcile::{NoRuntimes, PartitionStatus, Reconciler};
 use crate::daemon::AgentError;
+use crate::kube::events::NodeEvent;
 use crate::report::PartitionHandler;
 use crate::subsystem::{Started, Status, Wiring};
 
@@ -28,10 +29,13 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
             return Ok(Started::new(Status::off(e.to_string())));
         }
     };
-    let (report, labels, sweep_now) = (w.report.clone(), w.node_labels.clone(), w.sweep_now.clone());
+    let (report, labels, sweep_now, events) = (w.report.clone(), w.node_labels.clone(), w.sweep_now.clone(), w.events.clone());
     let publish: Arc<dyn Fn(PartitionStatus) + Send + Sync> = Arc::new(move |s| {
+        if report.borrow().partition.as_ref() != Some(&s) {
+            events.post(partition_event(&s));
+        }
         labels.send_if_modified(|l| {
-            let next: BTreeMap<String, Option<String>> = s.labels().into_iter().map(|(k, v)| (k, Some(v))).collect();
+            let next: BTreeMap<String, String> = s.labels().into_iter().collect();
             let changed = *l != next;
             *l = next;
             changed
@@ -70,4 +74,18 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
         }
     });
     Ok(Started::new(Status::enabled("mig")).with_capabilities(&["partition.mig"]))
+}
+
+/// The Event a new partition status is worth.
+fn partition_event(s: &PartitionStatus) -> NodeEvent {
+    use super::reconcile::Phase;
+    let c = &s.config;
+    match s.phase {
+        Phase::Success => NodeEvent::normal("PartitionApplied", "ApplyPartition", format!("MIG config {c:?} applied")),
+        Phase::Pending => NodeEvent::normal("PartitionApplying", "ApplyPartition", format!("applying MIG config {c:?}")),
+        Phase::RebootRequired => {
+            NodeEvent::warning("PartitionRebootRequired", "ApplyPartition", format!("MIG config {c:?} needs a reboot: {}", s.reason))
+        }
+        Phase::Failed => NodeEvent::warning("PartitionFailed", "ApplyPartition", format!("MIG config {c:?} failed: {}", s.reason)),
+    }
 }

@@ -161,6 +161,11 @@ impl CommandDispatcher {
                     // Refuse a spec that does not parse or lacks the config before accepting.
                     Some(h) => match Spec::parse(&a.spec).and_then(|s| s.config(&a.config_name).map(|_| ())) {
                         Err(e) => outcome(Phase::Rejected, format!("partition spec: {e}")),
+                        // The name becomes a Node label value.
+                        Ok(()) if !crate::kube::is_label_value(&a.config_name) => outcome(
+                            Phase::Rejected,
+                            format!("partition config name {:?}: expected {}", a.config_name, crate::kube::LABEL_VALUE_RULE),
+                        ),
                         Ok(()) => {
                             let accepted = outcome(Phase::Accepted, format!("applying partition config {:?}", a.config_name));
                             self.spawn_partition(h.clone(), a.spec, a.config_name, accepted.clone());

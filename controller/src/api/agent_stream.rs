@@ -28,6 +28,7 @@ pub struct NodeAgentService {
     hello_timeout: Duration,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    leadership: crate::leader::Leadership,
 }
 
 impl NodeAgentService {
@@ -39,8 +40,9 @@ impl NodeAgentService {
         hello_timeout: Duration,
         shutdown: CancellationToken,
         tasks: TaskTracker,
+        leadership: crate::leader::Leadership,
     ) -> Self {
-        Self { state, metrics, insecure, auth, hello_timeout, shutdown, tasks }
+        Self { state, metrics, insecure, auth, hello_timeout, shutdown, tasks, leadership }
     }
 
     fn refuse(&self, reason: &'static str, status: Status) -> Status {
@@ -167,9 +169,14 @@ impl NodeAgentService {
         out: &mpsc::Sender<Result<pb::ControllerMessage, Status>>,
         mut commands: mpsc::Receiver<pb::Command>,
     ) -> Result<(), Status> {
+        // A leader that loses its Lease drops every stream at once: the agents reconnect,
+        // and the Service sends them to the new leader.
+        let lost = self.leadership.lost();
+        tokio::pin!(lost);
         loop {
             let reply = tokio::select! {
                 _ = self.shutdown.cancelled() => return Err(Status::unavailable("controller shutting down")),
+                _ = &mut lost => return Err(Status::unavailable("this controller is no longer the leader; reconnect")),
                 Some(cmd) = commands.recv() => pb::ControllerMessage { kind: Some(Out::Command(cmd)) },
                 msg = inbound.message() => match msg? {
                     None => return Ok(()),

@@ -72,6 +72,7 @@ struct ConnRole(Option<Role>);
 struct AppState {
     placement: Arc<Placement>,
     auth: Auth,
+    leadership: crate::leader::Leadership,
 }
 
 fn model_of(pod: &Value) -> Option<String> {
@@ -97,6 +98,10 @@ fn candidates(args: &ExtenderArgs) -> Result<(Vec<String>, Option<Vec<Value>>), 
 }
 
 fn authorize(s: &AppState, headers: &HeaderMap, conn: ConnRole) -> Result<(), Box<Response>> {
+    // A standby has no agents' view: it must not answer as if no node fits.
+    if !s.leadership.is_leader() {
+        return Err(Box::new((StatusCode::SERVICE_UNAVAILABLE, "this controller is a standby; the leader answers the extender\n").into_response()));
+    }
     let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
     let role = match bearer {
         Some(b) => {
@@ -209,14 +214,14 @@ async fn prioritize(
 }
 
 /// The extender's routes under `prefix` (e.g. "/extender").
-fn router(prefix: &str, placement: Arc<Placement>, auth: Auth) -> Router {
+fn router(prefix: &str, placement: Arc<Placement>, auth: Auth, leadership: crate::leader::Leadership) -> Router {
     let prefix = prefix.trim_end_matches('/');
     Router::new()
         .route(&format!("{prefix}/filter"), post(filter))
         .route(&format!("{prefix}/prioritize"), post(prioritize))
         // Non-cache mode sends whole NodeLists: thousands of Node objects.
         .layer(DefaultBodyLimit::max(64 << 20))
-        .with_state(AppState { placement, auth })
+        .with_state(AppState { placement, auth, leadership })
 }
 
 /// Serves the extender on `listener`, over TLS when `tls` is set (client certificates
@@ -227,9 +232,10 @@ pub async fn serve(
     prefix: String,
     placement: Arc<Placement>,
     auth: Auth,
+    leadership: crate::leader::Leadership,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(&prefix, placement, auth.clone());
+    let app = router(&prefix, placement, auth.clone(), leadership);
     let Some(tls) = tls else {
         let app = app.layer(Extension(ConnRole(None)));
         return axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;

@@ -7,11 +7,13 @@ mod agent_stream;
 pub mod auth;
 mod decide;
 pub mod extender;
+mod gate;
 mod operator;
 mod tls;
 
 pub use agent_stream::NodeAgentService;
 pub use decide::{KedaService, PlacementService, ScalingService};
+pub use gate::LeaderGateLayer;
 pub use operator::OperatorService;
 pub use tls::tls_incoming;
 

@@ -81,6 +81,23 @@ struct Metrics {
     prewarm: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
+fn fresh_models(placement: &Placement) -> HashMap<String, ModelState> {
+    placement
+        .catalog()
+        .iter()
+        .map(|m| {
+            let st = ModelState {
+                scaler: Scaler::new(m.scaling.clone(), 0),
+                last: None,
+                latest: None,
+                external: None,
+                prewarms: Vec::new(),
+            };
+            (m.name.clone(), st)
+        })
+        .collect()
+}
+
 #[derive(Debug)]
 struct ModelState {
     scaler: Scaler,
@@ -140,22 +157,19 @@ impl Scaling {
         r.register("scaling_decisions", "Scaling decisions made, by reason", metrics.decisions.clone());
         r.register("desired_replicas", "Latest desired replica count per model deployment", metrics.desired.clone());
         r.register("prewarm", "Pre-warm Prefetch plans by outcome (issued, arrived_in_time, late, send_failed)", metrics.prewarm.clone());
-        let models = placement
-            .catalog()
-            .iter()
-            .map(|m| {
-                let st = ModelState {
-                    scaler: Scaler::new(m.scaling.clone(), 0),
-                    last: None,
-                    latest: None,
-                    external: None,
-                    prewarms: Vec::new(),
-                };
-                (m.name.clone(), st)
-            })
-            .collect();
+        let models = fresh_models(&placement);
         let (tx, _) = broadcast::channel(1024);
         Self { placement, settings, models: Mutex::new(models), next_id: AtomicU64::new(1), next_prewarm: AtomicU64::new(1), tx, metrics }
+    }
+
+    /// Starts leadership term `term`: decision and pre-warm ids continue from `term << 32`,
+    /// above every id an earlier leader (a lower term) can have issued, and the per-model
+    /// state starts over (a leader that had lost the Lease has a stale window).
+    pub fn begin_term(&self, term: u32) {
+        let base = u64::from(term) << 32;
+        self.next_id.store(base + 1, Ordering::SeqCst);
+        self.next_prewarm.store(base + 1, Ordering::SeqCst);
+        *self.models() = fresh_models(&self.placement);
     }
 
     fn models(&self) -> std::sync::MutexGuard<'_, HashMap<String, ModelState>> {
@@ -337,14 +351,29 @@ impl Scaling {
     }
 
     /// Evaluates every model once per interval until cancelled.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+    /// Evaluates every model each interval while this controller leads; a standby decides
+    /// nothing. Each new term starts the ids above the last leader's.
+    pub async fn run(self: Arc<Self>, leadership: crate::leader::Leadership, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let names: Vec<String> = self.placement.catalog().iter().map(|m| m.name.clone()).collect();
+        let mut term = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {
+                    let now_term = leadership.now();
+                    if !now_term.leader {
+                        term = None;
+                        continue;
+                    }
+                    if term != Some(now_term.term) {
+                        // Term 0 without election: the ids the engine started with.
+                        if now_term.term > 0 || term.is_some() {
+                            self.begin_term(now_term.term);
+                        }
+                        term = Some(now_term.term);
+                    }
                     let this = self.clone();
                     let names = names.clone();
                     // Scoring every model over every node is CPU work; keep it off the I/O threads.

@@ -22,6 +22,7 @@ fn service(state: Arc<ClusterState>) -> NodeAgentService {
         Duration::from_secs(1),
         CancellationToken::new(),
         TaskTracker::new(),
+        crate::leader::Leadership::always(),
     )
 }
 
