@@ -130,6 +130,9 @@ fn now_micro() -> MicroTime {
 enum Outcome {
     Leading { term: u32 },
     Following { holder: String },
+    /// A write lost a race (409): look again next round; a leader keeps acting until its
+    /// renew deadline.
+    Raced,
 }
 
 /// One election: the Lease API, and what this candidate has seen of the record.
@@ -182,8 +185,8 @@ impl Candidate {
                     self.holding = true;
                     Ok(Outcome::Leading { term: 0 })
                 }
-                // Someone created it first: follow, and look again next round.
-                Err(e) if e.is_conflict() => Ok(Outcome::Following { holder: "another candidate".into() }),
+                // Someone created it first: look again next round.
+                Err(e) if e.is_conflict() => Ok(Outcome::Raced),
                 Err(e) => Err(e),
             };
         };
@@ -200,6 +203,8 @@ impl Candidate {
             // Released, or held by this identity before a restart: a new term.
             true
         } else {
+            // Someone else holds it: whatever this process held before is gone.
+            self.holding = false;
             match &self.observed {
                 Some((seen, since)) if *seen == rv => {
                     let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
@@ -228,11 +233,9 @@ impl Candidate {
                 self.observed = None;
                 Ok(Outcome::Leading { term: l.spec.and_then(|s| s.lease_transitions).unwrap_or(0).max(0) as u32 })
             }
-            // The record changed under us: someone renewed or won. Look again next round.
-            Err(e) if e.is_conflict() => {
-                self.holding = false;
-                Ok(Outcome::Following { holder })
-            }
+            // The record changed under us: someone renewed or won. Look again next round
+            // (a holder keeps its term if the record still names it).
+            Err(e) if e.is_conflict() => Ok(Outcome::Raced),
             Err(e) => Err(e),
         }
     }
@@ -297,12 +300,13 @@ pub async fn run(client: kube::Client, s: Settings, tx: watch::Sender<Term>, met
         let started = Instant::now();
         let outcome = c.try_acquire_or_renew().await;
         let leading = tx.borrow().leader;
+        let held_term = tx.borrow().term;
         match outcome {
             Ok(Outcome::Leading { term }) => {
                 last_renew = Some(started);
                 failing = false;
                 following = None;
-                if !leading || tx.borrow().term != term {
+                if !leading || held_term != term {
                     info!(identity = %s.identity, term, lease = %s.lease_name, "became the leader");
                     metrics.transitions.inc();
                     tx.send_replace(Term { leader: true, term });
@@ -321,6 +325,12 @@ pub async fn run(client: kube::Client, s: Settings, tx: watch::Sender<Term>, met
                 if following.as_deref() != Some(holder.as_str()) {
                     info!(leader = %holder, "following");
                     following = Some(holder);
+                }
+            }
+            Ok(Outcome::Raced) => {
+                if leading && last_renew.is_none_or(|t| t.elapsed() >= s.renew_deadline) {
+                    step_down(&client, &s, &tx, &metrics, "could not renew the Lease within renew_deadline").await;
+                    c.holding = false;
                 }
             }
             Err(e) => {
@@ -347,8 +357,9 @@ pub async fn run(client: kube::Client, s: Settings, tx: watch::Sender<Term>, met
             _ = tokio::time::sleep(wait) => {}
         }
     }
-    if tx.borrow().leader {
-        tx.send_replace(Term { leader: false, term: tx.borrow().term });
+    let last = *tx.borrow();
+    if last.leader {
+        tx.send_replace(Term { leader: false, term: last.term });
         metrics.leader.set(0);
         c.release().await;
         let _ = label_pod(&client, &s, false).await;

@@ -7,6 +7,8 @@
 //! free port and releases it for someone else to bind: another test could take it between
 //! the probe and the bind.
 
+pub mod apiserver;
+pub mod containerd;
 pub mod faultproxy;
 pub mod relay;
 pub mod seaweed;
@@ -500,60 +502,13 @@ pub fn require_tool(name: &str, install: &str) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("`{name}` is not installed; this test needs it ({install}). scripts/test.sh installs it."))
 }
 
-/// A Kubernetes-API-shaped HTTPS server: a pod LIST gets `pods_json`, anything else (the
-/// agent's node-label PATCHes) a Node; each request's first line and body come back on the
-/// channel. Returns the agent's `kubernetes:` config line.
-pub async fn fake_api_server(dir: &std::path::Path, pods_json: String) -> Result<(String, tokio::sync::mpsc::Receiver<String>)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let ca = CertAuthority::new("kube-ca")?;
-    let leaf = ca.issue(&LeafSpec::new("kube-apiserver", &["localhost"], Usage::Server, Duration::from_secs(3600)))?;
-    std::fs::write(dir.join("kube-ca.crt"), ca.cert_pem())?;
-    std::fs::write(dir.join("kube-token"), "token")?;
-    let certs = rustls_pemfile::certs(&mut leaf.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
-    let key = rustls_pemfile::private_key(&mut leaf.key_pem.as_bytes())?.ok_or_else(|| anyhow::anyhow!("key"))?;
-    let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let (tx, rx) = tokio::sync::mpsc::channel(16);
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
-            let mut got = Vec::new();
-            let mut buf = [0u8; 8192];
-            while let Ok(n) = tls.read(&mut buf).await {
-                if n == 0 {
-                    break;
-                }
-                got.extend_from_slice(&buf[..n]);
-                let t = String::from_utf8_lossy(&got);
-                if let Some((head, body)) = t.split_once("\r\n\r\n")
-                    && head.lines().find_map(|l| l.strip_prefix("Content-Length: ")).and_then(|v| v.trim().parse::<usize>().ok())
-                        <= Some(body.len())
-                {
-                    break;
-                }
-            }
-            let body = if got.starts_with(b"GET /api/v1/pods") { pods_json.as_str() } else { "{\"kind\":\"Node\"}" };
-            let _ = tls
-                .write_all(
-                    format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
-                )
-                .await;
-            let _ = tls.shutdown().await;
-            let t = String::from_utf8_lossy(&got).into_owned();
-            let _ = tx.send(t.split_once("\r\n\r\n").map(|(h, b)| format!("{}\n{b}", h.lines().next().unwrap_or(""))).unwrap_or(t)).await;
-        }
-    });
-    let yaml = format!(
-        "kubernetes: {{api_server: \"https://localhost:{port}\", token_file: {}, ca_file: {}}}\n",
-        dir.join("kube-token").display(),
-        dir.join("kube-ca.crt").display()
-    );
-    Ok((yaml, rx))
+/// The API test server with `node` registered, allowing the agent's RBAC rules; returns
+/// it and the agent's `kubernetes:` config line (a kubeconfig in `dir`).
+pub async fn agent_api_server(dir: &std::path::Path, node: &str) -> Result<(apiserver::ApiServer, String)> {
+    let s = apiserver::ApiServer::start(&[hearth_agent::kube::API_RULES]).await?;
+    s.add_node(node);
+    let kc = s.kubeconfig(dir)?;
+    Ok((s, format!("kubernetes: {{kubeconfig: {}}}\n", kc.display())))
 }
 
 /// `hearth local` with its state in `state` and every listener on a free port (the sample

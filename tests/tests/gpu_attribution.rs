@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use hearth_proto::podresources::pod_resources_lister_server::{PodResourcesLister, PodResourcesListerServer};
 use hearth_proto::podresources::{ContainerDevices, ContainerResources, ListPodResourcesRequest, ListPodResourcesResponse, PodResources};
 use hearth_proto::v1 as pb;
@@ -206,7 +206,7 @@ async fn a_partition_spec_in_the_config_is_applied_reported_and_exported() -> Re
     let ctl = ControllerProc::start(dir.path(), &pki, "").await?;
     let grpc = ctl.grpc;
     let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/mig-spec.yaml");
-    let (kube_yaml, mut patches) = hearth_tests::fake_api_server(dir.path(), "{\"kind\":\"PodList\",\"items\":[]}".into()).await?;
+    let (api, kube_yaml) = hearth_tests::agent_api_server(dir.path(), "mig-1").await?;
     let agent = AgentProc::start(
         dir.path(),
         &pki,
@@ -239,18 +239,16 @@ async fn a_partition_spec_in_the_config_is_applied_reported_and_exported() -> Re
         body.lines().filter(|l| l.starts_with("DCGM_FI_PROF_GR_ENGINE_ACTIVE{") && l.contains("GPU_I_PROFILE=\"3g.40gb\"")).collect();
     assert_eq!(mig_util.len(), 2, "one per GPU:\n{body}");
     assert!(series(&body, "DCGM_FI_DEV_GPU_UTIL", 0).is_empty(), "no whole-GPU utilisation under MIG");
-    // And on the Kubernetes Node object, through a merge patch.
-    let patch = loop {
-        let p = tokio::time::timeout(Duration::from_secs(10), patches.recv()).await?.ok_or_else(|| anyhow::anyhow!("no patch"))?;
-        if p.contains("success") {
-            break p;
-        }
-    };
-    assert!(patch.starts_with("PATCH /api/v1/nodes/mig-1 HTTP/1.1\n"), "{patch}");
-    assert!(
-        patch.ends_with(r#"{"metadata":{"labels":{"hearth.dev/mig.config":"balanced","hearth.dev/mig.config.state":"success"}}}"#),
-        "{patch}"
-    );
+    // And on the Kubernetes Node object, by server-side apply with Hearth's field manager.
+    let labels = wait_for("the node labels", Duration::from_secs(10), || async {
+        let l = api.node("mig-1").map(|n| n["metadata"]["labels"].clone()).unwrap_or_default();
+        Ok((l["hearth.dev/mig.config.state"] == "success").then_some(l))
+    })
+    .await?;
+    assert_eq!(labels["hearth.dev/mig.config"], "balanced");
+    let apply = api.requests().into_iter().rfind(|r| r.is("patch", "nodes")).context("no apply")?;
+    assert_eq!((apply.content_type.as_str(), apply.query.get("fieldManager").map(String::as_str)), ("application/apply-patch+yaml", Some("hearth-agent")));
+    assert!(api.forbidden().is_empty(), "{:?}", api.forbidden());
     // The record is on disk for the next start.
     let rec = std::fs::read_to_string(dir.path().join("state-mig-1/partition.json"))?;
     assert!(rec.contains("\"phase\": \"success\""), "{rec}");

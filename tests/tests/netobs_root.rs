@@ -630,8 +630,8 @@ async fn the_agent_names_pods_from_the_kubernetes_api_and_serves_their_network_m
     let uid = format!("0000beef-0000-4000-8000-{tag:012x}");
     let pod = Cgroup::new(base.join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"))))?;
     let dir = tempfile::tempdir()?;
-    let pods = format!(r#"{{"kind":"PodList","items":[{{"metadata":{{"name":"vllm-0","namespace":"serving","uid":"{uid}"}}}}]}}"#);
-    let (kube_yaml, _requests) = hearth_tests::fake_api_server(dir.path(), pods).await?;
+    let (api, kube_yaml) = hearth_tests::agent_api_server(dir.path(), "net-1").await?;
+    api.add_pod_with_uid("serving", "vllm-0", "net-1", &uid);
     let pki = TestPki::new(&dir.path().join("pki"))?;
     let stop = tokio_util::sync::CancellationToken::new();
     let _stop = stop.clone().drop_guard();
@@ -678,6 +678,7 @@ async fn the_agent_names_pods_from_the_kubernetes_api_and_serves_their_network_m
     .map(|_| ());
     let (_, text) = http_get(agent.http, "/metrics").await?;
     body.with_context(|| text.lines().filter(|l| l.contains("hearth_pod_network")).collect::<Vec<_>>().join("\n"))?;
+    assert!(api.forbidden().is_empty(), "{:?}", api.forbidden());
     let payload = format!(r#"hearth_pod_network_payload_bytes_total{{{l},direction="ingress",peer="loopback"}} "#);
     let got: u64 = text.lines().find_map(|x| x.strip_prefix(&payload)).context("ingress payload series")?.parse()?;
     ensure!(got >= N, "the pod received at least N payload bytes: {got}");

@@ -28,7 +28,10 @@ fn pod_ref(p: &Pod) -> Option<(String, PodRef)> {
 /// for the table's retention time (their last series are still exported).
 pub async fn watch_pods(client: kube::Client, node: String, names: PodTable, events: WatchEvents, shutdown: CancellationToken) {
     let api: kube::Api<Pod> = kube::Api::all(client);
-    let cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}")).any_semantic();
+    let mut cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}")).any_semantic();
+    // One node's pods fit one page; without a limit the API server answers resourceVersion=0
+    // from its watch cache instead of a quorum read from etcd (a limit would force one).
+    cfg.page_size = None;
     let mut stream = std::pin::pin!(watcher(api, cfg).default_backoff());
     // Pods seen during a (re-)list; the table is replaced when it completes, so pods deleted
     // while the watch was down are noticed.

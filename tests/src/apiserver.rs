@@ -1,0 +1,721 @@
+//! An API-shaped Kubernetes test server. No kube-apiserver can run on our machines, so
+//! Hearth's kube-rs code is tested against this: a plain-HTTP server (reached through a
+//! kubeconfig with a bearer token) that keeps real object JSON, checks each request the
+//! way the API server would where Hearth depends on it, and can misbehave on purpose.
+//!
+//! What it checks and models:
+//! - RBAC: every request maps to (API group, resource, verb); one outside the rules it was
+//!   started with gets 403 with a Status object and is recorded in [`ApiServer::forbidden`].
+//! - Server-side apply (`application/apply-patch+yaml`, `fieldManager` required): labels
+//!   and status conditions are owned per field manager; an apply that leaves out a label or
+//!   condition its manager owned removes it; other managers' fields are untouched.
+//! - Merge patches carrying `metadata.resourceVersion` and PUTs are optimistic: a stale
+//!   version gets 409 Conflict; POST of an existing name gets 409 AlreadyExists.
+//! - LIST and WATCH of pods with `fieldSelector=spec.nodeName=...`; watch events are
+//!   newline-delimited JSON, resumed from `resourceVersion`; after [`ApiServer::compact`]
+//!   a watch from an older version gets a 410 Gone ERROR event, as after etcd compaction.
+//! - Faults: the next N requests for a (verb, resource) answer with a given status (403,
+//!   409, 422, 429 with Retry-After, 500); [`ApiServer::stop`] takes the server away
+//!   (connections closed, port refused) and [`ApiServer::restart`] brings it back on the
+//!   same port with the same objects.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::Response;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub const TOKEN: &str = "hearth-test-token";
+
+/// One request as the server saw it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub at: Instant,
+    pub method: String,
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+    pub verb: String,
+    pub group: String,
+    pub resource: String,
+    pub content_type: String,
+    pub body: Value,
+    pub status: u16,
+}
+
+impl Request {
+    pub fn is(&self, verb: &str, resource: &str) -> bool {
+        self.verb == verb && self.resource == resource
+    }
+}
+
+/// Answer the next `times` requests for (verb, resource) with `status`.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub verb: String,
+    pub resource: String,
+    pub status: u16,
+    pub times: usize,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rv: u64,
+    /// Watches from a version below this get 410 Gone.
+    compacted: u64,
+    nodes: BTreeMap<String, Value>,
+    /// By UID.
+    pods: BTreeMap<String, Value>,
+    pod_events: Vec<(u64, &'static str, Value)>,
+    /// (group/resource, namespace, name) -> object, for leases and events.
+    objects: BTreeMap<(String, String, String), Value>,
+    /// (object key, field manager) -> label keys, and -> condition types.
+    owned_labels: BTreeMap<(String, String), BTreeSet<String>>,
+    owned_conditions: BTreeMap<(String, String), BTreeSet<String>>,
+    log: Vec<Request>,
+    faults: Vec<Fault>,
+    rules: BTreeSet<(String, String, String)>,
+    forbidden: Vec<String>,
+    /// The longest a watch is held open, whatever the client asks (a real API server
+    /// also ends watches on its own schedule).
+    watch_cap: Option<Duration>,
+}
+
+struct Shared {
+    st: Mutex<State>,
+    /// Bumped on every pod change; watches wait on it.
+    changed: watch::Sender<u64>,
+    /// Cancelled to end every open watch (compaction, stop).
+    watches: Mutex<CancellationToken>,
+}
+
+impl Shared {
+    fn st(&self) -> std::sync::MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The running server.
+pub struct ApiServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Mutex<Option<CancellationToken>>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer").field("addr", &self.addr).finish()
+    }
+}
+
+fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message, "reason": reason, "code": code})
+}
+
+fn respond(code: u16, body: &Value) -> Response {
+    let mut r = Response::new(Body::from(body.to_string()));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert("content-type", "application/json".parse().expect("static header"));
+    r
+}
+
+fn reason_of(code: u16) -> &'static str {
+    match code {
+        400 => "BadRequest",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "NotFound",
+        409 => "Conflict",
+        410 => "Expired",
+        422 => "Invalid",
+        429 => "TooManyRequests",
+        _ => "InternalError",
+    }
+}
+
+/// RFC 7386 merge.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+/// (group, resource incl. subresource, namespace, name) from an API path.
+fn route(path: &str) -> Option<(String, String, Option<String>, Option<String>)> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", "v1", rest @ ..] => (String::new(), rest),
+        ["apis", g, _v, rest @ ..] => ((*g).to_owned(), rest),
+        _ => return None,
+    };
+    let (ns, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some((*ns).to_owned()), rest),
+        r => (None, r),
+    };
+    match rest {
+        [res] => Some((group, (*res).to_owned(), ns, None)),
+        [res, name] => Some((group, (*res).to_owned(), ns, Some((*name).to_owned()))),
+        [res, name, sub] => Some((group, format!("{res}/{sub}"), ns, Some((*name).to_owned()))),
+        _ => None,
+    }
+}
+
+impl ApiServer {
+    /// Starts on a free port, allowing exactly `rules` (API group, resource, verbs).
+    pub async fn start(rules: &[&[(&str, &str, &[&str])]]) -> Result<Self> {
+        let mut allowed = BTreeSet::new();
+        for set in rules {
+            for (g, r, verbs) in *set {
+                for v in *verbs {
+                    allowed.insert(((*g).to_owned(), (*r).to_owned(), (*v).to_owned()));
+                }
+            }
+        }
+        let shared = Arc::new(Shared {
+            st: Mutex::new(State { rv: 100, rules: allowed, ..Default::default() }),
+            changed: watch::channel(0).0,
+            watches: Mutex::new(CancellationToken::new()),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let s = Self { addr, shared, stop: Mutex::new(None) };
+        s.serve(listener);
+        Ok(s)
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let stop = CancellationToken::new();
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop.clone());
+        let shared = self.shared.clone();
+        let app = axum::Router::new().fallback(move |method: Method, uri: Uri, headers: HeaderMap, body: axum::body::Bytes| {
+            let shared = shared.clone();
+            async move { handle(&shared, method, uri, headers, body) }
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+        });
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Writes a kubeconfig for this server (bearer token [`TOKEN`]) and returns its path.
+    pub fn kubeconfig(&self, dir: &Path) -> Result<PathBuf> {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"{}\"}}\nusers:\n- name: hearth\n  user: {{token: {TOKEN}}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: hearth, namespace: hearth}}\ncurrent-context: test\n",
+            self.url()
+        );
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Closes every connection and stops listening; objects are kept.
+    pub fn stop(&self) {
+        if let Some(s) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            s.cancel();
+        }
+        self.end_watches();
+    }
+
+    /// Listens again on the same port.
+    pub async fn restart(&self) -> Result<()> {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.set_reuseaddr(true)?;
+        let mut tries = 0;
+        loop {
+            match sock.bind(self.addr) {
+                Ok(()) => break,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e).context("rebinding the API server's port"),
+            }
+        }
+        self.serve(sock.listen(128)?);
+        Ok(())
+    }
+
+    fn end_watches(&self) {
+        let mut w = self.shared.watches.lock().unwrap_or_else(|p| p.into_inner());
+        w.cancel();
+        *w = CancellationToken::new();
+    }
+
+    /// Forgets history: open watches end, and resuming from any version seen so far gets
+    /// 410 Gone (the client must re-list).
+    pub fn compact(&self) {
+        {
+            let mut st = self.shared.st();
+            st.rv += 1;
+            st.compacted = st.rv;
+            st.pod_events.clear();
+        }
+        self.end_watches();
+    }
+
+    /// Ends watches after at most `cap`, whatever timeout the client asks for.
+    pub fn cap_watches(&self, cap: Duration) {
+        self.shared.st().watch_cap = Some(cap);
+    }
+
+    pub fn inject(&self, verb: &str, resource: &str, status: u16, times: usize) {
+        self.shared.st().faults.push(Fault { verb: verb.into(), resource: resource.into(), status, times });
+    }
+
+    pub fn add_node(&self, name: &str) {
+        let mut st = self.shared.st();
+        st.rv += 1;
+        let node = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "uid": format!("uid-{name}"), "resourceVersion": st.rv.to_string(),
+                         "labels": {"kubernetes.io/hostname": name}},
+            "spec": {"taints": [{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}]},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "kubelet is posting ready status"}]},
+        });
+        st.nodes.insert(name.to_owned(), node);
+    }
+
+    pub fn node(&self, name: &str) -> Option<Value> {
+        self.shared.st().nodes.get(name).cloned()
+    }
+
+    /// Adds a pod bound to `node`; returns its UID.
+    pub fn add_pod(&self, namespace: &str, name: &str, node: &str) -> String {
+        let n = self.shared.st().rv + 1;
+        self.add_pod_with_uid(namespace, name, node, &format!("{n:08x}-0000-4000-8000-{n:012x}"))
+    }
+
+    /// Adds a pod with a given UID (a test's cgroup names it).
+    pub fn add_pod_with_uid(&self, namespace: &str, name: &str, node: &str, uid: &str) -> String {
+        let uid = uid.to_owned();
+        let mut st = self.shared.st();
+        st.rv += 1;
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "uid": uid, "resourceVersion": st.rv.to_string()},
+            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "x"}]},
+            "status": {"phase": "Running"},
+        });
+        st.pods.insert(uid.clone(), pod.clone());
+        let rv = st.rv;
+        st.pod_events.push((rv, "ADDED", pod));
+        drop(st);
+        self.shared.changed.send_replace(rv);
+        uid
+    }
+
+    pub fn delete_pod(&self, uid: &str) {
+        let mut st = self.shared.st();
+        st.rv += 1;
+        let rv = st.rv;
+        if let Some(mut pod) = st.pods.remove(uid) {
+            pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+            st.pod_events.push((rv, "DELETED", pod));
+        }
+        drop(st);
+        self.shared.changed.send_replace(rv);
+    }
+
+    /// An object by group/resource, namespace and name (leases: "coordination.k8s.io/leases").
+    pub fn object(&self, kind: &str, namespace: &str, name: &str) -> Option<Value> {
+        self.shared.st().objects.get(&(kind.to_owned(), namespace.to_owned(), name.to_owned())).cloned()
+    }
+
+    /// Every object of a group/resource.
+    pub fn objects(&self, kind: &str) -> Vec<Value> {
+        self.shared.st().objects.iter().filter(|((k, _, _), _)| k == kind).map(|(_, v)| v.clone()).collect()
+    }
+
+    /// Adds a pod object in a namespace that the controller may patch (its own pod).
+    pub fn add_namespaced_pod(&self, namespace: &str, name: &str) {
+        let mut st = self.shared.st();
+        st.rv += 1;
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace, "resourceVersion": st.rv.to_string(), "labels": {"app": "hearth"}}});
+        st.objects.insert(("/pods".into(), namespace.into(), name.into()), pod);
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        self.shared.st().log.clone()
+    }
+
+    /// Requests refused for lack of an RBAC rule: "verb group/resource path".
+    pub fn forbidden(&self) -> Vec<String> {
+        self.shared.st().forbidden.clone()
+    }
+}
+
+fn handle(shared: &Arc<Shared>, method: Method, uri: Uri, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    let path = uri.path().to_owned();
+    let query: BTreeMap<String, String> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (k.to_owned(), percent_decode(v))
+        })
+        .collect();
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let Some((group, resource, ns, name)) = route(&path) else {
+        return respond(404, &status_body(404, "NotFound", &format!("no route {path}")));
+    };
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let verb = match (&method, name.is_some()) {
+        (&Method::GET, false) if watching => "watch",
+        (&Method::GET, false) => "list",
+        (&Method::GET, true) => "get",
+        (&Method::POST, _) => "create",
+        (&Method::PUT, _) => "update",
+        (&Method::PATCH, _) => "patch",
+        (&Method::DELETE, _) => "delete",
+        _ => "unknown",
+    };
+    let parsed: Value = if body.is_empty() {
+        Value::Null
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return respond(400, &status_body(400, "BadRequest", &format!("body is not JSON: {e}"))),
+        }
+    };
+    let mut st = shared.st();
+    let mut record = Request {
+        at: Instant::now(),
+        method: method.to_string(),
+        path: path.clone(),
+        query: query.clone(),
+        verb: verb.to_owned(),
+        group: group.clone(),
+        resource: resource.clone(),
+        content_type: content_type.clone(),
+        body: parsed.clone(),
+        status: 0,
+    };
+    let auth = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let result = if auth != format!("Bearer {TOKEN}") {
+        Err((401, "Unauthorized: no valid bearer token".to_owned()))
+    } else if !st.rules.contains(&(group.clone(), resource.clone(), verb.to_owned())) {
+        let what = format!("{verb} {group}/{resource} {path}");
+        st.forbidden.push(what.clone());
+        Err((403, format!("{resource} is forbidden: the test server's rules do not allow {verb} on {group}/{resource}")))
+    } else if let Some(i) = st.faults.iter().position(|f| f.verb == verb && f.resource == resource && f.times > 0) {
+        st.faults[i].times -= 1;
+        let code = st.faults[i].status;
+        Err((code, format!("injected {code} for {verb} {resource}")))
+    } else {
+        Ok(())
+    };
+    if let Err((code, msg)) = result {
+        record.status = code;
+        st.log.push(record);
+        let mut r = respond(code, &status_body(code, reason_of(code), &msg));
+        if code == 429 {
+            r.headers_mut().insert("retry-after", "1".parse().expect("static header"));
+        }
+        return r;
+    }
+    let answer = match (resource.as_str(), verb) {
+        ("pods", "list") if ns.is_none() => Ok(list_pods(&st, &query)),
+        ("pods", "watch") if ns.is_none() => {
+            record.status = 200;
+            st.log.push(record);
+            drop(st);
+            return watch_pods(shared, &query);
+        }
+        ("nodes", "get") => node_get(&st, name.as_deref().unwrap_or("")),
+        ("nodes" | "nodes/status", "patch") => {
+            node_patch(&mut st, name.as_deref().unwrap_or(""), resource.ends_with("/status"), &content_type, &query, parsed)
+        }
+        ("pods", "patch") => {
+            let key = ("/pods".to_owned(), ns.clone().unwrap_or_default(), name.clone().unwrap_or_default());
+            apply_labels_to_object(&mut st, key, &content_type, &query, &parsed)
+        }
+        (_, "get" | "create" | "update" | "patch") if ns.is_some() => {
+            generic(&mut st, &format!("{group}/{resource}"), ns.as_deref().unwrap_or(""), name.as_deref(), verb, &content_type, parsed)
+        }
+        _ => Err((405, format!("the test server does not model {verb} on {group}/{resource}"))),
+    };
+    let (code, body) = match answer {
+        Ok(v) => (200, v),
+        Err((code, msg)) => (code, status_body(code, reason_of(code), &msg)),
+    };
+    record.status = code;
+    st.log.push(record);
+    respond(code, &body)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len() + 1
+            && let Some(h) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(h);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn node_filter(query: &BTreeMap<String, String>) -> Option<String> {
+    query.get("fieldSelector").and_then(|f| f.strip_prefix("spec.nodeName=")).map(str::to_owned)
+}
+
+fn list_pods(st: &State, query: &BTreeMap<String, String>) -> Value {
+    let node = node_filter(query);
+    let items: Vec<Value> =
+        st.pods.values().filter(|p| node.as_deref().is_none_or(|n| p["spec"]["nodeName"] == n)).cloned().collect();
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})
+}
+
+fn watch_pods(shared: &Arc<Shared>, query: &BTreeMap<String, String>) -> Response {
+    let node = node_filter(query);
+    let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let asked = query.get("timeoutSeconds").and_then(|v| v.parse().ok()).map(Duration::from_secs).unwrap_or(Duration::from_secs(1800));
+    let (expired, cap) = {
+        let st = shared.st();
+        (from < st.compacted, st.watch_cap)
+    };
+    let timeout = cap.map_or(asked, |c| c.min(asked));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(64);
+    if expired {
+        let ev = json!({"type": "ERROR", "object": status_body(410, "Expired", &format!("too old resource version: {from}"))});
+        let _ = tx.try_send(Ok(bytes::Bytes::from(format!("{ev}\n"))));
+    } else {
+        let mut changed = shared.changed.subscribe();
+        let ended = shared.watches.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let pending: Vec<_> = shared.st().pod_events.iter().filter(|(rv, _, _)| *rv > from).cloned().collect();
+        let node2 = node.clone();
+        let source = shared.clone();
+        tokio::spawn(async move {
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut last = from;
+            let send = |tx: &tokio::sync::mpsc::Sender<_>, events: Vec<(u64, &'static str, Value)>, last: &mut u64| {
+                for (rv, kind, obj) in events {
+                    *last = (*last).max(rv);
+                    if node2.as_deref().is_some_and(|n| obj["spec"]["nodeName"] != n) {
+                        continue;
+                    }
+                    let line = format!("{}\n", json!({"type": kind, "object": obj}));
+                    if tx.try_send(Ok(bytes::Bytes::from(line))).is_err() {
+                        return false;
+                    }
+                }
+                true
+            };
+            if !send(&tx, pending, &mut last) {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => return,
+                    _ = ended.cancelled() => return,
+                    r = changed.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        let events: Vec<_> = source.st().pod_events.iter().filter(|(rv, _, _)| *rv > last).cloned().collect();
+                        if !send(&tx, events, &mut last) {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut r = Response::new(Body::from_stream(stream));
+    r.headers_mut().insert("content-type", "application/json".parse().expect("static header"));
+    r
+}
+
+fn node_get(st: &State, name: &str) -> Result<Value, (u16, String)> {
+    st.nodes.get(name).cloned().ok_or((404, format!("nodes \"{name}\" not found")))
+}
+
+/// Checks what the API server requires of a server-side apply.
+fn check_apply(content_type: &str, query: &BTreeMap<String, String>, body: &Value, kind: &str, name: &str) -> Result<String, (u16, String)> {
+    if content_type != "application/apply-patch+yaml" {
+        return Err((415, format!("apply needs content type application/apply-patch+yaml, got {content_type:?}")));
+    }
+    let manager = query.get("fieldManager").cloned().filter(|m| !m.is_empty()).ok_or((400, "apply without fieldManager".to_owned()))?;
+    if body["apiVersion"] != "v1" || body["kind"] != kind || body["metadata"]["name"] != name {
+        return Err((400, format!("apply body must name apiVersion v1, kind {kind} and metadata.name {name}: {body}")));
+    }
+    Ok(manager)
+}
+
+fn label_values_valid(labels: &serde_json::Map<String, Value>) -> Result<(), (u16, String)> {
+    for (k, v) in labels {
+        let v = v.as_str().unwrap_or("");
+        let ok = v.is_empty()
+            || (v.len() <= 63
+                && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && v.ends_with(|c: char| c.is_ascii_alphanumeric())
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
+        if !ok {
+            return Err((422, format!("metadata.labels: Invalid value: {v:?} for {k}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.'")));
+        }
+    }
+    Ok(())
+}
+
+/// Applies `labels` as manager's whole set on `obj`.
+fn apply_labels(owned: &mut BTreeMap<(String, String), BTreeSet<String>>, key: String, manager: String, obj: &mut Value, labels: &serde_json::Map<String, Value>) {
+    let prev = owned.remove(&(key.clone(), manager.clone())).unwrap_or_default();
+    let map = obj["metadata"].as_object_mut().map(|m| m.entry("labels").or_insert(json!({})));
+    if let Some(Value::Object(l)) = map {
+        for k in prev.iter().filter(|k| !labels.contains_key(*k)) {
+            l.remove(k);
+        }
+        for (k, v) in labels {
+            l.insert(k.clone(), v.clone());
+        }
+    }
+    owned.insert((key, manager), labels.keys().cloned().collect());
+}
+
+fn bump(st: &mut State, obj: &mut Value) {
+    st.rv += 1;
+    obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+}
+
+fn node_patch(st: &mut State, name: &str, status: bool, ct: &str, query: &BTreeMap<String, String>, body: Value) -> Result<Value, (u16, String)> {
+    let mut node = st.nodes.get(name).cloned().ok_or((404, format!("nodes \"{name}\" not found")))?;
+    let key = format!("node/{name}");
+    if ct == "application/apply-patch+yaml" {
+        let manager = check_apply(ct, query, &body, "Node", name)?;
+        if status {
+            let conds = body["status"]["conditions"].as_array().cloned().unwrap_or_default();
+            let types: BTreeSet<String> = conds.iter().filter_map(|c| c["type"].as_str().map(str::to_owned)).collect();
+            let prev = st.owned_conditions.remove(&(key.clone(), manager.clone())).unwrap_or_default();
+            let list = node["status"]["conditions"].as_array().cloned().unwrap_or_default();
+            let mut list: Vec<Value> = list
+                .into_iter()
+                .filter(|c| {
+                    let t = c["type"].as_str().unwrap_or("");
+                    !(prev.contains(t) && !types.contains(t)) && !types.contains(t)
+                })
+                .collect();
+            for c in conds {
+                if c["status"] != "True" && c["status"] != "False" && c["status"] != "Unknown" {
+                    return Err((422, format!("status.conditions: Invalid status {}", c["status"])));
+                }
+                list.push(c);
+            }
+            node["status"]["conditions"] = Value::Array(list);
+            st.owned_conditions.insert((key, manager), types);
+        } else {
+            let labels = body["metadata"]["labels"].as_object().cloned().unwrap_or_default();
+            label_values_valid(&labels)?;
+            apply_labels(&mut st.owned_labels, key, manager, &mut node, &labels);
+        }
+    } else if ct == "application/merge-patch+json" && !status {
+        if let Some(rv) = body["metadata"]["resourceVersion"].as_str()
+            && Some(rv) != node["metadata"]["resourceVersion"].as_str()
+        {
+            return Err((409, format!("Operation cannot be fulfilled on nodes \"{name}\": the object has been modified")));
+        }
+        let mut patch = body.clone();
+        if let Some(m) = patch["metadata"].as_object_mut() {
+            m.remove("resourceVersion");
+        }
+        merge(&mut node, &patch);
+    } else {
+        return Err((415, format!("the test server models apply and merge patches of nodes, not {ct:?}")));
+    }
+    bump(st, &mut node);
+    st.nodes.insert(name.to_owned(), node.clone());
+    Ok(node)
+}
+
+fn apply_labels_to_object(st: &mut State, key: (String, String, String), ct: &str, query: &BTreeMap<String, String>, body: &Value) -> Result<Value, (u16, String)> {
+    let mut obj = st.objects.get(&key).cloned().ok_or((404, format!("pods \"{}\" not found", key.2)))?;
+    let manager = check_apply(ct, query, body, "Pod", &key.2)?;
+    let labels = body["metadata"]["labels"].as_object().cloned().unwrap_or_default();
+    label_values_valid(&labels)?;
+    apply_labels(&mut st.owned_labels, format!("pod/{}/{}", key.1, key.2), manager, &mut obj, &labels);
+    bump(st, &mut obj);
+    st.objects.insert(key, obj.clone());
+    Ok(obj)
+}
+
+/// Leases and events: get, create (409 if it exists), update (409 on a stale
+/// resourceVersion), merge patch.
+fn generic(st: &mut State, kind: &str, ns: &str, name: Option<&str>, verb: &str, ct: &str, body: Value) -> Result<Value, (u16, String)> {
+    match verb {
+        "get" => {
+            let n = name.unwrap_or("");
+            st.objects.get(&(kind.to_owned(), ns.to_owned(), n.to_owned())).cloned().ok_or((404, format!("{kind} \"{n}\" not found")))
+        }
+        "create" => {
+            let n = body["metadata"]["name"].as_str().unwrap_or("").to_owned();
+            if n.is_empty() {
+                return Err((422, "metadata.name: Required value".into()));
+            }
+            let key = (kind.to_owned(), ns.to_owned(), n.clone());
+            if st.objects.contains_key(&key) {
+                return Err((409, format!("{kind} \"{n}\" already exists")));
+            }
+            let mut obj = body;
+            obj["metadata"]["namespace"] = json!(ns);
+            obj["metadata"]["uid"] = json!(format!("uid-{n}"));
+            bump(st, &mut obj);
+            st.objects.insert(key, obj.clone());
+            Ok(obj)
+        }
+        "update" => {
+            let n = name.unwrap_or("").to_owned();
+            let key = (kind.to_owned(), ns.to_owned(), n.clone());
+            let cur = st.objects.get(&key).ok_or((404, format!("{kind} \"{n}\" not found")))?;
+            if body["metadata"]["resourceVersion"] != cur["metadata"]["resourceVersion"] {
+                return Err((409, format!("Operation cannot be fulfilled on {kind} \"{n}\": the object has been modified; please apply your changes to the latest version and try again")));
+            }
+            let mut obj = body;
+            bump(st, &mut obj);
+            st.objects.insert(key, obj.clone());
+            Ok(obj)
+        }
+        "patch" => {
+            if ct != "application/merge-patch+json" {
+                return Err((415, format!("the test server models merge patches of {kind}, not {ct:?}")));
+            }
+            let n = name.unwrap_or("").to_owned();
+            let key = (kind.to_owned(), ns.to_owned(), n.clone());
+            let mut obj = st.objects.get(&key).cloned().ok_or((404, format!("{kind} \"{n}\" not found")))?;
+            merge(&mut obj, &body);
+            bump(st, &mut obj);
+            st.objects.insert(key, obj.clone());
+            Ok(obj)
+        }
+        _ => Err((405, format!("{verb} on {kind}"))),
+    }
+}
