@@ -303,9 +303,10 @@ fn leader_settings(r: RawLeaderElection, k: RawKubernetes) -> Result<Option<crat
             ));
         }
     };
-    let namespace = r.namespace.or_else(|| env("POD_NAMESPACE")).ok_or_else(|| {
-        invalid("leader_election.namespace", "a namespace (or $POD_NAMESPACE from the downward API)", "nothing")
-    })?;
+    let namespace = r
+        .namespace
+        .or_else(|| env("POD_NAMESPACE"))
+        .ok_or_else(|| invalid("leader_election.namespace", "a namespace (or $POD_NAMESPACE from the downward API)", "nothing"))?;
     if !is_dns_label(&namespace) {
         return Err(invalid("leader_election.namespace", "a DNS-1123 label", namespace));
     }

@@ -128,8 +128,12 @@ fn now_micro() -> MicroTime {
 }
 
 enum Outcome {
-    Leading { term: u32 },
-    Following { holder: String },
+    Leading {
+        term: u32,
+    },
+    Following {
+        holder: String,
+    },
     /// A write lost a race (409): look again next round; a leader keeps acting until its
     /// renew deadline.
     Raced,
@@ -257,7 +261,11 @@ impl Candidate {
             spec.holder_identity = None;
             spec.lease_duration_seconds = Some(1);
             spec.renew_time = Some(now_micro());
-            self.api.replace(&name, &PostParams::default(), &lease).await.map(drop).map_err(|e| api_error(&what, "update", "leases", ROLE, e))
+            self.api
+                .replace(&name, &PostParams::default(), &lease)
+                .await
+                .map(drop)
+                .map_err(|e| api_error(&what, "update", "leases", ROLE, e))
         })
         .await;
         match r {

@@ -490,8 +490,7 @@ fn node_filter(query: &BTreeMap<String, String>) -> Option<String> {
 
 fn list_pods(st: &State, query: &BTreeMap<String, String>) -> Value {
     let node = node_filter(query);
-    let items: Vec<Value> =
-        st.pods.values().filter(|p| node.as_deref().is_none_or(|n| p["spec"]["nodeName"] == n)).cloned().collect();
+    let items: Vec<Value> = st.pods.values().filter(|p| node.as_deref().is_none_or(|n| p["spec"]["nodeName"] == n)).cloned().collect();
     json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})
 }
 
@@ -562,7 +561,13 @@ fn node_get(st: &State, name: &str) -> Result<Value, (u16, String)> {
 }
 
 /// Checks what the API server requires of a server-side apply.
-fn check_apply(content_type: &str, query: &BTreeMap<String, String>, body: &Value, kind: &str, name: &str) -> Result<String, (u16, String)> {
+fn check_apply(
+    content_type: &str,
+    query: &BTreeMap<String, String>,
+    body: &Value,
+    kind: &str,
+    name: &str,
+) -> Result<String, (u16, String)> {
     if content_type != "application/apply-patch+yaml" {
         return Err((415, format!("apply needs content type application/apply-patch+yaml, got {content_type:?}")));
     }
@@ -582,14 +587,25 @@ fn label_values_valid(labels: &serde_json::Map<String, Value>) -> Result<(), (u1
                 && v.ends_with(|c: char| c.is_ascii_alphanumeric())
                 && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)));
         if !ok {
-            return Err((422, format!("metadata.labels: Invalid value: {v:?} for {k}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.'")));
+            return Err((
+                422,
+                format!(
+                    "metadata.labels: Invalid value: {v:?} for {k}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.'"
+                ),
+            ));
         }
     }
     Ok(())
 }
 
 /// Applies `labels` as manager's whole set on `obj`.
-fn apply_labels(owned: &mut BTreeMap<(String, String), BTreeSet<String>>, key: String, manager: String, obj: &mut Value, labels: &serde_json::Map<String, Value>) {
+fn apply_labels(
+    owned: &mut BTreeMap<(String, String), BTreeSet<String>>,
+    key: String,
+    manager: String,
+    obj: &mut Value,
+    labels: &serde_json::Map<String, Value>,
+) {
     let prev = owned.remove(&(key.clone(), manager.clone())).unwrap_or_default();
     let map = obj["metadata"].as_object_mut().map(|m| m.entry("labels").or_insert(json!({})));
     if let Some(Value::Object(l)) = map {
@@ -608,7 +624,14 @@ fn bump(st: &mut State, obj: &mut Value) {
     obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
 }
 
-fn node_patch(st: &mut State, name: &str, status: bool, ct: &str, query: &BTreeMap<String, String>, body: Value) -> Result<Value, (u16, String)> {
+fn node_patch(
+    st: &mut State,
+    name: &str,
+    status: bool,
+    ct: &str,
+    query: &BTreeMap<String, String>,
+    body: Value,
+) -> Result<Value, (u16, String)> {
     let mut node = st.nodes.get(name).cloned().ok_or((404, format!("nodes \"{name}\" not found")))?;
     let key = format!("node/{name}");
     if ct == "application/apply-patch+yaml" {
@@ -622,7 +645,8 @@ fn node_patch(st: &mut State, name: &str, status: bool, ct: &str, query: &BTreeM
                 .into_iter()
                 .filter(|c| {
                     let t = c["type"].as_str().unwrap_or("");
-                    !(prev.contains(t) && !types.contains(t)) && !types.contains(t)
+                    // Dropped: this manager's earlier conditions (re-added below if still applied).
+                    !prev.contains(t) && !types.contains(t)
                 })
                 .collect();
             for c in conds {
@@ -657,7 +681,13 @@ fn node_patch(st: &mut State, name: &str, status: bool, ct: &str, query: &BTreeM
     Ok(node)
 }
 
-fn apply_labels_to_object(st: &mut State, key: (String, String, String), ct: &str, query: &BTreeMap<String, String>, body: &Value) -> Result<Value, (u16, String)> {
+fn apply_labels_to_object(
+    st: &mut State,
+    key: (String, String, String),
+    ct: &str,
+    query: &BTreeMap<String, String>,
+    body: &Value,
+) -> Result<Value, (u16, String)> {
     let mut obj = st.objects.get(&key).cloned().ok_or((404, format!("pods \"{}\" not found", key.2)))?;
     let manager = check_apply(ct, query, body, "Pod", &key.2)?;
     let labels = body["metadata"]["labels"].as_object().cloned().unwrap_or_default();
@@ -697,7 +727,12 @@ fn generic(st: &mut State, kind: &str, ns: &str, name: Option<&str>, verb: &str,
             let key = (kind.to_owned(), ns.to_owned(), n.clone());
             let cur = st.objects.get(&key).ok_or((404, format!("{kind} \"{n}\" not found")))?;
             if body["metadata"]["resourceVersion"] != cur["metadata"]["resourceVersion"] {
-                return Err((409, format!("Operation cannot be fulfilled on {kind} \"{n}\": the object has been modified; please apply your changes to the latest version and try again")));
+                return Err((
+                    409,
+                    format!(
+                        "Operation cannot be fulfilled on {kind} \"{n}\": the object has been modified; please apply your changes to the latest version and try again"
+                    ),
+                ));
             }
             let mut obj = body;
             bump(st, &mut obj);

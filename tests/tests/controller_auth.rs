@@ -91,6 +91,22 @@ async fn certificate_for_another_node_is_refused_and_counted() -> Result<()> {
     Ok(())
 }
 
+/// The chart's DaemonSet shares one agent certificate: listed in `auth.fleet_agents`, its
+/// identity may report as any node; any other certificate still must name its node.
+#[tokio::test]
+async fn a_fleet_agent_identity_reports_as_any_node_and_others_still_must_match() -> Result<()> {
+    let e = env_with(|raw| raw.auth.fleet_agents.push("hearth-agent".into())).await?;
+    let mut a = RawAgent::connect(e.agent_channel("hearth-agent").await?, "ip-10-0-3-7.ec2.internal").await?;
+    a.send(snapshot(1)).await?;
+    assert!(matches!(a.next().await?.kind, Some(In::Ack(pb::Ack { seq: 1, .. }))));
+    let err = RawAgent::connect(e.agent_channel("node-a").await?, "node-b").await.err().expect("must be refused");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let e2 = env().await?;
+    let err = RawAgent::connect(e2.agent_channel("hearth-agent").await?, "node-c").await.err().expect("not a fleet identity by default");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn connection_without_client_certificate_is_refused_and_counted() -> Result<()> {
     let e = env().await?;

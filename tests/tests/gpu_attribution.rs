@@ -247,7 +247,10 @@ async fn a_partition_spec_in_the_config_is_applied_reported_and_exported() -> Re
     .await?;
     assert_eq!(labels["hearth.dev/mig.config"], "balanced");
     let apply = api.requests().into_iter().rfind(|r| r.is("patch", "nodes")).context("no apply")?;
-    assert_eq!((apply.content_type.as_str(), apply.query.get("fieldManager").map(String::as_str)), ("application/apply-patch+yaml", Some("hearth-agent")));
+    assert_eq!(
+        (apply.content_type.as_str(), apply.query.get("fieldManager").map(String::as_str)),
+        ("application/apply-patch+yaml", Some("hearth-agent"))
+    );
     assert!(api.forbidden().is_empty(), "{:?}", api.forbidden());
     // The record is on disk for the next start.
     let rec = std::fs::read_to_string(dir.path().join("state-mig-1/partition.json"))?;

@@ -169,9 +169,11 @@ async fn node_labels_are_applied_as_hearths_set_and_removed_when_no_longer_meant
 
     // The partition config goes away: Hearth's labels go with it, nothing else does.
     tx.send_replace(BTreeMap::new());
-    wait_for("labels removed", Duration::from_secs(10), || async move {
-        Ok(labels(s2).get("hearth.dev/mig.config").is_none().then_some(()))
-    })
+    wait_for(
+        "labels removed",
+        Duration::from_secs(10),
+        || async move { Ok(labels(s2).get("hearth.dev/mig.config").is_none().then_some(())) },
+    )
     .await?;
     assert!(labels(&s).get("hearth.dev/mig.config.state").is_none());
     assert_eq!(labels(&s)["kubernetes.io/hostname"], NODE);
@@ -229,8 +231,7 @@ async fn a_fatal_gpu_fault_sets_the_condition_false_taints_and_posts_events_and_
     let (tx, rx) = tokio::sync::watch::channel(healthy.clone());
     let (events, queue) = NodeEvents::channel();
     let stop = CancellationToken::new();
-    let publisher =
-        tokio::spawn(hearth_agent::kube::events::publish(client.clone(), NODE.into(), queue, Family::default(), stop.clone()));
+    let publisher = tokio::spawn(hearth_agent::kube::events::publish(client.clone(), NODE.into(), queue, Family::default(), stop.clone()));
     let settings = HealthSettings { condition: true, taint: true };
     let health = tokio::spawn(hearth_agent::kube::health::health_loop(
         client,
@@ -263,12 +264,12 @@ async fn a_fatal_gpu_fault_sets_the_condition_false_taints_and_posts_events_and_
     assert_eq!((taint["effect"].as_str(), taint["value"].as_str()), (Some("NoSchedule"), Some("NvidiaXID79Error")));
     let taints = s.node(NODE).context("node")?["spec"]["taints"].clone();
     assert!(taints.as_array().is_some_and(|t| t.iter().any(|t| t["key"] == "nvidia.com/gpu")), "other taints kept: {taints}");
-    let guarded = s.requests().into_iter().filter(|r| r.is("patch", "nodes") && r.status == 200).next_back().context("taint patch")?;
+    let guarded = s.requests().into_iter().rfind(|r| r.is("patch", "nodes") && r.status == 200).context("taint patch")?;
     assert_eq!(guarded.content_type, "application/merge-patch+json");
     assert!(guarded.body["metadata"]["resourceVersion"].is_string(), "the taint patch is guarded: {}", guarded.body);
 
     // A warning-class XID on GPU 0 only posts an Event; the condition keeps GPU 1's reason.
-    let mut warn = s.node(NODE).map(|_| ()).map(|_| healthy.clone()).context("node")?;
+    let mut warn = healthy.clone();
     warn.accelerators[0] = gpu(0, Health::Degraded, "NvidiaXID13Error: XID 13: Graphics Engine Exception");
     warn.accelerators[1] = gpu(1, Health::Unhealthy, "NvidiaXID79Error: XID 79: GPU has fallen off the bus");
     tx.send_replace(warn);
@@ -279,7 +280,10 @@ async fn a_fatal_gpu_fault_sets_the_condition_false_taints_and_posts_events_and_
     })
     .await?;
     let ev = s.objects("events.k8s.io/events").into_iter().find(|e| e["reason"] == "AcceleratorUnhealthy").context("event")?;
-    assert_eq!((ev["type"].as_str(), ev["regarding"]["kind"].as_str(), ev["regarding"]["name"].as_str()), (Some("Warning"), Some("Node"), Some(NODE)));
+    assert_eq!(
+        (ev["type"].as_str(), ev["regarding"]["kind"].as_str(), ev["regarding"]["name"].as_str()),
+        (Some("Warning"), Some("Node"), Some(NODE))
+    );
     assert_eq!(ev["reportingController"], "hearth.dev/agent");
 
     // After a reset (the agent restarts with a clean XID memory) all is healthy again.

@@ -80,8 +80,10 @@ async fn one_leader_takes_over_after_a_crash_with_a_new_term_and_labels_follow()
     ensure!(term_b > term_a, "a new term: {term_b} after {term_a}");
     let lease = s.object(LEASE, NS, "hearth-controller").context("lease")?;
     assert_eq!((lease["spec"]["holderIdentity"].as_str(), lease["spec"]["leaseTransitions"].as_i64()), (Some("ctl-b"), Some(1)));
-    wait_for("b labelled leader", Duration::from_secs(5), || async { Ok((leader_label(&s, "ctl-b").as_deref() == Some("true")).then_some(())) })
-        .await?;
+    wait_for("b labelled leader", Duration::from_secs(5), || async {
+        Ok((leader_label(&s, "ctl-b").as_deref() == Some("true")).then_some(()))
+    })
+    .await?;
 
     // A clean stop releases the Lease: a restarted a (same identity) takes it at once, in a
     // new term.

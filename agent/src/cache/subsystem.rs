@@ -38,7 +38,10 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
     // journals to be written.
     tasks.spawn(
         "warm",
-        tracing::Instrument::instrument(warm_models(cache.clone(), w.cfg.cache.models.clone(), w.events.clone(), stop.clone()), info_span!("warm")),
+        tracing::Instrument::instrument(
+            warm_models(cache.clone(), w.cfg.cache.models.clone(), w.events.clone(), stop.clone()),
+            info_span!("warm"),
+        ),
     );
     tasks.spawn("report", report_loop(cache.clone(), w.report.clone(), stop));
     w.commands.set_cache(cache.clone());

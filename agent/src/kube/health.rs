@@ -143,7 +143,10 @@ async fn set_taint(client: &kube::Client, node: &str, reason: Option<&str>) -> R
         });
         let what = format!("{} taint {TAINT_KEY} on node {node}", if reason.is_some() { "set" } else { "remove" });
         let r = within(&what, CALL_TIMEOUT, async {
-            api.patch(node, &PatchParams::default(), &Patch::Merge(&body)).await.map(drop).map_err(|e| api_error(&what, "patch", "nodes", ROLE, e))
+            api.patch(node, &PatchParams::default(), &Patch::Merge(&body))
+                .await
+                .map(drop)
+                .map_err(|e| api_error(&what, "patch", "nodes", ROLE, e))
         })
         .await;
         match r {
@@ -151,7 +154,11 @@ async fn set_taint(client: &kube::Client, node: &str, reason: Option<&str>) -> R
             other => return other,
         }
     }
-    Err(KubeError::Api { what: format!("taint node {node}"), reason: "the Node kept changing (5 conflicts in a row)".into(), code: Some(409) })
+    Err(KubeError::Api {
+        what: format!("taint node {node}"),
+        reason: "the Node kept changing (5 conflicts in a row)".into(),
+        code: Some(409),
+    })
 }
 
 fn jiff_now() -> String {

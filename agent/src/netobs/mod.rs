@@ -130,4 +130,3 @@ pub fn attach(settings: &NetworkSettings, names: PodTable, tasks: &Tasks) -> Arc
     tasks.spawn("collector", collect::run(collector, settings.collect_interval, shutdown).instrument(info_span!("netobs")));
     metrics
 }
-

@@ -67,11 +67,23 @@ pub struct RawAuth {
     pub operators: Vec<String>,
     #[serde(default)]
     pub tokens: Vec<RawToken>,
+    /// Agent identities that may report as any node: the one certificate a DaemonSet's
+    /// agents share (the Helm chart's). Without this, an agent certificate must name its
+    /// node. A holder of such a certificate can impersonate any node: keep it in a Secret
+    /// only the agent's service account reads.
+    #[serde(default)]
+    pub fleet_agents: Vec<String>,
 }
 
 impl Default for RawAuth {
     fn default() -> Self {
-        Self { schedulers: default_schedulers(), autoscalers: default_autoscalers(), operators: default_operators(), tokens: Vec::new() }
+        Self {
+            schedulers: default_schedulers(),
+            autoscalers: default_autoscalers(),
+            operators: default_operators(),
+            tokens: Vec::new(),
+            fleet_agents: Vec::new(),
+        }
     }
 }
 
@@ -90,6 +102,8 @@ fn default_operators() -> Vec<String> {
 pub struct Auth {
     identities: Vec<(rustls::pki_types::ServerName<'static>, Role)>,
     tokens: Vec<(Vec<u8>, Role)>,
+    /// Agent identities allowed to report as any node.
+    fleet: Vec<rustls::pki_types::ServerName<'static>>,
     /// Insecure mode: no certificates to check, everyone may do everything.
     open: bool,
 }
@@ -140,7 +154,13 @@ impl RawAuth {
             }
             tokens.push((token.as_bytes().to_vec(), role));
         }
-        Ok(Auth { identities, tokens, open: insecure })
+        let mut fleet = Vec::new();
+        for (i, n) in self.fleet_agents.iter().enumerate() {
+            fleet.push(rustls::pki_types::ServerName::try_from(n.clone()).map_err(|_| {
+                invalid(format!("auth.fleet_agents[{i}]"), "a DNS name as it appears in the agents' certificate SAN", n.clone())
+            })?);
+        }
+        Ok(Auth { identities, tokens, fleet, open: insecure })
     }
 }
 
@@ -154,6 +174,12 @@ impl Auth {
     pub fn role_of_cert(&self, cert: &CertificateDer<'_>) -> Role {
         let Ok(ee) = webpki::EndEntityCert::try_from(cert) else { return Role::Agent };
         self.identities.iter().find(|(name, _)| ee.verify_is_valid_for_subject_name(name).is_ok()).map(|(_, r)| *r).unwrap_or(Role::Agent)
+    }
+
+    /// Whether an agent certificate is a fleet identity, allowed to report as any node.
+    pub fn is_fleet_agent(&self, cert: &CertificateDer<'_>) -> bool {
+        let Ok(ee) = webpki::EndEntityCert::try_from(cert) else { return false };
+        self.fleet.iter().any(|name| ee.verify_is_valid_for_subject_name(name).is_ok())
     }
 
     /// The role a bearer token carries, if it is one of ours.

@@ -100,7 +100,9 @@ fn candidates(args: &ExtenderArgs) -> Result<(Vec<String>, Option<Vec<Value>>), 
 fn authorize(s: &AppState, headers: &HeaderMap, conn: ConnRole) -> Result<(), Box<Response>> {
     // A standby has no agents' view: it must not answer as if no node fits.
     if !s.leadership.is_leader() {
-        return Err(Box::new((StatusCode::SERVICE_UNAVAILABLE, "this controller is a standby; the leader answers the extender\n").into_response()));
+        return Err(Box::new(
+            (StatusCode::SERVICE_UNAVAILABLE, "this controller is a standby; the leader answers the extender\n").into_response(),
+        ));
     }
     let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
     let role = match bearer {

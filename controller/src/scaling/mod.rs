@@ -86,13 +86,8 @@ fn fresh_models(placement: &Placement) -> HashMap<String, ModelState> {
         .catalog()
         .iter()
         .map(|m| {
-            let st = ModelState {
-                scaler: Scaler::new(m.scaling.clone(), 0),
-                last: None,
-                latest: None,
-                external: None,
-                prewarms: Vec::new(),
-            };
+            let st =
+                ModelState { scaler: Scaler::new(m.scaling.clone(), 0), last: None, latest: None, external: None, prewarms: Vec::new() };
             (m.name.clone(), st)
         })
         .collect()

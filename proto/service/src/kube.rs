@@ -65,9 +65,7 @@ pub async fn client(source: &KubeSource) -> Result<kube::Client, KubeError> {
         KubeSource::InCluster => kube::Config::incluster().map_err(|e| err(e.to_string()))?,
         KubeSource::Kubeconfig(path) => {
             let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| err(e.to_string()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .map_err(|e| err(e.to_string()))?
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await.map_err(|e| err(e.to_string()))?
         }
         KubeSource::Explicit { api_server, token_file, ca_file } => {
             let uri = api_server.parse().map_err(|e| err(format!("API server URL {api_server:?}: {e}")))?;
@@ -106,8 +104,7 @@ pub async fn within<T>(what: &str, timeout: Duration, f: impl Future<Output = Re
 }
 
 /// What a label value must look like (the API server refuses anything else with 422).
-pub const LABEL_VALUE_RULE: &str =
-    "a Kubernetes label value: at most 63 characters, alphanumeric at both ends, '-', '_' or '.' between";
+pub const LABEL_VALUE_RULE: &str = "a Kubernetes label value: at most 63 characters, alphanumeric at both ends, '-', '_' or '.' between";
 
 /// Whether `v` is a valid label value (empty is valid).
 pub fn is_label_value(v: &str) -> bool {

@@ -15,7 +15,7 @@ fn app() -> AppState {
     state.apply_snapshot("n1", session, one_free_gpu(), t).expect("snapshot");
     let placement = Arc::new(crate::placement::Placement::new(state, Arc::new(catalog()), crate::placement::Params::default()));
     let auth = super::super::auth::RawAuth::default().resolve(true).expect("insecure auth");
-    AppState { placement, auth }
+    AppState { placement, auth, leadership: crate::leader::Leadership::always() }
 }
 
 /// Runs a handler to its response and reads the body.
