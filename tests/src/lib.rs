@@ -237,6 +237,12 @@ pub struct ControllerProc {
 
 impl ControllerProc {
     pub async fn start(dir: &Path, pki: &TestPki, extra_yaml: &str) -> Result<Self> {
+        Self::start_with_env(dir, pki, extra_yaml, &[]).await
+    }
+
+    /// Like `start`, with environment variables (the downward API's POD_NAME and
+    /// POD_NAMESPACE, for leader election).
+    pub async fn start_with_env(dir: &Path, pki: &TestPki, extra_yaml: &str, env: &[(&str, &str)]) -> Result<Self> {
         let files = pki.server()?;
         let cfg = dir.join("controller.yaml");
         std::fs::write(
@@ -248,11 +254,12 @@ impl ControllerProc {
                 files.key.display()
             ),
         )?;
-        let mut proc = Proc::spawn(
-            "controller",
-            Command::new(bin("hearth-controller")).args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "info"),
-            dir,
-        )?;
+        let mut cmd = Command::new(bin("hearth-controller"));
+        cmd.args(["run", "--config"]).arg(&cfg).env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut proc = Proc::spawn("controller", &mut cmd, dir)?;
         let line = proc.wait_for_log_line("controller listening", Duration::from_secs(15)).await?;
         let c = Self { proc, grpc: logged_addr(&line, "grpc_addr")?, http: logged_addr(&line, "http_addr")? };
         wait_for("controller /healthz", Duration::from_secs(15), || async {

@@ -9,7 +9,6 @@
 pub mod scaler;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -116,9 +115,11 @@ pub struct Scaling {
     placement: Arc<Placement>,
     settings: Settings,
     models: Mutex<HashMap<String, ModelState>>,
-    next_id: AtomicU64,
+    /// (term, next decision id, next pre-warm id): ids restart above `term << 32` when the
+    /// leadership term changes, so they are never reused across leaders.
+    ids: Mutex<(u32, u64, u64)>,
+    leadership: std::sync::OnceLock<crate::leader::Leadership>,
     /// Pre-warm command ids, apart from decision ids so those stay consecutive.
-    next_prewarm: AtomicU64,
     tx: broadcast::Sender<Decision>,
     metrics: Metrics,
 }
@@ -154,16 +155,32 @@ impl Scaling {
         r.register("prewarm", "Pre-warm Prefetch plans by outcome (issued, arrived_in_time, late, send_failed)", metrics.prewarm.clone());
         let models = fresh_models(&placement);
         let (tx, _) = broadcast::channel(1024);
-        Self { placement, settings, models: Mutex::new(models), next_id: AtomicU64::new(1), next_prewarm: AtomicU64::new(1), tx, metrics }
+        Self { placement, settings, models: Mutex::new(models), ids: Mutex::new((0, 1, 1)), leadership: Default::default(), tx, metrics }
     }
 
-    /// Starts leadership term `term`: decision and pre-warm ids continue from `term << 32`,
-    /// above every id an earlier leader (a lower term) can have issued, and the per-model
-    /// state starts over (a leader that had lost the Lease has a stale window).
-    pub fn begin_term(&self, term: u32) {
-        let base = u64::from(term) << 32;
-        self.next_id.store(base + 1, Ordering::SeqCst);
-        self.next_prewarm.store(base + 1, Ordering::SeqCst);
+    /// Takes ids from `leadership`'s term (term 0, ids from 1, without it).
+    pub fn follow(&self, leadership: crate::leader::Leadership) {
+        let _ = self.leadership.set(leadership);
+    }
+
+    /// The next (decision id, pre-warm id) counter pair for the current term: a new term's
+    /// ids start at `term << 32`, above every id a leader of an earlier term can have issued.
+    fn next_ids(&self, decision: bool) -> u64 {
+        let term = self.leadership.get().map_or(0, |l| l.now().term);
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        if ids.0 != term {
+            let base = u64::from(term) << 32;
+            *ids = (term, base + 1, base + 1);
+        }
+        let slot = if decision { &mut ids.1 } else { &mut ids.2 };
+        let id = *slot;
+        *slot += 1;
+        id
+    }
+
+    /// Starts a new leadership term: the per-model state starts over (a leader that had lost
+    /// the Lease has a stale window).
+    pub fn begin_term(&self) {
         *self.models() = fresh_models(&self.placement);
     }
 
@@ -241,12 +258,7 @@ impl Scaling {
         self.metrics.desired.get_or_create(&[("model", model.to_owned())]).set(i64::from(rec.desired));
         let changed = st.last.as_ref().is_none_or(|d| d.recommendation.desired != rec.desired);
         if changed {
-            let d = Decision {
-                id: self.next_id.fetch_add(1, Ordering::Relaxed),
-                model: model.to_owned(),
-                recommendation: rec.clone(),
-                at: SystemTime::now(),
-            };
+            let d = Decision { id: self.next_ids(true), model: model.to_owned(), recommendation: rec.clone(), at: SystemTime::now() };
             self.metrics.decisions.get_or_create(&[("reason", rec.reason.as_str())]).inc();
             info!(
                 model,
@@ -307,7 +319,7 @@ impl Scaling {
                 .take(want)
                 .collect();
         for s in candidates {
-            let id = format!("prewarm-{}-{}", m.name, self.next_prewarm.fetch_add(1, Ordering::Relaxed));
+            let id = format!("prewarm-{}-{}", m.name, self.next_ids(false));
             let cmd = pb::Command {
                 id: id.clone(),
                 idempotency_key: format!("prewarm/{}/{}/{}", m.name, m.revision, s.node),
@@ -364,8 +376,8 @@ impl Scaling {
                     }
                     if term != Some(now_term.term) {
                         // Term 0 without election: the ids the engine started with.
-                        if now_term.term > 0 || term.is_some() {
-                            self.begin_term(now_term.term);
+                        if term.is_some() || now_term.term > 0 {
+                            self.begin_term();
                         }
                         term = Some(now_term.term);
                     }
