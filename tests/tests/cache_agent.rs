@@ -74,3 +74,36 @@ async fn warm_models_and_prefetch_commands_reach_the_controller_view() -> Result
     stop.cancel();
     Ok(())
 }
+
+/// A warm-up stuck on a source that accepts connections and never answers (an S3 endpoint
+/// behind a black-holing firewall) does not hold up shutdown: SIGTERM ends the agent
+/// cleanly within its grace period.
+#[tokio::test]
+async fn a_warm_up_stuck_on_a_silent_source_does_not_hold_up_shutdown() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = silent.local_addr()?;
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            conns.push(c);
+        }
+    });
+    let stop = CancellationToken::new();
+    let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
+    let extra = format!(
+        "  s3: {{endpoint: 'http://{endpoint}', region: us-east-1, force_path_style: true}}\n  models: [{{uri: 's3://models/llama/'}}]\n"
+    );
+    let mut agent = AgentProc::start_with_cache_models(dir.path(), &pki, "gpu-1", ctl.grpc_addr, &extra).await?;
+    // Let the warm-up reach the source.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    agent.proc.signal("TERM")?;
+    let t0 = std::time::Instant::now();
+    let st = agent.proc.wait_exit(Duration::from_secs(8)).await?;
+    let log = agent.proc.log_text();
+    anyhow::ensure!(st.is_some_and(|s| s.success()), "clean exit ({st:?}) after {:?}:\n{log}", t0.elapsed());
+    anyhow::ensure!(t0.elapsed() < Duration::from_secs(5), "within the 5 s grace: {:?}", t0.elapsed());
+    held.abort();
+    Ok(())
+}

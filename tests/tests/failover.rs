@@ -50,6 +50,9 @@ async fn leader_service(api: Arc<ApiServer>, backends: Arc<Mutex<Vec<(String, So
     Ok(addr)
 }
 
+/// One `Recommend` through the Service: when it ended, and the last decision id or the code.
+type Call = (Instant, Result<u64, tonic::Code>);
+
 fn decision_ids(log: &str) -> Vec<u64> {
     log.lines()
         .filter(|l| l.contains("scaling decision"))
@@ -94,7 +97,7 @@ async fn killing_the_leader_mid_burst_hands_over_to_the_standby_without_reusing_
 
     // The burst: recommendations with rising demand through the Service, every 50 ms.
     let tls = pki.client_material("hearth-autoscaler")?;
-    let results: Arc<Mutex<Vec<(Instant, Result<u64, tonic::Code>)>>> = Arc::default();
+    let results: Arc<Mutex<Vec<Call>>> = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
     let burst = {
         let (results, stop) = (results.clone(), stop.clone());

@@ -369,10 +369,19 @@ impl Cache {
 
     async fn download(self: &Arc<Self>, spec: &ModelSpec, cancel: CancellationToken) -> Result<IndexEntry, CacheError> {
         let id = spec.id();
-        let source = super::open_source(&spec.uri, &self.cfg.s3).await;
+        // Room first: listing is cheap, and a download that cannot fit must not start. An
+        // unreachable source can hold the listing for a while (credential lookups, the SDK's
+        // retries): shutdown must not wait for it.
+        let listing = async {
+            let source = super::open_source(&spec.uri, &self.cfg.s3).await;
+            let objects = source.list().await.map_err(FetchError::from)?;
+            Ok::<_, CacheError>((source, objects))
+        };
+        let (source, objects) = tokio::select! {
+            _ = cancel.cancelled() => return Err(CacheError::Cancelled(id)),
+            r = listing => r?,
+        };
         let source_key = source.name();
-        // Room first: listing is cheap, and a download that cannot fit must not start.
-        let objects = source.list().await.map_err(FetchError::from)?;
         let needed: u64 = objects.iter().filter(|o| spec.wants(&o.key)).map(|o| o.size).sum();
         // Making room may delete whole models: not on an async worker.
         let (me, for_id) = (self.clone(), id.clone());
