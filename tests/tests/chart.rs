@@ -672,14 +672,37 @@ fn s(v: impl AsRef<Path>) -> serde_yaml_ng::Value {
     v.as_ref().display().to_string().into()
 }
 
+/// The node the agent runs as: an EKS-style name its shared certificate does not carry, so
+/// the controller's `auth.fleet_agents` (rendered by the chart) must let it in.
+const NODE: &str = "ip-10-0-3-7.ec2.internal";
+/// The controller's pod, which leader election labels.
+const CONTROLLER_POD: &str = "hearth-controller-5d9c7b6f4-x2x7q";
+
+/// What `chart_configs_run` started.
+struct Running {
+    controller: Proc,
+    agent: Proc,
+    ctl_http: std::net::SocketAddr,
+    agent_http: std::net::SocketAddr,
+    /// Kept alive for the processes; tests look at what they wrote.
+    _api: hearth_tests::apiserver::ApiServer,
+}
+
 /// Starts the controller and an agent from the config files `values` renders, with only
 /// what cannot exist in a test rewritten: paths into a temp dir, listeners on 127.0.0.1:0,
-/// the controller's address, simulated devices for NVML, and no Kubernetes API server. The
-/// agent keeps the chart's server name and certificates, and reports as the node name its
-/// certificate names, through $NODE_NAME as in the DaemonSet.
-async fn chart_configs_run(dir: &Path, values: &str) -> Result<(Proc, Proc, std::net::SocketAddr, std::net::SocketAddr)> {
+/// the controller's address, simulated devices for NVML, and a kubeconfig for the API test
+/// server in place of the in-cluster service account (the pods' downward-API variables are
+/// set as the chart sets them). The agent keeps the chart's server name and certificates.
+/// Both must do their Kubernetes work with exactly the chart's RBAC: the controller leads
+/// and labels its pod, the agent writes the health condition on its Node.
+async fn chart_configs_run(dir: &Path, values: &str) -> Result<Running> {
     let objs = render(&[&chart().join("ci").join(values)], &[]);
     let [ctl_tls, agent_tls] = tls_material(&objs, &dir.join("tls"))?;
+    let api = hearth_tests::apiserver::ApiServer::start(&[hearth_agent::kube::API_RULES, hearth_controller::leader::API_RULES]).await?;
+    api.add_node(NODE);
+    let ns = find(&objs, "Deployment", "hearth-controller")["metadata"]["namespace"].as_str().unwrap_or("hearth-system").to_owned();
+    api.add_namespaced_pod(&ns, CONTROLLER_POD);
+    let kubeconfig = api.kubeconfig(dir)?;
 
     let mut ctl = config_map_file(&objs, "hearth-controller", "controller.yaml");
     for key in ["listen", "http_listen"] {
@@ -695,13 +718,18 @@ async fn chart_configs_run(dir: &Path, values: &str) -> Result<(Proc, Proc, std:
         &["tls"],
         serde_yaml_ng::to_value(BTreeMap::from([("ca", s(&ctl_tls.0)), ("cert", s(&ctl_tls.1)), ("key", s(&ctl_tls.2))]))?,
     );
-    // No API server here to hold a Lease.
-    set(&mut ctl, &["leader_election", "enabled"], false.into());
+    ensure!(ctl["leader_election"]["enabled"].as_bool() == Some(true), "leader election: {:?}", ctl["leader_election"]);
+    set(&mut ctl, &["kubernetes", "kubeconfig"], s(&kubeconfig));
     let ctl_file = dir.join("controller.yaml");
     std::fs::write(&ctl_file, serde_yaml_ng::to_string(&ctl)?)?;
     let mut controller = Proc::spawn(
         "controller",
-        Command::new(bin("hearth-controller")).args(["run", "--config"]).arg(&ctl_file).env("RUST_LOG", "info"),
+        Command::new(bin("hearth-controller"))
+            .args(["run", "--config"])
+            .arg(&ctl_file)
+            .env("RUST_LOG", "info")
+            .env("POD_NAME", CONTROLLER_POD)
+            .env("POD_NAMESPACE", &ns),
         dir,
     )?;
     let line = controller.wait_for_log_line("controller listening", Duration::from_secs(20)).await?;
@@ -729,19 +757,20 @@ async fn chart_configs_run(dir: &Path, values: &str) -> Result<(Proc, Proc, std:
             m.remove("nvml_library");
         }
     }
-    set(&mut agent, &["kubernetes", "enabled"], false.into());
+    set(&mut agent, &["kubernetes", "kubeconfig"], s(&kubeconfig));
     // Model sources of the example values are not reachable here: refuse fast.
     set(&mut agent, &["cache", "s3", "endpoint"], "http://127.0.0.1:9".into());
     let agent_file = dir.join("agent.yaml");
     std::fs::write(&agent_file, serde_yaml_ng::to_string(&agent)?)?;
-    let node_name = agent_identity(&objs);
+    agent_identity(&objs);
+    let node_name = NODE;
     let mut agent_proc = Proc::spawn(
         "agent",
         Command::new(bin("hearth"))
             .args(["agent", "--config"])
             .arg(&agent_file)
             .env("RUST_LOG", "info")
-            .env("NODE_NAME", &node_name)
+            .env("NODE_NAME", node_name)
             .env("AWS_REGION", "us-east-1")
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")
@@ -762,11 +791,24 @@ async fn chart_configs_run(dir: &Path, values: &str) -> Result<(Proc, Proc, std:
     })
     .await
     .with_context(|| format!("controller log:\n{}\nagent log:\n{}", controller.log_text(), agent_proc.log_text()))?;
-    Ok((controller, agent_proc, ctl_http, agent_http))
+    // The Kubernetes side, with the chart's RBAC and nothing more.
+    wait_for("the controller leads and labels its pod", Duration::from_secs(20), || async {
+        Ok(api.object("/pods", &ns, CONTROLLER_POD).filter(|p| p["metadata"]["labels"]["hearth.dev/leader"] == "true").map(|_| ()))
+    })
+    .await
+    .with_context(|| controller.log_text())?;
+    wait_for("the agent's health condition on its Node", Duration::from_secs(20), || async {
+        let n = api.node(NODE).context("node")?;
+        Ok(n["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "HearthAcceleratorsHealthy")).map(|_| ()))
+    })
+    .await
+    .with_context(|| agent_proc.log_text())?;
+    ensure!(api.forbidden().is_empty(), "calls the chart's RBAC does not allow: {:?}", api.forbidden());
+    Ok(Running { controller, agent: agent_proc, ctl_http, agent_http, _api: api })
 }
 
-/// The node name the agents report as: the shared identity every ci values file keeps in
-/// the agent certificate.
+/// Checks the shared identity every ci values file keeps in the agent certificate (the one
+/// the chart lists in `auth.fleet_agents`).
 fn agent_identity(objs: &[Value]) -> String {
     const NAME: &str = "hearth-agent";
     match all(objs, "Certificate").into_iter().find(|c| c["metadata"]["name"] == "hearth-agent") {
@@ -831,7 +873,7 @@ fn grace(objs: &[Value], kind: &str, name: &str) -> Duration {
 
 async fn run_ci_values(values: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (controller, agent, _, _) = chart_configs_run(dir.path(), values).await?;
+    let Running { controller, agent, .. } = chart_configs_run(dir.path(), values).await?;
     let objs = render(&[&chart().join("ci").join(values)], &[]);
     stop(agent, grace(&objs, "DaemonSet", "hearth-agent")).await?;
     stop(controller, grace(&objs, "Deployment", "hearth-controller")).await
@@ -861,7 +903,7 @@ async fn chart_config_privileged_values_runs_controller_and_agent() -> Result<()
 #[tokio::test]
 async fn chart_config_gpu_values_runs_controller_and_agent_and_dashboards_query_real_metrics() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (controller, agent, ctl_http, agent_http) = chart_configs_run(dir.path(), "gpu-values.yaml").await?;
+    let Running { controller, agent, ctl_http, agent_http, _api } = chart_configs_run(dir.path(), "gpu-values.yaml").await?;
     // The simulated GPUs' first sweep, so the DCGM families are there.
     wait_for("GPU metrics", Duration::from_secs(20), || async {
         Ok(scrape_names(agent_http).await?.contains("DCGM_FI_DEV_GPU_UTIL").then_some(()))
