@@ -146,6 +146,19 @@ pub struct RawHealth {
     pub taint: Option<bool>,
 }
 
+/// Model servers on this node.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuntimes {
+    /// The pod label that marks a Kubernetes-managed model server, its value the model
+    /// (default `hearth.dev/model`; "" turns discovery off).
+    pub discovery_label: Option<String>,
+    /// How often each server is read (default 5s).
+    pub interval: Option<String>,
+    /// Deadline of each request to a server (default 2s).
+    pub timeout: Option<String>,
+}
+
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawPartition {
@@ -207,6 +220,8 @@ pub struct RawConfig {
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
     pub network: RawNetwork,
+    #[serde(default)]
+    pub runtimes: RawRuntimes,
 }
 
 impl RawConfig {
@@ -271,9 +286,29 @@ pub struct Config {
     /// turned off.
     pub kubernetes: Option<crate::kube::KubeSettings>,
     pub network: NetworkSettings,
+    pub runtimes: crate::runtime::RuntimeSettings,
 }
 
 pub use crate::netobs::NetworkSettings;
+
+fn runtime_settings(r: RawRuntimes) -> Result<crate::runtime::RuntimeSettings, AgentConfigError> {
+    let label = r.discovery_label.unwrap_or_else(|| "hearth.dev/model".into());
+    // A label key: an optional DNS prefix and a name of at most 63 characters.
+    let name = label.rsplit_once('/').map_or(label.as_str(), |(_, n)| n);
+    let valid = !name.is_empty() && crate::kube::is_label_value(name);
+    if !label.is_empty() && !valid {
+        return Err(invalid("runtimes.discovery_label", "a Kubernetes label key like \"hearth.dev/model\", or \"\"", label));
+    }
+    let interval = dur("runtimes.interval", r.interval, "5s")?;
+    if interval < Duration::from_millis(100) {
+        return Err(invalid("runtimes.interval", "at least 100ms", format!("{interval:?}")));
+    }
+    let timeout = dur("runtimes.timeout", r.timeout, "2s")?;
+    if timeout.is_zero() || timeout > interval.max(Duration::from_secs(1)) * 4 {
+        return Err(invalid("runtimes.timeout", "more than 0 and at most 4 read intervals", format!("{timeout:?}")));
+    }
+    Ok(crate::runtime::RuntimeSettings { discovery_label: (!label.is_empty()).then_some(label), interval, timeout })
+}
 
 fn network_settings(r: RawNetwork) -> Result<NetworkSettings, AgentConfigError> {
     let collect_interval = dur("network.collect_interval", r.collect_interval, "10s")?;
@@ -581,6 +616,7 @@ impl TryFrom<RawConfig> for Config {
             kubernetes: kube_settings(r.kubernetes)?,
             state_dir: r.state_dir.unwrap_or_else(|| "/var/lib/hearth".into()),
             network: network_settings(r.network)?,
+            runtimes: runtime_settings(r.runtimes)?,
         })
     }
 }

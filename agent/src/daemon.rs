@@ -33,6 +33,7 @@ pub const SUBSYSTEMS: &[(&str, StartFn)] = &[
     ("cache", |w, t| Box::pin(crate::cache::start(w, t))),
     ("network", |w, t| Box::pin(crate::netobs::start(w, t))),
     ("kube", |w, t| Box::pin(crate::kube::start(w, t))),
+    ("runtimes", |w, t| Box::pin(crate::runtime::start(w, t))),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +106,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         commands: CommandDispatcher::new(status_tx, command_tasks.clone()),
         node_labels: watch::channel(Default::default()).0,
         pods: crate::netobs::pods::PodTable::with_retention(cfg.network.forget_after),
+        serving_pods: watch::channel(Default::default()).0,
         events,
         events_queue: Some(events_queue),
         gpus: None,

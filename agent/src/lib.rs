@@ -18,5 +18,6 @@ pub mod node;
 pub mod partition;
 pub mod prefetch;
 pub mod report;
+pub mod runtime;
 pub mod status;
 pub mod subsystem;

@@ -145,6 +145,9 @@ pub struct Wiring {
     pub node_labels: watch::Sender<BTreeMap<String, String>>,
     /// This node's pods by UID (the kube subsystem's watcher keeps it; netobs names series).
     pub pods: crate::netobs::pods::PodTable,
+    /// This node's model-server pods by UID (the kube subsystem's watcher keeps it; the
+    /// runtime subsystem reads them).
+    pub serving_pods: watch::Sender<BTreeMap<String, crate::runtime::discover::ServingPod>>,
     /// Events on the Node; dropped when Kubernetes is off.
     pub events: crate::kube::events::NodeEvents,
     /// The queue behind `events`, taken by the kube subsystem's publisher.

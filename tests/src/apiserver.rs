@@ -324,6 +324,24 @@ impl ApiServer {
         uid
     }
 
+    /// Adds a pod given as JSON (labels, annotations, spec, status as the test needs); the
+    /// server sets its UID and resourceVersion. Returns the UID.
+    pub fn add_pod_json(&self, mut pod: Value) -> String {
+        let mut st = self.shared.st();
+        st.rv += 1;
+        let uid = format!("{:08x}-0000-4000-8000-{:012x}", st.rv, st.rv);
+        pod["apiVersion"] = json!("v1");
+        pod["kind"] = json!("Pod");
+        pod["metadata"]["uid"] = json!(uid);
+        pod["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        st.pods.insert(uid.clone(), pod.clone());
+        let rv = st.rv;
+        st.pod_events.push((rv, "ADDED", pod));
+        drop(st);
+        self.shared.changed.send_replace(rv);
+        uid
+    }
+
     pub fn delete_pod(&self, uid: &str) {
         let mut st = self.shared.st();
         st.rv += 1;

@@ -193,7 +193,9 @@ fn runtime(model: &str, waiting: f64, running: f64) -> pb::ServingRuntime {
             requests_running: running,
             kv_cache_usage_ratio: 0.3,
             ttft_p50_seconds: 0.2,
+            ..Default::default()
         }),
+        ..Default::default()
     }
 }
 

@@ -42,7 +42,7 @@ async fn pods_come_from_one_list_and_a_watch_on_this_node_and_deleted_pods_keep_
     let table = PodTable::with_retention(Duration::from_secs(60));
     let stop = CancellationToken::new();
     let events = Family::default();
-    let task = tokio::spawn(hearth_agent::kube::watch_pods(client, NODE.into(), table.clone(), events, stop.clone()));
+    let task = tokio::spawn(hearth_agent::kube::watch_pods(client, NODE.into(), table.clone(), None, events, stop.clone()));
     let t = table.clone();
     wait_for("the first pod", Duration::from_secs(10), || {
         let t = t.clone();
@@ -114,7 +114,7 @@ async fn steady_state_is_one_watch_and_zero_lists() -> Result<()> {
     s.cap_watches(Duration::from_secs(1));
     let table = PodTable::default();
     let stop = CancellationToken::new();
-    let task = tokio::spawn(hearth_agent::kube::watch_pods(client, NODE.into(), table.clone(), Family::default(), stop.clone()));
+    let task = tokio::spawn(hearth_agent::kube::watch_pods(client, NODE.into(), table.clone(), None, Family::default(), stop.clone()));
     let t = table.clone();
     wait_for("the initial list", Duration::from_secs(10), || {
         let t = t.clone();

@@ -226,6 +226,14 @@ fn config() -> BoxedStrategy<Value> {
         ("kubernetes", kubernetes),
         ("state_dir", nowhere()),
         ("network", network),
+        (
+            "runtimes",
+            section(vec![
+                ("discovery_label", one_of(vec!["hearth.dev/model", ""], vec!["bad label!", "/x"])),
+                ("interval", duration()),
+                ("timeout", duration()),
+            ]),
+        ),
     ])
 }
 

@@ -19,7 +19,7 @@ mod subsystem;
 
 pub use hearth_service::kube::{KubeError, KubeSource, LABEL_VALUE_RULE, is_label_value};
 pub use labels::label_loop;
-pub use pods::watch_pods;
+pub use pods::{ServingSink, watch_pods};
 pub use subsystem::start;
 
 use std::time::Duration;

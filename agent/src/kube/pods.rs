@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::PodRef;
 use crate::netobs::pods::PodTable;
+use crate::runtime::discover::{ServingPod, serving_pod};
 
 /// Counts by watch event kind: `init`, `apply`, `delete`, `error`.
 pub type WatchEvents = Family<[(&'static str, &'static str); 1], Counter>;
@@ -24,9 +25,51 @@ fn pod_ref(p: &Pod) -> Option<(String, PodRef)> {
     Some((m.uid.clone()?, PodRef { namespace: m.namespace.clone().unwrap_or_default(), name: m.name.clone()? }))
 }
 
-/// Keeps `names` equal to the pods bound to `node` until `shutdown`. Deleted pods stay named
-/// for the table's retention time (their last series are still exported).
-pub async fn watch_pods(client: kube::Client, node: String, names: PodTable, events: WatchEvents, shutdown: CancellationToken) {
+/// Where the watch publishes model-server pods: the label that marks them, and the channel.
+#[derive(Debug, Clone)]
+pub struct ServingSink {
+    pub label: String,
+    pub pods: tokio::sync::watch::Sender<std::collections::BTreeMap<String, ServingPod>>,
+}
+
+impl ServingSink {
+    fn apply(&self, pod: &Pod) {
+        let Some(uid) = pod.metadata.uid.clone() else { return };
+        let next = serving_pod(pod, &self.label);
+        self.pods.send_if_modified(|m| match next {
+            Some(p) if m.get(&uid) != Some(&p) => {
+                m.insert(uid, p);
+                true
+            }
+            Some(_) => false,
+            None => m.remove(&uid).is_some(),
+        });
+    }
+    fn remove(&self, uid: &str) {
+        self.pods.send_if_modified(|m| m.remove(uid).is_some());
+    }
+    fn replace(&self, pods: &[Pod]) {
+        let next: std::collections::BTreeMap<String, ServingPod> =
+            pods.iter().filter_map(|p| serving_pod(p, &self.label).map(|s| (s.uid.clone(), s))).collect();
+        self.pods.send_if_modified(|m| {
+            let changed = *m != next;
+            *m = next;
+            changed
+        });
+    }
+}
+
+/// Keeps `names` equal to the pods bound to `node` until `shutdown`, and `serving` equal to
+/// the model-server pods among them. Deleted pods stay named for the table's retention time
+/// (their last series are still exported).
+pub async fn watch_pods(
+    client: kube::Client,
+    node: String,
+    names: PodTable,
+    serving: Option<ServingSink>,
+    events: WatchEvents,
+    shutdown: CancellationToken,
+) {
     let api: kube::Api<Pod> = kube::Api::all(client);
     let mut cfg = watcher::Config::default().fields(&format!("spec.nodeName={node}")).any_semantic();
     // One node's pods fit one page; without a limit the API server answers resourceVersion=0
@@ -35,7 +78,7 @@ pub async fn watch_pods(client: kube::Client, node: String, names: PodTable, eve
     let mut stream = std::pin::pin!(watcher(api, cfg).default_backoff());
     // Pods seen during a (re-)list; the table is replaced when it completes, so pods deleted
     // while the watch was down are noticed.
-    let mut listing: Option<HashMap<String, PodRef>> = None;
+    let mut listing: Option<(HashMap<String, PodRef>, Vec<Pod>)> = None;
     let mut failing = false;
     loop {
         let next = tokio::select! {
@@ -57,15 +100,23 @@ pub async fn watch_pods(client: kube::Client, node: String, names: PodTable, eve
         match ev {
             watcher::Event::Init => {
                 events.get_or_create(&[("event", "init")]).inc();
-                listing = Some(HashMap::new());
+                listing = Some((HashMap::new(), Vec::new()));
             }
             watcher::Event::InitApply(p) => {
-                if let (Some(l), Some((uid, r))) = (listing.as_mut(), pod_ref(&p)) {
-                    l.insert(uid, r);
+                if let Some((l, all)) = listing.as_mut() {
+                    if let Some((uid, r)) = pod_ref(&p) {
+                        l.insert(uid, r);
+                    }
+                    if serving.is_some() {
+                        all.push(p);
+                    }
                 }
             }
             watcher::Event::InitDone => {
-                let pods = listing.take().unwrap_or_default();
+                let (pods, all) = listing.take().unwrap_or_default();
+                if let Some(s) = &serving {
+                    s.replace(&all);
+                }
                 if failing {
                     info!(pods = pods.len(), "watching this node's pods again");
                 }
@@ -77,11 +128,17 @@ pub async fn watch_pods(client: kube::Client, node: String, names: PodTable, eve
                 if let Some((uid, r)) = pod_ref(&p) {
                     names.insert(&uid, r);
                 }
+                if let Some(s) = &serving {
+                    s.apply(&p);
+                }
             }
             watcher::Event::Delete(p) => {
                 events.get_or_create(&[("event", "delete")]).inc();
                 if let Some(uid) = &p.metadata.uid {
                     names.remove(uid);
+                    if let Some(s) = &serving {
+                        s.remove(uid);
+                    }
                 }
             }
         }

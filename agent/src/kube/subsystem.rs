@@ -28,7 +28,8 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
     if k.pod_names {
         let events = super::pods::WatchEvents::default();
         w.registry.register("hearth_kube_pod_watch_events", "Events of the watch on this node's pods, by kind", events.clone());
-        let f = super::watch_pods(client.clone(), node.clone(), w.pods.clone(), events, stop.clone());
+        let serving = w.cfg.runtimes.discovery_label.clone().map(|label| super::ServingSink { label, pods: w.serving_pods.clone() });
+        let f = super::watch_pods(client.clone(), node.clone(), w.pods.clone(), serving, events, stop.clone());
         tasks.spawn("pod_watch", f.instrument(info_span!("pod_watch", node)));
         parts.push("pods");
     }

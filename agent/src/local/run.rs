@@ -148,6 +148,8 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         state_dir: dir.join("state"),
         kubernetes: None,
         network,
+        // Agent-managed runtimes are not there yet; without Kubernetes nothing is found.
+        runtimes: Default::default(),
     };
 
     let agent = crate::daemon::start(acfg, shutdown.clone()).await?;

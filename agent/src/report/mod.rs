@@ -43,6 +43,8 @@ pub struct NodeReport {
     pub bandwidth: Vec<crate::cache::manager::SourceBandwidth>,
     /// The partition reconciler's last status, also reported as node labels.
     pub partition: Option<crate::partition::reconcile::PartitionStatus>,
+    /// Model servers on this node, as the runtime subsystem last read them.
+    pub runtimes: Vec<crate::runtime::RuntimeStatus>,
 }
 
 fn model_to_wire(e: &crate::cache::index::IndexEntry) -> pb::CachedModel {
@@ -104,6 +106,7 @@ impl NodeReport {
                 .map(|b| pb::SourceBandwidth { source: b.source.clone(), bytes_per_second: b.bytes_per_second, samples: b.samples })
                 .collect(),
             partition: self.partition.as_ref().map(Into::into),
+            runtimes: self.runtimes.iter().map(crate::runtime::RuntimeStatus::to_wire).collect(),
             ..Default::default()
         }
     }

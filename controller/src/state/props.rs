@@ -132,6 +132,7 @@ fn runtime(f: Floats) -> impl Strategy<Value = pb::ServingRuntime> {
         requests_running: b,
         kv_cache_usage_ratio: c,
         ttft_p50_seconds: d,
+        ..Default::default()
     }));
     (pick(&["r1", "r2", "r3"]), pick(MODEL_IDS), pick(UUIDS), pick(&["ready", "Running", "starting", ""]), load).prop_map(
         |(name, model_id, partition_uuid, state, load)| pb::ServingRuntime {

@@ -78,7 +78,13 @@ fn seeds() -> Vec<Vec<u8>> {
             name: "r1".into(),
             model_id: "m1".into(),
             partition_uuid: "MIG-0".into(),
-            load: Some(pb::RuntimeLoad { requests_waiting: 1.0, requests_running: 2.0, kv_cache_usage_ratio: 0.3, ttft_p50_seconds: 0.1 }),
+            load: Some(pb::RuntimeLoad {
+                requests_waiting: 1.0,
+                requests_running: 2.0,
+                kv_cache_usage_ratio: 0.3,
+                ttft_p50_seconds: 0.1,
+                ..Default::default()
+            }),
             ..Default::default()
         }],
         source_bandwidth: vec![pb::SourceBandwidth { source: "s3://b".into(), bytes_per_second: 1e9, samples: 3 }],

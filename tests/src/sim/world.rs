@@ -466,7 +466,9 @@ impl Node {
                     // Below the scaler's KV-cache target: waiting requests are the signal here.
                     kv_cache_usage_ratio: 0.0,
                     ttft_p50_seconds: 0.0,
+                    ..Default::default()
                 }),
+                ..Default::default()
             })
             .collect();
         pb::NodeState {

@@ -1,0 +1,239 @@
+//! The runtime subsystem: every `runtimes.interval` it reads each model server on the node
+//! (today: the Kubernetes-managed ones the pod watcher finds), at most `CONCURRENCY` at a
+//! time, each read bounded by `runtimes.timeout`, and publishes what it found to the report
+//! and to `/metrics`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use hearth_service::tasks::Tasks;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use super::discover::ServingPod;
+use super::engine::{EngineSpec, LoadReader};
+use super::{RuntimeState, RuntimeStatus, probe};
+use crate::daemon::AgentError;
+use crate::report::NodeReport;
+use crate::subsystem::{Started, Status, Wiring};
+
+/// Servers read at once.
+const CONCURRENCY: usize = 16;
+
+/// Settings from `runtimes:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeSettings {
+    /// The pod label that marks a model server (its value is the model); None: no discovery.
+    pub discovery_label: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        Self { discovery_label: Some("hearth.dev/model".into()), interval: Duration::from_secs(5), timeout: Duration::from_secs(2) }
+    }
+}
+
+/// The `hearth_runtime_*` families, from the last read of every runtime.
+#[derive(Debug, Default, Clone)]
+pub struct RuntimeMetrics {
+    current: Arc<Mutex<Vec<RuntimeStatus>>>,
+    errors: Family<Vec<(String, String)>, Counter>,
+}
+
+impl RuntimeMetrics {
+    pub fn register(r: &mut prometheus_client::registry::Registry) -> Self {
+        let m = Self::default();
+        r.register("hearth_runtime_read_errors", "Failed reads of a model server, by runtime and kind of failure", m.errors.clone());
+        r.register_collector(Box::new(m.clone()));
+        m
+    }
+
+    fn set(&self, v: Vec<RuntimeStatus>) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = v;
+    }
+}
+
+impl Collector for RuntimeMetrics {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let cur = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut st = enc.encode_descriptor(
+            "hearth_runtime_state",
+            "1 for the state each model server is in, 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
+        for r in &cur {
+            for s in RuntimeState::ALL {
+                let labels =
+                    [("runtime", r.name.as_str()), ("model", r.model.as_str()), ("engine", r.engine.as_str()), ("state", s.as_str())];
+                ConstGauge::new(i64::from(r.state == s)).encode(st.encode_family(&labels)?)?;
+            }
+        }
+        type Pick = fn(&super::engine::Load) -> Option<f64>;
+        let gauges: [(&str, &str, Pick); 8] = [
+            ("hearth_runtime_requests_running", "Requests the engine is working on", |l| l.running),
+            ("hearth_runtime_requests_waiting", "Requests queued in the engine", |l| l.waiting),
+            ("hearth_runtime_kv_cache_usage_ratio", "KV-cache in use, 0 to 1", |l| l.kv_usage),
+            ("hearth_runtime_ttft_p50_seconds", "Median time to first token over the last read interval", |l| l.ttft_p50),
+            ("hearth_runtime_ttft_p90_seconds", "90th percentile time to first token over the last read interval", |l| l.ttft_p90),
+            ("hearth_runtime_itl_p50_seconds", "Median time between output tokens over the last read interval", |l| l.itl_p50),
+            ("hearth_runtime_prompt_tokens_per_second", "Prompt tokens processed per second over the last read interval", |l| {
+                l.prompt_tokens_per_s
+            }),
+            ("hearth_runtime_generation_tokens_per_second", "Tokens generated per second over the last read interval", |l| {
+                l.generation_tokens_per_s
+            }),
+        ];
+        for (name, help, pick) in gauges {
+            let mut g = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for r in &cur {
+                if let Some(v) = pick(&r.load).filter(|v| v.is_finite()) {
+                    let labels = [("runtime", r.name.as_str()), ("model", r.model.as_str()), ("engine", r.engine.as_str())];
+                    ConstGauge::new(v).encode(g.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the subsystem keeps per runtime between reads.
+struct Tracked {
+    reader: LoadReader,
+    spec: EngineSpec,
+    ever_ready: bool,
+    last_reason: String,
+}
+
+pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> {
+    let settings = w.cfg.runtimes.clone();
+    let metrics = RuntimeMetrics::register(&mut w.registry);
+    let Some(label) = settings.discovery_label.clone() else {
+        return Ok(Started::new(Status::off("runtimes.discovery_label is empty: no model servers are read")));
+    };
+    let watching = w.cfg.kubernetes.as_ref().is_some_and(|k| k.pod_names);
+    if !watching {
+        return Ok(Started::new(Status::off("finding model servers needs the Kubernetes pod watch (kubernetes.pod_names)")));
+    }
+    let pods = w.serving_pods.subscribe();
+    let (report, stop) = (w.report.clone(), tasks.cancel_token().clone());
+    tasks.spawn("read", run(settings.clone(), pods, report, metrics, stop).instrument(info_span!("runtimes")));
+    Ok(Started::new(Status::enabled(format!("pods labelled {label}, read every {:?}", settings.interval)))
+        .with_capabilities(&["runtime.read"]))
+}
+
+async fn run(
+    settings: RuntimeSettings,
+    mut pods: watch::Receiver<BTreeMap<String, ServingPod>>,
+    report: watch::Sender<NodeReport>,
+    metrics: RuntimeMetrics,
+    stop: CancellationToken,
+) {
+    let client = probe::client();
+    let mut tracked: HashMap<String, Tracked> = HashMap::new();
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+            // A new or changed pod is read at once rather than at the next tick.
+            r = pods.changed() => if r.is_err() { return },
+        }
+        let current: Vec<ServingPod> = pods.borrow_and_update().values().cloned().collect();
+        tracked.retain(|uid, _| current.iter().any(|p| &p.uid == uid));
+        let mut jobs = Vec::new();
+        for p in current {
+            let t = tracked.remove(&p.uid).unwrap_or_else(|| {
+                let spec = EngineSpec::builtin(p.engine);
+                Tracked { reader: LoadReader::new(spec.names.clone()), spec, ever_ready: false, last_reason: String::new() }
+            });
+            jobs.push(read_one(&client, p, t, settings.timeout));
+        }
+        // Read together, a bounded number at a time: one hung server costs one timeout for
+        // the round, not one per server.
+        let results: Vec<_> = futures::stream::iter(jobs).buffer_unordered(CONCURRENCY).collect().await;
+        let mut statuses = Vec::new();
+        {
+            for (uid, status, t, err) in results {
+                if let Some(kind) = err {
+                    metrics.errors.get_or_create(&vec![("runtime".into(), status.name.clone()), ("kind".into(), kind.into())]).inc();
+                }
+                if status.reason != t.last_reason {
+                    match status.state {
+                        RuntimeState::Ready => info!(runtime = %status.name, model = %status.model, "model server ready"),
+                        _ => {
+                            warn!(runtime = %status.name, state = status.state.as_str(), reason = %status.reason, "model server not ready")
+                        }
+                    }
+                }
+                let mut t = t;
+                t.last_reason = status.reason.clone();
+                tracked.insert(uid, t);
+                statuses.push(status);
+            }
+        }
+        statuses.sort_by(|a, b| a.name.cmp(&b.name));
+        metrics.set(statuses.clone());
+        report.send_if_modified(|r| {
+            let changed = r.runtimes != statuses;
+            r.runtimes = statuses;
+            changed
+        });
+    }
+}
+
+async fn read_one(
+    client: &probe::HttpClient,
+    p: ServingPod,
+    mut t: Tracked,
+    timeout: Duration,
+) -> (String, RuntimeStatus, Tracked, Option<&'static str>) {
+    let mut status = RuntimeStatus {
+        name: p.runtime_name(),
+        engine: p.engine,
+        model: p.model.clone(),
+        partition_uuid: String::new(),
+        state: RuntimeState::Starting,
+        reason: String::new(),
+        load: Default::default(),
+        managed_by: "kubernetes",
+    };
+    let Some(ip) = p.ip.clone() else {
+        status.reason = "the pod has no IP yet".into();
+        return (p.uid, status, t, None);
+    };
+    let host = if ip.contains(':') { format!("[{ip}]") } else { ip };
+    let reading = probe::read(client, &t.spec, &host, p.port, p.metrics_port, &mut t.reader, timeout).await;
+    let mut err = reading.metrics_error.as_ref().map(probe::ProbeError::kind);
+    if let Some(l) = reading.load {
+        status.load = l;
+    }
+    (status.state, status.reason) = match (&reading.live, &reading.ready) {
+        _ if p.terminating => (RuntimeState::Draining, "the pod is being deleted".into()),
+        (Err(e), _) => {
+            err = Some(e.kind());
+            (if t.ever_ready { RuntimeState::Failed } else { RuntimeState::Starting }, e.to_string())
+        }
+        (Ok(()), Err(why)) => (if t.ever_ready { RuntimeState::Failed } else { RuntimeState::Starting }, why.clone()),
+        (Ok(()), Ok(())) => {
+            t.ever_ready = true;
+            (RuntimeState::Ready, String::new())
+        }
+    };
+    if let Some(problem) = &p.problem {
+        status.reason = if status.reason.is_empty() { problem.clone() } else { format!("{}; {problem}", status.reason) };
+    }
+    (p.uid, status, t, err)
+}

@@ -1,0 +1,205 @@
+#![allow(clippy::unwrap_used)] // Tests unwrap their own locks and what they assert on.
+//! Kubernetes-managed model servers, end to end: pods labelled `hearth.dev/model` on the
+//! agent's node (from the API test server) point at HTTP servers that speak an engine's
+//! API and metrics text; the agent reads them, reports them with their load, and the
+//! controller's scaler decides on that load. Servers that load slowly, hang or die are
+//! reported as such.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use axum::response::IntoResponse;
+use hearth_proto::v1 as pb;
+use hearth_tests::{AgentProc, TestPki, channel, http_get, start_controller, wait_for};
+use tokio_util::sync::CancellationToken;
+
+const NODE: &str = "gpu-rt-1";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    /// Alive, no model listed yet (vLLM while it loads the weights).
+    Loading,
+    Serving,
+    /// Accepts, never answers.
+    Hung,
+}
+
+struct Engine {
+    addr: SocketAddr,
+    mode: Arc<Mutex<Mode>>,
+    metrics: Arc<Mutex<String>>,
+    stop: CancellationToken,
+}
+
+/// An HTTP server with vLLM's endpoints: `/health`, `/v1/models`, `/metrics`.
+async fn vllm_like(metrics: &str) -> Result<Engine> {
+    let mode = Arc::new(Mutex::new(Mode::Loading));
+    let text = Arc::new(Mutex::new(metrics.to_owned()));
+    let (m1, m2, m3, t) = (mode.clone(), mode.clone(), mode.clone(), text.clone());
+    let wait = |m: Arc<Mutex<Mode>>| async move {
+        if *m.lock().unwrap() == Mode::Hung {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    };
+    let app = axum::Router::new()
+        .route(
+            "/health",
+            axum::routing::get(move || async move {
+                wait(m1).await;
+                ""
+            }),
+        )
+        .route(
+            "/v1/models",
+            axum::routing::get(move || async move {
+                let m = *m2.lock().unwrap();
+                wait(m2.clone()).await;
+                let data = if m == Mode::Serving { r#"[{"id":"llama","object":"model","owned_by":"vllm"}]"# } else { "[]" };
+                ([("content-type", "application/json")], format!(r#"{{"object":"list","data":{data}}}"#)).into_response()
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || async move {
+                wait(m3).await;
+                t.lock().unwrap().clone()
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move { axum::serve(l, app).with_graceful_shutdown(async move { s.cancelled().await }).await });
+    Ok(Engine { addr, mode, metrics: text, stop })
+}
+
+fn metrics(running: u32, waiting: u32, kv: f64, ttft_count: u32) -> String {
+    // A vLLM V1 page, trimmed to the families Hearth reads (buckets as vLLM declares them).
+    let b = |le: &str, n: u32| format!("vllm:time_to_first_token_seconds_bucket{{engine=\"0\",le=\"{le}\",model_name=\"llama\"}} {n}\n");
+    format!(
+        "# HELP vllm:num_requests_running Requests in model execution batches.\n# TYPE vllm:num_requests_running gauge\n\
+         vllm:num_requests_running{{engine=\"0\",model_name=\"llama\"}} {running}.0\n\
+         # TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{engine=\"0\",model_name=\"llama\"}} {waiting}.0\n\
+         # TYPE vllm:kv_cache_usage_perc gauge\nvllm:kv_cache_usage_perc{{engine=\"0\",model_name=\"llama\"}} {kv}\n\
+         # TYPE vllm:time_to_first_token_seconds histogram\n{}{}{}{}\
+         vllm:time_to_first_token_seconds_count{{engine=\"0\",model_name=\"llama\"}} {ttft_count}.0\n\
+         # TYPE vllm:generation_tokens_total counter\nvllm:generation_tokens_total{{engine=\"0\",model_name=\"llama\"}} {}.0\n",
+        b("0.1", ttft_count / 4),
+        b("0.25", ttft_count / 2),
+        b("0.5", ttft_count),
+        b("+Inf", ttft_count),
+        ttft_count * 100,
+    )
+}
+
+fn pod(name: &str, port: u16) -> serde_json::Value {
+    serde_json::json!({
+        "metadata": {"name": name, "namespace": "serving", "labels": {"hearth.dev/model": "llama", "app": "llama"},
+                     "annotations": {"hearth.dev/port": port.to_string()}},
+        "spec": {"nodeName": NODE, "containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.11.0"}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+    })
+}
+
+async fn runtimes(ctl: &hearth_controller::Running, pki: &TestPki) -> Result<Vec<pb::ServingRuntime>> {
+    let ch = channel(ctl.grpc_addr, Some(&pki.client_material("operator")?)).await?;
+    let r = pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: NODE.into() }).await;
+    Ok(r.ok().and_then(|r| r.into_inner().state).map(|s| s.runtimes).unwrap_or_default())
+}
+
+async fn runtime_where(
+    ctl: &hearth_controller::Running,
+    pki: &TestPki,
+    what: &str,
+    f: impl Fn(&pb::ServingRuntime) -> bool,
+) -> Result<pb::ServingRuntime> {
+    wait_for(what, Duration::from_secs(20), || async { Ok(runtimes(ctl, pki).await?.into_iter().find(|r| f(r))) }).await
+}
+
+#[tokio::test]
+async fn labelled_pods_are_read_reported_with_their_load_and_drive_the_scaler() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let models: Vec<hearth_controller::catalog::RawModel> = serde_yaml_ng::from_str(
+        "- {name: llama, source: s3://models/llama, revision: main, size: 16Gi, image: vllm:v1, resources: {gpus: 1},\n   scaling: {min_replicas: 0, max_replicas: 16, target_concurrency: 2}}\n",
+    )?;
+    let ctl = start_controller(&pki, stop.clone(), |raw| {
+        raw.models = models;
+        raw.scaling.interval = Some("200ms".into());
+    })
+    .await?;
+    let (api, kube_yaml) = hearth_tests::agent_api_server(dir.path(), NODE).await?;
+    let engine = vllm_like(&metrics(3, 5, 0.42, 40)).await?;
+    let uid = api.add_pod_json(pod("llama-0", engine.addr.port()));
+    // Not a model server: never read.
+    api.add_pod_json(
+        serde_json::json!({"metadata": {"name": "sidecar", "namespace": "serving"}, "spec": {"nodeName": NODE, "containers": []}}),
+    );
+    let agent =
+        AgentProc::start(dir.path(), &pki, NODE, ctl.grpc_addr, &format!("{kube_yaml}runtimes: {{interval: 300ms, timeout: 500ms}}\n"))
+            .await?;
+
+    // Alive but the model is not listed yet: starting, with the reason.
+    let r =
+        runtime_where(&ctl, &pki, "the runtime, starting", |r| r.name == "serving/llama-0").await.with_context(|| agent.proc.log_text())?;
+    assert_eq!(
+        (r.state.as_str(), r.kind.as_str(), r.model_id.as_str(), r.managed_by.as_str()),
+        ("starting", "vllm", "llama", "kubernetes")
+    );
+    assert!(r.reason.contains("no model listed yet"), "{}", r.reason);
+
+    // Serving: ready, with the engine's load.
+    *engine.mode.lock().unwrap() = Mode::Serving;
+    let r = runtime_where(&ctl, &pki, "the runtime ready", |r| r.state == "ready").await?;
+    let load = r.load.context("load")?;
+    assert_eq!((load.requests_running, load.requests_waiting, load.kv_cache_usage_ratio), (3.0, 5.0, 0.42));
+    // New observations between two reads give a window quantile and a token rate.
+    *engine.metrics.lock().unwrap() = metrics(3, 5, 0.42, 80);
+    let r = runtime_where(&ctl, &pki, "a TTFT quantile", |r| r.load.as_ref().is_some_and(|l| l.ttft_p50_seconds > 0.0)).await?;
+    let load = r.load.context("load")?;
+    assert!((0.1..=0.25).contains(&load.ttft_p50_seconds), "p50 of 40 new observations, 20 of them <= 0.25 s: {load:?}");
+    let (_, body) = http_get(agent.http, "/metrics").await?;
+    for series in [
+        "hearth_runtime_requests_waiting{runtime=\"serving/llama-0\",model=\"llama\",engine=\"vllm\"} 5",
+        "hearth_runtime_kv_cache_usage_ratio{runtime=\"serving/llama-0\",model=\"llama\",engine=\"vllm\"} 0.42",
+        "hearth_runtime_state{runtime=\"serving/llama-0\",model=\"llama\",engine=\"vllm\",state=\"ready\"} 1",
+    ] {
+        ensure!(
+            body.contains(series),
+            "missing {series}:\n{}",
+            body.lines().filter(|l| l.contains("hearth_runtime")).collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    // The scaler sees 8 requests on one ready replica with a target of 2 each: 4 replicas.
+    let ch = channel(ctl.grpc_addr, Some(&pki.client_material("hearth-autoscaler")?)).await?;
+    let scaling = pb::scaling_client::ScalingClient::new(ch);
+    let desired = wait_for("a decision from the reported load", Duration::from_secs(20), || {
+        let mut s = scaling.clone();
+        async move {
+            let r = s.recommend(pb::RecommendRequest { model: "llama".into(), pending_requests: None }).await?.into_inner();
+            Ok(r.recommendation.filter(|r| r.current_replicas == 1 && r.desired_replicas >= 4).map(|r| r.desired_replicas))
+        }
+    })
+    .await?;
+    ensure!(desired == 4, "ceil(8 / 2) replicas: {desired}");
+
+    // A server that stops answering: failed (it was ready once), with the timeout.
+    *engine.mode.lock().unwrap() = Mode::Hung;
+    let r = runtime_where(&ctl, &pki, "the hung runtime failed", |r| r.state == "failed").await?;
+    assert!(r.reason.contains("no answer within"), "{}", r.reason);
+    // And one that is gone.
+    *engine.mode.lock().unwrap() = Mode::Serving;
+    engine.stop.cancel();
+    let r = runtime_where(&ctl, &pki, "the dead runtime failed", |r| r.state == "failed" && !r.reason.contains("no answer within")).await?;
+    assert!(r.reason.contains("GET http://127.0.0.1"), "{}", r.reason);
+    // The pod is deleted: the runtime leaves the report.
+    api.delete_pod(&uid);
+    wait_for("the runtime gone", Duration::from_secs(20), || async { Ok(runtimes(&ctl, &pki).await?.is_empty().then_some(())) }).await?;
+    assert!(api.forbidden().is_empty(), "{:?}", api.forbidden());
+    Ok(())
+}
