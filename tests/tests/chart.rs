@@ -909,6 +909,16 @@ async fn chart_config_gpu_values_runs_controller_and_agent_and_dashboards_query_
         Ok(scrape_names(agent_http).await?.contains("DCGM_FI_DEV_GPU_UTIL").then_some(()))
     })
     .await?;
+    // The leader's first scaling round, so its decision families are there.
+    wait_for("the controller's first decisions", Duration::from_secs(20), || async {
+        let names = scrape_names(ctl_http).await?;
+        Ok(["hearth_controller_scaling_decisions_total", "hearth_controller_desired_replicas"]
+            .iter()
+            .all(|n| names.contains(*n))
+            .then_some(()))
+    })
+    .await
+    .with_context(|| controller.log_text())?;
     let mut scraped = scrape_names(agent_http).await?;
     scraped.extend(scrape_names(ctl_http).await?);
     let mut sources = String::new();
