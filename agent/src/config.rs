@@ -157,6 +157,35 @@ pub struct RawRuntimes {
     pub interval: Option<String>,
     /// Deadline of each request to a server (default 2s).
     pub timeout: Option<String>,
+    /// Model servers the agent runs itself (process driver).
+    #[serde(default)]
+    pub managed: Vec<RawManaged>,
+}
+
+/// One agent-managed model server.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawManaged {
+    /// A DNS label; the runtime's name in reports.
+    pub name: String,
+    /// vllm, sglang, tgi, triton or custom: how it is probed and read.
+    pub engine: String,
+    /// Weights to cache, verify and pin before the server starts (`{model_dir}`).
+    pub model: Option<RawModel>,
+    /// The model id reported to the controller (its catalog name); default: `name`.
+    pub model_name: Option<String>,
+    /// Program and arguments; `{port}` and `{model_dir}` are replaced.
+    pub command: Vec<String>,
+    /// Default: the engine's.
+    pub port: Option<u16>,
+    /// CUDA_VISIBLE_DEVICES / NVIDIA_VISIBLE_DEVICES for the server.
+    pub visible_devices: Option<String>,
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Default 10m.
+    pub ready_timeout: Option<String>,
+    /// SIGTERM to SIGKILL; shorter than shutdown_grace (default: shutdown_grace minus 1s).
+    pub drain_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -291,7 +320,56 @@ pub struct Config {
 
 pub use crate::netobs::NetworkSettings;
 
-fn runtime_settings(r: RawRuntimes) -> Result<crate::runtime::RuntimeSettings, AgentConfigError> {
+fn managed_spec(i: usize, m: RawManaged, grace: Duration) -> Result<crate::runtime::managed::ManagedSpec, AgentConfigError> {
+    use crate::runtime::engine::{EngineSpec, Kind};
+    let field = |f: &str| format!("runtimes.managed[{i}].{f}");
+    let entry = |f: &str, expected: &str, got: String| ConfigError::Entry { field: field(f), expected: expected.into(), got };
+    if !hearth_service::kube::is_dns_label(&m.name) {
+        return Err(entry("name", "a DNS label (lowercase letters, digits, '-')", m.name).into());
+    }
+    let engine = Kind::parse(&m.engine).ok_or_else(|| entry("engine", "vllm, sglang, tgi, triton or custom", m.engine.clone()))?;
+    if m.command.is_empty() {
+        return Err(entry("command", "a program and its arguments", "[]".into()).into());
+    }
+    let model = match m.model {
+        None => None,
+        Some(r) => Some(
+            crate::cache::spec::ModelSpec::new(&r.uri, &r.include, &r.exclude, &r.revision)
+                .map_err(|e| entry("model", &e.to_string(), r.uri.clone()))?,
+        ),
+    };
+    let d = |f: &str, v: Option<String>, default: &str| {
+        parse_duration("runtimes.managed[].duration", v.as_deref().unwrap_or(default))
+            .map_err(|_| entry(f, "a duration like \"30s\"", v.unwrap_or_default()))
+    };
+    let ready_timeout = d("ready_timeout", m.ready_timeout, "10m")?;
+    let default_drain =
+        humantime::format_duration(grace.saturating_sub(Duration::from_secs(1)).max(Duration::from_millis(500))).to_string();
+    let drain_timeout = d("drain_timeout", m.drain_timeout, &default_drain)?;
+    // A process cannot outlive the agent's container: its drain must fit the agent's own.
+    if drain_timeout >= grace {
+        return Err(entry(
+            "drain_timeout",
+            "shorter than shutdown_grace (the server is drained within the agent's own stop)",
+            format!("{drain_timeout:?}"),
+        )
+        .into());
+    }
+    Ok(crate::runtime::managed::ManagedSpec {
+        model_name: m.model_name.unwrap_or_else(|| m.name.clone()),
+        name: m.name,
+        engine,
+        model,
+        command: m.command,
+        port: m.port.unwrap_or(EngineSpec::builtin(engine).port),
+        visible_devices: m.visible_devices,
+        env: m.env.into_iter().collect(),
+        ready_timeout,
+        drain_timeout,
+    })
+}
+
+fn runtime_settings(r: RawRuntimes, grace: Duration) -> Result<crate::runtime::RuntimeSettings, AgentConfigError> {
     let label = r.discovery_label.unwrap_or_else(|| "hearth.dev/model".into());
     // A label key: an optional DNS prefix and a name of at most 63 characters.
     let name = label.rsplit_once('/').map_or(label.as_str(), |(_, n)| n);
@@ -307,7 +385,20 @@ fn runtime_settings(r: RawRuntimes) -> Result<crate::runtime::RuntimeSettings, A
     if timeout.is_zero() || timeout > interval.max(Duration::from_secs(1)) * 4 {
         return Err(invalid("runtimes.timeout", "more than 0 and at most 4 read intervals", format!("{timeout:?}")));
     }
-    Ok(crate::runtime::RuntimeSettings { discovery_label: (!label.is_empty()).then_some(label), interval, timeout })
+    let mut managed = Vec::new();
+    for (i, m) in r.managed.into_iter().enumerate() {
+        let spec = managed_spec(i, m, grace)?;
+        if managed.iter().any(|o: &crate::runtime::managed::ManagedSpec| o.name == spec.name || o.port == spec.port) {
+            return Err(ConfigError::Entry {
+                field: format!("runtimes.managed[{i}]"),
+                expected: "a name and port no other managed runtime has".into(),
+                got: format!("{} on port {}", spec.name, spec.port),
+            }
+            .into());
+        }
+        managed.push(spec);
+    }
+    Ok(crate::runtime::RuntimeSettings { discovery_label: (!label.is_empty()).then_some(label), interval, timeout, managed })
 }
 
 fn network_settings(r: RawNetwork) -> Result<NetworkSettings, AgentConfigError> {
@@ -610,13 +701,13 @@ impl TryFrom<RawConfig> for Config {
                 .unwrap_or_else(|| DEFAULT_EXCLUDED_INTERFACES.iter().map(|s| (*s).to_owned()).collect()),
             labels: r.node.labels,
             cache,
-            shutdown_grace: dur("shutdown_grace", r.shutdown_grace, "5s")?,
+            shutdown_grace: dur("shutdown_grace", r.shutdown_grace.clone(), "5s")?,
             max_message_bytes: max as usize,
             partition,
             kubernetes: kube_settings(r.kubernetes)?,
             state_dir: r.state_dir.unwrap_or_else(|| "/var/lib/hearth".into()),
             network: network_settings(r.network)?,
-            runtimes: runtime_settings(r.runtimes)?,
+            runtimes: runtime_settings(r.runtimes, dur("shutdown_grace", r.shutdown_grace.clone(), "5s")?)?,
         })
     }
 }

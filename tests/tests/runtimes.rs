@@ -203,3 +203,101 @@ async fn labelled_pods_are_read_reported_with_their_load_and_drive_the_scaler() 
     assert!(api.forbidden().is_empty(), "{:?}", api.forbidden());
     Ok(())
 }
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn pid_of(state: &std::path::Path, runtime: &str) -> Result<i32> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(state.join("runtimes").join(runtime).join("pid.json"))?)?;
+    v["pid"].as_i64().map(|p| p as i32).context("pid")
+}
+
+fn running(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+/// Agent-managed servers (process driver): the weights cached and pinned first, the server
+/// started on them, ready, read; adopted again after the agent is killed; one that keeps
+/// exiting is a crash loop; one that ignores SIGTERM is killed at its drain deadline; a
+/// clean agent stop drains them all within its grace.
+#[tokio::test]
+async fn agent_managed_servers_are_supervised_adopted_after_a_crash_and_drained() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
+    let src = dir.path().join("fsx/llama");
+    hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
+    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let (p1, p2, p3) = (free_port()?, free_port()?, free_port()?);
+    let runtime = |name: &str, port: u16, extra: &str, drain: &str| {
+        format!(
+            "    - {{name: {name}, engine: vllm, model_name: llama, port: {port}, drain_timeout: {drain}, visible_devices: \"0\",\n       \
+             command: [python3, \"{}\", --port, \"{{port}}\", --model, llama, --model-dir, \"{{model_dir}}\"{extra}],\n       \
+             model: {{uri: \"file://{}\"}}}}\n",
+            engine.display(),
+            src.display()
+        )
+    };
+    let yaml = format!(
+        "shutdown_grace: 5s\nruntimes:\n  interval: 300ms\n  timeout: 1s\n  managed:\n{}{}{}",
+        runtime("llama-a", p1, ", --load-seconds, \"1\", --drain-seconds, \"0.3\"", "3s"),
+        runtime("flaky", p2, ", --exit-after, \"0.3\"", "1s"),
+        runtime("stubborn", p3, ", --ignore-sigterm", "1s"),
+    );
+    let mut agent = AgentProc::start(dir.path(), &pki, NODE, ctl.grpc_addr, &yaml).await?;
+    let state = dir.path().join(format!("state-{NODE}"));
+
+    let r = runtime_where(&ctl, &pki, "llama-a ready", |r| r.name == "llama-a" && r.state == "ready")
+        .await
+        .with_context(|| agent.proc.log_text())?;
+    assert_eq!((r.managed_by.as_str(), r.model_id.as_str(), r.partition_uuid.as_str()), ("agent", "llama", "0"));
+    // Started on the cached weights, pinned while it runs, with its devices.
+    let log = std::fs::read_to_string(state.join("runtimes/llama-a/server.log"))?;
+    ensure!(log.contains("serving llama from ") && log.contains("/models/") && log.contains("CUDA_VISIBLE_DEVICES=0"), "{log}");
+    let ch = channel(ctl.grpc_addr, Some(&pki.client_material("operator")?)).await?;
+    let node = pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: NODE.into() }).await?.into_inner();
+    ensure!(node.state.context("state")?.models.iter().any(|m| m.pinned && m.source_uri.contains("fsx/llama")), "the weights are pinned");
+
+    // The one that keeps exiting: a crash loop, with its log's last words.
+    let r = runtime_where(&ctl, &pki, "flaky in a crash loop", |r| r.name == "flaky" && r.state == "crash-loop").await?;
+    assert!(r.reason.contains("exiting with 1"), "{}", r.reason);
+    let (_, body) = http_get(agent.http, "/metrics").await?;
+    let restarts: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("hearth_runtime_restarts_total{runtime=\"flaky\"} "))
+        .context("restarts series")?
+        .parse()?;
+    ensure!(restarts >= 3.0, "{restarts}");
+
+    // The agent is killed: its servers keep serving, and the next agent adopts them.
+    let pid = pid_of(&state, "llama-a")?;
+    agent.proc.kill9()?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ensure!(running(pid), "the server outlives a killed agent");
+    let (st, _) = http_get(SocketAddr::from(([127, 0, 0, 1], p1)), "/health").await?;
+    assert_eq!(st, 200);
+    let mut agent = AgentProc::start(dir.path(), &pki, NODE, ctl.grpc_addr, &yaml).await?;
+    agent.proc.wait_for_log_line("adopted the model server", Duration::from_secs(10)).await?;
+    runtime_where(&ctl, &pki, "llama-a ready again", |r| r.name == "llama-a" && r.state == "ready").await?;
+    assert_eq!(pid_of(&state, "llama-a")?, pid, "adopted, not started twice");
+    runtime_where(&ctl, &pki, "stubborn ready", |r| r.name == "stubborn" && r.state == "ready").await?;
+    let stubborn = pid_of(&state, "stubborn")?;
+
+    // A clean stop drains every server within the agent's grace; the stubborn one is killed
+    // at its 1 s deadline.
+    agent.proc.signal("TERM")?;
+    let t0 = std::time::Instant::now();
+    let st = agent.proc.wait_exit(Duration::from_secs(8)).await?;
+    ensure!(st.is_some_and(|s| s.success()), "clean exit: {st:?}\n{}", agent.proc.log_text());
+    ensure!(t0.elapsed() < Duration::from_secs(5), "within shutdown_grace: {:?}", t0.elapsed());
+    ensure!(!running(pid) && !running(stubborn), "no server left behind");
+    let log = std::fs::read_to_string(state.join("runtimes/llama-a/server.log"))?;
+    ensure!(log.contains("drained, exiting"), "llama-a drained itself: {log}");
+    let log = std::fs::read_to_string(state.join("runtimes/stubborn/server.log"))?;
+    ensure!(log.contains("SIGTERM ignored"), "{log}");
+    Ok(())
+}

@@ -7,15 +7,18 @@
 //! - `promtext`: the exposition-format reader;
 //! - `discover`: Kubernetes-managed servers, pods carrying the model label, found through
 //!   the kube subsystem's pod watcher;
+//! - `managed`: agent-managed servers (process driver): started on pinned cached weights,
+//!   supervised, drained, adopted again by a restarted agent;
 //! - `probe`: one read of one server (live, ready, metrics) with a deadline;
 //! - `subsystem`: reads every server each interval, publishes `RuntimeStatus` to the report
 //!   and `hearth_runtime_*` to `/metrics`.
 //!
 //! It never starts, stops or signals a Kubernetes-managed server: those belong to whatever
-//! created the pod.
+//! created the pod. The Kubernetes pod driver for agent-managed runtimes is not built yet.
 
 pub mod discover;
 pub mod engine;
+pub mod managed;
 pub mod probe;
 pub mod promtext;
 mod subsystem;
@@ -31,10 +34,12 @@ pub enum RuntimeState {
     Ready,
     Draining,
     Failed,
+    /// An agent-managed server that keeps exiting; restarts are spaced out.
+    CrashLoop,
 }
 
 impl RuntimeState {
-    pub const ALL: [RuntimeState; 4] = [Self::Starting, Self::Ready, Self::Draining, Self::Failed];
+    pub const ALL: [RuntimeState; 5] = [Self::Starting, Self::Ready, Self::Draining, Self::Failed, Self::CrashLoop];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -42,6 +47,7 @@ impl RuntimeState {
             Self::Ready => "ready",
             Self::Draining => "draining",
             Self::Failed => "failed",
+            Self::CrashLoop => "crash-loop",
         }
     }
 }

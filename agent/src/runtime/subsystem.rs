@@ -30,17 +30,24 @@ use crate::subsystem::{Started, Status, Wiring};
 const CONCURRENCY: usize = 16;
 
 /// Settings from `runtimes:`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RuntimeSettings {
     /// The pod label that marks a model server (its value is the model); None: no discovery.
     pub discovery_label: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
+    /// Servers the agent runs itself.
+    pub managed: Vec<super::managed::ManagedSpec>,
 }
 
 impl Default for RuntimeSettings {
     fn default() -> Self {
-        Self { discovery_label: Some("hearth.dev/model".into()), interval: Duration::from_secs(5), timeout: Duration::from_secs(2) }
+        Self {
+            discovery_label: Some("hearth.dev/model".into()),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            managed: Vec::new(),
+        }
     }
 }
 
@@ -119,23 +126,51 @@ struct Tracked {
 pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> {
     let settings = w.cfg.runtimes.clone();
     let metrics = RuntimeMetrics::register(&mut w.registry);
-    let Some(label) = settings.discovery_label.clone() else {
-        return Ok(Started::new(Status::off("runtimes.discovery_label is empty: no model servers are read")));
-    };
+    let restarts = Family::<Vec<(String, String)>, Counter>::default();
+    w.registry.register("hearth_runtime_restarts", "Restarts of agent-managed model servers", restarts.clone());
+    let mut parts = Vec::new();
+    let mut caps = Vec::new();
     let watching = w.cfg.kubernetes.as_ref().is_some_and(|k| k.pod_names);
-    if !watching {
-        return Ok(Started::new(Status::off("finding model servers needs the Kubernetes pod watch (kubernetes.pod_names)")));
+    if let (Some(label), true) = (&settings.discovery_label, watching) {
+        parts.push(format!("pods labelled {label}"));
+        caps.push("runtime.read");
+    }
+    let shared = super::managed::Shared::default();
+    for spec in &settings.managed {
+        let sup = super::managed::Supervisor {
+            spec: spec.clone(),
+            dir: w.cfg.state_dir.join("runtimes").join(&spec.name),
+            cache: w.cache.clone(),
+            shared: shared.clone(),
+            interval: settings.interval,
+            timeout: settings.timeout,
+            restarts: restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone(),
+        };
+        let stop = tasks.cancel_token().clone();
+        tasks.spawn("supervise", sup.run(stop).instrument(info_span!("runtime", name = %spec.name)));
+    }
+    if !settings.managed.is_empty() {
+        parts.push(format!("{} agent-managed", settings.managed.len()));
+        caps.push("runtime.process");
+    }
+    if parts.is_empty() {
+        let why = if settings.discovery_label.is_none() {
+            "runtimes.discovery_label is empty and runtimes.managed is empty"
+        } else {
+            "finding model servers needs the Kubernetes pod watch (kubernetes.pod_names), and runtimes.managed is empty"
+        };
+        return Ok(Started::new(Status::off(why)));
     }
     let pods = w.serving_pods.subscribe();
     let (report, stop) = (w.report.clone(), tasks.cancel_token().clone());
-    tasks.spawn("read", run(settings.clone(), pods, report, metrics, stop).instrument(info_span!("runtimes")));
-    Ok(Started::new(Status::enabled(format!("pods labelled {label}, read every {:?}", settings.interval)))
-        .with_capabilities(&["runtime.read"]))
+    tasks.spawn("read", run(settings.clone(), pods, shared, report, metrics, stop).instrument(info_span!("runtimes")));
+    Ok(Started::new(Status::enabled(format!("{}, read every {:?}", parts.join(" and "), settings.interval))).with_capabilities(&caps))
 }
 
 async fn run(
     settings: RuntimeSettings,
     mut pods: watch::Receiver<BTreeMap<String, ServingPod>>,
+    managed: super::managed::Shared,
     report: watch::Sender<NodeReport>,
     metrics: RuntimeMetrics,
     stop: CancellationToken,
@@ -144,12 +179,14 @@ async fn run(
     let mut tracked: HashMap<String, Tracked> = HashMap::new();
     let mut tick = tokio::time::interval(settings.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Closed when nothing watches pods (discovery off): the ticks still publish managed ones.
+    let mut pods_open = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
             // A new or changed pod is read at once rather than at the next tick.
-            r = pods.changed() => if r.is_err() { return },
+            r = pods.changed(), if pods_open => if r.is_err() { pods_open = false },
         }
         let current: Vec<ServingPod> = pods.borrow_and_update().values().cloned().collect();
         tracked.retain(|uid, _| current.iter().any(|p| &p.uid == uid));
@@ -184,6 +221,7 @@ async fn run(
                 statuses.push(status);
             }
         }
+        statuses.extend(managed.lock().unwrap_or_else(|p| p.into_inner()).values().cloned());
         statuses.sort_by(|a, b| a.name.cmp(&b.name));
         metrics.set(statuses.clone());
         report.send_if_modified(|r| {
