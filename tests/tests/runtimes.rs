@@ -94,12 +94,21 @@ fn metrics(running: u32, waiting: u32, kv: f64, ttft_count: u32) -> String {
     )
 }
 
+/// An RFC 3339 time `secs` seconds ago.
+fn ago(secs: i64) -> String {
+    let t = k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(secs);
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
 fn pod(name: &str, port: u16) -> serde_json::Value {
     serde_json::json!({
         "metadata": {"name": name, "namespace": "serving", "labels": {"hearth.dev/model": "llama", "app": "llama"},
                      "annotations": {"hearth.dev/port": port.to_string()}},
         "spec": {"nodeName": NODE, "containers": [{"name": "vllm", "image": "vllm/vllm-openai:v0.11.0"}]},
-        "status": {"phase": "Running", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}]},
+        "status": {"phase": "Running", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}],
+                   "startTime": ago(50),
+                   "containerStatuses": [{"name": "vllm", "image": "vllm/vllm-openai:v0.11.0", "imageID": "", "ready": true, "restartCount": 0,
+                                          "state": {"running": {"startedAt": ago(8)}}}]},
     })
 }
 
@@ -157,6 +166,10 @@ async fn labelled_pods_are_read_reported_with_their_load_and_drive_the_scaler() 
     let r = runtime_where(&ctl, &pki, "the runtime ready", |r| r.state == "ready").await?;
     let load = r.load.context("load")?;
     assert_eq!((load.requests_running, load.requests_waiting, load.kv_cache_usage_ratio), (3.0, 5.0, 0.42));
+    // The image took 42 s (pod start to container start, from the pod's status); the engine
+    // start runs from the container start to the first ready read.
+    assert_eq!(r.image_seconds.round(), 42.0);
+    assert!((8.0..60.0).contains(&r.start_seconds), "{r:?}");
     // New observations between two reads give a window quantile and a token rate.
     *engine.metrics.lock().unwrap() = metrics(3, 5, 0.42, 80);
     let r = runtime_where(&ctl, &pki, "a TTFT quantile", |r| r.load.as_ref().is_some_and(|l| l.ttft_p50_seconds > 0.0)).await?;
@@ -255,6 +268,9 @@ async fn agent_managed_servers_are_supervised_adopted_after_a_crash_and_drained(
         .await
         .with_context(|| agent.proc.log_text())?;
     assert_eq!((r.managed_by.as_str(), r.model_id.as_str(), r.partition_uuid.as_str()), ("agent", "llama", "0"));
+    // Its start was measured: the weights placed, then the engine up (it loads for 1 s).
+    let r = runtime_where(&ctl, &pki, "llama-a's start measured", |r| r.name == "llama-a" && r.start_seconds > 0.0).await?;
+    ensure!(r.start_seconds >= 1.0 && r.start_seconds < 20.0 && r.weights_seconds > 0.0, "{r:?}");
     // Started on the cached weights, pinned while it runs, with its devices.
     let log = std::fs::read_to_string(state.join("runtimes/llama-a/server.log"))?;
     ensure!(log.contains("serving llama from ") && log.contains("/models/") && log.contains("CUDA_VISIBLE_DEVICES=0"), "{log}");

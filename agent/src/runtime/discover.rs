@@ -14,7 +14,7 @@ pub const PORT_ANNOTATION: &str = "hearth.dev/port";
 pub const METRICS_PORT_ANNOTATION: &str = "hearth.dev/metrics-port";
 
 /// A serving pod as the agent needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServingPod {
     pub uid: String,
     pub namespace: String,
@@ -31,6 +31,10 @@ pub struct ServingPod {
     pub terminating: bool,
     /// Why the pod is not read (a bad annotation), for the report and the log.
     pub problem: Option<String>,
+    /// Seconds from the kubelet taking the pod to its container running (mostly the image
+    /// pull), and when the container started: the engine's start is measured from there.
+    pub image_seconds: Option<f64>,
+    pub container_started: Option<k8s_openapi::jiff::Timestamp>,
 }
 
 impl ServingPod {
@@ -71,7 +75,17 @@ pub fn serving_pod(pod: &Pod, label: &str) -> Option<ServingPod> {
     let metrics_port = port_of(METRICS_PORT_ANNOTATION, builtin.metrics_port.unwrap_or(port));
     let status = pod.status.as_ref();
     let pod_ready = status.and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let pod_started = status.and_then(|s| s.start_time.as_ref()).map(|t| t.0);
+    let container_started = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().filter_map(|c| c.state.as_ref()?.running.as_ref()?.started_at.as_ref().map(|t| t.0)).max());
+    let image_seconds = match (pod_started, container_started) {
+        (Some(a), Some(b)) => b.duration_since(a).as_secs_f64().max(0.0).into(),
+        _ => None,
+    };
     Some(ServingPod {
+        image_seconds,
+        container_started,
         uid: meta.uid.clone()?,
         namespace: meta.namespace.clone().unwrap_or_default(),
         name: meta.name.clone()?,

@@ -108,6 +108,7 @@ impl Supervisor {
     fn publish(&self, state: RuntimeState, reason: impl Into<String>, load: Option<super::engine::Load>) {
         let mut m = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let prev_load = m.get(&self.spec.name).map(|s| s.load.clone()).unwrap_or_default();
+        let timing = m.get(&self.spec.name).and_then(|s| s.timing);
         m.insert(
             self.spec.name.clone(),
             RuntimeStatus {
@@ -119,8 +120,15 @@ impl Supervisor {
                 reason: reason.into(),
                 load: load.unwrap_or(prev_load),
                 managed_by: "agent",
+                timing,
             },
         );
+    }
+
+    fn record_timing(&self, t: super::Timing) {
+        if let Some(s) = self.shared.lock().unwrap_or_else(|p| p.into_inner()).get_mut(&self.spec.name) {
+            s.timing = Some(t);
+        }
     }
 
     fn log_path(&self) -> PathBuf {
@@ -307,9 +315,11 @@ impl Supervisor {
             }
             let mut reader = LoadReader::new(engine.names.clone());
             let started = Instant::now();
+            let mut weights_s = None;
             let p = match adopted.take() {
                 Some(p) => p,
                 None => {
+                    let w0 = Instant::now();
                     let dir = match self.weights(&stop).await {
                         Ok(d) => d,
                         Err(e) if stop.is_cancelled() => {
@@ -324,6 +334,7 @@ impl Supervisor {
                             continue;
                         }
                     };
+                    weights_s = Some(w0.elapsed().as_secs_f64());
                     match self.spawn(dir.as_deref()) {
                         Ok(p) => p,
                         Err(e) => {
@@ -338,8 +349,12 @@ impl Supervisor {
             };
             match self.wait_ready(p, &mut reader, &engine, &stop).await {
                 Ok(took) => {
-                    info!(runtime = %self.spec.name, time_to_ready = ?took, "model server ready");
+                    info!(runtime = %self.spec.name, time_to_ready = ?took, weights_s = ?weights_s, "model server ready");
                     self.publish(RuntimeState::Ready, "", None);
+                    // An adopted server's start was not seen: keep what was measured before.
+                    if let Some(w) = weights_s {
+                        self.record_timing(super::Timing { image: 0.0, weights: w, engine: took.as_secs_f64() });
+                    }
                     if self.watch(p, &mut reader, &engine, &stop).await {
                         self.drain(p).await;
                         return;

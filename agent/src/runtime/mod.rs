@@ -65,6 +65,16 @@ pub struct RuntimeStatus {
     pub reason: String,
     pub load: engine::Load,
     pub managed_by: &'static str,
+    /// Measured start to ready, once it was ready.
+    pub timing: Option<Timing>,
+}
+
+/// Where the time from start to ready went, in seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Timing {
+    pub image: f64,
+    pub weights: f64,
+    pub engine: f64,
 }
 
 impl RuntimeStatus {
@@ -89,6 +99,9 @@ impl RuntimeStatus {
             }),
             managed_by: self.managed_by.to_owned(),
             reason: self.reason.clone(),
+            image_seconds: self.timing.map_or(0.0, |t| t.image),
+            weights_seconds: self.timing.map_or(0.0, |t| t.weights),
+            start_seconds: self.timing.map_or(0.0, |t| t.engine),
         }
     }
 }

@@ -121,6 +121,10 @@ struct Tracked {
     spec: EngineSpec,
     ever_ready: bool,
     last_reason: String,
+    timing: Option<super::Timing>,
+    /// Read before it was ready: its start can be measured (a server first seen ready, as
+    /// after an agent restart, was not watched starting).
+    seen_starting: bool,
 }
 
 pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> {
@@ -194,7 +198,14 @@ async fn run(
         for p in current {
             let t = tracked.remove(&p.uid).unwrap_or_else(|| {
                 let spec = EngineSpec::builtin(p.engine);
-                Tracked { reader: LoadReader::new(spec.names.clone()), spec, ever_ready: false, last_reason: String::new() }
+                Tracked {
+                    reader: LoadReader::new(spec.names.clone()),
+                    spec,
+                    ever_ready: false,
+                    last_reason: String::new(),
+                    timing: None,
+                    seen_starting: false,
+                }
             });
             jobs.push(read_one(&client, p, t, settings.timeout));
         }
@@ -247,6 +258,7 @@ async fn read_one(
         reason: String::new(),
         load: Default::default(),
         managed_by: "kubernetes",
+        timing: t.timing,
     };
     let Some(ip) = p.ip.clone() else {
         status.reason = "the pod has no IP yet".into();
@@ -258,6 +270,9 @@ async fn read_one(
     if let Some(l) = reading.load {
         status.load = l;
     }
+    if reading.ready.is_err() && !t.ever_ready {
+        t.seen_starting = true;
+    }
     (status.state, status.reason) = match (&reading.live, &reading.ready) {
         _ if p.terminating => (RuntimeState::Draining, "the pod is being deleted".into()),
         (Err(e), _) => {
@@ -266,6 +281,16 @@ async fn read_one(
         }
         (Ok(()), Err(why)) => (if t.ever_ready { RuntimeState::Failed } else { RuntimeState::Starting }, why.clone()),
         (Ok(()), Ok(())) => {
+            if !t.ever_ready
+                && t.seen_starting
+                && let Some(started) = p.container_started
+            {
+                // The first ready read after the container started: the engine's start time
+                // (to within one read interval).
+                let engine = k8s_openapi::jiff::Timestamp::now().duration_since(started).as_secs_f64().max(0.0);
+                t.timing = Some(super::Timing { image: p.image_seconds.unwrap_or(0.0), weights: 0.0, engine });
+                status.timing = t.timing;
+            }
             t.ever_ready = true;
             (RuntimeState::Ready, String::new())
         }

@@ -61,6 +61,7 @@ fn parts(p: &Parts) -> pb::ScoreParts {
         missing_bytes: p.missing_bytes,
         bandwidth_bytes_per_second: p.bandwidth,
         bandwidth_measured: p.bandwidth_measured,
+        runtime_start_measured: p.runtime_start_measured,
         image_cached: p.image_cached,
     }
 }

@@ -135,6 +135,8 @@ pub struct RuntimeFacts {
     pub model_key: Option<(String, String)>,
     pub ready: bool,
     pub load: pb::RuntimeLoad,
+    /// Measured seconds from the engine's start to ready on this node, when reported.
+    pub start_seconds: Option<f64>,
 }
 
 /// Most NeuronCores one device is taken to have: real ones have 2 (Inferentia2, Trainium)
@@ -239,6 +241,8 @@ impl NodeFacts {
                     model_key: by_id.get(r.model_id.as_str()).cloned(),
                     ready: r.state.eq_ignore_ascii_case("ready") || r.state.eq_ignore_ascii_case("running"),
                     load,
+                    // An hour is more than any engine start: beyond that the number is wrong.
+                    start_seconds: Some(r.start_seconds).filter(|s| s.is_finite() && *s > 0.0 && *s < 3600.0),
                 }
             })
             .collect();

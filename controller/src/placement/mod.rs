@@ -77,6 +77,8 @@ pub struct Parts {
     pub bandwidth: f64,
     /// The bandwidth was measured by the node, not the default.
     pub bandwidth_measured: bool,
+    /// `runtime_start_s` was measured on the node for this model.
+    pub runtime_start_measured: bool,
     pub image_cached: bool,
 }
 
@@ -204,13 +206,17 @@ fn parts(n: &ScanNode<'_>, cols: &ModelColumns<'_>, m: &ModelSpec, p: &Params, f
         None => (p.default_source_bandwidth, false),
     };
     let image_cached = cols.image_cached(n.row);
+    let (runtime_start_s, runtime_start_measured) = match cols.start(n.row) {
+        Some(s) => (s, true),
+        None => (p.runtime_start.as_secs_f64(), false),
+    };
     let load = (n.hot.requests / p.load_saturation).min(1.0).max(n.hot.kv_cache.min(1.0) * 0.5);
     let evict = missing.saturating_sub(n.hot.cache_free);
     Parts {
         image_pull_s: if image_cached { 0.0 } else { m.image_bytes as f64 / p.image_pull_bandwidth },
         download_s: missing as f64 / bandwidth,
         local_load_s: m.bytes as f64 / p.local_read_bandwidth,
-        runtime_start_s: p.runtime_start.as_secs_f64(),
+        runtime_start_s,
         load_penalty_s: load * p.load_penalty.as_secs_f64(),
         fragmentation_penalty_s: fragmentation * p.fragmentation_penalty.as_secs_f64(),
         eviction_penalty_s: p.eviction_weight * evict as f64 / bandwidth,
@@ -218,6 +224,7 @@ fn parts(n: &ScanNode<'_>, cols: &ModelColumns<'_>, m: &ModelSpec, p: &Params, f
         evict_bytes: evict,
         bandwidth,
         bandwidth_measured: measured,
+        runtime_start_measured,
         image_cached,
     }
 }
@@ -313,7 +320,7 @@ impl Placement {
     fn evaluate(&self, m: &ModelSpec, names: Option<&[String]>, leases: &Leases, now: Instant, keep: Keep) -> Evaluated {
         let key = (m.source_uri.clone(), m.revision.clone());
         let mut out = Evaluated::default();
-        self.state.placement_scan(now, names, (&key, &m.image, &m.source_uri), |n, cols| {
+        self.state.placement_scan(now, names, (&key, &m.image, &m.source_uri, &m.name), |n, cols| {
             let verdict = if !n.known {
                 Err(Reject::Unknown)
             } else if n.connection != Connection::Connected {

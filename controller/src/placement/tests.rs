@@ -97,6 +97,35 @@ fn cached_bytes_and_bandwidth_decide_the_score_and_every_part_is_shown() {
     assert_eq!(cold.priority, (10.0f64 * 90.0 / cold.parts.total()).round() as u8);
 }
 
+/// A node that started the model before predicts its start from what it measured; the others
+/// use the configured default, and say which.
+#[test]
+fn a_measured_start_replaces_the_default_on_its_node_only() {
+    let c = Cluster::new();
+    let mut ran = gpu_node(8);
+    ran.runtimes.push(pb::ServingRuntime {
+        name: "llama-0".into(),
+        model_id: "llama".into(),
+        state: "ready".into(),
+        start_seconds: 7.5,
+        ..Default::default()
+    });
+    // A runtime of another model, and a nonsense measurement, change nothing.
+    ran.runtimes.push(pb::ServingRuntime { name: "x".into(), model_id: "other".into(), start_seconds: 1.0, ..Default::default() });
+    c.add("ran", ran);
+    let mut odd = gpu_node(8);
+    odd.runtimes.push(pb::ServingRuntime { name: "y".into(), model_id: "llama".into(), start_seconds: f64::NAN, ..Default::default() });
+    c.add("odd", odd);
+    c.add("never", gpu_node(8));
+    let p = c.placement(vec![model("llama", 1, 10 * GB)]);
+    let out = p.score("llama", None, 0, c.t0).unwrap();
+    let by = |n: &str| out.best.iter().find(|s| s.node == n).unwrap().parts.clone();
+    assert_eq!((by("ran").runtime_start_s, by("ran").runtime_start_measured), (7.5, true));
+    for n in ["odd", "never"] {
+        assert_eq!((by(n).runtime_start_s, by(n).runtime_start_measured), (20.0, false), "{n}");
+    }
+}
+
 #[test]
 fn stale_unknown_and_unfit_nodes_are_rejected_with_reasons() {
     let c = Cluster::new();

@@ -71,12 +71,16 @@ pub struct Index {
     /// replicas from these instead of walking every node.
     runtimes: FastMap<String, FastMap<RowId, ()>>,
     runtime_keys: FastMap<(String, String), FastMap<RowId, ()>>,
+    /// Model id -> rows that measured a runtime of it starting, with the seconds (the
+    /// slowest, when a node ran several).
+    starts: FastMap<String, FastMap<RowId, f64>>,
 }
 
 /// The inverted-index entries one model's Score reads, looked up once per call.
 #[derive(Debug, Clone, Copy)]
 pub struct ModelColumns<'a> {
     cached: Option<&'a FastMap<RowId, CachedBytes>>,
+    start: Option<&'a FastMap<RowId, f64>>,
     image: Option<&'a FastMap<RowId, ()>>,
     /// Sources that are prefixes of the model's URI, longest first.
     sources: [Option<&'a FastMap<RowId, f64>>; 4],
@@ -88,6 +92,11 @@ pub struct ModelColumns<'a> {
 impl ModelColumns<'_> {
     pub fn cached(&self, row: RowId) -> CachedBytes {
         self.cached.and_then(|m| m.get(&row)).copied().unwrap_or_default()
+    }
+
+    /// Seconds a runtime of the model took from start to ready on the row, when measured.
+    pub fn start(&self, row: RowId) -> Option<f64> {
+        self.start.and_then(|m| m.get(&row)).copied()
     }
 
     pub fn image_cached(&self, row: RowId) -> bool {
@@ -177,6 +186,12 @@ impl Index {
             }
         }
         for r in &old.runtimes {
+            if let Some(m) = self.starts.get_mut(&r.model_id) {
+                m.remove(&id);
+                if m.is_empty() {
+                    self.starts.remove(&r.model_id);
+                }
+            }
             if let Some(m) = self.runtimes.get_mut(&r.model_id) {
                 m.remove(&id);
                 if m.is_empty() {
@@ -216,6 +231,10 @@ impl Index {
             self.bandwidth.entry(src.clone()).or_default().insert(id, *b);
         }
         for r in &facts.runtimes {
+            if let Some(s) = r.start_seconds {
+                let e = self.starts.entry(r.model_id.clone()).or_default().entry(id).or_insert(s);
+                *e = e.max(s);
+            }
             self.runtimes.entry(r.model_id.clone()).or_default().insert(id, ());
             if let Some(k) = &r.model_key {
                 self.runtime_keys.entry(k.clone()).or_default().insert(id, ());
@@ -236,7 +255,7 @@ impl Index {
         self.free.push(id);
     }
 
-    pub fn columns<'a>(&'a self, key: &(String, String), image: &str, uri: &'a str) -> ModelColumns<'a> {
+    pub fn columns<'a>(&'a self, key: &(String, String), image: &str, uri: &'a str, name: &str) -> ModelColumns<'a> {
         let mut matching: Vec<(&String, &FastMap<RowId, f64>)> = self.bandwidth.iter().filter(|(src, _)| is_prefix(src, uri)).collect();
         matching.sort_by_key(|(src, _)| std::cmp::Reverse(src.len()));
         let mut sources = [None; 4];
@@ -245,6 +264,7 @@ impl Index {
         }
         ModelColumns {
             cached: self.cached.get(key),
+            start: self.starts.get(name),
             image: self.images.get(image),
             sources,
             more_sources: matching.len() > sources.len(),
@@ -281,15 +301,15 @@ mod tests {
         ix.set_facts(a, facts(&[("s3://m/x", 10)], &["img"], &[("s3://m", 1e9), ("s3://m/x", 2e9)]));
         ix.set_facts(b, facts(&[("s3://m/y", 20)], &[], &[("s3://m", 5e8)]));
         let key = |u: &str| (u.to_owned(), "r".to_owned());
-        let c = ix.columns(&key("s3://m/x"), "img", "s3://m/x");
+        let c = ix.columns(&key("s3://m/x"), "img", "s3://m/x", "x");
         assert_eq!((c.cached(a).present, c.cached(b).present), (10, 0));
         assert_eq!((c.image_cached(a), c.image_cached(b)), (true, false));
         assert_eq!((c.bandwidth(a), c.bandwidth(b)), (Some(2e9), Some(5e8)), "longest prefix first");
         // "s3://m/xy" is not under "s3://m/x".
-        assert_eq!(ix.columns(&key("s3://m/xy"), "", "s3://m/xy").bandwidth(a), Some(1e9));
+        assert_eq!(ix.columns(&key("s3://m/xy"), "", "s3://m/xy", "xy").bandwidth(a), Some(1e9));
         // An update replaces a row's entries; a removal clears them and frees the row.
         ix.set_facts(a, facts(&[], &[], &[]));
-        let c = ix.columns(&key("s3://m/x"), "img", "s3://m/x");
+        let c = ix.columns(&key("s3://m/x"), "img", "s3://m/x", "x");
         assert_eq!((c.cached(a).present, c.image_cached(a), c.bandwidth(a)), (0, false, None));
         ix.remove(b);
         assert!(ix.cached.is_empty() && ix.images.is_empty() && ix.bandwidth.is_empty() && ix.runtimes.is_empty());

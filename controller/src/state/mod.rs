@@ -374,12 +374,12 @@ impl ClusterState {
         &self,
         now: Instant,
         names: Option<&[String]>,
-        model: (&(String, String), &str, &str),
+        model: (&(String, String), &str, &str, &str),
         mut f: impl FnMut(ScanNode<'_>, &ModelColumns<'_>),
     ) {
         let nodes = self.read();
-        let (key, image, uri) = model;
-        let cols = nodes.index.columns(key, image, uri);
+        let (key, image, uri, name) = model;
+        let cols = nodes.index.columns(key, image, uri, name);
         let mut emit = |name: &str, hit: Option<(RowId, &Row)>| {
             let n = match hit {
                 Some((id, r)) => ScanNode {
