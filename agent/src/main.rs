@@ -137,6 +137,11 @@ enum Cmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Model servers: list them (from the controller), or print an agent-managed one's log.
+    Runtime {
+        #[command(subcommand)]
+        cmd: RuntimeCmd,
+    },
     /// Show the cluster as the controller sees it.
     Status {
         #[arg(long, value_enum, default_value = "table")]
@@ -180,6 +185,29 @@ impl Conn {
             state_dir: self.state_dir.unwrap_or_else(hearth_agent::local::default_state_dir),
         }
     }
+}
+
+#[derive(Subcommand)]
+enum RuntimeCmd {
+    /// Every model server the controller knows of: state, load, measured start.
+    Ls {
+        /// Only this node's.
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: hearth_agent::status::Output,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The captured output of an agent-managed server (run on its node).
+    Logs {
+        name: String,
+        /// The agent's state_dir.
+        #[arg(long, default_value = "/var/lib/hearth")]
+        agent_state_dir: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        lines: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -253,9 +281,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_filter = match cli.cmd {
         // Status output is the product; keep logs out of it.
-        Cmd::Status { .. } | Cmd::Call { .. } | Cmd::Prefetch { .. } | Cmd::Cache { .. } | Cmd::Partition { .. } | Cmd::Gpu { .. } => {
-            "warn"
-        }
+        Cmd::Status { .. }
+        | Cmd::Runtime { .. }
+        | Cmd::Call { .. }
+        | Cmd::Prefetch { .. }
+        | Cmd::Cache { .. }
+        | Cmd::Partition { .. }
+        | Cmd::Gpu { .. } => "warn",
         #[cfg(feature = "local")]
         Cmd::Local { .. } => "warn,hearth_agent=info,hearth_controller=info",
         Cmd::Agent { .. } => "info",
@@ -408,6 +440,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             hearth_agent::call::run(hearth_agent::call::CallArgs { method, data, max_messages, max_time, conn }).await?;
         }
         Cmd::Status { output, conn } => hearth_agent::status::run(conn.into_args(output)).await?,
+        Cmd::Runtime { cmd: RuntimeCmd::Ls { node, output, conn } } => hearth_agent::runtime::cli::ls(conn.into_args(output), node).await?,
+        Cmd::Runtime { cmd: RuntimeCmd::Logs { name, agent_state_dir, lines } } => {
+            println!("{}", hearth_agent::runtime::cli::logs(&agent_state_dir, &name, lines)?)
+        }
     }
     Ok(())
 }

@@ -278,6 +278,31 @@ async fn agent_managed_servers_are_supervised_adopted_after_a_crash_and_drained(
     let node = pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: NODE.into() }).await?.into_inner();
     ensure!(node.state.context("state")?.models.iter().any(|m| m.pinned && m.source_uri.contains("fsx/llama")), "the weights are pinned");
 
+    // The CLI: the controller's view, and the server's log on the node. (Not a blocking
+    // spawn: the controller answering it runs on this test's runtime.)
+    let op = pki.client("operator")?;
+    let out = tokio::process::Command::new(hearth_tests::bin("hearth"))
+        .args(["runtime", "ls", "--controller", &format!("https://{}", ctl.grpc_addr), "--server-name", "localhost"])
+        .arg("--ca")
+        .arg(&op.ca)
+        .arg("--cert")
+        .arg(&op.cert)
+        .arg("--key")
+        .arg(&op.key)
+        .output()
+        .await?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && table.lines().any(|l| l.contains("llama-a") && l.contains("ready") && l.contains("agent")),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(hearth_tests::bin("hearth"))
+        .args(["runtime", "logs", "llama-a", "--agent-state-dir"])
+        .arg(&state)
+        .output()?;
+    ensure!(String::from_utf8_lossy(&out.stdout).contains("serving llama from"), "{}", String::from_utf8_lossy(&out.stderr));
+
     // The one that keeps exiting: a crash loop, with its log's last words.
     let r = runtime_where(&ctl, &pki, "flaky in a crash loop", |r| r.name == "flaky" && r.state == "crash-loop").await?;
     assert!(r.reason.contains("exiting with 1"), "{}", r.reason);

@@ -16,6 +16,7 @@
 //! It never starts, stops or signals a Kubernetes-managed server: those belong to whatever
 //! created the pod. The Kubernetes pod driver for agent-managed runtimes is not built yet.
 
+pub mod cli;
 pub mod discover;
 pub mod engine;
 pub mod managed;
