@@ -160,6 +160,21 @@ pub struct RawRuntimes {
     /// Model servers the agent runs itself (process driver).
     #[serde(default)]
     pub managed: Vec<RawManaged>,
+    /// How to start each engine when the controller sends StartRuntime.
+    #[serde(default)]
+    pub engines: std::collections::BTreeMap<String, RawEngineTemplate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEngineTemplate {
+    /// Program and arguments; `{port}` and `{model_dir}` are replaced, the command's own
+    /// arguments appended.
+    pub command: Vec<String>,
+    /// The first port handed out (default: the engine's).
+    pub port: Option<u16>,
+    pub ready_timeout: Option<String>,
+    pub drain_timeout: Option<String>,
 }
 
 /// One agent-managed model server.
@@ -398,7 +413,48 @@ fn runtime_settings(r: RawRuntimes, grace: Duration) -> Result<crate::runtime::R
         }
         managed.push(spec);
     }
-    Ok(crate::runtime::RuntimeSettings { discovery_label: (!label.is_empty()).then_some(label), interval, timeout, managed })
+    let mut engines = std::collections::BTreeMap::new();
+    for (name, t) in r.engines {
+        use crate::runtime::engine::{EngineSpec, Kind};
+        let field = |f: &str| format!("runtimes.engines.{name}.{f}");
+        let kind =
+            Kind::parse(&name).ok_or_else(|| invalid("runtimes.engines", "keys vllm, sglang, tgi, triton or custom", name.clone()))?;
+        if t.command.is_empty() {
+            return Err(
+                ConfigError::Entry { field: field("command"), expected: "a program and its arguments".into(), got: "[]".into() }.into()
+            );
+        }
+        let d = |f: &str, v: Option<String>, default: &str| {
+            parse_duration("runtimes.engines", v.as_deref().unwrap_or(default)).map_err(|_| ConfigError::Entry {
+                field: field(f),
+                expected: "a duration like \"30s\"".into(),
+                got: v.clone().unwrap_or_default(),
+            })
+        };
+        let drain_timeout = d(
+            "drain_timeout",
+            t.drain_timeout,
+            &humantime::format_duration(grace.saturating_sub(Duration::from_secs(1)).max(Duration::from_millis(500))).to_string(),
+        )?;
+        if drain_timeout >= grace {
+            return Err(ConfigError::Entry {
+                field: field("drain_timeout"),
+                expected: "shorter than shutdown_grace".into(),
+                got: format!("{drain_timeout:?}"),
+            }
+            .into());
+        }
+        engines.insert(
+            kind,
+            crate::runtime::commands::EngineTemplate {
+                command: t.command,
+                port: t.port.unwrap_or(EngineSpec::builtin(kind).port),
+                ready_timeout: d("ready_timeout", t.ready_timeout, "10m")?,
+                drain_timeout,
+            },
+        );
+    }
+    Ok(crate::runtime::RuntimeSettings { discovery_label: (!label.is_empty()).then_some(label), interval, timeout, managed, engines })
 }
 
 fn network_settings(r: RawNetwork) -> Result<NetworkSettings, AgentConfigError> {

@@ -342,3 +342,74 @@ async fn agent_managed_servers_are_supervised_adopted_after_a_crash_and_drained(
     ensure!(log.contains("SIGTERM ignored"), "{log}");
     Ok(())
 }
+
+/// StartRuntime and StopRuntime from the controller: a runtime from the agent's template on
+/// a cached model and a partition; refused (before accepting) for a model not cached, a
+/// partition already held, an engine without a template; stopped and drained on command.
+#[tokio::test]
+async fn start_and_stop_runtime_commands_run_a_server_on_a_cached_model_and_refuse_what_they_cannot() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
+    let src = dir.path().join("fsx/llama");
+    hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
+    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let port = free_port()?;
+    // Top-level keys after the cache's models (the helper writes `cache:` itself).
+    let extra = format!(
+        "  models: [{{uri: 'file://{}'}}]\nruntimes:\n  interval: 300ms\n  engines:\n    vllm: {{port: {port}, drain_timeout: 2s, command: [python3, \"{}\", --port, \"{{port}}\", --model, llama, --model-dir, \"{{model_dir}}\", --drain-seconds, \"0.2\"]}}\n",
+        src.display(),
+        engine.display()
+    );
+    let mut agent = AgentProc::start_with_cache_models(dir.path(), &pki, NODE, ctl.grpc_addr, &extra).await?;
+    let ch = channel(ctl.grpc_addr, Some(&pki.client_material("operator")?)).await?;
+    let op = pb::operator_client::OperatorClient::new(ch);
+    let model_id = wait_for("the model cached", Duration::from_secs(20), || {
+        let mut op = op.clone();
+        async move {
+            let s = op.get_node(pb::GetNodeRequest { name: NODE.into() }).await.ok().and_then(|r| r.into_inner().state);
+            Ok(s.and_then(|s| s.models.into_iter().find(|m| m.state == pb::CacheEntryState::Ready as i32)).map(|m| m.id))
+        }
+    })
+    .await?;
+    let send = |id: &str, kind: pb::command::Kind| {
+        ctl.state.send_command(NODE, pb::Command { id: id.into(), idempotency_key: id.into(), deadline: None, kind: Some(kind) })
+    };
+    let start = |name: &str, kind: &str, model: &str, partition: &str| {
+        pb::command::Kind::StartRuntime(pb::StartRuntimeCommand {
+            name: name.into(),
+            kind: kind.into(),
+            model_id: model.into(),
+            partition_uuid: partition.into(),
+            args: vec!["--load-seconds".into(), "0.5".into()],
+        })
+    };
+    send("c1", start("llama-cmd", "vllm", &model_id, "MIG-aaaa"))?;
+    let line = agent.proc.wait_for_log_line("start_runtime command finished", Duration::from_secs(20)).await?;
+    ensure!(line.contains("Succeeded") && line.contains("llama-cmd"), "{line}");
+    let r = runtime_where(&ctl, &pki, "llama-cmd ready", |r| r.name == "llama-cmd" && r.state == "ready").await?;
+    assert_eq!((r.managed_by.as_str(), r.partition_uuid.as_str(), r.model_id.as_str()), ("agent", "MIG-aaaa", model_id.as_str()));
+
+    // Refused at once, each with its reason.
+    send("c2", start("other", "vllm", &model_id, "MIG-aaaa"))?;
+    agent.proc.wait_for_log_line("partition MIG-aaaa is held by runtime", Duration::from_secs(10)).await?;
+    send("c3", start("other", "vllm", "not-cached", ""))?;
+    agent.proc.wait_for_log_line("is not cached and ready on this node", Duration::from_secs(10)).await?;
+    send("c4", start("other", "tgi", &model_id, ""))?;
+    agent.proc.wait_for_log_line("no command for tgi", Duration::from_secs(10)).await?;
+
+    // Stopped on command: drained, and gone from the report.
+    let pid = pid_of(&dir.path().join(format!("state-{NODE}")), "llama-cmd")?;
+    send("c5", pb::command::Kind::StopRuntime(pb::StopRuntimeCommand { name: "llama-cmd".into() }))?;
+    agent.proc.wait_for_log_line("drained and stopped", Duration::from_secs(10)).await?;
+    ensure!(!running(pid), "the server is gone");
+    wait_for("llama-cmd gone from the report", Duration::from_secs(10), || async {
+        Ok((!runtimes(&ctl, &pki).await?.iter().any(|r| r.name == "llama-cmd")).then_some(()))
+    })
+    .await?;
+    send("c6", pb::command::Kind::StopRuntime(pb::StopRuntimeCommand { name: "llama-cmd".into() }))?;
+    agent.proc.wait_for_log_line("was started here by command", Duration::from_secs(10)).await?;
+    Ok(())
+}

@@ -95,6 +95,7 @@ impl std::fmt::Debug for PartitionHandler {
 pub struct CommandDispatcher {
     cache: Option<Arc<Cache>>,
     partition: Option<PartitionHandler>,
+    runtimes: Option<crate::runtime::commands::RuntimeCommands>,
     seen: Arc<Mutex<Seen>>,
     statuses: mpsc::Sender<pb::CommandStatus>,
     /// Every command runs here, never in the stream loop: a 100 GB eviction or a MIG apply
@@ -104,7 +105,7 @@ pub struct CommandDispatcher {
 
 impl CommandDispatcher {
     pub fn new(statuses: mpsc::Sender<pb::CommandStatus>, tasks: Tasks) -> Self {
-        Self { cache: None, partition: None, seen: Arc::default(), statuses, tasks }
+        Self { cache: None, partition: None, runtimes: None, seen: Arc::default(), statuses, tasks }
     }
 
     /// Lets this agent run Prefetch, Evict and Pin.
@@ -117,10 +118,18 @@ impl CommandDispatcher {
         self.partition = Some(h);
     }
 
+    /// Lets this agent run StartRuntime and StopRuntime.
+    pub fn set_runtimes(&mut self, r: crate::runtime::commands::RuntimeCommands) {
+        self.runtimes = Some(r);
+    }
+
     fn supported(&self) -> Vec<&'static str> {
         let mut v = if self.cache.is_some() { vec!["prefetch", "evict", "pin"] } else { Vec::new() };
         if self.partition.is_some() {
             v.push("apply_partition");
+        }
+        if self.runtimes.is_some() {
+            v.extend(["start_runtime", "stop_runtime"]);
         }
         v
     }
@@ -156,6 +165,38 @@ impl CommandDispatcher {
             outcome(Phase::Rejected, format!("this agent cannot run {kind} commands (it runs: {have})"))
         } else {
             match (cmd.kind.clone(), &self.cache) {
+                (Some(Kind::StartRuntime(c)), _) => match self.runtimes.as_ref().map(|r| r.start(&c)) {
+                    None => outcome(Phase::Rejected, "start_runtime: no handler".into()),
+                    Some(Err(e)) => outcome(Phase::Rejected, e),
+                    Some(Ok(wait)) => {
+                        let accepted = outcome(Phase::Accepted, format!("starting runtime {:?}", c.name));
+                        let span = info_span!("start_runtime_command", command = %accepted.command_id, runtime = %c.name);
+                        let name = c.name.clone();
+                        // The runtime's own ready_timeout bounds the wait; this only ends a wait
+                        // nobody would notice.
+                        self.spawn_command("start_runtime", span, accepted.clone(), async move {
+                            match wait.wait(std::time::Duration::from_secs(3600)).await {
+                                Ok(()) => (Phase::Succeeded, format!("runtime {name:?} ready")),
+                                Err(e) => (Phase::Failed, format!("runtime {name:?}: {e}")),
+                            }
+                        });
+                        accepted
+                    }
+                },
+                (Some(Kind::StopRuntime(c)), _) => match self.runtimes.as_ref().map(|r| r.stop(&c.name)) {
+                    None => outcome(Phase::Rejected, "stop_runtime: no handler".into()),
+                    Some(Err(e)) => outcome(Phase::Rejected, e),
+                    Some(Ok(drained)) => {
+                        let accepted = outcome(Phase::Accepted, format!("stopping runtime {:?}", c.name));
+                        let span = info_span!("stop_runtime_command", command = %accepted.command_id, runtime = %c.name);
+                        let name = c.name.clone();
+                        self.spawn_command("stop_runtime", span, accepted.clone(), async move {
+                            drained.await;
+                            (Phase::Succeeded, format!("runtime {name:?} drained and stopped"))
+                        });
+                        accepted
+                    }
+                },
                 (Some(Kind::ApplyPartition(a)), _) => match &self.partition {
                     None => outcome(Phase::Rejected, "apply_partition: no handler".into()),
                     // Refuse a spec that does not parse or lacks the config before accepting.

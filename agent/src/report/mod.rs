@@ -379,7 +379,11 @@ impl ReportClient {
                         }
                         Some(In::Command(c)) => {
                             let outcome = self.commands.dispatch(c, SystemTime::now());
-                            debug!(?outcome, "command handled");
+                            if outcome.phase == pb::command_status::Phase::Rejected {
+                                warn!(command = %outcome.command_id, reason = %outcome.message, "command refused");
+                            } else {
+                                debug!(?outcome, "command handled");
+                            }
                             sent("command_status");
                             Out::CommandStatus(outcome.into_status())
                         }

@@ -17,6 +17,7 @@
 //! created the pod. The Kubernetes pod driver for agent-managed runtimes is not built yet.
 
 pub mod cli;
+pub mod commands;
 pub mod discover;
 pub mod engine;
 pub mod managed;

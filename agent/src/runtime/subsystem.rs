@@ -38,6 +38,8 @@ pub struct RuntimeSettings {
     pub timeout: Duration,
     /// Servers the agent runs itself.
     pub managed: Vec<super::managed::ManagedSpec>,
+    /// Command templates for StartRuntime.
+    pub engines: BTreeMap<super::engine::Kind, super::commands::EngineTemplate>,
 }
 
 impl Default for RuntimeSettings {
@@ -47,6 +49,7 @@ impl Default for RuntimeSettings {
             interval: Duration::from_secs(5),
             timeout: Duration::from_secs(2),
             managed: Vec::new(),
+            engines: BTreeMap::new(),
         }
     }
 }
@@ -156,6 +159,24 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
     if !settings.managed.is_empty() {
         parts.push(format!("{} agent-managed", settings.managed.len()));
         caps.push("runtime.process");
+    }
+    if !settings.engines.is_empty() {
+        let fixed = settings.managed.iter().map(|m| (m.name.clone(), m.visible_devices.clone(), m.port)).collect();
+        let rc = super::commands::RuntimeCommands::new(
+            settings.engines.clone(),
+            w.cache.clone(),
+            shared.clone(),
+            w.cfg.state_dir.clone(),
+            settings.interval,
+            settings.timeout,
+            tasks.clone(),
+            restarts.clone(),
+            fixed,
+        );
+        w.commands.set_runtimes(rc);
+        let kinds: Vec<&str> = settings.engines.keys().map(|k| k.as_str()).collect();
+        parts.push(format!("StartRuntime for {}", kinds.join(", ")));
+        caps.push("runtime.commands");
     }
     if parts.is_empty() {
         let why = if settings.discovery_label.is_none() {

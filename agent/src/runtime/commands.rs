@@ -1,0 +1,214 @@
+//! StartRuntime and StopRuntime from the controller: a runtime started on this node from a
+//! command template in the agent's config (`runtimes.engines`), on a model already in the
+//! cache (the command names its cache id), bound to the partition it names. The agent
+//! refuses what it cannot honour before accepting: an engine without a template, a model
+//! not cached here, a partition or name another runtime holds.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hearth_proto::v1 as pb;
+use hearth_service::tasks::Tasks;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span};
+
+use super::RuntimeState;
+use super::engine::Kind;
+use super::managed::{ManagedSpec, Shared, Supervisor};
+use crate::cache::manager::Cache;
+
+/// How to start an engine on a node: its program and arguments (`{port}`, `{model_dir}`
+/// replaced; the command's own `args` appended) and the first port to hand out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineTemplate {
+    pub command: Vec<String>,
+    pub port: u16,
+    pub ready_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+struct Running {
+    spec: ManagedSpec,
+    stop: CancellationToken,
+    done: watch::Receiver<bool>,
+}
+
+/// Starts and stops command-driven runtimes; shared by the dispatcher and the subsystem.
+#[derive(Clone)]
+pub struct RuntimeCommands {
+    pub(super) templates: BTreeMap<Kind, EngineTemplate>,
+    pub(super) cache: Option<Arc<Cache>>,
+    pub(super) shared: Shared,
+    pub(super) state_dir: std::path::PathBuf,
+    pub(super) interval: Duration,
+    pub(super) timeout: Duration,
+    pub(super) tasks: Tasks,
+    pub(super) restarts: prometheus_client::metrics::family::Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>,
+    /// Names and partitions the configured runtimes hold.
+    pub(super) fixed: Vec<(String, Option<String>, u16)>,
+    running: Arc<Mutex<BTreeMap<String, Running>>>,
+}
+
+impl std::fmt::Debug for RuntimeCommands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeCommands").field("templates", &self.templates.len()).finish()
+    }
+}
+
+impl RuntimeCommands {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        templates: BTreeMap<Kind, EngineTemplate>,
+        cache: Option<Arc<Cache>>,
+        shared: Shared,
+        state_dir: std::path::PathBuf,
+        interval: Duration,
+        timeout: Duration,
+        tasks: Tasks,
+        restarts: prometheus_client::metrics::family::Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>,
+        fixed: Vec<(String, Option<String>, u16)>,
+    ) -> Self {
+        Self { templates, cache, shared, state_dir, interval, timeout, tasks, restarts, fixed, running: Arc::default() }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks and starts; returns a receiver that turns true when the runtime is ready
+    /// (Ok) or gives up (Err), for the command's final status.
+    pub fn start(&self, c: &pb::StartRuntimeCommand) -> Result<StartWait, String> {
+        if !hearth_service::kube::is_dns_label(&c.name) {
+            return Err(format!("start_runtime: name {:?}: expected a DNS label", c.name));
+        }
+        let kind = Kind::parse(&c.kind)
+            .ok_or_else(|| format!("start_runtime: kind {:?}: expected vllm, sglang, tgi, triton or custom", c.kind))?;
+        let t = self.templates.get(&kind).ok_or_else(|| {
+            format!("start_runtime: this agent has no command for {} (runtimes.engines.{} in its config)", kind.as_str(), kind.as_str())
+        })?;
+        let cache = self.cache.as_ref().ok_or("start_runtime: the model cache is off on this node")?;
+        let entry = cache
+            .entries()
+            .into_iter()
+            .find(|e| e.id == c.model_id && e.state == crate::cache::index::EntryState::Ready)
+            .ok_or_else(|| format!("start_runtime: model {:?} is not cached and ready on this node (prefetch it first)", c.model_id))?;
+        let spec_model =
+            crate::cache::spec::ModelSpec::new(&entry.uri, &entry.include, &entry.exclude, &entry.revision).map_err(|e| e.to_string())?;
+        let partition = (!c.partition_uuid.is_empty()).then(|| c.partition_uuid.clone());
+        let mut running = self.running();
+        if let Some(r) = running.get(&c.name) {
+            if r.spec.model.as_ref().map(|m| m.id()) == Some(entry.id.clone()) && r.spec.visible_devices == partition && !*r.done.borrow() {
+                // The same start again (a controller retry): the same runtime.
+                return Ok(StartWait { name: c.name.clone(), shared: self.shared.clone(), done: r.done.clone() });
+            }
+            return Err(format!("start_runtime: a runtime named {:?} already runs here", c.name));
+        }
+        let held = self
+            .fixed
+            .iter()
+            .map(|(n, p, port)| (n.clone(), p.clone(), *port))
+            .chain(running.values().map(|r| (r.spec.name.clone(), r.spec.visible_devices.clone(), r.spec.port)));
+        let held: Vec<_> = held.collect();
+        if held.iter().any(|(n, _, _)| n == &c.name) {
+            return Err(format!("start_runtime: a runtime named {:?} is in the agent's config", c.name));
+        }
+        if let Some(p) = &partition
+            && let Some((n, _, _)) = held.iter().find(|(_, q, _)| q.as_ref() == Some(p))
+        {
+            return Err(format!("start_runtime: partition {p} is held by runtime {n:?}"));
+        }
+        let mut port = t.port;
+        while held.iter().any(|(_, _, q)| *q == port) {
+            port = port.checked_add(1).ok_or("start_runtime: no free port")?;
+        }
+        let mut command = t.command.clone();
+        command.extend(c.args.iter().cloned());
+        let spec = ManagedSpec {
+            name: c.name.clone(),
+            engine: kind,
+            model: Some(spec_model),
+            model_name: c.model_id.clone(),
+            command,
+            port,
+            visible_devices: partition,
+            env: Vec::new(),
+            ready_timeout: t.ready_timeout,
+            drain_timeout: t.drain_timeout,
+        };
+        let stop = self.tasks.cancel_token().child_token();
+        let (done_tx, done) = watch::channel(false);
+        let sup = Supervisor {
+            spec: spec.clone(),
+            dir: self.state_dir.join("runtimes").join(&spec.name),
+            cache: self.cache.clone(),
+            shared: self.shared.clone(),
+            interval: self.interval,
+            timeout: self.timeout,
+            restarts: self.restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone(),
+        };
+        let (shared, name, s2) = (self.shared.clone(), spec.name.clone(), stop.clone());
+        self.tasks.spawn(
+            "supervise",
+            async move {
+                sup.run(s2).await;
+                shared.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
+                let _ = done_tx.send(true);
+            }
+            .instrument(info_span!("runtime", name = %spec.name)),
+        );
+        running.insert(spec.name.clone(), Running { spec, stop, done: done.clone() });
+        Ok(StartWait { name: c.name.clone(), shared: self.shared.clone(), done })
+    }
+
+    /// Stops a runtime started by command; resolves once it is drained.
+    pub fn stop(&self, name: &str) -> Result<impl Future<Output = ()> + Send + 'static, String> {
+        if self.fixed.iter().any(|(n, _, _)| n == name) {
+            return Err(format!("stop_runtime: {name:?} is in the agent's config; change the config to stop it"));
+        }
+        let r =
+            self.running().remove(name).ok_or_else(|| format!("stop_runtime: no runtime named {name:?} was started here by command"))?;
+        r.stop.cancel();
+        let mut done = r.done;
+        Ok(async move {
+            while !*done.borrow_and_update() {
+                if done.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+/// Waits for a started runtime to be ready or give up.
+pub struct StartWait {
+    name: String,
+    shared: Shared,
+    done: watch::Receiver<bool>,
+}
+
+impl StartWait {
+    pub async fn wait(mut self, deadline: Duration) -> Result<(), String> {
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let st = self.shared.lock().unwrap_or_else(|p| p.into_inner()).get(&self.name).map(|s| (s.state, s.reason.clone()));
+            match st {
+                Some((RuntimeState::Ready, _)) => return Ok(()),
+                Some((RuntimeState::CrashLoop, why)) => return Err(format!("crash loop: {why}")),
+                _ => {}
+            }
+            if *self.done.borrow() {
+                return Err("stopped before it was ready".into());
+            }
+            if t0.elapsed() > deadline {
+                let why = st.map(|(_, w)| w).unwrap_or_default();
+                return Err(format!("not ready within {deadline:?}: {why}"));
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = self.done.changed() => {}
+            }
+        }
+    }
+}
