@@ -163,6 +163,22 @@ pub struct RawRuntimes {
     /// How to start each engine when the controller sends StartRuntime.
     #[serde(default)]
     pub engines: std::collections::BTreeMap<String, RawEngineTemplate>,
+    #[serde(default)]
+    pub spot: RawSpot,
+}
+
+/// EC2 spot interruption and rebalance notices.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawSpot {
+    /// Watch the instance metadata for notices and drain agent-managed runtimes on one
+    /// (default false: only EC2 instances have the service).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Default http://169.254.169.254.
+    pub imds_endpoint: Option<String>,
+    /// Default 5s (EC2 gives two minutes).
+    pub interval: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -397,7 +413,8 @@ fn runtime_settings(r: RawRuntimes, grace: Duration) -> Result<crate::runtime::R
         return Err(invalid("runtimes.interval", "at least 100ms", format!("{interval:?}")));
     }
     let timeout = dur("runtimes.timeout", r.timeout, "2s")?;
-    if timeout.is_zero() || timeout > interval.max(Duration::from_secs(1)) * 4 {
+    // Saturating: an interval near Duration::MAX is "never", not a panic.
+    if timeout.is_zero() || timeout > interval.max(Duration::from_secs(1)).saturating_mul(4) {
         return Err(invalid("runtimes.timeout", "more than 0 and at most 4 read intervals", format!("{timeout:?}")));
     }
     let mut managed = Vec::new();
@@ -454,7 +471,20 @@ fn runtime_settings(r: RawRuntimes, grace: Duration) -> Result<crate::runtime::R
             },
         );
     }
-    Ok(crate::runtime::RuntimeSettings { discovery_label: (!label.is_empty()).then_some(label), interval, timeout, managed, engines })
+    let spot = if r.spot.enabled {
+        let endpoint = r.spot.imds_endpoint.unwrap_or_else(|| "http://169.254.169.254".into());
+        if !endpoint.starts_with("http://") {
+            return Err(invalid("runtimes.spot.imds_endpoint", "an http:// URL (the metadata service speaks plain HTTP)", endpoint));
+        }
+        let every = dur("runtimes.spot.interval", r.spot.interval, "5s")?;
+        if every < Duration::from_millis(100) || every > Duration::from_secs(60) {
+            return Err(invalid("runtimes.spot.interval", "between 100ms and 60s (a notice gives two minutes)", format!("{every:?}")));
+        }
+        Some(crate::runtime::spot::SpotSettings { endpoint, interval: every })
+    } else {
+        None
+    };
+    Ok(crate::runtime::RuntimeSettings { discovery_label: (!label.is_empty()).then_some(label), interval, timeout, managed, engines, spot })
 }
 
 fn network_settings(r: RawNetwork) -> Result<NetworkSettings, AgentConfigError> {

@@ -413,3 +413,65 @@ async fn start_and_stop_runtime_commands_run_a_server_on_a_cached_model_and_refu
     agent.proc.wait_for_log_line("was started here by command", Duration::from_secs(10)).await?;
     Ok(())
 }
+
+/// An EC2 spot interruption notice (IMDSv2: token, then `spot/instance-action`) drains every
+/// agent-managed server at once and refuses new ones.
+#[tokio::test]
+async fn a_spot_interruption_notice_drains_agent_managed_servers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
+    // The metadata service: a token only for a PUT with a TTL, notices only with the token.
+    let notice = Arc::new(Mutex::new(false));
+    let n = notice.clone();
+    let imds = axum::Router::new()
+        .route(
+            "/latest/api/token",
+            axum::routing::put(|h: axum::http::HeaderMap| async move {
+                if h.contains_key("x-aws-ec2-metadata-token-ttl-seconds") {
+                    (axum::http::StatusCode::OK, "tok")
+                } else {
+                    (axum::http::StatusCode::BAD_REQUEST, "")
+                }
+            }),
+        )
+        .route(
+            "/latest/meta-data/spot/instance-action",
+            axum::routing::get(move |h: axum::http::HeaderMap| async move {
+                if h.get("x-aws-ec2-metadata-token").is_none_or(|t| t != "tok") {
+                    return (axum::http::StatusCode::UNAUTHORIZED, String::new());
+                }
+                if *n.lock().unwrap() {
+                    (axum::http::StatusCode::OK, r#"{"action": "terminate", "time": "2026-12-02T18:30:00Z"}"#.to_owned())
+                } else {
+                    (axum::http::StatusCode::NOT_FOUND, String::new())
+                }
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let imds_addr = l.local_addr()?;
+    tokio::spawn(async move { axum::serve(l, imds).await });
+    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let port = free_port()?;
+    let yaml = format!(
+        "runtimes:\n  interval: 300ms\n  spot: {{enabled: true, imds_endpoint: \"http://{imds_addr}\", interval: 200ms}}\n  managed:\n    - {{name: llama, engine: vllm, port: {port}, drain_timeout: 3s, command: [python3, \"{}\", --port, \"{{port}}\", --model, llama, --drain-seconds, \"0.5\"]}}\n",
+        engine.display()
+    );
+    let mut agent = AgentProc::start(dir.path(), &pki, NODE, ctl.grpc_addr, &yaml).await?;
+    runtime_where(&ctl, &pki, "llama ready", |r| r.name == "llama" && r.state == "ready").await.with_context(|| agent.proc.log_text())?;
+    let state = dir.path().join(format!("state-{NODE}"));
+    let pid = pid_of(&state, "llama")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(running(pid), "no notice, no drain");
+    *notice.lock().unwrap() = true;
+    agent.proc.wait_for_log_line("EC2 spot terminate at 2026-12-02T18:30:00Z", Duration::from_secs(10)).await?;
+    wait_for("the server drained", Duration::from_secs(10), || async { Ok((!running(pid)).then_some(())) }).await?;
+    let log = std::fs::read_to_string(state.join("runtimes/llama/server.log"))?;
+    ensure!(log.contains("SIGTERM: draining") && log.contains("drained, exiting"), "{log}");
+    // Not restarted afterwards.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(!state.join("runtimes/llama/pid.json").exists(), "no new server after the drain");
+    Ok(())
+}

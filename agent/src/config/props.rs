@@ -232,6 +232,14 @@ fn config() -> BoxedStrategy<Value> {
                 ("discovery_label", one_of(vec!["hearth.dev/model", ""], vec!["bad label!", "/x"])),
                 ("interval", duration()),
                 ("timeout", duration()),
+                (
+                    "spot",
+                    section(vec![
+                        ("enabled", boolean()),
+                        ("imds_endpoint", one_of(vec!["http://169.254.169.254"], vec!["https://x", "ftp://y"])),
+                        ("interval", duration()),
+                    ]),
+                ),
             ]),
         ),
     ])

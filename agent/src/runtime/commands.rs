@@ -48,6 +48,8 @@ pub struct RuntimeCommands {
     pub(super) restarts: prometheus_client::metrics::family::Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>,
     /// Names and partitions the configured runtimes hold.
     pub(super) fixed: Vec<(String, Option<String>, u16)>,
+    /// Every runtime's stop hangs off this (a spot notice drains them all).
+    pub(super) drain_all: CancellationToken,
     running: Arc<Mutex<BTreeMap<String, Running>>>,
 }
 
@@ -69,8 +71,9 @@ impl RuntimeCommands {
         tasks: Tasks,
         restarts: prometheus_client::metrics::family::Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>,
         fixed: Vec<(String, Option<String>, u16)>,
+        drain_all: CancellationToken,
     ) -> Self {
-        Self { templates, cache, shared, state_dir, interval, timeout, tasks, restarts, fixed, running: Arc::default() }
+        Self { templates, cache, shared, state_dir, interval, timeout, tasks, restarts, fixed, drain_all, running: Arc::default() }
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -137,7 +140,10 @@ impl RuntimeCommands {
             ready_timeout: t.ready_timeout,
             drain_timeout: t.drain_timeout,
         };
-        let stop = self.tasks.cancel_token().child_token();
+        if self.drain_all.is_cancelled() {
+            return Err("start_runtime: this node is draining (a spot notice)".into());
+        }
+        let stop = self.drain_all.child_token();
         let (done_tx, done) = watch::channel(false);
         let sup = Supervisor {
             spec: spec.clone(),

@@ -23,6 +23,7 @@ pub mod engine;
 pub mod managed;
 pub mod probe;
 pub mod promtext;
+pub mod spot;
 mod subsystem;
 
 pub use subsystem::{RuntimeMetrics, RuntimeSettings, start};

@@ -40,6 +40,8 @@ pub struct RuntimeSettings {
     pub managed: Vec<super::managed::ManagedSpec>,
     /// Command templates for StartRuntime.
     pub engines: BTreeMap<super::engine::Kind, super::commands::EngineTemplate>,
+    /// Drain on EC2 spot notices.
+    pub spot: Option<super::spot::SpotSettings>,
 }
 
 impl Default for RuntimeSettings {
@@ -50,6 +52,7 @@ impl Default for RuntimeSettings {
             timeout: Duration::from_secs(2),
             managed: Vec::new(),
             engines: BTreeMap::new(),
+            spot: None,
         }
     }
 }
@@ -143,6 +146,9 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
         caps.push("runtime.read");
     }
     let shared = super::managed::Shared::default();
+    // Cancelled to drain every agent-managed runtime at once (a spot notice); shutdown
+    // cancels it too.
+    let drain_all = tasks.cancel_token().child_token();
     for spec in &settings.managed {
         let sup = super::managed::Supervisor {
             spec: spec.clone(),
@@ -153,7 +159,7 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
             timeout: settings.timeout,
             restarts: restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone(),
         };
-        let stop = tasks.cancel_token().clone();
+        let stop = drain_all.child_token();
         tasks.spawn("supervise", sup.run(stop).instrument(info_span!("runtime", name = %spec.name)));
     }
     if !settings.managed.is_empty() {
@@ -172,11 +178,17 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
             tasks.clone(),
             restarts.clone(),
             fixed,
+            drain_all.clone(),
         );
         w.commands.set_runtimes(rc);
         let kinds: Vec<&str> = settings.engines.keys().map(|k| k.as_str()).collect();
         parts.push(format!("StartRuntime for {}", kinds.join(", ")));
         caps.push("runtime.commands");
+    }
+    if let Some(spot) = settings.spot.clone().filter(|_| !settings.managed.is_empty() || !settings.engines.is_empty()) {
+        parts.push(format!("spot notices from {}", spot.endpoint));
+        let (events, stop) = (w.events.clone(), tasks.cancel_token().clone());
+        tasks.spawn("spot", super::spot::watch(spot, drain_all.clone(), events, stop).instrument(info_span!("spot")));
     }
     if parts.is_empty() {
         let why = if settings.discovery_label.is_none() {
