@@ -107,6 +107,7 @@ pub async fn start(cfg: Config, shutdown: CancellationToken) -> Result<RunningAg
         node_labels: watch::channel(Default::default()).0,
         pods: crate::netobs::pods::PodTable::with_retention(cfg.network.forget_after),
         serving_pods: watch::channel(Default::default()).0,
+        runtime_drain: Default::default(),
         events,
         events_queue: Some(events_queue),
         gpus: None,

@@ -150,6 +150,9 @@ pub struct Wiring {
     pub serving_pods: watch::Sender<BTreeMap<String, crate::runtime::discover::ServingPod>>,
     /// Events on the Node; dropped when Kubernetes is off.
     pub events: crate::kube::events::NodeEvents,
+    /// What the partition reconciler drains runtimes through (filled by the runtime
+    /// subsystem, which starts after partitioning).
+    pub runtime_drain: crate::runtime::pause::LateDrain,
     /// The queue behind `events`, taken by the kube subsystem's publisher.
     pub events_queue: Option<tokio::sync::mpsc::Receiver<crate::kube::events::NodeEvent>>,
     pub gpus: Option<Gpus>,

@@ -475,3 +475,45 @@ async fn a_spot_interruption_notice_drains_agent_managed_servers() -> Result<()>
     ensure!(!state.join("runtimes/llama/pid.json").exists(), "no new server after the drain");
     Ok(())
 }
+
+/// A partition change on a GPU an agent-managed server runs on: the server is drained and
+/// held while the reconciler applies, then started again.
+#[tokio::test]
+async fn a_partition_change_drains_the_servers_on_its_gpus_and_starts_them_again() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
+    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let port = free_port()?;
+    let yaml = format!(
+        "runtimes:\n  interval: 300ms\n  managed:\n    - {{name: llama, engine: vllm, port: {port}, visible_devices: \"0\", drain_timeout: 3s, command: [python3, \"{}\", --port, \"{{port}}\", --model, llama, --drain-seconds, \"0.2\"]}}\n",
+        engine.display()
+    );
+    let mut agent = AgentProc::start(dir.path(), &pki, NODE, ctl.grpc_addr, &yaml).await?;
+    runtime_where(&ctl, &pki, "llama ready", |r| r.name == "llama" && r.state == "ready").await.with_context(|| agent.proc.log_text())?;
+    let state = dir.path().join(format!("state-{NODE}"));
+    let before = pid_of(&state, "llama")?;
+    let spec = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/mig-spec.yaml"))?;
+    ctl.state.send_command(
+        NODE,
+        pb::Command {
+            id: "p1".into(),
+            idempotency_key: "p1".into(),
+            deadline: None,
+            kind: Some(pb::command::Kind::ApplyPartition(pb::ApplyPartitionCommand { spec, config_name: "balanced".into() })),
+        },
+    )?;
+    agent.proc.wait_for_log_line("held for a partition change", Duration::from_secs(20)).await?;
+    let line = agent.proc.wait_for_log_line("apply_partition command finished", Duration::from_secs(30)).await?;
+    ensure!(line.contains("Succeeded"), "{line}");
+    agent.proc.wait_for_log_line("partition change done: starting again", Duration::from_secs(10)).await?;
+    ensure!(!running(before), "the old server was drained");
+    runtime_where(&ctl, &pki, "llama ready again", |r| r.name == "llama" && r.state == "ready").await?;
+    let after = pid_of(&state, "llama")?;
+    ensure!(after != before && running(after), "a new server after the apply");
+    let log = std::fs::read_to_string(state.join("runtimes/llama/server.log"))?;
+    ensure!(log.matches("serving llama").count() == 2 && log.contains("SIGTERM: draining"), "{log}");
+    Ok(())
+}

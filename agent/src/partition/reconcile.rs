@@ -26,7 +26,8 @@ pub const LABEL_CONFIG: &str = "hearth.dev/mig.config";
 pub const LABEL_STATE: &str = "hearth.dev/mig.config.state";
 
 /// Stops (and later restarts) whatever runs on GPUs about to be repartitioned. The runtime
-/// supervisor implements it; until it exists nothing runs there, which `NoRuntimes` says.
+/// supervisors implement it (`runtime::pause`); `NoRuntimes` is for tests and for agents
+/// that run no model servers.
 pub trait Drain: Send + Sync {
     fn drain(&self, gpus: &[u32]) -> Result<(), String>;
     fn release(&self, gpus: &[u32]);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use hearth_service::tasks::Tasks;
 use tracing::warn;
 
-use super::reconcile::{NoRuntimes, PartitionStatus, Reconciler};
+use super::reconcile::{PartitionStatus, Reconciler};
 use crate::daemon::AgentError;
 use crate::kube::events::NodeEvent;
 use crate::report::PartitionHandler;
@@ -21,8 +21,9 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
     };
     let (mig, ids) = (gpus.mig.clone(), gpus.identities.clone());
     let state_dir = w.cfg.state_dir.clone();
+    let drain = w.runtime_drain.clone();
     // Opening reads (and may repair) the durable record of the last apply.
-    let reconciler = match tokio::task::spawn_blocking(move || Reconciler::new(mig, Arc::new(NoRuntimes), ids, &state_dir)).await? {
+    let reconciler = match tokio::task::spawn_blocking(move || Reconciler::new(mig, Arc::new(drain), ids, &state_dir)).await? {
         Ok(r) => Arc::new(r),
         Err(e) => {
             warn!(error = %e, "MIG partitioning off");

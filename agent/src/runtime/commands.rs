@@ -50,6 +50,7 @@ pub struct RuntimeCommands {
     pub(super) fixed: Vec<(String, Option<String>, u16)>,
     /// Every runtime's stop hangs off this (a spot notice drains them all).
     pub(super) drain_all: CancellationToken,
+    pub(super) pauses: Arc<super::pause::Pauses>,
     running: Arc<Mutex<BTreeMap<String, Running>>>,
 }
 
@@ -72,8 +73,9 @@ impl RuntimeCommands {
         restarts: prometheus_client::metrics::family::Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>,
         fixed: Vec<(String, Option<String>, u16)>,
         drain_all: CancellationToken,
+        pauses: Arc<super::pause::Pauses>,
     ) -> Self {
-        Self { templates, cache, shared, state_dir, interval, timeout, tasks, restarts, fixed, drain_all, running: Arc::default() }
+        Self { templates, cache, shared, state_dir, interval, timeout, tasks, restarts, fixed, drain_all, pauses, running: Arc::default() }
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -153,12 +155,15 @@ impl RuntimeCommands {
             interval: self.interval,
             timeout: self.timeout,
             restarts: self.restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone(),
+            pauses: self.pauses.clone(),
         };
-        let (shared, name, s2) = (self.shared.clone(), spec.name.clone(), stop.clone());
+        self.pauses.register(&spec.name, spec.visible_devices.clone(), spec.drain_timeout);
+        let (shared, name, s2, pauses) = (self.shared.clone(), spec.name.clone(), stop.clone(), self.pauses.clone());
         self.tasks.spawn(
             "supervise",
             async move {
                 sup.run(s2).await;
+                pauses.unregister(&name);
                 shared.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
                 let _ = done_tx.send(true);
             }

@@ -102,6 +102,8 @@ pub struct Supervisor {
     pub interval: Duration,
     pub timeout: Duration,
     pub restarts: prometheus_client::metrics::counter::Counter,
+    /// Holds from partition changes.
+    pub pauses: Arc<super::pause::Pauses>,
 }
 
 impl Supervisor {
@@ -244,17 +246,20 @@ impl Supervisor {
         }
     }
 
-    /// Reads the ready server each interval until it exits or `stop`.
-    async fn watch(&self, p: PidFile, reader: &mut LoadReader, engine: &EngineSpec, stop: &CancellationToken) -> bool {
+    /// Reads the ready server each interval until it exits (`Exited`), `stop` (`Stop`), or a
+    /// partition change holds it (`Held`).
+    async fn watch(&self, p: PidFile, reader: &mut LoadReader, engine: &EngineSpec, stop: &CancellationToken) -> WatchEnd {
         let client = probe::client();
+        let mut held = self.pauses.subscribe();
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return true,
+                _ = stop.cancelled() => return WatchEnd::Stop,
                 _ = tokio::time::sleep(self.interval) => {}
+                r = held.changed() => if r.is_ok() && self.pauses.is_held(&self.spec.name) { return WatchEnd::Held },
             }
             rotate(&self.log_path());
             if !alive(p) {
-                return false;
+                return WatchEnd::Exited;
             }
             let r = probe::read(
                 &client,
@@ -272,6 +277,22 @@ impl Supervisor {
                 (Ok(()), Err(why)) => self.publish(RuntimeState::Failed, why.clone(), r.load),
             }
         }
+    }
+
+    /// Waits out a partition change with the server down; true when stopped meanwhile.
+    async fn hold(&self, stop: &CancellationToken) -> bool {
+        self.publish(RuntimeState::Draining, "held while its GPUs are repartitioned", None);
+        self.pauses.stopped(&self.spec.name);
+        info!(runtime = %self.spec.name, "held for a partition change");
+        let mut held = self.pauses.subscribe();
+        while self.pauses.is_held(&self.spec.name) {
+            tokio::select! {
+                _ = stop.cancelled() => return true,
+                r = held.changed() => if r.is_err() { return true },
+            }
+        }
+        info!(runtime = %self.spec.name, "partition change done: starting again");
+        false
     }
 
     /// SIGTERM to the group, then SIGKILL at the drain deadline.
@@ -311,6 +332,9 @@ impl Supervisor {
         }
         loop {
             if stop.is_cancelled() {
+                return;
+            }
+            if self.pauses.is_held(&self.spec.name) && self.hold(&stop).await {
                 return;
             }
             let mut reader = LoadReader::new(engine.names.clone());
@@ -355,9 +379,20 @@ impl Supervisor {
                     if let Some(w) = weights_s {
                         self.record_timing(super::Timing { image: 0.0, weights: w, engine: took.as_secs_f64() });
                     }
-                    if self.watch(p, &mut reader, &engine, &stop).await {
-                        self.drain(p).await;
-                        return;
+                    match self.watch(p, &mut reader, &engine, &stop).await {
+                        WatchEnd::Stop => {
+                            self.drain(p).await;
+                            return;
+                        }
+                        WatchEnd::Held => {
+                            self.drain(p).await;
+                            if self.hold(&stop).await {
+                                return;
+                            }
+                            backoff.reset();
+                            continue;
+                        }
+                        WatchEnd::Exited => {}
                     }
                 }
                 Err(_) if stop.is_cancelled() => {
@@ -395,6 +430,12 @@ impl Supervisor {
             }
         }
     }
+}
+
+enum WatchEnd {
+    Exited,
+    Stop,
+    Held,
 }
 
 /// True when stopped.

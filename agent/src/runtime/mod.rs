@@ -21,6 +21,7 @@ pub mod commands;
 pub mod discover;
 pub mod engine;
 pub mod managed;
+pub mod pause;
 pub mod probe;
 pub mod promtext;
 pub mod spot;

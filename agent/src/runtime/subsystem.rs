@@ -149,6 +149,8 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
     // Cancelled to drain every agent-managed runtime at once (a spot notice); shutdown
     // cancels it too.
     let drain_all = tasks.cancel_token().child_token();
+    let pauses = Arc::new(super::pause::Pauses::default());
+    w.runtime_drain.set(pauses.clone());
     for spec in &settings.managed {
         let sup = super::managed::Supervisor {
             spec: spec.clone(),
@@ -158,7 +160,9 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
             interval: settings.interval,
             timeout: settings.timeout,
             restarts: restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone(),
+            pauses: pauses.clone(),
         };
+        pauses.register(&spec.name, spec.visible_devices.clone(), spec.drain_timeout);
         let stop = drain_all.child_token();
         tasks.spawn("supervise", sup.run(stop).instrument(info_span!("runtime", name = %spec.name)));
     }
@@ -179,6 +183,7 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
             restarts.clone(),
             fixed,
             drain_all.clone(),
+            pauses.clone(),
         );
         w.commands.set_runtimes(rc);
         let kinds: Vec<&str> = settings.engines.keys().map(|k| k.as_str()).collect();
