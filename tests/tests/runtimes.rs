@@ -124,7 +124,11 @@ async fn runtime_where(
     what: &str,
     f: impl Fn(&pb::ServingRuntime) -> bool,
 ) -> Result<pb::ServingRuntime> {
-    wait_for(what, Duration::from_secs(20), || async { Ok(runtimes(ctl, pki).await?.into_iter().find(|r| f(r))) }).await
+    let found = wait_for(what, Duration::from_secs(20), || async { Ok(runtimes(ctl, pki).await?.into_iter().find(|r| f(r))) }).await;
+    match found {
+        Ok(r) => Ok(r),
+        Err(e) => Err(e.context(format!("runtimes reported: {:#?}", runtimes(ctl, pki).await.unwrap_or_default()))),
+    }
 }
 
 #[tokio::test]
@@ -255,8 +259,10 @@ async fn agent_managed_servers_are_supervised_adopted_after_a_crash_and_drained(
             src.display()
         )
     };
+    // A Kubernetes API for the Events (the crash loop's).
+    let (api, kube_yaml) = hearth_tests::agent_api_server(dir.path(), NODE).await?;
     let yaml = format!(
-        "shutdown_grace: 5s\nruntimes:\n  interval: 300ms\n  timeout: 1s\n  managed:\n{}{}{}",
+        "{kube_yaml}shutdown_grace: 5s\nruntimes:\n  interval: 300ms\n  timeout: 1s\n  managed:\n{}{}{}",
         runtime("llama-a", p1, ", --load-seconds, \"1\", --drain-seconds, \"0.3\"", "3s"),
         runtime("flaky", p2, ", --exit-after, \"0.3\"", "1s"),
         runtime("stubborn", p3, ", --ignore-sigterm", "1s"),
@@ -306,6 +312,11 @@ async fn agent_managed_servers_are_supervised_adopted_after_a_crash_and_drained(
     // The one that keeps exiting: a crash loop, with its log's last words.
     let r = runtime_where(&ctl, &pki, "flaky in a crash loop", |r| r.name == "flaky" && r.state == "crash-loop").await?;
     assert!(r.reason.contains("exiting with 1"), "{}", r.reason);
+    let ev = wait_for("the crash-loop Event on the Node", Duration::from_secs(10), || async {
+        Ok(api.objects("events.k8s.io/events").into_iter().find(|e| e["reason"] == "RuntimeCrashLoop"))
+    })
+    .await?;
+    assert!(ev["note"].as_str().is_some_and(|n| n.contains("model server flaky exited 3 times")), "{ev}");
     let (_, body) = http_get(agent.http, "/metrics").await?;
     let restarts: f64 = body
         .lines()
@@ -510,10 +521,21 @@ async fn a_partition_change_drains_the_servers_on_its_gpus_and_starts_them_again
     ensure!(line.contains("Succeeded"), "{line}");
     agent.proc.wait_for_log_line("partition change done: starting again", Duration::from_secs(10)).await?;
     ensure!(!running(before), "the old server was drained");
+    // A new server, started after the apply, serving again (the controller's view may still
+    // hold the old "ready" for a moment: look at the new server itself).
+    let log_path = state.join("runtimes/llama/server.log");
+    wait_for("a new server serving", Duration::from_secs(20), || async {
+        let after = pid_of(&state, "llama")?;
+        let log = std::fs::read_to_string(&log_path)?;
+        Ok((after != before && running(after) && log.matches("serving llama").count() == 2).then_some(()))
+    })
+    .await?;
+    ensure!(std::fs::read_to_string(&log_path)?.contains("SIGTERM: draining"));
+    wait_for("ready again", Duration::from_secs(20), || async {
+        let (st, _) = http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/health").await?;
+        Ok((st == 200).then_some(()))
+    })
+    .await?;
     runtime_where(&ctl, &pki, "llama ready again", |r| r.name == "llama" && r.state == "ready").await?;
-    let after = pid_of(&state, "llama")?;
-    ensure!(after != before && running(after), "a new server after the apply");
-    let log = std::fs::read_to_string(state.join("runtimes/llama/server.log"))?;
-    ensure!(log.matches("serving llama").count() == 2 && log.contains("SIGTERM: draining"), "{log}");
     Ok(())
 }

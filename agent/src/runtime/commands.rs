@@ -51,6 +51,7 @@ pub struct RuntimeCommands {
     /// Every runtime's stop hangs off this (a spot notice drains them all).
     pub(super) drain_all: CancellationToken,
     pub(super) pauses: Arc<super::pause::Pauses>,
+    pub(super) events: crate::kube::events::NodeEvents,
     running: Arc<Mutex<BTreeMap<String, Running>>>,
 }
 
@@ -74,8 +75,23 @@ impl RuntimeCommands {
         fixed: Vec<(String, Option<String>, u16)>,
         drain_all: CancellationToken,
         pauses: Arc<super::pause::Pauses>,
+        events: crate::kube::events::NodeEvents,
     ) -> Self {
-        Self { templates, cache, shared, state_dir, interval, timeout, tasks, restarts, fixed, drain_all, pauses, running: Arc::default() }
+        Self {
+            templates,
+            cache,
+            shared,
+            state_dir,
+            interval,
+            timeout,
+            tasks,
+            restarts,
+            fixed,
+            drain_all,
+            pauses,
+            events,
+            running: Arc::default(),
+        }
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -156,6 +172,7 @@ impl RuntimeCommands {
             timeout: self.timeout,
             restarts: self.restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone(),
             pauses: self.pauses.clone(),
+            events: self.events.clone(),
         };
         self.pauses.register(&spec.name, spec.visible_devices.clone(), spec.drain_timeout);
         let (shared, name, s2, pauses) = (self.shared.clone(), spec.name.clone(), stop.clone(), self.pauses.clone());

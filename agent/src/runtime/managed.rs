@@ -104,6 +104,8 @@ pub struct Supervisor {
     pub restarts: prometheus_client::metrics::counter::Counter,
     /// Holds from partition changes.
     pub pauses: Arc<super::pause::Pauses>,
+    /// Crash loops become Events on the Node.
+    pub events: crate::kube::events::NodeEvents,
 }
 
 impl Supervisor {
@@ -416,6 +418,13 @@ impl Supervisor {
             let delay = backoff.next_delay();
             let tail = log_tail(&self.log_path(), 3);
             if recent_exits.len() as u32 >= CRASH_LOOP_AFTER {
+                if recent_exits.len() as u32 == CRASH_LOOP_AFTER {
+                    self.events.post(crate::kube::events::NodeEvent::warning(
+                        "RuntimeCrashLoop",
+                        "Supervise",
+                        format!("model server {} exited {CRASH_LOOP_AFTER} times within {CRASH_WINDOW:?}; log: {tail}", self.spec.name),
+                    ));
+                }
                 self.publish(
                     RuntimeState::CrashLoop,
                     format!("exited {} times within {CRASH_WINDOW:?}; next start in {delay:?}; log: {tail}", recent_exits.len()),

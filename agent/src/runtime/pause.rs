@@ -32,7 +32,7 @@ impl Default for Pauses {
             held: watch::channel(BTreeSet::new()).0,
             stopped: Mutex::default(),
             bound: Mutex::default(),
-            deadline: Mutex::new(Duration::from_secs(5)),
+            deadline: Mutex::new(Duration::ZERO),
         }
     }
 }

@@ -161,6 +161,7 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
             timeout: settings.timeout,
             restarts: restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone(),
             pauses: pauses.clone(),
+            events: w.events.clone(),
         };
         pauses.register(&spec.name, spec.visible_devices.clone(), spec.drain_timeout);
         let stop = drain_all.child_token();
@@ -184,6 +185,7 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
             fixed,
             drain_all.clone(),
             pauses.clone(),
+            w.events.clone(),
         );
         w.commands.set_runtimes(rc);
         let kinds: Vec<&str> = settings.engines.keys().map(|k| k.as_str()).collect();
