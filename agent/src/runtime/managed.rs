@@ -210,6 +210,12 @@ impl Supervisor {
         alive(p).then_some(p)
     }
 
+    /// One read of the server on this host.
+    async fn read(&self, client: &probe::HttpClient, engine: &EngineSpec, reader: &mut LoadReader) -> probe::Reading {
+        let metrics_port = engine.metrics_port.unwrap_or(self.spec.port);
+        probe::read(client, engine, "127.0.0.1", self.spec.port, metrics_port, reader, self.timeout).await
+    }
+
     /// Waits until the server is ready, exits, the deadline passes or `stop`.
     async fn wait_ready(
         &self,
@@ -227,16 +233,7 @@ impl Supervisor {
             if t0.elapsed() > self.spec.ready_timeout {
                 return Err(format!("not ready within {:?}", self.spec.ready_timeout));
             }
-            let r = probe::read(
-                &client,
-                engine,
-                "127.0.0.1",
-                self.spec.port,
-                engine.metrics_port.unwrap_or(self.spec.port),
-                reader,
-                self.timeout,
-            )
-            .await;
+            let r = self.read(&client, engine, reader).await;
             match r.ready {
                 Ok(()) => return Ok(t0.elapsed()),
                 Err(why) => self.publish(RuntimeState::Starting, why, r.load),
@@ -263,16 +260,7 @@ impl Supervisor {
             if !alive(p) {
                 return WatchEnd::Exited;
             }
-            let r = probe::read(
-                &client,
-                engine,
-                "127.0.0.1",
-                self.spec.port,
-                engine.metrics_port.unwrap_or(self.spec.port),
-                reader,
-                self.timeout,
-            )
-            .await;
+            let r = self.read(&client, engine, reader).await;
             match (&r.live, &r.ready) {
                 (Ok(()), Ok(())) => self.publish(RuntimeState::Ready, "", r.load),
                 (Err(e), _) => self.publish(RuntimeState::Failed, e.to_string(), r.load),
