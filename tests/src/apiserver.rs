@@ -307,29 +307,28 @@ impl ApiServer {
 
     /// Adds a pod with a given UID (a test's cgroup names it).
     pub fn add_pod_with_uid(&self, namespace: &str, name: &str, node: &str, uid: &str) -> String {
-        let uid = uid.to_owned();
-        let mut st = self.shared.st();
-        st.rv += 1;
-        let pod = json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "uid": uid, "resourceVersion": st.rv.to_string()},
-            "spec": {"nodeName": node, "containers": [{"name": "main", "image": "x"}]},
-            "status": {"phase": "Running"},
-        });
-        st.pods.insert(uid.clone(), pod.clone());
-        let rv = st.rv;
-        st.pod_events.push((rv, "ADDED", pod));
-        drop(st);
-        self.shared.changed.send_replace(rv);
-        uid
+        self.insert_pod(
+            json!({
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": {"nodeName": node, "containers": [{"name": "main", "image": "x"}]},
+                "status": {"phase": "Running"},
+            }),
+            Some(uid),
+        )
     }
 
     /// Adds a pod given as JSON (labels, annotations, spec, status as the test needs); the
     /// server sets its UID and resourceVersion. Returns the UID.
-    pub fn add_pod_json(&self, mut pod: Value) -> String {
+    pub fn add_pod_json(&self, pod: Value) -> String {
+        self.insert_pod(pod, None)
+    }
+
+    /// The one way a pod enters the store: UID (given or made), resourceVersion, an ADDED
+    /// event for watches.
+    fn insert_pod(&self, mut pod: Value, uid: Option<&str>) -> String {
         let mut st = self.shared.st();
         st.rv += 1;
-        let uid = format!("{:08x}-0000-4000-8000-{:012x}", st.rv, st.rv);
+        let uid = uid.map_or_else(|| format!("{:08x}-0000-4000-8000-{:012x}", st.rv, st.rv), str::to_owned);
         pod["apiVersion"] = json!("v1");
         pod["kind"] = json!("Pod");
         pod["metadata"]["uid"] = json!(uid);

@@ -133,14 +133,10 @@ async fn runtime_where(
 
 #[tokio::test]
 async fn labelled_pods_are_read_reported_with_their_load_and_drive_the_scaler() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let pki = TestPki::new(&dir.path().join("pki"))?;
-    let stop = CancellationToken::new();
-    let _guard = stop.clone().drop_guard();
     let models: Vec<hearth_controller::catalog::RawModel> = serde_yaml_ng::from_str(
         "- {name: llama, source: s3://models/llama, revision: main, size: 16Gi, image: vllm:v1, resources: {gpus: 1},\n   scaling: {min_replicas: 0, max_replicas: 16, target_concurrency: 2}}\n",
     )?;
-    let ctl = start_controller(&pki, stop.clone(), |raw| {
+    let (dir, pki, ctl, _guard) = setup(|raw| {
         raw.models = models;
         raw.scaling.interval = Some("200ms".into());
     })
@@ -221,6 +217,17 @@ async fn labelled_pods_are_read_reported_with_their_load_and_drive_the_scaler() 
     Ok(())
 }
 
+/// A temp dir, a PKI and an in-process controller (tweaked by `tweak`), stopped on drop.
+async fn setup(
+    tweak: impl FnOnce(&mut hearth_controller::config::RawConfig),
+) -> Result<(tempfile::TempDir, TestPki, hearth_controller::Running, tokio_util::sync::DropGuard)> {
+    let dir = tempfile::tempdir()?;
+    let pki = TestPki::new(&dir.path().join("pki"))?;
+    let stop = CancellationToken::new();
+    let ctl = start_controller(&pki, stop.clone(), tweak).await?;
+    Ok((dir, pki, ctl, stop.drop_guard()))
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -241,11 +248,7 @@ fn running(pid: i32) -> bool {
 /// clean agent stop drains them all within its grace.
 #[tokio::test]
 async fn agent_managed_servers_are_supervised_adopted_after_a_crash_and_drained() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let pki = TestPki::new(&dir.path().join("pki"))?;
-    let stop = CancellationToken::new();
-    let _guard = stop.clone().drop_guard();
-    let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
+    let (dir, pki, ctl, _guard) = setup(|_| {}).await?;
     let src = dir.path().join("fsx/llama");
     hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
     let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
@@ -359,11 +362,7 @@ async fn agent_managed_servers_are_supervised_adopted_after_a_crash_and_drained(
 /// partition already held, an engine without a template; stopped and drained on command.
 #[tokio::test]
 async fn start_and_stop_runtime_commands_run_a_server_on_a_cached_model_and_refuse_what_they_cannot() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let pki = TestPki::new(&dir.path().join("pki"))?;
-    let stop = CancellationToken::new();
-    let _guard = stop.clone().drop_guard();
-    let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
+    let (dir, pki, ctl, _guard) = setup(|_| {}).await?;
     let src = dir.path().join("fsx/llama");
     hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
     let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
@@ -429,11 +428,7 @@ async fn start_and_stop_runtime_commands_run_a_server_on_a_cached_model_and_refu
 /// agent-managed server at once and refuses new ones.
 #[tokio::test]
 async fn a_spot_interruption_notice_drains_agent_managed_servers() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let pki = TestPki::new(&dir.path().join("pki"))?;
-    let stop = CancellationToken::new();
-    let _guard = stop.clone().drop_guard();
-    let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
+    let (dir, pki, ctl, _guard) = setup(|_| {}).await?;
     // The metadata service: a token only for a PUT with a TTL, notices only with the token.
     let notice = Arc::new(Mutex::new(false));
     let n = notice.clone();
@@ -491,11 +486,7 @@ async fn a_spot_interruption_notice_drains_agent_managed_servers() -> Result<()>
 /// held while the reconciler applies, then started again.
 #[tokio::test]
 async fn a_partition_change_drains_the_servers_on_its_gpus_and_starts_them_again() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let pki = TestPki::new(&dir.path().join("pki"))?;
-    let stop = CancellationToken::new();
-    let _guard = stop.clone().drop_guard();
-    let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
+    let (dir, pki, ctl, _guard) = setup(|_| {}).await?;
     let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
     let port = free_port()?;
     let yaml = format!(
