@@ -751,6 +751,12 @@ mod tests {
             async move { c.ensure(&m, t).await }
         });
         until("the download to start", || c.downloading()).await;
+        // Both callers wait on the one flight before the first gives up (under load the
+        // second may still be in its hit check).
+        until("both callers on the flight", || {
+            c.inflight.lock().unwrap().get(&m.id()).is_some_and(|(f, _)| f.wanters.load(Ordering::Acquire) == 2)
+        })
+        .await;
         first.cancel();
         assert!(matches!(a.await.unwrap(), Err(CacheError::Cancelled(_))), "the first caller stops waiting");
         let e = b.await.unwrap().expect("the second caller still gets the model");
