@@ -165,6 +165,23 @@ pub struct RawRuntimes {
     pub engines: std::collections::BTreeMap<String, RawEngineTemplate>,
     #[serde(default)]
     pub spot: RawSpot,
+    /// How agent-managed servers run: "process" (default; a child of the agent) or "pod" (a
+    /// Pod bound to this node through the API server; needs `kubernetes`).
+    pub driver: Option<String>,
+    #[serde(default)]
+    pub pod: RawPodDriver,
+}
+
+/// The pod driver's settings.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawPodDriver {
+    /// Where the pods go (default: the agent's own namespace from $POD_NAMESPACE, else "hearth").
+    pub namespace: Option<String>,
+    pub priority_class: Option<String>,
+    /// The cache directory as the host sees it, where the agent's container mounts it
+    /// elsewhere (default: the same path).
+    pub host_cache_dir: Option<PathBuf>,
 }
 
 /// EC2 spot interruption and rebalance notices.
@@ -191,6 +208,8 @@ pub struct RawEngineTemplate {
     pub port: Option<u16>,
     pub ready_timeout: Option<String>,
     pub drain_timeout: Option<String>,
+    /// The engine's image (pod driver).
+    pub image: Option<String>,
 }
 
 /// One agent-managed model server.
@@ -217,6 +236,12 @@ pub struct RawManaged {
     pub ready_timeout: Option<String>,
     /// SIGTERM to SIGKILL; shorter than shutdown_grace (default: shutdown_grace minus 1s).
     pub drain_timeout: Option<String>,
+    /// The engine's image (pod driver).
+    pub image: Option<String>,
+    /// Device-plugin resources of its pod, e.g. {"nvidia.com/gpu": "1"} (pod driver;
+    /// default: the resource of `visible_devices`).
+    #[serde(default)]
+    pub resources: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -351,7 +376,7 @@ pub struct Config {
 
 pub use crate::netobs::NetworkSettings;
 
-fn managed_spec(i: usize, m: RawManaged, grace: Duration) -> Result<crate::runtime::managed::ManagedSpec, AgentConfigError> {
+fn managed_spec(i: usize, m: RawManaged, grace: Duration, pods: bool) -> Result<crate::runtime::managed::ManagedSpec, AgentConfigError> {
     use crate::runtime::engine::{EngineSpec, Kind};
     let field = |f: &str| format!("runtimes.managed[{i}].{f}");
     let entry = |f: &str, expected: &str, got: String| ConfigError::Entry { field: field(f), expected: expected.into(), got };
@@ -378,7 +403,8 @@ fn managed_spec(i: usize, m: RawManaged, grace: Duration) -> Result<crate::runti
         humantime::format_duration(grace.saturating_sub(Duration::from_secs(1)).max(Duration::from_millis(500))).to_string();
     let drain_timeout = d("drain_timeout", m.drain_timeout, &default_drain)?;
     // A process cannot outlive the agent's container: its drain must fit the agent's own.
-    if drain_timeout >= grace {
+    // (A pod outlives the agent; the kubelet runs its drain.)
+    if drain_timeout >= grace && !pods {
         return Err(entry(
             "drain_timeout",
             "shorter than shutdown_grace (the server is drained within the agent's own stop)",
@@ -397,10 +423,17 @@ fn managed_spec(i: usize, m: RawManaged, grace: Duration) -> Result<crate::runti
         env: m.env.into_iter().collect(),
         ready_timeout,
         drain_timeout,
+        image: m.image,
+        resources: m.resources,
     })
 }
 
 fn runtime_settings(r: RawRuntimes, grace: Duration) -> Result<crate::runtime::RuntimeSettings, AgentConfigError> {
+    let pods = match r.driver.as_deref().unwrap_or("process") {
+        "process" => false,
+        "pod" => true,
+        other => return Err(invalid("runtimes.driver", "process or pod", other)),
+    };
     let label = r.discovery_label.unwrap_or_else(|| "hearth.dev/model".into());
     // A label key: an optional DNS prefix and a name of at most 63 characters.
     let name = label.rsplit_once('/').map_or(label.as_str(), |(_, n)| n);
@@ -419,7 +452,7 @@ fn runtime_settings(r: RawRuntimes, grace: Duration) -> Result<crate::runtime::R
     }
     let mut managed = Vec::new();
     for (i, m) in r.managed.into_iter().enumerate() {
-        let spec = managed_spec(i, m, grace)?;
+        let spec = managed_spec(i, m, grace, pods)?;
         if managed.iter().any(|o: &crate::runtime::managed::ManagedSpec| o.name == spec.name || o.port == spec.port) {
             return Err(ConfigError::Entry {
                 field: format!("runtimes.managed[{i}]"),
@@ -453,7 +486,7 @@ fn runtime_settings(r: RawRuntimes, grace: Duration) -> Result<crate::runtime::R
             t.drain_timeout,
             &humantime::format_duration(grace.saturating_sub(Duration::from_secs(1)).max(Duration::from_millis(500))).to_string(),
         )?;
-        if drain_timeout >= grace {
+        if drain_timeout >= grace && !pods {
             return Err(ConfigError::Entry {
                 field: field("drain_timeout"),
                 expected: "shorter than shutdown_grace".into(),
@@ -468,6 +501,7 @@ fn runtime_settings(r: RawRuntimes, grace: Duration) -> Result<crate::runtime::R
                 port: t.port.unwrap_or(EngineSpec::builtin(kind).port),
                 ready_timeout: d("ready_timeout", t.ready_timeout, "10m")?,
                 drain_timeout,
+                image: t.image,
             },
         );
     }
@@ -484,7 +518,41 @@ fn runtime_settings(r: RawRuntimes, grace: Duration) -> Result<crate::runtime::R
     } else {
         None
     };
-    Ok(crate::runtime::RuntimeSettings { discovery_label: (!label.is_empty()).then_some(label), interval, timeout, managed, engines, spot })
+    let driver = match r.driver.as_deref().unwrap_or("process") {
+        "process" => crate::runtime::DriverKind::Process,
+        "pod" => {
+            let namespace = r.pod.namespace.or_else(|| std::env::var("POD_NAMESPACE").ok()).unwrap_or_else(|| "hearth".into());
+            if !hearth_service::kube::is_dns_label(&namespace) {
+                return Err(invalid("runtimes.pod.namespace", "a namespace name (a DNS label)", namespace));
+            }
+            if let Some(m) = managed.iter().find(|m| m.image.is_none()) {
+                return Err(invalid("runtimes.managed[].image", "an image for every managed runtime with driver: pod", m.name.clone()));
+            }
+            if let Some((k, _)) = engines.iter().find(|(_, t)| t.image.is_none()) {
+                return Err(ConfigError::Entry {
+                    field: format!("runtimes.engines.{}.image", k.as_str()),
+                    expected: "an image (driver: pod)".into(),
+                    got: String::new(),
+                }
+                .into());
+            }
+            crate::runtime::DriverKind::Pod(crate::runtime::pod::PodSettings {
+                namespace,
+                priority_class: r.pod.priority_class,
+                host_cache_dir: r.pod.host_cache_dir,
+            })
+        }
+        _ => unreachable!("checked above"),
+    };
+    Ok(crate::runtime::RuntimeSettings {
+        discovery_label: (!label.is_empty()).then_some(label),
+        interval,
+        timeout,
+        managed,
+        engines,
+        spot,
+        driver,
+    })
 }
 
 fn network_settings(r: RawNetwork) -> Result<NetworkSettings, AgentConfigError> {
@@ -773,6 +841,15 @@ impl TryFrom<RawConfig> for Config {
             (None, Some(c)) => return Err(invalid("partition.spec", "a spec file to take the config from", c)),
         };
         let max = parse_size("max_message_size", r.max_message_size.as_deref().unwrap_or(&DEFAULT_MAX_MESSAGE_BYTES.to_string()))?;
+        let kubernetes = kube_settings(r.kubernetes)?;
+        let runtimes = runtime_settings(r.runtimes, dur("shutdown_grace", r.shutdown_grace.clone(), "5s")?)?;
+        if matches!(runtimes.driver, crate::runtime::DriverKind::Pod(_)) && kubernetes.is_none() {
+            return Err(invalid(
+                "runtimes.driver",
+                "process, or pod with the Kubernetes API configured (kubernetes:, or running in a cluster)",
+                "pod",
+            ));
+        }
         Ok(Self {
             node_name,
             controller,
@@ -790,10 +867,10 @@ impl TryFrom<RawConfig> for Config {
             shutdown_grace: dur("shutdown_grace", r.shutdown_grace.clone(), "5s")?,
             max_message_bytes: max as usize,
             partition,
-            kubernetes: kube_settings(r.kubernetes)?,
+            kubernetes,
             state_dir: r.state_dir.unwrap_or_else(|| "/var/lib/hearth".into()),
             network: network_settings(r.network)?,
-            runtimes: runtime_settings(r.runtimes, dur("shutdown_grace", r.shutdown_grace.clone(), "5s")?)?,
+            runtimes,
         })
     }
 }
@@ -886,6 +963,31 @@ mod tests {
         assert!(e.contains("0 < low < high <= 1"), "{e}");
         let e = parse("node_name: n1\ncache: {capacity: lots}").unwrap_err().to_string();
         assert_eq!(e, "cache.capacity: expected a size like \"4Mi\", \"500Gi\" or a number of bytes, got \"lots\"");
+    }
+
+    #[test]
+    fn the_pod_driver_needs_the_api_images_and_a_namespace() {
+        let m = "managed: [{name: a, engine: vllm, command: [x], drain_timeout: 30s, image: vllm/vllm-openai}]";
+        let kube = "kubernetes: {api_server: \"https://x\", token_file: /t, ca_file: /c}";
+        let e = |y: &str| parse(&format!("node_name: n1\n{y}")).unwrap_err().to_string();
+        assert_eq!(e("runtimes: {driver: vm}"), "runtimes.driver: expected process or pod, got \"vm\"");
+        assert!(
+            e(&format!("runtimes: {{driver: pod, {m}}}")).starts_with("runtimes.driver: expected process, or pod with the Kubernetes API")
+        );
+        assert_eq!(
+            e(&format!("{kube}\nruntimes: {{driver: pod, managed: [{{name: a, engine: vllm, command: [x]}}]}}")),
+            "runtimes.managed[].image: expected an image for every managed runtime with driver: pod, got \"a\""
+        );
+        assert!(
+            e(&format!("{kube}\nruntimes: {{driver: pod, engines: {{vllm: {{command: [x]}}}}}}"))
+                .starts_with("runtimes.engines.vllm.image")
+        );
+        assert!(e(&format!("{kube}\nruntimes: {{driver: pod, pod: {{namespace: Serving}}, {m}}}")).starts_with("runtimes.pod.namespace"));
+        // A pod outlives the agent: its drain may be longer than the agent's grace; a process's may not.
+        let c = parse(&format!("node_name: n1\n{kube}\nruntimes: {{driver: pod, pod: {{namespace: serving}}, {m}}}")).unwrap();
+        let crate::runtime::DriverKind::Pod(p) = &c.runtimes.driver else { panic!("{:?}", c.runtimes.driver) };
+        assert_eq!((p.namespace.as_str(), c.runtimes.managed[0].drain_timeout), ("serving", Duration::from_secs(30)));
+        assert!(e(&format!("runtimes: {{{m}}}")).starts_with("runtimes.managed[0].drain_timeout: expected shorter than shutdown_grace"));
     }
 
     #[test]

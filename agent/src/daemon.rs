@@ -52,6 +52,8 @@ pub enum AgentError {
     Join(#[from] tokio::task::JoinError),
     #[error("model cache: {0}")]
     Cache(#[from] crate::cache::manager::CacheError),
+    #[error("model servers: {0}")]
+    Runtimes(String),
 }
 
 #[derive(Debug)]

@@ -11,9 +11,17 @@
 //!   condition its manager owned removes it; other managers' fields are untouched.
 //! - Merge patches carrying `metadata.resourceVersion` and PUTs are optimistic: a stale
 //!   version gets 409 Conflict; POST of an existing name gets 409 AlreadyExists.
-//! - LIST and WATCH of pods with `fieldSelector=spec.nodeName=...`; watch events are
-//!   newline-delimited JSON, resumed from `resourceVersion`; after [`ApiServer::compact`]
-//!   a watch from an older version gets a 410 Gone ERROR event, as after etcd compaction.
+//! - LIST and WATCH of pods, cluster-wide or in a namespace, with `fieldSelector`
+//!   `spec.nodeName=...` and `metadata.name=...`; watch events are newline-delimited JSON,
+//!   resumed from `resourceVersion`; after [`ApiServer::compact`] a watch from an older
+//!   version gets a 410 Gone ERROR event, as after etcd compaction.
+//! - Pods created, read and deleted in a namespace: a create checks the name is free in the
+//!   namespace, a delete honours a UID precondition (409 on a mismatch) and only marks the
+//!   pod (`deletionTimestamp`, grace period): it is gone when the kubelet says so.
+//!   [`ApiServer::kubelet`] runs such a kubelet for one node: it runs each bound pod's
+//!   container command as a local process (the pod's IP is 127.0.0.1), reports its status
+//!   (Pending while "pulling", Running, then Failed/Succeeded with the exit code), and on
+//!   deletion sends SIGTERM, SIGKILL after the grace period, then removes the pod.
 //! - Faults: the next N requests for a (verb, resource) answer with a given status (403,
 //!   409, 422, 429 with Retry-After, 500); [`ApiServer::stop`] takes the server away
 //!   (connections closed, port refused) and [`ApiServer::restart`] brings it back on the
@@ -342,15 +350,7 @@ impl ApiServer {
     }
 
     pub fn delete_pod(&self, uid: &str) {
-        let mut st = self.shared.st();
-        st.rv += 1;
-        let rv = st.rv;
-        if let Some(mut pod) = st.pods.remove(uid) {
-            pod["metadata"]["resourceVersion"] = json!(rv.to_string());
-            st.pod_events.push((rv, "DELETED", pod));
-        }
-        drop(st);
-        self.shared.changed.send_replace(rv);
+        remove_pod(&self.shared, uid);
     }
 
     /// An object by group/resource, namespace and name (leases: "coordination.k8s.io/leases").
@@ -369,6 +369,12 @@ impl ApiServer {
         st.rv += 1;
         let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace, "resourceVersion": st.rv.to_string(), "labels": {"app": "hearth"}}});
         st.objects.insert(("/pods".into(), namespace.into(), name.into()), pod);
+    }
+
+    /// A pod by namespace and name.
+    pub fn object_pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        let st = self.shared.st();
+        pod_by_name(&st, namespace, name).and_then(|u| st.pods.get(&u).cloned())
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -452,13 +458,25 @@ fn handle(shared: &Arc<Shared>, method: Method, uri: Uri, headers: HeaderMap, bo
         }
         return r;
     }
+    let filter = PodFilter::new(ns.as_deref(), &query);
     let answer = match (resource.as_str(), verb) {
-        ("pods", "list") if ns.is_none() => Ok(list_pods(&st, &query)),
-        ("pods", "watch") if ns.is_none() => {
-            record.status = 200;
-            st.log.push(record);
-            drop(st);
-            return watch_pods(shared, &query);
+        ("pods", "list") => filter.map(|f| list_pods(&st, &f)),
+        ("pods", "watch") => match filter {
+            Ok(f) => {
+                record.status = 200;
+                st.log.push(record);
+                drop(st);
+                return watch_pods(shared, f, &query);
+            }
+            Err(e) => Err(e),
+        },
+        ("pods", "create") if ns.is_some() => create_pod(&mut st, ns.as_deref().unwrap_or(""), parsed),
+        ("pods", "delete") if ns.is_some() => {
+            delete_pod_request(&mut st, ns.as_deref().unwrap_or(""), name.as_deref().unwrap_or(""), &parsed)
+        }
+        ("pods", "get") if ns.as_deref().zip(name.as_deref()).is_some_and(|(n, m)| pod_by_name(&st, n, m).is_some()) => {
+            let uid = pod_by_name(&st, ns.as_deref().unwrap_or(""), name.as_deref().unwrap_or("")).unwrap_or_default();
+            Ok(st.pods[&uid].clone())
         }
         ("nodes", "get") => node_get(&st, name.as_deref().unwrap_or("")),
         ("nodes" | "nodes/status", "patch") => {
@@ -479,6 +497,9 @@ fn handle(shared: &Arc<Shared>, method: Method, uri: Uri, headers: HeaderMap, bo
     };
     record.status = code;
     st.log.push(record);
+    let rv = st.rv;
+    drop(st);
+    shared.changed.send_replace(rv);
     respond(code, &body)
 }
 
@@ -501,18 +522,96 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn node_filter(query: &BTreeMap<String, String>) -> Option<String> {
-    query.get("fieldSelector").and_then(|f| f.strip_prefix("spec.nodeName=")).map(str::to_owned)
+/// Which pods a LIST or WATCH asks for: the path's namespace and the field selectors
+/// `spec.nodeName` and `metadata.name` (the ones Hearth uses).
+#[derive(Debug, Clone, Default)]
+struct PodFilter {
+    namespace: Option<String>,
+    node: Option<String>,
+    name: Option<String>,
 }
 
-fn list_pods(st: &State, query: &BTreeMap<String, String>) -> Value {
-    let node = node_filter(query);
-    let items: Vec<Value> = st.pods.values().filter(|p| node.as_deref().is_none_or(|n| p["spec"]["nodeName"] == n)).cloned().collect();
+impl PodFilter {
+    fn new(ns: Option<&str>, query: &BTreeMap<String, String>) -> Result<Self, (u16, String)> {
+        let mut f = PodFilter { namespace: ns.map(str::to_owned), ..Default::default() };
+        for term in query.get("fieldSelector").map(String::as_str).unwrap_or("").split(',').filter(|t| !t.is_empty()) {
+            match term.split_once('=') {
+                Some(("spec.nodeName", v)) => f.node = Some(v.to_owned()),
+                Some(("metadata.name", v)) => f.name = Some(v.to_owned()),
+                _ => return Err((400, format!("the test server does not model field selector {term:?}"))),
+            }
+        }
+        Ok(f)
+    }
+
+    fn matches(&self, p: &Value) -> bool {
+        self.namespace.as_deref().is_none_or(|n| p["metadata"]["namespace"] == n)
+            && self.node.as_deref().is_none_or(|n| p["spec"]["nodeName"] == n)
+            && self.name.as_deref().is_none_or(|n| p["metadata"]["name"] == n)
+    }
+}
+
+fn list_pods(st: &State, f: &PodFilter) -> Value {
+    let items: Vec<Value> = st.pods.values().filter(|p| f.matches(p)).cloned().collect();
     json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": st.rv.to_string()}, "items": items})
 }
 
-fn watch_pods(shared: &Arc<Shared>, query: &BTreeMap<String, String>) -> Response {
-    let node = node_filter(query);
+fn pod_by_name(st: &State, ns: &str, name: &str) -> Option<String> {
+    st.pods.iter().find(|(_, p)| p["metadata"]["namespace"] == ns && p["metadata"]["name"] == name).map(|(uid, _)| uid.clone())
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// A pod created through the API: the name must be free in the namespace.
+fn create_pod(st: &mut State, ns: &str, mut pod: Value) -> Result<Value, (u16, String)> {
+    let name = pod["metadata"]["name"].as_str().unwrap_or("").to_owned();
+    if name.is_empty() {
+        return Err((422, "metadata.name: Required value".into()));
+    }
+    if pod_by_name(st, ns, &name).is_some() {
+        return Err((409, format!("pods \"{name}\" already exists")));
+    }
+    if pod["spec"]["containers"].as_array().is_none_or(|c| c.is_empty() || c.iter().any(|c| c["image"].as_str().is_none_or(str::is_empty)))
+    {
+        return Err((422, "spec.containers: Required value: each container needs an image".into()));
+    }
+    st.rv += 1;
+    let uid = format!("{:08x}-0000-4000-8000-{:012x}", st.rv, st.rv);
+    pod["metadata"]["namespace"] = json!(ns);
+    pod["metadata"]["uid"] = json!(uid);
+    pod["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+    pod["metadata"]["creationTimestamp"] = json!(now_rfc3339());
+    pod["status"] = json!({"phase": "Pending"});
+    st.pods.insert(uid, pod.clone());
+    let rv = st.rv;
+    st.pod_events.push((rv, "ADDED", pod.clone()));
+    Ok(pod)
+}
+
+/// Marks a pod for deletion (the kubelet finishes it), honouring a UID precondition.
+fn delete_pod_request(st: &mut State, ns: &str, name: &str, opts: &Value) -> Result<Value, (u16, String)> {
+    let uid = pod_by_name(st, ns, name).ok_or((404, format!("pods \"{name}\" not found")))?;
+    if let Some(want) = opts["preconditions"]["uid"].as_str()
+        && want != uid
+    {
+        return Err((409, format!("Precondition failed: UID in precondition: {want}, UID in object meta: {uid}")));
+    }
+    st.rv += 1;
+    let rv = st.rv;
+    let pod = st.pods.get_mut(&uid).ok_or((404, "gone".to_owned()))?;
+    if pod["metadata"]["deletionTimestamp"].is_null() {
+        pod["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+        pod["metadata"]["deletionGracePeriodSeconds"] = opts["gracePeriodSeconds"].as_u64().map_or(json!(30), |g| json!(g));
+    }
+    pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let pod = pod.clone();
+    st.pod_events.push((rv, "MODIFIED", pod.clone()));
+    Ok(pod)
+}
+
+fn watch_pods(shared: &Arc<Shared>, filter: PodFilter, query: &BTreeMap<String, String>) -> Response {
     let from: u64 = query.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     let asked = query.get("timeoutSeconds").and_then(|v| v.parse().ok()).map(Duration::from_secs).unwrap_or(Duration::from_secs(1800));
     let (expired, cap) = {
@@ -528,7 +627,6 @@ fn watch_pods(shared: &Arc<Shared>, query: &BTreeMap<String, String>) -> Respons
         let mut changed = shared.changed.subscribe();
         let ended = shared.watches.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let pending: Vec<_> = shared.st().pod_events.iter().filter(|(rv, _, _)| *rv > from).cloned().collect();
-        let node2 = node.clone();
         let source = shared.clone();
         tokio::spawn(async move {
             let deadline = tokio::time::sleep(timeout);
@@ -537,7 +635,7 @@ fn watch_pods(shared: &Arc<Shared>, query: &BTreeMap<String, String>) -> Respons
             let send = |tx: &tokio::sync::mpsc::Sender<_>, events: Vec<(u64, &'static str, Value)>, last: &mut u64| {
                 for (rv, kind, obj) in events {
                     *last = (*last).max(rv);
-                    if node2.as_deref().is_some_and(|n| obj["spec"]["nodeName"] != n) {
+                    if !filter.matches(&obj) {
                         continue;
                     }
                     let line = format!("{}\n", json!({"type": kind, "object": obj}));
@@ -770,4 +868,236 @@ fn generic(st: &mut State, kind: &str, ns: &str, name: Option<&str>, verb: &str,
         }
         _ => Err((405, format!("{verb} on {kind}"))),
     }
+}
+
+/// (pod UID, command line) of each container started.
+type Started = Vec<(String, Vec<String>)>;
+
+/// A kubelet for one node, running until dropped; see the module doc.
+pub struct Kubelet {
+    stop: CancellationToken,
+    /// Pods started, by UID, with the command line they ran.
+    started: Arc<Mutex<Started>>,
+    /// Running containers' process ids, by pod UID.
+    pids: Arc<Mutex<BTreeMap<String, u32>>>,
+}
+
+impl Drop for Kubelet {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Kubelet {
+    /// (pod UID, command) of every container this kubelet started, in order.
+    pub fn started(&self) -> Vec<(String, Vec<String>)> {
+        self.started.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// SIGKILL to a pod's container, as the OOM killer would.
+    pub fn kill(&self, uid: &str) {
+        if let Some(pid) =
+            self.pids.lock().unwrap_or_else(|p| p.into_inner()).get(uid).and_then(|p| rustix::process::Pid::from_raw(*p as i32))
+        {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
+struct Container {
+    child: tokio::process::Child,
+    started_at: String,
+    terminating_since: Option<(Instant, Duration)>,
+    killed: bool,
+}
+
+impl ApiServer {
+    /// Runs a kubelet for `node`: each pod bound to it is "pulled" for `pull`, then its
+    /// container's command runs as a local process; see the module doc.
+    pub fn kubelet(&self, node: &str, pull: Duration) -> Kubelet {
+        let stop = CancellationToken::new();
+        let started = Arc::new(Mutex::new(Vec::new()));
+        let pids = Arc::new(Mutex::new(BTreeMap::new()));
+        let (shared, node, s2, log, pids2) = (self.shared.clone(), node.to_owned(), stop.clone(), started.clone(), pids.clone());
+        tokio::spawn(async move {
+            let mut running: BTreeMap<String, Container> = BTreeMap::new();
+            let mut pulling: BTreeMap<String, Instant> = BTreeMap::new();
+            let mut done: BTreeSet<String> = BTreeSet::new();
+            loop {
+                tokio::select! {
+                    _ = s2.cancelled() => {
+                        for c in running.values_mut() {
+                            kill_group(&c.child, rustix::process::Signal::KILL);
+                        }
+                        return;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                let pods: Vec<(String, Value)> = shared
+                    .st()
+                    .pods
+                    .iter()
+                    .filter(|(_, p)| p["spec"]["nodeName"] == node.as_str())
+                    .map(|(u, p)| (u.clone(), p.clone()))
+                    .collect();
+                for (uid, pod) in pods {
+                    let deleting = !pod["metadata"]["deletionTimestamp"].is_null();
+                    if let Some(c) = running.get_mut(&uid) {
+                        if let Ok(Some(status)) = c.child.try_wait() {
+                            let code = status.code().unwrap_or(128 + status.signal_number());
+                            let c = running.remove(&uid).expect("present");
+                            done.insert(uid.clone());
+                            let phase = if code == 0 { "Succeeded" } else { "Failed" };
+                            let reason = if code == 0 { "Completed" } else { "Error" };
+                            let term = json!({"exitCode": code, "reason": reason, "startedAt": c.started_at, "finishedAt": now_rfc3339()});
+                            set_status(
+                                &shared,
+                                &uid,
+                                json!({"phase": phase, "containerStatuses": [container_status(&pod, false, json!({"terminated": term}))]}),
+                            );
+                            continue;
+                        }
+                        if deleting {
+                            let grace = Duration::from_secs(pod["metadata"]["deletionGracePeriodSeconds"].as_u64().unwrap_or(30));
+                            match c.terminating_since {
+                                None => {
+                                    c.terminating_since = Some((Instant::now(), grace));
+                                    kill_group(&c.child, rustix::process::Signal::TERM);
+                                }
+                                Some((t0, g)) if t0.elapsed() >= g && !c.killed => {
+                                    c.killed = true;
+                                    kill_group(&c.child, rustix::process::Signal::KILL);
+                                }
+                                _ => {}
+                            }
+                        }
+                        continue;
+                    }
+                    if deleting {
+                        // Not running (never started, or exited): the kubelet lets it go.
+                        pulling.remove(&uid);
+                        remove_pod(&shared, &uid);
+                        continue;
+                    }
+                    if done.contains(&uid) {
+                        continue;
+                    }
+                    let since = *pulling.entry(uid.clone()).or_insert_with(|| {
+                        set_status(&shared, &uid, json!({"phase": "Pending", "containerStatuses": [container_status(&pod, false, json!({"waiting": {"reason": "ContainerCreating"}}))]}));
+                        Instant::now()
+                    });
+                    if since.elapsed() < pull {
+                        continue;
+                    }
+                    pulling.remove(&uid);
+                    let container = &pod["spec"]["containers"][0];
+                    let argv: Vec<String> =
+                        container["command"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(str::to_owned)).collect();
+                    let Some((prog, args)) = argv.split_first() else { continue };
+                    let mut cmd = tokio::process::Command::new(prog);
+                    cmd.args(args)
+                        .stdin(std::process::Stdio::null())
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null());
+                    for e in container["env"].as_array().into_iter().flatten() {
+                        if let (Some(k), Some(v)) = (e["name"].as_str(), e["value"].as_str()) {
+                            cmd.env(k, v);
+                        }
+                    }
+                    cmd.process_group(0).kill_on_drop(true);
+                    log.lock().unwrap_or_else(|p| p.into_inner()).push((uid.clone(), argv.clone()));
+                    match cmd.spawn() {
+                        Ok(child) => {
+                            let started_at = now_rfc3339();
+                            let st = json!({"running": {"startedAt": started_at}});
+                            set_status(
+                                &shared,
+                                &uid,
+                                json!({"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "hostIP": "127.0.0.1",
+                                       "startTime": started_at, "containerStatuses": [container_status(&pod, true, st)]}),
+                            );
+                            if let Some(pid) = child.id() {
+                                pids2.lock().unwrap_or_else(|p| p.into_inner()).insert(uid.clone(), pid);
+                            }
+                            running.insert(uid, Container { child, started_at, terminating_since: None, killed: false });
+                        }
+                        Err(e) => {
+                            done.insert(uid.clone());
+                            let w = json!({"terminated": {"exitCode": 128, "reason": "StartError", "message": e.to_string()}});
+                            set_status(&shared, &uid, json!({"phase": "Failed", "containerStatuses": [container_status(&pod, false, w)]}));
+                        }
+                    }
+                }
+                // Pods whose process is gone and whose deletion is due.
+                let gone: Vec<String> = running.keys().filter(|u| !shared.st().pods.contains_key(*u)).cloned().collect();
+                for u in gone {
+                    if let Some(c) = running.remove(&u) {
+                        kill_group(&c.child, rustix::process::Signal::KILL);
+                    }
+                }
+                let finished: Vec<String> = shared
+                    .st()
+                    .pods
+                    .iter()
+                    .filter(|(u, p)| done.contains(*u) && !p["metadata"]["deletionTimestamp"].is_null())
+                    .map(|(u, _)| u.clone())
+                    .collect();
+                for u in finished {
+                    remove_pod(&shared, &u);
+                }
+            }
+        });
+        Kubelet { stop, started, pids }
+    }
+}
+
+trait SignalNumber {
+    fn signal_number(&self) -> i32;
+}
+
+impl SignalNumber for std::process::ExitStatus {
+    fn signal_number(&self) -> i32 {
+        std::os::unix::process::ExitStatusExt::signal(self).unwrap_or(0)
+    }
+}
+
+fn kill_group(child: &tokio::process::Child, sig: rustix::process::Signal) {
+    if let Some(pid) = child.id().and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+        let _ = rustix::process::kill_process_group(pid, sig);
+    }
+}
+
+fn container_status(pod: &Value, started: bool, state: Value) -> Value {
+    let c = &pod["spec"]["containers"][0];
+    json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": false, "restartCount": 0, "started": started, "state": state})
+}
+
+/// The kubelet's status update: a MODIFIED event.
+fn set_status(shared: &Arc<Shared>, uid: &str, status: Value) {
+    let mut st = shared.st();
+    st.rv += 1;
+    let rv = st.rv;
+    let Some(pod) = st.pods.get_mut(uid) else { return };
+    merge(&mut pod["status"], &status);
+    // Lists replace, as the kubelet's status does.
+    if let Some(cs) = status.get("containerStatuses") {
+        pod["status"]["containerStatuses"] = cs.clone();
+    }
+    pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+    let pod = pod.clone();
+    st.pod_events.push((rv, "MODIFIED", pod));
+    drop(st);
+    shared.changed.send_replace(rv);
+}
+
+fn remove_pod(shared: &Arc<Shared>, uid: &str) {
+    let mut st = shared.st();
+    st.rv += 1;
+    let rv = st.rv;
+    if let Some(mut pod) = st.pods.remove(uid) {
+        pod["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.pod_events.push((rv, "DELETED", pod));
+    }
+    drop(st);
+    shared.changed.send_replace(rv);
 }

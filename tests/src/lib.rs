@@ -512,7 +512,7 @@ pub fn require_tool(name: &str, install: &str) -> Result<PathBuf> {
 /// The API test server with `node` registered, allowing the agent's RBAC rules; returns
 /// it and the agent's `kubernetes:` config line (a kubeconfig in `dir`).
 pub async fn agent_api_server(dir: &std::path::Path, node: &str) -> Result<(apiserver::ApiServer, String)> {
-    let s = apiserver::ApiServer::start(&[hearth_agent::kube::API_RULES]).await?;
+    let s = apiserver::ApiServer::start(&[hearth_agent::kube::API_RULES, hearth_agent::kube::POD_DRIVER_RULES]).await?;
     s.add_node(node);
     let kc = s.kubeconfig(dir)?;
     Ok((s, format!("kubernetes: {{kubeconfig: {}}}\n", kc.display())))

@@ -286,6 +286,15 @@ async fn agent_managed_servers_are_supervised_adopted_after_a_crash_and_drained(
     let ch = channel(ctl.grpc_addr, Some(&pki.client_material("operator")?)).await?;
     let node = pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: NODE.into() }).await?.into_inner();
     ensure!(node.state.context("state")?.models.iter().any(|m| m.pinned && m.source_uri.contains("fsx/llama")), "the weights are pinned");
+    // In a cgroup of its own under the agent's (as root, which can create one); without
+    // that right the agent says so and the server runs in the agent's.
+    let cg = std::fs::read_to_string(format!("/proc/{}/cgroup", pid_of(&state, "llama-a")?))?;
+    let own = cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default().to_owned();
+    if rustix::process::geteuid().is_root() {
+        ensure!(own.contains("/hearth-runtime-llama-a-"), "the server's cgroup: {own}");
+    } else {
+        ensure!(agent.proc.log_text().contains("no cgroup of its own"), "{}", agent.proc.log_text());
+    }
 
     // The CLI: the controller's view, and the server's log on the node. (Not a blocking
     // spawn: the controller answering it runs on this test's runtime.)
@@ -528,5 +537,148 @@ async fn a_partition_change_drains_the_servers_on_its_gpus_and_starts_them_again
     })
     .await?;
     runtime_where(&ctl, &pki, "llama ready again", |r| r.name == "llama" && r.state == "ready").await?;
+    Ok(())
+}
+
+/// The pod driver: the agent creates a Pod bound to its node through the API server (the
+/// exact spec: image, command on the weights, the weights mounted read-only, the partition
+/// as the device plugin's resource, an owner reference to the Node, Hearth's labels), a
+/// kubelet runs it, the agent watches it to ready and reads it over the pod network. An
+/// agent stop leaves it serving and the next agent adopts it; a crashed container is
+/// replaced; StopRuntime deletes its pod with the drain deadline as grace period.
+#[tokio::test]
+async fn pod_driver_binds_a_pod_to_the_node_watches_it_to_ready_adopts_it_and_deletes_it_on_stop() -> Result<()> {
+    let (dir, pki, ctl, _guard) = setup(|_| {}).await?;
+    let src = dir.path().join("fsx/llama");
+    hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
+    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let (api, kube_yaml) = hearth_tests::agent_api_server(dir.path(), NODE).await?;
+    // Half a second "pulling" the image, then the container's command runs here.
+    let kubelet = api.kubelet(NODE, Duration::from_millis(500));
+    let (port, cmd_port) = (free_port()?, free_port()?);
+    let fake = |extra: &str| {
+        format!(
+            "[python3, \"{}\", --port, \"{{port}}\", --model, llama, --model-dir, \"{{model_dir}}\", --drain-seconds, \"0.3\"{extra}]",
+            engine.display()
+        )
+    };
+    let extra = format!(
+        "  models: [{{uri: 'file://{src}'}}]\n{kube_yaml}shutdown_grace: 3s\nruntimes:\n  interval: 300ms\n  timeout: 1s\n  driver: pod\n  pod: {{namespace: serving}}\n  managed:\n    \
+         - {{name: llama-p, engine: vllm, model_name: llama, port: {port}, drain_timeout: 4s, visible_devices: \"0\", image: \"vllm/vllm-openai:v0.11.0\",\n       \
+         command: {}, model: {{uri: 'file://{src}'}}}}\n  engines:\n    vllm: {{port: {cmd_port}, drain_timeout: 2s, image: \"vllm/vllm-openai:v0.11.0\", command: {}}}\n",
+        fake(", --load-seconds, \"0.5\""),
+        fake(""),
+        src = src.display(),
+    );
+    let mut agent = AgentProc::start_with_cache_models(dir.path(), &pki, NODE, ctl.grpc_addr, &extra).await?;
+    let r = runtime_where(&ctl, &pki, "llama-p ready", |r| r.name == "llama-p" && r.state == "ready")
+        .await
+        .with_context(|| agent.proc.log_text())?;
+    assert_eq!((r.managed_by.as_str(), r.model_id.as_str(), r.partition_uuid.as_str()), ("agent", "llama", "0"));
+    // Time to ready, split: the image (the kubelet's half-second pull) apart from the engine.
+    let r = runtime_where(&ctl, &pki, "llama-p's start measured", |r| r.name == "llama-p" && r.start_seconds > 0.0).await?;
+    ensure!(r.image_seconds >= 0.0 && r.image_seconds < 5.0 && r.weights_seconds > 0.0, "{r:?}");
+
+    // The Pod as the API server got it.
+    let creates: Vec<_> = api.requests().into_iter().filter(|q| q.is("create", "pods")).collect();
+    assert_eq!(creates.len(), 1, "one pod created");
+    assert_eq!(creates[0].path, "/api/v1/namespaces/serving/pods");
+    let pod = &creates[0].body;
+    let pod_name = format!("hearth-llama-p-{NODE}");
+    assert_eq!(pod["metadata"]["name"], pod_name.as_str());
+    assert_eq!(pod["metadata"]["labels"]["app.kubernetes.io/managed-by"], "hearth-agent");
+    assert_eq!(pod["metadata"]["labels"]["hearth.dev/runtime"], "llama-p");
+    assert_eq!(pod["metadata"]["annotations"]["hearth.dev/model"], "llama");
+    assert_eq!(
+        pod["metadata"]["ownerReferences"],
+        serde_json::json!([{"apiVersion": "v1", "kind": "Node", "name": NODE, "uid": format!("uid-{NODE}")}])
+    );
+    let spec = &pod["spec"];
+    assert_eq!((spec["nodeName"].as_str(), spec["restartPolicy"].as_str()), (Some(NODE), Some("Never")));
+    assert_eq!(spec["terminationGracePeriodSeconds"], 4);
+    let c = &spec["containers"][0];
+    assert_eq!(c["image"], "vllm/vllm-openai:v0.11.0");
+    assert_eq!(c["resources"]["limits"], serde_json::json!({"nvidia.com/gpu": "1"}));
+    assert_eq!(c["resources"]["requests"], c["resources"]["limits"]);
+    assert_eq!(c["ports"][0]["containerPort"], port);
+    let model_dir = c["volumeMounts"][0]["mountPath"].as_str().context("mount")?.to_owned();
+    assert_eq!(c["volumeMounts"][0]["readOnly"], true);
+    ensure!(model_dir.contains("/models/"), "{model_dir}");
+    assert_eq!(spec["volumes"][0]["hostPath"], serde_json::json!({"path": model_dir, "type": "Directory"}));
+    ensure!(c["command"].as_array().is_some_and(|a| a.iter().any(|x| x == model_dir.as_str())), "command on the weights: {c}");
+    ensure!(
+        c["env"].as_array().is_some_and(|e| !e.iter().any(|v| v["name"] == "CUDA_VISIBLE_DEVICES")),
+        "devices come from the device plugin: {c}"
+    );
+    // Watched one by one, by name, in its namespace.
+    ensure!(
+        api.requests().iter().any(|q| q.is("watch", "pods")
+            && q.path == "/api/v1/namespaces/serving/pods"
+            && q.query.get("fieldSelector").is_some_and(|f| f == &format!("metadata.name={pod_name}"))),
+        "a watch of the pod by name"
+    );
+    // Not found a second time by discovery: one runtime.
+    ensure!(runtimes(&ctl, &pki).await?.iter().filter(|r| r.model_id == "llama").count() == 1);
+
+    // An agent stop (an upgrade) leaves the pod serving; the next agent adopts it.
+    agent.proc.signal("TERM")?;
+    let st = agent.proc.wait_exit(Duration::from_secs(8)).await?;
+    ensure!(st.is_some_and(|s| s.success()), "clean exit: {st:?}\n{}", agent.proc.log_text());
+    ensure!(!api.requests().iter().any(|q| q.is("delete", "pods")), "no pod deleted on an agent stop");
+    let (code, _) = http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/health").await?;
+    assert_eq!(code, 200, "still serving");
+    let mut agent = AgentProc::start_with_cache_models(dir.path(), &pki, NODE, ctl.grpc_addr, &extra).await?;
+    agent.proc.wait_for_log_line("adopted the model server", Duration::from_secs(15)).await?;
+    runtime_where(&ctl, &pki, "llama-p ready again", |r| r.name == "llama-p" && r.state == "ready").await?;
+    assert_eq!(api.requests().iter().filter(|q| q.is("create", "pods")).count(), 1, "adopted, not created again");
+
+    // The container dies: the failed pod is deleted and a new one started.
+    let first_uid = kubelet.started()[0].0.clone();
+    kubelet.kill(&first_uid);
+    wait_for("a second pod", Duration::from_secs(20), || async {
+        Ok((api.requests().iter().filter(|q| q.is("create", "pods") && q.status == 200).count() == 2).then_some(()))
+    })
+    .await
+    .with_context(|| agent.proc.log_text())?;
+    runtime_where(&ctl, &pki, "llama-p ready on its new pod", |r| r.name == "llama-p" && r.state == "ready").await?;
+    ensure!(
+        api.requests().iter().any(|q| q.is("delete", "pods") && q.body["preconditions"]["uid"] == first_uid.as_str()),
+        "the failed pod deleted by UID"
+    );
+
+    // StartRuntime and StopRuntime with the pod driver: a pod per command; the stop deletes
+    // it with the drain deadline as grace, and the engine drains on the kubelet's SIGTERM.
+    let ch = channel(ctl.grpc_addr, Some(&pki.client_material("operator")?)).await?;
+    let mut op = pb::operator_client::OperatorClient::new(ch);
+    let state = op.get_node(pb::GetNodeRequest { name: NODE.into() }).await?.into_inner().state.context("state")?;
+    let model_id = state.models.iter().find(|m| m.source_uri.contains("fsx/llama")).context("cached")?.id.clone();
+    let send = |id: &str, kind: pb::command::Kind| {
+        ctl.state.send_command(NODE, pb::Command { id: id.into(), idempotency_key: id.into(), deadline: None, kind: Some(kind) })
+    };
+    send(
+        "p1",
+        pb::command::Kind::StartRuntime(pb::StartRuntimeCommand {
+            name: "llama-cmd".into(),
+            kind: "vllm".into(),
+            model_id,
+            partition_uuid: "1".into(),
+            args: vec![],
+        }),
+    )?;
+    let line = agent.proc.wait_for_log_line("start_runtime command finished", Duration::from_secs(20)).await?;
+    ensure!(line.contains("Succeeded"), "{line}");
+    let cmd_pod = api.object_pod("serving", &format!("hearth-llama-cmd-{NODE}")).context("the command's pod")?;
+    assert_eq!(cmd_pod["spec"]["containers"][0]["resources"]["limits"], serde_json::json!({"nvidia.com/gpu": "1"}));
+    send("p2", pb::command::Kind::StopRuntime(pb::StopRuntimeCommand { name: "llama-cmd".into() }))?;
+    agent.proc.wait_for_log_line("drained and stopped", Duration::from_secs(15)).await?;
+    let del = api
+        .requests()
+        .into_iter()
+        .find(|q| q.is("delete", "pods") && q.path.ends_with(&format!("hearth-llama-cmd-{NODE}")))
+        .context("the command's pod deleted")?;
+    assert_eq!(del.body["gracePeriodSeconds"], 2);
+    ensure!(api.object_pod("serving", &format!("hearth-llama-cmd-{NODE}")).is_none(), "the kubelet finished it");
+    ensure!(api.forbidden().is_empty(), "{:?}", api.forbidden());
+    drop(kubelet);
     Ok(())
 }

@@ -65,4 +65,9 @@ pub const API_RULES: &[(&str, &str, &[&str])] = &[
     ("events.k8s.io", "events", &["create", "patch"]),
 ];
 
+/// The pod driver's calls (`runtimes.driver: pod`), in the one namespace its pods go to: a
+/// Role there (the chart's `<release>-agent-runtimes`), not cluster-wide. Its own pods are
+/// watched one by one (`fieldSelector=metadata.name=...`), deleted with a UID precondition.
+pub const POD_DRIVER_RULES: &[(&str, &str, &[&str])] = &[("", "pods", &["get", "list", "watch", "create", "delete"])];
+
 pub const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";

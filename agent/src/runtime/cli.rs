@@ -118,7 +118,8 @@ pub fn logs(state_dir: &Path, name: &str, lines: usize) -> anyhow::Result<String
     }
     text.push_str(&std::fs::read_to_string(&path).with_context(|| {
         format!(
-            "no log for runtime {name:?} at {} (is it an agent-managed runtime of the agent whose --state-dir this is?)",
+            "no log for runtime {name:?} at {} (is it an agent-managed runtime of the agent whose --state-dir this is? \
+             With runtimes.driver: pod its log is its pod's: kubectl logs -l hearth.dev/runtime={name} in the pod namespace)",
             path.display()
         )
     })?);

@@ -16,8 +16,7 @@ use tracing::{Instrument, info_span};
 
 use super::RuntimeState;
 use super::engine::Kind;
-use super::managed::{ManagedSpec, Shared, Supervisor};
-use crate::cache::manager::Cache;
+use super::managed::{Common, ManagedSpec};
 
 /// How to start an engine on a node: its program and arguments (`{port}`, `{model_dir}`
 /// replaced; the command's own `args` appended) and the first port to hand out.
@@ -27,6 +26,8 @@ pub struct EngineTemplate {
     pub port: u16,
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,
+    /// The engine's image (pod driver).
+    pub image: Option<String>,
 }
 
 struct Running {
@@ -39,19 +40,13 @@ struct Running {
 #[derive(Clone)]
 pub struct RuntimeCommands {
     pub(super) templates: BTreeMap<Kind, EngineTemplate>,
-    pub(super) cache: Option<Arc<Cache>>,
-    pub(super) shared: Shared,
-    pub(super) state_dir: std::path::PathBuf,
-    pub(super) interval: Duration,
-    pub(super) timeout: Duration,
+    pub(super) common: Common,
     pub(super) tasks: Tasks,
     pub(super) restarts: prometheus_client::metrics::family::Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>,
     /// Names and partitions the configured runtimes hold.
     pub(super) fixed: Vec<(String, Option<String>, u16)>,
     /// Every runtime's stop hangs off this (a spot notice drains them all).
     pub(super) drain_all: CancellationToken,
-    pub(super) pauses: Arc<super::pause::Pauses>,
-    pub(super) events: crate::kube::events::NodeEvents,
     running: Arc<Mutex<BTreeMap<String, Running>>>,
 }
 
@@ -62,36 +57,15 @@ impl std::fmt::Debug for RuntimeCommands {
 }
 
 impl RuntimeCommands {
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         templates: BTreeMap<Kind, EngineTemplate>,
-        cache: Option<Arc<Cache>>,
-        shared: Shared,
-        state_dir: std::path::PathBuf,
-        interval: Duration,
-        timeout: Duration,
+        common: Common,
         tasks: Tasks,
         restarts: prometheus_client::metrics::family::Family<Vec<(String, String)>, prometheus_client::metrics::counter::Counter>,
         fixed: Vec<(String, Option<String>, u16)>,
         drain_all: CancellationToken,
-        pauses: Arc<super::pause::Pauses>,
-        events: crate::kube::events::NodeEvents,
     ) -> Self {
-        Self {
-            templates,
-            cache,
-            shared,
-            state_dir,
-            interval,
-            timeout,
-            tasks,
-            restarts,
-            fixed,
-            drain_all,
-            pauses,
-            events,
-            running: Arc::default(),
-        }
+        Self { templates, common, tasks, restarts, fixed, drain_all, running: Arc::default() }
     }
 
     fn running(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Running>> {
@@ -109,7 +83,7 @@ impl RuntimeCommands {
         let t = self.templates.get(&kind).ok_or_else(|| {
             format!("start_runtime: this agent has no command for {} (runtimes.engines.{} in its config)", kind.as_str(), kind.as_str())
         })?;
-        let cache = self.cache.as_ref().ok_or("start_runtime: the model cache is off on this node")?;
+        let cache = self.common.cache.as_ref().ok_or("start_runtime: the model cache is off on this node")?;
         let entry = cache
             .entries()
             .into_iter()
@@ -122,7 +96,7 @@ impl RuntimeCommands {
         if let Some(r) = running.get(&c.name) {
             if r.spec.model.as_ref().map(|m| m.id()) == Some(entry.id.clone()) && r.spec.visible_devices == partition && !*r.done.borrow() {
                 // The same start again (a controller retry): the same runtime.
-                return Ok(StartWait { name: c.name.clone(), shared: self.shared.clone(), done: r.done.clone() });
+                return Ok(StartWait { name: c.name.clone(), shared: self.common.shared.clone(), done: r.done.clone() });
             }
             return Err(format!("start_runtime: a runtime named {:?} already runs here", c.name));
         }
@@ -157,29 +131,23 @@ impl RuntimeCommands {
             env: Vec::new(),
             ready_timeout: t.ready_timeout,
             drain_timeout: t.drain_timeout,
+            image: t.image.clone(),
+            resources: Default::default(),
         };
         if self.drain_all.is_cancelled() {
             return Err("start_runtime: this node is draining (a spot notice)".into());
         }
         let stop = self.drain_all.child_token();
         let (done_tx, done) = watch::channel(false);
-        let sup = Supervisor {
-            spec: spec.clone(),
-            dir: self.state_dir.join("runtimes").join(&spec.name),
-            cache: self.cache.clone(),
-            shared: self.shared.clone(),
-            interval: self.interval,
-            timeout: self.timeout,
-            restarts: self.restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone(),
-            pauses: self.pauses.clone(),
-            events: self.events.clone(),
-        };
-        self.pauses.register(&spec.name, spec.visible_devices.clone(), spec.drain_timeout);
-        let (shared, name, s2, pauses) = (self.shared.clone(), spec.name.clone(), stop.clone(), self.pauses.clone());
+        let restarts = self.restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone();
+        let sup = super::managed::supervise(&self.common, spec.clone(), restarts, stop.clone());
+        let pauses = self.common.pauses.clone();
+        pauses.register(&spec.name, spec.visible_devices.clone(), spec.drain_timeout);
+        let (shared, name) = (self.common.shared.clone(), spec.name.clone());
         self.tasks.spawn(
             "supervise",
             async move {
-                sup.run(s2).await;
+                sup.await;
                 pauses.unregister(&name);
                 shared.lock().unwrap_or_else(|p| p.into_inner()).remove(&name);
                 let _ = done_tx.send(true);
@@ -187,7 +155,7 @@ impl RuntimeCommands {
             .instrument(info_span!("runtime", name = %spec.name)),
         );
         running.insert(spec.name.clone(), Running { spec, stop, done: done.clone() });
-        Ok(StartWait { name: c.name.clone(), shared: self.shared.clone(), done })
+        Ok(StartWait { name: c.name.clone(), shared: self.common.shared.clone(), done })
     }
 
     /// Stops a runtime started by command; resolves once it is drained.
@@ -212,7 +180,7 @@ impl RuntimeCommands {
 /// Waits for a started runtime to be ready or give up.
 pub struct StartWait {
     name: String,
-    shared: Shared,
+    shared: super::managed::Shared,
     done: watch::Receiver<bool>,
 }
 

@@ -46,7 +46,12 @@ impl ServingPod {
 /// The serving pod `pod` is, if it carries `label`.
 pub fn serving_pod(pod: &Pod, label: &str) -> Option<ServingPod> {
     let meta = &pod.metadata;
-    let model = meta.labels.as_ref()?.get(label)?.clone();
+    let labels = meta.labels.as_ref()?;
+    // The agent's own pods (pod driver) are supervised, not discovered.
+    if labels.get(super::pod::MANAGED_BY.0).is_some_and(|v| v == super::pod::MANAGED_BY.1) {
+        return None;
+    }
+    let model = labels.get(label)?.clone();
     let annotations = meta.annotations.clone().unwrap_or_default();
     let spec = pod.spec.as_ref();
     let containers = spec.map(|s| s.containers.as_slice()).unwrap_or_default();
@@ -119,6 +124,9 @@ mod tests {
         assert_eq!((s.engine, s.port, s.metrics_port, s.pod_ready, s.ip.as_deref()), (Kind::Vllm, 8080, 8080, true, Some("10.1.2.3")));
         assert_eq!((s.runtime_name().as_str(), s.model.as_str(), s.problem), ("serving/llama-0", "llama-3-8b", None));
         assert!(serving_pod(&p, "other.io/model").is_none(), "only labelled pods");
+        let mut own = p.clone();
+        own.metadata.labels.as_mut().unwrap().insert("app.kubernetes.io/managed-by".into(), "hearth-agent".into());
+        assert!(serving_pod(&own, "hearth.dev/model").is_none(), "the pod driver's own pods are supervised, not discovered");
     }
 
     #[test]

@@ -1,22 +1,20 @@
-//! Agent-managed runtimes, process driver: a model server the agent starts from its config,
-//! on cached weights it has pinned, bound to the devices it is given, and supervises:
-//! readiness with a deadline, restarts with jittered backoff and a crash-loop state, its
-//! output in a log file rotated by size, and a graceful stop (SIGTERM, the engine's own
-//! drain, SIGKILL at the deadline).
+//! Agent-managed runtimes: a model server the agent starts (from its config or a
+//! StartRuntime command) on cached weights it has pinned, bound to the partition it is
+//! given, and supervises whatever runs it (a [`Driver`]: a process, or a Pod the kubelet
+//! runs): readiness with a deadline, restarts with jittered backoff and a crash-loop state,
+//! and a graceful stop (the engine's own drain on SIGTERM, forced at the deadline).
 //!
-//! The server runs in its own process group with its output going straight to the log file
-//! (not through a pipe), so it survives the agent being killed: a restarted agent finds it
-//! through its pid file (pid and kernel start time, so a reused pid is not mistaken for it)
-//! and adopts it instead of starting a second server on the same devices. A clean agent
-//! stop drains it: a process cannot outlive the agent's container.
+//! A restarted agent adopts the server an earlier one left running instead of starting a
+//! second one on the same devices.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::driver::{Driver, Launch, ProcessDriver};
 use super::engine::{EngineSpec, Kind, LoadReader};
 use super::{RuntimeState, RuntimeStatus, probe};
 use crate::cache::manager::Cache;
@@ -25,9 +23,6 @@ use crate::cache::spec::ModelSpec;
 /// Three exits within this long of the previous start make a crash loop.
 const CRASH_WINDOW: Duration = Duration::from_secs(60);
 const CRASH_LOOP_AFTER: u32 = 3;
-/// The log file is rotated (copied to `.1`, truncated) past this size; three files kept.
-const LOG_MAX_BYTES: u64 = 10 << 20;
-const LOG_KEEP: usize = 3;
 
 /// One runtime from `runtimes.managed`, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,56 +42,19 @@ pub struct ManagedSpec {
     pub env: Vec<(String, String)>,
     pub ready_timeout: Duration,
     pub drain_timeout: Duration,
+    /// The engine's container image (pod driver).
+    pub image: Option<String>,
+    /// Device-plugin resources of its pod; default: the partition's (pod driver).
+    pub resources: std::collections::BTreeMap<String, String>,
 }
 
 /// What the supervisor publishes for the read loop and the report.
 pub type Shared = Arc<Mutex<std::collections::BTreeMap<String, RuntimeStatus>>>;
 
-/// The pid file: pid and start time (clock ticks since boot, field 22 of /proc/PID/stat).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-struct PidFile {
-    pid: i32,
-    start_ticks: u64,
-}
-
-fn start_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-fn alive(p: PidFile) -> bool {
-    start_ticks(p.pid) == Some(p.start_ticks)
-}
-
-fn signal_group(pid: i32, sig: rustix::process::Signal) {
-    if let Some(p) = rustix::process::Pid::from_raw(pid) {
-        let _ = rustix::process::kill_process_group(p, sig);
-    }
-}
-
-/// Copies the log to `.1` (shifting older ones) and truncates it when it grew past the
-/// limit. The server keeps writing: it opened the file for appending.
-fn rotate(log: &Path) {
-    let Ok(meta) = std::fs::metadata(log) else { return };
-    if meta.len() < LOG_MAX_BYTES {
-        return;
-    }
-    for i in (1..LOG_KEEP).rev() {
-        let _ = std::fs::rename(log.with_extension(format!("log.{i}")), log.with_extension(format!("log.{}", i + 1)));
-    }
-    if std::fs::copy(log, log.with_extension("log.1")).is_ok()
-        && let Ok(f) = std::fs::OpenOptions::new().write(true).open(log)
-    {
-        let _ = f.set_len(0);
-    }
-}
-
 /// Runs one managed runtime until `stop`, then drains it.
-pub struct Supervisor {
+pub struct Supervisor<D: Driver> {
     pub spec: ManagedSpec,
-    pub dir: PathBuf,
+    pub driver: D,
     pub cache: Option<Arc<Cache>>,
     pub shared: Shared,
     pub interval: Duration,
@@ -106,9 +64,74 @@ pub struct Supervisor {
     pub pauses: Arc<super::pause::Pauses>,
     /// Crash loops become Events on the Node.
     pub events: crate::kube::events::NodeEvents,
+    /// The agent's own stop: a server that outlives the agent is left serving on it.
+    pub shutdown: CancellationToken,
 }
 
-impl Supervisor {
+/// What every supervisor on a node shares; `supervise` adds the spec and the driver.
+#[derive(Clone)]
+pub struct Common {
+    pub cache: Option<Arc<Cache>>,
+    pub shared: Shared,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub pauses: Arc<super::pause::Pauses>,
+    pub events: crate::kube::events::NodeEvents,
+    pub drivers: Drivers,
+    pub state_dir: PathBuf,
+    pub shutdown: CancellationToken,
+}
+
+/// How this node runs agent-managed servers (`runtimes.driver`).
+#[derive(Clone)]
+pub enum Drivers {
+    Process,
+    Pod(Arc<super::pod::PodContext>),
+}
+
+impl Drivers {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Drivers::Process => "process",
+            Drivers::Pod(_) => "pod",
+        }
+    }
+}
+
+/// The supervision of `spec` with this node's driver, to be spawned.
+pub fn supervise(
+    c: &Common,
+    spec: ManagedSpec,
+    restarts: prometheus_client::metrics::counter::Counter,
+    stop: CancellationToken,
+) -> futures::future::BoxFuture<'static, ()> {
+    use futures::FutureExt;
+    let dir = c.state_dir.join("runtimes").join(&spec.name);
+    macro_rules! sup {
+        ($driver:expr) => {
+            Supervisor {
+                driver: $driver,
+                spec,
+                cache: c.cache.clone(),
+                shared: c.shared.clone(),
+                interval: c.interval,
+                timeout: c.timeout,
+                restarts,
+                pauses: c.pauses.clone(),
+                events: c.events.clone(),
+                shutdown: c.shutdown.clone(),
+            }
+            .run(stop)
+            .boxed()
+        };
+    }
+    match &c.drivers {
+        Drivers::Process => sup!(ProcessDriver::new(&spec.name, dir)),
+        Drivers::Pod(ctx) => sup!(super::pod::PodDriver::new(ctx.clone(), &spec)),
+    }
+}
+
+impl<D: Driver> Supervisor<D> {
     fn publish(&self, state: RuntimeState, reason: impl Into<String>, load: Option<super::engine::Load>) {
         let mut m = self.shared.lock().unwrap_or_else(|p| p.into_inner());
         let prev_load = m.get(&self.spec.name).map(|s| s.load.clone()).unwrap_or_default();
@@ -135,14 +158,6 @@ impl Supervisor {
         }
     }
 
-    fn log_path(&self) -> PathBuf {
-        self.dir.join("server.log")
-    }
-
-    fn pid_path(&self) -> PathBuf {
-        self.dir.join("pid.json")
-    }
-
     /// Caches and pins the model; its directory.
     async fn weights(&self, stop: &CancellationToken) -> Result<Option<PathBuf>, String> {
         let (Some(spec), Some(cache)) = (&self.spec.model, &self.cache) else {
@@ -161,65 +176,33 @@ impl Supervisor {
         Ok(Some(cache.model_dir(&entry.id)))
     }
 
-    fn spawn(&self, model_dir: Option<&Path>) -> Result<PidFile, String> {
-        let subst = |s: &str| {
-            s.replace("{port}", &self.spec.port.to_string())
-                .replace("{model_dir}", &model_dir.map(|d| d.display().to_string()).unwrap_or_default())
-        };
-        let argv: Vec<String> = self.spec.command.iter().map(|a| subst(a)).collect();
-        let (prog, args) = argv.split_first().ok_or("runtimes.managed: empty command")?;
-        rotate(&self.log_path());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .map_err(|e| format!("opening {}: {e}", self.log_path().display()))?;
-        let err = log.try_clone().map_err(|e| e.to_string())?;
-        let mut cmd = std::process::Command::new(prog);
-        cmd.args(args).stdin(std::process::Stdio::null()).stdout(log).stderr(err);
-        for (k, v) in &self.spec.env {
-            cmd.env(k, v);
+    /// The command line and environment for weights in `model_dir`.
+    fn launch(&self, model_dir: Option<PathBuf>) -> Launch {
+        let dir = model_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default();
+        let argv =
+            self.spec.command.iter().map(|a| a.replace("{port}", &self.spec.port.to_string()).replace("{model_dir}", &dir)).collect();
+        let mut env = self.spec.env.clone();
+        if let Some(d) = &model_dir {
+            env.push(("HEARTH_MODEL_DIR".into(), d.display().to_string()));
         }
-        if let Some(d) = &self.spec.visible_devices {
-            cmd.env("CUDA_VISIBLE_DEVICES", d).env("NVIDIA_VISIBLE_DEVICES", d);
-        }
-        if let Some(dir) = model_dir {
-            cmd.env("HEARTH_MODEL_DIR", dir);
-        }
-        // Its own process group: signals reach the engine's workers too, and killing the
-        // agent does not take the server with it.
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().map_err(|e| format!("starting {prog}: {e}"))?;
-        let pid = child.id() as i32;
-        // Reaped by a thread: the supervisor watches the pid, as it does for an adopted server.
-        std::thread::spawn(move || {
-            let mut child = child;
-            let _ = child.wait();
-        });
-        let p = PidFile { pid, start_ticks: start_ticks(pid).unwrap_or(0) };
-        if let Err(e) = hearth_service::fsutil::write_atomic(&self.pid_path(), &serde_json::to_vec(&p).unwrap_or_default(), false) {
-            warn!(runtime = %self.spec.name, error = %e, "cannot record the server's pid; a restarted agent will not adopt it");
-        }
-        info!(runtime = %self.spec.name, pid, command = ?argv, "model server started");
-        Ok(p)
+        Launch { argv, env, port: self.spec.port, model_dir, partition: self.spec.visible_devices.clone() }
     }
 
-    /// A server an earlier agent started and left running.
-    fn adoptable(&self) -> Option<PidFile> {
-        let p: PidFile = serde_json::from_slice(&std::fs::read(self.pid_path()).ok()?).ok()?;
-        alive(p).then_some(p)
-    }
-
-    /// One read of the server on this host.
-    async fn read(&self, client: &probe::HttpClient, engine: &EngineSpec, reader: &mut LoadReader) -> probe::Reading {
+    /// One read of the server.
+    async fn read(&self, h: &D::Handle, client: &probe::HttpClient, engine: &EngineSpec, reader: &mut LoadReader) -> probe::Reading {
         let metrics_port = engine.metrics_port.unwrap_or(self.spec.port);
-        probe::read(client, engine, "127.0.0.1", self.spec.port, metrics_port, reader, self.timeout).await
+        let host = match self.driver.host(h) {
+            Ok(host) => host,
+            Err(why) => return probe::Reading::unreachable(&why),
+        };
+        let host = if host.contains(':') { format!("[{host}]") } else { host };
+        probe::read(client, engine, &host, self.spec.port, metrics_port, reader, self.timeout).await
     }
 
     /// Waits until the server is ready, exits, the deadline passes or `stop`.
     async fn wait_ready(
         &self,
-        p: PidFile,
+        h: &D::Handle,
         reader: &mut LoadReader,
         engine: &EngineSpec,
         stop: &CancellationToken,
@@ -227,13 +210,13 @@ impl Supervisor {
         let client = probe::client();
         let t0 = Instant::now();
         loop {
-            if !alive(p) {
+            if !self.driver.alive(h) {
                 return Err("the server exited before it was ready".into());
             }
             if t0.elapsed() > self.spec.ready_timeout {
                 return Err(format!("not ready within {:?}", self.spec.ready_timeout));
             }
-            let r = self.read(&client, engine, reader).await;
+            let r = self.read(h, &client, engine, reader).await;
             match r.ready {
                 Ok(()) => return Ok(t0.elapsed()),
                 Err(why) => self.publish(RuntimeState::Starting, why, r.load),
@@ -247,7 +230,7 @@ impl Supervisor {
 
     /// Reads the ready server each interval until it exits (`Exited`), `stop` (`Stop`), or a
     /// partition change holds it (`Held`).
-    async fn watch(&self, p: PidFile, reader: &mut LoadReader, engine: &EngineSpec, stop: &CancellationToken) -> WatchEnd {
+    async fn watch(&self, h: &D::Handle, reader: &mut LoadReader, engine: &EngineSpec, stop: &CancellationToken) -> WatchEnd {
         let client = probe::client();
         let mut held = self.pauses.subscribe();
         loop {
@@ -256,11 +239,11 @@ impl Supervisor {
                 _ = tokio::time::sleep(self.interval) => {}
                 r = held.changed() => if r.is_ok() && self.pauses.is_held(&self.spec.name) { return WatchEnd::Held },
             }
-            rotate(&self.log_path());
-            if !alive(p) {
+            self.driver.tick();
+            if !self.driver.alive(h) {
                 return WatchEnd::Exited;
             }
-            let r = self.read(&client, engine, reader).await;
+            let r = self.read(h, &client, engine, reader).await;
             match (&r.live, &r.ready) {
                 (Ok(()), Ok(())) => self.publish(RuntimeState::Ready, "", r.load),
                 (Err(e), _) => self.publish(RuntimeState::Failed, e.to_string(), r.load),
@@ -285,26 +268,17 @@ impl Supervisor {
         false
     }
 
-    /// SIGTERM to the group, then SIGKILL at the drain deadline.
-    async fn drain(&self, p: PidFile) {
-        if !alive(p) {
+    /// The engine's own drain on the graceful signal, forced at the drain deadline; on the
+    /// agent's own stop, a server that outlives the agent is left serving for the next one.
+    async fn drain(&self, h: &D::Handle) {
+        if self.shutdown.is_cancelled() && self.driver.outlives_agent() {
+            info!(runtime = %self.spec.name, server = ?h, "agent stopping: the model server keeps serving for the next agent to adopt");
             return;
         }
-        self.publish(RuntimeState::Draining, "stopping", None);
-        signal_group(p.pid, rustix::process::Signal::TERM);
-        let t0 = Instant::now();
-        while alive(p) && t0.elapsed() < self.spec.drain_timeout {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        if self.driver.alive(h) {
+            self.publish(RuntimeState::Draining, "stopping", None);
         }
-        if alive(p) {
-            warn!(runtime = %self.spec.name, pid = p.pid, after = ?self.spec.drain_timeout, "model server still running after the drain deadline: SIGKILL");
-            signal_group(p.pid, rustix::process::Signal::KILL);
-            while alive(p) && t0.elapsed() < self.spec.drain_timeout + Duration::from_secs(2) {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-        let _ = std::fs::remove_file(self.pid_path());
-        info!(runtime = %self.spec.name, took = ?t0.elapsed(), "model server stopped");
+        self.driver.stop(h, self.spec.drain_timeout).await;
     }
 
     /// The supervision loop.
@@ -312,13 +286,9 @@ impl Supervisor {
         let engine = EngineSpec::builtin(self.spec.engine);
         let mut backoff = hearth_service::retry::Backoff::new(Duration::from_secs(1), Duration::from_secs(300));
         let mut recent_exits: Vec<Instant> = Vec::new();
-        if let Err(e) = std::fs::create_dir_all(&self.dir) {
-            self.publish(RuntimeState::Failed, format!("creating {}: {e}", self.dir.display()), None);
-            return;
-        }
-        let mut adopted = self.adoptable();
-        if let Some(p) = adopted {
-            info!(runtime = %self.spec.name, pid = p.pid, "adopted the model server an earlier agent started");
+        let mut adopted = self.driver.adopt().await;
+        if let Some(h) = &adopted {
+            info!(runtime = %self.spec.name, driver = self.driver.kind(), server = ?h, "adopted the model server an earlier agent started");
         }
         loop {
             if stop.is_cancelled() {
@@ -330,8 +300,8 @@ impl Supervisor {
             let mut reader = LoadReader::new(engine.names.clone());
             let started = Instant::now();
             let mut weights_s = None;
-            let p = match adopted.take() {
-                Some(p) => p,
+            let h = match adopted.take() {
+                Some(h) => h,
                 None => {
                     let w0 = Instant::now();
                     let dir = match self.weights(&stop).await {
@@ -349,10 +319,10 @@ impl Supervisor {
                         }
                     };
                     weights_s = Some(w0.elapsed().as_secs_f64());
-                    match self.spawn(dir.as_deref()) {
-                        Ok(p) => p,
+                    match self.driver.start(&self.launch(dir)).await {
+                        Ok(h) => h,
                         Err(e) => {
-                            self.publish(RuntimeState::Failed, e, None);
+                            self.publish(RuntimeState::Failed, format!("starting: {e}"), None);
                             if sleep_or_stop(backoff.next_delay(), &stop).await {
                                 return;
                             }
@@ -361,21 +331,23 @@ impl Supervisor {
                     }
                 }
             };
-            match self.wait_ready(p, &mut reader, &engine, &stop).await {
+            match self.wait_ready(&h, &mut reader, &engine, &stop).await {
                 Ok(took) => {
                     info!(runtime = %self.spec.name, time_to_ready = ?took, weights_s = ?weights_s, "model server ready");
                     self.publish(RuntimeState::Ready, "", None);
                     // An adopted server's start was not seen: keep what was measured before.
                     if let Some(w) = weights_s {
-                        self.record_timing(super::Timing { image: 0.0, weights: w, engine: took.as_secs_f64() });
+                        // The image pull (a pod's) is part of the wait for readiness: split it out.
+                        let image = self.driver.image_seconds(&h).unwrap_or(0.0).min(took.as_secs_f64());
+                        self.record_timing(super::Timing { image, weights: w, engine: took.as_secs_f64() - image });
                     }
-                    match self.watch(p, &mut reader, &engine, &stop).await {
+                    match self.watch(&h, &mut reader, &engine, &stop).await {
                         WatchEnd::Stop => {
-                            self.drain(p).await;
+                            self.drain(&h).await;
                             return;
                         }
                         WatchEnd::Held => {
-                            self.drain(p).await;
+                            self.drain(&h).await;
                             if self.hold(&stop).await {
                                 return;
                             }
@@ -386,15 +358,18 @@ impl Supervisor {
                     }
                 }
                 Err(_) if stop.is_cancelled() => {
-                    self.drain(p).await;
+                    self.drain(&h).await;
                     return;
                 }
                 Err(why) => {
                     warn!(runtime = %self.spec.name, reason = %why, "model server did not become ready");
-                    self.drain(p).await;
+                    self.drain(&h).await;
                 }
             }
             // It exited (or never got ready): restart, and say so when it keeps happening.
+            let tail = self.driver.last_words(&h);
+            // What is left of it (a failed pod object, a pid file) goes before the next start.
+            self.driver.stop(&h, self.spec.drain_timeout).await;
             self.restarts.inc();
             let now = Instant::now();
             recent_exits.retain(|t| now.duration_since(*t) < CRASH_WINDOW);
@@ -404,7 +379,6 @@ impl Supervisor {
                 backoff.reset();
             }
             let delay = backoff.next_delay();
-            let tail = log_tail(&self.log_path(), 3);
             if recent_exits.len() as u32 >= CRASH_LOOP_AFTER {
                 if recent_exits.len() as u32 == CRASH_LOOP_AFTER {
                     self.events.post(crate::kube::events::NodeEvent::warning(
@@ -440,38 +414,5 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
         _ = stop.cancelled() => true,
         _ = tokio::time::sleep(d) => false,
-    }
-}
-
-/// The last `n` lines of the log, on one line, for a status reason.
-fn log_tail(log: &Path, n: usize) -> String {
-    let text = std::fs::read(log).map(|b| String::from_utf8_lossy(&b[b.len().saturating_sub(4096)..]).into_owned()).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn start_ticks_tell_a_process_from_a_reused_pid() {
-        let me = std::process::id() as i32;
-        let t = start_ticks(me).expect("own stat");
-        assert!(alive(PidFile { pid: me, start_ticks: t }));
-        assert!(!alive(PidFile { pid: me, start_ticks: t + 1 }), "same pid, another start: not ours");
-        assert!(!alive(PidFile { pid: i32::MAX, start_ticks: t }));
-    }
-
-    #[test]
-    fn the_log_rotates_by_copy_and_truncate() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("server.log");
-        std::fs::write(&log, vec![b'x'; LOG_MAX_BYTES as usize]).unwrap();
-        rotate(&log);
-        assert_eq!(std::fs::metadata(&log).unwrap().len(), 0);
-        assert_eq!(std::fs::metadata(dir.path().join("server.log.1")).unwrap().len(), LOG_MAX_BYTES);
-        std::fs::write(&log, "a\nb\n\nc\nd\n").unwrap();
-        assert_eq!(log_tail(&log, 3), "b | c | d");
     }
 }

@@ -7,27 +7,30 @@
 //! - `promtext`: the exposition-format reader;
 //! - `discover`: Kubernetes-managed servers, pods carrying the model label, found through
 //!   the kube subsystem's pod watcher;
-//! - `managed`: agent-managed servers (process driver): started on pinned cached weights,
-//!   supervised, drained, adopted again by a restarted agent;
+//! - `managed`: agent-managed servers, started on pinned cached weights, supervised,
+//!   drained, adopted again by a restarted agent, through a `driver`: a process of the
+//!   agent's, or a Pod bound to the node (`pod`);
 //! - `probe`: one read of one server (live, ready, metrics) with a deadline;
 //! - `subsystem`: reads every server each interval, publishes `RuntimeStatus` to the report
 //!   and `hearth_runtime_*` to `/metrics`.
 //!
 //! It never starts, stops or signals a Kubernetes-managed server: those belong to whatever
-//! created the pod. The Kubernetes pod driver for agent-managed runtimes is not built yet.
+//! created the pod.
 
 pub mod cli;
 pub mod commands;
 pub mod discover;
+pub mod driver;
 pub mod engine;
 pub mod managed;
 pub mod pause;
+pub mod pod;
 pub mod probe;
 pub mod promtext;
 pub mod spot;
 mod subsystem;
 
-pub use subsystem::{RuntimeMetrics, RuntimeSettings, start};
+pub use subsystem::{DriverKind, RuntimeMetrics, RuntimeSettings, start};
 
 use hearth_proto::v1 as pb;
 

@@ -86,6 +86,14 @@ pub struct Reading {
     pub took: Duration,
 }
 
+impl Reading {
+    /// A server that cannot be reached yet (a pod without an address).
+    pub fn unreachable(why: &str) -> Self {
+        let e = ProbeError::Connect { what: "reading the model server".into(), reason: why.into() };
+        Reading { ready: Err(why.into()), live: Err(e), load: None, metrics_error: None, took: Duration::ZERO }
+    }
+}
+
 /// Reads one server at `host`: live, ready, and (when live) its load.
 pub async fn read(
     client: &HttpClient,

@@ -42,6 +42,15 @@ pub struct RuntimeSettings {
     pub engines: BTreeMap<super::engine::Kind, super::commands::EngineTemplate>,
     /// Drain on EC2 spot notices.
     pub spot: Option<super::spot::SpotSettings>,
+    pub driver: DriverKind,
+}
+
+/// `runtimes.driver`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum DriverKind {
+    #[default]
+    Process,
+    Pod(super::pod::PodSettings),
 }
 
 impl Default for RuntimeSettings {
@@ -53,6 +62,7 @@ impl Default for RuntimeSettings {
             managed: Vec::new(),
             engines: BTreeMap::new(),
             spot: None,
+            driver: DriverKind::Process,
         }
     }
 }
@@ -151,41 +161,55 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
     let drain_all = tasks.cancel_token().child_token();
     let pauses = Arc::new(super::pause::Pauses::default());
     w.runtime_drain.set(pauses.clone());
+    let drivers = match &settings.driver {
+        DriverKind::Process => super::managed::Drivers::Process,
+        DriverKind::Pod(pod) => {
+            // The config check made sure the API is configured.
+            let Some(k) = w.cfg.kubernetes.clone() else {
+                return Err(AgentError::Runtimes("runtimes.driver: pod needs the Kubernetes API".into()));
+            };
+            let client = hearth_service::kube::client(&k.source).await.map_err(|e| AgentError::Runtimes(format!("pod driver: {e}")))?;
+            let ctx = super::pod::PodContext::new(
+                client,
+                w.cfg.node_name.clone(),
+                pod.clone(),
+                w.cache.as_ref().map(|c| c.root().to_path_buf()),
+                w.report.subscribe(),
+            );
+            parts.push(format!("pods in namespace {}", pod.namespace));
+            super::managed::Drivers::Pod(Arc::new(ctx))
+        }
+    };
+    let common = super::managed::Common {
+        cache: w.cache.clone(),
+        shared: shared.clone(),
+        interval: settings.interval,
+        timeout: settings.timeout,
+        pauses: pauses.clone(),
+        events: w.events.clone(),
+        drivers,
+        state_dir: w.cfg.state_dir.clone(),
+        shutdown: tasks.cancel_token().clone(),
+    };
     for spec in &settings.managed {
-        let sup = super::managed::Supervisor {
-            spec: spec.clone(),
-            dir: w.cfg.state_dir.join("runtimes").join(&spec.name),
-            cache: w.cache.clone(),
-            shared: shared.clone(),
-            interval: settings.interval,
-            timeout: settings.timeout,
-            restarts: restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone(),
-            pauses: pauses.clone(),
-            events: w.events.clone(),
-        };
+        let restarts = restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone();
         pauses.register(&spec.name, spec.visible_devices.clone(), spec.drain_timeout);
-        let stop = drain_all.child_token();
-        tasks.spawn("supervise", sup.run(stop).instrument(info_span!("runtime", name = %spec.name)));
+        let sup = super::managed::supervise(&common, spec.clone(), restarts, drain_all.child_token());
+        tasks.spawn("supervise", sup.instrument(info_span!("runtime", name = %spec.name)));
     }
     if !settings.managed.is_empty() {
         parts.push(format!("{} agent-managed", settings.managed.len()));
-        caps.push("runtime.process");
+        caps.push(if matches!(settings.driver, DriverKind::Pod(_)) { "runtime.pod" } else { "runtime.process" });
     }
     if !settings.engines.is_empty() {
         let fixed = settings.managed.iter().map(|m| (m.name.clone(), m.visible_devices.clone(), m.port)).collect();
         let rc = super::commands::RuntimeCommands::new(
             settings.engines.clone(),
-            w.cache.clone(),
-            shared.clone(),
-            w.cfg.state_dir.clone(),
-            settings.interval,
-            settings.timeout,
+            common.clone(),
             tasks.clone(),
             restarts.clone(),
             fixed,
             drain_all.clone(),
-            pauses.clone(),
-            w.events.clone(),
         );
         w.commands.set_runtimes(rc);
         let kinds: Vec<&str> = settings.engines.keys().map(|k| k.as_str()).collect();
