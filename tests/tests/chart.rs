@@ -277,6 +277,18 @@ fn rbac_grants_exactly_the_api_calls_the_code_makes() {
             "agent ClusterRole vs hearth_agent::kube::API_RULES ({})",
             v.display()
         );
+        let pods = find(&objs, "Role", "hearth-agent-runtimes");
+        assert_eq!(pods["metadata"]["namespace"], NS);
+        assert_eq!(
+            chart_rules(pods),
+            code_rules(hearth_agent::kube::POD_DRIVER_RULES),
+            "agent runtimes Role vs hearth_agent::kube::POD_DRIVER_RULES ({})",
+            v.display()
+        );
+        let rb = find(&objs, "RoleBinding", "hearth-agent-runtimes");
+        assert_eq!(rb["subjects"], json!([{"kind": "ServiceAccount", "name": "hearth-agent", "namespace": NS}]));
+        let cfg = config_map_file(&objs, "hearth-agent", "agent.yaml");
+        assert_eq!(cfg["runtimes"]["pod"]["namespace"].as_str(), Some(NS), "the pods go where the Role allows");
         let ctl = find(&objs, "Role", "hearth-controller");
         assert_eq!(ctl["metadata"]["namespace"], NS);
         assert_eq!(
@@ -698,7 +710,12 @@ struct Running {
 async fn chart_configs_run(dir: &Path, values: &str) -> Result<Running> {
     let objs = render(&[&chart().join("ci").join(values)], &[]);
     let [ctl_tls, agent_tls] = tls_material(&objs, &dir.join("tls"))?;
-    let api = hearth_tests::apiserver::ApiServer::start(&[hearth_agent::kube::API_RULES, hearth_controller::leader::API_RULES]).await?;
+    let api = hearth_tests::apiserver::ApiServer::start(&[
+        hearth_agent::kube::API_RULES,
+        hearth_agent::kube::POD_DRIVER_RULES,
+        hearth_controller::leader::API_RULES,
+    ])
+    .await?;
     api.add_node(NODE);
     let ns = find(&objs, "Deployment", "hearth-controller")["metadata"]["namespace"].as_str().unwrap_or("hearth-system").to_owned();
     api.add_namespaced_pod(&ns, CONTROLLER_POD);

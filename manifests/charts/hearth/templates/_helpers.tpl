@@ -133,6 +133,9 @@ app.kubernetes.io/component: {{ .component }}
   "devices" $devices
   "state_dir" "/var/lib/hearth"
   "cache" (dict "root" "/var/lib/hearth/cache")
+  "runtimes" (dict "pod" (dict
+    "namespace" .Release.Namespace
+    "host_cache_dir" (printf "%s/cache" (trimSuffix "/" .Values.cache.hostPath))))
 -}}
 {{- toYaml (mergeOverwrite $derived (deepCopy .Values.agent.config)) -}}
 {{- end -}}
