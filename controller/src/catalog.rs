@@ -70,6 +70,18 @@ pub struct ModelSpec {
     /// Host memory one replica needs.
     pub memory_bytes: u64,
     pub scaling: ScalingSpec,
+    pub serve: Serve,
+}
+
+/// Who creates a model's replicas.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Serve {
+    /// The controller starts and stops replicas itself, as agent-managed runtimes
+    /// (StartRuntime on nodes placement picks); otherwise something else creates them (a
+    /// Deployment, KServe, an operator) and the controller only decides and publishes.
+    pub agent_managed: bool,
+    /// Extra engine arguments of each replica.
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +130,13 @@ pub struct RawModel {
     pub resources: RawResources,
     #[serde(default)]
     pub scaling: RawScaling,
+    /// "kubernetes" (default: replicas are created elsewhere) or "agent" (the controller
+    /// starts them on the nodes it places them on).
+    #[serde(default)]
+    pub managed_by: Option<String>,
+    /// Extra engine arguments of each agent-managed replica.
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 fn default_runtime() -> String {
@@ -243,6 +262,14 @@ impl RawModel {
             device,
             memory_bytes: size(f("resources.memory"), &r.memory)?,
             scaling: self.scaling.resolve(&at)?,
+            serve: Serve {
+                agent_managed: match self.managed_by.as_deref().unwrap_or("kubernetes") {
+                    "kubernetes" => false,
+                    "agent" => true,
+                    other => return Err(invalid(f("managed_by"), "kubernetes or agent", other)),
+                },
+                args: self.args.clone(),
+            },
         })
     }
 }
@@ -325,6 +352,16 @@ mod tests {
         assert_eq!(m.scaling.min_replicas, 0);
         assert_eq!(m.scaling.stable_window, Duration::from_secs(30));
         assert_eq!(m.scaling.target_concurrency, 8.0);
+        assert_eq!(m.serve, Serve::default(), "replicas are created elsewhere unless said otherwise");
+        let c = parse(
+            "- {name: a, source: s3://b/c, size: 1Gi, image: i, resources: {gpus: 1}, managed_by: agent, args: [--max-model-len, '8192']}",
+        )
+        .unwrap();
+        assert_eq!(c.get("a").unwrap().serve, Serve { agent_managed: true, args: vec!["--max-model-len".into(), "8192".into()] });
+        let e = parse("- {name: a, source: s3://b/c, size: 1Gi, image: i, resources: {gpus: 1}, managed_by: operator}")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "models[0] (a).managed_by: expected kubernetes or agent, got \"operator\"");
     }
 
     #[test]

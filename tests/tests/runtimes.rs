@@ -403,6 +403,7 @@ async fn start_and_stop_runtime_commands_run_a_server_on_a_cached_model_and_refu
             model_id: model.into(),
             partition_uuid: partition.into(),
             args: vec!["--load-seconds".into(), "0.5".into()],
+            ..Default::default()
         })
     };
     send("c1", start("llama-cmd", "vllm", &model_id, "MIG-aaaa"))?;
@@ -662,7 +663,7 @@ async fn pod_driver_binds_a_pod_to_the_node_watches_it_to_ready_adopts_it_and_de
             kind: "vllm".into(),
             model_id,
             partition_uuid: "1".into(),
-            args: vec![],
+            ..Default::default()
         }),
     )?;
     let line = agent.proc.wait_for_log_line("start_runtime command finished", Duration::from_secs(20)).await?;
@@ -680,5 +681,72 @@ async fn pod_driver_binds_a_pod_to_the_node_watches_it_to_ready_adopts_it_and_de
     ensure!(api.object_pod("serving", &format!("hearth-llama-cmd-{NODE}")).is_none(), "the kubelet finished it");
     ensure!(api.forbidden().is_empty(), "{:?}", api.forbidden());
     drop(kubelet);
+    Ok(())
+}
+
+/// The loop closed: a model the controller serves through agents (`managed_by: agent`).
+/// Its scaler wants a replica (min_replicas 1): placement reserves a GPU (a lease), the
+/// controller sends StartRuntime there, the agent caches the weights and starts the server on
+/// that GPU, and the lease goes once the node reports it. Demand from outside (pending
+/// requests at a gateway) asks for a second replica on the other GPU; when it goes, the
+/// scale-down stops one of them again.
+#[tokio::test]
+async fn the_controller_starts_and_stops_agent_managed_replicas_from_its_scaling_decisions() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let src = dir.path().join("fsx/llama");
+    hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
+    let models: Vec<hearth_controller::catalog::RawModel> = serde_yaml_ng::from_str(&format!(
+        "- {{name: llama, source: 'file://{}', size: 1Mi, image: vllm:v1, resources: {{gpus: 1}}, managed_by: agent, args: [--load-seconds, '0.3'],\n   \
+         scaling: {{min_replicas: 1, max_replicas: 4, target_concurrency: 4, stable_window: 2s, panic_window: 1s, scale_down_delay: 1s}}}}\n",
+        src.display()
+    ))?;
+    let (_d2, pki, ctl, _guard) = setup(|raw| {
+        raw.models = models;
+        raw.scaling.interval = Some("300ms".into());
+        raw.scaling.pending_ttl = Some("3s".into());
+    })
+    .await?;
+    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let port = free_port()?;
+    let extra = format!(
+        "runtimes:\n  interval: 300ms\n  engines:\n    vllm: {{port: {port}, drain_timeout: 2s, command: [python3, \"{}\", --port, \"{{port}}\", --model, llama, --model-dir, \"{{model_dir}}\", --drain-seconds, \"0.2\"]}}\n",
+        engine.display()
+    );
+    let mut agent = AgentProc::start_with_cache_models(dir.path(), &pki, NODE, ctl.grpc_addr, &extra).await?;
+    let ours = |r: &pb::ServingRuntime| r.model_id == "llama" && r.name.starts_with("llama-") && r.managed_by == "agent";
+
+    // One replica, on one whole GPU, from the weights the agent cached for it.
+    let first =
+        runtime_where(&ctl, &pki, "a replica ready", |r| ours(r) && r.state == "ready").await.with_context(|| agent.proc.log_text())?;
+    ensure!(first.partition_uuid.starts_with("GPU-"), "bound to a GPU by UUID: {first:?}");
+    wait_for("the start's lease released", Duration::from_secs(10), || async {
+        Ok((ctl.placement.lease_count(std::time::Instant::now()) == 0 && ctl.scaling.starting("llama").is_empty()).then_some(()))
+    })
+    .await?;
+    let (_, metrics) = http_get(ctl.http_addr, "/metrics").await?;
+    ensure!(
+        metrics.contains("hearth_controller_runtime_commands_total{action=\"start\",outcome=\"reported\"} 1"),
+        "{}",
+        metrics.lines().filter(|l| l.contains("runtime_commands")).collect::<Vec<_>>().join("\n")
+    );
+
+    // Demand from outside asks for two: the second goes on the other GPU.
+    ctl.scaling.recommend("llama", Some(6.0), std::time::Instant::now())?;
+    let both = wait_for("two replicas ready", Duration::from_secs(20), || async {
+        let rs: Vec<_> = runtimes(&ctl, &pki).await?.into_iter().filter(|r| ours(r) && r.state == "ready").collect();
+        Ok((rs.len() == 2).then_some(rs))
+    })
+    .await
+    .with_context(|| agent.proc.log_text())?;
+    ensure!(both[0].partition_uuid != both[1].partition_uuid, "one partition each: {both:?}");
+
+    // The demand goes (its TTL passes): back to one, the newer (idle) one stopped.
+    wait_for("one replica again", Duration::from_secs(30), || async {
+        let rs: Vec<_> = runtimes(&ctl, &pki).await?.into_iter().filter(ours).collect();
+        Ok((rs.len() == 1).then_some(()))
+    })
+    .await
+    .with_context(|| agent.proc.log_text())?;
+    agent.proc.wait_for_log_line("drained and stopped", Duration::from_secs(5)).await?;
     Ok(())
 }

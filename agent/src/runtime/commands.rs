@@ -84,17 +84,24 @@ impl RuntimeCommands {
             format!("start_runtime: this agent has no command for {} (runtimes.engines.{} in its config)", kind.as_str(), kind.as_str())
         })?;
         let cache = self.common.cache.as_ref().ok_or("start_runtime: the model cache is off on this node")?;
-        let entry = cache
-            .entries()
-            .into_iter()
-            .find(|e| e.id == c.model_id && e.state == crate::cache::index::EntryState::Ready)
-            .ok_or_else(|| format!("start_runtime: model {:?} is not cached and ready on this node (prefetch it first)", c.model_id))?;
-        let spec_model =
-            crate::cache::spec::ModelSpec::new(&entry.uri, &entry.include, &entry.exclude, &entry.revision).map_err(|e| e.to_string())?;
+        // From its source (cached first, as for a configured runtime), or already cached here.
+        let spec_model = if c.source_uri.is_empty() {
+            let entry =
+                cache.entries().into_iter().find(|e| e.id == c.model_id && e.state == crate::cache::index::EntryState::Ready).ok_or_else(
+                    || format!("start_runtime: model {:?} is not cached and ready on this node (prefetch it first)", c.model_id),
+                )?;
+            crate::cache::spec::ModelSpec::new(&entry.uri, &entry.include, &entry.exclude, &entry.revision).map_err(|e| e.to_string())?
+        } else {
+            if c.model_id.is_empty() {
+                return Err("start_runtime: model_id: expected the id to report the runtime under".into());
+            }
+            crate::cache::spec::ModelSpec::new(&c.source_uri, &[], &[], &c.revision)
+                .map_err(|e| format!("start_runtime: source_uri {:?}: {e}", c.source_uri))?
+        };
         let partition = (!c.partition_uuid.is_empty()).then(|| c.partition_uuid.clone());
         let mut running = self.running();
         if let Some(r) = running.get(&c.name) {
-            if r.spec.model.as_ref().map(|m| m.id()) == Some(entry.id.clone()) && r.spec.visible_devices == partition && !*r.done.borrow() {
+            if r.spec.model.as_ref().map(|m| m.id()) == Some(spec_model.id()) && r.spec.visible_devices == partition && !*r.done.borrow() {
                 // The same start again (a controller retry): the same runtime.
                 return Ok(StartWait { name: c.name.clone(), shared: self.common.shared.clone(), done: r.done.clone() });
             }

@@ -212,6 +212,7 @@ impl NodeAgentService {
             Some(In::Heartbeat(h)) => ("heartbeat", self.state.heartbeat(node, session, &h, now), ack(h.seq, pb::AckedKind::Heartbeat)),
             Some(In::CommandStatus(c)) => {
                 debug!(command = %c.command_id, phase = c.phase, message = %c.message, "command status");
+                self.state.record_outcome(node, &c);
                 ("command_status", self.state.touch(node, session, now), ack(0, pb::AckedKind::CommandStatus))
             }
             Some(In::Hello(_)) => {

@@ -134,6 +134,11 @@ pub struct RuntimeFacts {
     /// (source URI, revision) of the cached model that id names on this node, when known.
     pub model_key: Option<(String, String)>,
     pub ready: bool,
+    /// Starting or ready: counts toward a model's replicas (not draining, failed or in a
+    /// crash loop).
+    pub live: bool,
+    /// Started and supervised by the node's agent (the controller may stop the ones it started).
+    pub agent_managed: bool,
     pub load: pb::RuntimeLoad,
     /// Measured seconds from the engine's start to ready on this node, when reported.
     pub start_seconds: Option<f64>,
@@ -240,6 +245,8 @@ impl NodeFacts {
                     model_id: r.model_id.clone(),
                     model_key: by_id.get(r.model_id.as_str()).cloned(),
                     ready: r.state.eq_ignore_ascii_case("ready") || r.state.eq_ignore_ascii_case("running"),
+                    live: !matches!(r.state.as_str(), "draining" | "failed" | "crash-loop"),
+                    agent_managed: r.managed_by == "agent",
                     load,
                     // An hour is more than any engine start: beyond that the number is wrong.
                     start_seconds: Some(r.start_seconds).filter(|s| s.is_finite() && *s > 0.0 && *s < 3600.0),

@@ -293,6 +293,7 @@ mod tests {
 
     pub(crate) fn model(device: DeviceRequest) -> ModelSpec {
         ModelSpec {
+            serve: Default::default(),
             name: "m".into(),
             source_uri: "s3://b/m".into(),
             revision: "r".into(),

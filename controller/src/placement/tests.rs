@@ -15,6 +15,7 @@ pub(crate) fn gpu_node(gpus: u32) -> pb::NodeState {
 
 fn model(name: &str, gpus: u32, bytes: u64) -> ModelSpec {
     ModelSpec {
+        serve: Default::default(),
         name: name.into(),
         source_uri: format!("s3://models/{name}"),
         revision: "main".into(),

@@ -6,6 +6,7 @@
 //! observations from the cluster view, asks placement for the next replica's predicted
 //! time-to-ready (the lead time), and keeps what callers read and watch.
 
+mod actuate;
 pub mod scaler;
 
 use std::collections::HashMap;
@@ -78,6 +79,7 @@ struct Metrics {
     decisions: Family<[(&'static str, &'static str); 1], Counter>,
     desired: Family<[(&'static str, String); 1], Gauge>,
     prewarm: Family<[(&'static str, &'static str); 1], Counter>,
+    runtimes: Family<[(&'static str, &'static str); 2], Counter>,
 }
 
 fn fresh_models(placement: &Placement) -> HashMap<String, ModelState> {
@@ -85,8 +87,16 @@ fn fresh_models(placement: &Placement) -> HashMap<String, ModelState> {
         .catalog()
         .iter()
         .map(|m| {
-            let st =
-                ModelState { scaler: Scaler::new(m.scaling.clone(), 0), last: None, latest: None, external: None, prewarms: Vec::new() };
+            let st = ModelState {
+                scaler: Scaler::new(m.scaling.clone(), 0),
+                last: None,
+                latest: None,
+                external: None,
+                prewarms: Vec::new(),
+                starts: Vec::new(),
+                stops: Vec::new(),
+                no_fit_logged: None,
+            };
             (m.name.clone(), st)
         })
         .collect()
@@ -99,6 +109,10 @@ struct ModelState {
     latest: Option<Recommendation>,
     external: Option<(f64, Instant)>,
     prewarms: Vec<Prewarm>,
+    /// Agent-managed replicas being started and stopped (`actuate`).
+    starts: Vec<actuate::Start>,
+    stops: Vec<actuate::Stop>,
+    no_fit_logged: Option<Instant>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -128,7 +142,7 @@ pub struct Scaling {
 pub fn observe(placement: &Placement, m: &ModelSpec) -> Observation {
     let key = (m.source_uri.clone(), m.revision.clone());
     let mut o = Observation::default();
-    placement.state().with_runtimes_of(&m.name, &key, |facts| {
+    placement.state().with_runtimes_of(&m.name, &key, |_, facts| {
         for r in facts.runtimes.iter().filter(|r| r.model_id == m.name || r.model_key.as_ref() == Some(&key)) {
             o.demand += pos(r.load.requests_waiting) + pos(r.load.requests_running);
             if r.ready {
@@ -148,11 +162,17 @@ fn pos(v: f64) -> f64 {
 
 impl Scaling {
     pub fn new(placement: Arc<Placement>, settings: Settings, registry: &mut Registry) -> Self {
-        let metrics = Metrics { decisions: Family::default(), desired: Family::default(), prewarm: Family::default() };
+        let metrics =
+            Metrics { decisions: Family::default(), desired: Family::default(), prewarm: Family::default(), runtimes: Family::default() };
         let r = registry.sub_registry_with_prefix("hearth_controller");
         r.register("scaling_decisions", "Scaling decisions made, by reason", metrics.decisions.clone());
         r.register("desired_replicas", "Latest desired replica count per model deployment", metrics.desired.clone());
         r.register("prewarm", "Pre-warm Prefetch plans by outcome (issued, arrived_in_time, late, send_failed)", metrics.prewarm.clone());
+        r.register(
+            "runtime_commands",
+            "StartRuntime and StopRuntime for agent-managed replicas, by action and outcome (sent, reported, failed, timeout, no_fit, needs_partition, send_failed)",
+            metrics.runtimes.clone(),
+        );
         let models = fresh_models(&placement);
         let (tx, _) = broadcast::channel(1024);
         Self { placement, settings, models: Mutex::new(models), ids: Mutex::new((0, 1, 1)), leadership: Default::default(), tx, metrics }
@@ -277,6 +297,9 @@ impl Scaling {
         if let Some(out) = scored {
             self.plan_prewarm(st, &spec, &rec, &out.best, now);
         }
+        if spec.serve.agent_managed {
+            self.actuate(st, &spec, &rec, now);
+        }
     }
 
     /// Settles pre-warms whose bytes arrived (in time or late) or whose deadline passed.
@@ -350,6 +373,11 @@ impl Scaling {
                 }
             }
         }
+    }
+
+    /// Agent-managed replicas of a model being started: (runtime name, node).
+    pub fn starting(&self, model: &str) -> Vec<(String, String)> {
+        self.models().get(model).map(|s| s.starts.iter().map(|s| (s.name.clone(), s.node.clone())).collect()).unwrap_or_default()
     }
 
     /// Pre-warms in flight for a model.

@@ -3,7 +3,7 @@
 //! and send their snapshots. This module owns the view and the rules for changing it
 //! (sessions, epochs, sequence numbers); it does no I/O.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -144,11 +144,60 @@ pub struct ClusterState {
     forget_after: Duration,
     next_session: AtomicU64,
     state_bytes: AtomicU64,
+    /// The last outcomes agents reported for commands, by command id (bounded).
+    outcomes: std::sync::Mutex<Outcomes>,
+}
+
+/// Terminal command outcomes, oldest dropped first past `MAX_OUTCOMES`.
+#[derive(Debug, Default)]
+struct Outcomes {
+    by_id: HashMap<String, CommandOutcome>,
+    order: std::collections::VecDeque<String>,
+}
+
+const MAX_OUTCOMES: usize = 4096;
+
+/// How a command ended on its node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandOutcome {
+    pub node: String,
+    pub phase: pb::command_status::Phase,
+    pub message: String,
 }
 
 impl ClusterState {
     pub fn new(stale_after: Duration, forget_after: Duration) -> Self {
-        Self { nodes: RwLock::default(), stale_after, forget_after, next_session: AtomicU64::new(1), state_bytes: AtomicU64::new(0) }
+        Self {
+            nodes: RwLock::default(),
+            stale_after,
+            forget_after,
+            next_session: AtomicU64::new(1),
+            state_bytes: AtomicU64::new(0),
+            outcomes: Default::default(),
+        }
+    }
+
+    /// Keeps a command's final status (succeeded, failed, rejected) for whoever issued it.
+    pub fn record_outcome(&self, node: &str, c: &pb::CommandStatus) {
+        use pb::command_status::Phase;
+        let phase = Phase::try_from(c.phase).unwrap_or(Phase::Unspecified);
+        if !matches!(phase, Phase::Succeeded | Phase::Failed | Phase::Rejected) || c.command_id.is_empty() {
+            return;
+        }
+        let mut o = self.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+        let out = CommandOutcome { node: node.to_owned(), phase, message: c.message.clone() };
+        if o.by_id.insert(c.command_id.clone(), out).is_none() {
+            o.order.push_back(c.command_id.clone());
+        }
+        while o.order.len() > MAX_OUTCOMES {
+            if let Some(old) = o.order.pop_front() {
+                o.by_id.remove(&old);
+            }
+        }
+    }
+
+    pub fn outcome(&self, command_id: &str) -> Option<CommandOutcome> {
+        self.outcomes.lock().unwrap_or_else(|p| p.into_inner()).by_id.get(command_id).cloned()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Nodes> {
@@ -415,10 +464,10 @@ impl ClusterState {
 
     /// Calls `f` with the facts of every node that runs a replica of the model named `name`
     /// (by catalog name) or serving its cached weights `key`, each node once.
-    pub fn with_runtimes_of(&self, name: &str, key: &(String, String), mut f: impl FnMut(&NodeFacts)) {
+    pub fn with_runtimes_of(&self, name: &str, key: &(String, String), mut f: impl FnMut(&str, &NodeFacts)) {
         let nodes = self.read();
         for r in nodes.index.rows_running(name, key) {
-            f(&r.facts);
+            f(&r.name, &r.facts);
         }
     }
 

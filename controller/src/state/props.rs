@@ -343,6 +343,7 @@ pub(crate) fn one_node() -> (Arc<ClusterState>, SessionId, Instant) {
 
 pub(crate) fn spec(name: &str, source_uri: &str, device: DeviceRequest) -> ModelSpec {
     ModelSpec {
+        serve: Default::default(),
         name: name.into(),
         source_uri: source_uri.into(),
         revision: "main".into(),

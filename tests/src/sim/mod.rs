@@ -353,6 +353,7 @@ fn catalog(cfg: &Config, rng: &mut Rng) -> (Vec<ModelSpec>, Vec<ModelInfo>, Vec<
         let name = format!("m{i:03}");
         let uri = format!("s3://models/{name}");
         specs.push(ModelSpec {
+            serve: Default::default(),
             name: name.clone(),
             source_uri: uri.clone(),
             revision: world::REVISION.into(),
