@@ -47,8 +47,9 @@ enum Cmd {
         state_dir: Option<PathBuf>,
         #[arg(long, default_value = "local")]
         node_name: String,
-        /// Simulated accelerators, e.g. 2xH100-80GB (repeatable).
-        #[arg(long = "devices", default_value = "2xH100-80GB")]
+        /// Simulated accelerators, e.g. 3xH100-80GB (repeatable); the sample model server
+        /// takes one GPU.
+        #[arg(long = "devices", default_value = "3xH100-80GB")]
         devices: Vec<String>,
         #[arg(long, default_value = "127.0.0.1:7443")]
         controller_listen: String,
@@ -62,6 +63,10 @@ enum Cmd {
         /// The sample workload's serving port (run as root); 0 picks a free one.
         #[arg(long, default_value_t = 7480)]
         sample_port: u16,
+        /// Most requests at once the sample load sends to the sample model server (it
+        /// rises and falls over two minutes); 0 sends none.
+        #[arg(long, default_value_t = 12)]
+        sample_load: u32,
     },
     /// Download a model into the local cache, verified and resumable (no controller needed).
     Prefetch {
@@ -115,6 +120,24 @@ enum Cmd {
     Gpu {
         #[command(subcommand)]
         cmd: GpuCmd,
+    },
+    /// A small OpenAI-compatible model server with vLLM's metrics: what `hearth local` runs
+    /// as its agent-managed runtime (no inference: it paces made-up tokens).
+    SampleServer {
+        #[arg(long)]
+        port: u16,
+        /// The model id it lists and reports.
+        #[arg(long, default_value = "sample")]
+        model: String,
+        /// The weights it reads (every *.safetensors file) before it is ready.
+        #[arg(long)]
+        model_dir: Option<PathBuf>,
+        /// Time per generated token.
+        #[arg(long, default_value = "20ms")]
+        token_time: String,
+        /// Requests generated at once; more wait in its queue.
+        #[arg(long, default_value_t = 4)]
+        max_batch: usize,
     },
     /// `hearth local`'s sample network workload (internal).
     #[command(name = "__sample-net", hide = true)]
@@ -292,6 +315,7 @@ fn main() -> ExitCode {
         Cmd::Local { .. } => "warn,hearth_agent=info,hearth_controller=info",
         Cmd::Agent { .. } => "info",
         Cmd::SampleNet { .. } => "warn",
+        Cmd::SampleServer { .. } => "warn",
     };
     init_logging(cli.log_format, default_filter);
     hearth_service::telemetry::run_main(run(cli.cmd))
@@ -324,6 +348,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             agent_http_listen,
             extender_listen,
             sample_port,
+            sample_load,
         } => {
             spawn_signal_handler(shutdown.clone());
             let args = hearth_agent::local::LocalArgs {
@@ -335,6 +360,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 agent_http_listen,
                 extender_listen,
                 sample_port,
+                sample_load,
             };
             hearth_agent::local::run(args, shutdown).await?;
         }
@@ -426,6 +452,17 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 other => anyhow::bail!("__sample-net: expected server or client, got {other:?}"),
             };
             r.context("sample network workload")?;
+        }
+        Cmd::SampleServer { port, model, model_dir, token_time, max_batch } => {
+            let token_time = hearth_service::config::parse_duration("--token-time", &token_time)?;
+            hearth_agent::runtime::sample_server::run(hearth_agent::runtime::sample_server::SampleArgs {
+                port,
+                model,
+                model_dir,
+                token_time,
+                max_batch,
+            })
+            .await?;
         }
         Cmd::Cache { cmd: CacheCmd::Manifest { dir } } => hearth_agent::prefetch::write_manifest(&dir)?,
         Cmd::Cache { cmd: CacheCmd::Sample { dir, shards, shard_size } } => {

@@ -45,10 +45,35 @@ pub struct NodeStatus {
     pub peer: String,
 }
 
+/// One model server as its node reported it.
+#[derive(Debug, Serialize)]
+pub struct RuntimeRow {
+    pub node: String,
+    pub name: String,
+    pub model: String,
+    pub state: String,
+    pub managed_by: String,
+    pub requests_running: f64,
+    pub requests_waiting: f64,
+    pub kv_cache_usage_ratio: f64,
+    pub ttft_p50_seconds: f64,
+}
+
+/// The controller's latest recommendation for a model that has servers.
+#[derive(Debug, Serialize)]
+pub struct ModelRow {
+    pub model: String,
+    pub desired_replicas: u32,
+    pub current_replicas: u32,
+    pub reason: String,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ClusterStatus {
     pub controller: String,
     pub nodes: Vec<NodeStatus>,
+    pub runtimes: Vec<RuntimeRow>,
+    pub models: Vec<ModelRow>,
 }
 
 fn state_name(c: i32) -> &'static str {
@@ -110,11 +135,45 @@ pub async fn connect(a: &StatusArgs, timeout: Option<Duration>) -> anyhow::Resul
 
 pub async fn fetch(a: &StatusArgs) -> anyhow::Result<ClusterStatus> {
     let (url, channel) = connect(a, Some(Duration::from_secs(10))).await?;
-    let resp = pb::operator_client::OperatorClient::new(channel)
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .map_err(|s| anyhow::anyhow!("controller at {url} answered {:?}: {}", s.code(), s.message()))?
-        .into_inner();
+    let mut op = pb::operator_client::OperatorClient::new(channel.clone());
+    let answered = |s: tonic::Status| anyhow::anyhow!("controller at {url} answered {:?}: {}", s.code(), s.message());
+    let resp = op.list_nodes(pb::ListNodesRequest {}).await.map_err(answered)?.into_inner();
+    // The servers on each connected node, and what the scaler wants for their models.
+    let mut runtimes = Vec::new();
+    for n in resp.nodes.iter().filter(|n| n.connection != pb::NodeConnection::Disconnected as i32) {
+        let Ok(r) = op.get_node(pb::GetNodeRequest { name: n.name.clone() }).await else { continue };
+        for r in r.into_inner().state.map(|s| s.runtimes).unwrap_or_default() {
+            let l = r.load.unwrap_or_default();
+            runtimes.push(RuntimeRow {
+                node: n.name.clone(),
+                name: r.name,
+                model: r.model_id,
+                state: r.state,
+                managed_by: r.managed_by,
+                requests_running: l.requests_running,
+                requests_waiting: l.requests_waiting,
+                kv_cache_usage_ratio: l.kv_cache_usage_ratio,
+                ttft_p50_seconds: l.ttft_p50_seconds,
+            });
+        }
+    }
+    let mut names: Vec<String> = runtimes.iter().map(|r| r.model.clone()).collect();
+    names.sort();
+    names.dedup();
+    let mut models = Vec::new();
+    let mut scaling = pb::scaling_client::ScalingClient::new(channel);
+    for model in names {
+        // A model outside the controller's catalog (a cache id) has no recommendation.
+        let Ok(r) = scaling.recommend(pb::RecommendRequest { model: model.clone(), ..Default::default() }).await else { continue };
+        if let Some(rec) = r.into_inner().recommendation {
+            models.push(ModelRow {
+                model,
+                desired_replicas: rec.desired_replicas,
+                current_replicas: rec.current_replicas,
+                reason: rec.reason,
+            });
+        }
+    }
     let nodes = resp
         .nodes
         .into_iter()
@@ -131,7 +190,19 @@ pub async fn fetch(a: &StatusArgs) -> anyhow::Result<ClusterStatus> {
             peer: n.peer_address,
         })
         .collect();
-    Ok(ClusterStatus { controller: url, nodes })
+    Ok(ClusterStatus { controller: url, nodes, runtimes, models })
+}
+
+/// Columns padded to their widest cell, two spaces apart.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let widths: Vec<usize> = (0..N).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
 }
 
 pub fn render_table(s: &ClusterStatus) -> String {
@@ -148,15 +219,45 @@ pub fn render_table(s: &ClusterStatus) -> String {
             n.agent_version.clone(),
         ]);
     }
-    let widths: Vec<usize> = (0..6).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = table(&rows);
     if s.nodes.is_empty() {
         out.push_str("(no nodes have reported to this controller)\n");
+    }
+    if !s.runtimes.is_empty() {
+        let mut rows = vec![[
+            "RUNTIME".to_owned(),
+            "NODE".into(),
+            "MODEL".into(),
+            "STATE".into(),
+            "BY".into(),
+            "RUNNING".into(),
+            "WAITING".into(),
+            "KV".into(),
+            "TTFT P50".into(),
+        ]];
+        for r in &s.runtimes {
+            rows.push([
+                r.name.clone(),
+                r.node.clone(),
+                r.model.clone(),
+                r.state.clone(),
+                r.managed_by.clone(),
+                format!("{:.0}", r.requests_running),
+                format!("{:.0}", r.requests_waiting),
+                format!("{:.0}%", 100.0 * r.kv_cache_usage_ratio),
+                if r.ttft_p50_seconds > 0.0 { format!("{:.0}ms", 1000.0 * r.ttft_p50_seconds) } else { "-".into() },
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table(&rows));
+    }
+    if !s.models.is_empty() {
+        let mut rows = vec![["MODEL".to_owned(), "REPLICAS".into(), "DESIRED".into(), "REASON".into()]];
+        for m in &s.models {
+            rows.push([m.model.clone(), m.current_replicas.to_string(), m.desired_replicas.to_string(), m.reason.clone()]);
+        }
+        out.push('\n');
+        out.push_str(&table(&rows));
     }
     out
 }
@@ -176,7 +277,7 @@ mod tests {
 
     #[test]
     fn table_aligns_columns() {
-        let s = ClusterStatus {
+        let mut s = ClusterStatus {
             controller: "https://c".into(),
             nodes: vec![NodeStatus {
                 name: "gpu-1".into(),
@@ -190,11 +291,35 @@ mod tests {
                 seq: 2,
                 peer: "127.0.0.1:1".into(),
             }],
+            runtimes: vec![],
+            models: vec![],
         };
         assert_eq!(
             render_table(&s),
             "NODE   STATE      ACCELERATORS               MODELS  LAST REPORT  VERSION\n\
              gpu-1  connected  2 x NVIDIA H100 80GB HBM3  0       1.5s ago     0.1.0\n"
+        );
+        s.runtimes.push(RuntimeRow {
+            node: "gpu-1".into(),
+            name: "chat-1".into(),
+            model: "chat".into(),
+            state: "ready".into(),
+            managed_by: "agent".into(),
+            requests_running: 3.0,
+            requests_waiting: 1.0,
+            kv_cache_usage_ratio: 0.75,
+            ttft_p50_seconds: 0.042,
+        });
+        s.models.push(ModelRow { model: "chat".into(), desired_replicas: 2, current_replicas: 1, reason: "saturation".into() });
+        let t = render_table(&s);
+        assert!(
+            t.ends_with(
+                "\nRUNTIME  NODE   MODEL  STATE  BY     RUNNING  WAITING  KV   TTFT P50\n\
+                 chat-1   gpu-1  chat   ready  agent  3        1        75%  42ms\n\
+                 \nMODEL  REPLICAS  DESIRED  REASON\n\
+                 chat   1         2        saturation\n"
+            ),
+            "{t}"
         );
     }
 

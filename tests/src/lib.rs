@@ -519,14 +519,15 @@ pub async fn agent_api_server(dir: &std::path::Path, node: &str) -> Result<(apis
 }
 
 /// `hearth local` with its state in `state` and every listener on a free port (the sample
-/// workload on `sample_port`, "0" for a free one): each test reads what it bound from
+/// workload on `sample_port`, "0" for a free one; the sample load keeping at most
+/// `sample_load` requests in flight, "0" for none): each test reads what it bound from
 /// `local.json` or the banner.
-pub fn local_mode(state: &Path, sample_port: &str) -> Command {
+pub fn local_mode(state: &Path, sample_port: &str, sample_load: &str) -> Command {
     let mut c = Command::new(bin("hearth"));
     c.arg("local").arg("--state-dir").arg(state);
     for flag in ["--controller-listen", "--controller-http-listen", "--agent-http-listen", "--extender-listen"] {
         c.args([flag, "127.0.0.1:0"]);
     }
-    c.args(["--sample-port", sample_port]);
+    c.args(["--sample-port", sample_port, "--sample-load", sample_load]);
     c
 }

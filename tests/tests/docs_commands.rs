@@ -78,13 +78,21 @@ async fn every_documented_decision_command_runs_against_local_mode() -> Result<(
     let doc = std::fs::read_to_string(repo.join("docs/decisions.md"))?;
     let dir = tempfile::tempdir()?;
     let state = dir.path().join("state");
-    let local = Proc::spawn("local", &mut hearth_tests::local_mode(&state, "0"), dir.path())?;
+    let local = Proc::spawn("local", &mut hearth_tests::local_mode(&state, "0", "0"), dir.path())?;
     let hearth = bin("hearth");
     // Ready for the docs: the node reports, and its sample model is cached.
     wait_for("local mode with its sample model cached", Duration::from_secs(60), || async {
         let out = Command::new(&hearth).args(["call", "hearth.v1.Operator/ListNodes", "--state-dir"]).arg(&state).output()?;
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         Ok((v["nodes"][0]["cachedModels"].as_u64() == Some(1) && v["nodes"][0]["connection"] == "NODE_CONNECTION_CONNECTED").then_some(()))
+    })
+    .await
+    .map_err(|e| e.context(local.log_text()))?;
+    // And the sample-chat replica the controller starts serves on its GPU (the docs count it).
+    wait_for("the sample-chat replica ready", Duration::from_secs(60), || async {
+        let out = Command::new(&hearth).args(["status", "--output", "json", "--state-dir"]).arg(&state).output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        Ok((v["runtimes"][0]["state"] == "ready").then_some(()))
     })
     .await
     .map_err(|e| e.context(local.log_text()))?;

@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use hearth_proto::v1 as pb;
 use hearth_tests::relay::Relay;
 use hearth_tests::*;
@@ -220,7 +220,7 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let state = dir.path().join("state");
     // Every listener on port 0: local mode publishes what it bound in local.json.
-    let mut local = Proc::spawn("local", &mut hearth_tests::local_mode(&state, "0"), dir.path())?;
+    let mut local = Proc::spawn("local", &mut hearth_tests::local_mode(&state, "0", "12"), dir.path())?;
     let start = std::time::Instant::now();
     let json = wait_for("hearth status --output json lists the node", Duration::from_secs(10), || async {
         let out = Command::new(bin("hearth")).args(["status", "--output", "json", "--state-dir"]).arg(&state).output()?;
@@ -228,13 +228,13 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
             anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr));
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-        let ok = v["nodes"][0]["state"] == "connected" && v["nodes"][0]["accelerator_count"] == 2;
+        let ok = v["nodes"][0]["state"] == "connected" && v["nodes"][0]["accelerator_count"] == 3;
         Ok(ok.then_some(v))
     })
     .await
     .map_err(|e| e.context(local.log_text()))?;
     assert_eq!(json["nodes"][0]["name"], "local");
-    assert_eq!(json["nodes"][0]["accelerators"][0], "2 x NVIDIA H100 80GB HBM3");
+    assert_eq!(json["nodes"][0]["accelerators"][0], "3 x NVIDIA H100 80GB HBM3");
     // The banner gives the status command that finds this state directory.
     let banner = local.log_text();
     assert!(banner.contains(&format!("in another terminal: hearth status --state-dir {}", state.display())), "{banner}");
@@ -247,7 +247,7 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
     let (_, metrics) = http_get(ah, "/metrics").await?;
     for family in ["DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED", "DCGM_FI_PROF_GR_ENGINE_ACTIVE", "DCGM_FI_DEV_XID_ERRORS"] {
         let n = metrics.lines().filter(|l| l.starts_with(&format!("{family}{{"))).count();
-        assert_eq!(n, 2, "{family} for both simulated GPUs");
+        assert_eq!(n, 3, "{family} for each simulated GPU");
     }
     // Every port it took is printed; as root the sample workload runs on the port it was
     // given (0: a free one) and network metrics are on.
@@ -278,6 +278,29 @@ async fn local_mode_lists_its_node_via_status_json_within_10s() -> Result<()> {
     let (code, _, err) = call(&["hearth.v1.Placement/Scor"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("hearth.v1.Placement has no method \"Scor\""), "{err}");
+
+    // The loop: the controller started the sample-chat replica on a GPU through the agent,
+    // the sample load reaches it, and its load is reported with the scaler's answer.
+    let looped = wait_for("sample-chat serving load, with a recommendation", Duration::from_secs(60), || async {
+        let out = Command::new(bin("hearth")).args(["status", "--output", "json", "--state-dir"]).arg(&state).output()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let busy = v["runtimes"].as_array().into_iter().flatten().any(|r| {
+            r["model"] == "sample-chat"
+                && r["state"] == "ready"
+                && r["managed_by"] == "agent"
+                && r["requests_running"].as_f64().unwrap_or(0.0) > 0.0
+        });
+        let rec =
+            v["models"].as_array().into_iter().flatten().any(|m| m["model"] == "sample-chat" && m["desired_replicas"].as_u64() >= Some(1));
+        Ok((busy && rec).then_some(v))
+    })
+    .await
+    .map_err(|e| e.context(local.log_text()))?;
+    let r =
+        &looped["runtimes"].as_array().context("runtimes")?.iter().find(|r| r["model"] == "sample-chat").context("sample-chat")?.clone();
+    let out = Command::new(bin("hearth")).args(["status", "--state-dir"]).arg(&state).output()?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    ensure!(table.contains("RUNTIME") && table.contains(r["name"].as_str().unwrap_or("?")) && table.contains("sample-chat"), "{table}");
 
     // Table output too, then Ctrl-C stops it cleanly and removes the published info.
     let out = Command::new(bin("hearth")).args(["status", "--state-dir"]).arg(&state).output()?;
@@ -339,7 +362,7 @@ async fn local_mode_says_why_network_metrics_are_off_when_the_sample_port_is_tak
     let state = dir.path().join("state");
     let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = taken.local_addr()?.port().to_string();
-    let mut local = Proc::spawn("local", &mut hearth_tests::local_mode(&state, &port), dir.path())?;
+    let mut local = Proc::spawn("local", &mut hearth_tests::local_mode(&state, &port, "0"), dir.path())?;
     let info = wait_for("local.json", Duration::from_secs(15), || async {
         Ok(std::fs::read(state.join("local/local.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()))
     })

@@ -23,6 +23,8 @@ pub struct LocalArgs {
     pub extender_listen: String,
     /// 0: any free port.
     pub sample_port: u16,
+    /// Most requests the sample load keeps in flight against the sample model server; 0: none.
+    pub sample_load: u32,
 }
 
 pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -45,12 +47,16 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         http_listen: args.controller_http_listen.clone(),
         ..Default::default()
     };
-    // One model deployment over the sample model, so placement and scaling have something
-    // to answer about; the extender on a free local port.
+    // Two model deployments over the sample model: `llama-sample`, which placement and
+    // scaling answer about (replicas would come from elsewhere), and `sample-chat`, which the
+    // controller serves itself through the agent (a sample model server on a simulated GPU,
+    // scaled on its load); the extender on a free local port.
     let sample_dir = dir.join("sample-models/llama-sample");
     craw.models = serde_yaml_ng::from_str(&format!(
-        "- {{name: llama-sample, source: \"file://{}\", size: 256Mi, image: vllm/vllm-openai:latest, image_size: 8Gi, resources: {{gpus: 1, memory: 1Gi}}, scaling: {{min_replicas: 0, max_replicas: 2}}}}",
-        sample_dir.display()
+        "- {{name: llama-sample, source: \"file://{d}\", size: 256Mi, image: vllm/vllm-openai:latest, image_size: 8Gi, resources: {{gpus: 1, memory: 1Gi}}, scaling: {{min_replicas: 0, max_replicas: 2}}}}\n\
+         - {{name: {SAMPLE_CHAT}, source: \"file://{d}\", size: 256Mi, image: hearth-sample, resources: {{gpus: 1, memory: 1Gi}}, managed_by: agent,\n   \
+            scaling: {{min_replicas: 1, max_replicas: 2, target_concurrency: 4, stable_window: 20s, panic_window: 4s, scale_down_delay: 30s}}}}",
+        d = sample_dir.display()
     ))?;
     craw.extender.listen = args.extender_listen.clone();
     craw.tls.ca = Some(server_files.ca.clone());
@@ -71,6 +77,8 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         })
         .await??;
     }
+    // The sample model servers' ports: the first free one and the next (two replicas at most).
+    let sample_base_port = free_port_pair()?;
     let sample_spec = crate::cache::spec::ModelSpec::new(&format!("file://{}", sample_dir.display()), &[], &[], "")?;
     let devices = args
         .devices
@@ -148,12 +156,22 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         state_dir: dir.join("state"),
         kubernetes: None,
         network,
-        // Agent-managed runtimes are not there yet; without Kubernetes nothing is found.
-        runtimes: Default::default(),
+        // The controller's StartRuntime for sample-chat runs `hearth sample-server` (this
+        // binary) on the cached sample model, bound to the GPU placement chose.
+        runtimes: crate::runtime::RuntimeSettings {
+            discovery_label: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            engines: [(crate::runtime::engine::Kind::Vllm, sample_template(sample_base_port)?)].into(),
+            ..Default::default()
+        },
     };
 
     let agent = crate::daemon::start(acfg, shutdown.clone()).await?;
     undo.0 = None;
+    if args.sample_load > 0 {
+        tokio::spawn(sample_load(sample_base_port, args.sample_load, shutdown.clone()));
+    }
 
     let info = LocalInfo {
         pid: std::process::id(),
@@ -200,7 +218,7 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     }
     println!("  Ctrl-C stops everything.");
 
-    let live = live_status(controller.state.clone(), shutdown.clone());
+    let live = live_status(controller.state.clone(), controller.scaling.clone(), shutdown.clone());
     if sample.is_some() {
         println!("  network metrics     curl -s {} | grep hearth_pod_network_", info.agent_metrics);
     }
@@ -211,6 +229,83 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     a?;
     println!("stopped");
     Ok(())
+}
+
+/// The controller-served sample deployment.
+pub const SAMPLE_CHAT: &str = "sample-chat";
+
+/// Two free consecutive ports (the sample servers take the first, then the next).
+fn free_port_pair() -> anyhow::Result<u16> {
+    for _ in 0..50 {
+        let a = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let p = a.local_addr()?.port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return Ok(p);
+        }
+    }
+    anyhow::bail!("no two free consecutive ports on 127.0.0.1")
+}
+
+/// How the agent starts the sample model server: this binary's `sample-server`.
+fn sample_template(port: u16) -> anyhow::Result<crate::runtime::commands::EngineTemplate> {
+    let exe = std::env::current_exe().context("finding the hearth binary for the sample model server")?;
+    Ok(crate::runtime::commands::EngineTemplate {
+        command: vec![
+            exe.display().to_string(),
+            "sample-server".into(),
+            "--port".into(),
+            "{port}".into(),
+            "--model".into(),
+            SAMPLE_CHAT.into(),
+            "--model-dir".into(),
+            "{model_dir}".into(),
+        ],
+        port,
+        ready_timeout: Duration::from_secs(60),
+        drain_timeout: Duration::from_secs(3),
+        image: None,
+    })
+}
+
+/// Keeps a number of completions in flight against the sample servers that answer, rising
+/// and falling between 0 and `max` over two minutes, so their load moves the scaler.
+async fn sample_load(base: u16, max: u32, stop: CancellationToken) {
+    use http_body_util::BodyExt;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let t0 = Instant::now();
+    let mut next = 0u16;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let phase = t0.elapsed().as_secs_f64() / 120.0 * std::f64::consts::TAU;
+        let want = (f64::from(max) * (0.5 - 0.5 * phase.cos())).round() as u32;
+        while in_flight.load(std::sync::atomic::Ordering::Relaxed) < want {
+            in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let port = base + next % 2;
+            next = next.wrapping_add(1);
+            let (client, n) = (client.clone(), in_flight.clone());
+            tokio::spawn(async move {
+                let body = r#"{"prompt": "why keep the weights warm", "max_tokens": 48}"#;
+                let req = hyper::Request::post(format!("http://127.0.0.1:{port}/v1/completions"))
+                    .header("content-type", "application/json")
+                    .body(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())));
+                if let Ok(req) = req
+                    && let Ok(Ok(resp)) = tokio::time::timeout(Duration::from_secs(30), client.request(req)).await
+                {
+                    let _ = resp.into_body().collect().await;
+                } else {
+                    // No server there (yet): do not spin.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                n.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            });
+        }
+    }
 }
 
 /// Removes a directory this run created, unless the run got far enough to keep it.
@@ -226,7 +321,11 @@ impl Drop for Undo {
 
 /// Prints the cluster view: a line rewritten in place on a terminal, a new line on each
 /// change otherwise (so logs and CI output stay readable).
-async fn live_status(state: std::sync::Arc<hearth_controller::state::ClusterState>, shutdown: CancellationToken) {
+async fn live_status(
+    state: std::sync::Arc<hearth_controller::state::ClusterState>,
+    scaling: std::sync::Arc<hearth_controller::scaling::Scaling>,
+    shutdown: CancellationToken,
+) {
     let tty = std::io::stdout().is_terminal();
     let mut last = String::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -250,21 +349,40 @@ async fn live_status(state: std::sync::Arc<hearth_controller::state::ClusterStat
                 })
                 .collect();
             let models = if models.is_empty() { "no models".to_owned() } else { models.join(", ") };
+            let runtimes: Vec<String> = s
+                .runtimes
+                .iter()
+                .map(|r| {
+                    let l = r.load.unwrap_or_default();
+                    format!("{} {} ({:.0} running, {:.0} waiting)", r.name, r.state, l.requests_running, l.requests_waiting)
+                })
+                .collect();
+            let runtimes = if runtimes.is_empty() { String::new() } else { format!(", runtimes: {}", runtimes.join(", ")) };
             format!(
-                "node {}: {}, {accel}, {models}, last report {:.1}s ago",
+                "node {}: {}, {accel}, {models}{runtimes}, last report {:.1}s ago",
                 v.name,
                 v.connection.as_str(),
                 v.last_report_age.as_secs_f64()
             )
         });
-        let line = if lines.is_empty() { "waiting for the agent to connect...".to_owned() } else { lines.join("; ") };
+        let decisions: Vec<String> = scaling
+            .decisions(Some(SAMPLE_CHAT))
+            .unwrap_or_default()
+            .iter()
+            .map(|d| format!("{}: desired {} ({})", d.model, d.recommendation.desired, d.recommendation.reason.as_str()))
+            .collect();
+        let mut line = if lines.is_empty() { "waiting for the agent to connect...".to_owned() } else { lines.join("; ") };
+        if !decisions.is_empty() {
+            line = format!("{line}; {}", decisions.join(", "));
+        }
         let mut out = std::io::stdout().lock();
         if tty {
             let _ = write!(out, "\r\x1b[2K{line}");
             let _ = out.flush();
         } else {
-            // Ignore the age when deciding whether anything changed.
-            let key = line.split(", last report").next().unwrap_or("").to_owned();
+            // Ignore the age and the load when deciding whether anything changed.
+            let key: String =
+                line.split(", last report").next().unwrap_or("").split(" (").map(|p| p.split(')').next_back().unwrap_or("")).collect();
             if key != last {
                 let _ = writeln!(out, "{line}");
                 last = key;

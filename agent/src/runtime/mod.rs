@@ -27,6 +27,7 @@ pub mod pause;
 pub mod pod;
 pub mod probe;
 pub mod promtext;
+pub mod sample_server;
 pub mod spot;
 mod subsystem;
 
