@@ -750,3 +750,61 @@ async fn the_controller_starts_and_stops_agent_managed_replicas_from_its_scaling
     agent.proc.wait_for_log_line("drained and stopped", Duration::from_secs(5)).await?;
     Ok(())
 }
+
+/// kill -9 of the agent mid-start and mid-drain (process driver, a runtime the controller
+/// started): the next agent supervises the starting server again without starting a second
+/// one, and finishes a stop that was under way (here SIGKILL at the deadline for a server
+/// that ignores SIGTERM) instead of starting it again.
+#[tokio::test]
+async fn a_killed_agent_picks_up_mid_start_and_mid_drain() -> Result<()> {
+    let (dir, pki, ctl, _guard) = setup(|_| {}).await?;
+    let src = dir.path().join("fsx/llama");
+    hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
+    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let port = free_port()?;
+    let extra = format!(
+        "runtimes:\n  interval: 300ms\n  engines:\n    vllm: {{port: {port}, drain_timeout: 2s, command: [python3, \"{}\", --port, \"{{port}}\", --model, llama, --model-dir, \"{{model_dir}}\"]}}\n",
+        engine.display()
+    );
+    let state = dir.path().join(format!("state-{NODE}"));
+    let mut agent = AgentProc::start_with_cache_models(dir.path(), &pki, NODE, ctl.grpc_addr, &extra).await?;
+    let send = |id: &str, kind: pb::command::Kind| {
+        ctl.state.send_command(NODE, pb::Command { id: id.into(), idempotency_key: id.into(), deadline: None, kind: Some(kind) })
+    };
+    // Started from the weights' source, loading for 3 s; the agent dies meanwhile.
+    let start = pb::command::Kind::StartRuntime(pb::StartRuntimeCommand {
+        name: "r1".into(),
+        kind: "vllm".into(),
+        model_id: "llama".into(),
+        source_uri: format!("file://{}", src.display()),
+        args: vec!["--load-seconds".into(), "3".into(), "--ignore-sigterm".into()],
+        ..Default::default()
+    });
+    // Once the agent's stream is up.
+    wait_for("the start sent", Duration::from_secs(15), || async { Ok(send("k1", start.clone()).ok()) }).await?;
+    agent.proc.wait_for_log_line("model server started", Duration::from_secs(20)).await?;
+    let pid = pid_of(&state, "r1")?;
+    agent.proc.kill9()?;
+    let mut agent = AgentProc::start_with_cache_models(dir.path(), &pki, NODE, ctl.grpc_addr, &extra).await?;
+    agent.proc.wait_for_log_line("supervising again the runtime started by command", Duration::from_secs(10)).await?;
+    agent.proc.wait_for_log_line("adopted the model server", Duration::from_secs(10)).await?;
+    let r = runtime_where(&ctl, &pki, "r1 ready after the restart", |r| r.name == "r1" && r.state == "ready").await?;
+    assert_eq!((r.model_id.as_str(), pid_of(&state, "r1")?), ("llama", pid), "the same server, not a second one");
+
+    // Stopped; the agent dies during the drain (the server ignores SIGTERM).
+    send("k2", pb::command::Kind::StopRuntime(pb::StopRuntimeCommand { name: "r1".into() }))?;
+    runtime_where(&ctl, &pki, "r1 draining", |r| r.name == "r1" && r.state == "draining").await?;
+    agent.proc.kill9()?;
+    ensure!(running(pid), "a server that ignores SIGTERM outlives the agent that was draining it");
+    let mut agent = AgentProc::start_with_cache_models(dir.path(), &pki, NODE, ctl.grpc_addr, &extra).await?;
+    agent.proc.wait_for_log_line("finishing the stop of a model server", Duration::from_secs(10)).await?;
+    wait_for("the stubborn server killed at its deadline", Duration::from_secs(10), || async { Ok((!running(pid)).then_some(())) }).await?;
+    wait_for("r1 gone from the report", Duration::from_secs(10), || async {
+        Ok((!runtimes(&ctl, &pki).await?.iter().any(|r| r.name == "r1")).then_some(()))
+    })
+    .await?;
+    // (The log holds every agent's lines: one start in all.)
+    ensure!(agent.proc.log_text().matches("model server started runtime=r1").count() == 1, "started once: {}", agent.proc.log_text());
+    wait_for("nothing left of it", Duration::from_secs(5), || async { Ok((!state.join("runtimes/r1").exists()).then_some(())) }).await?;
+    Ok(())
+}

@@ -75,6 +75,11 @@ impl RuntimeCommands {
     /// Checks and starts; returns a receiver that turns true when the runtime is ready
     /// (Ok) or gives up (Err), for the command's final status.
     pub fn start(&self, c: &pb::StartRuntimeCommand) -> Result<StartWait, String> {
+        self.start_on(c, None)
+    }
+
+    /// `start`, on `port` when given (a restored runtime keeps the port its server has).
+    fn start_on(&self, c: &pb::StartRuntimeCommand, port: Option<u16>) -> Result<StartWait, String> {
         if !hearth_service::kube::is_dns_label(&c.name) {
             return Err(format!("start_runtime: name {:?}: expected a DNS label", c.name));
         }
@@ -121,7 +126,7 @@ impl RuntimeCommands {
         {
             return Err(format!("start_runtime: partition {p} is held by runtime {n:?}"));
         }
-        let mut port = t.port;
+        let mut port = port.unwrap_or(t.port);
         while held.iter().any(|(_, _, q)| *q == port) {
             port = port.checked_add(1).ok_or("start_runtime: no free port")?;
         }
@@ -161,8 +166,54 @@ impl RuntimeCommands {
             }
             .instrument(info_span!("runtime", name = %spec.name)),
         );
+        // Recorded, so a restarted agent supervises (adopts) it again: the controller asked
+        // for it, and an agent upgrade must not lose it.
+        let record = self.record_path(&spec.name);
+        let saved = record.parent().map_or(Ok(()), std::fs::create_dir_all).and_then(|()| {
+            let r = StartRecord { port: spec.port, command: prost::Message::encode_to_vec(c) };
+            hearth_service::fsutil::write_atomic(&record, &serde_json::to_vec(&r).unwrap_or_default(), false).map_err(std::io::Error::other)
+        });
+        if let Err(e) = saved {
+            tracing::warn!(runtime = %spec.name, error = %e, "cannot record the started runtime; a restarted agent will not supervise it");
+        }
         running.insert(spec.name.clone(), Running { spec, stop, done: done.clone() });
         Ok(StartWait { name: c.name.clone(), shared: self.common.shared.clone(), done })
+    }
+
+    fn record_path(&self, name: &str) -> std::path::PathBuf {
+        self.common.state_dir.join("runtimes").join(name).join("start.json")
+    }
+
+    /// After an agent restart: supervises again every runtime started by command and not
+    /// stopped (its server is adopted where it still runs), and finishes the drain of any
+    /// server whose stop was under way (its record gone, its server maybe still there).
+    pub async fn restore(&self) {
+        let dir = self.common.state_dir.join("runtimes");
+        let Ok(entries) = std::fs::read_dir(&dir) else { return };
+        let names: Vec<String> = entries.flatten().filter_map(|e| e.file_name().into_string().ok()).collect();
+        for name in names {
+            if self.fixed.iter().any(|(n, _, _)| n == &name) || !hearth_service::kube::is_dns_label(&name) {
+                continue;
+            }
+            let record = self.record_path(&name);
+            match std::fs::read(&record) {
+                Ok(bytes) => match serde_json::from_slice::<StartRecord>(&bytes).map_err(|e| e.to_string()).and_then(|r| {
+                    Ok((r.port, <pb::StartRuntimeCommand as prost::Message>::decode(r.command.as_slice()).map_err(|e| e.to_string())?))
+                }) {
+                    Ok((port, c)) => match self.start_on(&c, Some(port)) {
+                        Ok(_) => {
+                            tracing::info!(runtime = %name, "supervising again the runtime started by command before the agent restarted")
+                        }
+                        Err(e) => tracing::warn!(runtime = %name, error = %e, "cannot supervise again a runtime started by command"),
+                    },
+                    Err(e) => tracing::warn!(runtime = %name, file = %record.display(), error = %e, "unreadable start record; ignored"),
+                },
+                Err(_) => {
+                    let drain = self.templates.values().map(|t| t.drain_timeout).max().unwrap_or(Duration::from_secs(5));
+                    super::managed::reap(&self.common, &name, drain).await;
+                }
+            }
+        }
     }
 
     /// Stops a runtime started by command; resolves once it is drained.
@@ -172,6 +223,9 @@ impl RuntimeCommands {
         }
         let r =
             self.running().remove(name).ok_or_else(|| format!("stop_runtime: no runtime named {name:?} was started here by command"))?;
+        // The intent first: an agent killed mid-drain must not start it again, and finishes
+        // the drain when it comes back (`restore`).
+        let _ = std::fs::remove_file(self.record_path(name));
         r.stop.cancel();
         let mut done = r.done;
         Ok(async move {
@@ -182,6 +236,13 @@ impl RuntimeCommands {
             }
         })
     }
+}
+
+/// What the agent keeps of a StartRuntime it accepted: the command and the port it chose.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StartRecord {
+    port: u16,
+    command: Vec<u8>,
 }
 
 /// Waits for a started runtime to be ready or give up.

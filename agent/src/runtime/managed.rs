@@ -131,6 +131,39 @@ pub fn supervise(
     }
 }
 
+/// Stops the server of `name` left running with no one to supervise it (its stop was under
+/// way when the agent died), and removes what is left of it.
+pub async fn reap(c: &Common, name: &str, drain: Duration) {
+    let dir = c.state_dir.join("runtimes").join(name);
+    async fn finish<D: Driver>(d: D, name: &str, drain: Duration) {
+        if let Some(h) = d.adopt().await {
+            info!(runtime = name, server = ?h, "finishing the stop of a model server an earlier agent was stopping");
+            d.stop(&h, drain).await;
+        }
+    }
+    match &c.drivers {
+        Drivers::Process => finish(ProcessDriver::new(name, dir.clone()), name, drain).await,
+        Drivers::Pod(ctx) => {
+            let spec = ManagedSpec {
+                name: name.to_owned(),
+                engine: Kind::Custom,
+                model: None,
+                model_name: String::new(),
+                command: Vec::new(),
+                port: 0,
+                visible_devices: None,
+                env: Vec::new(),
+                ready_timeout: drain,
+                drain_timeout: drain,
+                image: None,
+                resources: Default::default(),
+            };
+            finish(super::pod::PodDriver::new(ctx.clone(), &spec), name, drain).await;
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 impl<D: Driver> Supervisor<D> {
     fn publish(&self, state: RuntimeState, reason: impl Into<String>, load: Option<super::engine::Load>) {
         let mut m = self.shared.lock().unwrap_or_else(|p| p.into_inner());

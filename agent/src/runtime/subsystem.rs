@@ -211,6 +211,9 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
             fixed,
             drain_all.clone(),
         );
+        // What the controller started before this agent restarted runs on (or is stopped).
+        let again = rc.clone();
+        tasks.spawn("restore", async move { again.restore().await }.instrument(info_span!("runtimes")));
         w.commands.set_runtimes(rc);
         let kinds: Vec<&str> = settings.engines.keys().map(|k| k.as_str()).collect();
         parts.push(format!("StartRuntime for {}", kinds.join(", ")));
