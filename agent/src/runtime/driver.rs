@@ -69,6 +69,16 @@ pub trait Driver: Send + Sync + 'static {
     fn tick(&self) {}
 }
 
+/// The environment that binds a process to its partition: a Neuron core range
+/// ("neuroncores:4-7") through `NEURON_RT_VISIBLE_CORES`; GPUs and MIG instances (UUIDs or
+/// indices) through `CUDA_VISIBLE_DEVICES` and `NVIDIA_VISIBLE_DEVICES`.
+pub fn device_env(partition: &str) -> Vec<(&'static str, String)> {
+    match partition.strip_prefix("neuroncores:") {
+        Some(range) => vec![("NEURON_RT_VISIBLE_CORES", range.to_owned())],
+        None => vec![("CUDA_VISIBLE_DEVICES", partition.to_owned()), ("NVIDIA_VISIBLE_DEVICES", partition.to_owned())],
+    }
+}
+
 /// The pid file: pid and start time (clock ticks since boot, field 22 of /proc/PID/stat).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PidFile {
@@ -219,8 +229,8 @@ impl ProcessDriver {
         for (k, v) in &l.env {
             cmd.env(k, v);
         }
-        if let Some(d) = &l.partition {
-            cmd.env("CUDA_VISIBLE_DEVICES", d).env("NVIDIA_VISIBLE_DEVICES", d);
+        for (k, v) in l.partition.as_deref().map(device_env).unwrap_or_default() {
+            cmd.env(k, v);
         }
         // Its own process group: signals reach the engine's workers too, and killing the
         // agent does not take the server with it.
@@ -324,6 +334,12 @@ impl Drop for ProcessDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partitions_bind_through_the_runtimes_variables() {
+        assert_eq!(device_env("neuroncores:4-7"), vec![("NEURON_RT_VISIBLE_CORES", "4-7".to_owned())]);
+        assert_eq!(device_env("GPU-a,GPU-b")[0], ("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b".to_owned()));
+    }
 
     #[test]
     fn start_ticks_tell_a_process_from_a_reused_pid() {

@@ -106,6 +106,16 @@ impl PodContext {
 /// The device plugin's resource for a partition (a GPU or MIG instance UUID, a GPU index,
 /// or a comma-separated list of GPUs).
 pub fn device_resource(partition: &str, accelerators: &[Accelerator]) -> Result<(String, u32), String> {
+    // A Neuron core range: the device plugin hands out that many cores (contiguous ones).
+    if let Some(range) = partition.strip_prefix("neuroncores:") {
+        let n = range
+            .split_once('-')
+            .and_then(|(a, b)| Some((a.parse::<u32>().ok()?, b.parse::<u32>().ok()?)))
+            .filter(|(a, b)| a <= b)
+            .map(|(a, b)| b - a + 1)
+            .ok_or_else(|| format!("partition {partition:?}: expected neuroncores:FIRST-LAST"))?;
+        return Ok(("aws.amazon.com/neuroncore".into(), n));
+    }
     let parts: Vec<&str> = partition.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
     let mut whole = 0;
     for p in &parts {
@@ -517,6 +527,8 @@ mod tests {
         assert_eq!(device_resource("MIG-x", &accs).unwrap(), ("nvidia.com/mig-3g.40gb".into(), 1));
         assert!(device_resource("MIG-x,GPU-a", &accs).unwrap_err().contains("cannot be combined"));
         assert!(device_resource("GPU-zzz", &accs).unwrap_err().contains("\"GPU-zzz\": not a GPU"));
+        assert_eq!(device_resource("neuroncores:4-7", &accs).unwrap(), ("aws.amazon.com/neuroncore".into(), 4));
+        assert!(device_resource("neuroncores:7-4", &accs).is_err());
     }
 
     #[test]

@@ -112,7 +112,11 @@ fn load_weights(dir: &Path) -> anyhow::Result<(usize, u64, u64)> {
     for f in &files {
         let data = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
         let n = data.get(..8).map(|h| u64::from_le_bytes(h.try_into().unwrap_or_default())).context("shorter than a header")?;
-        let header = data.get(8..8 + n as usize).with_context(|| format!("{}: header of {n} bytes past the end", f.display()))?;
+        let header = usize::try_from(n)
+            .ok()
+            .and_then(|n| n.checked_add(8))
+            .and_then(|end| data.get(8..end))
+            .with_context(|| format!("{}: header of {n} bytes past the end", f.display()))?;
         serde_json::from_slice::<serde_json::Value>(header).with_context(|| format!("{}: the header is not JSON", f.display()))?;
         bytes += data.len() as u64;
         // A seed from the weights: the same model generates the same text.

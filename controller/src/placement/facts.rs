@@ -149,6 +149,13 @@ pub struct RuntimeFacts {
 /// from the report, so without a bound one corrupt `core_count` costs gigabytes per placement.
 pub const MAX_NEURON_CORES: u32 = 256;
 
+/// The node-wide core range of a Neuron partition name, "neuroncores:A-B" (inclusive).
+pub fn neuron_range(p: &str) -> Option<(u32, u32)> {
+    let (a, b) = p.strip_prefix("neuroncores:")?.split_once('-')?;
+    let (a, b) = (a.parse().ok()?, b.parse().ok()?);
+    (a <= b).then_some((a, b))
+}
+
 fn healthy(h: i32) -> bool {
     // Unspecified counts as healthy: older agents and simulated devices may not say.
     h != pb::HealthState::Unhealthy as i32
@@ -202,6 +209,23 @@ impl NodeFacts {
                 table: mig::profiles_for(a.pci_device_id),
                 instances,
             });
+        }
+        // Runtimes bound to a node-wide core range ("neuroncores:4-7", what StartRuntime names
+        // for a Neuron slot) hold those cores, counted across devices in index order.
+        let mut order: Vec<usize> = (0..neuron.len()).collect();
+        order.sort_by_key(|&i| neuron[i].index);
+        for (a, b) in bound.iter().filter_map(|u| neuron_range(u)) {
+            let mut base = 0u32;
+            for &i in &order {
+                let d: &mut NeuronDevice = &mut neuron[i];
+                for (c, busy) in d.busy_cores.iter_mut().enumerate() {
+                    let g = base + c as u32;
+                    if g >= a && g <= b {
+                        *busy = true;
+                    }
+                }
+                base += d.cores;
+            }
         }
         let mut models = FastMap::with_capacity_and_hasher(s.models.len(), Default::default());
         let mut by_id: HashMap<&str, (String, String)> = HashMap::with_capacity(s.models.len());

@@ -101,10 +101,10 @@ impl Scaling {
                     _ => Err("node_changed"),
                 }
             }
-            // A new MIG instance is the partition reconciler's to create (ApplyPartition);
-            // Neuron core groups are not handed to runtimes yet.
+            // The agent binds it with NEURON_RT_VISIBLE_CORES (node-wide core indices).
+            Slot::NeuronCores { start, count } => Ok(format!("neuroncores:{start}-{}", start + count.saturating_sub(1))),
+            // A new MIG instance is the partition reconciler's to create (ApplyPartition).
             Slot::MigCreate { .. } => Err("needs_partition"),
-            Slot::NeuronCores { .. } => Err("neuron_unsupported"),
         }
     }
 

@@ -528,6 +528,22 @@ fn absurd_neuron_core_counts_and_ranges_are_bounded() {
     assert!(f.neuron[0].busy_cores.iter().all(|b| *b), "the bound partition covers every core");
 }
 
+/// A runtime bound to a node-wide Neuron core range (what StartRuntime names for a Neuron
+/// slot) holds those cores across devices in index order; a nonsense range holds nothing.
+#[test]
+fn a_neuron_core_range_marks_cores_busy_across_devices() {
+    let dev = |index: u32| pb::Accelerator { index, vendor: pb::AcceleratorVendor::AwsNeuron as i32, core_count: 2, ..Default::default() };
+    let rt = |p: &str| pb::ServingRuntime { name: p.into(), partition_uuid: p.into(), ..Default::default() };
+    let s = pb::NodeState {
+        accelerators: vec![dev(1), dev(0)],
+        runtimes: vec![rt("neuroncores:1-2"), rt("neuroncores:9-3"), rt("neuroncores:0-4294967295x")],
+        ..Default::default()
+    };
+    let f = crate::placement::facts::NodeFacts::from_state(&s);
+    let by_index = |i: u32| f.neuron.iter().find(|d| d.index == i).unwrap().busy_cores.clone();
+    assert_eq!((by_index(0), by_index(1)), (vec![false, true], vec![true, false]));
+}
+
 /// Regression: a reported MIG instance at start u32::MAX made placement compute
 /// `start + size` and overflow (a panic in debug builds) when looking for room on its GPU.
 #[test]
