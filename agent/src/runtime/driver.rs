@@ -183,10 +183,12 @@ pub struct ProcessDriver {
     /// pid file and logs.
     pub dir: PathBuf,
     cgroup: Option<Cgroup>,
+    /// The node's accelerators (a MIG partition is exposed alone, as in a container).
+    report: Option<tokio::sync::watch::Receiver<crate::report::NodeReport>>,
 }
 
 impl ProcessDriver {
-    pub fn new(name: &str, dir: PathBuf) -> Self {
+    pub fn new(name: &str, dir: PathBuf, report: Option<tokio::sync::watch::Receiver<crate::report::NodeReport>>) -> Self {
         let cgroup = match Cgroup::create(name, &dir) {
             Ok(c) => Some(c),
             Err(e) => {
@@ -194,7 +196,18 @@ impl ProcessDriver {
                 None
             }
         };
-        Self { name: name.to_owned(), dir, cgroup }
+        Self { name: name.to_owned(), dir, cgroup, report }
+    }
+
+    /// A real MIG instance's device view, when the partition names one.
+    fn mig_view(&self, partition: &str) -> Option<Result<super::isolate::DeviceView, String>> {
+        let report = self.report.as_ref()?.borrow();
+        let (gpu, mig) = report
+            .accelerators
+            .iter()
+            .filter(|a| !a.simulated)
+            .find_map(|a| a.gpu.as_ref()?.mig_devices.iter().find(|m| m.uuid == partition).map(|m| (a, m)))?;
+        Some(super::isolate::plan(Path::new("/dev"), Path::new("/proc"), &gpu.pci_bus_id, mig.gi_id, mig.ci_id))
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -229,8 +242,18 @@ impl ProcessDriver {
         for (k, v) in &l.env {
             cmd.env(k, v);
         }
-        for (k, v) in l.partition.as_deref().map(device_env).unwrap_or_default() {
-            cmd.env(k, v);
+        match l.partition.as_deref().and_then(|p| self.mig_view(p).map(|v| (p, v))) {
+            // One MIG instance, alone in the child's view: CUDA's device 0.
+            Some((p, Ok(view))) => {
+                cmd.env("CUDA_VISIBLE_DEVICES", "0").env("NVIDIA_VISIBLE_DEVICES", p);
+                super::isolate::apply(&mut cmd, view);
+            }
+            Some((p, Err(e))) => return Err(format!("exposing MIG instance {p} alone: {e}")),
+            None => {
+                for (k, v) in l.partition.as_deref().map(device_env).unwrap_or_default() {
+                    cmd.env(k, v);
+                }
+            }
         }
         // Its own process group: signals reach the engine's workers too, and killing the
         // agent does not take the server with it.

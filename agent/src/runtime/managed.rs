@@ -80,6 +80,8 @@ pub struct Common {
     pub drivers: Drivers,
     pub state_dir: PathBuf,
     pub shutdown: CancellationToken,
+    /// The node's report (its accelerators, for device binding).
+    pub report: tokio::sync::watch::Receiver<crate::report::NodeReport>,
 }
 
 /// How this node runs agent-managed servers (`runtimes.driver`).
@@ -126,7 +128,7 @@ pub fn supervise(
         };
     }
     match &c.drivers {
-        Drivers::Process => sup!(ProcessDriver::new(&spec.name, dir)),
+        Drivers::Process => sup!(ProcessDriver::new(&spec.name, dir, Some(c.report.clone()))),
         Drivers::Pod(ctx) => sup!(super::pod::PodDriver::new(ctx.clone(), &spec)),
     }
 }
@@ -142,7 +144,7 @@ pub async fn reap(c: &Common, name: &str, drain: Duration) {
         }
     }
     match &c.drivers {
-        Drivers::Process => finish(ProcessDriver::new(name, dir.clone()), name, drain).await,
+        Drivers::Process => finish(ProcessDriver::new(name, dir.clone(), None), name, drain).await,
         Drivers::Pod(ctx) => {
             let spec = ManagedSpec {
                 name: name.to_owned(),

@@ -22,6 +22,7 @@ pub mod commands;
 pub mod discover;
 pub mod driver;
 pub mod engine;
+pub mod isolate;
 pub mod managed;
 pub mod pause;
 pub mod pod;

@@ -190,6 +190,7 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
         drivers,
         state_dir: w.cfg.state_dir.clone(),
         shutdown: tasks.cancel_token().clone(),
+        report: w.report.subscribe(),
     };
     for spec in &settings.managed {
         let restarts = restarts.get_or_create(&vec![("runtime".into(), spec.name.clone())]).clone();
