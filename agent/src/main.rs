@@ -132,6 +132,10 @@ enum Cmd {
         /// The weights it reads (every *.safetensors file) before it is ready.
         #[arg(long)]
         model_dir: Option<PathBuf>,
+        /// Or read them from s3://bucket/prefix/ itself (AWS environment for credentials
+        /// and endpoint), as an engine's own loader would.
+        #[arg(long, conflicts_with = "model_dir")]
+        model_uri: Option<String>,
         /// Time per generated token.
         #[arg(long, default_value = "20ms")]
         token_time: String,
@@ -453,12 +457,13 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             };
             r.context("sample network workload")?;
         }
-        Cmd::SampleServer { port, model, model_dir, token_time, max_batch } => {
+        Cmd::SampleServer { port, model, model_dir, model_uri, token_time, max_batch } => {
             let token_time = hearth_service::config::parse_duration("--token-time", &token_time)?;
             hearth_agent::runtime::sample_server::run(hearth_agent::runtime::sample_server::SampleArgs {
                 port,
                 model,
                 model_dir,
+                model_uri,
                 token_time,
                 max_batch,
             })

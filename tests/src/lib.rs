@@ -291,13 +291,30 @@ impl AgentProc {
 
     /// Like `start`, with `devices_yaml` (a flow mapping) as the `devices:` section.
     pub async fn start_with_devices(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, devices_yaml: &str) -> Result<Self> {
-        Self::spawn_with(dir, pki, node, controller, "", "", devices_yaml).await
+        Self::spawn_with(dir, pki, node, controller, "", "", devices_yaml, &[]).await
     }
 
     async fn spawn(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str, cache_extra: &str) -> Result<Self> {
-        Self::spawn_with(dir, pki, node, controller, extra_yaml, cache_extra, "{simulated: [2xH100-80GB], collect_interval: 300ms}").await
+        Self::spawn_with(dir, pki, node, controller, extra_yaml, cache_extra, "{simulated: [2xH100-80GB], collect_interval: 300ms}", &[])
+            .await
     }
 
+    /// Like `start_with_cache_models`, with `extra_yaml` at the top level too and `env` for
+    /// the process (S3 credentials, for one).
+    pub async fn start_with_env(
+        dir: &Path,
+        pki: &TestPki,
+        node: &str,
+        controller: SocketAddr,
+        extra_yaml: &str,
+        cache_extra: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        Self::spawn_with(dir, pki, node, controller, extra_yaml, cache_extra, "{simulated: [2xH100-80GB], collect_interval: 300ms}", env)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn spawn_with(
         dir: &Path,
         pki: &TestPki,
@@ -306,6 +323,7 @@ impl AgentProc {
         extra_yaml: &str,
         cache_extra: &str,
         devices: &str,
+        env: &[(&str, &str)],
     ) -> Result<Self> {
         let files = pki.client(node)?;
         let cache = dir.join(format!("cache-{node}"));
@@ -327,7 +345,7 @@ impl AgentProc {
         )?;
         let mut proc = Proc::spawn(
             &format!("agent-{node}"),
-            Command::new(bin("hearth")).args(["agent", "--config"]).arg(&cfg).env("RUST_LOG", "info"),
+            Command::new(bin("hearth")).args(["agent", "--config"]).arg(&cfg).env("RUST_LOG", "info").envs(env.iter().copied()),
             dir,
         )?;
         let line = proc.wait_for_log_line("agent serving /metrics", Duration::from_secs(20)).await?;

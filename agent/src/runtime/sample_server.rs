@@ -36,6 +36,9 @@ pub struct SampleArgs {
     pub port: u16,
     pub model: String,
     pub model_dir: Option<PathBuf>,
+    /// Or the weights read from S3 by the server itself, one sequential stream per file, as
+    /// an engine's own loader does (credentials and endpoint from the AWS environment).
+    pub model_uri: Option<String>,
     /// Time per generated token.
     pub token_time: Duration,
     /// Requests generated at once; more wait.
@@ -90,6 +93,43 @@ struct Server {
     requests: AtomicU64,
     ttft: Histogram,
     itl: Histogram,
+}
+
+/// Reads every `*.safetensors` object under an `s3://bucket/prefix`, each in sequential
+/// 16 MiB reads on one stream, checking each header; (files, bytes, seed) as `load_weights`.
+async fn load_weights_s3(uri: &str) -> anyhow::Result<(usize, u64, u64)> {
+    use crate::cache::source::Source;
+    let crate::cache::spec::SourceUri::S3 { bucket, prefix } = crate::cache::spec::SourceUri::parse(uri)? else {
+        anyhow::bail!("--model-uri {uri:?}: expected s3://bucket/prefix/");
+    };
+    let src = crate::cache::source::s3::S3Source::new(&bucket, &prefix, &Default::default()).await;
+    let mut objects: Vec<_> = src.list().await?.into_iter().filter(|o| o.key.ends_with(".safetensors")).collect();
+    anyhow::ensure!(!objects.is_empty(), "no *.safetensors object under {uri}");
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+    const CHUNK: usize = 16 << 20;
+    let (mut bytes, mut seed) = (0u64, 0xcbf2_9ce4_8422_2325u64);
+    for o in &objects {
+        let mut off = 0u64;
+        while off < o.size {
+            let mut buf = crate::cache::buf::AlignedBuf::new(CHUNK);
+            buf.set_len((o.size - off).min(CHUNK as u64) as usize);
+            let (buf, r) = src.read_into(o, off, buf).await;
+            r?;
+            let data = buf.as_slice();
+            if off == 0 {
+                let n = data.get(..8).map(|h| u64::from_le_bytes(h.try_into().unwrap_or_default())).context("shorter than a header")?;
+                anyhow::ensure!(n.checked_add(8).is_some_and(|end| end <= o.size), "{}: header of {n} bytes past the end", o.key);
+            }
+            // The same positions `load_weights` samples, for the same seed.
+            let first = (4099 - off % 4099) % 4099;
+            for b in data.iter().skip(first as usize).step_by(4099) {
+                seed = (seed ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+            }
+            off += data.len() as u64;
+        }
+        bytes += o.size;
+    }
+    Ok((objects.len(), bytes, seed))
 }
 
 /// Reads every `*.safetensors` file under `dir`, checking each header; (files, bytes, seed).
@@ -235,12 +275,13 @@ pub async fn run(args: SampleArgs) -> anyhow::Result<()> {
         requests: AtomicU64::new(0),
     });
     // Alive at once, ready (model listed) once the weights are read, as vLLM is.
-    let dir = args.model_dir.clone();
+    let (dir, uri) = (args.model_dir.clone(), args.model_uri.clone());
     tokio::spawn(async move {
         let t0 = Instant::now();
-        let seed = match dir {
-            None => Ok((0, 0, 1)),
-            Some(d) => tokio::task::spawn_blocking(move || load_weights(&d)).await.unwrap_or_else(|e| Err(anyhow::anyhow!(e))),
+        let seed = match (uri, dir) {
+            (Some(u), _) => load_weights_s3(&u).await,
+            (None, None) => Ok((0, 0, 1)),
+            (None, Some(d)) => tokio::task::spawn_blocking(move || load_weights(&d)).await.unwrap_or_else(|e| Err(anyhow::anyhow!(e))),
         };
         match seed {
             Ok((files, bytes, seed)) => {
