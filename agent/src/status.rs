@@ -45,19 +45,7 @@ pub struct NodeStatus {
     pub peer: String,
 }
 
-/// One model server as its node reported it.
-#[derive(Debug, Serialize)]
-pub struct RuntimeRow {
-    pub node: String,
-    pub name: String,
-    pub model: String,
-    pub state: String,
-    pub managed_by: String,
-    pub requests_running: f64,
-    pub requests_waiting: f64,
-    pub kv_cache_usage_ratio: f64,
-    pub ttft_p50_seconds: f64,
-}
+pub use crate::runtime::cli::RuntimeRow;
 
 /// The controller's latest recommendation for a model that has servers.
 #[derive(Debug, Serialize)]
@@ -142,20 +130,7 @@ pub async fn fetch(a: &StatusArgs) -> anyhow::Result<ClusterStatus> {
     let mut runtimes = Vec::new();
     for n in resp.nodes.iter().filter(|n| n.connection != pb::NodeConnection::Disconnected as i32) {
         let Ok(r) = op.get_node(pb::GetNodeRequest { name: n.name.clone() }).await else { continue };
-        for r in r.into_inner().state.map(|s| s.runtimes).unwrap_or_default() {
-            let l = r.load.unwrap_or_default();
-            runtimes.push(RuntimeRow {
-                node: n.name.clone(),
-                name: r.name,
-                model: r.model_id,
-                state: r.state,
-                managed_by: r.managed_by,
-                requests_running: l.requests_running,
-                requests_waiting: l.requests_waiting,
-                kv_cache_usage_ratio: l.kv_cache_usage_ratio,
-                ttft_p50_seconds: l.ttft_p50_seconds,
-            });
-        }
+        runtimes.extend(crate::runtime::cli::rows_of(&n.name, r.into_inner().state.unwrap_or_default()));
     }
     let mut names: Vec<String> = runtimes.iter().map(|r| r.model.clone()).collect();
     names.sort();
@@ -194,7 +169,7 @@ pub async fn fetch(a: &StatusArgs) -> anyhow::Result<ClusterStatus> {
 }
 
 /// Columns padded to their widest cell, two spaces apart.
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let widths: Vec<usize> = (0..N).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
     let mut out = String::new();
     for r in rows {
@@ -302,6 +277,7 @@ mod tests {
         s.runtimes.push(RuntimeRow {
             node: "gpu-1".into(),
             name: "chat-1".into(),
+            engine: "vllm".into(),
             model: "chat".into(),
             state: "ready".into(),
             managed_by: "agent".into(),
@@ -309,6 +285,8 @@ mod tests {
             requests_waiting: 1.0,
             kv_cache_usage_ratio: 0.75,
             ttft_p50_seconds: 0.042,
+            start_seconds: 1.5,
+            reason: String::new(),
         });
         s.models.push(ModelRow { model: "chat".into(), desired_replicas: 2, current_replicas: 1, reason: "saturation".into() });
         let t = render_table(&s);

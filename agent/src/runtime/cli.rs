@@ -38,25 +38,30 @@ pub async fn list(a: &StatusArgs, node: Option<&str>) -> anyhow::Result<Vec<Runt
     let mut rows = Vec::new();
     for n in names {
         let state = op.get_node(pb::GetNodeRequest { name: n.clone() }).await.map_err(ask)?.into_inner().state.unwrap_or_default();
-        for r in state.runtimes {
-            let l = r.load.unwrap_or_default();
-            rows.push(RuntimeRow {
-                node: n.clone(),
-                name: r.name,
-                engine: r.kind,
-                model: r.model_id,
-                state: r.state,
-                managed_by: r.managed_by,
-                requests_running: l.requests_running,
-                requests_waiting: l.requests_waiting,
-                kv_cache_usage_ratio: l.kv_cache_usage_ratio,
-                ttft_p50_seconds: l.ttft_p50_seconds,
-                start_seconds: r.start_seconds,
-                reason: r.reason,
-            });
-        }
+        rows.extend(rows_of(&n, state));
     }
     Ok(rows)
+}
+
+/// The rows of one node's reported runtimes.
+pub fn rows_of(node: &str, state: pb::NodeState) -> impl Iterator<Item = RuntimeRow> + '_ {
+    state.runtimes.into_iter().map(move |r| {
+        let l = r.load.unwrap_or_default();
+        RuntimeRow {
+            node: node.to_owned(),
+            name: r.name,
+            engine: r.kind,
+            model: r.model_id,
+            state: r.state,
+            managed_by: r.managed_by,
+            requests_running: l.requests_running,
+            requests_waiting: l.requests_waiting,
+            kv_cache_usage_ratio: l.kv_cache_usage_ratio,
+            ttft_p50_seconds: l.ttft_p50_seconds,
+            start_seconds: r.start_seconds,
+            reason: r.reason,
+        }
+    })
 }
 
 pub fn render(rows: &[RuntimeRow]) -> String {
@@ -80,13 +85,7 @@ pub fn render(rows: &[RuntimeRow]) -> String {
             if r.reason.is_empty() { "-".into() } else { r.reason.chars().take(80).collect() },
         ]);
     }
-    let widths: Vec<usize> = (0..12).map(|i| t.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for r in &t {
-        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = crate::status::table(&t);
     if rows.is_empty() {
         out.push_str("(no model servers reported)\n");
     }

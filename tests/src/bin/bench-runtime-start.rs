@@ -69,6 +69,26 @@ async fn capped_proxy(upstream: std::net::SocketAddr, rate: u64) -> Result<std::
 
 const NODE: &str = "bench-start";
 
+/// StartRuntime, then the seconds until the controller sees it ready; then StopRuntime and
+/// the wait until it is gone from the report.
+async fn start_to_ready(state: &hearth_controller::state::ClusterState, name: &str, kind: &str, model_id: &str) -> Result<f64> {
+    let send = |id: String, kind: pb::command::Kind| {
+        state.send_command(NODE, pb::Command { id: id.clone(), idempotency_key: id, deadline: None, kind: Some(kind) })
+    };
+    let find = || async {
+        let s = state.get(NODE, Instant::now()).map(|(_, s)| s);
+        anyhow::Ok(s.and_then(|s| s.runtimes.into_iter().find(|r| r.name == name)))
+    };
+    let t0 = Instant::now();
+    let start = pb::StartRuntimeCommand { name: name.into(), kind: kind.into(), model_id: model_id.into(), ..Default::default() };
+    send(format!("start-{name}"), pb::command::Kind::StartRuntime(start))?;
+    wait_for(&format!("{name} ready"), Duration::from_secs(600), || async { Ok(find().await?.filter(|r| r.state == "ready")) }).await?;
+    let took = t0.elapsed().as_secs_f64();
+    send(format!("stop-{name}"), pb::command::Kind::StopRuntime(pb::StopRuntimeCommand { name: name.into() }))?;
+    wait_for(&format!("{name} gone"), Duration::from_secs(30), || async { Ok(find().await?.is_none().then_some(())) }).await?;
+    Ok(took)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -122,17 +142,6 @@ async fn main() -> Result<()> {
     let send = |id: String, kind: pb::command::Kind| {
         ctl.state.send_command(NODE, pb::Command { id: id.clone(), idempotency_key: id, deadline: None, kind: Some(kind) })
     };
-    let runtime = |name: String| {
-        let state = ctl.state.clone();
-        move || {
-            let state = state.clone();
-            let name = name.clone();
-            async move {
-                let s = state.get(NODE, Instant::now()).map(|(_, s)| s);
-                anyhow::Ok(s.and_then(|s| s.runtimes.into_iter().find(|r| r.name == name)))
-            }
-        }
-    };
     // The model cached once, before any timing (a prefetch through the controller).
     let uri = "s3://models/m/".to_owned();
     wait_for("the agent connected", Duration::from_secs(20), || async {
@@ -149,26 +158,7 @@ async fn main() -> Result<()> {
     // One untimed start of each first: the binary and the files into the page cache, the
     // connection pools warm.
     for (kind, name) in [("vllm", "warm-c"), ("sglang", "warm-s")] {
-        send(
-            format!("start-{name}"),
-            pb::command::Kind::StartRuntime(pb::StartRuntimeCommand {
-                name: name.into(),
-                kind: kind.into(),
-                model_id: id.clone(),
-                ..Default::default()
-            }),
-        )?;
-        wait_for(&format!("{name} ready"), Duration::from_secs(600), || {
-            let f = runtime(name.to_owned());
-            async move { Ok(f().await?.filter(|r| r.state == "ready")) }
-        })
-        .await?;
-        send(format!("stop-{name}"), pb::command::Kind::StopRuntime(pb::StopRuntimeCommand { name: name.into() }))?;
-        wait_for(&format!("{name} gone"), Duration::from_secs(30), || {
-            let f = runtime(name.to_owned());
-            async move { Ok(f().await?.is_none().then_some(())) }
-        })
-        .await?;
+        start_to_ready(&ctl.state, name, kind, &id).await.with_context(|| agent.proc.log_text())?;
     }
     println!(
         "model: {} files, {:.0} MiB; SeaweedFS on loopback, {} bytes/s per connection for the engine; {} rounds",
@@ -185,29 +175,7 @@ async fn main() -> Result<()> {
         let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for which in order {
             let (kind, name) = if which == 0 { ("vllm", format!("c{round}")) } else { ("sglang", format!("s{round}")) };
-            let t0 = Instant::now();
-            send(
-                format!("start-{name}"),
-                pb::command::Kind::StartRuntime(pb::StartRuntimeCommand {
-                    name: name.clone(),
-                    kind: kind.into(),
-                    model_id: id.clone(),
-                    ..Default::default()
-                }),
-            )?;
-            wait_for(&format!("{name} ready"), Duration::from_secs(600), || {
-                let f = runtime(name.clone());
-                async move { Ok(f().await?.filter(|r| r.state == "ready")) }
-            })
-            .await
-            .with_context(|| agent.proc.log_text())?;
-            times[which] = t0.elapsed().as_secs_f64();
-            send(format!("stop-{name}"), pb::command::Kind::StopRuntime(pb::StopRuntimeCommand { name: name.clone() }))?;
-            wait_for(&format!("{name} gone"), Duration::from_secs(30), || {
-                let f = runtime(name.clone());
-                async move { Ok(f().await?.is_none().then_some(())) }
-            })
-            .await?;
+            times[which] = start_to_ready(&ctl.state, &name, kind, &id).await.with_context(|| agent.proc.log_text())?;
         }
         println!("{round:>5}  {:>12.3}  {:>12.3}", times[0], times[1]);
         cached.push(times[0]);
