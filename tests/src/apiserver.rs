@@ -876,6 +876,8 @@ type Started = Vec<(String, Vec<String>)>;
 /// A kubelet for one node, running until dropped; see the module doc.
 pub struct Kubelet {
     stop: CancellationToken,
+    /// The device plugin's GPUs (empty: not registered yet, pods asking for GPUs wait).
+    gpus: Arc<Mutex<Vec<String>>>,
     /// Pods started, by UID, with the command line they ran.
     started: Arc<Mutex<Started>>,
     /// Running containers' process ids, by pod UID.
@@ -892,6 +894,12 @@ impl Kubelet {
     /// (pod UID, command) of every container this kubelet started, in order.
     pub fn started(&self) -> Vec<(String, Vec<String>)> {
         self.started.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Registers the device plugin's GPUs (UUIDs); pods asking for `nvidia.com/gpu` get them
+    /// from the end of the list, so a pod's GPU is not the one its creator may have had in mind.
+    pub fn set_gpus(&self, uuids: Vec<String>) {
+        *self.gpus.lock().unwrap_or_else(|p| p.into_inner()) = uuids;
     }
 
     /// SIGKILL to a pod's container, as the OOM killer would.
@@ -915,7 +923,28 @@ impl ApiServer {
     /// Runs a kubelet for `node`: each pod bound to it is "pulled" for `pull`, then its
     /// container's command runs as a local process; see the module doc.
     pub fn kubelet(&self, node: &str, pull: Duration) -> Kubelet {
+        self.kubelet_with_devices(node, pull, None).expect("no socket to bind")
+    }
+
+    /// Like `kubelet`, with a device plugin for `nvidia.com/gpu` (see [`Kubelet::set_gpus`])
+    /// and, in `podres_dir`, the kubelet's PodResources socket saying which pod got which.
+    pub fn kubelet_with_devices(&self, node: &str, pull: Duration, podres_dir: Option<&Path>) -> Result<Kubelet> {
         let stop = CancellationToken::new();
+        let gpus: Arc<Mutex<Vec<String>>> = Arc::default();
+        let allocs: Arc<Mutex<BTreeMap<String, Alloc>>> = Arc::default();
+        if let Some(dir) = podres_dir {
+            let path = dir.join("kubelet.sock");
+            let _ = std::fs::remove_file(&path);
+            let listener = tokio::net::UnixListener::bind(&path)?;
+            let (svc, s) = (PodRes(allocs.clone()), stop.clone());
+            tokio::spawn(async move {
+                let _ = tonic::transport::Server::builder()
+                    .add_service(hearth_proto::podresources::pod_resources_lister_server::PodResourcesListerServer::new(svc))
+                    .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), s.cancelled())
+                    .await;
+            });
+        }
+        let (pool, allocs2) = (gpus.clone(), allocs.clone());
         let started = Arc::new(Mutex::new(Vec::new()));
         let pids = Arc::new(Mutex::new(BTreeMap::new()));
         let (shared, node, s2, log, pids2) = (self.shared.clone(), node.to_owned(), stop.clone(), started.clone(), pids.clone());
@@ -989,8 +1018,26 @@ impl ApiServer {
                     if since.elapsed() < pull {
                         continue;
                     }
-                    pulling.remove(&uid);
+                    // The device plugin: GPUs from the end of its list, none twice.
                     let container = &pod["spec"]["containers"][0];
+                    let want: usize = container["resources"]["limits"]["nvidia.com/gpu"].as_str().and_then(|n| n.parse().ok()).unwrap_or(0);
+                    if want > 0 {
+                        let pool = pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        let mut allocs = allocs2.lock().unwrap_or_else(|p| p.into_inner());
+                        let taken: BTreeSet<String> = allocs.values().flat_map(|a| a.ids.clone()).collect();
+                        let free: Vec<String> = pool.iter().rev().filter(|g| !taken.contains(*g)).take(want).cloned().collect();
+                        if free.len() < want {
+                            continue;
+                        }
+                        let alloc = Alloc {
+                            namespace: pod["metadata"]["namespace"].as_str().unwrap_or("").to_owned(),
+                            name: pod["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                            container: container["name"].as_str().unwrap_or("").to_owned(),
+                            ids: free,
+                        };
+                        allocs.insert(uid.clone(), alloc);
+                    }
+                    pulling.remove(&uid);
                     let argv: Vec<String> =
                         container["command"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(str::to_owned)).collect();
                     let Some((prog, args)) = argv.split_first() else { continue };
@@ -1028,6 +1075,8 @@ impl ApiServer {
                         }
                     }
                 }
+                // Devices of pods that are gone go back to the plugin.
+                allocs2.lock().unwrap_or_else(|p| p.into_inner()).retain(|u, _| shared.st().pods.contains_key(u));
                 // Pods whose process is gone and whose deletion is due.
                 let gone: Vec<String> = running.keys().filter(|u| !shared.st().pods.contains_key(*u)).cloned().collect();
                 for u in gone {
@@ -1047,7 +1096,45 @@ impl ApiServer {
                 }
             }
         });
-        Kubelet { stop, started, pids }
+        Ok(Kubelet { stop, gpus, started, pids })
+    }
+}
+
+/// Devices the kubelet's device plugin gave one pod's container.
+#[derive(Debug, Clone)]
+struct Alloc {
+    namespace: String,
+    name: String,
+    container: String,
+    ids: Vec<String>,
+}
+
+/// The kubelet's PodResources service over its allocations.
+#[derive(Clone)]
+struct PodRes(Arc<Mutex<BTreeMap<String, Alloc>>>);
+
+#[tonic::async_trait]
+impl hearth_proto::podresources::pod_resources_lister_server::PodResourcesLister for PodRes {
+    async fn list(
+        &self,
+        _: tonic::Request<hearth_proto::podresources::ListPodResourcesRequest>,
+    ) -> Result<tonic::Response<hearth_proto::podresources::ListPodResourcesResponse>, tonic::Status> {
+        use hearth_proto::podresources::{ContainerDevices, ContainerResources, ListPodResourcesResponse, PodResources};
+        let pods = self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|a| PodResources {
+                name: a.name.clone(),
+                namespace: a.namespace.clone(),
+                containers: vec![ContainerResources {
+                    name: a.container.clone(),
+                    devices: vec![ContainerDevices { resource_name: "nvidia.com/gpu".into(), device_ids: a.ids.clone(), topology: None }],
+                }],
+            })
+            .collect();
+        Ok(tonic::Response::new(ListPodResourcesResponse { pod_resources: pods }))
     }
 }
 

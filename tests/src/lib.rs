@@ -314,8 +314,10 @@ impl AgentProc {
             .await
     }
 
+    /// The general form: `extra_yaml` at the top level, `cache_extra` inside `cache:`,
+    /// `devices` (a flow mapping) as `devices:`, and `env` for the process.
     #[allow(clippy::too_many_arguments)]
-    async fn spawn_with(
+    pub async fn spawn_with(
         dir: &Path,
         pki: &TestPki,
         node: &str,

@@ -554,8 +554,12 @@ async fn pod_driver_binds_a_pod_to_the_node_watches_it_to_ready_adopts_it_and_de
     hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
     let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
     let (api, kube_yaml) = hearth_tests::agent_api_server(dir.path(), NODE).await?;
-    // Half a second "pulling" the image, then the container's command runs here.
-    let kubelet = api.kubelet(NODE, Duration::from_millis(500));
+    // Half a second "pulling" the image, then the container's command runs here; its device
+    // plugin hands out GPUs, and its PodResources socket says which pod got which.
+    let podres = dir.path().join("pod-resources");
+    std::fs::create_dir_all(&podres)?;
+    let kubelet = api.kubelet_with_devices(NODE, Duration::from_millis(500), Some(&podres))?;
+    let devices = format!("{{simulated: [2xH100-80GB], collect_interval: 300ms, pod_resources_dir: \"{}\"}}", podres.display());
     let (port, cmd_port) = (free_port()?, free_port()?);
     let fake = |extra: &str| {
         format!(
@@ -571,11 +575,25 @@ async fn pod_driver_binds_a_pod_to_the_node_watches_it_to_ready_adopts_it_and_de
         fake(""),
         src = src.display(),
     );
-    let mut agent = AgentProc::start_with_cache_models(dir.path(), &pki, NODE, ctl.grpc_addr, &extra).await?;
+    let mut agent = AgentProc::spawn_with(dir.path(), &pki, NODE, ctl.grpc_addr, "", &extra, &devices, &[]).await?;
+    // The device plugin registers the node's GPUs (until then the pod waits for one).
+    let ch = channel(ctl.grpc_addr, Some(&pki.client_material("operator")?)).await?;
+    let op = pb::operator_client::OperatorClient::new(ch);
+    let gpus = wait_for("the node's GPUs", Duration::from_secs(20), || {
+        let mut op = op.clone();
+        async move {
+            let s = op.get_node(pb::GetNodeRequest { name: NODE.into() }).await.ok().and_then(|r| r.into_inner().state);
+            Ok(s.map(|s| s.accelerators.into_iter().map(|a| a.uuid).collect::<Vec<_>>()).filter(|g| g.len() == 2))
+        }
+    })
+    .await?;
+    kubelet.set_gpus(gpus.clone());
     let r = runtime_where(&ctl, &pki, "llama-p ready", |r| r.name == "llama-p" && r.state == "ready")
         .await
         .with_context(|| agent.proc.log_text())?;
-    assert_eq!((r.managed_by.as_str(), r.model_id.as_str(), r.partition_uuid.as_str()), ("agent", "llama", "0"));
+    // Asked for GPU 0's kind; reported with the GPU the device plugin gave (the last one).
+    assert_eq!((r.managed_by.as_str(), r.model_id.as_str()), ("agent", "llama"));
+    assert_eq!(r.partition_uuid, gpus[1], "the allocated GPU, from PodResources");
     // Time to ready, split: the image (the kubelet's half-second pull) apart from the engine.
     let r = runtime_where(&ctl, &pki, "llama-p's start measured", |r| r.name == "llama-p" && r.start_seconds > 0.0).await?;
     ensure!(r.image_seconds >= 0.0 && r.image_seconds < 5.0 && r.weights_seconds > 0.0, "{r:?}");
@@ -628,7 +646,7 @@ async fn pod_driver_binds_a_pod_to_the_node_watches_it_to_ready_adopts_it_and_de
     ensure!(!api.requests().iter().any(|q| q.is("delete", "pods")), "no pod deleted on an agent stop");
     let (code, _) = http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/health").await?;
     assert_eq!(code, 200, "still serving");
-    let mut agent = AgentProc::start_with_cache_models(dir.path(), &pki, NODE, ctl.grpc_addr, &extra).await?;
+    let mut agent = AgentProc::spawn_with(dir.path(), &pki, NODE, ctl.grpc_addr, "", &extra, &devices, &[]).await?;
     agent.proc.wait_for_log_line("adopted the model server", Duration::from_secs(15)).await?;
     runtime_where(&ctl, &pki, "llama-p ready again", |r| r.name == "llama-p" && r.state == "ready").await?;
     assert_eq!(api.requests().iter().filter(|q| q.is("create", "pods")).count(), 1, "adopted, not created again");
@@ -649,8 +667,7 @@ async fn pod_driver_binds_a_pod_to_the_node_watches_it_to_ready_adopts_it_and_de
 
     // StartRuntime and StopRuntime with the pod driver: a pod per command; the stop deletes
     // it with the drain deadline as grace, and the engine drains on the kubelet's SIGTERM.
-    let ch = channel(ctl.grpc_addr, Some(&pki.client_material("operator")?)).await?;
-    let mut op = pb::operator_client::OperatorClient::new(ch);
+    let mut op = op.clone();
     let state = op.get_node(pb::GetNodeRequest { name: NODE.into() }).await?.into_inner().state.context("state")?;
     let model_id = state.models.iter().find(|m| m.source_uri.contains("fsx/llama")).context("cached")?.id.clone();
     let send = |id: &str, kind: pb::command::Kind| {
@@ -668,6 +685,8 @@ async fn pod_driver_binds_a_pod_to_the_node_watches_it_to_ready_adopts_it_and_de
     )?;
     let line = agent.proc.wait_for_log_line("start_runtime command finished", Duration::from_secs(20)).await?;
     ensure!(line.contains("Succeeded"), "{line}");
+    let r = runtime_where(&ctl, &pki, "llama-cmd ready", |r| r.name == "llama-cmd" && r.state == "ready").await?;
+    assert_eq!(r.partition_uuid, gpus[0], "the GPU left");
     let cmd_pod = api.object_pod("serving", &format!("hearth-llama-cmd-{NODE}")).context("the command's pod")?;
     assert_eq!(cmd_pod["spec"]["containers"][0]["resources"]["limits"], serde_json::json!({"nvidia.com/gpu": "1"}));
     send("p2", pb::command::Kind::StopRuntime(pb::StopRuntimeCommand { name: "llama-cmd".into() }))?;

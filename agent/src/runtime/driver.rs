@@ -54,6 +54,12 @@ pub trait Driver: Send + Sync + 'static {
         false
     }
 
+    /// The devices the server actually got, where something other than the agent chose
+    /// them (the device plugin, for a pod); None: the partition it was started with.
+    fn bound(&self, _h: &Self::Handle) -> impl Future<Output = Option<String>> + Send {
+        async { None }
+    }
+
     /// Seconds spent getting the server's image onto the node, once known.
     fn image_seconds(&self, _h: &Self::Handle) -> Option<f64> {
         None

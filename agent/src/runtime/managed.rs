@@ -66,6 +66,8 @@ pub struct Supervisor<D: Driver> {
     pub events: crate::kube::events::NodeEvents,
     /// The agent's own stop: a server that outlives the agent is left serving on it.
     pub shutdown: CancellationToken,
+    /// The devices the driver reports the server got, once ready (see `Driver::bound`).
+    pub bound: Mutex<Option<String>>,
 }
 
 /// What every supervisor on a node shares; `supervise` adds the spec and the driver.
@@ -122,6 +124,7 @@ pub fn supervise(
                 pauses: c.pauses.clone(),
                 events: c.events.clone(),
                 shutdown: c.shutdown.clone(),
+                bound: Mutex::new(None),
             }
             .run(stop)
             .boxed()
@@ -177,7 +180,13 @@ impl<D: Driver> Supervisor<D> {
                 name: self.spec.name.clone(),
                 engine: self.spec.engine,
                 model: self.spec.model_name.clone(),
-                partition_uuid: self.spec.visible_devices.clone().unwrap_or_default(),
+                partition_uuid: self
+                    .bound
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+                    .or_else(|| self.spec.visible_devices.clone())
+                    .unwrap_or_default(),
                 state,
                 reason: reason.into(),
                 load: load.unwrap_or(prev_load),
@@ -369,6 +378,14 @@ impl<D: Driver> Supervisor<D> {
             match self.wait_ready(&h, &mut reader, &engine, &stop).await {
                 Ok(took) => {
                     info!(runtime = %self.spec.name, time_to_ready = ?took, weights_s = ?weights_s, "model server ready");
+                    if let Some(got) = self.driver.bound(&h).await {
+                        if self.spec.visible_devices.as_ref() != Some(&got) {
+                            info!(runtime = %self.spec.name, asked = ?self.spec.visible_devices, got, "the model server's devices, as allocated");
+                        }
+                        // A partition change on the devices it really holds drains it.
+                        self.pauses.rebind(&self.spec.name, Some(got.clone()));
+                        *self.bound.lock().unwrap_or_else(|p| p.into_inner()) = Some(got);
+                    }
                     self.publish(RuntimeState::Ready, "", None);
                     // An adopted server's start was not seen: keep what was measured before.
                     if let Some(w) = weights_s {

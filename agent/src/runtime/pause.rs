@@ -45,6 +45,15 @@ impl Pauses {
         *d = (*d).max(drain + Duration::from_secs(1));
     }
 
+    /// The devices a registered runtime holds, learnt after it started.
+    pub fn rebind(&self, name: &str, devices: Option<String>) {
+        for (n, d) in self.bound.lock().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+            if n == name {
+                d.clone_from(&devices);
+            }
+        }
+    }
+
     pub fn unregister(&self, name: &str) {
         self.bound.lock().unwrap_or_else(|p| p.into_inner()).retain(|(n, _)| n != name);
     }

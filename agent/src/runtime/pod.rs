@@ -68,6 +68,8 @@ pub struct PodContext {
     pub cache_dir: Option<std::path::PathBuf>,
     /// The node's accelerators, to turn a partition into a device-plugin resource.
     pub report: watch::Receiver<crate::report::NodeReport>,
+    /// The kubelet's PodResources socket directory: which devices the device plugin gave.
+    pub podres_dir: std::path::PathBuf,
     node_uid: tokio::sync::OnceCell<String>,
 }
 
@@ -78,8 +80,9 @@ impl PodContext {
         settings: PodSettings,
         cache_dir: Option<std::path::PathBuf>,
         report: watch::Receiver<crate::report::NodeReport>,
+        podres_dir: std::path::PathBuf,
     ) -> Self {
-        Self { client, node, settings, cache_dir, report, node_uid: Default::default() }
+        Self { client, node, settings, cache_dir, report, podres_dir, node_uid: Default::default() }
     }
 
     fn pods(&self) -> Api<Pod> {
@@ -137,6 +140,27 @@ pub fn device_resource(partition: &str, accelerators: &[Accelerator]) -> Result<
         return Err("no partition given".into());
     }
     Ok(("nvidia.com/gpu".into(), whole))
+}
+
+/// The partition a container's allocated devices make, as runtimes report partitions: GPU
+/// and MIG UUIDs (comma-separated), or a Neuron core range.
+pub fn allocated_partition(devices: &[(String, Vec<String>)]) -> Option<String> {
+    let mut gpus = Vec::new();
+    let mut cores: Vec<u32> = Vec::new();
+    for (resource, ids) in devices {
+        if resource.starts_with("nvidia.com/") {
+            gpus.extend(ids.iter().map(|i| crate::kube::podres::base_device_id(i).to_owned()));
+        } else if resource == "aws.amazon.com/neuroncore" {
+            cores.extend(ids.iter().filter_map(|i| i.parse::<u32>().ok()));
+        }
+    }
+    if !gpus.is_empty() {
+        gpus.sort();
+        gpus.dedup();
+        return Some(gpus.join(","));
+    }
+    let (lo, hi) = (cores.iter().min()?, cores.iter().max()?);
+    Some(format!("neuroncores:{lo}-{hi}"))
 }
 
 /// The Pod for one runtime: pure, so its exact shape is pinned by a test.
@@ -453,6 +477,22 @@ impl Driver for PodDriver {
         }))
     }
 
+    /// What the device plugin gave the pod's engine container, from the kubelet's
+    /// PodResources; None where the kubelet does not answer (the asked-for partition stands).
+    async fn bound(&self, h: &PodHandle) -> Option<String> {
+        let resp = match crate::kube::podres::list(&self.ctx.podres_dir, Duration::from_secs(2)).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(pod = %h.name, error = %e, "cannot learn the pod's devices from the kubelet; reporting the partition it asked for");
+                return None;
+            }
+        };
+        let pod = resp.pod_resources.iter().find(|p| p.namespace == self.ctx.settings.namespace && p.name == h.name)?;
+        let c = pod.containers.iter().find(|c| c.name == "engine")?;
+        let devices: Vec<(String, Vec<String>)> = c.devices.iter().map(|d| (d.resource_name.clone(), d.device_ids.clone())).collect();
+        allocated_partition(&devices)
+    }
+
     fn image_seconds(&self, h: &PodHandle) -> Option<f64> {
         let latest = h.latest.borrow();
         let p = latest.as_ref()?;
@@ -529,6 +569,15 @@ mod tests {
         assert!(device_resource("GPU-zzz", &accs).unwrap_err().contains("\"GPU-zzz\": not a GPU"));
         assert_eq!(device_resource("neuroncores:4-7", &accs).unwrap(), ("aws.amazon.com/neuroncore".into(), 4));
         assert!(device_resource("neuroncores:7-4", &accs).is_err());
+    }
+
+    #[test]
+    fn allocated_devices_become_the_reported_partition() {
+        let d = |r: &str, ids: &[&str]| (r.to_owned(), ids.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>());
+        assert_eq!(allocated_partition(&[d("nvidia.com/gpu", &["GPU-b", "GPU-a::2"])]).as_deref(), Some("GPU-a,GPU-b"));
+        assert_eq!(allocated_partition(&[d("nvidia.com/mig-3g.40gb", &["MIG-x"])]).as_deref(), Some("MIG-x"));
+        assert_eq!(allocated_partition(&[d("aws.amazon.com/neuroncore", &["5", "4", "6"])]).as_deref(), Some("neuroncores:4-6"));
+        assert_eq!(allocated_partition(&[d("example.com/fpga", &["f0"])]), None);
     }
 
     #[test]

@@ -175,6 +175,7 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
                 pod.clone(),
                 w.cache.as_ref().map(|c| c.root().to_path_buf()),
                 w.report.subscribe(),
+                w.cfg.gpu.pod_resources.dir.clone(),
             );
             parts.push(format!("pods in namespace {}", pod.namespace));
             super::managed::Drivers::Pod(Arc::new(ctx))
