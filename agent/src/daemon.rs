@@ -34,6 +34,7 @@ pub const SUBSYSTEMS: &[(&str, StartFn)] = &[
     ("network", |w, t| Box::pin(crate::netobs::start(w, t))),
     ("kube", |w, t| Box::pin(crate::kube::start(w, t))),
     ("runtimes", |w, t| Box::pin(crate::runtime::start(w, t))),
+    ("images", |w, t| Box::pin(crate::images::start(w, t))),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,8 @@ pub enum AgentError {
     Cache(#[from] crate::cache::manager::CacheError),
     #[error("model servers: {0}")]
     Runtimes(String),
+    #[error("images: {0}")]
+    Images(String),
 }
 
 #[derive(Debug)]

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod device;
 pub mod gpu_cli;
 pub mod gpu_metrics;
+pub mod images;
 pub mod kube;
 pub mod local;
 pub mod netobs;

@@ -106,6 +106,11 @@ enum Cmd {
         #[arg(long, default_value = "30s")]
         stall_timeout: String,
     },
+    /// Container images in the node's containerd: pull one the fast way, list them.
+    Images {
+        #[command(subcommand)]
+        cmd: ImagesCmd,
+    },
     /// Inspect the local cache.
     Cache {
         #[command(subcommand)]
@@ -284,6 +289,44 @@ enum GpuCmd {
 }
 
 #[derive(Subcommand)]
+enum ImagesCmd {
+    /// Pull an image into containerd as the agent does: layers fetched with parallel ranged
+    /// GETs into the content store, then unpacked by CRI (a plain CRI pull if that fails).
+    Pull {
+        reference: String,
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        containerd_socket: PathBuf,
+        /// containerd namespace (the kubelet's is k8s.io).
+        #[arg(long, default_value = "k8s.io")]
+        namespace: String,
+        /// Registry credentials, Docker config.json format.
+        #[arg(long)]
+        auth_file: Option<PathBuf>,
+        /// Registries reached over plain HTTP (repeatable; loopback ones always are).
+        #[arg(long)]
+        insecure_registry: Vec<String>,
+        /// Connections for the ranged fetch; 0: a plain CRI pull.
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+        /// Bytes per ranged GET.
+        #[arg(long, default_value = "8Mi")]
+        chunk_size: String,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Images the runtime has, and who pins them.
+    Ls {
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        containerd_socket: PathBuf,
+        #[arg(long, default_value = "k8s.io")]
+        namespace: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum CacheCmd {
     /// List cached models.
     Ls {
@@ -313,6 +356,7 @@ fn main() -> ExitCode {
         | Cmd::Call { .. }
         | Cmd::Prefetch { .. }
         | Cmd::Cache { .. }
+        | Cmd::Images { .. }
         | Cmd::Partition { .. }
         | Cmd::Gpu { .. } => "warn",
         #[cfg(feature = "local")]
@@ -482,6 +526,26 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             hearth_agent::call::run(hearth_agent::call::CallArgs { method, data, max_messages, max_time, conn }).await?;
         }
         Cmd::Status { output, conn } => hearth_agent::status::run(conn.into_args(output)).await?,
+        Cmd::Images {
+            cmd: ImagesCmd::Pull { reference, containerd_socket, namespace, auth_file, insecure_registry, connections, chunk_size, quiet },
+        } => {
+            spawn_signal_handler(shutdown.clone());
+            let chunk = hearth_service::config::parse_size("--chunk-size", &chunk_size)?;
+            let args = hearth_agent::images::cli::PullArgs {
+                reference,
+                socket: containerd_socket,
+                namespace,
+                auth_file,
+                insecure: insecure_registry,
+                connections,
+                chunk,
+                progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            hearth_agent::images::cli::pull(args, shutdown).await?
+        }
+        Cmd::Images { cmd: ImagesCmd::Ls { containerd_socket, namespace, json } } => {
+            hearth_agent::images::cli::ls(containerd_socket, namespace, json).await?
+        }
         Cmd::Runtime { cmd: RuntimeCmd::Ls { node, output, conn } } => hearth_agent::runtime::cli::ls(conn.into_args(output), node).await?,
         Cmd::Runtime { cmd: RuntimeCmd::Logs { name, agent_state_dir, lines } } => {
             println!("{}", hearth_agent::runtime::cli::logs(&agent_state_dir, &name, lines)?)

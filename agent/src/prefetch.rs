@@ -33,7 +33,7 @@ pub struct PrefetchArgs {
     pub stall_timeout: std::time::Duration,
 }
 
-fn human(bytes: f64) -> String {
+pub fn human(bytes: f64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes;
     let mut u = 0;

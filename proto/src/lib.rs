@@ -33,6 +33,45 @@ pub mod podresources {
     tonic::include_proto!("v1");
 }
 
+/// CRI v1 (package `runtime.v1`), clients of the image and runtime services: the agent pulls
+/// and inspects images through the node's container runtime, as the kubelet does.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
+}
+
+/// containerd's own API, the parts CRI does not cover: writing blobs into the content store,
+/// leases that keep them from garbage collection, image labels (pinning), the version.
+/// Nested as the packages are, so the generated cross-package paths resolve.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod containerd {
+    pub mod types {
+        tonic::include_proto!("containerd.types");
+    }
+    pub mod services {
+        pub mod content {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.content.v1");
+            }
+        }
+        pub mod images {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.images.v1");
+            }
+        }
+        pub mod leases {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.leases.v1");
+            }
+        }
+        pub mod version {
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.version.v1");
+            }
+        }
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every hearth.v1 file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hearth_descriptor.bin"));
 

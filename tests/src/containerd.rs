@@ -6,7 +6,9 @@
 //! unmounted before the dir is removed.
 //!
 //! Needs root and the Debian packages `containerd` and `runc`; without them
-//! [`Containerd::start`] fails and says what is missing. The CRI plugin is off unless
+//! [`Containerd::start`] fails and says what is missing. That is containerd 1.6 on Debian 12;
+//! [`Options::binaries`] with [`containerd_17_dir`] runs Debian 13's containerd 1.7 instead
+//! (scripts/test.sh unpacks it into the workspace), with the same config and the system runc. The CRI plugin is off unless
 //! [`Options::cri`] asks for it (it is slower to start and `ctr` does not need it); its
 //! settings are the ones this kind of machine needs (see TESTING.md): in particular
 //! `restrict_oom_score_adj`, because the VM drops CAP_SYS_RESOURCE.
@@ -34,11 +36,14 @@ pub struct Options {
     pub extra_toml: String,
     /// How long to wait for containerd's socket to answer.
     pub start_timeout: Duration,
+    /// A directory holding `containerd`, `ctr` and `containerd-shim-runc-v2` to run instead
+    /// of those on PATH; `None`: the system's.
+    pub binaries: Option<PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { namespace: None, cri: None, extra_toml: String::new(), start_timeout: Duration::from_secs(20) }
+        Self { namespace: None, cri: None, extra_toml: String::new(), start_timeout: Duration::from_secs(20), binaries: None }
     }
 }
 
@@ -52,6 +57,26 @@ impl Options {
         self.cri = Some(cri);
         self
     }
+
+    /// Runs `containerd`, `ctr` and the runc shim from `dir` (e.g. [`containerd_17_dir`]).
+    pub fn binaries(mut self, dir: &Path) -> Self {
+        self.binaries = Some(dir.to_owned());
+        self
+    }
+}
+
+/// Where scripts/test.sh unpacks Debian 13's containerd 1.7: `target/test-deps/containerd-1.7/
+/// usr/bin` in the workspace. Fails, naming the script, when it is not there.
+pub fn containerd_17_dir() -> Result<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("tests/ sits in the workspace")?;
+    let dir = workspace.join("target/test-deps/containerd-1.7/usr/bin");
+    ensure!(
+        dir.join("containerd").is_file(),
+        "containerd 1.7 is not unpacked at {}: scripts/test.sh downloads Debian 13's containerd package and unpacks it there \
+         (run the script, or its containerd 1.7 step)",
+        dir.display()
+    );
+    Ok(dir)
 }
 
 /// The CRI plugin's settings that differ between tests. Everything else is fixed to what
@@ -78,6 +103,8 @@ pub struct Containerd {
     socket: PathBuf,
     namespace: String,
     ctr: PathBuf,
+    containerd: PathBuf,
+    config: PathBuf,
     // Dropped last: removed only after everything in it is stopped and unmounted.
     dir: tempfile::TempDir,
 }
@@ -91,10 +118,24 @@ impl std::fmt::Debug for Containerd {
 impl Containerd {
     /// Writes the config and starts containerd; returns once its socket answers.
     pub async fn start(opts: Options) -> Result<Self> {
-        let containerd = require_tool("containerd", "apt-get install -y containerd runc")?;
-        let ctr = require_tool("ctr", "apt-get install -y containerd")?;
+        let (containerd, ctr, path) = match &opts.binaries {
+            None => {
+                let containerd = require_tool("containerd", "apt-get install -y containerd runc")?;
+                let ctr = require_tool("ctr", "apt-get install -y containerd")?;
+                require_tool("containerd-shim-runc-v2", "apt-get install -y containerd")?;
+                (containerd, ctr, None)
+            }
+            Some(dir) => {
+                for tool in ["containerd", "ctr", "containerd-shim-runc-v2"] {
+                    ensure!(dir.join(tool).is_file(), "no {tool} in {}", dir.display());
+                }
+                // containerd finds the shim on its PATH: ours first, then the system's (runc).
+                let mut path = vec![dir.clone()];
+                path.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+                (dir.join("containerd"), dir.join("ctr"), Some(std::env::join_paths(path)?))
+            }
+        };
         require_tool("runc", "apt-get install -y runc")?;
-        require_tool("containerd-shim-runc-v2", "apt-get install -y containerd")?;
         ensure!(
             rustix::process::geteuid().is_root(),
             "containerd needs root (it mounts snapshots and runs runc); run the suite as root (CI does)"
@@ -104,7 +145,12 @@ impl Containerd {
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
         std::fs::write(&config, config_toml(dir.path(), &opts)?)?;
-        let proc = Proc::spawn("containerd", Command::new(containerd).arg("--config").arg(&config), dir.path())?;
+        let mut cmd = Command::new(&containerd);
+        cmd.arg("--config").arg(&config);
+        if let Some(path) = path {
+            cmd.env("PATH", path);
+        }
+        let proc = Proc::spawn("containerd", &mut cmd, dir.path())?;
         let namespace = match opts.namespace {
             Some(ns) => ns,
             // The temp dir's random suffix is alphanumeric: a valid namespace name.
@@ -112,7 +158,7 @@ impl Containerd {
                 format!("hearth-test-{}", dir.path().file_name().and_then(|n| n.to_str()).unwrap_or("x").trim_start_matches("hearth-ctrd-"))
             }
         };
-        let mut c = Self { proc: Some(proc), socket, namespace, ctr, dir };
+        let mut c = Self { proc: Some(proc), socket, namespace, ctr, containerd, config, dir };
         let socket = c.socket.clone();
         let ready = wait_for("containerd's socket", opts.start_timeout, || {
             let socket = socket.clone();
@@ -151,6 +197,42 @@ impl Containerd {
     /// containerd's own log so far.
     pub fn log_text(&self) -> String {
         self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
+    }
+
+    /// The server's version as `ctr version` reports it, e.g. `1.7.24~ds1`.
+    pub fn server_version(&self) -> Result<String> {
+        let out = self.ctr(&["version"])?;
+        let server = out.split("Server:").nth(1).with_context(|| format!("no Server section in `ctr version`:\n{out}"))?;
+        let version = server.lines().find_map(|l| l.trim().strip_prefix("Version:")).map(|v| v.trim().to_owned());
+        version.with_context(|| format!("no server version in `ctr version`:\n{out}"))
+    }
+
+    /// Log lines saying something in the config did not work: errors other than the
+    /// expected missing CNI config (there is no CNI here) and deprecation warnings.
+    pub fn config_complaints(&self) -> Vec<String> {
+        self.log_text()
+            .lines()
+            .filter(|l| {
+                let error = l.contains("level=error") || l.contains("level=fatal");
+                let cni = l.contains("failed to load cni");
+                (error && !cni) || (l.contains("level=warning") && l.contains("deprecat"))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The settings of the generated config (`key = value` lines, extra TOML included) that
+    /// are missing from the config containerd actually runs with (`containerd config
+    /// dump`). containerd drops keys it does not know without a word in its log, so this
+    /// is how a test learns that a version reads a setting under another name.
+    pub fn settings_not_applied(&self) -> Result<Vec<String>> {
+        let out = Command::new(&self.containerd).arg("--config").arg(&self.config).args(["config", "dump"]).output()?;
+        ensure!(out.status.success(), "containerd config dump failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+        let dump = String::from_utf8_lossy(&out.stdout);
+        let effective: std::collections::HashSet<&str> = dump.lines().map(str::trim).collect();
+        let written = std::fs::read_to_string(&self.config)?;
+        let setting = |l: &&str| l.contains(" = ") && !l.starts_with('[') && !l.starts_with('#');
+        Ok(written.lines().map(str::trim).filter(setting).filter(|l| !effective.contains(l)).map(str::to_owned).collect())
     }
 
     /// A `ctr` command pointed at this containerd and namespace; add the subcommand.

@@ -10,6 +10,8 @@
 pub mod apiserver;
 pub mod containerd;
 pub mod faultproxy;
+pub mod registry;
+pub mod regproxy;
 pub mod relay;
 pub mod seaweed;
 pub mod sim;

@@ -128,6 +128,8 @@ pub struct Cache {
     bandwidth: Mutex<BTreeMap<String, Ewma>>,
     downloaded: Mutex<BTreeMap<String, u64>>,
     pins: Mutex<BTreeSet<String>>,
+    /// Bytes of the container images Hearth keeps on the node: they share the budget.
+    image_bytes: AtomicU64,
     metrics: Metrics,
     /// Bumped on every change of the index, for the report stream.
     changes: watch::Sender<u64>,
@@ -183,6 +185,7 @@ impl Cache {
             bandwidth: Mutex::default(),
             downloaded: Mutex::default(),
             pins: Mutex::new(pins),
+            image_bytes: AtomicU64::new(0),
             metrics: metrics.clone(),
             changes,
             generation: AtomicU64::new(0),
@@ -245,6 +248,17 @@ impl Cache {
             }
         }
         Ok(())
+    }
+
+    /// The download budget the cache's fetches share, for other downloads of the node's.
+    pub fn rate_limiter(&self) -> Option<Arc<crate::cache::ratelimit::RateLimiter>> {
+        self.cfg.fetch.limit.clone()
+    }
+
+    /// Counts the container images Hearth keeps against the capacity: weights make room
+    /// for them as for each other.
+    pub fn set_image_bytes(&self, bytes: u64) {
+        self.image_bytes.store(bytes, Ordering::Relaxed);
     }
 
     pub fn root(&self) -> &std::path::Path {
@@ -437,7 +451,7 @@ impl Cache {
         let (disk_total, disk_free) = disk(&self.cfg.root)?;
         let disk_allowed = (disk_total as f64 * self.cfg.high_watermark) as u64;
         let disk_used = disk_total - disk_free;
-        let used: u64 = entries.iter().map(|e| e.bytes_present).sum();
+        let used: u64 = entries.iter().map(|e| e.bytes_present).sum::<u64>() + self.image_bytes.load(Ordering::Relaxed);
         let capacity = self.cfg.capacity.unwrap_or(u64::MAX);
         let over_capacity = (used + needed).saturating_sub(capacity);
         let over_disk = (disk_used + needed).saturating_sub(disk_allowed);

@@ -165,6 +165,8 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
             engines: [(crate::runtime::engine::Kind::Vllm, sample_template(sample_base_port)?)].into(),
             ..Default::default()
         },
+        // Local mode never touches a containerd that may run on the machine.
+        images: crate::images::ImageSettings { enabled: Some(false), ..Default::default() },
     };
 
     let agent = crate::daemon::start(acfg, shutdown.clone()).await?;

@@ -43,6 +43,7 @@ fn kind_name(k: Option<&Kind>) -> &'static str {
         Some(Kind::StartRuntime(_)) => "start_runtime",
         Some(Kind::StopRuntime(_)) => "stop_runtime",
         Some(Kind::Drain(_)) => "drain",
+        Some(Kind::PrefetchImage(_)) => "prefetch_image",
     }
 }
 
@@ -96,6 +97,7 @@ pub struct CommandDispatcher {
     cache: Option<Arc<Cache>>,
     partition: Option<PartitionHandler>,
     runtimes: Option<crate::runtime::commands::RuntimeCommands>,
+    images: Option<Arc<crate::images::Images>>,
     seen: Arc<Mutex<Seen>>,
     statuses: mpsc::Sender<pb::CommandStatus>,
     /// Every command runs here, never in the stream loop: a 100 GB eviction or a MIG apply
@@ -105,7 +107,7 @@ pub struct CommandDispatcher {
 
 impl CommandDispatcher {
     pub fn new(statuses: mpsc::Sender<pb::CommandStatus>, tasks: Tasks) -> Self {
-        Self { cache: None, partition: None, runtimes: None, seen: Arc::default(), statuses, tasks }
+        Self { cache: None, partition: None, runtimes: None, images: None, seen: Arc::default(), statuses, tasks }
     }
 
     /// Lets this agent run Prefetch, Evict and Pin.
@@ -123,6 +125,11 @@ impl CommandDispatcher {
         self.runtimes = Some(r);
     }
 
+    /// Lets this agent run PrefetchImage.
+    pub fn set_images(&mut self, images: Arc<crate::images::Images>) {
+        self.images = Some(images);
+    }
+
     fn supported(&self) -> Vec<&'static str> {
         let mut v = if self.cache.is_some() { vec!["prefetch", "evict", "pin"] } else { Vec::new() };
         if self.partition.is_some() {
@@ -130,6 +137,9 @@ impl CommandDispatcher {
         }
         if self.runtimes.is_some() {
             v.extend(["start_runtime", "stop_runtime"]);
+        }
+        if self.images.is_some() {
+            v.push("prefetch_image");
         }
         v
     }
@@ -213,6 +223,44 @@ impl CommandDispatcher {
                             accepted
                         }
                     },
+                },
+                (Some(Kind::PrefetchImage(p)), _) => match (&self.images, crate::images::reference::Reference::parse(&p.reference)) {
+                    (None, _) => outcome(Phase::Rejected, "prefetch_image: no handler".into()),
+                    (_, Err(e)) => outcome(Phase::Rejected, e.to_string()),
+                    (Some(images), Ok(r)) => {
+                        // The weights' cache id on this agent, as a Prefetch of them computes it.
+                        let model = if p.source_uri.is_empty() {
+                            Ok(None)
+                        } else {
+                            ModelSpec::new(&p.source_uri, &[], &[], &p.revision).map(|m| Some(m.id()))
+                        };
+                        match model {
+                            Err(e) => outcome(Phase::Rejected, format!("prefetch_image source_uri: {e}")),
+                            Ok(model) => {
+                                let accepted = outcome(Phase::Accepted, format!("pulling image {r}"));
+                                let (images, cancel) = (images.clone(), self.tasks.cancel_token().child_token());
+                                let span = info_span!("prefetch_image_command", command = %accepted.command_id, image = %r);
+                                self.spawn_command("prefetch_image", span, accepted.clone(), async move {
+                                    match images.prefetch(&r, model.as_deref(), &cancel).await {
+                                        Ok(e) => match e.pulled {
+                                            None => (Phase::Succeeded, format!("image {r} present ({})", e.image_id)),
+                                            Some(p) => (
+                                                Phase::Succeeded,
+                                                format!(
+                                                    "image {r} pulled ({}, {} bytes in {:.1}s)",
+                                                    p.path.as_str(),
+                                                    p.total,
+                                                    p.elapsed.as_secs_f64()
+                                                ),
+                                            ),
+                                        },
+                                        Err(err) => (Phase::Failed, err.to_string()),
+                                    }
+                                });
+                                accepted
+                            }
+                        }
+                    }
                 },
                 (Some(Kind::Evict(e)), Some(c)) => {
                     let accepted = outcome(Phase::Accepted, format!("evicting {}", e.model_id));

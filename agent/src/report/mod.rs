@@ -45,6 +45,8 @@ pub struct NodeReport {
     pub partition: Option<crate::partition::reconcile::PartitionStatus>,
     /// Model servers on this node, as the runtime subsystem last read them.
     pub runtimes: Vec<crate::runtime::RuntimeStatus>,
+    /// Container images on the node (every tag the runtime has).
+    pub images: Vec<crate::images::CachedImage>,
 }
 
 fn model_to_wire(e: &crate::cache::index::IndexEntry) -> pb::CachedModel {
@@ -107,7 +109,11 @@ impl NodeReport {
                 .collect(),
             partition: self.partition.as_ref().map(Into::into),
             runtimes: self.runtimes.iter().map(crate::runtime::RuntimeStatus::to_wire).collect(),
-            ..Default::default()
+            images: self
+                .images
+                .iter()
+                .map(|i| pb::CachedImage { reference: i.reference.clone(), digest: i.digest.clone(), size_bytes: i.size })
+                .collect(),
         }
     }
 }

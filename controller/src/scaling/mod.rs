@@ -69,6 +69,8 @@ pub struct Prewarm {
     pub node: String,
     pub command_id: String,
     pub missing_bytes: u64,
+    /// The serving image was sent too: the pre-warm settles when it is on the node as well.
+    pub image: bool,
     pub issued: Instant,
     /// The bytes should be there before the scale-up the plan anticipates.
     pub deadline: Instant,
@@ -167,7 +169,11 @@ impl Scaling {
         let r = registry.sub_registry_with_prefix("hearth_controller");
         r.register("scaling_decisions", "Scaling decisions made, by reason", metrics.decisions.clone());
         r.register("desired_replicas", "Latest desired replica count per model deployment", metrics.desired.clone());
-        r.register("prewarm", "Pre-warm Prefetch plans by outcome (issued, arrived_in_time, late, send_failed)", metrics.prewarm.clone());
+        r.register(
+            "prewarm",
+            "Pre-warm Prefetch plans by outcome (issued, arrived_in_time, late, send_failed; image_issued for PrefetchImage)",
+            metrics.prewarm.clone(),
+        );
         r.register(
             "runtime_commands",
             "StartRuntime and StopRuntime for agent-managed replicas, by action and outcome (sent, reported, failed, timeout, no_fit, needs_partition, send_failed)",
@@ -309,7 +315,10 @@ impl Scaling {
         let metrics = &self.metrics;
         st.prewarms.retain(|p| {
             let names = [p.node.clone()];
-            let ready = placement.state().placement_view(now, Some(&names), |_, n| n.facts.models.get(&key).is_some_and(|c| c.ready));
+            // Weights ready and, where the plan pulled it too, the serving image present.
+            let ready = placement.state().placement_view(now, Some(&names), |_, n| {
+                n.facts.models.get(&key).is_some_and(|c| c.ready) && (!p.image || n.facts.images.contains(&m.image))
+            });
             let arrived = ready.first().copied().unwrap_or(false);
             if arrived {
                 let outcome = if now <= p.deadline { "arrived_in_time" } else { "late" };
@@ -338,11 +347,53 @@ impl Scaling {
             // A pre-warm is a bet; it never pushes other models' weights out to make room.
             feasible
                 .iter()
-                .filter(|s| s.parts.missing_bytes > 0 && s.parts.evict_bytes == 0 && !st.prewarms.iter().any(|p| p.node == s.node))
+                .filter(|s| {
+                    (s.parts.missing_bytes > 0 || !s.parts.image_cached)
+                        && s.parts.evict_bytes == 0
+                        && !st.prewarms.iter().any(|p| p.node == s.node)
+                })
                 .take(want)
                 .collect();
         for s in candidates {
             let id = format!("prewarm-{}-{}", m.name, self.next_ids(false));
+            // The serving image goes with the weights: a cold replica waits for both. Sent
+            // first (it is usually the longer wait), and only to agents with a runtime to
+            // pull into; its outcome is the agent's to report, the plan tracks the weights.
+            let mut image_sent = false;
+            if !s.parts.image_cached && !m.image.is_empty() && self.placement.state().has_capability(&s.node, "prefetch_image") {
+                let image = pb::Command {
+                    id: format!("{id}-image"),
+                    idempotency_key: format!("prewarm-image/{}/{}/{}", m.name, m.image, s.node),
+                    deadline: None,
+                    kind: Some(pb::command::Kind::PrefetchImage(pb::PrefetchImageCommand {
+                        reference: m.image.clone(),
+                        source_uri: m.source_uri.clone(),
+                        revision: m.revision.clone(),
+                    })),
+                };
+                match self.placement.state().send_command(&s.node, image) {
+                    Ok(()) => {
+                        self.metrics.prewarm.get_or_create(&[("outcome", "image_issued")]).inc();
+                        info!(model = %m.name, node = %s.node, image = %m.image, "pre-warm: image prefetch sent");
+                        image_sent = true;
+                    }
+                    Err(e) => warn!(model = %m.name, node = %s.node, error = %e, "pre-warm: image prefetch not sent"),
+                }
+            }
+            if s.parts.missing_bytes == 0 {
+                if image_sent {
+                    st.prewarms.push(Prewarm {
+                        model: m.name.clone(),
+                        node: s.node.clone(),
+                        command_id: format!("{id}-image"),
+                        missing_bytes: 0,
+                        image: true,
+                        issued: now,
+                        deadline: now + rec.lead_time + self.settings.prewarm_horizon,
+                    });
+                }
+                continue;
+            }
             let cmd = pb::Command {
                 id: id.clone(),
                 idempotency_key: format!("prewarm/{}/{}/{}", m.name, m.revision, s.node),
@@ -363,6 +414,7 @@ impl Scaling {
                         node: s.node.clone(),
                         command_id: id,
                         missing_bytes: s.parts.missing_bytes,
+                        image: image_sent,
                         issued: now,
                         deadline: now + rec.lead_time + self.settings.prewarm_horizon,
                     });

@@ -479,6 +479,12 @@ impl ClusterState {
         s.commands.try_send(cmd).map_err(|_| StateError::NeedResync(format!("command queue for node {node:?} is full or closed")))
     }
 
+    /// Whether the node said in its Hello that it runs commands of this kind (e.g.
+    /// "prefetch_image": an agent that has a container runtime to pull into).
+    pub fn has_capability(&self, node: &str, capability: &str) -> bool {
+        self.read().by_name.get(node).is_some_and(|e| e.hello.capabilities.iter().any(|c| c == capability))
+    }
+
     /// Drops disconnected nodes not heard from within `forget_after`. Returns how many.
     pub fn sweep(&self, now: Instant) -> usize {
         let mut guard = self.write();
