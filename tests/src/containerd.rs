@@ -39,11 +39,21 @@ pub struct Options {
     /// A directory holding `containerd`, `ctr` and `containerd-shim-runc-v2` to run instead
     /// of those on PATH; `None`: the system's.
     pub binaries: Option<PathBuf>,
+    /// Puts containerd's root (content store, snapshots, metadata) on a tmpfs of this many
+    /// bytes, for tests of a full disk.
+    pub root_bytes: Option<u64>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { namespace: None, cri: None, extra_toml: String::new(), start_timeout: Duration::from_secs(20), binaries: None }
+        Self {
+            namespace: None,
+            cri: None,
+            extra_toml: String::new(),
+            start_timeout: Duration::from_secs(20),
+            binaries: None,
+            root_bytes: None,
+        }
     }
 }
 
@@ -55,6 +65,12 @@ impl Options {
 
     pub fn with_cri(mut self, cri: CriOptions) -> Self {
         self.cri = Some(cri);
+        self
+    }
+
+    /// containerd's root on a tmpfs of `bytes` (see [`Options::root_bytes`]).
+    pub fn root_bytes(mut self, bytes: u64) -> Self {
+        self.root_bytes = Some(bytes);
         self
     }
 
@@ -105,6 +121,9 @@ pub struct Containerd {
     ctr: PathBuf,
     containerd: PathBuf,
     config: PathBuf,
+    /// PATH for the containerd process (its own shim first), when not the system's.
+    path_env: Option<std::ffi::OsString>,
+    start_timeout: Duration,
     // Dropped last: removed only after everything in it is stopped and unmounted.
     dir: tempfile::TempDir,
 }
@@ -145,9 +164,17 @@ impl Containerd {
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
         std::fs::write(&config, config_toml(dir.path(), &opts)?)?;
+        if let Some(bytes) = opts.root_bytes {
+            let root = dir.path().join("root");
+            std::fs::create_dir_all(&root)?;
+            // Unmounted with the rest of what is under the temp dir when this is dropped.
+            let size = std::ffi::CString::new(format!("size={bytes}"))?;
+            rustix::mount::mount("tmpfs", &root, "tmpfs", rustix::mount::MountFlags::empty(), Some(size.as_c_str()))
+                .with_context(|| format!("mounting a {bytes}-byte tmpfs at {}", root.display()))?;
+        }
         let mut cmd = Command::new(&containerd);
         cmd.arg("--config").arg(&config);
-        if let Some(path) = path {
+        if let Some(path) = &path {
             cmd.env("PATH", path);
         }
         let proc = Proc::spawn("containerd", &mut cmd, dir.path())?;
@@ -158,7 +185,8 @@ impl Containerd {
                 format!("hearth-test-{}", dir.path().file_name().and_then(|n| n.to_str()).unwrap_or("x").trim_start_matches("hearth-ctrd-"))
             }
         };
-        let mut c = Self { proc: Some(proc), socket, namespace, ctr, containerd, config, dir };
+        let mut c =
+            Self { proc: Some(proc), socket, namespace, ctr, containerd, config, path_env: path, start_timeout: opts.start_timeout, dir };
         let socket = c.socket.clone();
         let ready = wait_for("containerd's socket", opts.start_timeout, || {
             let socket = socket.clone();
@@ -178,6 +206,32 @@ impl Containerd {
         .await
         .with_context(|| c.log_text())?;
         Ok(c)
+    }
+
+    /// Restarts containerd as an upgrade or `systemctl restart` does: SIGTERM, `down` with no
+    /// containerd, then the same binary and config again (same root: the content store,
+    /// unfinished writes and leases survive). Returns once the new one answers.
+    pub async fn restart(&mut self, down: Duration) -> Result<()> {
+        if let Some(mut proc) = self.proc.take() {
+            proc.signal("TERM")?;
+            let gone = proc.wait_exit(Duration::from_secs(10)).await?;
+            if gone.is_none() {
+                proc.kill9()?;
+            }
+        }
+        tokio::time::sleep(down).await;
+        let mut cmd = Command::new(&self.containerd);
+        cmd.arg("--config").arg(&self.config);
+        if let Some(path) = &self.path_env {
+            cmd.env("PATH", path);
+        }
+        self.proc = Some(Proc::spawn("containerd-restarted", &mut cmd, self.dir.path())?);
+        wait_for("the restarted containerd to answer `ctr version`", self.start_timeout, || {
+            let out = self.ctr_command().arg("version").output();
+            async move { Ok(out.ok().filter(|o| o.status.success()).map(|_| ())) }
+        })
+        .await
+        .with_context(|| self.log_text())
     }
 
     /// containerd's gRPC socket (what `ctr --address` and CRI clients dial).

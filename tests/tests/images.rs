@@ -250,3 +250,58 @@ async fn a_layer_whose_digest_does_not_match_is_never_committed() -> Result<()> 
     ensure!(p.path == PullPath::Fast, "{p:?}");
     Ok(())
 }
+
+/// Blocking `ctr` calls and the proxy share the test's runtime: give them threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_containerd_restart_mid_pull_is_waited_out_and_the_pull_resumes() -> Result<()> {
+    // Two capped connections: the 36 MiB image takes about 2 s, long enough to restart under it.
+    let mut env = env(Version::V17, RegProxyOptions { per_connection_bytes_per_sec: Some(8 * MIB), ..Default::default() }).await?;
+    let img = pushed(&env, "restart/app", &TestImage::random(&[12 * MIB, 12 * MIB, 12 * MIB])?).await?;
+    let reference = img.reference_via(&env.proxy.host());
+    let puller = env.puller(None, PullSettings { connections: 2, chunk: 2 * MIB, ..Default::default() })?;
+    let progress = Arc::new(Progress::default());
+    let task = {
+        let (progress, r) = (progress.clone(), Reference::parse(&reference)?);
+        tokio::spawn(async move { puller.pull(&r, &progress, &CancellationToken::new()).await })
+    };
+    hearth_tests::wait_for("a third of the image written", Duration::from_secs(20), || {
+        let done = progress.done.load(std::sync::atomic::Ordering::Relaxed);
+        async move { Ok((done >= 12 * MIB).then_some(())) }
+    })
+    .await?;
+    env.ctrd.restart(Duration::from_millis(1500)).await?;
+    env.proxy.set_per_connection_bytes_per_sec(None);
+    let p = tokio::time::timeout(Duration::from_secs(60), task).await.context("the pull did not end after the restart")??;
+    let p = p.with_context(|| env.ctrd.log_text())?;
+    ensure!(p.path == PullPath::Fast, "expected the fast path to survive the restart: {p:?}");
+    ensure!(p.reused >= 8 * MIB, "resumed only {} bytes from the content store", p.reused);
+    ensure!(env.runtime()?.image_status(&reference).await?.is_some(), "no image after the restart");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_full_disk_fails_the_pull_clearly_and_gives_the_space_back() -> Result<()> {
+    let registry = Registry::start().await?;
+    let opts = Options::default()
+        .namespace("k8s.io")
+        .with_cri(CriOptions::new(&format!("{}/pause:3.9", registry.host())))
+        .binaries(&containerd_17_dir()?)
+        .root_bytes(24 * MIB);
+    let ctrd = Containerd::start(opts).await?;
+    let proxy = RegProxy::start(registry.addr(), RegProxyOptions::default()).await?;
+    let env = Env { ctrd, registry, proxy, _dir: tempfile::tempdir()? };
+    let big = pushed(&env, "full/big", &TestImage::random(&[10 * MIB, 10 * MIB, 10 * MIB])?).await?;
+    let e = pull(&env.puller(None, small_settings())?, &big.reference_via(&env.proxy.host())).await;
+    match &e {
+        Err(PullError::DiskFull(msg)) => ensure!(msg.contains("no space left on device"), "{msg}"),
+        other => anyhow::bail!("expected a disk-full error, got {other:?}"),
+    }
+    let rt = env.runtime()?;
+    ensure!(rt.ingests("hearth-").await?.is_empty(), "unfinished writes left on a full disk");
+    ensure!(rt.image_status(&big.reference_via(&env.proxy.host())).await?.is_none(), "an image was created");
+    // Nothing is wedged: an image that fits pulls.
+    let small = pushed(&env, "full/small", &TestImage::random(&[MIB])?).await?;
+    let p = pull(&env.puller(None, small_settings())?, &small.reference_via(&env.proxy.host())).await?;
+    ensure!(p.path == PullPath::Fast, "{p:?}");
+    Ok(())
+}

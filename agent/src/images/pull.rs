@@ -60,6 +60,8 @@ pub enum PullError {
     Runtime(#[from] RuntimeError),
     #[error("layer {digest}: the content store refused it at commit ({message}); the partial write was dropped")]
     Verify { digest: String, message: String },
+    #[error("containerd's filesystem is full ({0}); what this pull wrote was dropped to give the space back")]
+    DiskFull(String),
     #[error("cancelled")]
     Cancelled,
     #[error("{0}")]
@@ -77,6 +79,7 @@ impl PullError {
             PullError::Runtime(e) if e.is_unavailable() => "runtime_unavailable",
             PullError::Runtime(_) => "runtime",
             PullError::Verify { .. } => "digest_mismatch",
+            PullError::DiskFull(_) => "disk_full",
             PullError::Cancelled => "cancelled",
             PullError::Internal(_) => "internal",
         }
@@ -185,6 +188,8 @@ impl Puller {
                         });
                     }
                     Err(PullError::Cancelled) => return Err(PullError::Cancelled),
+                    // A plain pull needs the same space: report it rather than fill the disk again.
+                    Err(PullError::Runtime(e)) if e.is_disk_full() => return Err(self.give_space_back(r, e).await),
                     Err(e) if matches!(&e, PullError::Runtime(re) if re.is_unavailable()) && attempt < self.settings.attempts => {
                         warn!(image = %r, error = %e, attempt, "containerd unavailable mid-pull; waiting for it, then resuming");
                         self.wait_for_runtime(cancel).await?;
@@ -209,6 +214,28 @@ impl Puller {
         progress.phase.store(3, Ordering::Relaxed);
         let total = progress.total.load(Ordering::Relaxed);
         Ok(Pulled { image_id, path: Path::Fallback, fallback, fetched: 0, reused: 0, total, elapsed: started.elapsed() })
+    }
+
+    /// After ENOSPC: drops Hearth's unfinished writes (every pull's: on a full disk they all
+    /// fail) and this pull's lease, with a synchronous garbage collection, so the blobs only
+    /// it held stop taking space. The next attempt starts over; a full disk is no place to
+    /// keep partial downloads.
+    async fn give_space_back(&self, r: &Reference, e: RuntimeError) -> PullError {
+        warn!(image = %r, error = %e, "containerd's disk is full: dropping what this pull wrote");
+        if let Ok(ingests) = self.runtime.ingests(REF_PREFIX).await {
+            for (reference, _) in ingests {
+                if let Err(a) = self.runtime.abort(&reference).await {
+                    warn!(reference, error = %a, "could not drop an unfinished write");
+                }
+            }
+        }
+        if let Ok(resolved) = self.registry.resolve(r, &super::registry::host_platform()).await {
+            let lease = lease_id(resolved.top_digest());
+            if let Err(d) = self.runtime.drop_lease(&lease, true).await {
+                warn!(lease, error = %d, "could not drop the pull's lease");
+            }
+        }
+        PullError::DiskFull(e.to_string())
     }
 
     async fn wait_for_runtime(&self, cancel: &CancellationToken) -> Result<(), PullError> {
@@ -238,7 +265,7 @@ impl Puller {
         progress.layers_done.store(0, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
         progress.phase.store(1, Ordering::Relaxed);
-        let lease = format!("{REF_PREFIX}pull-{}", &resolved.top_digest()[7..23]);
+        let lease = lease_id(resolved.top_digest());
         self.runtime.lease(&lease, LEASE_EXPIRY).await?;
 
         // The documents: small, fetched whole (the config) or already in hand.
@@ -274,7 +301,7 @@ impl Puller {
         progress.phase.store(2, Ordering::Relaxed);
         let image_id = self.runtime.pull(&r.to_string(), self.auth(r)).await?;
         progress.phase.store(3, Ordering::Relaxed);
-        if let Err(e) = self.runtime.drop_lease(&lease).await {
+        if let Err(e) = self.runtime.drop_lease(&lease, false).await {
             // It expires on its own; the image now holds its content.
             debug!(lease, error = %e, "could not drop the pull's lease");
         }
@@ -380,6 +407,11 @@ impl Puller {
             None => Ok((fetched.load(Ordering::Relaxed), reused)),
         }
     }
+}
+
+/// One lease per image (by the digest its reference points at), so a resumed pull finds it.
+fn lease_id(top_digest: &str) -> String {
+    format!("{REF_PREFIX}pull-{}", top_digest.get(7..23).unwrap_or(top_digest))
 }
 
 fn write_ref(digest: &str) -> String {

@@ -54,6 +54,15 @@ impl RuntimeError {
         }
     }
 
+    /// containerd's filesystem is full (it passes ENOSPC on as text).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            RuntimeError::Rpc { status, .. } => status.message().contains("no space left on device"),
+            RuntimeError::Write { message, .. } => message.contains("no space left on device"),
+            _ => false,
+        }
+    }
+
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             RuntimeError::Rpc { status, .. } => Some(status.code()),
@@ -226,9 +235,11 @@ impl Runtime {
         }
     }
 
-    pub async fn drop_lease(&self, id: &str) -> Result<(), RuntimeError> {
+    /// Drops a lease; `sync` also runs containerd's garbage collection before answering, so
+    /// what only the lease held is gone (its space free) when this returns.
+    pub async fn drop_lease(&self, id: &str, sync: bool) -> Result<(), RuntimeError> {
         let mut c = leases::leases_client::LeasesClient::new(self.channel.clone());
-        match self.timed("Leases.Delete", c.delete(self.req(leases::DeleteRequest { id: id.into(), sync: false }, None))).await {
+        match self.timed("Leases.Delete", c.delete(self.req(leases::DeleteRequest { id: id.into(), sync }, None))).await {
             Ok(_) => Ok(()),
             Err(e) if e.code() == Some(tonic::Code::NotFound) => Ok(()),
             Err(e) => Err(e),
