@@ -966,6 +966,30 @@ mod tests {
     }
 
     #[test]
+    fn images_section_is_validated_naming_the_field() {
+        let c = parse("node_name: n1\nimages: {keep: [vllm/vllm-openai:v0.6.3], connections: 0}").unwrap();
+        assert_eq!(c.images.keep[0].to_string(), "docker.io/vllm/vllm-openai:v0.6.3");
+        assert!(!c.images.pull.fast, "connections: 0 means plain CRI pulls");
+        assert_eq!(c.images.enabled, None, "on when the socket is there");
+        let e = parse("node_name: n1\nimages: {keep: [ok, 'Bad Ref']}").unwrap_err().to_string();
+        assert!(e.starts_with("images.keep[1]: expected"), "{e}");
+        let e = parse("node_name: n1\nimages: {connections: 1000}").unwrap_err().to_string();
+        assert_eq!(e, "images.connections: expected 0 (plain CRI pulls) to 256, got \"1000\"");
+        let e = parse("node_name: n1\nimages: {chunk_size: 100Mi}").unwrap_err().to_string();
+        assert_eq!(e, "images.chunk_size: expected 1Mi to 64Mi, got \"100Mi\"");
+        let e = parse("node_name: n1\nimages: {auth_file: /nonexistent/auth.json}").unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/auth.json"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let auth = dir.path().join("auth.json");
+        std::fs::write(&auth, "{\"auths\": {\"r.io\": {\"auth\": \"dTpw\"}}}").unwrap();
+        let c = parse(&format!("node_name: n1\nimages: {{auth_file: {}}}", auth.display())).unwrap();
+        assert_eq!(c.images.credentials["r.io"].username, "u");
+        std::fs::write(&auth, "not json").unwrap();
+        let e = parse(&format!("node_name: n1\nimages: {{auth_file: {}}}", auth.display())).unwrap_err().to_string();
+        assert!(e.starts_with("images.auth_file: expected Docker config.json"), "{e}");
+    }
+
+    #[test]
     fn minimal_config_runs_node_local() {
         let c = parse("node_name: n1").expect("valid");
         assert!(c.controller.is_none());

@@ -225,9 +225,15 @@ impl RawModel {
         if bytes == 0 {
             return Err(invalid(f("size"), "the weights' total size, above 0", self.size.clone()));
         }
-        if self.image.trim().is_empty() {
-            return Err(invalid(f("image"), "a container image reference", self.image.clone()));
-        }
+        // Normalized as the runtime reports it (`vllm/vllm-openai:v1` is
+        // `docker.io/vllm/vllm-openai:v1` on the node), so placement finds it where it is.
+        let image = hearth_proto::image_ref::Reference::parse(&self.image)
+            .map_err(|e| ConfigError::Entry {
+                field: f("image"),
+                expected: format!("a container image reference: {}", e.expected),
+                got: self.image.clone(),
+            })?
+            .to_string();
         if !RUNTIMES.contains(&self.runtime.as_str()) {
             return Err(invalid(f("runtime"), "one of vllm, sglang, tgi, triton, custom", self.runtime.clone()));
         }
@@ -256,7 +262,7 @@ impl RawModel {
             source_uri: self.source.trim_end_matches('/').to_owned(),
             revision: self.revision.clone(),
             bytes,
-            image: self.image.clone(),
+            image,
             image_bytes: size(f("image_size"), &self.image_size)?,
             runtime: self.runtime.clone(),
             device,
@@ -353,6 +359,7 @@ mod tests {
         assert_eq!(m.scaling.stable_window, Duration::from_secs(30));
         assert_eq!(m.scaling.target_concurrency, 8.0);
         assert_eq!(m.serve, Serve::default(), "replicas are created elsewhere unless said otherwise");
+        assert_eq!(m.image, "docker.io/library/vllm:v1", "normalized as nodes report images");
         let c = parse(
             "- {name: a, source: s3://b/c, size: 1Gi, image: i, resources: {gpus: 1}, managed_by: agent, args: [--max-model-len, '8192']}",
         )
@@ -367,6 +374,8 @@ mod tests {
     #[test]
     fn bad_models_name_the_field() {
         let err = |y: &str| parse(y).unwrap_err().to_string();
+        let e = err("- {name: a, source: s3://b/c, size: 1Gi, image: 'Vllm Latest', resources: {gpus: 1}}");
+        assert!(e.starts_with("models[0] (a).image: expected a container image reference"), "{e}");
         let e = err("- {name: a, source: s3://b/c, size: 1Gi, image: i, resources: {gpus: 1, mig: 1g.10gb}}");
         assert!(e.starts_with("models[0] (a).resources: expected exactly one of"), "{e}");
         assert!(e.ends_with("got \"gpus: 1, mig: 1g.10gb\""), "what was given, in words: {e}");

@@ -10,6 +10,8 @@
 pub mod convert;
 #[cfg(any(test, feature = "test-fixtures"))]
 pub mod fixtures;
+#[cfg_attr(test, allow(clippy::unwrap_used))]
+pub mod image_ref;
 pub mod mig;
 pub mod transport;
 

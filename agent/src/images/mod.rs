@@ -8,7 +8,7 @@
 
 pub mod cli;
 pub mod pull;
-pub mod reference;
+pub use hearth_proto::image_ref as reference;
 pub mod registry;
 pub mod runtime;
 

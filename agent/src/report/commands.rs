@@ -426,6 +426,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn prefetch_image_is_refused_without_a_runtime_and_for_a_bad_reference() {
+        let image = |r: &str, uri: &str| {
+            Kind::PrefetchImage(pb::PrefetchImageCommand { reference: r.into(), source_uri: uri.into(), revision: String::new() })
+        };
+        let (mut d, mut rx) = dispatcher(None);
+        let o = d.dispatch(cmd("1", "k1", None, image("vllm/vllm-openai:v1", "")), SystemTime::now());
+        assert_eq!((o.phase, o.message.as_str()), (Phase::Rejected, "this agent cannot run prefetch_image commands (it runs: none)"));
+        // With a runtime to pull into (none answers on this socket: checked only when pulling).
+        let state = tempfile::tempdir().unwrap();
+        let settings = crate::images::ImageSettings { socket: state.path().join("no.sock"), ..Default::default() };
+        let metrics = crate::images::ImageMetrics::register(&mut prometheus_client::registry::Registry::default());
+        d.set_images(Arc::new(crate::images::Images::new(settings, state.path(), metrics, None).unwrap()));
+        let o = d.dispatch(cmd("2", "k2", None, image("Not A Reference", "")), SystemTime::now());
+        assert_eq!(o.phase, Phase::Rejected);
+        assert!(o.message.starts_with("image reference \"Not A Reference\": expected"), "{}", o.message);
+        let o = d.dispatch(cmd("3", "k3", None, image("vllm:v1", "ftp://nope")), SystemTime::now());
+        assert_eq!(o.phase, Phase::Rejected);
+        assert!(o.message.starts_with("prefetch_image source_uri:"), "{}", o.message);
+        // Accepted, then failed: the socket is not there, and the failure names it.
+        let o = d.dispatch(cmd("4", "k4", None, image("vllm:v1", "")), SystemTime::now());
+        assert_eq!(o.phase, Phase::Accepted);
+        let end = rx.recv().await.unwrap();
+        assert_eq!(end.phase, Phase::Failed as i32);
+        assert!(end.message.contains("no.sock"), "{}", end.message);
+    }
+
+    #[tokio::test]
     async fn expired_deadline_is_rejected_and_same_key_gets_the_same_answer() {
         let dir = tempfile::tempdir().unwrap();
         let (d, mut rx) = dispatcher(Some(cache(dir.path())));

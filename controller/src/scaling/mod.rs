@@ -356,22 +356,13 @@ impl Scaling {
                 .collect();
         for s in candidates {
             let id = format!("prewarm-{}-{}", m.name, self.next_ids(false));
-            // The serving image goes with the weights: a cold replica waits for both. Sent
-            // first (it is usually the longer wait), and only to agents with a runtime to
-            // pull into; its outcome is the agent's to report, the plan tracks the weights.
+            let can_pull = self.placement.state().has_capability(&s.node, "prefetch_image");
+            let (image, weights) = prewarm_commands(m, s, &id, can_pull);
+            // The serving image goes first (it is usually the longer wait); the plan settles
+            // when the weights and, if it was sent, the image are on the node.
             let mut image_sent = false;
-            if !s.parts.image_cached && !m.image.is_empty() && self.placement.state().has_capability(&s.node, "prefetch_image") {
-                let image = pb::Command {
-                    id: format!("{id}-image"),
-                    idempotency_key: format!("prewarm-image/{}/{}/{}", m.name, m.image, s.node),
-                    deadline: None,
-                    kind: Some(pb::command::Kind::PrefetchImage(pb::PrefetchImageCommand {
-                        reference: m.image.clone(),
-                        source_uri: m.source_uri.clone(),
-                        revision: m.revision.clone(),
-                    })),
-                };
-                match self.placement.state().send_command(&s.node, image) {
+            if let Some(cmd) = image {
+                match self.placement.state().send_command(&s.node, cmd) {
                     Ok(()) => {
                         self.metrics.prewarm.get_or_create(&[("outcome", "image_issued")]).inc();
                         info!(model = %m.name, node = %s.node, image = %m.image, "pre-warm: image prefetch sent");
@@ -380,44 +371,26 @@ impl Scaling {
                     Err(e) => warn!(model = %m.name, node = %s.node, error = %e, "pre-warm: image prefetch not sent"),
                 }
             }
-            if s.parts.missing_bytes == 0 {
+            let prewarm = |command_id: String| Prewarm {
+                model: m.name.clone(),
+                node: s.node.clone(),
+                command_id,
+                missing_bytes: s.parts.missing_bytes,
+                image: image_sent,
+                issued: now,
+                deadline: now + rec.lead_time + self.settings.prewarm_horizon,
+            };
+            let Some(cmd) = weights else {
                 if image_sent {
-                    st.prewarms.push(Prewarm {
-                        model: m.name.clone(),
-                        node: s.node.clone(),
-                        command_id: format!("{id}-image"),
-                        missing_bytes: 0,
-                        image: true,
-                        issued: now,
-                        deadline: now + rec.lead_time + self.settings.prewarm_horizon,
-                    });
+                    st.prewarms.push(prewarm(format!("{id}-image")));
                 }
                 continue;
-            }
-            let cmd = pb::Command {
-                id: id.clone(),
-                idempotency_key: format!("prewarm/{}/{}/{}", m.name, m.revision, s.node),
-                deadline: None,
-                kind: Some(pb::command::Kind::Prefetch(pb::PrefetchCommand {
-                    source_uri: m.source_uri.clone(),
-                    revision: m.revision.clone(),
-                    include: vec![],
-                    exclude: vec![],
-                })),
             };
             match self.placement.state().send_command(&s.node, cmd) {
                 Ok(()) => {
                     self.metrics.prewarm.get_or_create(&[("outcome", "issued")]).inc();
                     info!(model = %m.name, node = %s.node, missing_bytes = s.parts.missing_bytes, "pre-warm: prefetch sent");
-                    st.prewarms.push(Prewarm {
-                        model: m.name.clone(),
-                        node: s.node.clone(),
-                        command_id: id,
-                        missing_bytes: s.parts.missing_bytes,
-                        image: image_sent,
-                        issued: now,
-                        deadline: now + rec.lead_time + self.settings.prewarm_horizon,
-                    });
+                    st.prewarms.push(prewarm(id));
                 }
                 Err(e) => {
                     self.metrics.prewarm.get_or_create(&[("outcome", "send_failed")]).inc();
@@ -474,5 +447,93 @@ impl Scaling {
                 }
             }
         }
+    }
+}
+
+/// What a pre-warm sends one node: the serving image when the node lacks it and has a
+/// container runtime to pull into (`can_pull_images`: its Hello says "prefetch_image"), and
+/// the weights when bytes are missing. The image is tied to the weights (their source), so
+/// the agent keeps it while they are cached.
+pub fn prewarm_commands(
+    m: &ModelSpec,
+    s: &crate::placement::Scored,
+    id: &str,
+    can_pull_images: bool,
+) -> (Option<pb::Command>, Option<pb::Command>) {
+    let image = (!s.parts.image_cached && !m.image.is_empty() && can_pull_images).then(|| pb::Command {
+        id: format!("{id}-image"),
+        idempotency_key: format!("prewarm-image/{}/{}/{}", m.name, m.image, s.node),
+        deadline: None,
+        kind: Some(pb::command::Kind::PrefetchImage(pb::PrefetchImageCommand {
+            reference: m.image.clone(),
+            source_uri: m.source_uri.clone(),
+            revision: m.revision.clone(),
+        })),
+    });
+    let weights = (s.parts.missing_bytes > 0).then(|| pb::Command {
+        id: id.to_owned(),
+        idempotency_key: format!("prewarm/{}/{}/{}", m.name, m.revision, s.node),
+        deadline: None,
+        kind: Some(pb::command::Kind::Prefetch(pb::PrefetchCommand {
+            source_uri: m.source_uri.clone(),
+            revision: m.revision.clone(),
+            include: vec![],
+            exclude: vec![],
+        })),
+    });
+    (image, weights)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{DeviceRequest, ScalingSpec};
+    use crate::placement::{Parts, Scored, Slot};
+
+    fn model() -> ModelSpec {
+        ModelSpec {
+            serve: Default::default(),
+            name: "llama".into(),
+            source_uri: "s3://models/llama".into(),
+            revision: "main".into(),
+            bytes: 1 << 30,
+            image: "vllm/vllm-openai:v0.6.3".into(),
+            image_bytes: 8 << 30,
+            runtime: "vllm".into(),
+            device: DeviceRequest::Gpus(1),
+            memory_bytes: 1 << 30,
+            scaling: ScalingSpec::defaults(),
+        }
+    }
+
+    fn scored(missing_bytes: u64, image_cached: bool) -> Scored {
+        Scored {
+            node: "n1".into(),
+            parts: Parts { missing_bytes, image_cached, ..Default::default() },
+            priority: 10,
+            slot: Slot::Gpus(vec![0]),
+        }
+    }
+
+    #[test]
+    fn a_prewarm_sends_the_image_with_the_weights_to_nodes_that_can_pull_it() {
+        let m = model();
+        let (image, weights) = prewarm_commands(&m, &scored(5, false), "p1", true);
+        let image = image.expect("the node lacks the image and can pull it");
+        let Some(pb::command::Kind::PrefetchImage(i)) = &image.kind else { panic!("{image:?}") };
+        assert_eq!(
+            (i.reference.as_str(), i.source_uri.as_str(), i.revision.as_str()),
+            ("vllm/vllm-openai:v0.6.3", "s3://models/llama", "main")
+        );
+        assert_eq!(image.idempotency_key, "prewarm-image/llama/vllm/vllm-openai:v0.6.3/n1");
+        assert!(matches!(weights.and_then(|w| w.kind), Some(pb::command::Kind::Prefetch(_))));
+        // The image alone when the weights are there; nothing when both are.
+        let (image, weights) = prewarm_commands(&m, &scored(0, false), "p2", true);
+        assert!(image.is_some() && weights.is_none());
+        let (image, weights) = prewarm_commands(&m, &scored(0, true), "p3", true);
+        assert!(image.is_none() && weights.is_none());
+        // An agent without a container runtime gets the weights only.
+        let (image, weights) = prewarm_commands(&m, &scored(5, false), "p4", false);
+        assert!(image.is_none() && weights.is_some());
     }
 }

@@ -1,7 +1,8 @@
-//! Image references as the container runtime normalizes them: `ubuntu` is
+//! Container image references as the container runtime normalizes them: `ubuntu` is
 //! `docker.io/library/ubuntu:latest`, a first component with a dot, a colon or `localhost` is
 //! a registry, a digest pins the content. The normalized form is what CRI reports in
-//! `repo_tags`, so Hearth's records and the runtime's compare equal.
+//! `repo_tags`, so the agent's records, the runtime's and the controller's catalog (matched
+//! against what nodes report) compare equal.
 
 use std::fmt;
 
