@@ -63,11 +63,18 @@ async fn kept_images_are_pulled_pinned_and_reported_and_a_models_image_is_let_go
     let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
     let agent = AgentProc::start(dir.path(), &pki, "gpu-1", ctl.grpc_addr, &images_yaml(ctrd.socket(), &[&kept.reference], "")).await?;
     let log = || agent.proc.log_text();
-    wait_for("the kept image in the controller's view", Duration::from_secs(30), || async {
+    let state = wait_for("the kept image in the controller's view", Duration::from_secs(30), || async {
         Ok(node_state(&ctl, &pki, "gpu-1").await?.filter(|s| s.images.iter().any(|i| i.reference == kept.reference && i.size_bytes > 0)))
     })
     .await
     .with_context(log)?;
+    // The pull's rate, for placement to price this node's next pull from that registry.
+    let source = format!("oci://{}", registry.host());
+    ensure!(
+        state.source_bandwidth.iter().any(|b| b.source == source && b.bytes_per_second > 0.0 && b.samples == 1),
+        "no {source} rate in {:?}",
+        state.source_bandwidth
+    );
     let rt = Runtime::new(ctrd.socket(), "k8s.io", Duration::from_secs(10))?;
     ensure!(pinned(&rt, &kept.reference).await?, "the kept image is not pinned");
     let (_, metrics) = http_get(agent.http, "/metrics").await?;
@@ -143,10 +150,14 @@ async fn an_agent_killed_mid_pull_resumes_from_the_content_store() -> Result<()>
     ensure!(rt.image_status(&reference).await?.is_none(), "the image landed before the kill: make it larger");
     proxy.set_per_connection_bytes_per_sec(None);
     let agent = AgentProc::start(dir.path(), &pki, "gpu-1", ctl.grpc_addr, &yaml).await?;
-    wait_for("the image after the restart", Duration::from_secs(30), || async { Ok(rt.image_status(&reference).await?.map(|_| ())) })
-        .await
-        .with_context(|| agent.proc.log_text())?;
-    let (_, m) = http_get(agent.http, "/metrics").await?;
+    // The pull is counted once it returns (the image shows in CRI a moment before).
+    let m = wait_for("the pull after the restart", Duration::from_secs(30), || async {
+        let (_, m) = http_get(agent.http, "/metrics").await?;
+        Ok(metric_value(&m, "hearth_image_pulls_total{outcome=\"fast\"}").is_some().then_some(m))
+    })
+    .await
+    .with_context(|| agent.proc.log_text())?;
+    ensure!(rt.image_status(&reference).await?.is_some(), "the pull counted but no image in CRI");
     let reused = metric_value(&m, "hearth_image_bytes_total{source=\"content_store\"}").unwrap_or(0.0);
     let fetched = metric_value(&m, "hearth_image_bytes_total{source=\"registry\"}").unwrap_or(0.0);
     ensure!(reused >= (16 * MIB) as f64, "resumed {reused} bytes, fetched {fetched}:\n{m}");

@@ -214,7 +214,12 @@ pub struct Images {
     version: Mutex<String>,
     /// Events on the Node: pulls done and failed, pinning unavailable.
     events: Option<crate::kube::events::NodeEvents>,
+    /// Pull rate (whole image over the whole pull, unpack included) by registry: EWMA, samples.
+    rates: Mutex<BTreeMap<String, (f64, u64)>>,
 }
+
+/// Weight of the newest pull in the per-registry rate.
+const RATE_ALPHA: f64 = 0.3;
 
 /// What an ensure did.
 #[derive(Debug, Clone)]
@@ -257,6 +262,7 @@ impl Images {
             wake: Notify::new(),
             version: Mutex::new(String::new()),
             events: None,
+            rates: Mutex::default(),
         })
     }
 
@@ -330,6 +336,13 @@ impl Images {
                             image = %name, path = p.path.as_str(), seconds = p.elapsed.as_secs_f64(), fetched = p.fetched, reused = p.reused,
                             total = p.total, "image pulled"
                         );
+                        if p.total > 0 && !p.elapsed.is_zero() {
+                            let rate = p.total as f64 / p.elapsed.as_secs_f64();
+                            let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
+                            let e = rates.entry(format!("oci://{}", r.registry)).or_insert((rate, 0));
+                            e.0 = if e.1 == 0 { rate } else { RATE_ALPHA * rate + (1.0 - RATE_ALPHA) * e.0 };
+                            e.1 += 1;
+                        }
                         self.event(crate::kube::events::NodeEvent::normal(
                             "ImagePulled",
                             "PullImage",
@@ -544,12 +557,24 @@ impl Images {
         if let Some(c) = &self.cache {
             c.set_image_bytes(pinned_bytes);
         }
+        let rates: Vec<crate::cache::manager::SourceBandwidth> = self
+            .rates
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(source, (rate, samples))| crate::cache::manager::SourceBandwidth {
+                source: source.clone(),
+                bytes_per_second: *rate,
+                samples: *samples,
+            })
+            .collect();
         if let Some(tx) = &self.report {
             tx.send_if_modified(|r| {
-                if r.images == report {
+                if r.images == report && r.image_bandwidth == rates {
                     return false;
                 }
                 r.images = report;
+                r.image_bandwidth = rates;
                 true
             });
         }

@@ -47,6 +47,9 @@ pub struct NodeReport {
     pub runtimes: Vec<crate::runtime::RuntimeStatus>,
     /// Container images on the node (every tag the runtime has).
     pub images: Vec<crate::images::CachedImage>,
+    /// Measured image pull rates by registry (`oci://<registry>`), reported beside the
+    /// weight sources' so placement prices an image pull with this node's own rate.
+    pub image_bandwidth: Vec<crate::cache::manager::SourceBandwidth>,
 }
 
 fn model_to_wire(e: &crate::cache::index::IndexEntry) -> pb::CachedModel {
@@ -105,6 +108,7 @@ impl NodeReport {
             source_bandwidth: self
                 .bandwidth
                 .iter()
+                .chain(&self.image_bandwidth)
                 .map(|b| pb::SourceBandwidth { source: b.source.clone(), bytes_per_second: b.bytes_per_second, samples: b.samples })
                 .collect(),
             partition: self.partition.as_ref().map(Into::into),

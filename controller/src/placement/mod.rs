@@ -213,7 +213,12 @@ fn parts(n: &ScanNode<'_>, cols: &ModelColumns<'_>, m: &ModelSpec, p: &Params, f
     let load = (n.hot.requests / p.load_saturation).min(1.0).max(n.hot.kv_cache.min(1.0) * 0.5);
     let evict = missing.saturating_sub(n.hot.cache_free);
     Parts {
-        image_pull_s: if image_cached { 0.0 } else { m.image_bytes as f64 / p.image_pull_bandwidth },
+        // The node's own measured pull rate from that registry where it has pulled from it.
+        image_pull_s: if image_cached {
+            0.0
+        } else {
+            m.image_bytes as f64 / cols.image_bandwidth(n.row).filter(|b| *b > 0.0).unwrap_or(p.image_pull_bandwidth)
+        },
         download_s: missing as f64 / bandwidth,
         local_load_s: m.bytes as f64 / p.local_read_bandwidth,
         runtime_start_s,

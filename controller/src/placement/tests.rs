@@ -98,6 +98,23 @@ fn cached_bytes_and_bandwidth_decide_the_score_and_every_part_is_shown() {
     assert_eq!(cold.priority, (10.0f64 * 90.0 / cold.parts.total()).round() as u8);
 }
 
+#[test]
+fn a_nodes_measured_pull_rate_from_the_images_registry_prices_the_image_pull() {
+    let c = Cluster::new();
+    let mut fast = gpu_node(8);
+    fast.source_bandwidth.push(pb::SourceBandwidth { source: "oci://r.example.com".into(), bytes_per_second: 1e9, samples: 3 });
+    c.add("fast", fast);
+    let mut other = gpu_node(8);
+    other.source_bandwidth.push(pb::SourceBandwidth { source: "oci://elsewhere.io".into(), bytes_per_second: 1e9, samples: 3 });
+    c.add("other", other);
+    let mut m = model("llama", 1, GB);
+    m.image = "r.example.com/team/vllm:v1".into();
+    let out = c.placement(vec![m]).score("llama", None, 0, c.t0).unwrap();
+    let by = |n: &str| out.best.iter().find(|s| s.node == n).unwrap().parts.image_pull_s;
+    assert_eq!(by("fast"), 10.0, "10 GB at the node's measured 1 GB/s from that registry");
+    assert_eq!(by("other"), 100.0, "another registry's rate says nothing: the 100 MB/s default");
+}
+
 /// A node that started the model before predicts its start from what it measured; the others
 /// use the configured default, and say which.
 #[test]

@@ -82,6 +82,8 @@ pub struct ModelColumns<'a> {
     cached: Option<&'a FastMap<RowId, CachedBytes>>,
     start: Option<&'a FastMap<RowId, f64>>,
     image: Option<&'a FastMap<RowId, ()>>,
+    /// Measured image pull rate from the image's registry (`oci://<registry>`).
+    image_source: Option<&'a FastMap<RowId, f64>>,
     /// Sources that are prefixes of the model's URI, longest first.
     sources: [Option<&'a FastMap<RowId, f64>>; 4],
     more_sources: bool,
@@ -101,6 +103,11 @@ impl ModelColumns<'_> {
 
     pub fn image_cached(&self, row: RowId) -> bool {
         self.image.is_some_and(|m| m.contains_key(&row))
+    }
+
+    /// How fast the row pulled images from the model's image's registry, if it has.
+    pub fn image_bandwidth(&self, row: RowId) -> Option<f64> {
+        self.image_source.and_then(|m| m.get(&row).copied())
     }
 
     /// The row's measured bandwidth from the longest source prefix of the URI, if any.
@@ -266,6 +273,8 @@ impl Index {
             cached: self.cached.get(key),
             start: self.starts.get(name),
             image: self.images.get(image),
+            // Images are normalized (`registry/repository:tag`): the registry leads.
+            image_source: image.split_once('/').and_then(|(registry, _)| self.bandwidth.get(&format!("oci://{registry}"))),
             sources,
             more_sources: matching.len() > sources.len(),
             index: self,
