@@ -165,6 +165,14 @@ fn values_schema_and_chart_checks_reject_bad_values_naming_the_field() {
         ("controller.config.leader_election.lease_duration=soon", &["/controller/config/leader_election/lease_duration"]),
         ("agent.updateStrategy.maxUnavailable=ten", &["/agent/updateStrategy/maxUnavailable"]),
         ("tls.agent.dnsNames={Node_1}", &["/tls/agent/dnsNames/0"]),
+        ("agent.images.connections=-1", &["/agent/images/connections", "minimum"]),
+        ("agent.images.keep[0]=", &["/agent/images/keep/0", "minLength"]),
+        ("agent.images.chunkSize=big", &["/agent/images/chunkSize", "'big' does not match pattern"]),
+        ("agent.images.releaseAfter=later", &["/agent/images/releaseAfter", "'later' does not match pattern"]),
+        ("agent.images.pullSecret=Registry_Creds", &["/agent/images/pullSecret", "'Registry_Creds' does not match pattern"]),
+        ("agent.images.insecureRegistries={http://registry:5000}", &["/agent/images/insecureRegistries/0"]),
+        ("agent.images.keepWarm=1", &["/agent/images", "'keepWarm' not allowed"]),
+        ("agent.config.images.connections=300", &["/agent/config/images/connections", "maximum"]),
         // Checks the schema cannot express, made by the templates.
         ("nvml.mode=hostPath", &["nvml.mode hostPath needs agent.privileged: true"]),
         (
@@ -172,6 +180,10 @@ fn values_schema_and_chart_checks_reject_bad_values_naming_the_field() {
             &["controller.replicas is 2 but controller.config.leader_election.enabled is false"],
         ),
         ("controller.config.leader_election.namespace=other", &["leader_election.namespace \"other\"", "only the release namespace"]),
+        (
+            "containerd.enabled=false,agent.images.keep[0]=nginx:1.27",
+            &["agent.images.keep and agent.images.pullSecret need containerd.enabled: true"],
+        ),
     ];
     for (set, wanted) in cases {
         let err = render_with(&[], &[set], None).expect_err(&format!("--set {set} rendered"));
@@ -185,7 +197,81 @@ fn values_schema_and_chart_checks_reject_bad_values_naming_the_field() {
         }
     }
     // The same keys with good values pass: the errors above are about the values.
-    render(&[], &["agent.privileged=true", "controller.replicas=1", "image.pullPolicy=Always", "agent.config.cache.capacity=500Gi"]);
+    render(
+        &[],
+        &[
+            "agent.privileged=true",
+            "controller.replicas=1",
+            "image.pullPolicy=Always",
+            "agent.config.cache.capacity=500Gi",
+            "agent.images.connections=0",
+            "agent.images.keep[0]=nginx:1.27",
+            "agent.images.chunkSize=16Mi",
+            "agent.images.pullSecret=registry-creds",
+            "agent.images.insecureRegistries={registry.local:5000,[fd00::1]:5000}",
+        ],
+    );
+}
+
+fn mount<'a>(workload: &'a Value, container_name: &str, volume: &str) -> Option<&'a Value> {
+    container(workload, container_name)["volumeMounts"].as_array().unwrap().iter().find(|m| m["name"] == volume)
+}
+
+fn volume<'a>(workload: &'a Value, name: &str) -> Option<&'a Value> {
+    workload["spec"]["template"]["spec"]["volumes"].as_array().unwrap().iter().find(|v| v["name"] == name)
+}
+
+#[test]
+fn agent_images_config_points_into_the_agent_mounts() {
+    let y = |v: Value| serde_yaml_ng::to_value(v).unwrap();
+    // Defaults: the socket inside the mounted socket directory, `enabled` left to the agent
+    // (on when the socket is there), no credentials, the documented defaults.
+    let objs = minimal();
+    let ds = find(&objs, "DaemonSet", "hearth-agent");
+    let images = config_map_file(&objs, "hearth-agent", "agent.yaml")["images"].clone();
+    let dir = mount(ds, "agent", "containerd").expect("containerd socket dir mounted")["mountPath"].as_str().unwrap().to_owned();
+    assert_eq!(volume(ds, "containerd").unwrap()["hostPath"]["path"], "/run/containerd");
+    assert_eq!(images["containerd_socket"].as_str(), Some(format!("{dir}/containerd.sock").as_str()));
+    assert_eq!(images.get("enabled"), None, "the chart must not force images on: {images:?}");
+    assert_eq!(images.get("auth_file"), None);
+    assert_eq!(images["keep"], y(json!([])));
+    assert_eq!(images["connections"].as_u64(), Some(16));
+    assert_eq!(images["chunk_size"].as_str(), Some("8Mi"));
+    assert_eq!(images["check_interval"].as_str(), Some("1m"));
+    assert_eq!(images["release_after"].as_str(), Some("1h"));
+    assert!(volume(ds, "pull-secret").is_none() && mount(ds, "agent", "pull-secret").is_none());
+
+    // A keep list and a pull secret: the auth file is the Secret's .dockerconfigjson where
+    // the DaemonSet mounts it, read-only; another socket directory moves only the hostPath.
+    let objs = render(&[&chart().join("ci/gpu-values.yaml")], &["containerd.socketDir=/run/k3s/containerd"]);
+    let ds = find(&objs, "DaemonSet", "hearth-agent");
+    let images = config_map_file(&objs, "hearth-agent", "agent.yaml")["images"].clone();
+    assert_eq!(images["keep"], y(json!(["vllm/vllm-openai:v0.11.0"])));
+    assert_eq!(volume(ds, "containerd").unwrap()["hostPath"]["path"], "/run/k3s/containerd");
+    assert_eq!(images["containerd_socket"].as_str(), Some(format!("{dir}/containerd.sock").as_str()));
+    let secret = volume(ds, "pull-secret").expect("pull secret volume");
+    assert_eq!(secret["secret"]["secretName"], "registry-credentials");
+    let items = secret["secret"]["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["key"], ".dockerconfigjson", "the key of a kubernetes.io/dockerconfigjson Secret");
+    let m = mount(ds, "agent", "pull-secret").expect("pull secret mounted");
+    assert_eq!(m["readOnly"], true);
+    let auth = format!("{}/{}", m["mountPath"].as_str().unwrap(), items[0]["path"].as_str().unwrap());
+    assert_eq!(images["auth_file"].as_str(), Some(auth.as_str()));
+
+    // agent.config.images wins key by key over agent.images.
+    let objs = render(&[], &["agent.images.connections=4", "agent.config.images.connections=0", "agent.config.images.namespace=k8s.io"]);
+    let images = config_map_file(&objs, "hearth-agent", "agent.yaml")["images"].clone();
+    assert_eq!(images["connections"].as_u64(), Some(0));
+    assert_eq!(images["namespace"].as_str(), Some("k8s.io"));
+    assert_eq!(images["chunk_size"].as_str(), Some("8Mi"));
+
+    // Without the socket mount the agent is told images are off, rather than finding no socket.
+    let objs = render(&[], &["containerd.enabled=false"]);
+    let ds = find(&objs, "DaemonSet", "hearth-agent");
+    assert!(volume(ds, "containerd").is_none() && mount(ds, "agent", "containerd").is_none());
+    let images = config_map_file(&objs, "hearth-agent", "agent.yaml")["images"].clone();
+    assert_eq!(images["enabled"].as_bool(), Some(false));
 }
 
 /// Volatile fields out: generated material and checksums of it.
@@ -777,6 +863,22 @@ async fn chart_configs_run(dir: &Path, values: &str) -> Result<Running> {
     set(&mut agent, &["kubernetes", "kubeconfig"], s(&kubeconfig));
     // Model sources of the example values are not reachable here: refuse fast.
     set(&mut agent, &["cache", "s3", "endpoint"], "http://127.0.0.1:9".into());
+    // No containerd here: the socket in a temp dir, absent, and `enabled` as rendered (not
+    // forced on), so images must come up off, saying why, with the keep list still parsed.
+    let socket = agent["images"]["containerd_socket"].as_str().context("agent images.containerd_socket")?.to_owned();
+    ensure!(socket == "/run/containerd/containerd.sock", "agent images.containerd_socket {socket}");
+    ensure!(agent["images"].get("enabled").is_none(), "the chart forces images.enabled: {:?}", agent["images"]);
+    let socket = dir.join("containerd/containerd.sock");
+    set(&mut agent, &["images", "containerd_socket"], s(&socket));
+    // The pull secret as the kubelet mounts it: the Secret's .dockerconfigjson.
+    if let Some(auth) = agent["images"]["auth_file"].as_str() {
+        ensure!(auth == "/etc/hearth/pull-secret/.dockerconfigjson", "agent images.auth_file {auth}");
+        let file = dir.join("pull-secret/.dockerconfigjson");
+        std::fs::create_dir_all(file.parent().unwrap())?;
+        let token = base64::engine::general_purpose::STANDARD.encode("puller:s3cret");
+        std::fs::write(&file, json!({"auths": {"https://index.docker.io/v1/": {"auth": token}}}).to_string())?;
+        set(&mut agent, &["images", "auth_file"], s(&file));
+    }
     let agent_file = dir.join("agent.yaml");
     std::fs::write(&agent_file, serde_yaml_ng::to_string(&agent)?)?;
     agent_identity(&objs);
@@ -821,6 +923,17 @@ async fn chart_configs_run(dir: &Path, values: &str) -> Result<Running> {
     .await
     .with_context(|| agent_proc.log_text())?;
     ensure!(api.forbidden().is_empty(), "calls the chart's RBAC does not allow: {:?}", api.forbidden());
+    let (_, metrics) = http_get(agent_http, "/metrics").await?;
+    let off = format!(
+        "hearth_subsystem_info{{subsystem=\"images\",detail=\"no containerd socket at {} (images.containerd_socket)\"}}",
+        socket.display()
+    );
+    ensure!(
+        metric_value(&metrics, "hearth_subsystem_status{subsystem=\"images\",state=\"off\"}") == Some(1.0)
+            && metric_value(&metrics, &off) == Some(1.0),
+        "images not off for want of the socket:\n{}",
+        metrics.lines().filter(|l| l.contains("subsystem=\"images\"")).collect::<Vec<_>>().join("\n")
+    );
     Ok(Running { controller, agent: agent_proc, ctl_http, agent_http, _api: api })
 }
 

@@ -110,6 +110,12 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Where the TLS Secrets are mounted. */}}
 {{- define "hearth.tlsDir" -}}/etc/hearth/tls{{- end -}}
 
+{{/* Where the host's containerd socket directory is mounted in the agent. */}}
+{{- define "hearth.containerdDir" -}}/run/containerd{{- end -}}
+
+{{/* Where agent.images.pullSecret is mounted. */}}
+{{- define "hearth.pullSecretDir" -}}/etc/hearth/pull-secret{{- end -}}
+
 {{/* The agent config file: derived keys, then values' agent.config over them. */}}
 {{- define "hearth.agent.config" -}}
 {{- $tls := include "hearth.tlsDir" . -}}
@@ -124,6 +130,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- if eq .Values.nvml.mode "hostPath" -}}
 {{- $_ := set $devices "nvml_library" (printf "/host/nvidia/lib/%s" .Values.nvml.libraryName) -}}
 {{- end -}}
+{{- $im := deepCopy .Values.agent.images -}}
+{{- $images := dict
+  "containerd_socket" (printf "%s/containerd.sock" (include "hearth.containerdDir" .))
+  "keep" $im.keep
+  "insecure_registries" $im.insecureRegistries
+  "connections" (int $im.connections)
+  "chunk_size" $im.chunkSize
+  "check_interval" $im.checkInterval
+  "release_after" $im.releaseAfter
+-}}
+{{- if $im.pullSecret -}}
+{{- $_ := set $images "auth_file" (printf "%s/.dockerconfigjson" (include "hearth.pullSecretDir" .)) -}}
+{{- end -}}
+{{- /* Without the socket mount: off, saying so, rather than looking for a socket that is not there. */ -}}
+{{- if not .Values.containerd.enabled -}}
+{{- $_ := set $images "enabled" false -}}
+{{- end -}}
 {{- $derived := dict
   "http_listen" (printf "0.0.0.0:%d" (int .Values.agent.port))
   "controller" (dict
@@ -136,6 +159,7 @@ app.kubernetes.io/component: {{ .component }}
   "runtimes" (dict "pod" (dict
     "namespace" .Release.Namespace
     "host_cache_dir" (printf "%s/cache" (trimSuffix "/" .Values.cache.hostPath))))
+  "images" $images
 -}}
 {{- toYaml (mergeOverwrite $derived (deepCopy .Values.agent.config)) -}}
 {{- end -}}
