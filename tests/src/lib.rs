@@ -273,6 +273,9 @@ impl ControllerProc {
     }
 }
 
+/// The `devices:` section [`AgentProc::start`] gives agents: two simulated H100s, sampled often.
+pub const SIMULATED_DEVICES: &str = "{simulated: [2xH100-80GB], collect_interval: 300ms}";
+
 /// Starts `hearth agent` with simulated devices, reporting to `controller`; its HTTP
 /// listener is on port 0, the address from its "agent serving" log line.
 pub struct AgentProc {
@@ -297,23 +300,7 @@ impl AgentProc {
     }
 
     async fn spawn(dir: &Path, pki: &TestPki, node: &str, controller: SocketAddr, extra_yaml: &str, cache_extra: &str) -> Result<Self> {
-        Self::spawn_with(dir, pki, node, controller, extra_yaml, cache_extra, "{simulated: [2xH100-80GB], collect_interval: 300ms}", &[])
-            .await
-    }
-
-    /// Like `start_with_cache_models`, with `extra_yaml` at the top level too and `env` for
-    /// the process (S3 credentials, for one).
-    pub async fn start_with_env(
-        dir: &Path,
-        pki: &TestPki,
-        node: &str,
-        controller: SocketAddr,
-        extra_yaml: &str,
-        cache_extra: &str,
-        env: &[(&str, &str)],
-    ) -> Result<Self> {
-        Self::spawn_with(dir, pki, node, controller, extra_yaml, cache_extra, "{simulated: [2xH100-80GB], collect_interval: 300ms}", env)
-            .await
+        Self::spawn_with(dir, pki, node, controller, extra_yaml, cache_extra, SIMULATED_DEVICES, &[]).await
     }
 
     /// The general form: `extra_yaml` at the top level, `cache_extra` inside `cache:`,
@@ -356,6 +343,12 @@ impl AgentProc {
         let http = logged_addr(&line, "http_addr")?;
         Ok(Self { proc, http })
     }
+}
+
+/// Queues a command for `node` on an in-process controller's stream, its id doubling as the
+/// idempotency key.
+pub fn send_command(ctl: &hearth_controller::Running, node: &str, id: &str, kind: pb::command::Kind) -> Result<()> {
+    Ok(ctl.state.send_command(node, pb::Command { id: id.into(), idempotency_key: id.into(), deadline: None, kind: Some(kind) })?)
 }
 
 /// Runs a command, failing with its stderr when it fails.

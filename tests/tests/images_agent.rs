@@ -85,9 +85,7 @@ async fn kept_images_are_pulled_pinned_and_reported_and_a_models_image_is_let_go
 
     // The model's weights, then its image, tied to them.
     let uri = format!("file://{}", model_src.display());
-    let send = |id: &str, kind| {
-        ctl.state.send_command("gpu-1", pb::Command { id: id.into(), idempotency_key: id.into(), deadline: None, kind: Some(kind) })
-    };
+    let send = |id: &str, kind| send_command(&ctl, "gpu-1", id, kind);
     send("w", pb::command::Kind::Prefetch(pb::PrefetchCommand { source_uri: uri.clone(), ..Default::default() }))?;
     let model_id = wait_for("weights cached", Duration::from_secs(30), || async {
         Ok(node_state(&ctl, &pki, "gpu-1")

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use axum::response::IntoResponse;
 use hearth_proto::v1 as pb;
-use hearth_tests::{AgentProc, TestPki, channel, http_get, start_controller, wait_for};
+use hearth_tests::{AgentProc, TestPki, channel, http_get, send_command, start_controller, wait_for};
 use tokio_util::sync::CancellationToken;
 
 const NODE: &str = "gpu-rt-1";
@@ -228,6 +228,11 @@ async fn setup(
     Ok((dir, pki, ctl, stop.drop_guard()))
 }
 
+/// The test engine: a Python stand-in with vLLM's endpoints and metrics.
+fn fake_engine() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py")
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -251,7 +256,7 @@ async fn agent_managed_servers_are_supervised_adopted_after_a_crash_and_drained(
     let (dir, pki, ctl, _guard) = setup(|_| {}).await?;
     let src = dir.path().join("fsx/llama");
     hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
-    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let engine = fake_engine();
     let (p1, p2, p3) = (free_port()?, free_port()?, free_port()?);
     let runtime = |name: &str, port: u16, extra: &str, drain: &str| {
         format!(
@@ -374,7 +379,7 @@ async fn start_and_stop_runtime_commands_run_a_server_on_a_cached_model_and_refu
     let (dir, pki, ctl, _guard) = setup(|_| {}).await?;
     let src = dir.path().join("fsx/llama");
     hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
-    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let engine = fake_engine();
     let port = free_port()?;
     // Top-level keys after the cache's models (the helper writes `cache:` itself).
     let extra = format!(
@@ -393,9 +398,7 @@ async fn start_and_stop_runtime_commands_run_a_server_on_a_cached_model_and_refu
         }
     })
     .await?;
-    let send = |id: &str, kind: pb::command::Kind| {
-        ctl.state.send_command(NODE, pb::Command { id: id.into(), idempotency_key: id.into(), deadline: None, kind: Some(kind) })
-    };
+    let send = |id: &str, kind: pb::command::Kind| send_command(&ctl, NODE, id, kind);
     let start = |name: &str, kind: &str, model: &str, partition: &str| {
         pb::command::Kind::StartRuntime(pb::StartRuntimeCommand {
             name: name.into(),
@@ -469,7 +472,7 @@ async fn a_spot_interruption_notice_drains_agent_managed_servers() -> Result<()>
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let imds_addr = l.local_addr()?;
     tokio::spawn(async move { axum::serve(l, imds).await });
-    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let engine = fake_engine();
     let port = free_port()?;
     let yaml = format!(
         "runtimes:\n  interval: 300ms\n  spot: {{enabled: true, imds_endpoint: \"http://{imds_addr}\", interval: 200ms}}\n  managed:\n    - {{name: llama, engine: vllm, port: {port}, drain_timeout: 3s, command: [python3, \"{}\", --port, \"{{port}}\", --model, llama, --drain-seconds, \"0.5\"]}}\n",
@@ -497,7 +500,7 @@ async fn a_spot_interruption_notice_drains_agent_managed_servers() -> Result<()>
 #[tokio::test]
 async fn a_partition_change_drains_the_servers_on_its_gpus_and_starts_them_again() -> Result<()> {
     let (dir, pki, ctl, _guard) = setup(|_| {}).await?;
-    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let engine = fake_engine();
     let port = free_port()?;
     let yaml = format!(
         "runtimes:\n  interval: 300ms\n  managed:\n    - {{name: llama, engine: vllm, port: {port}, visible_devices: \"0\", drain_timeout: 3s, command: [python3, \"{}\", --port, \"{{port}}\", --model, llama, --drain-seconds, \"0.2\"]}}\n",
@@ -552,7 +555,7 @@ async fn pod_driver_binds_a_pod_to_the_node_watches_it_to_ready_adopts_it_and_de
     let (dir, pki, ctl, _guard) = setup(|_| {}).await?;
     let src = dir.path().join("fsx/llama");
     hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
-    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let engine = fake_engine();
     let (api, kube_yaml) = hearth_tests::agent_api_server(dir.path(), NODE).await?;
     // Half a second "pulling" the image, then the container's command runs here; its device
     // plugin hands out GPUs, and its PodResources socket says which pod got which.
@@ -670,9 +673,7 @@ async fn pod_driver_binds_a_pod_to_the_node_watches_it_to_ready_adopts_it_and_de
     let mut op = op.clone();
     let state = op.get_node(pb::GetNodeRequest { name: NODE.into() }).await?.into_inner().state.context("state")?;
     let model_id = state.models.iter().find(|m| m.source_uri.contains("fsx/llama")).context("cached")?.id.clone();
-    let send = |id: &str, kind: pb::command::Kind| {
-        ctl.state.send_command(NODE, pb::Command { id: id.into(), idempotency_key: id.into(), deadline: None, kind: Some(kind) })
-    };
+    let send = |id: &str, kind: pb::command::Kind| send_command(&ctl, NODE, id, kind);
     send(
         "p1",
         pb::command::Kind::StartRuntime(pb::StartRuntimeCommand {
@@ -725,7 +726,7 @@ async fn the_controller_starts_and_stops_agent_managed_replicas_from_its_scaling
         raw.scaling.pending_ttl = Some("3s".into());
     })
     .await?;
-    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let engine = fake_engine();
     let port = free_port()?;
     let extra = format!(
         "runtimes:\n  interval: 300ms\n  engines:\n    vllm: {{port: {port}, drain_timeout: 2s, command: [python3, \"{}\", --port, \"{{port}}\", --model, llama, --model-dir, \"{{model_dir}}\", --drain-seconds, \"0.2\"]}}\n",
@@ -781,7 +782,7 @@ async fn a_killed_agent_picks_up_mid_start_and_mid_drain() -> Result<()> {
     let (dir, pki, ctl, _guard) = setup(|_| {}).await?;
     let src = dir.path().join("fsx/llama");
     hearth_agent::cache::sample::write_sample_model(&src, 1, 1 << 20)?;
-    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("engines/fake_engine.py");
+    let engine = fake_engine();
     let port = free_port()?;
     let extra = format!(
         "runtimes:\n  interval: 300ms\n  engines:\n    vllm: {{port: {port}, drain_timeout: 2s, command: [python3, \"{}\", --port, \"{{port}}\", --model, llama, --model-dir, \"{{model_dir}}\"]}}\n",
@@ -789,9 +790,7 @@ async fn a_killed_agent_picks_up_mid_start_and_mid_drain() -> Result<()> {
     );
     let state = dir.path().join(format!("state-{NODE}"));
     let mut agent = AgentProc::start_with_cache_models(dir.path(), &pki, NODE, ctl.grpc_addr, &extra).await?;
-    let send = |id: &str, kind: pb::command::Kind| {
-        ctl.state.send_command(NODE, pb::Command { id: id.into(), idempotency_key: id.into(), deadline: None, kind: Some(kind) })
-    };
+    let send = |id: &str, kind: pb::command::Kind| send_command(&ctl, NODE, id, kind);
     // Started from the weights' source, loading for 3 s; the agent dies meanwhile.
     let start = pb::command::Kind::StartRuntime(pb::StartRuntimeCommand {
         name: "r1".into(),

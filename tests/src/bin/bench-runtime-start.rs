@@ -138,7 +138,8 @@ async fn main() -> Result<()> {
         ("AWS_EC2_METADATA_DISABLED", "true"),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, *v)).collect();
-    let agent = AgentProc::start_with_env(dir.path(), &pki, NODE, ctl.grpc_addr, &extra, &cache_extra, &env).await?;
+    let agent =
+        AgentProc::spawn_with(dir.path(), &pki, NODE, ctl.grpc_addr, &extra, &cache_extra, hearth_tests::SIMULATED_DEVICES, &env).await?;
     let send = |id: String, kind: pb::command::Kind| {
         ctl.state.send_command(NODE, pb::Command { id: id.clone(), idempotency_key: id, deadline: None, kind: Some(kind) })
     };
