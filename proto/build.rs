@@ -37,7 +37,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The node's container runtime, for image prefetch: CRI's image service and the parts of
     // containerd's own API that CRI does not cover (content writes, leases, image labels).
-    // Clients only: Hearth never serves these (tests use the real containerd).
+    // Clients only: Hearth never serves these (tests use the real containerd). Generated here
+    // from the public protos' messages (same names and numbers) rather than taken from the
+    // `k8s-cri` and `containerd-client` crates: both match our tonic, but their build scripts
+    // need `protoc`, which a bare machine lacks, and containerd-client compiles every
+    // containerd service where Hearth calls five.
     let runtime = [
         "cri/runtime/v1/api.proto",
         "containerd/services/content/v1/content.proto",

@@ -305,3 +305,30 @@ async fn a_full_disk_fails_the_pull_clearly_and_gives_the_space_back() -> Result
     ensure!(p.path == PullPath::Fast, "{p:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_models_new_image_replaces_its_old_one_in_what_is_kept() -> Result<()> {
+    let env = env(Version::V17, RegProxyOptions::default()).await?;
+    let state = tempfile::tempdir()?;
+    let images = env.images(state.path())?;
+    let v1 = pushed(&env, "engine/v1", &TestImage::random(&[MIB])?).await?;
+    let v2 = pushed(&env, "engine/v2", &TestImage::random(&[MIB])?).await?;
+    let (r1, r2) = (Reference::parse(&v1.reference)?, Reference::parse(&v2.reference)?);
+    let cancel = CancellationToken::new();
+    images.prefetch(&r1, Some("llama-abc"), &cancel).await?;
+    let rt = env.runtime()?;
+    ensure!(rt.image_status(&v1.reference).await?.context("v1 missing")?.pinned, "v1 not pinned");
+    images.prefetch(&r2, Some("llama-abc"), &cancel).await?;
+    ensure!(rt.image_status(&v2.reference).await?.context("v2 missing")?.pinned, "v2 not pinned");
+    let mut v1_pinned = true;
+    for _ in 0..40 {
+        v1_pinned = rt.image_status(&v1.reference).await?.context("v1 removed")?.pinned;
+        if !v1_pinned {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(!v1_pinned, "the model's old image is still kept");
+    ensure!(!images.wanted().contains_key(&v1.reference), "{:?}", images.wanted());
+    Ok(())
+}

@@ -593,7 +593,19 @@ impl Images {
     pub async fn prefetch(&self, r: &Reference, model_id: Option<&str>, cancel: &CancellationToken) -> Result<Ensured, ImageError> {
         let reason = model_id.map_or_else(|| "controller".to_owned(), |m| format!("{MODEL_PREFIX}{m}"));
         self.want(r, &reason)?;
-        self.ensure(r, cancel).await
+        let ensured = self.ensure(r, cancel).await?;
+        // A model is served by one image: the catalog moved it to this one, so the image it
+        // named before is no longer wanted for it (and unpinned if nothing else wants it).
+        if model_id.is_some() {
+            let name = r.to_string();
+            let before: Vec<String> =
+                self.wanted().into_iter().filter(|(n, why)| *n != name && why.contains(&reason)).map(|(n, _)| n).collect();
+            for old in before {
+                info!(image = %old, now = %name, "the model's image changed: letting the old one go");
+                self.release_one(&old, &reason).await?;
+            }
+        }
+        Ok(ensured)
     }
 }
 
