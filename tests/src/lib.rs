@@ -351,6 +351,21 @@ pub fn send_command(ctl: &hearth_controller::Running, node: &str, id: &str, kind
     Ok(ctl.state.send_command(node, pb::Command { id: id.into(), idempotency_key: id.into(), deadline: None, kind: Some(kind) })?)
 }
 
+/// A test's agent stops as in production when the test ends: SIGTERM, so it drains the
+/// servers it runs as processes (they outlive a SIGKILL by design, to be adopted), then the
+/// process's own SIGKILL if it has not exited within its grace.
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if self.proc.child.try_wait().ok().flatten().is_some() || self.proc.signal("TERM").is_err() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.proc.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 /// Runs a command, failing with its stderr when it fails.
 pub fn sh(args: &[&str]) -> Result<()> {
     let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
