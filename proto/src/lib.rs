@@ -13,6 +13,7 @@ pub mod fixtures;
 #[cfg_attr(test, allow(clippy::unwrap_used))]
 pub mod image_ref;
 pub mod mig;
+pub mod neuron;
 pub mod transport;
 
 /// Generated `hearth.v1` code. Other crates convert to domain types at the edge instead of
