@@ -124,7 +124,7 @@ impl Topology {
             && first + count <= self.devices
             && match self.span {
                 Span::Ring => true,
-                Span::Counts(c) => c.contains(&count) && first % count == 0,
+                Span::Counts(c) => c.contains(&count) && first.is_multiple_of(count),
             }
     }
 
@@ -141,7 +141,7 @@ impl Topology {
             }
             return Ok(());
         }
-        if g.cores % cpd != 0 || g.start % cpd != 0 {
+        if !g.cores.is_multiple_of(cpd) || !g.start.is_multiple_of(cpd) {
             return Err(GroupError::PartialDevices { group: g, cores_per_device: cpd });
         }
         let (first, count) = (g.start / cpd, g.cores / cpd);
@@ -230,7 +230,7 @@ pub enum GroupError {
 /// Checks that a request size can be a group at all on this topology.
 pub fn check_size(t: &Topology, cores: u32) -> Result<(), GroupError> {
     let cpd = t.cores_per_device;
-    let ok = cores >= 1 && (cores <= cpd || (cores % cpd == 0 && t.span_counts().contains(&(cores / cpd))));
+    let ok = cores >= 1 && (cores <= cpd || (cores.is_multiple_of(cpd) && t.span_counts().contains(&(cores / cpd))));
     if ok {
         return Ok(());
     }
