@@ -252,7 +252,8 @@ enum PartitionCmd {
         /// Which named config of the spec.
         #[arg(long)]
         config: String,
-        /// Plan against simulated GPUs, e.g. 8xH100-80GB (repeatable).
+        /// Plan against simulated GPUs, e.g. 8xH100-80GB (repeatable), or a Neuron instance
+        /// type, e.g. inf2.48xlarge, for the config's neuron-configs.
         #[arg(long)]
         simulate: Vec<String>,
     },

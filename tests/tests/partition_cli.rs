@@ -46,3 +46,24 @@ fn plan_says_when_the_device_filter_excludes_every_gpu() {
     );
     assert!(!out.contains("nothing to do"), "{out}");
 }
+
+#[test]
+fn plan_places_neuron_core_groups_on_a_simulated_instance_type() {
+    let (ok, out, err) = plan(&["--config", "inf2-mixed", "--simulate", "inf2.48xlarge"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.starts_with("plan for config \"inf2-mixed\" on simulated inf2.48xlarge (12 Inferentia2 devices, 24 NeuronCores, LNC 1)"),
+        "{out}"
+    );
+    // The whole-device group first (devices 0-3), then the pairs from device 4 on.
+    assert!(out.contains("group 0: 8 cores 0-7     devices 0-3  NEURON_RT_VISIBLE_CORES=0-7"), "{out}");
+    assert!(out.contains("group 6: 2 cores 18-19"), "{out}");
+    assert!(out.contains("20 of 24 cores in groups, 4 free"), "{out}");
+    let (ok, out, err) = plan(&["--config", "trn2-quarters", "--simulate", "trn2.48xlarge"]);
+    assert!(ok && out.contains("group 3: 16 cores 48-63"), "{out}{err}");
+    // On inf2.24xlarge the 8-core group and six pairs need 20 cores of 12.
+    let (ok, _, err) = plan(&["--config", "inf2-mixed", "--simulate", "inf2.24xlarge"]);
+    assert!(!ok && err.contains("do not fit"), "{err}");
+    let (ok, _, err) = plan(&["--config", "balanced-h200", "--simulate", "inf2.48xlarge"]);
+    assert!(!ok && err.contains("no neuron-configs entries"), "{err}");
+}

@@ -5,6 +5,7 @@
 //! a plan first.
 
 pub mod apply;
+pub mod neuron;
 pub mod plan;
 pub mod reconcile;
 pub mod spec;
@@ -19,6 +20,12 @@ pub fn plan_command(spec_path: &std::path::Path, config: &str, simulate: &[Strin
     use anyhow::Context;
     let text = std::fs::read_to_string(spec_path).with_context(|| format!("reading {}", spec_path.display()))?;
     let spec = spec::Spec::parse(&text).with_context(|| spec_path.display().to_string())?;
+    // A Neuron instance type to simulate: plan the config's core groups on it.
+    if let Some(instance) = simulate.iter().find(|s| hearth_proto::neuron::INSTANCE_TYPES.iter().any(|t| t.instance_type == s.as_str())) {
+        let entries = spec.neuron_config(config)?;
+        anyhow::ensure!(!entries.is_empty(), "config {config:?} has no neuron-configs entries to plan on {instance}");
+        return neuron::plan_text(config, instance, "simulated", entries);
+    }
     let entries = spec.config(config)?;
     let (source, gpus) = if simulate.is_empty() {
         ("NVML", nvml_state().context("reading this host's GPUs through NVML (or pass --simulate PRODUCTS, e.g. --simulate 8xH100-80GB, to plan against simulated GPUs)")?)

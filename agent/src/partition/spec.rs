@@ -10,7 +10,12 @@
 //!       mig-devices: {"3g.40gb": 1, "2g.20gb": 1, "1g.10gb": 2}
 //!       # Hearth extension, optional: exact placements instead of best fit.
 //!       mig-placements: [{profile: "3g.40gb", start: 4}]
-//! # neuron-configs: reserved for Neuron core groups
+//! # Hearth extension: Neuron core groups, by config name (a name may have both kinds).
+//! neuron-configs:
+//!   six-pairs:
+//!     - devices: all                    # or [0, 1]
+//!       lnc: 2                          # trn2 only: logical NeuronCore config (1 or 2)
+//!       core-groups: [{cores: 2, count: 6}]
 //! ```
 
 use std::collections::BTreeMap;
@@ -31,6 +36,8 @@ pub enum SpecError {
     DevicesWithoutMig { config: String, entry: usize },
     #[error("partition spec: no config named {0:?} (have: {1})")]
     NoConfig(String, String),
+    #[error("partition spec: neuron-configs.{config}[{entry}].{field}: expected {expected}")]
+    Neuron { config: String, entry: usize, field: &'static str, expected: String },
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -73,14 +80,47 @@ struct RawEntry {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroups {
+    cores: u32,
+    count: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawNeuronEntry {
+    devices: Devices,
+    lnc: Option<u32>,
+    core_groups: Vec<RawGroups>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawSpec {
     version: String,
-    mig_configs: BTreeMap<String, Vec<RawEntry>>,
-    /// Reserved: Neuron core groups will be configured here.
     #[serde(default)]
-    #[allow(dead_code)]
-    neuron_configs: Option<serde_yaml_ng::Value>,
+    mig_configs: BTreeMap<String, Vec<RawEntry>>,
+    #[serde(default)]
+    neuron_configs: BTreeMap<String, Vec<RawNeuronEntry>>,
+}
+
+/// One entry of a named Neuron config: on which devices, which core groups.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NeuronEntry {
+    pub devices: Devices,
+    /// trn2's logical NeuronCore config; None: the instance type's default.
+    pub lnc: Option<u32>,
+    pub groups: Vec<hearth_proto::neuron::Request>,
+}
+
+impl NeuronEntry {
+    /// The device indices this entry covers on a node with `n` devices.
+    pub fn device_list(&self, n: u32) -> Vec<u32> {
+        match &self.devices {
+            Devices::All(_) => (0..n).collect(),
+            Devices::List(l) => l.clone(),
+        }
+    }
 }
 
 /// One entry of a named config: which GPUs, and what they should look like.
@@ -108,6 +148,7 @@ impl Entry {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Spec {
     pub configs: BTreeMap<String, Vec<Entry>>,
+    pub neuron: BTreeMap<String, Vec<NeuronEntry>>,
 }
 
 impl Spec {
@@ -153,14 +194,66 @@ impl Spec {
             }
             configs.insert(name, out);
         }
-        Ok(Self { configs })
+        let mut neuron = BTreeMap::new();
+        for (name, entries) in raw.neuron_configs {
+            let mut out = Vec::new();
+            for (i, e) in entries.into_iter().enumerate() {
+                let bad =
+                    |field, expected: &str| SpecError::Neuron { config: name.clone(), entry: i, field, expected: expected.to_owned() };
+                if e.core_groups.is_empty() {
+                    return Err(bad("core-groups", "at least one {cores: N, count: M}"));
+                }
+                if e.core_groups.iter().any(|g| g.cores == 0 || g.cores > 128 || g.count == 0 || g.count > 128) {
+                    return Err(bad("core-groups", "cores 1-128 and count 1-128 in each"));
+                }
+                if e.lnc.is_some_and(|l| l != 1 && l != 2) {
+                    return Err(bad("lnc", "1 or 2 (trn2's logical NeuronCore config)"));
+                }
+                if let Some(prev) = out.iter().position(|p: &NeuronEntry| overlaps(&p.devices, &e.devices)) {
+                    return Err(bad("devices", &format!("devices no earlier entry covers (entry {prev} has some of them)")));
+                }
+                let groups = e.core_groups.iter().map(|g| hearth_proto::neuron::Request { cores: g.cores, count: g.count }).collect();
+                out.push(NeuronEntry { devices: e.devices, lnc: e.lnc, groups });
+            }
+            neuron.insert(name, out);
+        }
+        Ok(Self { configs, neuron })
     }
 
-    pub fn config(&self, name: &str) -> Result<&[Entry], SpecError> {
+    fn names(&self) -> String {
         self.configs
-            .get(name)
-            .map(Vec::as_slice)
-            .ok_or_else(|| SpecError::NoConfig(name.to_owned(), self.configs.keys().cloned().collect::<Vec<_>>().join(", ")))
+            .keys()
+            .chain(self.neuron.keys())
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The MIG entries of a config: empty when the name has only Neuron groups.
+    pub fn config(&self, name: &str) -> Result<&[Entry], SpecError> {
+        match (self.configs.get(name), self.neuron.contains_key(name)) {
+            (Some(c), _) => Ok(c),
+            (None, true) => Ok(&[]),
+            (None, false) => Err(SpecError::NoConfig(name.to_owned(), self.names())),
+        }
+    }
+
+    /// The Neuron entries of a config: empty when the name has only MIG entries.
+    pub fn neuron_config(&self, name: &str) -> Result<&[NeuronEntry], SpecError> {
+        match (self.neuron.get(name), self.configs.contains_key(name)) {
+            (Some(c), _) => Ok(c),
+            (None, true) => Ok(&[]),
+            (None, false) => Err(SpecError::NoConfig(name.to_owned(), self.names())),
+        }
+    }
+}
+
+fn overlaps(a: &Devices, b: &Devices) -> bool {
+    match (a, b) {
+        (Devices::All(_), _) | (_, Devices::All(_)) => true,
+        (Devices::List(x), Devices::List(y)) => x.iter().any(|d| y.contains(d)),
     }
 }
 
