@@ -97,6 +97,9 @@ pub struct NeuronDevice {
 pub struct NodeFacts {
     pub gpus: Vec<Gpu>,
     pub neuron: Vec<NeuronDevice>,
+    /// Core groups the node's partition config made (node-wide `start, cores`), by start:
+    /// a replica takes one whole group of its size.
+    pub neuron_groups: Vec<(u32, u32)>,
     pub memory_available: u64,
     /// Bytes present per model, keyed by (source URI, revision).
     pub models: FastMap<(String, String), CachedBytes>,
@@ -167,6 +170,7 @@ impl NodeFacts {
         let bound: HashSet<&str> = s.runtimes.iter().map(|r| r.partition_uuid.as_str()).filter(|u| !u.is_empty()).collect();
         let mut gpus = Vec::new();
         let mut neuron = Vec::new();
+        let mut neuron_groups = Vec::new();
         for a in &s.accelerators {
             if a.vendor == pb::AcceleratorVendor::AwsNeuron as i32 {
                 let cores = a.core_count.min(MAX_NEURON_CORES);
@@ -183,6 +187,11 @@ impl NodeFacts {
                 }
                 if bound.contains(a.uuid.as_str()) {
                     busy_cores.iter_mut().for_each(|b| *b = true);
+                }
+                for p in &a.partitions {
+                    if let Some((lo, hi)) = neuron_range(&p.uuid) {
+                        neuron_groups.push((lo, hi - lo + 1));
+                    }
                 }
                 neuron.push(NeuronDevice { index: a.index, healthy: healthy(a.health), cores, busy_cores });
                 continue;
@@ -291,6 +300,11 @@ impl NodeFacts {
         Self {
             gpus,
             neuron,
+            neuron_groups: {
+                neuron_groups.sort_unstable();
+                neuron_groups.dedup();
+                neuron_groups
+            },
             memory_available,
             models,
             images,

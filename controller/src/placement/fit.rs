@@ -57,6 +57,8 @@ pub enum Reject {
     Mig { profile: String, why: std::borrow::Cow<'static, str> },
     #[error("needs {want} contiguous Neuron cores; the longest free run is {longest} of {total}")]
     NeuronCores { want: u32, longest: u32, total: u32 },
+    #[error("needs a free core group of {want} cores; the node's groups are {groups}")]
+    NeuronGroup { want: u32, groups: String },
     #[error("needs {want} bytes of host memory; {free} available after leases")]
     Memory { want: u64, free: u64 },
 }
@@ -69,7 +71,7 @@ impl Reject {
             Reject::Unknown => "unknown_node",
             Reject::Gpus { .. } => "gpus",
             Reject::Mig { .. } => "mig",
-            Reject::NeuronCores { .. } => "neuron_cores",
+            Reject::NeuronCores { .. } | Reject::NeuronGroup { .. } => "neuron_cores",
             Reject::Memory { .. } => "memory",
         }
     }
@@ -262,6 +264,23 @@ fn neuron_cores(n: &NodeFacts, want: u32, held: &[&Slot]) -> Result<Fit, Reject>
         }
     }
     let total = free.len() as u32;
+    // Where the node's partition config made core groups, a replica takes one whole group of
+    // its size (the lowest free one): the groups are what the Neuron rules allow there.
+    if !n.neuron_groups.is_empty() {
+        let is_free = |(s, c): (u32, u32)| (s..s + c).all(|i| free.get(i as usize).copied().unwrap_or(false));
+        return match n.neuron_groups.iter().copied().find(|&(s, c)| c == want && is_free((s, c))) {
+            Some((start, _)) => Ok(Fit { slot: Slot::NeuronCores { start, count: want }, fragmentation: 0.0 }),
+            None => Err(Reject::NeuronGroup {
+                want,
+                groups: n
+                    .neuron_groups
+                    .iter()
+                    .map(|&(s, c)| format!("{s}-{}{}", s + c - 1, if is_free((s, c)) { "" } else { " (in use)" }))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        };
+    }
     // Best fit: the smallest free run that holds the request.
     let mut best: Option<(u32, u32)> = None;
     let mut longest = 0;
@@ -391,6 +410,24 @@ mod tests {
             fit(&n, &model(DeviceRequest::NeuronCores(3)), &[&lease], 0).unwrap_err(),
             Reject::NeuronCores { want: 3, longest: 2, total: 8 }
         );
+    }
+
+    #[test]
+    fn with_core_groups_a_replica_takes_a_whole_free_group_of_its_size() {
+        let dev = |index| NeuronDevice { index, healthy: true, cores: 2, busy_cores: vec![false, false] };
+        // inf2.24xlarge-like: 12 cores; groups 0-3 (two devices), 4-5, 6-7, 8-9; 10-11 ungrouped.
+        let mut n =
+            NodeFacts { neuron: (0..6).map(dev).collect(), neuron_groups: vec![(0, 4), (4, 2), (6, 2), (8, 2)], ..Default::default() };
+        n.neuron[2].busy_cores = vec![true, true];
+        let got = |want, held: &[&Slot]| fit(&n, &model(DeviceRequest::NeuronCores(want)), held, 0);
+        assert_eq!(got(2, &[]).unwrap().slot, Slot::NeuronCores { start: 6, count: 2 }, "4-5 is in use");
+        assert_eq!(got(4, &[]).unwrap().slot, Slot::NeuronCores { start: 0, count: 4 });
+        let lease = Slot::NeuronCores { start: 6, count: 2 };
+        assert_eq!(got(2, &[&lease]).unwrap().slot, Slot::NeuronCores { start: 8, count: 2 });
+        // No group of 1 core, even though ungrouped cores are free: groups are the layout.
+        let e = got(1, &[]).unwrap_err();
+        assert_eq!(e.to_string(), "needs a free core group of 1 cores; the node's groups are 0-3, 4-5 (in use), 6-7, 8-9");
+        assert_eq!(e.code(), "neuron_cores");
     }
 
     #[test]
