@@ -284,6 +284,21 @@ pub struct RawNetwork {
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+pub struct RawNeuron {
+    /// Default: on when the driver's tree exists (or the simulated devices are Neuron ones).
+    pub enabled: Option<bool>,
+    /// Default /sys.
+    pub sysfs_root: Option<PathBuf>,
+    /// Default: from the devices' family and count ("inf2.48xlarge").
+    pub instance_type: Option<String>,
+    /// "auto" (neuron-monitor when on PATH), "off", or a command list.
+    pub monitor: Option<serde_yaml_ng::Value>,
+    /// Default 5s (neuron-monitor's own default period).
+    pub collect_interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub struct RawImages {
     /// Default: on when the containerd socket exists.
     pub enabled: Option<bool>,
@@ -337,6 +352,8 @@ pub struct RawConfig {
     pub runtimes: RawRuntimes,
     #[serde(default)]
     pub images: RawImages,
+    #[serde(default)]
+    pub neuron: RawNeuron,
 }
 
 impl RawConfig {
@@ -403,6 +420,7 @@ pub struct Config {
     pub network: NetworkSettings,
     pub runtimes: crate::runtime::RuntimeSettings,
     pub images: crate::images::ImageSettings,
+    pub neuron: crate::neuron::subsystem::NeuronSettings,
 }
 
 pub use crate::netobs::NetworkSettings;
@@ -584,6 +602,39 @@ fn runtime_settings(r: RawRuntimes, grace: Duration) -> Result<crate::runtime::R
         spot,
         driver,
     })
+}
+
+fn neuron_settings(r: RawNeuron) -> Result<crate::neuron::subsystem::NeuronSettings, AgentConfigError> {
+    use crate::neuron::subsystem::{MonitorCommand, NeuronSettings};
+    let mut s = NeuronSettings { enabled: r.enabled, instance_type: r.instance_type, ..Default::default() };
+    if let Some(p) = r.sysfs_root {
+        s.sysfs_root = p;
+    }
+    if let Some(t) = &s.instance_type
+        && hearth_proto::neuron::Topology::of(t, None).is_err()
+    {
+        let known: Vec<&str> = hearth_proto::neuron::INSTANCE_TYPES.iter().map(|t| t.instance_type).collect();
+        return Err(invalid("neuron.instance_type", format!("a Neuron instance type: {}", known.join(", ")), t.clone()));
+    }
+    let expected = "\"auto\", \"off\" or a command list like [neuron-monitor, -c, /etc/neuron-monitor.json]";
+    s.monitor = match r.monitor {
+        None => MonitorCommand::Auto,
+        Some(serde_yaml_ng::Value::String(v)) if v == "auto" => MonitorCommand::Auto,
+        Some(serde_yaml_ng::Value::String(v)) if v == "off" => MonitorCommand::Off,
+        Some(serde_yaml_ng::Value::Sequence(items)) => {
+            let cmd: Option<Vec<String>> = items.iter().map(|i| i.as_str().map(str::to_owned)).collect();
+            match cmd {
+                Some(c) if !c.is_empty() && !c[0].is_empty() => MonitorCommand::Command(c),
+                _ => return Err(invalid("neuron.monitor", expected, format!("{items:?}"))),
+            }
+        }
+        Some(other) => return Err(invalid("neuron.monitor", expected, format!("{other:?}"))),
+    };
+    s.collect_interval = dur("neuron.collect_interval", r.collect_interval, "5s")?;
+    if s.collect_interval < Duration::from_millis(100) {
+        return Err(invalid("neuron.collect_interval", "at least 100ms", format!("{:?}", s.collect_interval)));
+    }
+    Ok(s)
 }
 
 fn image_settings(r: RawImages) -> Result<crate::images::ImageSettings, AgentConfigError> {
@@ -950,6 +1001,7 @@ impl TryFrom<RawConfig> for Config {
             network: network_settings(r.network)?,
             runtimes,
             images: image_settings(r.images)?,
+            neuron: neuron_settings(r.neuron)?,
         })
     }
 }
@@ -963,6 +1015,22 @@ mod tests {
 
     fn parse(yaml: &str) -> Result<Config, AgentConfigError> {
         Config::try_from(RawConfig::from_yaml(Path::new("agent.yaml"), yaml)?)
+    }
+
+    #[test]
+    fn neuron_section_is_validated_naming_the_field() {
+        use crate::neuron::subsystem::MonitorCommand;
+        let c = parse("node_name: n1").unwrap();
+        assert_eq!((c.neuron.enabled, &c.neuron.monitor), (None, &MonitorCommand::Auto));
+        let c = parse("node_name: n1\nneuron: {monitor: [neuron-monitor, -c, /etc/nm.json], instance_type: trn1.32xlarge}").unwrap();
+        assert_eq!(c.neuron.monitor, MonitorCommand::Command(vec!["neuron-monitor".into(), "-c".into(), "/etc/nm.json".into()]));
+        assert_eq!(parse("node_name: n1\nneuron: {monitor: off}").unwrap().neuron.monitor, MonitorCommand::Off);
+        let e = parse("node_name: n1\nneuron: {monitor: sometimes}").unwrap_err().to_string();
+        assert!(e.starts_with("neuron.monitor: expected \"auto\", \"off\" or a command list"), "{e}");
+        let e = parse("node_name: n1\nneuron: {instance_type: p5.48xlarge}").unwrap_err().to_string();
+        assert!(e.starts_with("neuron.instance_type: expected a Neuron instance type: inf2.xlarge,"), "{e}");
+        let e = parse("node_name: n1\ndevices: {simulated: [inf2.48xlarge]}").unwrap();
+        assert!(matches!(&e.devices, DeviceBackendKind::Simulated(s) if s[0].count == 12 && s[0].instance.is_some()));
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub const SUBSYSTEMS: &[(&str, StartFn)] = &[
     ("node", |w, t| Box::pin(crate::node::start(w, t))),
     ("devices", |w, t| Box::pin(crate::device::start(w, t))),
     ("gpu-metrics", |w, t| Box::pin(crate::gpu_metrics::start(w, t))),
+    ("neuron", |w, t| Box::pin(crate::neuron::subsystem::start(w, t))),
     ("partition", |w, t| Box::pin(crate::partition::start(w, t))),
     ("cache", |w, t| Box::pin(crate::cache::start(w, t))),
     ("network", |w, t| Box::pin(crate::netobs::start(w, t))),
@@ -57,6 +58,8 @@ pub enum AgentError {
     Runtimes(String),
     #[error("images: {0}")]
     Images(String),
+    #[error("neuron: {0}")]
+    Neuron(String),
 }
 
 #[derive(Debug)]

@@ -15,6 +15,7 @@ pub mod images;
 pub mod kube;
 pub mod local;
 pub mod netobs;
+pub mod neuron;
 pub mod node;
 pub mod partition;
 pub mod prefetch;

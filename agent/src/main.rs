@@ -126,6 +126,20 @@ enum Cmd {
         #[command(subcommand)]
         cmd: GpuCmd,
     },
+    /// A stand-in for AWS's neuron-monitor over a simulated Neuron driver tree: one JSON
+    /// report per line every period (the agent runs it in simulation).
+    #[command(hide = true)]
+    NeuronMonitorSim {
+        /// The fake sysfs root the agent wrote.
+        #[arg(long)]
+        sysfs: PathBuf,
+        #[arg(long)]
+        instance_type: String,
+        #[arg(long, default_value = "i-sim")]
+        instance_id: String,
+        #[arg(long, default_value = "5s")]
+        period: String,
+    },
     /// A small OpenAI-compatible model server with vLLM's metrics: what `hearth local` runs
     /// as its agent-managed runtime (no inference: it paces made-up tokens).
     SampleServer {
@@ -365,6 +379,7 @@ fn main() -> ExitCode {
         Cmd::Agent { .. } => "info",
         Cmd::SampleNet { .. } => "warn",
         Cmd::SampleServer { .. } => "warn",
+        Cmd::NeuronMonitorSim { .. } => "warn",
     };
     init_logging(cli.log_format, default_filter);
     hearth_service::telemetry::run_main(run(cli.cmd))
@@ -501,6 +516,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 other => anyhow::bail!("__sample-net: expected server or client, got {other:?}"),
             };
             r.context("sample network workload")?;
+        }
+        Cmd::NeuronMonitorSim { sysfs, instance_type, instance_id, period } => {
+            let period = hearth_service::config::parse_duration("--period", &period)?;
+            tokio::task::spawn_blocking(move || hearth_agent::neuron::sim::run(&sysfs, &instance_type, &instance_id, period)).await??
         }
         Cmd::SampleServer { port, model, model_dir, model_uri, token_time, max_batch } => {
             let token_time = hearth_service::config::parse_duration("--token-time", &token_time)?;

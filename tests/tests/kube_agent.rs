@@ -212,6 +212,7 @@ fn gpu(index: u32, health: Health, reason: &str) -> Accelerator {
         health,
         health_reason: reason.into(),
         gpu: None,
+        core_groups: Vec::new(),
     }
 }
 

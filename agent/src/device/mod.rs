@@ -66,6 +66,9 @@ pub struct Accelerator {
     pub health_reason: String,
     /// NVIDIA details from the GPU collector; `None` until its first sweep and for Neuron.
     pub gpu: Option<GpuDetail>,
+    /// Neuron core groups (node-wide core ranges) that start on this device, from the applied
+    /// partition config; reported as the device's partitions.
+    pub core_groups: Vec<hearth_proto::neuron::Group>,
 }
 
 /// What NVML says about a GPU beyond the static facts: driver, MIG, processes, memory health.
@@ -128,6 +131,15 @@ impl From<&Accelerator> for pb::Accelerator {
             health_reason: a.health_reason.clone(),
             ..Default::default()
         };
+        // A group is reported on its first device: uuid "neuroncores:A-B" (what runtimes bind
+        // to and placement parses), the start local to the device, the size may run on.
+        out.partitions.extend(a.core_groups.iter().map(|g| pb::Partition {
+            uuid: g.partition_name(),
+            profile: format!("cores:{}", g.cores),
+            placement_start: g.start.saturating_sub(a.index * a.core_count),
+            placement_size: g.cores,
+            ..Default::default()
+        }));
         if let Some(g) = &a.gpu {
             out.mig_enabled = g.mig_current;
             out.mig_pending = g.mig_pending;

@@ -60,19 +60,35 @@ pub const PRODUCTS: &[Product] = &[
     Product { key: "trn2", name: "Trainium2", vendor: Vendor::AwsNeuron, memory_bytes: 96 * GIB, pci_device_id: 0, core_count: 8 },
 ];
 
-/// "2xH100-80GB": a count and a product.
+/// "2xH100-80GB": a count and a product; or a Neuron instance type ("inf2.48xlarge"), which
+/// is its devices with the instance's geometry (logical cores per device, core-group rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SimSpec {
     pub count: u32,
     pub product: &'static Product,
+    pub instance: Option<&'static hearth_proto::neuron::Topology>,
 }
 
 impl SimSpec {
     pub fn parse(s: &str) -> Result<Self, String> {
         let expected = || {
             let keys: Vec<_> = PRODUCTS.iter().map(|p| p.key).collect();
-            format!("a product like \"2xH100-80GB\" (COUNTxPRODUCT, count 1-64, product one of {})", keys.join(", "))
+            let types: Vec<_> = hearth_proto::neuron::INSTANCE_TYPES.iter().map(|t| t.instance_type).collect();
+            format!(
+                "a product like \"2xH100-80GB\" (COUNTxPRODUCT, count 1-64, product one of {}) or a Neuron instance type ({})",
+                keys.join(", "),
+                types.join(", ")
+            )
         };
+        if let Some(t) = hearth_proto::neuron::INSTANCE_TYPES.iter().find(|t| t.instance_type == s.trim()) {
+            let key = match t.device_name {
+                "Inferentia2" => "inf2",
+                "Trainium" => "trn1",
+                _ => "trn2",
+            };
+            let product = PRODUCTS.iter().find(|p| p.key == key).ok_or_else(expected)?;
+            return Ok(Self { count: t.devices, product, instance: Some(t) });
+        }
         let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
         let (count, key) = match compact.split_once(['x', 'X']) {
             Some((n, k)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => (n.parse().map_err(|_| expected())?, k),
@@ -82,7 +98,7 @@ impl SimSpec {
         if !(1..=64).contains(&count) {
             return Err(expected());
         }
-        Ok(Self { count, product })
+        Ok(Self { count, product, instance: None })
     }
 }
 
@@ -120,11 +136,13 @@ impl SimInventory {
                     memory_bytes: p.memory_bytes,
                     pci_bus_id,
                     pci_device_id: p.pci_device_id,
-                    core_count: p.core_count,
+                    // An instance type's devices count logical cores (trn2: LNC 2 by default).
+                    core_count: spec.instance.map_or(p.core_count, |t| t.cores_per_device),
                     simulated: true,
                     health: Health::Healthy,
                     health_reason: String::new(),
                     gpu: None,
+                    core_groups: Vec::new(),
                 });
             }
         }

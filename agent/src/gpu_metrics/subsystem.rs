@@ -82,6 +82,7 @@ fn publish_gpus(report: &watch::Sender<NodeReport>, view: &GpuView) {
                     health: *health,
                     health_reason: reason.clone(),
                     gpu: Some(detail.clone()),
+                    core_groups: Vec::new(),
                 });
                 changed = true;
             }

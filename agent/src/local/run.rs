@@ -52,9 +52,21 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     // controller serves itself through the agent (a sample model server on a simulated GPU,
     // scaled on its load); the extender on a free local port.
     let sample_dir = dir.join("sample-models/llama-sample");
+    let devices = args
+        .devices
+        .iter()
+        .map(|d| SimSpec::parse(d).map_err(|e| anyhow::anyhow!("--devices: expected {e}, got {d:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // A Neuron instance type instead of GPUs: the sample deployments take a core group (one
+    // device's cores), and a partition spec makes one group per device.
+    let neuron = devices.iter().find_map(|d| d.instance).filter(|_| devices.iter().all(|d| d.instance.is_some()));
+    let resources = match neuron {
+        Some(t) => format!("{{neuron_cores: {}, memory: 1Gi}}", t.cores_per_device),
+        None => "{gpus: 1, memory: 1Gi}".to_owned(),
+    };
     craw.models = serde_yaml_ng::from_str(&format!(
-        "- {{name: llama-sample, source: \"file://{d}\", size: 256Mi, image: vllm/vllm-openai:latest, image_size: 8Gi, resources: {{gpus: 1, memory: 1Gi}}, scaling: {{min_replicas: 0, max_replicas: 2}}}}\n\
-         - {{name: {SAMPLE_CHAT}, source: \"file://{d}\", size: 256Mi, image: hearth-sample, resources: {{gpus: 1, memory: 1Gi}}, managed_by: agent,\n   \
+        "- {{name: llama-sample, source: \"file://{d}\", size: 256Mi, image: vllm/vllm-openai:latest, image_size: 8Gi, resources: {resources}, scaling: {{min_replicas: 0, max_replicas: 2}}}}\n\
+         - {{name: {SAMPLE_CHAT}, source: \"file://{d}\", size: 256Mi, image: hearth-sample, resources: {resources}, managed_by: agent,\n   \
             scaling: {{min_replicas: 1, max_replicas: 2, target_concurrency: 4, stable_window: 20s, panic_window: 4s, scale_down_delay: 30s}}}}",
         d = sample_dir.display()
     ))?;
@@ -80,11 +92,6 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
     // The sample model servers' ports: the first free one and the next (two replicas at most).
     let sample_base_port = free_port_pair()?;
     let sample_spec = crate::cache::spec::ModelSpec::new(&format!("file://{}", sample_dir.display()), &[], &[], "")?;
-    let devices = args
-        .devices
-        .iter()
-        .map(|d| SimSpec::parse(d).map_err(|e| anyhow::anyhow!("--devices: expected {e}, got {d:?}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
     // Per-pod network metrics need root (BPF, cgroups): then a sample workload runs in two
     // stand-in pods under a cgroup made for it; otherwise the metrics say why they are off.
     let (sample, network_off) = if rustix::process::geteuid().is_root() {
@@ -152,7 +159,15 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         },
         shutdown_grace: Duration::from_secs(5),
         max_message_bytes: hearth_proto::transport::DEFAULT_MAX_MESSAGE_BYTES,
-        partition: None,
+        partition: neuron.map(|t| {
+            (
+                format!(
+                    "version: v1\nneuron-configs:\n  local:\n    - devices: all\n      core-groups: [{{cores: {}, count: {}}}]\n",
+                    t.cores_per_device, t.devices
+                ),
+                "local".to_owned(),
+            )
+        }),
         state_dir: dir.join("state"),
         kubernetes: None,
         network,
@@ -167,6 +182,8 @@ pub async fn run(args: LocalArgs, shutdown: CancellationToken) -> anyhow::Result
         },
         // Local mode never touches a containerd that may run on the machine.
         images: crate::images::ImageSettings { enabled: Some(false), ..Default::default() },
+        // Neuron devices in --devices (an instance type) get the simulated driver and monitor.
+        neuron: Default::default(),
     };
 
     let agent = crate::daemon::start(acfg, shutdown.clone()).await?;

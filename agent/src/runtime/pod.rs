@@ -545,6 +545,7 @@ mod tests {
             health: crate::device::Health::Healthy,
             health_reason: String::new(),
             gpu: None,
+            core_groups: Vec::new(),
         };
         if !migs.is_empty() {
             a.gpu = Some(crate::device::GpuDetail {
