@@ -351,22 +351,34 @@ impl Puller {
         // 2 x connections chunks. Jobs are handed out in order, so the next chunk a writer
         // waits for always holds a permit: no wait can close a cycle.
         let chunk = self.settings.chunk.max(1 << 20);
+        // Chunks of all layers interleaved (each layer's own in order): the layers' writes
+        // then run side by side, and containerd digests them on as many threads.
+        let mut per_layer: Vec<VecDeque<Job>> = Vec::new();
         let mut jobs = VecDeque::new();
         let mut senders = BTreeMap::new();
         let mut set: JoinSet<Result<u64, PullError>> = JoinSet::new();
         for (i, w, from) in writers {
             let l = &resolved.layers[i];
             let mut s = from;
+            let mut mine = VecDeque::new();
             while s < l.size {
                 let e = (s + chunk).min(l.size);
-                jobs.push_back(Job { layer: i, digest: l.digest.clone(), start: s, end: e });
+                mine.push_back(Job { layer: i, digest: l.digest.clone(), start: s, end: e });
                 s = e;
             }
+            per_layer.push(mine);
             let (tx, rx) = mpsc::unbounded_channel();
             senders.insert(i, tx);
             let runtime = self.runtime.clone();
             let (progress, digest) = (progress.clone(), l.digest.clone());
             set.spawn(write_layer(runtime, w, rx, digest, progress));
+        }
+        while per_layer.iter().any(|q| !q.is_empty()) {
+            for q in &mut per_layer {
+                if let Some(j) = q.pop_front() {
+                    jobs.push_back(j);
+                }
+            }
         }
         let conns = self.settings.connections.max(1).min(jobs.len());
         let permits = Arc::new(Semaphore::new(conns * 2));

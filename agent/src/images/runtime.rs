@@ -40,6 +40,8 @@ pub enum RuntimeError {
     Timeout { call: &'static str, timeout: Duration },
     #[error("content write {reference}: {message}")]
     Write { reference: String, message: String },
+    #[error("content write {0}: containerd ended the stream (restarting?)")]
+    Closed(String),
 }
 
 impl RuntimeError {
@@ -49,7 +51,7 @@ impl RuntimeError {
             RuntimeError::Rpc { status, .. } => {
                 matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
             }
-            RuntimeError::Timeout { .. } | RuntimeError::MissingSocket(_) => true,
+            RuntimeError::Timeout { .. } | RuntimeError::MissingSocket(_) | RuntimeError::Closed(_) => true,
             RuntimeError::Write { .. } => false,
         }
     }
@@ -250,7 +252,7 @@ impl Runtime {
     /// the write stands: a resumed write continues from the returned offset.
     pub async fn open_write(&self, reference: &str, lease: &str, digest: &str, size: u64) -> Result<BlobWriter, RuntimeError> {
         self.check_socket()?;
-        let (tx, rx) = mpsc::channel::<content::WriteContentRequest>(2);
+        let (tx, rx) = mpsc::channel::<content::WriteContentRequest>(PIPELINE);
         let stat = content::WriteContentRequest {
             action: content::WriteAction::Stat as i32,
             r#ref: reference.into(),
@@ -276,6 +278,7 @@ impl Runtime {
             digest: digest.into(),
             size,
             offset: first.offset.max(0) as u64,
+            unanswered: std::collections::VecDeque::new(),
             tx,
             responses,
             timeout: self.timeout,
@@ -288,11 +291,18 @@ pub struct BlobWriter {
     reference: String,
     digest: String,
     size: u64,
+    /// Bytes sent (the next write's offset).
     offset: u64,
+    /// The offsets containerd must answer with, oldest first: writes are pipelined, not
+    /// answered one by one, so a stream moves data while containerd writes the last piece.
+    unanswered: std::collections::VecDeque<u64>,
     tx: mpsc::Sender<content::WriteContentRequest>,
     responses: tonic::Streaming<content::WriteContentResponse>,
     timeout: Duration,
 }
+
+/// Pieces in flight on one write stream before waiting for containerd's answers.
+const PIPELINE: usize = 4;
 
 impl BlobWriter {
     /// Where the content store's copy stands (non-zero when resuming).
@@ -317,20 +327,39 @@ impl BlobWriter {
             // The stream ended: its status says why.
             return match self.responses.message().await {
                 Err(s) => Err(RuntimeError::Rpc { call: "Content.Write", status: s }),
-                Ok(_) => Err(self.err("containerd closed the write")),
+                Ok(_) => Err(RuntimeError::Closed(self.reference.clone())),
             };
         }
         match tokio::time::timeout(self.timeout, self.responses.message()).await {
             Err(_) => Err(RuntimeError::Timeout { call: "Content.Write", timeout: self.timeout }),
             Ok(Err(s)) => Err(RuntimeError::Rpc { call: "Content.Write", status: s }),
-            Ok(Ok(None)) => Err(self.err("containerd closed the write")),
+            Ok(Ok(None)) => Err(RuntimeError::Closed(self.reference.clone())),
             Ok(Ok(Some(r))) => Ok(r),
         }
     }
 
-    /// Appends `data` at the current offset.
+    /// Waits for containerd's answer to the oldest unanswered piece and checks its offset.
+    async fn answer(&mut self) -> Result<(), RuntimeError> {
+        let Some(want) = self.unanswered.pop_front() else { return Ok(()) };
+        let r = match tokio::time::timeout(self.timeout, self.responses.message()).await {
+            Err(_) => return Err(RuntimeError::Timeout { call: "Content.Write", timeout: self.timeout }),
+            Ok(Err(s)) => return Err(RuntimeError::Rpc { call: "Content.Write", status: s }),
+            Ok(Ok(None)) => return Err(RuntimeError::Closed(self.reference.clone())),
+            Ok(Ok(Some(r))) => r,
+        };
+        if r.offset as u64 != want {
+            return Err(self.err(format!("containerd is at offset {} where {want} was written", r.offset)));
+        }
+        Ok(())
+    }
+
+    /// Appends `data` at the current offset. Pieces are pipelined, at most `PIPELINE`
+    /// unanswered; every answer is checked (here or at commit).
     pub async fn write(&mut self, mut data: Bytes) -> Result<(), RuntimeError> {
         while !data.is_empty() {
+            while self.unanswered.len() >= PIPELINE {
+                self.answer().await?;
+            }
             let piece = data.split_to(data.len().min(WRITE_PIECE));
             let n = piece.len() as u64;
             let req = content::WriteContentRequest {
@@ -339,17 +368,24 @@ impl BlobWriter {
                 data: piece,
                 ..Default::default()
             };
-            let r = self.exchange(req).await?;
-            if r.offset as u64 != self.offset + n {
-                return Err(self.err(format!("containerd is at offset {} after writing {n} bytes at {}", r.offset, self.offset)));
+            if self.tx.send(req).await.is_err() {
+                // The stream ended: its status says why.
+                return match self.responses.message().await {
+                    Err(s) => Err(RuntimeError::Rpc { call: "Content.Write", status: s }),
+                    Ok(_) => Err(RuntimeError::Closed(self.reference.clone())),
+                };
             }
             self.offset += n;
+            self.unanswered.push_back(self.offset);
         }
         Ok(())
     }
 
     /// Stores the blob under its digest; containerd refuses it if size or digest differ.
     pub async fn commit(mut self) -> Result<(), RuntimeError> {
+        while !self.unanswered.is_empty() {
+            self.answer().await?;
+        }
         let req = content::WriteContentRequest {
             action: content::WriteAction::Commit as i32,
             offset: self.offset as i64,
