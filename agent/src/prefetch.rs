@@ -33,6 +33,18 @@ pub struct PrefetchArgs {
     pub stall_timeout: std::time::Duration,
 }
 
+/// The CLI's download bar: bytes, rate, ETA and a message; hidden when `show` is false.
+pub fn bytes_bar(show: bool) -> ProgressBar {
+    let bar = if show { ProgressBar::new(0) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner:.green} [{elapsed_precise}] [{wide_bar:.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
 pub fn human(bytes: f64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes;
@@ -58,13 +70,7 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
     };
     let source = crate::cache::open_source(&spec.uri, &a.s3).await;
     let progress = Arc::new(Progress::default());
-    let bar = if a.progress { ProgressBar::new(0) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner:.green} [{elapsed_precise}] [{wide_bar:.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = bytes_bar(a.progress);
     let ticker = {
         let (bar, p) = (bar.clone(), progress.clone());
         tokio::spawn(async move {

@@ -345,6 +345,16 @@ impl AgentProc {
     }
 }
 
+/// A node's state as the controller's Operator API shows it (None: not known yet).
+pub async fn node_state(ctl: &hearth_controller::Running, pki: &TestPki, node: &str) -> Result<Option<pb::NodeState>> {
+    let ch = channel(ctl.grpc_addr, Some(&pki.client_material("operator")?)).await?;
+    match pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: node.into() }).await {
+        Ok(r) => Ok(r.into_inner().state),
+        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+        Err(s) => Err(s.into()),
+    }
+}
+
 /// Queues a command for `node` on an in-process controller's stream, its id doubling as the
 /// idempotency key.
 pub fn send_command(ctl: &hearth_controller::Running, node: &str, id: &str, kind: pb::command::Kind) -> Result<()> {

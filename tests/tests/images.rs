@@ -66,6 +66,15 @@ impl Env {
     }
 }
 
+/// Waits until CRI reports `image` (still present) not pinned: containerd's CRI learns of
+/// label changes from its event stream, a moment after the update.
+async fn unpinned(rt: &Runtime, image: &str) -> Result<()> {
+    hearth_tests::wait_for("CRI to report the image unpinned", Duration::from_secs(4), || async {
+        Ok((!rt.image_status(image).await?.context("the image was removed")?.pinned).then_some(()))
+    })
+    .await
+}
+
 fn small_settings() -> PullSettings {
     // 1 MiB chunks: every layer of the small images takes several ranged GETs.
     PullSettings { connections: 4, chunk: MIB, ..Default::default() }
@@ -146,15 +155,7 @@ async fn pin_is_seen_through_cri_on_17_unpinned_on_release_and_other_pins_are_le
     ensure!(rt.image_status(&o).await?.context("sandbox-like image gone")?.pinned, "another's pin was removed:\n{labels}");
 
     images.release("config").await?;
-    let mut pinned = true;
-    for _ in 0..40 {
-        pinned = rt.image_status(&r.to_string()).await?.context("image gone after unpin")?.pinned;
-        if !pinned {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    ensure!(!pinned, "still pinned after release");
+    unpinned(&rt, &r.to_string()).await.context("still pinned after release")?;
     let records = rt.image_records().await?;
     ensure!(
         records.iter().all(|i| !i.labels.contains_key(HEARTH_PIN_LABEL)),
@@ -320,15 +321,7 @@ async fn a_models_new_image_replaces_its_old_one_in_what_is_kept() -> Result<()>
     ensure!(rt.image_status(&v1.reference).await?.context("v1 missing")?.pinned, "v1 not pinned");
     images.prefetch(&r2, Some("llama-abc"), &cancel).await?;
     ensure!(rt.image_status(&v2.reference).await?.context("v2 missing")?.pinned, "v2 not pinned");
-    let mut v1_pinned = true;
-    for _ in 0..40 {
-        v1_pinned = rt.image_status(&v1.reference).await?.context("v1 removed")?.pinned;
-        if !v1_pinned {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    ensure!(!v1_pinned, "the model's old image is still kept");
+    unpinned(&rt, &v1.reference).await.context("the model's old image is still kept")?;
     ensure!(!images.wanted().contains_key(&v1.reference), "{:?}", images.wanted());
     Ok(())
 }

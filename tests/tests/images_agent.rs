@@ -18,15 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
 
-async fn node_state(ctl: &hearth_controller::Running, pki: &TestPki, node: &str) -> Result<Option<pb::NodeState>> {
-    let ch = channel(ctl.grpc_addr, Some(&pki.client_material("operator")?)).await?;
-    match pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: node.into() }).await {
-        Ok(r) => Ok(r.into_inner().state),
-        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-        Err(s) => Err(s.into()),
-    }
-}
-
 async fn containerd17(registry: &Registry) -> Result<Containerd> {
     let opts = Options::default()
         .namespace("k8s.io")

@@ -12,15 +12,6 @@ use hearth_proto::v1 as pb;
 use hearth_tests::*;
 use tokio_util::sync::CancellationToken;
 
-async fn node_state(ctl: &hearth_controller::Running, pki: &TestPki, node: &str) -> Result<Option<pb::NodeState>> {
-    let ch = channel(ctl.grpc_addr, Some(&pki.client_material("operator")?)).await?;
-    match pb::operator_client::OperatorClient::new(ch).get_node(pb::GetNodeRequest { name: node.into() }).await {
-        Ok(r) => Ok(r.into_inner().state),
-        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
-        Err(s) => Err(s.into()),
-    }
-}
-
 #[tokio::test]
 async fn a_simulated_inf2_48xlarge_reports_core_groups_monitor_metrics_and_faults() -> Result<()> {
     let dir = tempfile::tempdir()?;

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
@@ -84,13 +83,7 @@ pub async fn pull(a: PullArgs, cancel: CancellationToken) -> anyhow::Result<()> 
     let settings = PullSettings { connections: a.connections.max(1), chunk: a.chunk, fast: a.connections > 0, ..Default::default() };
     let puller = Puller { registry: Arc::new(RegistryClient::new(creds, a.insecure)?), runtime, settings, limit: None };
     let progress = Arc::new(Progress::default());
-    let bar = if a.progress { ProgressBar::new(0) } else { ProgressBar::hidden() };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner:.green} [{elapsed_precise}] [{wide_bar:.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = crate::prefetch::bytes_bar(a.progress);
     let ticker = {
         let (bar, p) = (bar.clone(), progress.clone());
         tokio::spawn(async move {
