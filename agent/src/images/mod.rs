@@ -37,6 +37,23 @@ use crate::daemon::AgentError;
 use crate::report::NodeReport;
 use crate::subsystem::{Started, Status, StatusHandle, Wiring};
 
+/// How long CRI is given to report a labelled image pinned.
+const PIN_CHECK: Duration = Duration::from_secs(10);
+
+/// containerd 1.6 before 1.6.22 (Debian 12 ships 1.6.20) has no pin label in its CRI plugin;
+/// later 1.6 releases and 1.7.3+ have it (answered by CRI, not assumed from the version).
+fn ignores_pin_label(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split('.').map(|p| {
+        let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<u32>().ok()
+    });
+    match (parts.next().flatten(), parts.next().flatten(), parts.next().flatten()) {
+        (Some(1), Some(minor), _) if minor < 6 => true,
+        (Some(1), Some(6), Some(patch)) => patch < 22,
+        _ => false,
+    }
+}
+
 /// Why Hearth wants an image.
 pub const REASON_CONFIG: &str = "config";
 const MODEL_PREFIX: &str = "model:";
@@ -389,20 +406,35 @@ impl Images {
 
     /// Whether CRI now reports `name` pinned: containerd 1.6 ignores the label.
     async fn check_pinning(&self, name: &str) {
+        // A containerd known to ignore the label is not waited on; any other is asked through
+        // CRI, which learns of the label from containerd's events a moment after the update
+        // (longer on a loaded node).
+        let mut version = self.version.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if version.is_empty()
+            && let Ok(v) = self.puller.runtime.version().await
+        {
+            version.clone_from(&v);
+            *self.version.lock().unwrap_or_else(|p| p.into_inner()) = v;
+        }
         let mut pinned = false;
-        for _ in 0..20 {
-            if let Ok(Some(img)) = self.puller.runtime.image_status(name).await
-                && img.pinned
-            {
-                pinned = true;
-                break;
+        if !ignores_pin_label(&version) {
+            let deadline = tokio::time::Instant::now() + PIN_CHECK;
+            loop {
+                if let Ok(Some(img)) = self.puller.runtime.image_status(name).await
+                    && img.pinned
+                {
+                    pinned = true;
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(150)).await;
         }
         let before = self.pinning.lock().unwrap_or_else(|p| p.into_inner()).replace(pinned);
         self.metrics.pinning_available.set(i64::from(pinned));
         if before != Some(pinned) {
-            let version = self.version.lock().unwrap_or_else(|p| p.into_inner()).clone();
             if pinned {
                 info!(containerd = %version, "the runtime honours the pin label: images Hearth keeps are safe from the kubelet's image GC");
                 if let Some(s) = &self.status {
@@ -708,5 +740,20 @@ impl Images {
             self.unpin(name).await.map_err(|source| ImageError::Runtime { image: name.to_owned(), source })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containerd_versions_without_the_pin_label() {
+        assert!(ignores_pin_label("1.6.20~ds1"), "Debian 12");
+        assert!(ignores_pin_label("v1.5.11"));
+        assert!(!ignores_pin_label("1.6.25"));
+        assert!(!ignores_pin_label("1.7.24~ds1"));
+        assert!(!ignores_pin_label("v2.0.4"));
+        assert!(!ignores_pin_label("(not answering)"), "unknown: ask CRI");
     }
 }
