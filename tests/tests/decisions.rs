@@ -23,7 +23,7 @@ const MODELS: &str = "
 fn node(n: u32, cached: bool, runtimes: Vec<pb::ServingRuntime>) -> pb::NodeState {
     let mut s = pb::NodeState { runtimes, ..pb::NodeState::h100s(n).with_memory_available(1024 * GB) };
     if cached {
-        s = s.with_model(pb::CachedModel::ready("c-llama", "s3://models/llama", "main", 140 * GB)).with_image("vllm:v1");
+        s = s.with_model(pb::CachedModel::ready("c-llama", "s3://models/llama", "main", 140 * GB)).with_image("docker.io/library/vllm:v1"); // as CRI reports the catalog's vllm:v1
     }
     s
 }
