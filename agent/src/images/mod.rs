@@ -259,7 +259,21 @@ impl Images {
             .map_err(|e| ImageError::Runtime { image: "(runtime client)".into(), source: e })?;
         let state_path = state_dir.join("images.json");
         let wanted = match std::fs::read(&state_path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| ImageError::State { path: state_path.clone(), message: e.to_string() })?,
+            Ok(b) => match serde_json::from_slice(&b) {
+                Ok(w) => w,
+                // Written atomically, so only damage gets here: keep the file for a look, and
+                // start from the config's list (the re-check restores the rest as it is asked).
+                Err(e) => {
+                    let aside = state_path.with_extension(format!(
+                        "json.corrupt-{}",
+                        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+                    ));
+                    warn!(path = %state_path.display(), error = %e, aside = %aside.display(), "unreadable wanted-images file moved aside; starting empty");
+                    std::fs::rename(&state_path, &aside)
+                        .map_err(|e| ImageError::State { path: state_path.clone(), message: e.to_string() })?;
+                    Wanted::default()
+                }
+            },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Wanted::default(),
             Err(e) => return Err(ImageError::State { path: state_path, message: e.to_string() }),
         };
@@ -746,6 +760,21 @@ impl Images {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // A runtime: the containerd client's lazy channel needs one.
+    #[tokio::test]
+    async fn a_damaged_wanted_file_is_moved_aside_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("images.json"), "{not json").unwrap();
+        let metrics = ImageMetrics::register(&mut prometheus_client::registry::Registry::default());
+        let images = Images::new(ImageSettings::default(), dir.path(), metrics, None).unwrap();
+        assert!(images.wanted().is_empty());
+        let kept: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()?.file_name().into_string().ok()).collect();
+        assert!(kept.iter().any(|n| n.starts_with("images.json.corrupt-")), "{kept:?}");
+        let r = Reference::parse("vllm:v1").unwrap();
+        images.want(&r, REASON_CONFIG).unwrap();
+        assert!(std::fs::read_to_string(dir.path().join("images.json")).unwrap().contains("docker.io/library/vllm:v1"));
+    }
 
     #[test]
     fn containerd_versions_without_the_pin_label() {
