@@ -323,6 +323,17 @@ pub struct RawImages {
     pub check_interval: Option<String>,
     /// How long a model's image stays pinned after its weights left the cache (default 1h).
     pub release_after: Option<String>,
+    /// Serve pulled blobs to containerd's own pull as a registry mirror (default on; off:
+    /// Hearth writes them through containerd's content API, which costs containerd more CPU).
+    pub mirror: Option<bool>,
+    /// containerd's registry host directory, its CRI `registry.config_path` (default
+    /// /etc/containerd/certs.d); the mirror is announced there for the length of each pull.
+    pub hosts_dir: Option<PathBuf>,
+    /// Where the mirror listens (default 127.0.0.1:0, any free port).
+    pub mirror_listen: Option<String>,
+    /// The IP containerd dials the mirror at (default: the listen address, or $POD_IP when
+    /// it listens on all addresses, as in a pod off the host network).
+    pub mirror_address: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -681,6 +692,30 @@ fn image_settings(r: RawImages) -> Result<crate::images::ImageSettings, AgentCon
         return Err(invalid("images.check_interval", "at least 1s", format!("{:?}", s.check_interval)));
     }
     s.release_after = dur("images.release_after", r.release_after, "1h")?;
+    if r.mirror.unwrap_or(true) {
+        let listen = r.mirror_listen.unwrap_or_else(|| "127.0.0.1:0".into());
+        let listen: std::net::SocketAddr = listen
+            .parse()
+            .map_err(|_| invalid("images.mirror_listen", "an IP:port such as 0.0.0.0:0 or 127.0.0.1:5080", listen.clone()))?;
+        let address = match r.mirror_address.or_else(|| listen.ip().is_unspecified().then(|| std::env::var("POD_IP").ok()).flatten()) {
+            Some(a) => Some(
+                a.parse::<std::net::IpAddr>().map_err(|_| invalid("images.mirror_address", "an IP address (or set POD_IP)", a.clone()))?,
+            ),
+            None if listen.ip().is_unspecified() => {
+                return Err(invalid(
+                    "images.mirror_address",
+                    "the IP containerd dials this agent at, when mirror_listen is on all addresses (or set POD_IP)",
+                    "nothing".to_owned(),
+                ));
+            }
+            None => None,
+        };
+        s.mirror = Some(crate::images::MirrorSettings {
+            hosts_dir: r.hosts_dir.unwrap_or_else(|| "/etc/containerd/certs.d".into()),
+            listen,
+            address,
+        });
+    }
     Ok(s)
 }
 

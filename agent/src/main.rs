@@ -305,8 +305,10 @@ enum GpuCmd {
 
 #[derive(Subcommand)]
 enum ImagesCmd {
-    /// Pull an image into containerd as the agent does: layers fetched with parallel ranged
-    /// GETs into the content store, then unpacked by CRI (a plain CRI pull if that fails).
+    /// Pull an image into containerd as the agent does: blobs fetched with parallel ranged
+    /// GETs and served to containerd's CRI pull as a mirror on loopback (or, when containerd
+    /// does not read --hosts-dir, written into its content store), then unpacked by CRI; a
+    /// plain CRI pull if that fails.
     Pull {
         reference: String,
         #[arg(long, default_value = "/run/containerd/containerd.sock")]
@@ -326,6 +328,12 @@ enum ImagesCmd {
         /// Bytes per ranged GET.
         #[arg(long, default_value = "8Mi")]
         chunk_size: String,
+        /// containerd's registry host directory (its CRI registry.config_path).
+        #[arg(long, default_value = "/etc/containerd/certs.d")]
+        hosts_dir: PathBuf,
+        /// Write blobs through containerd's content API instead of serving them as a mirror.
+        #[arg(long)]
+        no_mirror: bool,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -547,7 +555,19 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Status { output, conn } => hearth_agent::status::run(conn.into_args(output)).await?,
         Cmd::Images {
-            cmd: ImagesCmd::Pull { reference, containerd_socket, namespace, auth_file, insecure_registry, connections, chunk_size, quiet },
+            cmd:
+                ImagesCmd::Pull {
+                    reference,
+                    containerd_socket,
+                    namespace,
+                    auth_file,
+                    insecure_registry,
+                    connections,
+                    chunk_size,
+                    hosts_dir,
+                    no_mirror,
+                    quiet,
+                },
         } => {
             spawn_signal_handler(shutdown.clone());
             let chunk = hearth_service::config::parse_size("--chunk-size", &chunk_size)?;
@@ -559,6 +579,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 insecure: insecure_registry,
                 connections,
                 chunk,
+                hosts_dir: (!no_mirror).then_some(hosts_dir),
                 progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };
             hearth_agent::images::cli::pull(args, shutdown).await?

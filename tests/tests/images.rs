@@ -12,13 +12,21 @@ use hearth_agent::images::pull::{Path as PullPath, Progress, PullError, PullSett
 use hearth_agent::images::reference::Reference;
 use hearth_agent::images::registry::{Credentials, RegistryClient};
 use hearth_agent::images::runtime::{HEARTH_PIN_LABEL, PIN_LABEL, Runtime};
-use hearth_agent::images::{ImageMetrics, ImageSettings, Images};
+use hearth_agent::images::{ImageMetrics, ImageSettings, Images, MirrorSettings};
 use hearth_tests::containerd::{Containerd, CriOptions, Options, containerd_17_dir};
 use hearth_tests::registry::{PushedImage, Registry, TestImage};
 use hearth_tests::regproxy::{RegProxy, RegProxyOptions};
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Served to containerd's pull from Hearth's mirror.
+    Mirror,
+    /// Written through containerd's content API.
+    Content,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Version {
@@ -49,13 +57,27 @@ impl Env {
         Ok(Runtime::new(self.ctrd.socket(), "k8s.io", Duration::from_secs(30))?)
     }
 
+    /// What the agent runs by default: blobs served to containerd's own pull as a mirror.
     fn puller(&self, creds: Option<(&str, &str)>, settings: PullSettings) -> Result<Puller> {
+        self.puller_via(Mode::Mirror, creds, settings)
+    }
+
+    fn puller_via(&self, mode: Mode, creds: Option<(&str, &str)>, settings: PullSettings) -> Result<Puller> {
         let creds = creds.map(|(u, p)| (self.proxy.host(), Credentials { username: u.into(), password: p.into() })).into_iter().collect();
-        Ok(Puller { registry: Arc::new(RegistryClient::new(creds, vec![])?), runtime: self.runtime()?, settings, limit: None })
+        let registry = Arc::new(RegistryClient::new(creds, vec![])?);
+        let mirror = match mode {
+            Mode::Mirror => Some(Arc::new(self.mirror_settings().start(registry.clone(), &settings, None).map_err(anyhow::Error::msg)?)),
+            Mode::Content => None,
+        };
+        Ok(Puller { registry, runtime: self.runtime()?, settings, limit: None, mirror })
+    }
+
+    fn mirror_settings(&self) -> MirrorSettings {
+        MirrorSettings { hosts_dir: self.ctrd.dir().join("certs.d"), listen: ([127, 0, 0, 1], 0).into(), address: None }
     }
 
     fn images(&self, state: &std::path::Path) -> Result<Images> {
-        let settings = ImageSettings { socket: self.ctrd.socket().to_owned(), ..Default::default() };
+        let settings = ImageSettings { socket: self.ctrd.socket().to_owned(), mirror: Some(self.mirror_settings()), ..Default::default() };
         let metrics = ImageMetrics::register(&mut prometheus_client::registry::Registry::default());
         Ok(Images::new(settings, state, metrics, None)?)
     }
@@ -88,13 +110,16 @@ async fn pushed(env: &Env, repo: &str, image: &TestImage) -> Result<PushedImage>
     env.registry.push(repo, "v1", image).await
 }
 
-async fn fast_pull_lands_the_image_for_cri(v: Version) -> Result<()> {
+async fn fast_pull_lands_the_image_for_cri(v: Version, mode: Mode) -> Result<()> {
     let env = env(v, RegProxyOptions::default()).await?;
     let img = pushed(&env, "team/app", &TestImage::random(&[3 * MIB, 5 * MIB, 2 * MIB + 17])?).await?;
     let reference = img.reference_via(&env.proxy.host());
     let before = env.proxy.stats();
-    let p = pull(&env.puller(None, small_settings())?, &reference).await?;
-    ensure!(p.path == PullPath::Fast, "expected the fast path, got {p:?}");
+    let hosts = env.ctrd.dir().join("certs.d").join(env.proxy.host());
+    let p = pull(&env.puller_via(mode, None, small_settings())?, &reference).await?;
+    let want = if mode == Mode::Mirror { PullPath::Mirror } else { PullPath::Content };
+    ensure!(p.path == want, "expected the {want:?} path, got {p:?}");
+    ensure!(!hosts.exists(), "the mirror's host config outlived the pull: {}", hosts.display());
     let layer_bytes: u64 = img.layers.iter().map(|l| l.size).sum();
     ensure!(p.fetched == layer_bytes, "fetched {} of {layer_bytes} layer bytes", p.fetched);
     let ranged = env.proxy.stats().range_requests - before.range_requests;
@@ -106,7 +131,7 @@ async fn fast_pull_lands_the_image_for_cri(v: Version) -> Result<()> {
         ensure!(env.content_has(&l.digest)?, "layer {} not in the content store", l.digest);
     }
     // A second pull finds everything in place: nothing is fetched again.
-    let again = pull(&env.puller(None, small_settings())?, &reference).await?;
+    let again = pull(&env.puller_via(mode, None, small_settings())?, &reference).await?;
     ensure!(again.fetched == 0 && again.reused == layer_bytes, "second pull fetched {} and reused {}", again.fetched, again.reused);
     // The snapshotter has it unpacked: a container could start from it.
     let snaps = env.ctrd.ctr(&["snapshots", "ls"])?;
@@ -116,12 +141,46 @@ async fn fast_pull_lands_the_image_for_cri(v: Version) -> Result<()> {
 
 #[tokio::test]
 async fn fast_pull_lands_the_image_for_cri_on_containerd_16() -> Result<()> {
-    fast_pull_lands_the_image_for_cri(Version::V16).await
+    fast_pull_lands_the_image_for_cri(Version::V16, Mode::Mirror).await
 }
 
 #[tokio::test]
 async fn fast_pull_lands_the_image_for_cri_on_containerd_17() -> Result<()> {
-    fast_pull_lands_the_image_for_cri(Version::V17).await
+    fast_pull_lands_the_image_for_cri(Version::V17, Mode::Mirror).await
+}
+
+#[tokio::test]
+async fn content_path_pull_lands_the_image_for_cri_on_containerd_17() -> Result<()> {
+    fast_pull_lands_the_image_for_cri(Version::V17, Mode::Content).await
+}
+
+#[tokio::test]
+async fn the_mirror_is_not_used_when_containerd_reads_another_host_dir_and_an_operators_file_survives() -> Result<()> {
+    let env = env(Version::V17, RegProxyOptions::default()).await?;
+    let img = pushed(&env, "team/conf", &TestImage::random(&[2 * MIB])?).await?;
+    let reference = img.reference_via(&env.proxy.host());
+    // An operator's own file for the registry: the mirror goes first for the pull, then the
+    // file is back byte for byte.
+    let dir = env.ctrd.dir().join("certs.d").join(env.proxy.host());
+    std::fs::create_dir_all(&dir)?;
+    let theirs = format!("# the operator's\nserver = \"http://{}\"\n", env.proxy.host());
+    std::fs::write(dir.join("hosts.toml"), &theirs)?;
+    let p = pull(&env.puller(None, small_settings())?, &reference).await?;
+    ensure!(p.path == PullPath::Mirror, "{p:?}");
+    ensure!(std::fs::read_to_string(dir.join("hosts.toml"))? == theirs, "the operator's hosts.toml changed");
+    ensure!(std::fs::read_dir(&dir)?.count() == 1, "files left beside it: {:?}", std::fs::read_dir(&dir)?.collect::<Vec<_>>());
+    // Hearth told to use a directory containerd does not read: the content path, no file.
+    let other = tempfile::tempdir()?;
+    let registry = Arc::new(RegistryClient::new(Default::default(), vec![])?);
+    let settings = small_settings();
+    let m = MirrorSettings { hosts_dir: other.path().to_owned(), listen: ([127, 0, 0, 1], 0).into(), address: None };
+    let mirror = Some(Arc::new(m.start(registry.clone(), &settings, None).map_err(anyhow::Error::msg)?));
+    let img2 = pushed(&env, "team/conf2", &TestImage::random(&[2 * MIB])?).await?;
+    let p =
+        pull(&Puller { registry, runtime: env.runtime()?, settings, limit: None, mirror }, &img2.reference_via(&env.proxy.host())).await?;
+    ensure!(p.path == PullPath::Content && p.fetched == img2.layers[0].size, "{p:?}");
+    ensure!(std::fs::read_dir(other.path())?.count() == 0, "wrote into a directory containerd does not read");
+    Ok(())
 }
 
 #[tokio::test]
@@ -196,7 +255,7 @@ async fn token_auth_registry_with_credentials_and_without() -> Result<()> {
     ensure!(wrong.is_err(), "wrong credentials pulled the image");
     let before = env.proxy.stats().token_requests;
     let p = pull(&env.puller(Some(("puller", "s3cret")), small_settings())?, &reference).await?;
-    ensure!(p.path == PullPath::Fast, "{p:?}");
+    ensure!(p.path == PullPath::Mirror, "{p:?}");
     ensure!(env.proxy.stats().token_requests > before, "no token was fetched");
     Ok(())
 }
@@ -208,7 +267,7 @@ async fn a_manifest_list_resolves_to_this_platform() -> Result<()> {
     ensure!(img.index_digest.is_some(), "the test image has no index");
     let reference = img.reference_via(&env.proxy.host());
     let p = pull(&env.puller(None, small_settings())?, &reference).await?;
-    ensure!(p.path == PullPath::Fast, "{p:?}");
+    ensure!(p.path == PullPath::Mirror, "{p:?}");
     let st = env.runtime()?.image_status(&reference).await?.context("missing")?;
     ensure!(st.id == img.config.digest, "CRI unpacked {} where this platform's config is {}", st.id, img.config.digest);
     ensure!(
@@ -231,25 +290,38 @@ async fn a_registry_that_refuses_ranges_falls_back_to_a_plain_cri_pull() -> Resu
     Ok(())
 }
 
-#[tokio::test]
-async fn a_layer_whose_digest_does_not_match_is_never_committed() -> Result<()> {
+async fn a_layer_whose_digest_does_not_match_is_never_committed(mode: Mode) -> Result<()> {
     let env = env(Version::V17, RegProxyOptions::default()).await?;
     let img = pushed(&env, "bad/app", &TestImage::small()?).await?;
     let bad = img.layers[1].digest.clone();
     env.proxy.corrupt_blob(&bad);
     let reference = img.reference_via(&env.proxy.host());
-    let e = pull(&env.puller(None, small_settings())?, &reference).await;
+    let e = pull(&env.puller_via(mode, None, small_settings())?, &reference).await;
     // The fast path refuses the layer; the runtime's own pull then gets the same bad bytes.
     ensure!(e.is_err(), "a corrupt layer was pulled: {e:?}");
     ensure!(!env.content_has(&bad)?, "the corrupt layer is in the content store");
     let rt = env.runtime()?;
-    ensure!(rt.ingests("hearth-").await?.iter().all(|(r, _)| !r.contains(&bad)), "the failed write was left to resume");
+    ensure!(
+        rt.ingests("").await?.iter().all(|(r, _)| !r.contains(&bad)),
+        "the failed write was left to resume: {:?} ({e:?})",
+        rt.ingests("").await?
+    );
     ensure!(rt.image_status(&reference).await?.is_none(), "an image with a corrupt layer was created");
     // Once the registry serves the right bytes, the pull succeeds.
     env.proxy.heal_blob(&bad);
-    let p = pull(&env.puller(None, small_settings())?, &reference).await?;
-    ensure!(p.path == PullPath::Fast, "{p:?}");
+    let p = pull(&env.puller_via(mode, None, small_settings())?, &reference).await?;
+    ensure!(p.path.is_fast(), "{p:?}");
     Ok(())
+}
+
+#[tokio::test]
+async fn a_layer_whose_digest_does_not_match_is_never_committed_via_the_mirror() -> Result<()> {
+    a_layer_whose_digest_does_not_match_is_never_committed(Mode::Mirror).await
+}
+
+#[tokio::test]
+async fn a_layer_whose_digest_does_not_match_is_never_committed_via_the_content_api() -> Result<()> {
+    a_layer_whose_digest_does_not_match_is_never_committed(Mode::Content).await
 }
 
 /// Blocking `ctr` calls and the proxy share the test's runtime: give them threads.
@@ -274,8 +346,8 @@ async fn a_containerd_restart_mid_pull_is_waited_out_and_the_pull_resumes() -> R
     env.proxy.set_per_connection_bytes_per_sec(None);
     let p = tokio::time::timeout(Duration::from_secs(60), task).await.context("the pull did not end after the restart")??;
     let p = p.with_context(|| env.ctrd.log_text())?;
-    ensure!(p.path == PullPath::Fast, "expected the fast path to survive the restart: {p:?}");
-    ensure!(p.reused >= 8 * MIB, "resumed only {} bytes from the content store", p.reused);
+    ensure!(p.path == PullPath::Mirror, "expected the fast path to survive the restart: {p:?}");
+    ensure!(p.reused >= 8 * MIB, "resumed only {} bytes from the content store: {p:?}", p.reused);
     ensure!(env.runtime()?.image_status(&reference).await?.is_some(), "no image after the restart");
     Ok(())
 }
@@ -298,12 +370,12 @@ async fn a_full_disk_fails_the_pull_clearly_and_gives_the_space_back() -> Result
         other => anyhow::bail!("expected a disk-full error, got {other:?}"),
     }
     let rt = env.runtime()?;
-    ensure!(rt.ingests("hearth-").await?.is_empty(), "unfinished writes left on a full disk");
+    ensure!(rt.ingests("").await?.is_empty(), "unfinished writes left on a full disk: {:?}", rt.ingests("").await?);
     ensure!(rt.image_status(&big.reference_via(&env.proxy.host())).await?.is_none(), "an image was created");
     // Nothing is wedged: an image that fits pulls.
     let small = pushed(&env, "full/small", &TestImage::random(&[MIB])?).await?;
     let p = pull(&env.puller(None, small_settings())?, &small.reference_via(&env.proxy.host())).await?;
-    ensure!(p.path == PullPath::Fast, "{p:?}");
+    ensure!(p.path == PullPath::Mirror, "{p:?}");
     Ok(())
 }
 

@@ -26,11 +26,14 @@ async fn containerd17(registry: &Registry) -> Result<Containerd> {
     Containerd::start(opts).await
 }
 
-fn images_yaml(socket: &std::path::Path, keep: &[&str], extra: &str) -> String {
+/// The agent's `images:` against the test's containerd, its mirror announced in the
+/// containerd's registry host directory.
+fn images_yaml(ctrd: &Containerd, keep: &[&str], extra: &str) -> String {
     let keep: Vec<String> = keep.iter().map(|k| format!("'{k}'")).collect();
     format!(
-        "images: {{containerd_socket: '{}', keep: [{}], check_interval: 1s, release_after: 1s{extra}}}\n",
-        socket.display(),
+        "images: {{containerd_socket: '{}', hosts_dir: '{}', keep: [{}], check_interval: 1s, release_after: 1s{extra}}}\n",
+        ctrd.socket().display(),
+        ctrd.dir().join("certs.d").display(),
         keep.join(", ")
     )
 }
@@ -52,7 +55,7 @@ async fn kept_images_are_pulled_pinned_and_reported_and_a_models_image_is_let_go
 
     let stop = CancellationToken::new();
     let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
-    let agent = AgentProc::start(dir.path(), &pki, "gpu-1", ctl.grpc_addr, &images_yaml(ctrd.socket(), &[&kept.reference], "")).await?;
+    let agent = AgentProc::start(dir.path(), &pki, "gpu-1", ctl.grpc_addr, &images_yaml(&ctrd, &[&kept.reference], "")).await?;
     let log = || agent.proc.log_text();
     let state = wait_for("the kept image in the controller's view", Duration::from_secs(30), || async {
         Ok(node_state(&ctl, &pki, "gpu-1").await?.filter(|s| s.images.iter().any(|i| i.reference == kept.reference && i.size_bytes > 0)))
@@ -69,7 +72,7 @@ async fn kept_images_are_pulled_pinned_and_reported_and_a_models_image_is_let_go
     let rt = Runtime::new(ctrd.socket(), "k8s.io", Duration::from_secs(10))?;
     ensure!(pinned(&rt, &kept.reference).await?, "the kept image is not pinned");
     let (_, metrics) = http_get(agent.http, "/metrics").await?;
-    ensure!(metric_value(&metrics, "hearth_image_pulls_total{outcome=\"fast\"}") == Some(1.0), "{metrics}");
+    ensure!(metric_value(&metrics, "hearth_image_pulls_total{outcome=\"mirror\"}") == Some(1.0), "{metrics}");
     ensure!(metric_value(&metrics, "hearth_image_pinning_available") == Some(1.0), "{metrics}");
     ensure!(metric_value(&metrics, "hearth_subsystem_status{subsystem=\"images\",state=\"enabled\"}") == Some(1.0), "{metrics}");
     ensure!(metric_value(&metrics, "hearth_image_bytes_total{source=\"registry\"}").unwrap_or(0.0) >= (6 * MIB) as f64, "{metrics}");
@@ -126,7 +129,7 @@ async fn an_agent_killed_mid_pull_resumes_from_the_content_store() -> Result<()>
     let reference = img.reference_via(&proxy.host());
     let stop = CancellationToken::new();
     let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
-    let yaml = images_yaml(ctrd.socket(), &[&reference], ", connections: 2, chunk_size: 2Mi");
+    let yaml = images_yaml(&ctrd, &[&reference], ", connections: 2, chunk_size: 2Mi");
     let mut agent = AgentProc::start(dir.path(), &pki, "gpu-1", ctl.grpc_addr, &yaml).await?;
     wait_for("a third of the image in the content store", Duration::from_secs(30), || async {
         let (_, m) = http_get(agent.http, "/metrics").await?;
@@ -142,7 +145,7 @@ async fn an_agent_killed_mid_pull_resumes_from_the_content_store() -> Result<()>
     // The pull is counted once it returns (the image shows in CRI a moment before).
     let m = wait_for("the pull after the restart", Duration::from_secs(30), || async {
         let (_, m) = http_get(agent.http, "/metrics").await?;
-        Ok(metric_value(&m, "hearth_image_pulls_total{outcome=\"fast\"}").is_some().then_some(m))
+        Ok(metric_value(&m, "hearth_image_pulls_total{outcome=\"mirror\"}").is_some().then_some(m))
     })
     .await
     .with_context(|| agent.proc.log_text())?;
@@ -151,7 +154,7 @@ async fn an_agent_killed_mid_pull_resumes_from_the_content_store() -> Result<()>
     let fetched = metric_value(&m, "hearth_image_bytes_total{source=\"registry\"}").unwrap_or(0.0);
     ensure!(reused >= (16 * MIB) as f64, "resumed {reused} bytes, fetched {fetched}:\n{m}");
     ensure!(reused + fetched <= (48 * MIB + MIB) as f64, "fetched more than the image: {reused} + {fetched}");
-    ensure!(metric_value(&m, "hearth_image_pulls_total{outcome=\"fast\"}") == Some(1.0), "{m}");
+    ensure!(metric_value(&m, "hearth_image_pulls_total{outcome=\"mirror\"}") == Some(1.0), "{m}");
     stop.cancel();
     Ok(())
 }

@@ -68,6 +68,8 @@ pub struct PullArgs {
     /// 0: a plain CRI pull.
     pub connections: usize,
     pub chunk: u64,
+    /// containerd's registry host directory, for the mirror; None: the content path.
+    pub hosts_dir: Option<PathBuf>,
     pub progress: bool,
 }
 
@@ -81,7 +83,15 @@ pub async fn pull(a: PullArgs, cancel: CancellationToken) -> anyhow::Result<()> 
     let runtime = Runtime::new(&a.socket, &a.namespace, Duration::from_secs(30))?;
     let version = runtime.version().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let settings = PullSettings { connections: a.connections.max(1), chunk: a.chunk, fast: a.connections > 0, ..Default::default() };
-    let puller = Puller { registry: Arc::new(RegistryClient::new(creds, a.insecure)?), runtime, settings, limit: None };
+    let registry = Arc::new(RegistryClient::new(creds, a.insecure)?);
+    let mirror = match &a.hosts_dir {
+        Some(dir) if settings.fast => {
+            let m = super::MirrorSettings { hosts_dir: dir.clone(), listen: ([127, 0, 0, 1], 0).into(), address: None };
+            Some(Arc::new(m.start(registry.clone(), &settings, None).map_err(|e| anyhow::anyhow!("{e}"))?))
+        }
+        _ => None,
+    };
+    let puller = Puller { registry, runtime, settings, limit: None, mirror };
     let progress = Arc::new(Progress::default());
     let bar = crate::prefetch::bytes_bar(a.progress);
     let ticker = {

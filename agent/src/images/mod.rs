@@ -7,6 +7,8 @@
 //! kubelet removed anyway (containerd 1.6 ignores the pin label) are pulled again.
 
 pub mod cli;
+pub mod hosts;
+pub mod mirror;
 pub mod pull;
 pub use hearth_proto::image_ref as reference;
 pub mod registry;
@@ -72,6 +74,8 @@ pub struct ImageSettings {
     pub insecure: Vec<String>,
     pub pull: PullSettings,
     pub check_interval: Duration,
+    /// Serve blobs to containerd's own pull (None: the content path).
+    pub mirror: Option<MirrorSettings>,
     /// A model's image is let go this long after its weights left the cache (or never came).
     pub release_after: Duration,
 }
@@ -88,6 +92,7 @@ impl Default for ImageSettings {
             pull: PullSettings::default(),
             check_interval: Duration::from_secs(60),
             release_after: Duration::from_secs(3600),
+            mirror: None,
         }
     }
 }
@@ -204,8 +209,10 @@ impl ImageMetrics {
         if let Some((reason, _)) = &p.fallback {
             self.fallbacks.get_or_create(&[("reason", reason)]).inc();
         }
-        if p.path == pull::Path::Fallback {
-            self.bytes.get_or_create(&[("source", "runtime")]).inc_by(p.total);
+        // What neither Hearth fetched nor the content store had: the runtime's own download.
+        let runtime = p.total.saturating_sub(p.fetched + p.reused);
+        if runtime > 0 {
+            self.bytes.get_or_create(&[("source", "runtime")]).inc_by(runtime);
         }
     }
 }
@@ -237,6 +244,32 @@ pub struct Images {
 
 /// Weight of the newest pull in the per-registry rate.
 const RATE_ALPHA: f64 = 0.3;
+
+#[derive(Debug, Clone)]
+pub struct MirrorSettings {
+    /// containerd's registry host directory (its CRI `registry.config_path`).
+    pub hosts_dir: std::path::PathBuf,
+    pub listen: std::net::SocketAddr,
+    /// The IP containerd dials (None: the listen address).
+    pub address: Option<std::net::IpAddr>,
+}
+
+impl MirrorSettings {
+    /// Starts the mirror (needs a tokio runtime) after putting back any host config a previous
+    /// run left.
+    pub fn start(
+        &self,
+        registry: Arc<RegistryClient>,
+        pull: &PullSettings,
+        limit: Option<Arc<crate::cache::ratelimit::RateLimiter>>,
+    ) -> Result<pull::MirrorSetup, String> {
+        let hosts = hosts::HostsDir::new(&self.hosts_dir);
+        hosts.recover().map_err(|e| format!("{}: {e}", self.hosts_dir.display()))?;
+        let mirror =
+            mirror::Mirror::start(self.listen, self.address, registry, pull.connections, pull.chunk, limit).map_err(|e| e.to_string())?;
+        Ok(pull::MirrorSetup::new(mirror, hosts))
+    }
+}
 
 /// What an ensure did.
 #[derive(Debug, Clone)]
@@ -277,7 +310,15 @@ impl Images {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Wanted::default(),
             Err(e) => return Err(ImageError::State { path: state_path, message: e.to_string() }),
         };
-        let puller = Puller { registry: Arc::new(registry), runtime, settings: settings.pull.clone(), limit };
+        let registry = Arc::new(registry);
+        let mirror = match &settings.mirror {
+            Some(m) if settings.pull.fast => Some(Arc::new(
+                m.start(registry.clone(), &settings.pull, limit.clone())
+                    .map_err(|e| ImageError::Pull { image: "(image mirror)".into(), source: PullError::Internal(e) })?,
+            )),
+            _ => None,
+        };
+        let puller = Puller { registry, runtime, settings: settings.pull.clone(), limit, mirror };
         Ok(Self {
             puller,
             settings,

@@ -191,8 +191,13 @@ impl RegistryClient {
     }
 
     fn base(&self, r: &Reference) -> String {
+        format!("{}/v2/{}", self.server_url(r), r.repository)
+    }
+
+    /// The registry's URL as containerd's host config names it (`server`).
+    pub fn server_url(&self, r: &Reference) -> String {
         let plain = r.is_loopback() || self.insecure.iter().any(|h| h == &r.registry);
-        format!("{}://{}/v2/{}", if plain { "http" } else { "https" }, r.api_host(), r.repository)
+        format!("{}://{}", if plain { "http" } else { "https" }, r.api_host())
     }
 
     pub fn credentials(&self, r: &Reference) -> Option<&Credentials> {

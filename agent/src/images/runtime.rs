@@ -140,6 +140,18 @@ impl Runtime {
         Ok(self.timed("Version", c.version(self.req((), None))).await?.into_inner().version)
     }
 
+    /// The CRI plugin's registry host directory (`registry.config_path`, where containerd
+    /// reads a `hosts.toml` per registry on every pull), from CRI's verbose status. `None`
+    /// when it is not set (the deprecated `registry.mirrors` tables are used then, or none).
+    pub async fn registry_config_path(&self) -> Result<Option<String>, RuntimeError> {
+        let mut c = cri::runtime_service_client::RuntimeServiceClient::new(self.channel.clone()).max_decoding_message_size(64 << 20);
+        let info = self.timed("Status", c.status(cri::StatusRequest { verbose: true })).await?.into_inner().info;
+        let Some(config) = info.get("config") else { return Ok(None) };
+        let v: serde_json::Value = serde_json::from_str(config)
+            .map_err(|e| RuntimeError::Rpc { call: "Status", status: tonic::Status::internal(format!("config is not JSON: {e}")) })?;
+        Ok(v.pointer("/registry/configPath").and_then(|p| p.as_str()).filter(|p| !p.is_empty()).map(str::to_owned))
+    }
+
     /// CRI ImageStatus; None when the runtime does not have the image.
     pub async fn image_status(&self, image: &str) -> Result<Option<cri::Image>, RuntimeError> {
         let req = cri::ImageStatusRequest { image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }), verbose: false };
@@ -153,9 +165,16 @@ impl Runtime {
     /// CRI PullImage: what the kubelet does. No timeout of ours: a large image takes minutes,
     /// and the caller's cancellation ends it.
     pub async fn pull(&self, image: &str, auth: Option<cri::AuthConfig>) -> Result<String, RuntimeError> {
+        self.pull_leased(image, auth, None).await
+    }
+
+    /// CRI PullImage under `lease`: containerd's pull then takes the caller's lease instead of
+    /// making its own, and its unfinished writes outlive a failed or cancelled pull (its own
+    /// lease goes with the pull, and the writes with it), so the next pull resumes them.
+    pub async fn pull_leased(&self, image: &str, auth: Option<cri::AuthConfig>, lease: Option<&str>) -> Result<String, RuntimeError> {
         self.check_socket()?;
         let req = cri::PullImageRequest { image: Some(cri::ImageSpec { image: image.into(), ..Default::default() }), auth };
-        Ok(self.cri().pull_image(req).await.map_err(rpc("PullImage"))?.into_inner().image_ref)
+        Ok(self.cri().pull_image(self.req(req, lease)).await.map_err(rpc("PullImage"))?.into_inner().image_ref)
     }
 
     pub async fn remove(&self, image: &str) -> Result<(), RuntimeError> {

@@ -5,6 +5,7 @@
 //!   cargo build --release -p hearth-tests --bin bench-images
 //!   sudo target/release/bench-images                        # 6 layers, 2.62 GB, 3 rounds
 //!   sudo target/release/bench-images --layers 20M,10M,5M,5M --rounds 1   # smoke run
+//!   sudo target/release/bench-images --write-path           # where a pull's download goes
 //!
 //! One image of uneven random layers is pushed once to a local `docker-registry`. Two
 //! scenarios: `capped`, through a proxy that paces every client connection to
@@ -21,7 +22,18 @@
 //! Alongside, per round and untimed against the targets: the same ranged GETs as Hearth's
 //! (same connections and chunk) with the bytes discarded, which is what the network path
 //! alone allows; Hearth's own run is split into its download phase and CRI's unpack of
-//! local content, and ctr's into its fetch and its unpack (ctr prints the latter).
+//! local content, and ctr's into its fetch and its unpack (ctr prints the latter). Every
+//! run also prints the CPU seconds spent by containerd, the registry, this process (proxy,
+//! Hearth's puller, and `ctr` once reaped) and the rest of the machine: on a 2-core machine
+//! the pull is CPU-bound, and "rest" shows when something else was running. A pull during
+//! which the rest used more than `--max-rest` CPU-seconds per second is run again (up to
+//! `--noisy-retries` times, then kept and marked NOISY).
+//!
+//! `--write-path` replaces the pulls with a diagnostic of Hearth's content-store write path
+//! alone: the layers' bytes read from the registry's files (page cache, no network) and
+//! written through `Runtime::open_write` as a pull does, over one connection, over a
+//! connection per layer and one layer at a time; against plain file writes with fsync of
+//! the same bytes on the same filesystem.
 //!
 //! Needs root, `docker-registry`, containerd (1.6 from Debian 12; 1.7 as scripts/test.sh
 //! unpacks it, the default) and runc. Disk: about 3 x the image (registry, content store,
@@ -35,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, ValueEnum};
+use hearth_agent::images::MirrorSettings;
 use hearth_agent::images::pull::{Path as PullPath, Progress, PullSettings, Puller};
 use hearth_agent::images::reference::Reference;
 use hearth_agent::images::registry::RegistryClient;
@@ -79,6 +92,15 @@ struct Args {
     /// Skip the per-round ranged-GET measurement (bytes discarded).
     #[arg(long)]
     no_gets: bool,
+    /// A pull during which the rest of the machine (kernel threads, other processes) used
+    /// more than this many CPU-seconds per second is run again: on a shared machine, another
+    /// job's compile would otherwise decide the ratios. The kernel's own writeback of a pull
+    /// stays below about 0.2; a compile beside it takes about 1.
+    #[arg(long, default_value_t = 0.35)]
+    max_rest: f64,
+    /// How often a noisy pull is run again before it is kept (marked NOISY).
+    #[arg(long, default_value_t = 3)]
+    noisy_retries: u32,
     /// Instead of the pulls: time Hearth's content-store write path alone (the layers' bytes
     /// from the registry's files in memory, no network) over one gRPC connection and over a
     /// connection per layer, and plain file writes with fsync of the same bytes.
@@ -105,7 +127,10 @@ enum Scenario {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
 enum Method {
+    /// Hearth's default: blobs served to containerd's CRI pull as a mirror.
     Hearth,
+    /// Hearth writing blobs through containerd's content API, then CRI unpacking.
+    HearthContent,
     Ctr,
     Cri,
 }
@@ -114,6 +139,7 @@ impl Method {
     fn name(self) -> &'static str {
         match self {
             Method::Hearth => "hearth",
+            Method::HearthContent => "hearth-content",
             Method::Ctr => "ctr",
             Method::Cri => "cri",
         }
@@ -407,7 +433,8 @@ impl Bench {
         let before = proxy.map(RegProxy::stats);
         let cpu = self.cpu();
         let mut run = match m {
-            Method::Hearth => self.hearth(reference).await?,
+            Method::Hearth => self.hearth(reference, true).await?,
+            Method::HearthContent => self.hearth(reference, false).await?,
             Method::Ctr => self.ctr_pull(reference).await?,
             Method::Cri => {
                 let t = Instant::now();
@@ -420,9 +447,15 @@ impl Bench {
         Ok(run)
     }
 
-    async fn hearth(&self, reference: &str) -> Result<Run> {
+    async fn hearth(&self, reference: &str, mirror: bool) -> Result<Run> {
         let registry = Arc::new(RegistryClient::new(HashMap::new(), vec![])?);
-        let puller = Puller { registry, runtime: self.runtime.clone(), settings: self.settings.clone(), limit: None };
+        let mirror = if mirror {
+            let m = MirrorSettings { hosts_dir: self.ctrd.dir().join("certs.d"), listen: ([127, 0, 0, 1], 0).into(), address: None };
+            Some(Arc::new(m.start(registry.clone(), &self.settings, None).map_err(anyhow::Error::msg)?))
+        } else {
+            None
+        };
+        let puller = Puller { registry, runtime: self.runtime.clone(), settings: self.settings.clone(), limit: None, mirror };
         let r = Reference::parse(reference)?;
         let progress = Arc::new(Progress::default());
         let t = Instant::now();
@@ -444,8 +477,13 @@ impl Bench {
             }
         };
         let secs = t.elapsed().as_secs_f64();
-        ensure!(pulled.path == PullPath::Fast, "Hearth fell back to a plain CRI pull: {:?}", pulled.fallback);
+        ensure!(pulled.path.is_fast(), "Hearth fell back to a plain CRI pull: {:?}", pulled.fallback);
         ensure!(pulled.reused == 0, "Hearth found {} bytes already in the content store: not a cold pull", pulled.reused);
+        if pulled.path == PullPath::Mirror {
+            // containerd unpacks as the blobs arrive: no phase to split off.
+            watch.abort();
+            return Ok(Run { secs, ..Run::default() });
+        }
         let download = watch.await?;
         Ok(Run { secs, download: Some(download), unpack: Some(secs - download), ..Run::default() })
     }
@@ -733,10 +771,24 @@ async fn main() -> Result<()> {
             let n = order.len();
             order.rotate_left(round % n);
             for m in order {
-                bench.cold_start().await?;
-                let run = bench.run(m, &reference, via).await.with_context(|| format!("{} pull, round {round}", m.name()))?;
-                bench.check_landed(&reference, &img).await.with_context(|| format!("after the {} pull, round {round}", m.name()))?;
-                let mut line = format!("round {round}  {:<6} {:>7.2} s", m.name(), run.secs);
+                let mut attempt = 0;
+                let run = loop {
+                    attempt += 1;
+                    bench.cold_start().await?;
+                    let run = bench.run(m, &reference, via).await.with_context(|| format!("{} pull, round {round}", m.name()))?;
+                    bench.check_landed(&reference, &img).await.with_context(|| format!("after the {} pull, round {round}", m.name()))?;
+                    if run.cpu.other() <= args.max_rest * run.secs || attempt > args.noisy_retries {
+                        break run;
+                    }
+                    println!(
+                        "round {round}  {:<6} {:>7.2} s  noisy: {:.1} CPU-s by the rest of the machine; running it again",
+                        m.name(),
+                        run.secs,
+                        run.cpu.other()
+                    );
+                };
+                let noisy = if run.cpu.other() > args.max_rest * run.secs { "  NOISY (kept: retries used up)" } else { "" };
+                let mut line = format!("round {round}  {:<6} {:>7.2} s{noisy}", m.name(), run.secs);
                 if let (Some(d), Some(u)) = (run.download, run.unpack) {
                     line += &format!("  (download {d:.2} s = {:.0} MB/s, unpack {u:.2} s)", img.total_bytes as f64 / d / 1e6);
                 }
@@ -779,6 +831,14 @@ async fn main() -> Result<()> {
         let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
         let (hc, hk) = (ratio(h, c), ratio(h, k));
         println!("hearth / ctr = {}, hearth / cri = {}", fmt_opt(hc), fmt_opt(hk));
+        if let Some(hcont) = med(Method::HearthContent) {
+            println!(
+                "hearth-content {hcont:.2} s (download {} s): / ctr = {}, / cri = {}",
+                fmt_opt(med_of(Method::HearthContent, |r| r.download)),
+                fmt_opt(ratio(Some(hcont), c)),
+                fmt_opt(ratio(Some(hcont), k))
+            );
+        }
         let (target, what) = match scenario {
             Scenario::Capped => (0.5, "at most 0.5 x with at least 4 layers"),
             Scenario::Uncapped => (1.05, "never above 1.05 x"),
