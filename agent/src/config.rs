@@ -1073,6 +1073,25 @@ mod tests {
         let c = parse("node_name: n1\nimages: {keep: [vllm/vllm-openai:v0.6.3], connections: 0}").unwrap();
         assert_eq!(c.images.keep[0].to_string(), "docker.io/vllm/vllm-openai:v0.6.3");
         assert!(!c.images.pull.fast, "connections: 0 means plain CRI pulls");
+        // The mirror: on by default on loopback, announced in containerd's usual directory.
+        let m = parse("node_name: n1").unwrap().images.mirror.expect("mirror on by default");
+        assert_eq!(m.hosts_dir, std::path::Path::new("/etc/containerd/certs.d"));
+        assert_eq!((m.listen.to_string().as_str(), m.address), ("127.0.0.1:0", None));
+        let m = parse("node_name: n1\nimages: {mirror_listen: '0.0.0.0:5080', mirror_address: 10.1.2.3, hosts_dir: /etc/k3s/certs.d}")
+            .unwrap()
+            .images
+            .mirror
+            .unwrap();
+        assert_eq!((m.listen.port(), m.address), (5080, Some("10.1.2.3".parse().unwrap())));
+        assert!(parse("node_name: n1\nimages: {mirror: false}").unwrap().images.mirror.is_none());
+        let e = parse("node_name: n1\nimages: {mirror_listen: 'localhost'}").unwrap_err().to_string();
+        assert!(e.starts_with("images.mirror_listen: expected an IP:port"), "{e}");
+        let e = parse("node_name: n1\nimages: {mirror_address: pod}").unwrap_err().to_string();
+        assert!(e.starts_with("images.mirror_address: expected an IP address"), "{e}");
+        if std::env::var_os("POD_IP").is_none() {
+            let e = parse("node_name: n1\nimages: {mirror_listen: '0.0.0.0:0'}").unwrap_err().to_string();
+            assert!(e.starts_with("images.mirror_address: expected the IP containerd dials"), "{e}");
+        }
         assert_eq!(c.images.enabled, None, "on when the socket is there");
         let e = parse("node_name: n1\nimages: {keep: [ok, 'Bad Ref']}").unwrap_err().to_string();
         assert!(e.starts_with("images.keep[1]: expected"), "{e}");

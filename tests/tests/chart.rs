@@ -172,6 +172,8 @@ fn values_schema_and_chart_checks_reject_bad_values_naming_the_field() {
         ("agent.images.pullSecret=Registry_Creds", &["/agent/images/pullSecret", "'Registry_Creds' does not match pattern"]),
         ("agent.images.insecureRegistries={http://registry:5000}", &["/agent/images/insecureRegistries/0"]),
         ("agent.images.keepWarm=1", &["/agent/images", "'keepWarm' not allowed"]),
+        ("agent.images.mirror=maybe", &["/agent/images/mirror"]),
+        ("containerd.hostsDir=certs.d", &["/containerd/hostsDir", "does not match pattern"]),
         ("agent.config.images.connections=300", &["/agent/config/images/connections", "maximum"]),
         // Checks the schema cannot express, made by the templates.
         ("nvml.mode=hostPath", &["nvml.mode hostPath needs agent.privileged: true"]),
@@ -240,6 +242,32 @@ fn agent_images_config_points_into_the_agent_mounts() {
     assert_eq!(images["check_interval"].as_str(), Some("1m"));
     assert_eq!(images["release_after"].as_str(), Some("1h"));
     assert!(volume(ds, "pull-secret").is_none() && mount(ds, "agent", "pull-secret").is_none());
+    // The image mirror: containerd's host directory mounted read-write at its host path (so
+    // it matches containerd's config_path), the agent listening on the pod's addresses and
+    // told its pod IP, which is what containerd dials.
+    assert_eq!(images["mirror"].as_bool(), Some(true));
+    assert_eq!(images["hosts_dir"].as_str(), Some("/etc/containerd/certs.d"));
+    assert_eq!(images["mirror_listen"].as_str(), Some("0.0.0.0:0"));
+    assert_eq!(volume(ds, "containerd-hosts").unwrap()["hostPath"]["path"], "/etc/containerd/certs.d");
+    let hm = mount(ds, "agent", "containerd-hosts").expect("host dir mounted");
+    assert_eq!(hm["mountPath"], "/etc/containerd/certs.d");
+    assert_ne!(hm["readOnly"], true, "the agent writes hosts.toml files there");
+    let env = container(ds, "agent")["env"].as_array().unwrap();
+    let pod_ip = env.iter().find(|e| e["name"] == "POD_IP").expect("POD_IP in the agent's env");
+    assert_eq!(pod_ip["valueFrom"]["fieldRef"]["fieldPath"], "status.podIP");
+
+    // Mirror off: no host directory, no listener settings; k3s's directory moves both paths.
+    let objs = render(&[], &["agent.images.mirror=false"]);
+    let ds = find(&objs, "DaemonSet", "hearth-agent");
+    let images = config_map_file(&objs, "hearth-agent", "agent.yaml")["images"].clone();
+    assert_eq!(images["mirror"].as_bool(), Some(false));
+    assert!(images.get("hosts_dir").is_none() && volume(ds, "containerd-hosts").is_none());
+    let k3s = "/var/lib/rancher/k3s/agent/etc/containerd/certs.d";
+    let objs = render(&[], &[&format!("containerd.hostsDir={k3s}")]);
+    let ds = find(&objs, "DaemonSet", "hearth-agent");
+    assert_eq!(volume(ds, "containerd-hosts").unwrap()["hostPath"]["path"], k3s);
+    assert_eq!(mount(ds, "agent", "containerd-hosts").unwrap()["mountPath"], k3s);
+    assert_eq!(config_map_file(&objs, "hearth-agent", "agent.yaml")["images"]["hosts_dir"].as_str(), Some(k3s));
 
     // A keep list and a pull secret: the auth file is the Secret's .dockerconfigjson where
     // the DaemonSet mounts it, read-only; another socket directory moves only the hostPath.
@@ -432,6 +460,7 @@ fn agent_runs_with_listed_capabilities_unless_privileged() {
         ("pod-resources", "/var/lib/kubelet/pod-resources"),
         ("cgroup", "/sys/fs/cgroup"),
         ("containerd", "/run/containerd"),
+        ("containerd-hosts", "/etc/containerd/certs.d"),
     ]
     .map(|(a, b)| (a.to_owned(), b.to_owned()))
     .into();
@@ -870,6 +899,9 @@ async fn chart_configs_run(dir: &Path, values: &str) -> Result<Running> {
     ensure!(agent["images"].get("enabled").is_none(), "the chart forces images.enabled: {:?}", agent["images"]);
     let socket = dir.join("containerd/containerd.sock");
     set(&mut agent, &["images", "containerd_socket"], s(&socket));
+    if agent["images"]["hosts_dir"].as_str().is_some() {
+        set(&mut agent, &["images", "hosts_dir"], s(dir.join("certs.d")));
+    }
     // The pull secret as the kubelet mounts it: the Secret's .dockerconfigjson.
     if let Some(auth) = agent["images"]["auth_file"].as_str() {
         ensure!(auth == "/etc/hearth/pull-secret/.dockerconfigjson", "agent images.auth_file {auth}");
@@ -890,6 +922,8 @@ async fn chart_configs_run(dir: &Path, values: &str) -> Result<Running> {
             .arg(&agent_file)
             .env("RUST_LOG", "info")
             .env("NODE_NAME", node_name)
+            // As the DaemonSet sets it (status.podIP): the image mirror's address.
+            .env("POD_IP", "127.0.0.1")
             .env("AWS_REGION", "us-east-1")
             .env("AWS_ACCESS_KEY_ID", "test")
             .env("AWS_SECRET_ACCESS_KEY", "test")

@@ -139,7 +139,13 @@ app.kubernetes.io/component: {{ .component }}
   "chunk_size" $im.chunkSize
   "check_interval" $im.checkInterval
   "release_after" $im.releaseAfter
+  "mirror" $im.mirror
 -}}
+{{- if $im.mirror -}}
+{{- /* Mounted at the same path, so it matches containerd's config_path; the agent listens on the pod's addresses and tells containerd its POD_IP. */ -}}
+{{- $_ := set $images "hosts_dir" .Values.containerd.hostsDir -}}
+{{- $_ := set $images "mirror_listen" "0.0.0.0:0" -}}
+{{- end -}}
 {{- if $im.pullSecret -}}
 {{- $_ := set $images "auth_file" (printf "%s/.dockerconfigjson" (include "hearth.pullSecretDir" .)) -}}
 {{- end -}}
