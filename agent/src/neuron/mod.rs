@@ -1,5 +1,6 @@
 //! AWS Neuron devices (Inferentia2, Trainium): inventory, metrics, core groups.
 
+pub mod groups;
 pub mod monitor;
 pub mod sim;
 pub mod subsystem;

@@ -670,6 +670,9 @@ struct State {
     health: BTreeMap<u32, (u64, u64)>,
     hardware_errors: u64,
     skipped: BTreeMap<&'static str, u64>,
+    /// The runtimes of the latest report and the NeuronCores each holds: (tag, pid, cores),
+    /// cores None for a runtime neuron-monitor could not read.
+    in_use: Vec<(String, Option<i64>, Option<BTreeSet<u32>>)>,
 }
 
 impl State {
@@ -950,6 +953,20 @@ fn format_value(v: f64, out: &mut String) {
     }
 }
 
+/// The NeuronCores a runtime entry shows it holds.
+fn cores_held(rt: &Runtime) -> BTreeSet<u32> {
+    let mut cores = BTreeSet::new();
+    if let Some(Group::Data(c)) = &rt.neuroncore_counters {
+        cores.extend(c.neuroncores_in_use.keys());
+    }
+    if let Some(b) =
+        rt.memory_used.as_ref().and_then(Group::data).and_then(|m| m.neuron_runtime_used_bytes.as_ref()?.usage_breakdown.as_ref())
+    {
+        cores.extend(b.neuroncore_memory_usage.keys());
+    }
+    cores
+}
+
 fn now_unix() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
@@ -1024,6 +1041,34 @@ impl NeuronExporter {
             }
         }
         s.system(&r.system, now);
+        s.in_use = r.runtimes.iter().map(|rt| (rt.tag.clone(), rt.pid, rt.error.is_empty().then(|| cores_held(rt)))).collect();
+    }
+
+    /// Who holds NeuronCores now, as `(who, cores)`: the runtimes of the latest report
+    /// (cores with counters or device memory; None for a runtime neuron-monitor could not
+    /// read, whose cores nobody can name) and the containers PodResources says were given
+    /// cores or whole devices, a device being its `cores_per_device` cores.
+    pub fn core_users(&self, cores_per_device: u32) -> Vec<(String, Option<BTreeSet<u32>>)> {
+        let mut out: Vec<(String, Option<BTreeSet<u32>>)> = self
+            .state()
+            .in_use
+            .iter()
+            .map(|(tag, pid, cores)| {
+                let pid = pid.map_or_else(String::new, |p| format!(" (pid {p})"));
+                (format!("Neuron runtime {tag:?}{pid}"), cores.clone())
+            })
+            .collect();
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut held: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+        let name = |c: &ContainerRef| format!("pod {}/{} (container {})", c.pod.namespace, c.pod.name, c.container);
+        for (core, c) in &pods.cores {
+            held.entry(name(c)).or_default().insert(*core);
+        }
+        for (device, c) in &pods.devices {
+            held.entry(name(c)).or_default().extend(device * cores_per_device..(device + 1) * cores_per_device);
+        }
+        out.extend(held.into_iter().map(|(who, cores)| (who, Some(cores))));
+        out
     }
 
     /// Replaces the pod attribution (built off the scrape path from PodResources).
@@ -1563,6 +1608,28 @@ mod tests {
         }
         e.set_pods(NeuronPods::new());
         assert_eq!(scrape(&e, false), plain, "an empty map removes them");
+    }
+
+    #[test]
+    fn core_users_are_the_latest_reports_runtimes_and_the_pods_holding_cores() {
+        let (e, _) = twice();
+        let held = |pod: &str| ContainerRef { pod: PodRef { namespace: "ml".into(), name: pod.into() }, container: "c".into() };
+        e.set_pods(NeuronPods::from([
+            ((RESOURCE_NEURONCORE.into(), "5".into()), held("one-core")),
+            ((RESOURCE_NEURON.into(), "3".into()), held("whole-device")),
+        ]));
+        let users = e.core_users(2);
+        let find = |who: &str| users.iter().find(|(w, _)| w == who).map(|(_, c)| c.as_ref().map(|c| c.iter().copied().collect::<Vec<_>>()));
+        assert_eq!(find("Neuron runtime \"1234\" (pid 1234)"), Some(Some(vec![0])));
+        assert_eq!(find("Neuron runtime \"bert-base\" (pid 5678)"), Some(Some(vec![1])));
+        assert_eq!(find("Neuron runtime \"9012\" (pid 9012)"), Some(None), "unreadable: listed, cores unknown");
+        assert_eq!(find("pod ml/one-core (container c)"), Some(Some(vec![5])));
+        assert_eq!(find("pod ml/whole-device (container c)"), Some(Some(vec![6, 7])), "device 3 is cores 6-7 at 2 per device");
+        // A report with no runtimes: nobody holds cores through neuron-monitor any more.
+        let idle = edited(|v| v["neuron_runtime_data"] = Value::Array(vec![]));
+        e.ingest(&idle);
+        e.set_pods(NeuronPods::new());
+        assert!(e.core_users(2).is_empty());
     }
 
     #[test]

@@ -30,11 +30,29 @@ pub struct FakeMonitor {
     period: Duration,
     tick: u64,
     last_ecc: BTreeMap<u32, [u64; 4]>,
+    /// One runtime per device present instead of one on the first.
+    every_device: bool,
 }
 
 impl FakeMonitor {
     pub fn new(root: &Path, topology: Topology, instance_id: &str, period: Duration) -> Self {
-        Self { root: root.to_owned(), topology, instance_id: instance_id.to_owned(), period, tick: 0, last_ecc: BTreeMap::new() }
+        Self {
+            root: root.to_owned(),
+            topology,
+            instance_id: instance_id.to_owned(),
+            period,
+            tick: 0,
+            last_ecc: BTreeMap::new(),
+            every_device: false,
+        }
+    }
+
+    /// A fully loaded node: a runtime on every device present (tags `sim-0`, `sim-1`, ...),
+    /// so every NeuronCore reports counters and memory, as on a node serving one model per
+    /// device. Benchmarks use it for the largest reports.
+    pub fn every_device(mut self) -> Self {
+        self.every_device = true;
+        self
     }
 
     /// The next report.
@@ -55,10 +73,14 @@ impl FakeMonitor {
             })
             .collect();
         let failing = self.root.join(FAULT_DIR).join("runtime_error").exists();
-        // One runtime serving on the first device present, its load rising and falling.
+        // One runtime serving on the first device present (or one on each), its load rising
+        // and falling.
+        let serving = if self.every_device { devices.len() } else { 1 };
         let runtimes: Vec<Value> = devices
-            .first()
-            .map(|d| {
+            .iter()
+            .take(serving)
+            .enumerate()
+            .map(|(n, d)| {
                 let phase = self.tick as f64 / 6.0;
                 let cpd = t.cores_per_device;
                 let cores: BTreeMap<String, Value> = (0..cpd)
@@ -76,7 +98,7 @@ impl FakeMonitor {
                 let done = 40 + (self.tick % 7) * 3;
                 let (hw_err, failed) = if failing { (2, 2) } else { (0, 0) };
                 json!({
-                    "pid": std::process::id(), "neuron_runtime_tag": "sim-0", "error": "",
+                    "pid": std::process::id(), "neuron_runtime_tag": format!("sim-{n}"), "error": "",
                     "report": {
                         "neuroncore_counters": {"period": p, "neuroncores_in_use": cores, "error": ""},
                         "execution_stats": {"period": p,
@@ -96,7 +118,6 @@ impl FakeMonitor {
                     }
                 })
             })
-            .into_iter()
             .collect();
         let device_type = match t.device_name {
             "Inferentia2" => "inferentia2",
@@ -166,5 +187,27 @@ mod tests {
         assert_eq!(r["neuron_runtime_data"][0]["report"]["execution_stats"]["error_summary"]["hardware"], 2);
         let r = m.report();
         assert_eq!(r["system_data"]["neuron_hw_counters"]["neuron_devices"][3]["mem_ecc_uncorrected"], 0, "no new events");
+    }
+
+    #[test]
+    fn a_loaded_trn2_reports_every_one_of_its_128_cores() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = Topology::of("trn2.48xlarge", Some(1)).unwrap();
+        sysfs::write_fake_tree(dir.path(), &t, true).unwrap();
+        let mut m = FakeMonitor::new(dir.path(), t, "i-0sim", Duration::from_secs(5)).every_device();
+        let r = m.report();
+        let runtimes = r["neuron_runtime_data"].as_array().unwrap();
+        assert_eq!(runtimes.len(), 16);
+        assert_eq!(runtimes[15]["neuron_runtime_tag"], "sim-15");
+        let cores: std::collections::BTreeSet<u32> = runtimes
+            .iter()
+            .flat_map(|rt| rt["report"]["neuroncore_counters"]["neuroncores_in_use"].as_object().unwrap().keys())
+            .map(|k| k.parse().unwrap())
+            .collect();
+        assert_eq!(cores, (0..128).collect(), "8 logical cores per device at LNC 1");
+        assert_eq!(r["neuron_hardware_info"]["logical_neuroncore_config"], 1);
+        // And the agent's parser takes it whole.
+        let parsed = crate::neuron::monitor::parse_line(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(parsed.runtimes.len(), 16);
     }
 }

@@ -4,7 +4,7 @@
 //! supervised child (restarted with backoff) whose JSON lines are parsed off the scrape path;
 //! without it, the hardware counters come from sysfs alone.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+use super::groups::CoreGroups;
 use super::monitor::NeuronExporter;
 use super::sysfs;
 use crate::config::DeviceBackendKind;
@@ -57,45 +58,6 @@ impl Default for NeuronSettings {
 enum Source {
     Driver { root: PathBuf },
     Simulated { root: PathBuf, topology: &'static Topology },
-}
-
-/// The durable record of the applied core groups (the allocation is Hearth's; no hardware
-/// changes): what the partition config made on this instance type.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
-pub struct GroupRecord {
-    pub config: String,
-    pub instance_type: String,
-    pub lnc: u32,
-    /// (start, cores) node-wide.
-    pub groups: Vec<(u32, u32)>,
-}
-
-fn record_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("neuron-groups.json")
-}
-
-/// Plans the partition config's core groups and records them durably; a config without
-/// Neuron entries leaves the last record as it is.
-fn apply_groups(state_dir: &Path, spec: &str, config: &str, t: &Topology) -> Result<Option<GroupRecord>, String> {
-    let spec = crate::partition::spec::Spec::parse(spec).map_err(|e| e.to_string())?;
-    let entries = spec.neuron_config(config).map_err(|e| e.to_string())?;
-    if entries.is_empty() {
-        return Ok(None);
-    }
-    let (topology, groups) = crate::partition::neuron::plan_config(t.instance_type, entries).map_err(|e| e.to_string())?;
-    let record = GroupRecord {
-        config: config.to_owned(),
-        instance_type: topology.instance_type.to_owned(),
-        lnc: topology.lnc,
-        groups: groups.iter().map(|g| (g.start, g.cores)).collect(),
-    };
-    let bytes = serde_json::to_vec_pretty(&record).map_err(|e| e.to_string())?;
-    hearth_service::fsutil::write_atomic(&record_path(state_dir), &bytes, false).map_err(|e| e.to_string())?;
-    Ok(Some(record))
-}
-
-fn load_record(state_dir: &Path) -> Option<GroupRecord> {
-    serde_json::from_slice(&std::fs::read(record_path(state_dir)).ok()?).ok()
 }
 
 /// The Neuron accelerators as the report carries them: from the driver's devices, keeping
@@ -180,36 +142,51 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
             Err(e) => return Ok(Started::new(Status::degraded(e.to_string()))),
         },
     };
-    // Core groups: the partition config's, recorded; else what was recorded before.
-    let mut record = load_record(&w.cfg.state_dir).filter(|r| r.instance_type == topology.instance_type);
-    if let Some((spec, config)) = &w.cfg.partition {
-        match apply_groups(&w.cfg.state_dir, spec, config, &topology) {
-            Ok(Some(r)) => {
-                info!(config = %config, groups = r.groups.len(), "Neuron core groups applied");
-                record = Some(r);
-            }
-            Ok(None) => {}
-            Err(e) => {
-                warn!(error = %e, "Neuron core groups not applied");
-                w.events.post(crate::kube::events::NodeEvent::warning(
-                    "PartitionFailed",
-                    "ApplyPartition",
-                    format!("Neuron core groups: {e}"),
-                ));
-            }
+    let exporter = Arc::new(NeuronExporter::new());
+    // Core groups: the recorded layout, or the agent config's partition when it is new.
+    // Holders of cores, asked before a change: neuron-monitor's runtimes, pods, and the
+    // model servers in the report.
+    let holders: super::groups::Holders = {
+        let (exporter, report) = (exporter.clone(), w.report.subscribe());
+        Arc::new(move |cores_per_device| {
+            let mut v = exporter.core_users(cores_per_device);
+            v.extend(report.borrow().runtimes.iter().filter_map(|r| {
+                let g = Group::parse_partition(&r.partition_uuid)?;
+                Some((format!("model server {:?}", r.name), Some((g.start..g.start + g.cores).collect())))
+            }));
+            v
+        })
+    };
+    let (state_dir, wanted) = (w.cfg.state_dir.clone(), w.cfg.partition.clone());
+    let (groups, applied) = tokio::task::spawn_blocking(move || {
+        let groups = CoreGroups::open(&state_dir, topology, holders);
+        let applied = wanted.map(|(spec, config)| groups.apply_at_start(&spec, &config).map_err(|e| (config, e)));
+        (Arc::new(groups), applied)
+    })
+    .await?;
+    match applied {
+        Some(Ok(true)) => info!(config = ?groups.config(), groups = groups.layout().groups.len(), "Neuron core groups applied"),
+        Some(Ok(false)) | None => {}
+        Some(Err((config, e))) => {
+            warn!(error = %e, "Neuron core groups not applied");
+            w.events.post(crate::kube::events::NodeEvent::warning(
+                "PartitionFailed",
+                "ApplyPartition",
+                format!("Neuron core-group config {config:?}: {e}"),
+            ));
         }
     }
-    let topology = match &record {
-        Some(r) => Topology::of(&r.instance_type, Some(r.lnc)).unwrap_or(topology),
-        None => topology,
-    };
-    let groups: Vec<Group> = record.iter().flat_map(|r| r.groups.iter().map(|&(start, cores)| Group { start, cores })).collect();
-
-    let exporter = Arc::new(NeuronExporter::new());
+    let publish_status = crate::partition::publisher(w, None);
+    if let Some(s) = crate::partition::Applier::status(groups.as_ref()) {
+        publish_status(s);
+    }
+    w.commands.set_partition(crate::report::PartitionHandler { applier: groups.clone(), publish: publish_status });
     w.text_metrics.push(exporter.clone() as Arc<dyn hearth_service::http::TextMetrics>);
+    let layout = groups.subscribe();
     let publish = {
-        let report = w.report.clone();
+        let (report, layout) = (w.report.clone(), layout.clone());
         move |found: &[sysfs::NeuronDevice]| {
+            let super::groups::Layout { topology, groups } = layout.borrow().clone();
             report.send_if_modified(|r| {
                 let known: Vec<Accelerator> = r.accelerators.iter().filter(|a| a.vendor == Vendor::AwsNeuron).cloned().collect();
                 let neuron = accelerators(found, &known, &topology, &groups);
@@ -226,14 +203,16 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
     publish(&found);
     let cancel = tasks.cancel_token().clone();
     {
-        let (root, cancel, every) = (root.clone(), cancel.clone(), s.collect_interval);
+        let (root, cancel, every, mut layout) = (root.clone(), cancel.clone(), s.collect_interval, layout);
         tasks.spawn(
             "collect",
             async move {
                 loop {
+                    // A new core-group layout reaches the report at once.
                     tokio::select! {
                         () = cancel.cancelled() => return,
                         () = tokio::time::sleep(every) => {}
+                        changed = layout.changed() => if changed.is_err() { return },
                     }
                     let r = root.clone();
                     match tokio::task::spawn_blocking(move || sysfs::devices(&r)).await {
@@ -266,14 +245,15 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
         }
         (Source::Driver { .. }, MonitorCommand::Auto) => which("neuron-monitor").map(|p| vec![p.display().to_string()]),
     };
+    let now = groups.layout();
     let detail = format!(
-        "{} {} devices ({}, {} cores, LNC {}), {} core groups; metrics from {}",
+        "{} {} devices ({}, {} cores, LNC {}), {} core groups at start; metrics from {}",
         found.len(),
-        topology.device_name,
-        topology.instance_type,
-        topology.total_cores(),
-        topology.lnc,
-        record.as_ref().map_or(0, |r| r.groups.len()),
+        now.topology.device_name,
+        now.topology.instance_type,
+        now.topology.total_cores(),
+        now.topology.lnc,
+        now.groups.len(),
         command.as_ref().map_or_else(|| "sysfs counters (no neuron-monitor)".to_owned(), |c| c[0].clone())
     );
     // Pod labels for core and device series, from the kubelet's PodResources, refreshed off
@@ -299,7 +279,7 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
         let exporter = exporter.clone();
         tasks.spawn("monitor", supervise(cmd, exporter, cancel).instrument(info_span!("neuron_monitor")));
     }
-    Ok(Started::new(Status::enabled(detail)).with_capabilities(&["neuron"]))
+    Ok(Started::new(Status::enabled(detail)).with_capabilities(&["neuron", "partition.neuron"]))
 }
 
 fn which(name: &str) -> Option<PathBuf> {

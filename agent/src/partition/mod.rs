@@ -11,7 +11,21 @@ pub mod reconcile;
 pub mod spec;
 mod subsystem;
 
-pub use subsystem::start;
+pub use subsystem::{publisher, start};
+
+/// What ApplyPartition runs on this node: the MIG reconciler on GPU nodes, the core-group
+/// allocator on Neuron nodes. The command router checks before it accepts and applies on the
+/// blocking pool, so `apply` may block.
+pub trait Applier: Send + Sync + std::fmt::Debug {
+    /// What this applier partitions (its statuses carry it).
+    fn kind(&self) -> reconcile::Kind;
+    /// Refuses, with a reason, a spec or config that cannot apply on this node; touches nothing.
+    fn check(&self, spec_yaml: &str, config: &str) -> Result<(), String>;
+    /// Applies `config`; the status to publish. Err: refused or not recorded.
+    fn apply(&self, spec_yaml: &str, config: &str) -> Result<reconcile::PartitionStatus, String>;
+    /// The latest status, if any.
+    fn status(&self) -> Option<reconcile::PartitionStatus>;
+}
 
 /// `hearth partition plan`: reads a spec, reads the GPUs' current state (NVML, read-only:
 /// MIG mode and the GPU instances present; or simulated products with `simulate`, fresh:

@@ -24,6 +24,9 @@ use crate::device::migctl::MigControl;
 /// Node labels carrying the state, in the style of mig-parted's.
 pub const LABEL_CONFIG: &str = "hearth.dev/mig.config";
 pub const LABEL_STATE: &str = "hearth.dev/mig.config.state";
+/// The same for Neuron core groups, so a MIG label never names a Neuron config.
+pub const LABEL_NEURON_CONFIG: &str = "hearth.dev/neuron.config";
+pub const LABEL_NEURON_STATE: &str = "hearth.dev/neuron.config.state";
 
 /// Stops (and later restarts) whatever runs on GPUs about to be repartitioned. The runtime
 /// supervisors implement it (`runtime::pause`); `NoRuntimes` is for tests and for agents
@@ -63,20 +66,46 @@ impl Phase {
     }
 }
 
+/// What a partition status is about: MIG instances on GPUs, or Neuron core groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// The default, so records written before Neuron applies existed read as what they are.
+    #[default]
+    Mig,
+    Neuron,
+}
+
+impl Kind {
+    /// How events and messages name an apply of this kind.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Mig => "MIG config",
+            Kind::Neuron => "Neuron core-group config",
+        }
+    }
+}
+
 /// What the snapshot and the labels say.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionStatus {
+    #[serde(default)]
+    pub kind: Kind,
     pub config: String,
     pub phase: Phase,
     /// Empty on success; otherwise which GPU and why.
     pub reason: String,
-    /// Outcome per GPU index ("success", "reboot-required", "failed: ...").
+    /// Outcome per GPU (or Neuron device) index ("success", "reboot-required", "failed: ...").
     pub gpus: BTreeMap<u32, String>,
 }
 
 impl PartitionStatus {
     pub fn labels(&self) -> [(String, String); 2] {
-        [(LABEL_CONFIG.to_owned(), self.config.clone()), (LABEL_STATE.to_owned(), self.phase.as_str().to_owned())]
+        let (config, state) = match self.kind {
+            Kind::Mig => (LABEL_CONFIG, LABEL_STATE),
+            Kind::Neuron => (LABEL_NEURON_CONFIG, LABEL_NEURON_STATE),
+        };
+        [(config.to_owned(), self.config.clone()), (state.to_owned(), self.phase.as_str().to_owned())]
     }
 }
 
@@ -132,6 +161,21 @@ pub struct Reconciler {
 impl std::fmt::Debug for Reconciler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reconciler").field("gpus", &self.gpus.len()).field("record", &self.record_path).finish_non_exhaustive()
+    }
+}
+
+impl super::Applier for Reconciler {
+    fn kind(&self) -> Kind {
+        Kind::Mig
+    }
+    fn check(&self, spec_yaml: &str, config: &str) -> Result<(), String> {
+        Spec::parse(spec_yaml).and_then(|s| s.config(config).map(|_| ())).map_err(|e| format!("partition spec: {e}"))
+    }
+    fn apply(&self, spec_yaml: &str, config: &str) -> Result<PartitionStatus, String> {
+        Reconciler::apply(self, spec_yaml, config).map_err(|e| e.to_string())
+    }
+    fn status(&self) -> Option<PartitionStatus> {
+        Reconciler::status(self)
     }
 }
 
@@ -193,6 +237,7 @@ impl Reconciler {
             v
         };
         let mut status = PartitionStatus {
+            kind: Kind::Mig,
             config: config.to_owned(),
             phase: Phase::Pending,
             reason: if touched.is_empty() { String::new() } else { format!("applying to GPU {touched:?}") },

@@ -3,7 +3,6 @@
 //! takes ApplyPartition commands, and publishes its status to the report, the Node's labels
 //! and (through a sweep) the GPU inventory.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hearth_service::tasks::Tasks;
@@ -30,31 +29,11 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
             return Ok(Started::new(Status::off(e.to_string())));
         }
     };
-    let (report, labels, sweep_now, events) = (w.report.clone(), w.node_labels.clone(), w.sweep_now.clone(), w.events.clone());
-    let publish: Arc<dyn Fn(PartitionStatus) + Send + Sync> = Arc::new(move |s| {
-        if report.borrow().partition.as_ref() != Some(&s) {
-            events.post(partition_event(&s));
-        }
-        labels.send_if_modified(|l| {
-            let next: BTreeMap<String, String> = s.labels().into_iter().collect();
-            let changed = *l != next;
-            *l = next;
-            changed
-        });
-        report.send_if_modified(|rep| {
-            let changed = rep.partition.as_ref() != Some(&s);
-            rep.partition = Some(s.clone());
-            changed
-        });
-        // New MIG devices reach the snapshot and /metrics with the next sweep: now.
-        if let Some(sweep) = &sweep_now {
-            sweep();
-        }
-    });
+    let publish = publisher(w, w.sweep_now.clone());
     if let Some(s) = reconciler.status() {
         publish(s);
     }
-    w.commands.set_partition(PartitionHandler { reconciler: reconciler.clone(), publish: publish.clone() });
+    w.commands.set_partition(PartitionHandler { applier: reconciler.clone(), publish: publish.clone() });
     // At start: apply the configured spec (idempotent), or finish an apply that an earlier
     // run left pending. Shutdown waits for it, so an apply records its outcome.
     let wanted = w.cfg.partition.clone();
@@ -77,16 +56,67 @@ pub async fn start(w: &mut Wiring, tasks: Tasks) -> Result<Started, AgentError> 
     Ok(Started::new(Status::enabled("mig")).with_capabilities(&["partition.mig"]))
 }
 
+/// How a partition status reaches the world, for MIG and Neuron applies alike: an Event on
+/// the Node when it changed, the Node labels of its kind, the report's partition status, and
+/// (after MIG changes) a GPU sweep now so new MIG devices reach the snapshot and /metrics.
+pub fn publisher(w: &Wiring, sweep_now: Option<Arc<dyn Fn() + Send + Sync>>) -> Arc<dyn Fn(PartitionStatus) + Send + Sync> {
+    let (report, labels, events) = (w.report.clone(), w.node_labels.clone(), w.events.clone());
+    Arc::new(move |s| {
+        if report.borrow().partition.as_ref() != Some(&s) {
+            events.post(partition_event(&s));
+        }
+        labels.send_if_modified(|l| {
+            let mut next = l.clone();
+            next.extend(s.labels());
+            let changed = *l != next;
+            *l = next;
+            changed
+        });
+        report.send_if_modified(|rep| {
+            let changed = rep.partition.as_ref() != Some(&s);
+            rep.partition = Some(s.clone());
+            changed
+        });
+        if let Some(sweep) = &sweep_now {
+            sweep();
+        }
+    })
+}
+
 /// The Event a new partition status is worth.
 fn partition_event(s: &PartitionStatus) -> NodeEvent {
     use super::reconcile::Phase;
-    let c = &s.config;
+    let (c, what) = (&s.config, s.kind.noun());
     match s.phase {
-        Phase::Success => NodeEvent::normal("PartitionApplied", "ApplyPartition", format!("MIG config {c:?} applied")),
-        Phase::Pending => NodeEvent::normal("PartitionApplying", "ApplyPartition", format!("applying MIG config {c:?}")),
+        Phase::Success => NodeEvent::normal("PartitionApplied", "ApplyPartition", format!("{what} {c:?} applied")),
+        Phase::Pending => NodeEvent::normal("PartitionApplying", "ApplyPartition", format!("applying {what} {c:?}")),
         Phase::RebootRequired => {
-            NodeEvent::warning("PartitionRebootRequired", "ApplyPartition", format!("MIG config {c:?} needs a reboot: {}", s.reason))
+            NodeEvent::warning("PartitionRebootRequired", "ApplyPartition", format!("{what} {c:?} needs a reboot: {}", s.reason))
         }
-        Phase::Failed => NodeEvent::warning("PartitionFailed", "ApplyPartition", format!("MIG config {c:?} failed: {}", s.reason)),
+        Phase::Failed => NodeEvent::warning("PartitionFailed", "ApplyPartition", format!("{what} {c:?} failed: {}", s.reason)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::partition::reconcile::{Kind, Phase};
+
+    #[test]
+    fn events_name_the_kind_of_partition() {
+        let s = |kind, phase, reason: &str| PartitionStatus {
+            kind,
+            config: "inf2-mixed".into(),
+            phase,
+            reason: reason.into(),
+            gpus: Default::default(),
+        };
+        let e = partition_event(&s(Kind::Neuron, Phase::Success, ""));
+        assert_eq!(e.note, "Neuron core-group config \"inf2-mixed\" applied");
+        let e = partition_event(&s(Kind::Neuron, Phase::Failed, "cores 0-1 in use"));
+        assert!(e.warning);
+        assert_eq!((e.reason, e.note.as_str()), ("PartitionFailed", "Neuron core-group config \"inf2-mixed\" failed: cores 0-1 in use"));
+        let e = partition_event(&s(Kind::Mig, Phase::Success, ""));
+        assert_eq!(e.note, "MIG config \"inf2-mixed\" applied");
     }
 }

@@ -9,8 +9,8 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::cache::manager::Cache;
 use crate::cache::spec::ModelSpec;
-use crate::partition::reconcile::{PartitionStatus, Phase as PartitionPhase, Reconciler};
-use crate::partition::spec::Spec;
+use crate::partition::Applier;
+use crate::partition::reconcile::{PartitionStatus, Phase as PartitionPhase};
 
 /// The result of one command, as sent back in CommandStatus.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,16 +79,17 @@ impl Seen {
 /// reason the controller can act on (pick another node), never silently dropped. Long
 /// commands answer Accepted at once and report the end through `statuses`, which outlives
 /// any one stream to the controller.
-/// Where partition applies go, and how their status reaches the report.
+/// Where partition applies go (the MIG reconciler or the Neuron core-group allocator), and
+/// how their status reaches the report.
 #[derive(Clone)]
 pub struct PartitionHandler {
-    pub reconciler: Arc<Reconciler>,
+    pub applier: Arc<dyn Applier>,
     pub publish: Arc<dyn Fn(PartitionStatus) + Send + Sync>,
 }
 
 impl std::fmt::Debug for PartitionHandler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PartitionHandler").field("reconciler", &self.reconciler).finish_non_exhaustive()
+        f.debug_struct("PartitionHandler").field("applier", &self.applier).finish_non_exhaustive()
     }
 }
 
@@ -209,9 +210,10 @@ impl CommandDispatcher {
                 },
                 (Some(Kind::ApplyPartition(a)), _) => match &self.partition {
                     None => outcome(Phase::Rejected, "apply_partition: no handler".into()),
-                    // Refuse a spec that does not parse or lacks the config before accepting.
-                    Some(h) => match Spec::parse(&a.spec).and_then(|s| s.config(&a.config_name).map(|_| ())) {
-                        Err(e) => outcome(Phase::Rejected, format!("partition spec: {e}")),
+                    // Refuse what cannot apply here (a spec that does not parse, a config it
+                    // lacks, groups this node's topology does not allow) before accepting.
+                    Some(h) => match h.applier.check(&a.spec, &a.config_name) {
+                        Err(e) => outcome(Phase::Rejected, e),
                         // The name becomes a Node label value.
                         Ok(()) if !crate::kube::is_label_value(&a.config_name) => outcome(
                             Phase::Rejected,
@@ -352,13 +354,14 @@ impl CommandDispatcher {
     fn spawn_partition(&self, h: PartitionHandler, spec: String, config: String, accepted: CommandOutcome) {
         let span = info_span!("partition_command", command = %accepted.command_id, config = %config);
         (h.publish)(PartitionStatus {
+            kind: h.applier.kind(),
             config: config.clone(),
             phase: PartitionPhase::Pending,
             reason: "accepted".into(),
             gpus: Default::default(),
         });
         self.spawn_command("apply_partition", span, accepted, async move {
-            let r = h.reconciler.clone();
+            let r = h.applier.clone();
             let config2 = config.clone();
             match tokio::task::spawn_blocking(move || r.apply(&spec, &config2)).await {
                 Ok(Ok(status)) => {
@@ -369,10 +372,10 @@ impl CommandDispatcher {
                     }
                 }
                 Ok(Err(e)) => {
-                    if let Some(s) = h.reconciler.status() {
+                    if let Some(s) = h.applier.status() {
                         (h.publish)(s);
                     }
-                    (Phase::Failed, e.to_string())
+                    (Phase::Failed, e)
                 }
                 Err(e) => (Phase::Failed, format!("apply task failed: {e}")),
             }
@@ -502,7 +505,7 @@ mod tests {
     #[tokio::test]
     async fn apply_partition_is_validated_accepted_applied_and_published() {
         use crate::device::migctl::{MigControl, SimMig};
-        use crate::partition::reconcile::{GpuIdentity, NoRuntimes};
+        use crate::partition::reconcile::{GpuIdentity, NoRuntimes, Reconciler};
         let dir = tempfile::tempdir().unwrap();
         let hw = Arc::new(SimMig::new(&[0x2330_10DE]));
         let ids = vec![GpuIdentity { index: 0, product: "NVIDIA H100 80GB HBM3".into(), pci_device_id: 0x2330_10DE }];
@@ -510,7 +513,7 @@ mod tests {
         let published = Arc::new(Mutex::new(Vec::new()));
         let p = published.clone();
         let (mut d, mut rx) = dispatcher(None);
-        d.set_partition(PartitionHandler { reconciler: rec, publish: Arc::new(move |s| p.lock().unwrap().push(s)) });
+        d.set_partition(PartitionHandler { applier: rec, publish: Arc::new(move |s| p.lock().unwrap().push(s)) });
         let spec = include_str!("../../../manifests/examples/mig-spec.yaml");
         let apply = |config: &str| Kind::ApplyPartition(pb::ApplyPartitionCommand { spec: spec.into(), config_name: config.into() });
 
