@@ -329,6 +329,9 @@ pub struct RawImages {
     /// containerd's registry host directory, its CRI `registry.config_path` (default
     /// /etc/containerd/certs.d); the mirror is announced there for the length of each pull.
     pub hosts_dir: Option<PathBuf>,
+    /// A registry serving one connection faster than this many bytes/s is pulled directly by
+    /// containerd, not through the fast path (default 200M; 0: never).
+    pub direct_above: Option<String>,
     /// Where the mirror listens (default 127.0.0.1:0, any free port).
     pub mirror_listen: Option<String>,
     /// The IP containerd dials the mirror at (default: the listen address, or $POD_IP when
@@ -692,6 +695,9 @@ fn image_settings(r: RawImages) -> Result<crate::images::ImageSettings, AgentCon
         return Err(invalid("images.check_interval", "at least 1s", format!("{:?}", s.check_interval)));
     }
     s.release_after = dur("images.release_after", r.release_after, "1h")?;
+    if let Some(d) = r.direct_above {
+        s.pull.direct_above = parse_size("images.direct_above", &d)?;
+    }
     if r.mirror.unwrap_or(true) {
         let listen = r.mirror_listen.unwrap_or_else(|| "127.0.0.1:0".into());
         let listen: std::net::SocketAddr = listen
@@ -1084,6 +1090,10 @@ mod tests {
             .unwrap();
         assert_eq!((m.listen.port(), m.address), (5080, Some("10.1.2.3".parse().unwrap())));
         assert!(parse("node_name: n1\nimages: {mirror: false}").unwrap().images.mirror.is_none());
+        assert_eq!(parse("node_name: n1").unwrap().images.pull.direct_above, 200_000_000);
+        assert_eq!(parse("node_name: n1\nimages: {direct_above: '0'}").unwrap().images.pull.direct_above, 0);
+        let e = parse("node_name: n1\nimages: {direct_above: fast}").unwrap_err().to_string();
+        assert!(e.starts_with("images.direct_above:"), "{e}");
         let e = parse("node_name: n1\nimages: {mirror_listen: 'localhost'}").unwrap_err().to_string();
         assert!(e.starts_with("images.mirror_listen: expected an IP:port"), "{e}");
         let e = parse("node_name: n1\nimages: {mirror_address: pod}").unwrap_err().to_string();

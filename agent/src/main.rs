@@ -328,6 +328,10 @@ enum ImagesCmd {
         /// Bytes per ranged GET.
         #[arg(long, default_value = "8Mi")]
         chunk_size: String,
+        /// A registry giving one connection more than this (bytes/s) is pulled by containerd
+        /// directly; 0: never.
+        #[arg(long, default_value = "200M")]
+        direct_above: String,
         /// containerd's registry host directory (its CRI registry.config_path).
         #[arg(long, default_value = "/etc/containerd/certs.d")]
         hosts_dir: PathBuf,
@@ -564,6 +568,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                     insecure_registry,
                     connections,
                     chunk_size,
+                    direct_above,
                     hosts_dir,
                     no_mirror,
                     quiet,
@@ -579,6 +584,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 insecure: insecure_registry,
                 connections,
                 chunk,
+                direct_above: hearth_service::config::parse_size("--direct-above", &direct_above)?,
                 hosts_dir: (!no_mirror).then_some(hosts_dir),
                 progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
             };

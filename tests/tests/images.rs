@@ -98,8 +98,9 @@ async fn unpinned(rt: &Runtime, image: &str) -> Result<()> {
 }
 
 fn small_settings() -> PullSettings {
-    // 1 MiB chunks: every layer of the small images takes several ranged GETs.
-    PullSettings { connections: 4, chunk: MIB, ..Default::default() }
+    // 1 MiB chunks: every layer of the small images takes several ranged GETs. The local
+    // registry is faster than any object store: only the probe's own test lets it decide.
+    PullSettings { connections: 4, chunk: MIB, direct_above: 0, ..Default::default() }
 }
 
 async fn pull(p: &Puller, reference: &str) -> Result<hearth_agent::images::pull::Pulled, PullError> {
@@ -152,6 +153,23 @@ async fn fast_pull_lands_the_image_for_cri_on_containerd_17() -> Result<()> {
 #[tokio::test]
 async fn content_path_pull_lands_the_image_for_cri_on_containerd_17() -> Result<()> {
     fast_pull_lands_the_image_for_cri(Version::V17, Mode::Content).await
+}
+
+#[tokio::test]
+async fn a_registry_faster_than_direct_above_per_connection_is_pulled_by_containerd_directly() -> Result<()> {
+    // 8 MiB/s per connection, as an object store (scaled down): the fast path.
+    let env = env(Version::V17, RegProxyOptions { per_connection_bytes_per_sec: Some(8 * MIB), ..Default::default() }).await?;
+    let img = pushed(&env, "probe/app", &TestImage::random(&[4 * MIB, MIB])?).await?;
+    let settings = PullSettings { direct_above: 32 * MIB, ..small_settings() };
+    let p = pull(&env.puller(None, settings.clone())?, &img.reference_via(&env.proxy.host())).await?;
+    ensure!(p.path == PullPath::Mirror, "a capped registry must take the fast path: {p:?}");
+    // The registry directly: one connection brings far more than 32 MiB/s.
+    let img = pushed(&env, "probe/local", &TestImage::random(&[4 * MIB, MIB])?).await?;
+    let reference = img.reference_via(&env.registry.host());
+    let p = pull(&env.puller(None, settings)?, &reference).await?;
+    ensure!(p.path == PullPath::Fallback && p.fallback.as_ref().map(|f| f.0) == Some("fast_registry"), "{p:?}");
+    ensure!(env.runtime()?.image_status(&reference).await?.is_some(), "the direct pull did not land the image");
+    Ok(())
 }
 
 #[tokio::test]
@@ -331,7 +349,7 @@ async fn a_containerd_restart_mid_pull_is_waited_out_and_the_pull_resumes() -> R
     let mut env = env(Version::V17, RegProxyOptions { per_connection_bytes_per_sec: Some(8 * MIB), ..Default::default() }).await?;
     let img = pushed(&env, "restart/app", &TestImage::random(&[12 * MIB, 12 * MIB, 12 * MIB])?).await?;
     let reference = img.reference_via(&env.proxy.host());
-    let puller = env.puller(None, PullSettings { connections: 2, chunk: 2 * MIB, ..Default::default() })?;
+    let puller = env.puller(None, PullSettings { connections: 2, chunk: 2 * MIB, direct_above: 0, ..Default::default() })?;
     let progress = Arc::new(Progress::default());
     let task = {
         let (progress, r) = (progress.clone(), Reference::parse(&reference)?);

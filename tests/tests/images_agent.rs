@@ -31,7 +31,7 @@ async fn containerd17(registry: &Registry) -> Result<Containerd> {
 fn images_yaml(ctrd: &Containerd, keep: &[&str], extra: &str) -> String {
     let keep: Vec<String> = keep.iter().map(|k| format!("'{k}'")).collect();
     format!(
-        "images: {{containerd_socket: '{}', hosts_dir: '{}', keep: [{}], check_interval: 1s, release_after: 1s{extra}}}\n",
+        "images: {{containerd_socket: '{}', hosts_dir: '{}', direct_above: '0', keep: [{}], check_interval: 1s, release_after: 1s{extra}}}\n",
         ctrd.socket().display(),
         ctrd.dir().join("certs.d").display(),
         keep.join(", ")

@@ -68,6 +68,8 @@ pub struct PullArgs {
     /// 0: a plain CRI pull.
     pub connections: usize,
     pub chunk: u64,
+    /// See `PullSettings::direct_above`.
+    pub direct_above: u64,
     /// containerd's registry host directory, for the mirror; None: the content path.
     pub hosts_dir: Option<PathBuf>,
     pub progress: bool,
@@ -82,7 +84,13 @@ pub async fn pull(a: PullArgs, cancel: CancellationToken) -> anyhow::Result<()> 
     };
     let runtime = Runtime::new(&a.socket, &a.namespace, Duration::from_secs(30))?;
     let version = runtime.version().await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let settings = PullSettings { connections: a.connections.max(1), chunk: a.chunk, fast: a.connections > 0, ..Default::default() };
+    let settings = PullSettings {
+        connections: a.connections.max(1),
+        chunk: a.chunk,
+        fast: a.connections > 0,
+        direct_above: a.direct_above,
+        ..Default::default()
+    };
     let registry = Arc::new(RegistryClient::new(creds, a.insecure)?);
     let mirror = match &a.hosts_dir {
         Some(dir) if settings.fast => {
