@@ -2,7 +2,7 @@
 //! root. Parallel ranged reads across and within files, each worker owning one aligned part
 //! buffer (memory = concurrency x part size, whatever the model size); O_DIRECT writes where
 //! the filesystem takes them; group-commit durability (fdatasync the touched files, then
-//! journal the parts); per-file verification; publish by rename, one file at a time, so a
+//! journal the parts); per-file verification; publish by rename, in batches, so a
 //! loader can start on the first shards while the rest arrive.
 //!
 //! On disk, under the cache root:
@@ -543,10 +543,8 @@ pub async fn fetch(
     // Files that finished entirely from the journal still need verifying and publishing.
     let mut result: Result<(), FetchError> = Ok(());
     let ready_now: Vec<usize> = (0..works.len()).filter(|&i| !works[i].published && works[i].done_parts == works[i].parts).collect();
-    for i in ready_now {
-        if let Err(e) = finish_file(&mut works, i, &ctx, &journal, &model_dir, &mut entry, index).await {
-            result = Err(e);
-        }
+    if let Err(e) = finish_files(&mut works, ready_now, &ctx, &journal, &model_dir, &mut entry, index).await {
+        result = Err(e);
     }
 
     // Commit loop: group the parts that arrived, make them durable, journal them.
@@ -592,11 +590,8 @@ pub async fn fetch(
                 }
             }
         }
-        for i in completed {
-            if let Err(e) = finish_file(&mut works, i, &ctx, &journal, &model_dir, &mut entry, index).await {
-                result = Err(e);
-                break;
-            }
+        if let Err(e) = finish_files(&mut works, completed, &ctx, &journal, &model_dir, &mut entry, index).await {
+            result = Err(e);
         }
         // Only now: a file that failed verification has re-queued its parts above, so the
         // workers never see zero outstanding work while a refetch is pending.
@@ -739,7 +734,11 @@ fn available_space(root: &Path) -> Result<u64, FetchError> {
     Ok(st.f_bavail * st.f_frsize)
 }
 
-/// fdatasync every file the batch touched, then journal the batch.
+/// Data syncs in flight at once: enough to keep an NVMe queue busy with many small files.
+const SYNC_THREADS: usize = 8;
+
+/// fdatasync every file the batch touched (in parallel: each waits on the device, not the
+/// CPU), then journal the batch.
 async fn commit(works: &[FileWork], journal: &Arc<Mutex<Journal>>, records: &[PartRecord]) -> Result<(), FetchError> {
     if records.is_empty() {
         return Ok(());
@@ -751,75 +750,140 @@ async fn commit(works: &[FileWork], journal: &Arc<Mutex<Journal>>, records: &[Pa
         touched.iter().map(|&f| (works[f as usize].buffered.clone(), works[f as usize].data_path.clone())).collect();
     let (journal, records) = (journal.clone(), records.to_vec());
     blocking(Path::new("journal"), move || {
-        for (f, p) in handles {
-            f.sync_data().map_err(io_err(&p))?;
-        }
+        sync_all_data(&handles)?;
         journal.lock().unwrap_or_else(|p| p.into_inner()).append(&records)?;
         Ok(())
     })
     .await
 }
 
-/// Verifies a complete file and publishes it, or sends it back to be fetched again.
-async fn finish_file(
+/// fdatasync of every file, up to `SYNC_THREADS` at a time; the first error wins.
+fn sync_all_data(files: &[(Arc<File>, PathBuf)]) -> Result<(), FetchError> {
+    if files.len() <= 1 {
+        for (f, p) in files {
+            f.sync_data().map_err(io_err(p))?;
+        }
+        return Ok(());
+    }
+    let per = files.len().div_ceil(SYNC_THREADS);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .chunks(per)
+            .map(|chunk| {
+                s.spawn(move || {
+                    for (f, p) in chunk {
+                        f.sync_data().map_err(io_err(p))?;
+                    }
+                    Ok::<(), FetchError>(())
+                })
+            })
+            .collect();
+        let mut first = Ok(());
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(FetchError::Io { path: PathBuf::from("sync"), source: std::io::Error::other("sync thread panicked") })
+            });
+            if first.is_ok() {
+                first = r;
+            }
+        }
+        first
+    })
+}
+
+/// Verifies the complete files `idxs` (in parallel, off the async workers) and publishes
+/// those that pass as one batch: renamed into place, each directory synced once, one index
+/// update. A file that fails is sent back to be fetched again. The cost per file does not
+/// grow with the number of files in the model.
+async fn finish_files(
     works: &mut [FileWork],
-    i: usize,
+    idxs: Vec<usize>,
     ctx: &Ctx,
     journal: &Arc<Mutex<Journal>>,
     model_dir: &Path,
     entry: &mut IndexEntry,
     index: &Index,
 ) -> Result<(), FetchError> {
+    if idxs.is_empty() {
+        return Ok(());
+    }
     let part_size = ctx.cfg.part_size as u64;
-    let w = &works[i];
-    let key = w.obj.key.clone();
-    let final_path = model_dir.join(&key);
-    let data_path = w.data_path.clone();
-    let size = w.obj.size;
-    let expected = w.vouched.expected;
-    let kind = w.vouched.kind;
-    let combined = w.crc.combine(w.part_crcs.iter().enumerate().map(|(p, c)| (c.unwrap_or(0), w.part_len(part_size, p as u32))));
-    let cancel = ctx.cancel.clone();
-    if cancel.is_cancelled() {
+    if ctx.cancel.is_cancelled() {
         // The parts are journaled: the next run verifies and publishes without refetching.
         return Err(FetchError::Cancelled { done: 0, total: 0 });
     }
-    let check = tokio::task::spawn_blocking(move || verify_and_publish(&data_path, &final_path, &key, size, &expected, combined, &cancel))
-        .await
-        .map_err(|e| FetchError::Io { path: works[i].data_path.clone(), source: std::io::Error::other(e) })?;
-    let w = &mut works[i];
-    match check {
-        Ok(()) => {
+    let mut checks = tokio::task::JoinSet::new();
+    for &i in &idxs {
+        let w = &works[i];
+        let (key, data_path, size, expected) = (w.obj.key.clone(), w.data_path.clone(), w.obj.size, w.vouched.expected.clone());
+        let combined = w.crc.combine(w.part_crcs.iter().enumerate().map(|(p, c)| (c.unwrap_or(0), w.part_len(part_size, p as u32))));
+        let cancel = ctx.cancel.clone();
+        checks.spawn_blocking(move || (i, verify_file(&data_path, &key, size, &expected, combined, &cancel)));
+    }
+    let mut passed = Vec::new();
+    let mut first_err = None;
+    while let Some(r) = checks.join_next().await {
+        let (i, check) = r.map_err(|e| FetchError::Io { path: model_dir.to_owned(), source: std::io::Error::other(e) })?;
+        match check {
+            Ok(()) => passed.push(i),
+            Err(FetchError::Corrupt { key, reason }) if works[i].corrupt_refetches < ctx.cfg.refetch_corrupt => {
+                warn!(%key, %reason, "verification failed; fetching the file again");
+                let w = &mut works[i];
+                w.corrupt_refetches += 1;
+                let j = journal.clone();
+                blocking(&w.data_path.clone(), move || Ok(j.lock().unwrap_or_else(|p| p.into_inner()).reset_file(i as u32)?)).await?;
+                let lost: u64 = (0..w.parts).filter(|&p| w.part_crcs[p as usize].is_some()).map(|p| w.part_len(part_size, p)).sum();
+                ctx.progress.bytes_done.fetch_sub(lost, Ordering::Relaxed);
+                w.part_crcs.iter_mut().for_each(|c| *c = None);
+                w.done_parts = 0;
+                ctx.queue.push((0..w.parts).map(|p| Job { file: i as u32, part: p }));
+            }
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if !passed.is_empty() {
+        passed.sort_unstable();
+        let moves: Vec<(PathBuf, PathBuf)> =
+            passed.iter().map(|&i| (works[i].data_path.clone(), model_dir.join(&works[i].obj.key))).collect();
+        blocking(model_dir, move || publish(&moves)).await?;
+        for &i in &passed {
+            let w = &mut works[i];
             w.published = true;
             ctx.progress.files_done.fetch_add(1, Ordering::Relaxed);
             if let Some(f) = entry.files.iter_mut().find(|f| f.key == w.obj.key) {
                 f.ready = true;
-                f.verification = Some(kind);
+                f.verification = Some(w.vouched.kind);
             }
-            entry.refresh();
-            put_entry(index, entry).await?;
-            debug!(key = %w.obj.key, verification = kind.as_str(), "file ready");
-            Ok(())
+            debug!(key = %w.obj.key, verification = w.vouched.kind.as_str(), "file ready");
         }
-        Err(FetchError::Corrupt { key, reason }) if w.corrupt_refetches < ctx.cfg.refetch_corrupt => {
-            warn!(%key, %reason, "verification failed; fetching the file again");
-            w.corrupt_refetches += 1;
-            let j = journal.clone();
-            blocking(&w.data_path.clone(), move || Ok(j.lock().unwrap_or_else(|p| p.into_inner()).reset_file(i as u32)?)).await?;
-            let lost: u64 = (0..w.parts).filter(|&p| w.part_crcs[p as usize].is_some()).map(|p| w.part_len(part_size, p)).sum();
-            ctx.progress.bytes_done.fetch_sub(lost, Ordering::Relaxed);
-            w.part_crcs.iter_mut().for_each(|c| *c = None);
-            w.done_parts = 0;
-            ctx.queue.push((0..w.parts).map(|p| Job { file: i as u32, part: p }));
-            Ok(())
-        }
-        Err(e) => Err(e),
+        entry.refresh();
+        put_entry(index, entry).await?;
     }
+    first_err.map_or(Ok(()), Err)
 }
 
-fn verify_and_publish(
+/// Renames verified files into place, then syncs each directory they landed in once.
+fn publish(moves: &[(PathBuf, PathBuf)]) -> Result<(), FetchError> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for (data, final_path) in moves {
+        let parent = final_path.parent().unwrap_or(final_path);
+        if dirs.insert(parent.to_owned()) {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        std::fs::rename(data, final_path).map_err(io_err(final_path))?;
+    }
+    for d in &dirs {
+        hearth_service::fsutil::sync_dir(d).map_err(io_err(d))?;
+    }
+    Ok(())
+}
+
+/// Checks a complete data file against what vouches for it (and a safetensors file's
+/// header); publishes nothing.
+fn verify_file(
     data: &Path,
-    final_path: &Path,
     key: &str,
     size: u64,
     expected: &Expected,
@@ -860,10 +924,7 @@ fn verify_and_publish(
             warn!(%key, dtypes = ?header.unknown_dtypes, "safetensors dtypes unknown to this agent; their tensor sizes were not checked, only offsets");
         }
     }
-    let parent = final_path.parent().unwrap_or(final_path);
-    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    std::fs::rename(data, final_path).map_err(io_err(final_path))?;
-    hearth_service::fsutil::sync_dir(parent).map_err(io_err(parent))
+    Ok(())
 }
 
 /// Parses the safetensors header and checks every tensor lies inside the file.
