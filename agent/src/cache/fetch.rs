@@ -815,7 +815,7 @@ async fn finish_files(
     let mut checks = tokio::task::JoinSet::new();
     for &i in &idxs {
         let w = &works[i];
-        let (key, data_path, size, expected) = (w.obj.key.clone(), w.data_path.clone(), w.obj.size, w.vouched.expected.clone());
+        let (key, data_path, size, expected) = (w.obj.key.clone(), w.data_path.clone(), w.obj.size, w.vouched.expected);
         let combined = w.crc.combine(w.part_crcs.iter().enumerate().map(|(p, c)| (c.unwrap_or(0), w.part_len(part_size, p as u32))));
         let cancel = ctx.cancel.clone();
         checks.spawn_blocking(move || (i, verify_file(&data_path, &key, size, &expected, combined, &cancel)));
