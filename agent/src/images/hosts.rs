@@ -48,6 +48,13 @@ impl HostsDir {
         Ok(())
     }
 
+    /// `install` for the life of the returned guard: released when it is dropped, also when
+    /// the pull's future is (cancelled at shutdown, or on error).
+    pub fn hold(&self, registry: &str, server: &str, mirror: &str) -> io::Result<HostsGuard<'_>> {
+        self.install(registry, server, mirror)?;
+        Ok(HostsGuard { hosts: self, registry: registry.to_owned() })
+    }
+
     /// Undoes one `install`; the last one puts the registry's file back as it was.
     pub fn release(&self, registry: &str) -> io::Result<()> {
         let mut active = self.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -128,6 +135,21 @@ impl HostsDir {
             sync_dir(dir);
         }
         Ok(())
+    }
+}
+
+/// One pull's hold on a registry's mirror entry.
+#[derive(Debug)]
+pub struct HostsGuard<'a> {
+    hosts: &'a HostsDir,
+    registry: String,
+}
+
+impl Drop for HostsGuard<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.hosts.release(&self.registry) {
+            warn!(registry = self.registry, error = %e, "could not put the registry's host config back");
+        }
     }
 }
 
@@ -270,5 +292,15 @@ mod tests {
         assert_eq!(HostsDir::new(d.path()).recover().unwrap(), 1);
         assert_eq!(std::fs::read_to_string(reg.join("hosts.toml")).unwrap(), "server = \"https://r.example\"\n");
         assert!(HostsDir::new(d.path()).install("bad/name", "x", MIRROR).is_err());
+    }
+
+    #[test]
+    fn a_dropped_hold_puts_the_file_back() {
+        let d = tempfile::tempdir().unwrap();
+        let h = HostsDir::new(d.path());
+        let g = h.hold("r.example", "https://r.example", MIRROR).unwrap();
+        assert!(d.path().join("r.example/hosts.toml").exists());
+        drop(g);
+        assert!(!d.path().join("r.example").exists());
     }
 }

@@ -425,11 +425,9 @@ impl Puller {
         let lease = lease_id(resolved.top_digest());
         self.runtime.lease(&lease, LEASE_EXPIRY).await?;
         let (registry, server, root) = (r.registry.clone(), self.registry.server_url(r), m.mirror.root().to_owned());
-        m.hosts.install(&registry, &server, &root).map_err(|e| PullError::Internal(format!("{}: {e}", m.hosts.path().display())))?;
+        let held = m.hosts.hold(&registry, &server, &root).map_err(|e| PullError::Internal(format!("{}: {e}", m.hosts.path().display())))?;
         let pulled = self.runtime.pull_leased(&r.to_string(), self.auth(r), Some(&lease)).await;
-        if let Err(e) = m.hosts.release(&registry) {
-            warn!(registry, error = %e, "could not put the registry's host config back");
-        }
+        drop(held);
         let image_id = match pulled {
             Ok(id) => id,
             Err(e) => return Err(self.refused_at_commit(e).await),

@@ -33,6 +33,10 @@ struct Args {
     /// Bytes per shard.
     #[arg(long, default_value_t = 1 << 30)]
     shard_bytes: u64,
+    /// Small files added beside the shards (32-96 KiB each, in a few folders), the shape of
+    /// diffusion pipelines, ONNX exports and per-layer checkpoints.
+    #[arg(long, default_value_t = 0)]
+    small_files: u32,
     /// Where the model, the server's data and the destinations live (one disk).
     #[arg(long)]
     workdir: Option<PathBuf>,
@@ -137,6 +141,23 @@ fn fio(dir: &Path, rw: &str, shards: u32, shard_bytes: u64) -> Result<f64> {
     Ok(secs)
 }
 
+/// `n` files of 32-96 KiB of pseudo-random bytes under `model/parts/<folder>/`.
+fn write_small_files(model: &Path, n: u32) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    eprintln!("writing {n} small files of 32-96 KiB");
+    let mut rng = fastrand::Rng::with_seed(18);
+    for i in 0..n {
+        let dir = model.join("parts").join(format!("block_{:02}", i % 24));
+        std::fs::create_dir_all(&dir)?;
+        let len = rng.usize(32 << 10..=96 << 10);
+        let bytes: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+        std::fs::write(dir.join(format!("tensor_{i:05}.bin")), bytes)?;
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
@@ -159,6 +180,7 @@ async fn main() -> Result<()> {
     let model = work.join("model");
     eprintln!("writing the model: {} x {} bytes of safetensors + JSON files", a.shards, a.shard_bytes);
     hearth_agent::cache::sample::write_sample_model(&model, a.shards, a.shard_bytes)?;
+    write_small_files(&model, a.small_files)?;
     let total = dir_bytes(&model);
 
     let s3 = SeaweedFs::start().await?;
@@ -304,8 +326,8 @@ async fn main() -> Result<()> {
         med(&mut results, "fio-write"),
     );
     println!(
-        "model: {} x {} B safetensors + JSON = {:.2} GiB; rounds: {}; page cache dropped before each run",
-        a.shards, a.shard_bytes, gib, a.rounds
+        "model: {} x {} B safetensors + JSON + {} small files = {:.2} GiB; rounds: {}; page cache dropped before each run",
+        a.shards, a.shard_bytes, a.small_files, gib, a.rounds
     );
     println!();
     println!("| S3 (SeaweedFS, loopback) | median s | GiB/s | vs hearth |");
