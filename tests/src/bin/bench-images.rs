@@ -1,6 +1,8 @@
-//! Image pull benchmark: Hearth's prefetch (parallel ranged GETs into containerd's content
-//! store, then CRI PullImage to unpack) against `ctr images pull` and a plain CRI PullImage
-//! (what the kubelet does), side by side on one containerd, in one run, printed as ratios.
+//! Image pull benchmark: Hearth's prefetch (by default a probe, then parallel ranged GETs
+//! served to containerd's own CRI pull as a registry mirror; `hearth-content` writes them
+//! through containerd's content API instead) against `ctr images pull` and a plain CRI
+//! PullImage (what the kubelet does), side by side on one containerd, in one run, printed as
+//! ratios.
 //!
 //!   cargo build --release -p hearth-tests --bin bench-images
 //!   sudo target/release/bench-images                        # 6 layers, 2.62 GB, 3 rounds
