@@ -395,17 +395,24 @@ impl Puller {
         None
     }
 
-    /// The mirror path; see the module's doc.
-    async fn mirrored(&self, r: &Reference, progress: &Arc<Progress>, m: &MirrorSetup) -> Result<FastOk, PullError> {
+    /// Both fast paths' start: the image resolved for this platform, progress reset to it,
+    /// and the probe that leaves a fast registry to containerd.
+    async fn resolve(&self, r: &Reference, progress: &Progress) -> Result<Resolved, PullError> {
         progress.phase.store(0, Ordering::Relaxed);
         let resolved = self.registry.resolve(r, &super::registry::host_platform()).await?;
-        let total = resolved.total_bytes();
-        progress.total.store(total, Ordering::Relaxed);
+        progress.total.store(resolved.total_bytes(), Ordering::Relaxed);
         progress.layers_total.store(resolved.layers.len() as u64, Ordering::Relaxed);
         progress.layers_done.store(0, Ordering::Relaxed);
         progress.done.store(0, Ordering::Relaxed);
         progress.phase.store(1, Ordering::Relaxed);
         self.probe(r, &resolved).await?;
+        Ok(resolved)
+    }
+
+    /// The mirror path; see the module's doc.
+    async fn mirrored(&self, r: &Reference, progress: &Arc<Progress>, m: &MirrorSetup) -> Result<FastOk, PullError> {
+        let resolved = self.resolve(r, progress).await?;
+        let total = resolved.total_bytes();
         // The config is small: containerd takes it from the registry with the manifest.
         let mut blobs = Vec::new();
         let mut reused = 0;
@@ -425,7 +432,8 @@ impl Puller {
         let lease = lease_id(resolved.top_digest());
         self.runtime.lease(&lease, LEASE_EXPIRY).await?;
         let (registry, server, root) = (r.registry.clone(), self.registry.server_url(r), m.mirror.root().to_owned());
-        let held = m.hosts.hold(&registry, &server, &root).map_err(|e| PullError::Internal(format!("{}: {e}", m.hosts.path().display())))?;
+        let held =
+            m.hosts.hold(&registry, &server, &root).map_err(|e| PullError::Internal(format!("{}: {e}", m.hosts.path().display())))?;
         let pulled = self.runtime.pull_leased(&r.to_string(), self.auth(r), Some(&lease)).await;
         drop(held);
         let image_id = match pulled {
@@ -461,16 +469,8 @@ impl Puller {
 
     /// The content path; see the module's doc.
     async fn fast(&self, r: &Reference, progress: &Arc<Progress>) -> Result<FastOk, PullError> {
-        progress.phase.store(0, Ordering::Relaxed);
-        let platform = super::registry::host_platform();
-        let resolved = self.registry.resolve(r, &platform).await?;
+        let resolved = self.resolve(r, progress).await?;
         let total = resolved.total_bytes();
-        progress.total.store(total, Ordering::Relaxed);
-        progress.layers_total.store(resolved.layers.len() as u64, Ordering::Relaxed);
-        progress.layers_done.store(0, Ordering::Relaxed);
-        progress.done.store(0, Ordering::Relaxed);
-        progress.phase.store(1, Ordering::Relaxed);
-        self.probe(r, &resolved).await?;
         let lease = lease_id(resolved.top_digest());
         self.runtime.lease(&lease, LEASE_EXPIRY).await?;
 
