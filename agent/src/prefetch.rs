@@ -68,6 +68,9 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
         stall_timeout: a.stall_timeout,
         ..Default::default()
     };
+    // From before the source is opened: its credential chain and client build are part of
+    // what a small model waits for.
+    let started = Instant::now();
     let source = crate::cache::open_source(&spec.uri, &a.s3).await;
     let progress = Arc::new(Progress::default());
     let bar = bytes_bar(a.progress);
@@ -82,7 +85,6 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
             }
         })
     };
-    let started = Instant::now();
     let result = fetch(source, &spec, &layout, &index, &cfg, progress.clone(), cancel).await;
     ticker.abort();
     bar.finish_and_clear();
@@ -95,8 +97,12 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
             s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or_else(|| "?".to_owned(), |kib| human((kib * 1024) as f64));
+    let first_part = progress
+        .first_part
+        .get()
+        .map_or_else(|| "none fetched".to_owned(), |t| format!("{:.0} ms", t.duration_since(started).as_secs_f64() * 1e3));
     println!(
-        "{}: {} files, {} in {:.2}s ({}/s fetched), verification: {}, resumed {}, peak RSS {peak_rss}, retries {}",
+        "{}: {} files, {} in {:.2}s ({}/s fetched), first part in {first_part}, verification: {}, resumed {}, peak RSS {peak_rss}, retries {}",
         entry.id,
         entry.files.len(),
         human(entry.bytes_total as f64),

@@ -75,6 +75,9 @@ async fn prefetch_from_s3_with_sigv4_is_verified_and_byte_identical() -> Result<
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "prefetch failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("verification: manifest") || stdout.contains("verification: checksum"), "{stdout}");
+    // The time to the first part is in the summary: a small model's fixed costs end there.
+    let first = stdout.split("first part in ").nth(1).and_then(|r| r.split(" ms").next()).and_then(|ms| ms.parse::<f64>().ok());
+    assert!(first.is_some_and(|ms| ms > 0.0 && ms < 60_000.0), "no time to the first part: {stdout}");
     same_files(&fx.src, &model_dir(&fx, uri));
 
     let ls = Command::new(bin("hearth")).args(["cache", "ls", "--json", "--dest"]).arg(fx.dir.path().join("cache")).output()?;

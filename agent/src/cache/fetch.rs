@@ -135,6 +135,9 @@ pub struct Progress {
     pub files_done: AtomicU64,
     pub retries: AtomicU64,
     pub throttled: AtomicU64,
+    /// When the first part of this run arrived from the source: what a small model's fixed
+    /// start-up costs (credentials, client, listing, the first connection) end at.
+    pub first_part: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Progress {
@@ -1011,6 +1014,7 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
             return;
         }
         ctx.progress.bytes_fetched.fetch_add(len as u64, Ordering::Relaxed);
+        ctx.progress.first_part.get_or_init(std::time::Instant::now);
         let crc = f.crc.of(buf.as_slice());
         let (b, written) = tokio::task::spawn_blocking({
             let f = f.clone();
