@@ -12,15 +12,20 @@ use hearth_proto::v1 as pb;
 use hearth_tests::*;
 use tokio_util::sync::CancellationToken;
 
+/// An agent on a simulated inf2.48xlarge with the example spec's inf2-mixed core groups.
+async fn inf2_agent(dir: &std::path::Path, pki: &TestPki, node: &str, ctl: &hearth_controller::Running) -> Result<AgentProc> {
+    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/examples/mig-spec.yaml");
+    let extra = format!("partition: {{spec: '{spec}', config: inf2-mixed}}\nneuron: {{collect_interval: 300ms}}\n");
+    AgentProc::spawn_with(dir, pki, node, ctl.grpc_addr, &extra, "", "{simulated: [inf2.48xlarge]}", &[]).await
+}
+
 #[tokio::test]
 async fn a_simulated_inf2_48xlarge_reports_core_groups_monitor_metrics_and_faults() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = TestPki::new(&dir.path().join("pki"))?;
     let stop = CancellationToken::new();
     let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
-    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/examples/mig-spec.yaml");
-    let extra = format!("partition: {{spec: '{spec}', config: inf2-mixed}}\nneuron: {{collect_interval: 300ms}}\n");
-    let agent = AgentProc::spawn_with(dir.path(), &pki, "inf-1", ctl.grpc_addr, &extra, "", "{simulated: [inf2.48xlarge]}", &[]).await?;
+    let agent = inf2_agent(dir.path(), &pki, "inf-1", &ctl).await?;
     let log = || agent.proc.log_text();
     let state = wait_for("12 Neuron devices with core groups in the controller's view", Duration::from_secs(30), || async {
         Ok(node_state(&ctl, &pki, "inf-1").await?.filter(|s| {
@@ -132,10 +137,7 @@ async fn apply_partition_changes_inf2_core_groups_at_run_time_refuses_held_cores
     let pki = TestPki::new(&dir.path().join("pki"))?;
     let stop = CancellationToken::new();
     let ctl = start_controller(&pki, stop.clone(), |_| {}).await?;
-    let spec = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/examples/mig-spec.yaml");
-    let extra = format!("partition: {{spec: '{spec}', config: inf2-mixed}}\nneuron: {{collect_interval: 300ms}}\n");
-    let devices = "{simulated: [inf2.48xlarge]}";
-    let agent = AgentProc::spawn_with(dir.path(), &pki, "inf-2", ctl.grpc_addr, &extra, "", devices, &[]).await?;
+    let agent = inf2_agent(dir.path(), &pki, "inf-2", &ctl).await?;
     let log = || agent.proc.log_text();
     wait_for("inf2-mixed's 7 groups in the controller's view", Duration::from_secs(30), || async {
         Ok(node_state(&ctl, &pki, "inf-2").await?.filter(|s| partitions(s).len() == 7))
@@ -199,7 +201,7 @@ async fn apply_partition_changes_inf2_core_groups_at_run_time_refuses_held_cores
 
     // A restart with the same agent config keeps the controller's layout.
     drop(agent);
-    let agent = AgentProc::spawn_with(dir.path(), &pki, "inf-2", ctl.grpc_addr, &extra, "", devices, &[]).await?;
+    let agent = inf2_agent(dir.path(), &pki, "inf-2", &ctl).await?;
     let state = wait_for("the restarted agent's report", Duration::from_secs(30), || async {
         Ok(node_state(&ctl, &pki, "inf-2")
             .await?

@@ -154,14 +154,18 @@ async fn start_anchor(dir: &Path, script: &Path, port: u16) -> Result<(Child, Fe
     let pid = child.id();
     let name = format!("anchor: {}", script.file_name().map_or_else(|| script.display().to_string(), |n| n.to_string_lossy().into_owned()));
     let fed = Fed { name, pid, feed: Box::new(feed), http: Some(http), scrape_bytes: 0, scrape_time: Duration::ZERO };
-    let t0 = Instant::now();
-    while !matches!(http_get(http, "/metrics").await, Ok((200, _))) {
-        if let Some(st) = child.try_wait()? {
-            bail!("the anchor exited ({st}); see {}", dir.join("anchor.log").display());
+    let log = dir.join("anchor.log");
+    hearth_tests::wait_for(&format!("the anchor to serve on port {port}"), Duration::from_secs(20), || {
+        let exited = child.try_wait();
+        let log = log.clone();
+        async move {
+            if let Some(st) = exited? {
+                bail!("the anchor exited ({st}); see {}", log.display());
+            }
+            Ok(matches!(http_get(http, "/metrics").await, Ok((200, _))).then_some(()))
         }
-        ensure!(t0.elapsed() < Duration::from_secs(20), "the anchor did not serve on port {port} within 20 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await?;
     Ok((child, fed))
 }
 
