@@ -572,9 +572,18 @@ impl Cache {
     }
 }
 
+/// The disk under `root` as (usable size, available bytes). The usable size is what is used
+/// plus what we may still write, as `df` reckons its Use%: blocks reserved for root, or a
+/// thin-provisioned volume whose size exceeds its backing store, are not room we will ever get,
+/// and counting them as used would put the watermark below what is already on the disk.
 fn disk(root: &std::path::Path) -> Result<(u64, u64), CacheError> {
     let st = rustix::fs::statvfs(root).map_err(|e| CacheError::Io { path: root.to_owned(), source: e.into() })?;
-    Ok((st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize))
+    Ok(usable(st.f_blocks, st.f_bfree, st.f_bavail, st.f_frsize))
+}
+
+fn usable(blocks: u64, free: u64, avail: u64, block_size: u64) -> (u64, u64) {
+    let used = blocks.saturating_sub(free);
+    ((used + avail) * block_size, avail * block_size)
 }
 
 /// Scrape-time view of the index and live downloads (registered under `hearth_cache_`). Label cardinality: `state` is a fixed
@@ -678,6 +687,15 @@ mod tests {
         let p = dir.join(name);
         write_sample_model(&p, 1, bytes).unwrap();
         ModelSpec::new(&format!("file://{}", p.display()), &["*.safetensors".into()], &[], "").unwrap()
+    }
+
+    #[test]
+    fn the_disk_size_is_what_is_used_plus_what_we_may_write() {
+        // 100 blocks of which 60 are free, but only 20 of those may be written (root-reserved
+        // blocks, or a thin volume larger than its backing store): 40 used + 20 = 60 usable.
+        assert_eq!(usable(100, 60, 20, 4096), (60 * 4096, 20 * 4096));
+        assert_eq!(usable(100, 60, 60, 1), (100, 60), "nothing reserved: the whole disk");
+        assert_eq!(usable(100, 120, 0, 1), (0, 0), "a racing statvfs never underflows");
     }
 
     #[tokio::test]
