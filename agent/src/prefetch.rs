@@ -97,12 +97,13 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
             s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or_else(|| "?".to_owned(), |kib| human((kib * 1024) as f64));
-    let first_part = progress
-        .first_part
-        .get()
-        .map_or_else(|| "none fetched".to_owned(), |t| format!("{:.0} ms", t.duration_since(started).as_secs_f64() * 1e3));
+    let since = |t: Option<&Instant>, none: &str| {
+        t.map_or_else(|| none.to_owned(), |t| format!("{:.0} ms", t.duration_since(started).as_secs_f64() * 1e3))
+    };
+    let listed = since(progress.listed.get(), "?");
+    let first_part = since(progress.first_part.get(), "none fetched");
     println!(
-        "{}: {} files, {} in {:.2}s ({}/s fetched), first part in {first_part}, verification: {}, resumed {}, peak RSS {peak_rss}, retries {}",
+        "{}: {} files, {} in {:.2}s ({}/s fetched), listed in {listed}, first part in {first_part}, verification: {}, resumed {}, read back {}, peak RSS {peak_rss}, retries {}",
         entry.id,
         entry.files.len(),
         human(entry.bytes_total as f64),
@@ -110,6 +111,7 @@ pub async fn prefetch(a: PrefetchArgs, cancel: CancellationToken) -> anyhow::Res
         human(fetched as f64 / secs.max(1e-9)),
         entry.verification_label(),
         human(Progress::get(&progress.bytes_resumed) as f64),
+        human(Progress::get(&progress.bytes_reread) as f64),
         Progress::get(&progress.retries),
     );
     println!("ready at {}", layout.model_dir(&entry.id).display());

@@ -2,7 +2,8 @@
 //! root. Parallel ranged reads across and within files, each worker owning one aligned part
 //! buffer (memory = concurrency x part size, whatever the model size); O_DIRECT writes where
 //! the filesystem takes them; group-commit durability (fdatasync the touched files, then
-//! journal the parts); per-file verification; publish by rename, in batches, so a
+//! journal the parts); per-file verification, a manifest's SHA-256 taken as the parts arrive
+//! (`ordered`), never by reading the file back; publish by rename, in batches, so a
 //! loader can start on the first shards while the rest arrive.
 //!
 //! On disk, under the cache root:
@@ -28,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use super::buf::AlignedBuf;
 use super::crc::PartCrc;
+use super::ordered::{Claim, OrderedDigest, Window};
 use super::index::{EntryState, FileEntry, Index, IndexEntry, IndexError, now_secs};
 use super::journal::{Journal, JournalError, PartRecord};
 use super::source::{ErrorKind, RemoteObject, Source, SourceError};
@@ -106,6 +108,9 @@ pub struct FetchConfig {
     pub refetch_corrupt: u32,
     /// Shared by every download that should split one bandwidth budget.
     pub limit: Option<Arc<super::ratelimit::RateLimiter>>,
+    /// Bytes of parts that arrive ahead of their file's SHA-256 kept in memory until the
+    /// digest reaches them; beyond it they are read back (see `ordered`).
+    pub hash_window: u64,
 }
 
 impl Default for FetchConfig {
@@ -118,6 +123,7 @@ impl Default for FetchConfig {
             write_mode: WriteMode::Auto,
             refetch_corrupt: 1,
             limit: None,
+            hash_window: 32 << 20,
         }
     }
 }
@@ -138,6 +144,11 @@ pub struct Progress {
     /// When the first part of this run arrived from the source: what a small model's fixed
     /// start-up costs (credentials, client, listing, the first connection) end at.
     pub first_part: std::sync::OnceLock<std::time::Instant>,
+    /// When the source's listing (and whatever per-object lookups it makes) was done.
+    pub listed: std::sync::OnceLock<std::time::Instant>,
+    /// Bytes hashed by reading them back from the data file rather than as they arrived
+    /// (set when the download ends): parts beyond the reorder window and resumed ones.
+    pub bytes_reread: AtomicU64,
 }
 
 impl Progress {
@@ -176,6 +187,8 @@ struct FileWork {
     published: bool,
     /// The data file was there before this run (so its journaled parts can be trusted).
     data_existed: bool,
+    /// SHA-256 taken as parts arrive, for files a manifest vouches for.
+    digest: Option<Arc<OrderedDigest>>,
 }
 
 impl FileWork {
@@ -264,6 +277,7 @@ struct FileShared {
     crc: PartCrc,
     buffered: Arc<File>,
     direct: Option<Arc<File>>,
+    digest: Option<Arc<OrderedDigest>>,
 }
 
 impl Ctx {
@@ -318,6 +332,7 @@ pub async fn fetch(
     let id = spec.id();
     let started = Instant::now();
     let listing: Vec<RemoteObject> = source.list().await?.into_iter().filter(|o| !o.key.ends_with('/')).collect();
+    progress.listed.get_or_init(Instant::now);
     let mut objects: Vec<RemoteObject> = listing.iter().filter(|o| spec.wants(&o.key)).cloned().collect();
     if objects.is_empty() {
         return Err(FetchError::NoObjects {
@@ -381,6 +396,7 @@ pub async fn fetch(
             objects.sort_by_key(|o| (o.size > part_size, if o.size > part_size { 0 } else { o.size }));
             let mut works = Vec::with_capacity(objects.len());
             let mut needed_space = 0u64;
+            let window = Window::new(cfg.hash_window);
             for (i, obj) in objects.into_iter().enumerate() {
                 let vouched = vouch(&obj, manifest.as_ref())?;
                 let crc = match vouched.expected {
@@ -429,7 +445,6 @@ pub async fn fetch(
                     (Arc::new(b), d.map(Arc::new))
                 };
                 works.push(FileWork {
-                    obj,
                     vouched,
                     crc,
                     parts,
@@ -441,6 +456,13 @@ pub async fn fetch(
                     direct,
                     published: was_ready,
                     data_existed,
+                    digest: match vouched.expected {
+                        Expected::Sha256(_) if !was_ready => {
+                            Some(Arc::new(OrderedDigest::new(vouched.expected, obj.size, part_size, window.clone())))
+                        }
+                        _ => None,
+                    },
+                    obj,
                 });
             }
             // A download that cannot fit fails now, before it fills the disk.
@@ -486,6 +508,9 @@ pub async fn fetch(
                 w.part_crcs[r.part as usize] = Some(r.crc);
                 w.done_parts += 1;
                 resumed += w.part_len(part_size, r.part);
+                if let Some(d) = &w.digest {
+                    d.mark_on_disk(r.part);
+                }
             }
 
             let total: u64 = works.iter().map(|w| w.obj.size).sum();
@@ -528,7 +553,15 @@ pub async fn fetch(
         source,
         files: works
             .iter()
-            .map(|w| Arc::new(FileShared { obj: w.obj.clone(), crc: w.crc, buffered: w.buffered.clone(), direct: w.direct.clone() }))
+            .map(|w| {
+                Arc::new(FileShared {
+                    obj: w.obj.clone(),
+                    crc: w.crc,
+                    buffered: w.buffered.clone(),
+                    direct: w.direct.clone(),
+                    digest: w.digest.clone(),
+                })
+            })
             .collect(),
         cfg: cfg.clone(),
         queue: Queue { jobs: Mutex::default(), outstanding: AtomicU64::new(0), notify: Notify::new(), stop: AtomicBool::new(false) },
@@ -606,6 +639,8 @@ pub async fn fetch(
     // Workers blocked on a full channel must see it close, or joining them would wait forever.
     drop(done_rx);
     while workers.join_next().await.is_some() {}
+    let reread = works.iter().find_map(|w| w.digest.as_ref()).map_or(0, |d| d.reread());
+    progress.bytes_reread.store(reread, Ordering::Relaxed);
 
     match result {
         Ok(()) if works.iter().all(|w| w.published) => {
@@ -619,6 +654,7 @@ pub async fn fetch(
                 bytes = total,
                 fetched = Progress::get(&progress.bytes_fetched),
                 resumed,
+                reread,
                 secs = started.elapsed().as_secs_f64(),
                 verification = entry.verification_label(),
                 "model cached"
@@ -819,9 +855,13 @@ async fn finish_files(
     for &i in &idxs {
         let w = &works[i];
         let (key, data_path, size, expected) = (w.obj.key.clone(), w.data_path.clone(), w.obj.size, w.vouched.expected);
+        let (digest, file) = (w.digest.clone(), w.buffered.clone());
         let combined = w.crc.combine(w.part_crcs.iter().enumerate().map(|(p, c)| (c.unwrap_or(0), w.part_len(part_size, p as u32))));
         let cancel = ctx.cancel.clone();
-        checks.spawn_blocking(move || (i, verify_file(&data_path, &key, size, &expected, combined, &cancel)));
+        checks.spawn_blocking(move || {
+            let streamed = digest.as_deref().map(|d| (d, file.as_ref()));
+            (i, verify_file(&data_path, &key, size, &expected, combined, streamed, &cancel))
+        });
     }
     let mut passed = Vec::new();
     let mut first_err = None;
@@ -891,6 +931,7 @@ fn verify_file(
     size: u64,
     expected: &Expected,
     combined_crc: u64,
+    streamed: Option<(&OrderedDigest, &File)>,
     cancel: &CancellationToken,
 ) -> Result<(), FetchError> {
     let corrupt = |reason: String| FetchError::Corrupt { key: key.to_owned(), reason };
@@ -901,6 +942,11 @@ fn verify_file(
         Expected::Crc32c(want) if combined_crc != u64::from(*want) => {
             return Err(corrupt(format!("crc32c mismatch: expected {want:#010x}, computed {combined_crc:#010x}")));
         }
+        Expected::Sha256(_) if let Some((digest, file)) = streamed => match digest.finish(file) {
+            Ok(()) => {}
+            Err(VerifyError::Io { source, .. }) => return Err(FetchError::Io { path: data.to_owned(), source }),
+            Err(e) => return Err(corrupt(e.to_string())),
+        },
         Expected::Sha256(_) => {
             let mut d = verify::Digester::new(expected, size);
             let f = File::open(data).map_err(io_err(data))?;
@@ -1019,7 +1065,16 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
         let (b, written) = tokio::task::spawn_blocking({
             let f = f.clone();
             move || {
-                let r = write_part(&f, offset, &buf);
+                let claim = f.digest.as_ref().map(|d| d.claim(job.part));
+                // A part that will be read back for its digest goes through the page cache,
+                // where the read-back finds it.
+                let r = write_part(&f, offset, &buf, claim != Some(Claim::Spill));
+                if let (Some(d), Some(c)) = (&f.digest, claim) {
+                    match &r {
+                        Ok(()) => d.written(job.part, c, buf.as_slice(), &f.buffered),
+                        Err(_) => d.abandon(job.part, c),
+                    }
+                }
                 (buf, r)
             }
         })
@@ -1036,12 +1091,12 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
     }
 }
 
-/// Writes a part: the 4 KiB-aligned prefix through O_DIRECT when available, the tail (the
-/// file's last part) through the page cache.
-fn write_part(f: &FileShared, offset: u64, buf: &AlignedBuf) -> std::io::Result<()> {
+/// Writes a part: the 4 KiB-aligned prefix through O_DIRECT when available and `direct`, the
+/// tail (the file's last part) through the page cache.
+fn write_part(f: &FileShared, offset: u64, buf: &AlignedBuf, direct: bool) -> std::io::Result<()> {
     let data = buf.as_slice();
     let aligned = buf.aligned_prefix_len();
-    if let Some(d) = &f.direct
+    if let Some(d) = f.direct.as_ref().filter(|_| direct)
         && aligned > 0
     {
         match d.write_all_at(&data[..aligned], offset) {
@@ -1135,8 +1190,17 @@ mod tests {
         let fx = fixture(2, 200_000);
         let m = Manifest::build(&fx.src).unwrap();
         std::fs::write(fx.src.join(MANIFEST_NAME), m.to_json()).unwrap();
-        let (r, _) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
+        let (r, p) = run(&fx, Arc::new(PosixSource::new(&fx.src)), &cfg()).await;
         assert_eq!(r.unwrap().verification, Some(VerificationKind::Manifest));
+        assert_eq!(Progress::get(&p.bytes_reread), 0, "hashed as the parts arrived, nothing read back");
+        assert_identical(&fx, &spec(&fx).id());
+
+        // No room to hold parts that arrive early: they are read back, the verdict the same.
+        let fx0 = fixture(2, 200_000);
+        std::fs::write(fx0.src.join(MANIFEST_NAME), Manifest::build(&fx0.src).unwrap().to_json()).unwrap();
+        let (r, p) = run(&fx0, Arc::new(PosixSource::new(&fx0.src)), &FetchConfig { hash_window: 0, concurrency: 8, ..cfg() }).await;
+        assert_eq!(r.unwrap().verification, Some(VerificationKind::Manifest));
+        assert!(Progress::get(&p.bytes_reread) < 400_000, "read back {}", Progress::get(&p.bytes_reread));
 
         // The source changes under a published manifest: same size, different bytes.
         let fx2 = fixture(2, 200_000);
@@ -1228,6 +1292,8 @@ mod tests {
     #[tokio::test]
     async fn cancelled_download_resumes_from_the_journal() {
         let fx = fixture(4, 1_000_000);
+        // With a manifest, so the resumed parts (never in this process) feed the SHA-256 too.
+        std::fs::write(fx.src.join(MANIFEST_NAME), Manifest::build(&fx.src).unwrap().to_json()).unwrap();
         let cfg = FetchConfig { part_size: 64 << 10, concurrency: 2, ..cfg() };
         let progress = Arc::new(Progress::default());
         let cancel = CancellationToken::new();
@@ -1259,6 +1325,9 @@ mod tests {
         // Refetched at most: everything not kept, plus the parts in flight at the cancel.
         let bound = e.bytes_total - kept + (cfg.concurrency as u64 * 2) * cfg.part_size as u64;
         assert!(Progress::get(&p.bytes_fetched) <= bound, "fetched {} > bound {bound}", Progress::get(&p.bytes_fetched));
+        assert_eq!(e.verification, Some(VerificationKind::Manifest));
+        let reread = Progress::get(&p.bytes_reread);
+        assert!(reread > 0 && reread <= resumed, "only the resumed parts are read back: {reread} of {resumed}");
         assert_identical(&fx, &e.id);
     }
 

@@ -9,6 +9,7 @@ pub mod fetch;
 pub mod index;
 pub mod journal;
 pub mod manager;
+pub mod ordered;
 pub mod ratelimit;
 pub mod sample;
 pub mod source;
