@@ -1,12 +1,14 @@
 //! Model-cache benchmark: `hearth prefetch` against the best copy tools, same run, same local
-//! SeaweedFS, page cache dropped before every run, tools interleaved, median of N rounds.
+//! SeaweedFS, page cache dropped before every run, median of N rounds. Three shapes of model
+//! repository (a few large shards, a small model, many small files) run in every round, the
+//! shapes and the tools interleaved.
 //!
 //! S3: Hearth (verification and fsync on), s5cmd, rclone, `aws s3 cp`; plus the limits of
 //! this machine measured in the same run: 32 parallel ranged GETs discarded (what the server
 //! gives) and fio O_DIRECT writes (what the disk takes).
 //! POSIX: Hearth from a directory vs `cp -r`, and fio's direct read and write limits.
 //!
-//!   cargo build --release --bins && sudo target/release/bench-cache --rounds 3
+//!   cargo build --release --bins && sudo target/release/bench-cache --rounds 3 [--shapes many] [--manifest]
 //!
 //! Needs root (drop_caches), weed, s5cmd, rclone, aws, fio.
 
@@ -23,21 +25,56 @@ use hearth_agent::cache::source::s3::{S3Options, S3Source};
 use hearth_tests::require_tool;
 use hearth_tests::seaweed::SeaweedFs;
 
+/// The shapes of model repository measured, each side by side with every anchor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Shape {
+    /// A typical LLM repository: 4 x 1 GiB safetensors shards plus JSON files.
+    Large,
+    /// A small model, about 1 GiB: 4 x 256 MiB shards plus JSON files.
+    Small,
+    /// One 128 MiB shard plus 1,500 files of 32-96 KiB in 24 folders: diffusion pipelines,
+    /// ONNX exports with external data, per-layer checkpoints.
+    Many,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Shape::Large => "large",
+            Shape::Small => "small",
+            Shape::Many => "many",
+        }
+    }
+    /// (shards, bytes per shard, small files)
+    fn layout(self) -> (u32, u64, u32) {
+        match self {
+            Shape::Large => (4, 1 << 30, 0),
+            Shape::Small => (4, 256 << 20, 0),
+            Shape::Many => (1, 128 << 20, 1500),
+        }
+    }
+    /// Targets: hearth / s5cmd, hearth file:// / (cp -r + sync), hearth / server limit.
+    fn targets(self) -> (f64, f64, Option<f64>) {
+        match self {
+            Shape::Large => (0.6, 1.5, Some(1.05)),
+            Shape::Small => (0.6, 1.5, None),
+            Shape::Many => (1.0, 1.5, None),
+        }
+    }
+}
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Safetensors shards in the model.
-    #[arg(long, default_value_t = 4)]
-    shards: u32,
-    /// Bytes per shard.
-    #[arg(long, default_value_t = 1 << 30)]
-    shard_bytes: u64,
-    /// Small files added beside the shards (32-96 KiB each, in a few folders), the shape of
-    /// diffusion pipelines, ONNX exports and per-layer checkpoints.
-    #[arg(long, default_value_t = 0)]
-    small_files: u32,
-    /// Where the model, the server's data and the destinations live (one disk).
+    /// Which shapes to run (comma-separated); all by default, interleaved round by round.
+    #[arg(long, value_delimiter = ',', default_value = "large,small,many")]
+    shapes: Vec<Shape>,
+    /// Ship a hearth-manifest.json with each model, so Hearth verifies every file's SHA-256
+    /// (the anchors copy it like any file and verify nothing).
+    #[arg(long)]
+    manifest: bool,
+    /// Where the models, the server's data and the destinations live (one disk).
     #[arg(long)]
     workdir: Option<PathBuf>,
     /// Hearth's reads in flight.
@@ -45,9 +82,9 @@ struct Args {
     concurrency: usize,
     #[arg(long, default_value = "8Mi")]
     part_size: String,
-    /// Internal: measure the server limit against this endpoint and print the seconds.
-    #[arg(long, hide = true)]
-    server_limit_only: Option<String>,
+    /// Internal: measure the server limit against this endpoint and prefix, print the seconds.
+    #[arg(long, hide = true, num_args = 2)]
+    server_limit_only: Option<Vec<String>>,
 }
 
 fn drop_caches() -> Result<()> {
@@ -90,9 +127,9 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// What the server can give: parallel ranged GETs of the whole model, bytes discarded.
-async fn server_limit(endpoint: &str, parallel: usize) -> Result<f64> {
+async fn server_limit(endpoint: &str, prefix: &str, parallel: usize) -> Result<f64> {
     let opts = S3Options { endpoint: Some(endpoint.to_owned()), region: Some("us-east-1".into()), force_path_style: Some(true) };
-    let src = Arc::new(S3Source::new("bench", "model/", &opts).await);
+    let src = Arc::new(S3Source::new("bench", prefix, &opts).await);
     let objects = src.list().await?;
     let part = 8u64 << 20;
     let mut jobs = Vec::new();
@@ -158,11 +195,142 @@ fn write_small_files(model: &Path, n: u32) -> Result<()> {
     Ok(())
 }
 
+/// One measured run of one tool on one shape.
+struct Sample {
+    secs: f64,
+    /// Hearth only: its summary's listing and first-part times (ms) and peak RSS.
+    listed_ms: Option<f64>,
+    first_ms: Option<f64>,
+    rss: Option<String>,
+}
+
+fn summary_field(out: &str, after: &str, until: &str) -> Option<String> {
+    out.split(after).nth(1).and_then(|r| r.split(until).next()).map(str::to_owned)
+}
+
+struct Bench {
+    a: Args,
+    work: PathBuf,
+    hearth: PathBuf,
+    ep: String,
+    access_key: String,
+    secret_key: String,
+    envs: Vec<(&'static str, String)>,
+}
+
+impl Bench {
+    fn with_env<'c>(&self, c: &'c mut Command) -> &'c mut Command {
+        c.env_remove("AWS_CA_BUNDLE").env_remove("AWS_PROFILE");
+        for (k, v) in &self.envs {
+            c.env(k, v);
+        }
+        c
+    }
+
+    fn model(&self, shape: Shape) -> PathBuf {
+        self.work.join("models").join(shape.name())
+    }
+
+    fn hearth(&self, uri: &str, dest: &Path, s3: bool) -> Result<Sample> {
+        let mut c = Command::new(&self.hearth);
+        c.args(["prefetch", uri, "--quiet"])
+            .args(["--part-size", &self.a.part_size, "--concurrency", &self.a.concurrency.to_string()])
+            .arg("--dest")
+            .arg(dest);
+        if s3 {
+            c.args(["--endpoint", &self.ep]);
+            self.with_env(&mut c);
+        }
+        let (secs, out) = timed("hearth", &mut c)?;
+        Ok(Sample {
+            secs,
+            listed_ms: summary_field(&out, "listed in ", " ms").and_then(|v| v.parse().ok()),
+            first_ms: summary_field(&out, "first part in ", " ms").and_then(|v| v.parse().ok()),
+            rss: summary_field(&out, "peak RSS ", ","),
+        })
+    }
+
+    /// Runs `tool` on `shape` into an empty destination, page cache dropped; checks the bytes.
+    fn run(&self, shape: Shape, tool: &str) -> Result<Sample> {
+        let dest = self.work.join("dest");
+        fresh(&dest)?;
+        let (shards, shard_bytes, _) = shape.layout();
+        let name = shape.name();
+        let src = format!("s3://bench/{name}/");
+        let plain = |secs| Sample { secs, listed_ms: None, first_ms: None, rss: None };
+        let sample = match tool {
+            "hearth" => self.hearth(&src, &dest, true)?,
+            "s5cmd" => {
+                let mut c = Command::new("s5cmd");
+                c.args(["--endpoint-url", &self.ep, "cp", &format!("{src}*")]).arg(format!("{}/", dest.display()));
+                plain(timed(tool, self.with_env(&mut c))?.0)
+            }
+            "rclone" => {
+                let mut c = Command::new("rclone");
+                c.args(["copy", &format!(":s3:bench/{name}"), "--s3-provider", "Other", "--s3-endpoint", &self.ep])
+                    .args(["--s3-access-key-id", &self.access_key, "--s3-secret-access-key", &self.secret_key])
+                    .args(["--s3-force-path-style", "--transfers", "8", "--multi-thread-streams", "4"])
+                    .arg(&dest);
+                plain(timed(tool, self.with_env(&mut c))?.0)
+            }
+            "aws s3 cp" => {
+                let mut c = Command::new("aws");
+                c.args(["s3", "cp", "--recursive", "--only-show-errors", "--endpoint-url", &self.ep, &src]).arg(&dest);
+                plain(timed(tool, self.with_env(&mut c))?.0)
+            }
+            "server limit" => {
+                // A child process, so the SDK finds the credentials in its environment.
+                let mut c = Command::new(std::env::current_exe()?);
+                c.args(["--server-limit-only", &self.ep, &format!("{name}/")]);
+                let out = self.with_env(&mut c).output()?;
+                ensure!(out.status.success(), "server limit: {}", String::from_utf8_lossy(&out.stderr));
+                plain(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+            }
+            "fio write" => plain(fio(&dest, "write", shards, shard_bytes)?),
+            "hearth file://" => self.hearth(&format!("file://{}", self.model(shape).display()), &dest, false)?,
+            "cp -r + sync" => plain(
+                timed(
+                    tool,
+                    Command::new("sh").arg("-c").arg(format!("cp -r {}/. {}/ && sync", self.model(shape).display(), dest.display())),
+                )?
+                .0,
+            ),
+            "fio read" => {
+                // Lay the files out once (not timed), then read them back directly.
+                let fio_src = self.work.join("fio-src").join(name);
+                if dir_bytes(&fio_src) == 0 {
+                    std::fs::create_dir_all(&fio_src)?;
+                    fio(&fio_src, "write", shards, shard_bytes)?;
+                }
+                plain(fio(&fio_src, "read", shards, shard_bytes)?)
+            }
+            _ => bail!("unknown tool {tool}"),
+        };
+        if !tool.contains("limit") && !tool.starts_with("fio") {
+            // Hearth keeps its index beside the model: count the model only.
+            let got = if tool.starts_with("hearth") { dir_bytes(&dest.join("models")) } else { dir_bytes(&dest) };
+            let want = dir_bytes(&self.model(shape));
+            ensure!(got == want, "{tool} copied {got} bytes of {name}, expected {want}");
+        }
+        Ok(sample)
+    }
+}
+
+/// What runs for each shape: the S3 anchors, then the POSIX ones. The machine's limits (server,
+/// disk) are measured where a target is set against them or where they explain a miss.
+fn tools(shape: Shape) -> Vec<&'static str> {
+    let mut t = vec!["hearth", "s5cmd", "rclone", "aws s3 cp", "server limit", "hearth file://", "cp -r + sync"];
+    if shape == Shape::Large {
+        t.extend(["fio write", "fio read"]);
+    }
+    t
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let a = Args::parse();
-    if let Some(ep) = &a.server_limit_only {
-        println!("{}", server_limit(ep, 32).await?);
+    if let Some(v) = &a.server_limit_only {
+        println!("{}", server_limit(&v[0], &v[1], 32).await?);
         return Ok(());
     }
     ensure!(rustix::process::geteuid().is_root(), "run as root: the benchmark drops the page cache between runs");
@@ -174,193 +342,98 @@ async fn main() -> Result<()> {
     ] {
         require_tool(tool, install)?;
     }
-    let hearth = hearth_tests::bin("hearth");
     let work = a.workdir.clone().unwrap_or_else(|| std::env::temp_dir().join("hearth-bench-cache"));
     fresh(&work)?;
-    let model = work.join("model");
-    eprintln!("writing the model: {} x {} bytes of safetensors + JSON files", a.shards, a.shard_bytes);
-    hearth_agent::cache::sample::write_sample_model(&model, a.shards, a.shard_bytes)?;
-    write_small_files(&model, a.small_files)?;
-    let total = dir_bytes(&model);
-
     let s3 = SeaweedFs::start().await?;
     s3.create_bucket("bench").await?;
-    let ep = s3.endpoint();
-    let envs = [
-        ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
-        ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
-        ("AWS_REGION", "us-east-1".to_owned()),
-        ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
-    ];
-    let with_env = |c: &mut Command| {
-        c.env_remove("AWS_CA_BUNDLE").env_remove("AWS_PROFILE");
-        for (k, v) in &envs {
-            c.env(k, v);
-        }
+    let b = Bench {
+        hearth: hearth_tests::bin("hearth"),
+        ep: s3.endpoint(),
+        access_key: s3.access_key.clone(),
+        secret_key: s3.secret_key.clone(),
+        envs: vec![
+            ("AWS_ACCESS_KEY_ID", s3.access_key.clone()),
+            ("AWS_SECRET_ACCESS_KEY", s3.secret_key.clone()),
+            ("AWS_REGION", "us-east-1".to_owned()),
+            ("AWS_EC2_METADATA_DISABLED", "true".to_owned()),
+        ],
+        work,
+        a,
     };
-    eprintln!("uploading to SeaweedFS at {ep}");
-    let mut up = Command::new("s5cmd");
-    up.args(["--endpoint-url", &ep, "cp"]).arg(format!("{}/*", model.display())).arg("s3://bench/model/");
-    with_env(&mut up);
-    timed("upload", &mut up)?;
+    for &shape in &b.a.shapes {
+        let (shards, shard_bytes, small) = shape.layout();
+        let model = b.model(shape);
+        eprintln!("writing the {} model: {shards} x {shard_bytes} B safetensors + JSON + {small} small files", shape.name());
+        hearth_agent::cache::sample::write_sample_model(&model, shards, shard_bytes)?;
+        write_small_files(&model, small)?;
+        if b.a.manifest {
+            let m = hearth_agent::cache::verify::Manifest::build(&model)?;
+            std::fs::write(model.join(hearth_agent::cache::verify::MANIFEST_NAME), m.to_json())?;
+        }
+        let mut up = Command::new("s5cmd");
+        up.args(["--endpoint-url", &b.ep, "cp"]).arg(format!("{}/*", model.display())).arg(format!("s3://bench/{}/", shape.name()));
+        timed("upload", b.with_env(&mut up))?;
+    }
 
-    let dest = work.join("dest");
-    let mut results: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
-    let mut hearth_rss = Vec::new();
-    for round in 0..a.rounds {
-        eprintln!("round {} of {}", round + 1, a.rounds);
-        // Interleaved, and the order rotates per round so no tool always runs on a warm disk.
-        let mut order = vec!["hearth", "s5cmd", "rclone", "awscli", "server-limit", "fio-write"];
-        let n = order.len();
-        order.rotate_left(round % n);
-        for tool in order {
-            fresh(&dest)?;
-            let secs = match tool {
-                "hearth" => {
-                    let mut c = Command::new(&hearth);
-                    c.args(["prefetch", "s3://bench/model/", "--quiet", "--endpoint", &ep])
-                        .args(["--part-size", &a.part_size, "--concurrency", &a.concurrency.to_string()])
-                        .arg("--dest")
-                        .arg(&dest);
-                    with_env(&mut c);
-                    let (secs, out) = timed(tool, &mut c)?;
-                    if let Some(rss) = out.split("peak RSS ").nth(1).and_then(|s| s.split(',').next()) {
-                        hearth_rss.push(rss.to_owned());
-                    }
-                    secs
-                }
-                "s5cmd" => {
-                    let mut c = Command::new("s5cmd");
-                    c.args(["--endpoint-url", &ep, "cp", "s3://bench/model/*"]).arg(format!("{}/", dest.display()));
-                    with_env(&mut c);
-                    timed(tool, &mut c)?.0
-                }
-                "rclone" => {
-                    let mut c = Command::new("rclone");
-                    c.args(["copy", ":s3:bench/model", "--s3-provider", "Other", "--s3-endpoint", &ep])
-                        .args(["--s3-access-key-id", &s3.access_key, "--s3-secret-access-key", &s3.secret_key])
-                        .args(["--s3-force-path-style", "--transfers", "8", "--multi-thread-streams", "4"])
-                        .arg(&dest);
-                    with_env(&mut c);
-                    timed(tool, &mut c)?.0
-                }
-                "awscli" => {
-                    let mut c = Command::new("aws");
-                    c.args(["s3", "cp", "--recursive", "--only-show-errors", "--endpoint-url", &ep, "s3://bench/model/"]).arg(&dest);
-                    with_env(&mut c);
-                    timed(tool, &mut c)?.0
-                }
-                "server-limit" => {
-                    // A child process, so the SDK finds the credentials in its environment.
-                    let mut c = Command::new(std::env::current_exe()?);
-                    c.args(["--server-limit-only", &ep]);
-                    with_env(&mut c);
-                    let out = c.output()?;
-                    ensure!(out.status.success(), "server limit: {}", String::from_utf8_lossy(&out.stderr));
-                    String::from_utf8_lossy(&out.stdout).trim().parse()?
-                }
-                "fio-write" => fio(&dest, "write", a.shards, a.shard_bytes)?,
-                _ => unreachable!(),
-            };
-            if !tool.ends_with("limit") && !tool.starts_with("fio") {
-                let got = dir_bytes(&dest);
-                // Hearth keeps its index beside the model: count the model only.
-                let got = if tool == "hearth" { dir_bytes(&dest.join("models")) } else { got };
-                ensure!(got == total, "{tool} copied {got} bytes, expected {total}");
+    // Every round runs every shape and every tool; both orders rotate per round, so no tool
+    // always runs first, last or after the same neighbour.
+    let mut samples: std::collections::BTreeMap<(&str, &str), Vec<Sample>> = Default::default();
+    for round in 0..b.a.rounds {
+        let mut shapes = b.a.shapes.clone();
+        let n = shapes.len();
+        shapes.rotate_left(round % n);
+        for shape in shapes {
+            let mut order = tools(shape);
+            let n = order.len();
+            order.rotate_left(round % n);
+            eprintln!("round {} of {}: {}", round + 1, b.a.rounds, shape.name());
+            for tool in order {
+                let s = b.run(shape, tool)?;
+                eprintln!("  {tool:<15} {:7.2} s", s.secs);
+                samples.entry((shape.name(), tool)).or_default().push(s);
             }
-            eprintln!("  {tool:<13} {secs:7.2} s");
-            results.entry(tool).or_default().push(secs);
         }
     }
 
-    // POSIX source: Hearth from a directory vs cp -r, and fio's direct read/write limits.
-    let mut posix: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
-    let fio_src = work.join("fio-src");
-    fresh(&fio_src)?;
-    for round in 0..a.rounds {
-        let mut order = vec!["hearth-posix", "cp -r", "fio-read", "fio-write"];
-        let n = order.len();
-        order.rotate_left(round % n);
-        for tool in order {
-            fresh(&dest)?;
-            let secs = match tool {
-                "hearth-posix" => {
-                    timed(
-                        tool,
-                        Command::new(&hearth)
-                            .args(["prefetch", &format!("file://{}", model.display()), "--quiet"])
-                            .args(["--part-size", &a.part_size, "--concurrency", &a.concurrency.to_string()])
-                            .arg("--dest")
-                            .arg(&dest),
-                    )?
-                    .0
-                }
-                "cp -r" => {
-                    timed(tool, Command::new("sh").arg("-c").arg(format!("cp -r {} {}/ && sync", model.display(), dest.display())))?.0
-                }
-                "fio-read" => {
-                    // Lay the files out once (not timed), then read them back directly.
-                    if dir_bytes(&fio_src) == 0 {
-                        fio(&fio_src, "write", a.shards, a.shard_bytes)?;
-                    }
-                    fio(&fio_src, "read", a.shards, a.shard_bytes)?
-                }
-                "fio-write" => fio(&dest, "write", a.shards, a.shard_bytes)?,
-                _ => unreachable!(),
-            };
-            eprintln!("  {tool:<13} {secs:7.2} s");
-            posix.entry(tool).or_default().push(secs);
-        }
-    }
-
-    let med = |m: &mut std::collections::BTreeMap<&str, Vec<f64>>, k: &str| {
-        median(m.get_mut(k).map(Vec::as_mut_slice).unwrap_or(&mut [f64::NAN]))
+    let med = |shape: Shape, tool: &str| -> f64 {
+        let mut v: Vec<f64> = samples.get(&(shape.name(), tool)).map(|s| s.iter().map(|s| s.secs).collect()).unwrap_or_default();
+        if v.is_empty() { f64::NAN } else { median(&mut v) }
     };
-    let gib = total as f64 / f64::from(1u32 << 30);
-    let (h, s5, rc, aws, lim, fw) = (
-        med(&mut results, "hearth"),
-        med(&mut results, "s5cmd"),
-        med(&mut results, "rclone"),
-        med(&mut results, "awscli"),
-        med(&mut results, "server-limit"),
-        med(&mut results, "fio-write"),
-    );
     println!(
-        "model: {} x {} B safetensors + JSON + {} small files = {:.2} GiB; rounds: {}; page cache dropped before each run",
-        a.shards, a.shard_bytes, a.small_files, gib, a.rounds
+        "rounds: {}; page cache dropped before each run; medians; manifest (SHA-256 verification): {}",
+        b.a.rounds,
+        if b.a.manifest { "yes" } else { "no (size + ETag)" }
     );
-    println!();
-    println!("| S3 (SeaweedFS, loopback) | median s | GiB/s | vs hearth |");
-    println!("|---|---:|---:|---:|");
-    for (name, v) in [
-        ("hearth prefetch (verify + fsync)", h),
-        ("s5cmd cp", s5),
-        ("rclone copy", rc),
-        ("aws s3 cp", aws),
-        ("server limit: 32 ranged GETs, discarded", lim),
-        ("disk limit: fio O_DIRECT write", fw),
-    ] {
-        println!("| {name} | {v:.2} | {:.2} | {:.2} |", gib / v, v / h);
+    for &shape in &b.a.shapes {
+        let gib = dir_bytes(&b.model(shape)) as f64 / f64::from(1u32 << 30);
+        let (s5_target, cp_target, limit_target) = shape.targets();
+        println!();
+        println!("### {} ({:.2} GiB)", shape.name(), gib);
+        println!();
+        println!("| tool | median s | GiB/s | hearth / tool |");
+        println!("|---|---:|---:|---:|");
+        let (h, hp) = (med(shape, "hearth"), med(shape, "hearth file://"));
+        for tool in tools(shape) {
+            let v = med(shape, tool);
+            let base = if tool == "hearth file://" || tool == "cp -r + sync" || tool.starts_with("fio") { hp } else { h };
+            println!("| {tool} | {v:.2} | {:.2} | {:.2} |", gib / v, base / v);
+        }
+        println!();
+        let s5 = med(shape, "s5cmd");
+        let cp = med(shape, "cp -r + sync");
+        print!("hearth / s5cmd = {:.2} (target <= {s5_target}); hearth file:// / cp -r + sync = {:.2} (target <= {cp_target})", h / s5, hp / cp);
+        if let Some(t) = limit_target {
+            print!("; hearth / server limit = {:.2} (target <= {t})", h / med(shape, "server limit"));
+        }
+        println!();
+        let runs = samples.get(&(shape.name(), "hearth")).map(Vec::as_slice).unwrap_or_default();
+        let list = |f: fn(&Sample) -> Option<f64>| runs.iter().map(|s| f(s).map_or("?".into(), |v| format!("{v:.0}"))).collect::<Vec<_>>().join(", ");
+        println!(
+            "hearth from S3, per run: listed in {} ms; first part in {} ms; peak RSS {}",
+            list(|s| s.listed_ms),
+            list(|s| s.first_ms),
+            runs.iter().map(|s| s.rss.clone().unwrap_or_else(|| "?".into())).collect::<Vec<_>>().join(", ")
+        );
     }
-    println!();
-    println!("hearth / s5cmd = {:.2} (target <= 0.80); hearth / server limit = {:.2} (target <= 1.15)", h / s5, h / lim);
-    println!("hearth peak RSS per run: {}", hearth_rss.join(", "));
-    let (hp, cp, fr, fwp) =
-        (med(&mut posix, "hearth-posix"), med(&mut posix, "cp -r"), med(&mut posix, "fio-read"), med(&mut posix, "fio-write"));
-    println!();
-    println!("| POSIX source (same disk) | median s | GiB/s |");
-    println!("|---|---:|---:|");
-    for (name, v) in [("hearth prefetch file://", hp), ("cp -r + sync", cp), ("fio O_DIRECT read", fr), ("fio O_DIRECT write", fwp)] {
-        println!("| {name} | {v:.2} | {:.2} |", gib / v);
-    }
-    println!();
-    let limit = fr.max(fwp);
-    println!(
-        "cp -r / hearth = {:.2} (target >= 1.5); hearth / fio limit (slower of read, write) = {:.2} (target <= 1.1)",
-        cp / hp,
-        hp / limit
-    );
-    // Source and destination on one device share its bandwidth: the floor is read + write.
-    println!("same-device floor (fio read + fio write) = {:.2} s; hearth / floor = {:.2}", fr + fwp, hp / (fr + fwp));
     Ok(())
 }

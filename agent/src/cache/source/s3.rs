@@ -32,6 +32,8 @@ pub struct S3Options {
 }
 
 const LIST_ATTEMPTS: u32 = 8;
+/// Objects HEADed to find out whether a store that lists no checksum algorithms has checksums.
+const HEAD_SAMPLE: usize = 3;
 /// A page of 1,000 keys plus the HEADs for them: seconds at worst on a healthy store.
 const LIST_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -146,17 +148,47 @@ impl S3Source {
                 if key.is_empty() || key.ends_with('/') {
                     continue;
                 }
-                listed.push((key.to_owned(), o.size().unwrap_or(0) as u64, o.e_tag().unwrap_or("").trim_matches('"').to_owned()));
+                let etag = o.e_tag().unwrap_or("").trim_matches('"').to_owned();
+                listed.push((key.to_owned(), o.size().unwrap_or(0) as u64, etag, !o.checksum_algorithm().is_empty()));
             }
             match out.next_continuation_token() {
                 Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_owned()),
                 _ => break,
             }
         }
-        // HEAD each object for its checksum, 16 at a time.
+        // A checksum comes only from HEAD, one request per object: on a repository of a
+        // thousand small files that is most of what a prefetch waits for before its first byte.
+        // So HEAD only the objects that have one. AWS S3 lists each object's checksum
+        // algorithm. A store that lists none either has no checksums or does not say: HEAD the
+        // few largest objects, and if any has a checksum, HEAD them all.
+        let mut head: Vec<bool> = listed.iter().map(|l| l.3).collect();
+        if !head.iter().any(|&h| h) {
+            let mut by_size: Vec<usize> = (0..listed.len()).collect();
+            by_size.sort_by_key(|&i| std::cmp::Reverse(listed[i].1));
+            let sample: Vec<usize> = by_size.into_iter().take(HEAD_SAMPLE).collect();
+            let found = self.head_all(&listed, &sample).await?;
+            if found.iter().any(|(_, o)| o.vouched.is_some()) {
+                head = vec![true; listed.len()];
+            }
+        }
+        let wanted: Vec<usize> = (0..listed.len()).filter(|&i| head[i]).collect();
+        tracing::debug!(listed = listed.len(), with_listed_checksum = listed.iter().filter(|l| l.3).count(), heads = wanted.len(), "listing done");
+        let mut headed: std::collections::HashMap<usize, RemoteObject> = self.head_all(&listed, &wanted).await?.into_iter().collect();
+        Ok(listed
+            .into_iter()
+            .enumerate()
+            .map(|(i, (key, size, etag, _))| {
+                headed.remove(&i).unwrap_or(RemoteObject { key, size, version: etag, vouched: None })
+            })
+            .collect())
+    }
+
+    /// HEADs the listed objects at `which`, 16 at a time.
+    async fn head_all(&self, listed: &[(String, u64, String, bool)], which: &[usize]) -> Result<Vec<(usize, RemoteObject)>, SourceError> {
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
         let mut set = tokio::task::JoinSet::new();
-        for (i, (key, size, etag)) in listed.into_iter().enumerate() {
+        for &i in which {
+            let (key, size, etag, _) = listed[i].clone();
             let me = self.clone();
             let sem = sem.clone();
             set.spawn(async move {
@@ -169,8 +201,7 @@ impl S3Source {
             let r = r.map_err(|e| SourceError::List { source_name: self.source_name(), what: "HEAD".into(), reason: e.to_string() })?;
             out.push(r?);
         }
-        out.sort_by_key(|(i, _)| *i);
-        Ok(out.into_iter().map(|(_, o)| o).collect())
+        Ok(out)
     }
 
     async fn read(&self, obj: &RemoteObject, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
