@@ -98,6 +98,9 @@ pub struct FetchConfig {
     pub part_size: usize,
     /// Reads in flight. Roughly one per 85-90 MB/s of target bandwidth.
     pub concurrency: usize,
+    /// Further reads in flight for files of at most `SMALL_PART` bytes, each with a buffer
+    /// that size: a repository of a thousand small files waits on round trips, not bandwidth.
+    pub small_concurrency: usize,
     /// Attempts per part before the download fails.
     pub max_attempts: u32,
     /// A part read that takes longer is abandoned and issued again, so one stalled
@@ -118,6 +121,7 @@ impl Default for FetchConfig {
         Self {
             part_size: 8 << 20,
             concurrency: 16,
+            small_concurrency: 48,
             max_attempts: 8,
             stall_timeout: Duration::from_secs(30),
             write_mode: WriteMode::Auto,
@@ -219,7 +223,9 @@ struct Queue {
 }
 
 impl Queue {
-    async fn next(&self) -> Option<Job> {
+    /// The next job that `fits`; jobs are taken in order, so a worker that cannot take the
+    /// one at the front waits for more work or the end.
+    async fn next(&self, fits: impl Fn(Job) -> bool) -> Option<Job> {
         loop {
             let notified = self.notify.notified();
             tokio::pin!(notified);
@@ -227,7 +233,11 @@ impl Queue {
             if self.stop.load(Ordering::Acquire) {
                 return None;
             }
-            if let Some(j) = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).pop_front() {
+            let taken = {
+                let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
+                if q.front().is_some_and(|&j| fits(j)) { q.pop_front() } else { None }
+            };
+            if let Some(j) = taken {
                 return Some(j);
             }
             if self.outstanding.load(Ordering::Acquire) == 0 {
@@ -569,10 +579,18 @@ pub async fn fetch(
         cancel: cancel.clone(),
     });
     ctx.queue.push(jobs);
-    let (done_tx, mut done_rx) = mpsc::channel::<Done>(cfg.concurrency * 2);
+    let (done_tx, mut done_rx) = mpsc::channel::<Done>((cfg.concurrency + cfg.small_concurrency) * 2);
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..cfg.concurrency.max(1) {
-        workers.spawn(worker(ctx.clone(), done_tx.clone()));
+        workers.spawn(worker(ctx.clone(), done_tx.clone(), cfg.part_size));
+    }
+    // Small files come first in the queue: the extra small-buffer workers take them beside
+    // the others.
+    let small = (SMALL_PART as usize).min(cfg.part_size);
+    if works.iter().any(|w| !w.published && w.obj.size <= small as u64) {
+        for _ in 0..cfg.small_concurrency {
+            workers.spawn(worker(ctx.clone(), done_tx.clone(), small));
+        }
     }
     drop(done_tx);
 
@@ -772,6 +790,9 @@ fn available_space(root: &Path) -> Result<u64, FetchError> {
     let st = rustix::fs::statvfs(root).map_err(|e| FetchError::Io { path: root.to_owned(), source: e.into() })?;
     Ok(st.f_bavail * st.f_frsize)
 }
+
+/// The largest file a small-file worker takes.
+const SMALL_PART: u64 = 256 << 10;
 
 /// Data syncs in flight at once: enough to keep an NVMe queue busy with many small files.
 const SYNC_THREADS: usize = 8;
@@ -991,10 +1012,15 @@ fn check_safetensors(path: &Path, size: u64) -> Result<verify::SafetensorsHeader
     }
 }
 
-async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
+/// Reads parts of at most `cap` bytes (the part size, or `SMALL_PART` for a small-file worker).
+async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>, cap: usize) {
     let part_size = ctx.cfg.part_size;
-    let mut buf = AlignedBuf::new(part_size);
-    while let Some(job) = ctx.queue.next().await {
+    let mut buf = AlignedBuf::new(cap);
+    let fits = |j: Job| {
+        let f = &ctx.files[j.file as usize].obj;
+        (f.size - (u64::from(j.part) * part_size as u64).min(f.size)).min(part_size as u64) <= cap as u64
+    };
+    while let Some(job) = ctx.queue.next(fits).await {
         let f = ctx.files[job.file as usize].clone();
         let offset = u64::from(job.part) * part_size as u64;
         let len = (f.obj.size - offset).min(part_size as u64) as usize;
@@ -1026,7 +1052,7 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
                 }
                 Err(_) => {
                     // The abandoned read took the buffer with it.
-                    buf = AlignedBuf::new(part_size);
+                    buf = AlignedBuf::new(cap);
                     buf.set_len(len);
                     SourceError::Read {
                         source_name: ctx.source.name(),
@@ -1079,7 +1105,7 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>) {
             }
         })
         .await
-        .unwrap_or_else(|e| (AlignedBuf::new(part_size), Err(std::io::Error::other(e))));
+        .unwrap_or_else(|e| (AlignedBuf::new(cap), Err(std::io::Error::other(e))));
         buf = b;
         if let Err(e) = written {
             let _ = done.send(Done::Failed(FetchError::Io { path: PathBuf::from(&f.obj.key), source: e })).await;
@@ -1289,12 +1315,60 @@ mod tests {
         assert_identical(&fx, &spec(&fx).id());
     }
 
+    /// Counts reads in flight, each held a little, so overlap shows.
+    struct Overlap {
+        inner: PosixSource,
+        now: std::sync::atomic::AtomicUsize,
+        max: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Source for Overlap {
+        fn name(&self) -> String {
+            self.inner.name()
+        }
+        fn list(&self) -> super::super::source::BoxFut<'_, Result<Vec<RemoteObject>, SourceError>> {
+            self.inner.list()
+        }
+        fn read_into<'a>(
+            &'a self,
+            obj: &'a RemoteObject,
+            offset: u64,
+            buf: AlignedBuf,
+        ) -> super::super::source::BoxFut<'a, (AlignedBuf, Result<(), SourceError>)> {
+            Box::pin(async move {
+                let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+                self.max.fetch_max(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                self.now.fetch_sub(1, Ordering::SeqCst);
+                self.inner.read_into(obj, offset, buf).await
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn small_files_get_their_own_readers_beside_the_big_ones() {
+        let fx = fixture(1, 3 << 20);
+        for i in 0..60 {
+            std::fs::write(fx.src.join(format!("nested/small-{i}.bin")), vec![i as u8; 1000 + i * 100]).unwrap();
+        }
+        let src = Arc::new(Overlap {
+            inner: PosixSource::new(&fx.src),
+            now: Default::default(),
+            max: Default::default(),
+        });
+        let cfg = FetchConfig { part_size: 1 << 20, concurrency: 1, small_concurrency: 6, ..cfg() };
+        let (r, _) = run(&fx, src.clone(), &cfg).await;
+        assert_identical(&fx, &r.unwrap().id);
+        let max = src.max.load(Ordering::SeqCst);
+        assert!(max > 1 && max <= 7, "reads in flight at most: {max} (1 big + 6 small workers)");
+    }
+
     #[tokio::test]
     async fn cancelled_download_resumes_from_the_journal() {
         let fx = fixture(4, 1_000_000);
         // With a manifest, so the resumed parts (never in this process) feed the SHA-256 too.
         std::fs::write(fx.src.join(MANIFEST_NAME), Manifest::build(&fx.src).unwrap().to_json()).unwrap();
-        let cfg = FetchConfig { part_size: 64 << 10, concurrency: 2, ..cfg() };
+        let cfg = FetchConfig { part_size: 64 << 10, concurrency: 2, small_concurrency: 0, ..cfg() };
         let progress = Arc::new(Progress::default());
         let cancel = CancellationToken::new();
         let watcher = {
