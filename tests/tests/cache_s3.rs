@@ -166,6 +166,8 @@ async fn full_object_crc64nvme_checksums_verify_and_catch_a_flipped_byte() -> Re
     let fx = Fx { dir, s3, src };
     let proxy = FaultProxy::start(fx.s3.s3).await?;
     proxy.inject_for("model-00002-of-00002.safetensors", ProxyFault::FlipByte);
+    // A small file is read whole, with no HEAD: its GET carries the checksum, checked there.
+    proxy.inject_for("gemma/config.json", ProxyFault::FlipByte);
     let uri = "s3://models/gemma/";
     let cmd = prefetch(&fx, &proxy.endpoint(), uri, &fx.s3.secret_key, &[]);
     let out = tokio::time::timeout(Duration::from_secs(60), tokio::process::Command::from(cmd).kill_on_drop(true).output())
@@ -173,8 +175,8 @@ async fn full_object_crc64nvme_checksums_verify_and_catch_a_flipped_byte() -> Re
         .map_err(|_| anyhow::anyhow!("prefetch did not finish within 60 s"))??;
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("verification: checksum"), "the S3 checksums were used: {stdout}");
-    assert_eq!(proxy.faults_applied(), 1);
+    assert!(stdout.contains("verification: checksum"), "the S3 checksums were used, for every file: {stdout}");
+    assert_eq!(proxy.faults_applied(), 2);
     same_files(&fx.src, &model_dir(&fx, uri));
     Ok(())
 }

@@ -32,7 +32,7 @@ use super::crc::PartCrc;
 use super::ordered::{Claim, OrderedDigest, Window};
 use super::index::{EntryState, FileEntry, Index, IndexEntry, IndexError, now_secs};
 use super::journal::{Journal, JournalError, PartRecord};
-use super::source::{ErrorKind, RemoteObject, Source, SourceError};
+use super::source::{Checked, ErrorKind, RemoteObject, Source, SourceError};
 use super::spec::ModelSpec;
 use super::verify::{self, Expected, MANIFEST_NAME, Manifest, VerificationKind, VerifyError, Vouched};
 
@@ -209,7 +209,8 @@ struct Job {
 }
 
 enum Done {
-    Part(PartRecord),
+    /// A part is written; with what the source checked, if it read the whole file and checked it.
+    Part(PartRecord, Checked),
     Failed(FetchError),
 }
 
@@ -342,7 +343,6 @@ pub async fn fetch(
     let id = spec.id();
     let started = Instant::now();
     let listing: Vec<RemoteObject> = source.list().await?.into_iter().filter(|o| !o.key.ends_with('/')).collect();
-    progress.listed.get_or_init(Instant::now);
     let mut objects: Vec<RemoteObject> = listing.iter().filter(|o| spec.wants(&o.key)).cloned().collect();
     if objects.is_empty() {
         return Err(FetchError::NoObjects {
@@ -351,6 +351,15 @@ pub async fn fetch(
             exclude: spec.exclude.iter().map(|g| g.as_str().to_owned()).collect(),
         });
     }
+    // Checksums of the files read in several parts (a request each on S3: the few big ones);
+    // a file read in one request is checked by that read.
+    // The listing's order stays: file numbers in the journal derive from it.
+    let multi: Vec<usize> = (0..objects.len()).filter(|&i| objects[i].vouched.is_none() && objects[i].size > cfg.part_size as u64).collect();
+    let described = source.checksums(multi.iter().map(|&i| objects[i].clone()).collect()).await?;
+    for (i, o) in multi.into_iter().zip(described) {
+        objects[i] = o;
+    }
+    progress.listed.get_or_init(Instant::now);
     // The manifest vouches for the files whatever the user's filters select: `--include
     // '*.safetensors'` must not cost the model its verification.
     let manifest = read_manifest(source.as_ref(), &listing).await?;
@@ -618,7 +627,18 @@ pub async fn fetch(
         let mut records = Vec::with_capacity(batch.len());
         for d in batch {
             match d {
-                Done::Part(r) => records.push(r),
+                Done::Part(r, checked) => {
+                    // The source checked the whole file against its own checksum on the way in:
+                    // that is what vouches for a file nothing else does.
+                    let w = &mut works[r.file as usize];
+                    if let Some(v) = checked
+                        && w.parts == 1
+                        && w.vouched.kind == VerificationKind::Unverified
+                    {
+                        w.vouched = Vouched { expected: Expected::SizeOnly, kind: v.kind };
+                    }
+                    records.push(r);
+                }
                 Done::Failed(e) => {
                     if result.is_ok() {
                         result = Err(e);
@@ -1041,10 +1061,10 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>, cap: usize) {
             let started = Instant::now();
             let read = tokio::time::timeout(limit, ctx.source.read_into(&f.obj, offset, buf)).await;
             let err = match read {
-                Ok((b, Ok(()))) => {
+                Ok((b, Ok(checked))) => {
                     buf = b;
                     ctx.record_part_time(started.elapsed(), len, part_size);
-                    break Ok(());
+                    break Ok(checked);
                 }
                 Ok((b, Err(e))) => {
                     buf = b;
@@ -1081,10 +1101,13 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>, cap: usize) {
                 _ = tokio::time::sleep(delay) => {}
             }
         };
-        if let Err(e) = outcome {
-            let _ = done.send(Done::Failed(e)).await;
-            return;
-        }
+        let checked = match outcome {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = done.send(Done::Failed(e)).await;
+                return;
+            }
+        };
         ctx.progress.bytes_fetched.fetch_add(len as u64, Ordering::Relaxed);
         ctx.progress.first_part.get_or_init(std::time::Instant::now);
         let crc = f.crc.of(buf.as_slice());
@@ -1111,7 +1134,7 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>, cap: usize) {
             let _ = done.send(Done::Failed(FetchError::Io { path: PathBuf::from(&f.obj.key), source: e })).await;
             return;
         }
-        if done.send(Done::Part(PartRecord { file: job.file, part: job.part, crc })).await.is_err() {
+        if done.send(Done::Part(PartRecord { file: job.file, part: job.part, crc }, checked)).await.is_err() {
             return;
         }
     }
@@ -1334,7 +1357,7 @@ mod tests {
             obj: &'a RemoteObject,
             offset: u64,
             buf: AlignedBuf,
-        ) -> super::super::source::BoxFut<'a, (AlignedBuf, Result<(), SourceError>)> {
+        ) -> super::super::source::BoxFut<'a, (AlignedBuf, Result<Checked, SourceError>)> {
             Box::pin(async move {
                 let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
                 self.max.fetch_max(n, Ordering::SeqCst);

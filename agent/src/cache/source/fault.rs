@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::{BoxFut, ErrorKind, RemoteObject, Source, SourceError};
+use super::{BoxFut, Checked, ErrorKind, RemoteObject, Source, SourceError};
 use crate::cache::buf::AlignedBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +65,11 @@ impl<S: Source> Source for FaultSource<S> {
         self.inner.list()
     }
 
-    fn read_into<'a>(&'a self, obj: &'a RemoteObject, offset: u64, buf: AlignedBuf) -> BoxFut<'a, (AlignedBuf, Result<(), SourceError>)> {
+    fn checksums(&self, objs: Vec<RemoteObject>) -> BoxFut<'_, Result<Vec<RemoteObject>, SourceError>> {
+        self.inner.checksums(objs)
+    }
+
+    fn read_into<'a>(&'a self, obj: &'a RemoteObject, offset: u64, buf: AlignedBuf) -> BoxFut<'a, (AlignedBuf, Result<Checked, SourceError>)> {
         Box::pin(async move {
             let err = |kind, reason: &str| SourceError::Read {
                 source_name: "fault".into(),

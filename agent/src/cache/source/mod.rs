@@ -71,12 +71,22 @@ impl SourceError {
     }
 }
 
+/// What a read found out beyond its bytes: `Some` when the source checked the whole object it
+/// read against its own checksum, and the bytes matched.
+pub type Checked = Option<Vouched>;
+
 pub trait Source: Send + Sync {
     /// "s3://bucket" or "file:///fsx": the key bandwidth is measured under.
     fn name(&self) -> String;
-    /// Every object under the model root, with paths relative to it.
+    /// Every object under the model root, with paths relative to it. Cheaply: a source whose
+    /// checksums cost a request per object leaves `vouched` empty here (see `checksums`).
     fn list(&self) -> BoxFut<'_, Result<Vec<RemoteObject>, SourceError>>;
+    /// Fills in the source's own checksums of `objs`: the objects that will be read in
+    /// several parts. An object read whole is checked by that read.
+    fn checksums(&self, objs: Vec<RemoteObject>) -> BoxFut<'_, Result<Vec<RemoteObject>, SourceError>> {
+        Box::pin(async move { Ok(objs) })
+    }
     /// Fills `buf` (its whole length) with the object's bytes from `offset` and hands the
     /// buffer back, filled or not. A short read is an error.
-    fn read_into<'a>(&'a self, obj: &'a RemoteObject, offset: u64, buf: AlignedBuf) -> BoxFut<'a, (AlignedBuf, Result<(), SourceError>)>;
+    fn read_into<'a>(&'a self, obj: &'a RemoteObject, offset: u64, buf: AlignedBuf) -> BoxFut<'a, (AlignedBuf, Result<Checked, SourceError>)>;
 }

@@ -12,7 +12,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::{BoxFut, ErrorKind, RemoteObject, Source, SourceError};
+use super::{BoxFut, Checked, ErrorKind, RemoteObject, Source, SourceError};
 use crate::cache::buf::AlignedBuf;
 
 #[derive(Debug)]
@@ -102,7 +102,7 @@ impl Source for PosixSource {
         obj: &'a RemoteObject,
         offset: u64,
         mut buf: AlignedBuf,
-    ) -> BoxFut<'a, (AlignedBuf, Result<(), SourceError>)> {
+    ) -> BoxFut<'a, (AlignedBuf, Result<Checked, SourceError>)> {
         Box::pin(async move {
             let len = buf.len();
             let read_err =
@@ -120,7 +120,8 @@ impl Source for PosixSource {
             })
             .await;
             match joined {
-                Ok((buf, Ok(()))) => (buf, Ok(())),
+                // A file system keeps no checksum of its own to check against.
+                Ok((buf, Ok(()))) => (buf, Ok(None)),
                 Ok((buf, Err(e))) => {
                     // A file that shrank under us changed: retrying will not help.
                     let kind = if e.kind() == std::io::ErrorKind::UnexpectedEof { ErrorKind::Permanent } else { ErrorKind::Transient };

@@ -16,7 +16,7 @@ use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::types::{ChecksumMode, ChecksumType};
 
-use super::{BoxFut, ErrorKind, RemoteObject, Source, SourceError};
+use super::{BoxFut, Checked, ErrorKind, RemoteObject, Source, SourceError};
 use crate::cache::buf::AlignedBuf;
 use crate::cache::verify::{self, VerificationKind, Vouched};
 
@@ -32,8 +32,6 @@ pub struct S3Options {
 }
 
 const LIST_ATTEMPTS: u32 = 8;
-/// Objects HEADed to find out whether a store that lists no checksum algorithms has checksums.
-const HEAD_SAMPLE: usize = 3;
 /// A page of 1,000 keys plus the HEADs for them: seconds at worst on a healthy store.
 const LIST_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -109,18 +107,7 @@ impl S3Source {
                 let (_, reason) = Self::classify(&e);
                 SourceError::List { source_name: self.source_name(), what: full.clone(), reason }
             })?;
-        // A multipart upload's composite checksum is a checksum of part checksums, which no
-        // digest of the whole object equals: only full-object checksums are used.
-        let composite = out.checksum_type() == Some(&ChecksumType::Composite);
-        let candidates = [("CRC64NVME", out.checksum_crc64_nvme()), ("CRC32C", out.checksum_crc32_c()), ("SHA256", out.checksum_sha256())];
-        let vouched = if composite {
-            None
-        } else {
-            candidates.iter().find_map(|(alg, v)| {
-                v.and_then(|v| verify::parse_s3_checksum(alg, v).ok())
-                    .map(|expected| Vouched { expected, kind: VerificationKind::Checksum })
-            })
-        };
+        let vouched = full_object_checksum(out.checksum_type(), out.checksum_crc64_nvme(), out.checksum_crc32_c(), out.checksum_sha256());
         let version = out.version_id().map_or(etag.clone(), |v| format!("{etag}@{v}"));
         Ok(RemoteObject { key: key.to_owned(), size: out.content_length().map_or(size, |l| l as u64), version, vouched })
     }
@@ -149,46 +136,27 @@ impl S3Source {
                     continue;
                 }
                 let etag = o.e_tag().unwrap_or("").trim_matches('"').to_owned();
-                listed.push((key.to_owned(), o.size().unwrap_or(0) as u64, etag, !o.checksum_algorithm().is_empty()));
+                listed.push(RemoteObject { key: key.to_owned(), size: o.size().unwrap_or(0) as u64, version: etag, vouched: None });
             }
             match out.next_continuation_token() {
                 Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_owned()),
                 _ => break,
             }
         }
-        // A checksum comes only from HEAD, one request per object: on a repository of a
-        // thousand small files that is most of what a prefetch waits for before its first byte.
-        // So HEAD only the objects that have one. AWS S3 lists each object's checksum
-        // algorithm. A store that lists none either has no checksums or does not say: HEAD the
-        // few largest objects, and if any has a checksum, HEAD them all.
-        let mut head: Vec<bool> = listed.iter().map(|l| l.3).collect();
-        if !head.iter().any(|&h| h) {
-            let mut by_size: Vec<usize> = (0..listed.len()).collect();
-            by_size.sort_by_key(|&i| std::cmp::Reverse(listed[i].1));
-            let sample: Vec<usize> = by_size.into_iter().take(HEAD_SAMPLE).collect();
-            let found = self.head_all(&listed, &sample).await?;
-            if found.iter().any(|(_, o)| o.vouched.is_some()) {
-                head = vec![true; listed.len()];
-            }
-        }
-        let wanted: Vec<usize> = (0..listed.len()).filter(|&i| head[i]).collect();
-        tracing::debug!(listed = listed.len(), with_listed_checksum = listed.iter().filter(|l| l.3).count(), heads = wanted.len(), "listing done");
-        let mut headed: std::collections::HashMap<usize, RemoteObject> = self.head_all(&listed, &wanted).await?.into_iter().collect();
-        Ok(listed
-            .into_iter()
-            .enumerate()
-            .map(|(i, (key, size, etag, _))| {
-                headed.remove(&i).unwrap_or(RemoteObject { key, size, version: etag, vouched: None })
-            })
-            .collect())
+        // No HEAD here: a checksum costs a request per object, which on a repository of a
+        // thousand small files is most of what a prefetch would wait for before its first
+        // byte. Objects read in several parts get theirs from `checksums`; the others from
+        // the GET that reads them whole.
+        Ok(listed)
     }
 
-    /// HEADs the listed objects at `which`, 16 at a time.
-    async fn head_all(&self, listed: &[(String, u64, String, bool)], which: &[usize]) -> Result<Vec<(usize, RemoteObject)>, SourceError> {
+    /// HEADs every object for its checksum, 16 at a time; the order is kept.
+    async fn head_all(&self, objs: &[RemoteObject]) -> Result<Vec<RemoteObject>, SourceError> {
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
         let mut set = tokio::task::JoinSet::new();
-        for &i in which {
-            let (key, size, etag, _) = listed[i].clone();
+        for (i, o) in objs.iter().enumerate() {
+            // The listing's version is the ETag alone: HEAD adds the version id, if any.
+            let (key, size, etag) = (o.key.clone(), o.size, o.version.clone());
             let me = self.clone();
             let sem = sem.clone();
             set.spawn(async move {
@@ -201,19 +169,54 @@ impl S3Source {
             let r = r.map_err(|e| SourceError::List { source_name: self.source_name(), what: "HEAD".into(), reason: e.to_string() })?;
             out.push(r?);
         }
-        Ok(out)
+        out.sort_by_key(|(i, _)| *i);
+        Ok(out.into_iter().map(|(_, o)| o).collect())
     }
 
-    async fn read(&self, obj: &RemoteObject, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+    /// Retries a listing step as patiently as parts are retried, never waiting on one
+    /// stalled attempt; access denied is final.
+    async fn patiently<T, F: Future<Output = Result<T, SourceError>>>(&self, what: &str, f: impl Fn() -> F) -> Result<T, SourceError> {
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let r = match tokio::time::timeout(LIST_ATTEMPT_TIMEOUT, f()).await {
+                Ok(r) => r,
+                Err(_) => Err(SourceError::List {
+                    source_name: self.source_name(),
+                    what: what.to_owned(),
+                    reason: format!("no answer within {LIST_ATTEMPT_TIMEOUT:?}"),
+                }),
+            };
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if attempt < LIST_ATTEMPTS && !matches!(e, SourceError::Denied { .. }) => {
+                    let delay = hearth_service::retry::jittered(Duration::from_millis(100), Duration::from_secs(5), attempt);
+                    tracing::debug!(error = %e, attempt, ?delay, "{what} failed; retrying");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn read(&self, obj: &RemoteObject, offset: u64, buf: &mut [u8]) -> Result<Checked, SourceError> {
         let len = buf.len();
         let key = format!("{}{}", self.prefix, obj.key);
         let err =
             |kind, reason: String| SourceError::Read { source_name: self.source_name(), key: obj.key.clone(), offset, len, reason, kind };
         if len == 0 {
-            return Ok(());
+            return Ok(None);
         }
-        let mut req =
-            self.client.get_object().bucket(&self.bucket).key(&key).range(format!("bytes={}-{}", offset, offset + len as u64 - 1));
+        // An object read in one request whose checksum nobody fetched: S3 returns the
+        // full-object checksum with a whole-object GET (never with a range), so the read checks
+        // it and no HEAD is needed.
+        let whole = offset == 0 && len as u64 == obj.size && obj.vouched.is_none();
+        let mut req = self.client.get_object().bucket(&self.bucket).key(&key);
+        req = if whole {
+            req.checksum_mode(ChecksumMode::Enabled)
+        } else {
+            req.range(format!("bytes={}-{}", offset, offset + len as u64 - 1))
+        };
         // The object must not change between parts: a new upload fails the precondition.
         let etag = obj.version.split('@').next().unwrap_or("");
         if !etag.is_empty() {
@@ -228,6 +231,11 @@ impl S3Source {
             };
             err(kind, reason)
         })?;
+        let checksum = if whole {
+            full_object_checksum(out.checksum_type(), out.checksum_crc64_nvme(), out.checksum_crc32_c(), out.checksum_sha256())
+        } else {
+            None
+        };
         let mut body = out.body;
         let mut filled = 0usize;
         while let Some(chunk) = body.next().await {
@@ -242,8 +250,25 @@ impl S3Source {
         if filled != len {
             return Err(err(ErrorKind::Transient, format!("short body: {filled} of {len} bytes")));
         }
-        Ok(())
+        let Some(v) = checksum else { return Ok(None) };
+        let mut d = verify::Digester::new(&v.expected, len as u64);
+        d.update(buf);
+        // Bytes that do not match the store's own checksum were damaged on the way: read again.
+        d.finish().map_err(|e| err(ErrorKind::Transient, format!("{e} (the object's own checksum, on a whole-object GET)")))?;
+        Ok(Some(v))
     }
+}
+
+/// The object's full-object checksum, from a HEAD or a whole-object GET. A multipart upload's
+/// composite checksum is a checksum of part checksums, which no digest of the whole object
+/// equals: it is not used.
+fn full_object_checksum(kind: Option<&ChecksumType>, crc64nvme: Option<&str>, crc32c: Option<&str>, sha256: Option<&str>) -> Option<Vouched> {
+    if kind == Some(&ChecksumType::Composite) {
+        return None;
+    }
+    [("CRC64NVME", crc64nvme), ("CRC32C", crc32c), ("SHA256", sha256)].iter().find_map(|(alg, v)| {
+        v.and_then(|v| verify::parse_s3_checksum(alg, v).ok()).map(|expected| Vouched { expected, kind: VerificationKind::Checksum })
+    })
 }
 
 impl Source for S3Source {
@@ -252,30 +277,16 @@ impl Source for S3Source {
     }
 
     fn list(&self) -> BoxFut<'_, Result<Vec<RemoteObject>, SourceError>> {
+        Box::pin(async move { self.patiently(&format!("prefix {:?}", self.prefix), || self.list_all()).await })
+    }
+
+    fn checksums(&self, objs: Vec<RemoteObject>) -> BoxFut<'_, Result<Vec<RemoteObject>, SourceError>> {
         Box::pin(async move {
-            // Listing meets the same throttles, resets and stalls as the parts do: retry it
-            // as patiently, and never wait on one stalled attempt.
-            let mut attempt = 0u32;
-            loop {
-                attempt += 1;
-                let r = match tokio::time::timeout(LIST_ATTEMPT_TIMEOUT, self.list_all()).await {
-                    Ok(r) => r,
-                    Err(_) => Err(SourceError::List {
-                        source_name: self.source_name(),
-                        what: format!("prefix {:?}", self.prefix),
-                        reason: format!("no answer within {LIST_ATTEMPT_TIMEOUT:?}"),
-                    }),
-                };
-                match r {
-                    Ok(v) => return Ok(v),
-                    Err(e) if attempt < LIST_ATTEMPTS && !matches!(e, SourceError::Denied { .. }) => {
-                        let delay = hearth_service::retry::jittered(Duration::from_millis(100), Duration::from_secs(5), attempt);
-                        tracing::debug!(error = %e, attempt, ?delay, "listing failed; retrying");
-                        tokio::time::sleep(delay).await;
-                    }
-                    Err(e) => return Err(e),
-                }
+            if objs.is_empty() {
+                return Ok(objs);
             }
+            let objs = &objs;
+            self.patiently("HEAD", || self.head_all(objs)).await
         })
     }
 
@@ -284,7 +295,7 @@ impl Source for S3Source {
         obj: &'a RemoteObject,
         offset: u64,
         mut buf: AlignedBuf,
-    ) -> BoxFut<'a, (AlignedBuf, Result<(), SourceError>)> {
+    ) -> BoxFut<'a, (AlignedBuf, Result<Checked, SourceError>)> {
         Box::pin(async move {
             let r = self.read(obj, offset, buf.as_mut_slice()).await;
             (buf, r)
