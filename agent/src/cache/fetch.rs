@@ -111,8 +111,9 @@ pub struct FetchConfig {
     pub refetch_corrupt: u32,
     /// Shared by every download that should split one bandwidth budget.
     pub limit: Option<Arc<super::ratelimit::RateLimiter>>,
-    /// Bytes of parts that arrive ahead of their file's SHA-256 kept in memory until the
-    /// digest reaches them; beyond it they are read back (see `ordered`).
+    /// Bytes of part buffers that may wait, with parts that arrived ahead of their file's
+    /// SHA-256, until the digest reaches them; beyond it parts are read back (see `ordered`).
+    /// Allocated once, as needed, beside the readers' own buffers.
     pub hash_window: u64,
 }
 
@@ -1114,17 +1115,19 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>, cap: usize) {
         let (b, written) = tokio::task::spawn_blocking({
             let f = f.clone();
             move || {
-                let claim = f.digest.as_ref().map(|d| d.claim(job.part));
+                let claim = f.digest.as_ref().map(|d| d.claim(job.part, buf.capacity()));
                 // A part that will be read back for its digest goes through the page cache,
                 // where the read-back finds it.
                 let r = write_part(&f, offset, &buf, claim != Some(Claim::Spill));
-                if let (Some(d), Some(c)) = (&f.digest, claim) {
-                    match &r {
-                        Ok(()) => d.written(job.part, c, buf.as_slice(), &f.buffered),
-                        Err(_) => d.abandon(job.part, c),
+                match (&f.digest, claim, &r) {
+                    // A held buffer comes back as a spare one.
+                    (Some(d), Some(c), Ok(())) => (d.written(job.part, c, buf, &f.buffered), r),
+                    (Some(d), Some(c), Err(_)) => {
+                        d.abandon(c);
+                        (buf, r)
                     }
+                    _ => (buf, r),
                 }
-                (buf, r)
             }
         })
         .await

@@ -2,11 +2,13 @@
 //!
 //! A digest must see the bytes in file order, but parts land in whatever order their reads
 //! finish. The part that is next in order is hashed from the buffer it arrived in. A part
-//! that is ahead is kept as a copy while a bounded window (shared by the whole download) has
-//! room, and hashed from memory when its turn comes. Only when the window is full does a part
-//! go unhashed: it is written through the page cache and read back from there when its turn
-//! comes, so even then the bytes usually come from memory, not the disk. Parts made durable by
-//! an earlier run are read back too: they were never in this process.
+//! that is ahead stays in its buffer, hashed when its turn comes, while the reader goes on with
+//! a spare buffer: the window (shared by the whole download) is a fixed number of spare part
+//! buffers, allocated once and reused, so memory stays bounded and nothing is copied. Only
+//! when the window is used up does a part go unhashed: it is written through the page cache
+//! and read back from there when its turn comes, so even then the bytes usually come from
+//! memory, not the disk. Parts made durable by an earlier run are read back too: they were
+//! never in this process.
 //!
 //! Whoever finds the next part available hashes it and goes on with the ones after it, so
 //! hashing needs no thread of its own and one slow part never blocks the others' reads.
@@ -16,19 +18,23 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use super::buf::AlignedBuf;
 use super::verify::{Digester, Expected, VerifyError};
 
-/// Bytes of out-of-order parts held in memory across one download.
+/// Part buffers that may wait for their file's digest, across one download.
 #[derive(Debug)]
 pub struct Window {
+    /// Bytes of part buffers that may still be held.
     free: AtomicU64,
+    /// Buffers given back after their part was hashed, for the next reader that hands one over.
+    spares: Mutex<Vec<AlignedBuf>>,
     /// Bytes hashed from the data file rather than from memory (window full, or resumed).
     pub reread: AtomicU64,
 }
 
 impl Window {
     pub fn new(bytes: u64) -> Arc<Self> {
-        Arc::new(Self { free: AtomicU64::new(bytes), reread: AtomicU64::new(0) })
+        Arc::new(Self { free: AtomicU64::new(bytes), spares: Mutex::default(), reread: AtomicU64::new(0) })
     }
 
     fn try_take(&self, n: u64) -> bool {
@@ -38,14 +44,29 @@ impl Window {
     fn give(&self, n: u64) {
         self.free.fetch_add(n, Ordering::AcqRel);
     }
+
+    /// A buffer of `capacity` bytes for a reader that handed its own over.
+    fn spare(&self, capacity: usize) -> AlignedBuf {
+        let mut spares = self.spares.lock().unwrap_or_else(|p| p.into_inner());
+        match spares.iter().position(|b| b.capacity() == capacity) {
+            Some(i) => spares.swap_remove(i),
+            None => AlignedBuf::new(capacity),
+        }
+    }
+
+    /// A held buffer whose part is hashed: its bytes of the window are free again.
+    fn release(&self, buf: AlignedBuf, bytes: u64) {
+        self.spares.lock().unwrap_or_else(|p| p.into_inner()).push(buf);
+        self.give(bytes);
+    }
 }
 
 #[derive(Debug)]
 enum Part {
     /// Not written yet.
     Missing,
-    /// Written, and a copy is held in the window.
-    Held(Vec<u8>),
+    /// Written, and its buffer is held in the window.
+    Held(AlignedBuf),
     /// Written; its bytes must be read back from the data file.
     OnDisk,
     Hashed,
@@ -65,7 +86,7 @@ struct Inner {
 pub enum Claim {
     /// The part is next: hash it from the buffer, then go on with what follows.
     Hash,
-    /// Ahead of the digest, and the window had room: keep a copy.
+    /// Ahead of the digest, and the window had room: the buffer waits, the reader takes a spare.
     Hold,
     /// Ahead, and the window is full: write it through the page cache, read it back later.
     Spill,
@@ -115,49 +136,61 @@ impl OrderedDigest {
         }
     }
 
-    /// Decides, before `part` is written, how its bytes will reach the digest.
-    pub fn claim(&self, part: u32) -> Claim {
+    /// Decides, before `part` is written, how its bytes will reach the digest. `capacity` is
+    /// the reader's buffer size: only a buffer that holds a whole part is swapped for a spare.
+    pub fn claim(&self, part: u32, capacity: usize) -> Claim {
         let g = self.lock();
         if g.next == part && g.digester.is_some() {
             return Claim::Hash;
         }
         drop(g);
-        if self.window.try_take(self.part_len(part)) { Claim::Hold } else { Claim::Spill }
+        if capacity as u64 >= self.part_size && self.window.try_take(self.part_size) { Claim::Hold } else { Claim::Spill }
     }
 
-    /// After the part claimed as `claim` is written: hashes it if it is next (and every
-    /// available part after it), else records where its bytes are. `file` is the data file,
-    /// for parts not in memory.
-    pub fn written(&self, part: u32, claim: Claim, data: &[u8], file: &File) {
+    /// After the part claimed as `claim` is written from `buf`: hashes it if it is next (and
+    /// every available part after it), else records where its bytes are. Returns the buffer
+    /// the reader goes on with: its own, or a spare when its own is held. `file` is the data
+    /// file, for parts not in memory.
+    pub fn written(&self, part: u32, claim: Claim, buf: AlignedBuf, file: &File) -> AlignedBuf {
         let mut g = self.lock();
-        if g.next == part && g.digester.is_some() {
+        let keep = if g.next == part && g.digester.is_some() {
             // Whatever the claim said: the part is next now, and its bytes are at hand.
             let mut d = g.digester.take().expect("checked above");
             drop(g);
-            d.update(data);
+            d.update(buf.as_slice());
             g = self.lock();
             g.parts[part as usize] = Part::Hashed;
             g.next += 1;
             g.digester = Some(d);
-            if claim == Claim::Hold {
-                self.window.give(self.part_len(part));
-            }
+            self.abandon(claim);
+            buf
         } else {
-            let state = if claim == Claim::Hold { Part::Held(data.to_vec()) } else { Part::OnDisk };
             match g.parts.get_mut(part as usize) {
                 // A part hashed already (delivered twice) stays hashed.
-                Some(p) if !matches!(p, Part::Hashed) => *p = state,
-                _ => self.abandon(part, claim),
+                Some(p) if !matches!(p, Part::Hashed) => {
+                    if claim == Claim::Hold {
+                        let capacity = buf.capacity();
+                        *p = Part::Held(buf);
+                        drop(g);
+                        self.drive(file);
+                        return self.window.spare(capacity);
+                    }
+                    *p = Part::OnDisk;
+                }
+                _ => self.abandon(claim),
             }
-        }
+            buf
+        };
         drop(g);
         self.drive(file);
+        keep
     }
 
-    /// The write after a claim failed: gives back what the claim took.
-    pub fn abandon(&self, part: u32, claim: Claim) {
+    /// The write after a claim failed, or the buffer was not held after all: gives back what
+    /// the claim took.
+    pub fn abandon(&self, claim: Claim) {
         if claim == Claim::Hold {
-            self.window.give(self.part_len(part));
+            self.window.give(self.part_size);
         }
     }
 
@@ -179,10 +212,10 @@ impl OrderedDigest {
         while (g.next as usize) < g.parts.len() && g.failed.is_none() {
             let k = g.next;
             match std::mem::replace(&mut g.parts[k as usize], Part::Hashed) {
-                Part::Held(v) => {
+                Part::Held(b) => {
                     drop(g);
-                    d.update(&v);
-                    self.window.give(v.len() as u64);
+                    d.update(b.as_slice());
+                    self.window.release(b, self.part_size);
                     g = self.lock();
                 }
                 Part::OnDisk => g = self.read_back(g, &mut d, &mut buf, k, file),
@@ -252,8 +285,8 @@ impl OrderedDigest {
 
     fn clear(&self, g: &mut Inner) {
         for p in &mut g.parts {
-            if let Part::Held(v) = std::mem::replace(p, Part::Missing) {
-                self.window.give(v.len() as u64);
+            if let Part::Held(b) = std::mem::replace(p, Part::Missing) {
+                self.window.release(b, self.part_size);
             }
         }
         g.next = 0;
@@ -266,9 +299,9 @@ impl Drop for OrderedDigest {
     fn drop(&mut self) {
         // A cancelled download hands its held copies back to the window it shares.
         let g = self.inner.get_mut().unwrap_or_else(|p| p.into_inner());
-        for p in &g.parts {
-            if let Part::Held(v) = p {
-                self.window.give(v.len() as u64);
+        for p in g.parts.drain(..) {
+            if let Part::Held(b) = p {
+                self.window.release(b, self.part_size);
             }
         }
     }
@@ -313,9 +346,14 @@ mod tests {
         }
         /// What a worker does: claim, write the part to the file, report it.
         fn deliver(&self, d: &OrderedDigest, p: u32) -> Claim {
-            let claim = d.claim(p);
+            let mut buf = AlignedBuf::new(PART as usize);
+            let capacity = buf.capacity();
+            buf.set_len(self.bytes(p).len());
+            buf.as_mut_slice().copy_from_slice(self.bytes(p));
+            let claim = d.claim(p, buf.capacity());
             self.file.write_all_at(self.bytes(p), u64::from(p) * PART).unwrap();
-            d.written(p, claim, self.bytes(p), &self.file);
+            let back = d.written(p, claim, buf, &self.file);
+            assert_eq!(back.capacity(), capacity, "the reader always gets a part buffer back");
             claim
         }
     }
@@ -425,6 +463,8 @@ mod tests {
             });
             d.finish(&fx.file).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
             assert_eq!(window.free.load(Ordering::Relaxed), 6 * PART, "seed {seed}");
+            let spares = window.spares.lock().unwrap().len();
+            assert!(spares <= 6, "seed {seed}: {spares} spare buffers for a window of 6 parts");
         }
     }
 }

@@ -202,6 +202,7 @@ struct Sample {
     listed_ms: Option<f64>,
     first_ms: Option<f64>,
     rss: Option<String>,
+    reread: Option<String>,
 }
 
 fn summary_field(out: &str, after: &str, until: &str) -> Option<String> {
@@ -247,6 +248,7 @@ impl Bench {
             listed_ms: summary_field(&out, "listed in ", " ms").and_then(|v| v.parse().ok()),
             first_ms: summary_field(&out, "first part in ", " ms").and_then(|v| v.parse().ok()),
             rss: summary_field(&out, "peak RSS ", ","),
+            reread: summary_field(&out, "read back ", ","),
         })
     }
 
@@ -257,7 +259,7 @@ impl Bench {
         let (shards, shard_bytes, _) = shape.layout();
         let name = shape.name();
         let src = format!("s3://bench/{name}/");
-        let plain = |secs| Sample { secs, listed_ms: None, first_ms: None, rss: None };
+        let plain = |secs| Sample { secs, listed_ms: None, first_ms: None, rss: None, reread: None };
         let sample = match tool {
             "hearth" => self.hearth(&src, &dest, true)?,
             "s5cmd" => {
@@ -429,10 +431,11 @@ async fn main() -> Result<()> {
         let runs = samples.get(&(shape.name(), "hearth")).map(Vec::as_slice).unwrap_or_default();
         let list = |f: fn(&Sample) -> Option<f64>| runs.iter().map(|s| f(s).map_or("?".into(), |v| format!("{v:.0}"))).collect::<Vec<_>>().join(", ");
         println!(
-            "hearth from S3, per run: listed in {} ms; first part in {} ms; peak RSS {}",
+            "hearth from S3, per run: listed in {} ms; first part in {} ms; peak RSS {}; read back for SHA-256 {}",
             list(|s| s.listed_ms),
             list(|s| s.first_ms),
-            runs.iter().map(|s| s.rss.clone().unwrap_or_else(|| "?".into())).collect::<Vec<_>>().join(", ")
+            runs.iter().map(|s| s.rss.clone().unwrap_or_else(|| "?".into())).collect::<Vec<_>>().join(", "),
+            runs.iter().map(|s| s.reread.clone().unwrap_or_else(|| "?".into())).collect::<Vec<_>>().join(", ")
         );
     }
     Ok(())
