@@ -1112,10 +1112,14 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>, cap: usize) {
         ctx.progress.bytes_fetched.fetch_add(len as u64, Ordering::Relaxed);
         ctx.progress.first_part.get_or_init(std::time::Instant::now);
         let crc = f.crc.of(buf.as_slice());
+        // How long a part ahead of its file's digest may wait for its turn or for room: as long
+        // as a part may take before it is reissued, so only a part that stalled (and is being
+        // read again) makes the parts behind it wait that long, and then they are read back.
+        let patience = ctx.stall_limit();
         let (b, written) = tokio::task::spawn_blocking({
             let f = f.clone();
             move || {
-                let claim = f.digest.as_ref().map(|d| d.claim(job.part, buf.capacity()));
+                let claim = f.digest.as_ref().map(|d| d.claim(job.part, buf.capacity(), patience));
                 // A part that will be read back for its digest goes through the page cache,
                 // where the read-back finds it.
                 let r = write_part(&f, offset, &buf, claim != Some(Claim::Spill));

@@ -17,6 +17,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::buf::AlignedBuf;
 use super::verify::{Digester, Expected, VerifyError};
@@ -138,13 +139,30 @@ impl OrderedDigest {
 
     /// Decides, before `part` is written, how its bytes will reach the digest. `capacity` is
     /// the reader's buffer size: only a buffer that holds a whole part is swapped for a spare.
-    pub fn claim(&self, part: u32, capacity: usize) -> Claim {
-        let g = self.lock();
-        if g.next == part && g.digester.is_some() {
-            return Claim::Hash;
+    ///
+    /// With the window used up, the reader waits up to `patience` for its part to come next
+    /// or for room, rather than have the part read back: parts ahead of the digest are
+    /// usually only a part time or so ahead, and a reader waiting with its buffer costs no
+    /// memory, while a read-back costs a copy and often a disk read.
+    pub fn claim(&self, part: u32, capacity: usize, patience: Duration) -> Claim {
+        let deadline = Instant::now() + patience;
+        let mut g = self.lock();
+        loop {
+            if g.next == part && g.digester.is_some() {
+                return Claim::Hash;
+            }
+            if capacity as u64 >= self.part_size && self.window.try_take(self.part_size) {
+                return Claim::Hold;
+            }
+            let now = Instant::now();
+            if now >= deadline || g.failed.is_some() {
+                return Claim::Spill;
+            }
+            // Room in the window may come from another file's digest, which does not wake
+            // this one: look again every few milliseconds too.
+            let wait = (deadline - now).min(Duration::from_millis(5));
+            g = self.idle.wait_timeout(g, wait).unwrap_or_else(|p| p.into_inner()).0;
         }
-        drop(g);
-        if capacity as u64 >= self.part_size && self.window.try_take(self.part_size) { Claim::Hold } else { Claim::Spill }
     }
 
     /// After the part claimed as `claim` is written from `buf`: hashes it if it is next (and
@@ -162,6 +180,7 @@ impl OrderedDigest {
             g.parts[part as usize] = Part::Hashed;
             g.next += 1;
             g.digester = Some(d);
+            self.idle.notify_all();
             self.abandon(claim);
             buf
         } else {
@@ -227,6 +246,8 @@ impl OrderedDigest {
             }
             if g.failed.is_none() {
                 g.next += 1;
+                // A reader waiting for this part's turn may go on.
+                self.idle.notify_all();
             }
         }
         g.digester = Some(d);
@@ -350,7 +371,7 @@ mod tests {
             let capacity = buf.capacity();
             buf.set_len(self.bytes(p).len());
             buf.as_mut_slice().copy_from_slice(self.bytes(p));
-            let claim = d.claim(p, buf.capacity());
+            let claim = d.claim(p, buf.capacity(), Duration::ZERO);
             self.file.write_all_at(self.bytes(p), u64::from(p) * PART).unwrap();
             let back = d.written(p, claim, buf, &self.file);
             assert_eq!(back.capacity(), capacity, "the reader always gets a part buffer back");
@@ -405,6 +426,19 @@ mod tests {
             fx.deliver(&d, p);
         }
         d.finish(&fx.file).unwrap();
+    }
+
+    #[test]
+    fn with_the_window_full_a_reader_waits_for_its_turn_rather_than_have_its_part_read_back() {
+        let fx = fixture(3_000);
+        let d = OrderedDigest::new(fx.expected, fx.data.len() as u64, PART, Window::new(0));
+        std::thread::scope(|s| {
+            let waiting = s.spawn(|| d.claim(1, 4096, Duration::from_secs(20)));
+            std::thread::sleep(Duration::from_millis(50));
+            fx.deliver(&d, 0);
+            assert_eq!(waiting.join().unwrap(), Claim::Hash, "part 1 came next while it waited");
+        });
+        assert_eq!(d.claim(2, 4096, Duration::from_millis(20)), Claim::Spill, "part 1 never arrived: it gives up");
     }
 
     #[test]
