@@ -226,7 +226,7 @@ struct Queue {
 
 impl Queue {
     /// The next job that `fits`; jobs are taken in order, so a worker that cannot take the
-    /// one at the front waits for more work or the end.
+    /// one at the front is done (the others take everything).
     async fn next(&self, fits: impl Fn(Job) -> bool) -> Option<Job> {
         loop {
             let notified = self.notify.notified();
@@ -235,12 +235,15 @@ impl Queue {
             if self.stop.load(Ordering::Acquire) {
                 return None;
             }
-            let taken = {
+            {
                 let mut q = self.jobs.lock().unwrap_or_else(|p| p.into_inner());
-                if q.front().is_some_and(|&j| fits(j)) { q.pop_front() } else { None }
-            };
-            if let Some(j) = taken {
-                return Some(j);
+                match q.front() {
+                    Some(&j) if fits(j) => return q.pop_front(),
+                    // A small-file reader past the small files: its buffer goes back now, so
+                    // it does not add to the big parts' memory.
+                    Some(_) => return None,
+                    None => {}
+                }
             }
             if self.outstanding.load(Ordering::Acquire) == 0 {
                 return None;
