@@ -1065,9 +1065,24 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>, cap: usize) {
                     _ = limit.acquire(len as u64) => {}
                 }
             }
-            let limit = ctx.stall_limit();
             let started = Instant::now();
-            let read = tokio::time::timeout(limit, ctx.source.read_into(&f.obj, offset, buf)).await;
+            // The limit is looked at again while the read waits: a read that began before any
+            // part time was known (the first wave of a download) is not held to the ceiling.
+            let mut limit = ctx.stall_limit();
+            let read = {
+                let fut = ctx.source.read_into(&f.obj, offset, buf);
+                tokio::pin!(fut);
+                loop {
+                    let left = limit.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        break Err(());
+                    }
+                    match tokio::time::timeout(left.min(Duration::from_millis(250)), &mut fut).await {
+                        Ok(v) => break Ok(v),
+                        Err(_) => limit = ctx.stall_limit(),
+                    }
+                }
+            };
             let err = match read {
                 Ok((b, Ok(checked))) => {
                     buf = b;
@@ -1124,9 +1139,10 @@ async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>, cap: usize) {
         // read again) makes the parts behind it wait that long, and then they are read back.
         let patience = ctx.stall_limit();
         let (b, written) = tokio::task::spawn_blocking({
-            let f = f.clone();
+            let (f, ctx) = (f.clone(), ctx.clone());
             move || {
-                let claim = f.digest.as_ref().map(|d| d.claim(job.part, buf.capacity(), patience));
+                let give_up = || ctx.cancel.is_cancelled() || ctx.queue.stop.load(Ordering::Acquire);
+                let claim = f.digest.as_ref().map(|d| d.claim(job.part, buf.capacity(), patience, give_up));
                 // A part that will be read back for its digest goes through the page cache,
                 // where the read-back finds it.
                 let r = write_part(&f, offset, &buf, claim != Some(Claim::Spill));

@@ -144,7 +144,8 @@ impl OrderedDigest {
     /// or for room, rather than have the part read back: parts ahead of the digest are
     /// usually only a part time or so ahead, and a reader waiting with its buffer costs no
     /// memory, while a read-back costs a copy and often a disk read.
-    pub fn claim(&self, part: u32, capacity: usize, patience: Duration) -> Claim {
+    /// `give_up` ends the wait early (the download is cancelled or over).
+    pub fn claim(&self, part: u32, capacity: usize, patience: Duration, give_up: impl Fn() -> bool) -> Claim {
         let deadline = Instant::now() + patience;
         let mut g = self.lock();
         loop {
@@ -155,7 +156,7 @@ impl OrderedDigest {
                 return Claim::Hold;
             }
             let now = Instant::now();
-            if now >= deadline || g.failed.is_some() {
+            if now >= deadline || g.failed.is_some() || give_up() {
                 return Claim::Spill;
             }
             // Room in the window may come from another file's digest, which does not wake
@@ -371,7 +372,7 @@ mod tests {
             let capacity = buf.capacity();
             buf.set_len(self.bytes(p).len());
             buf.as_mut_slice().copy_from_slice(self.bytes(p));
-            let claim = d.claim(p, buf.capacity(), Duration::ZERO);
+            let claim = d.claim(p, buf.capacity(), Duration::ZERO, || false);
             self.file.write_all_at(self.bytes(p), u64::from(p) * PART).unwrap();
             let back = d.written(p, claim, buf, &self.file);
             assert_eq!(back.capacity(), capacity, "the reader always gets a part buffer back");
@@ -433,12 +434,15 @@ mod tests {
         let fx = fixture(3_000);
         let d = OrderedDigest::new(fx.expected, fx.data.len() as u64, PART, Window::new(0));
         std::thread::scope(|s| {
-            let waiting = s.spawn(|| d.claim(1, 4096, Duration::from_secs(20)));
+            let waiting = s.spawn(|| d.claim(1, 4096, Duration::from_secs(20), || false));
             std::thread::sleep(Duration::from_millis(50));
             fx.deliver(&d, 0);
             assert_eq!(waiting.join().unwrap(), Claim::Hash, "part 1 came next while it waited");
         });
-        assert_eq!(d.claim(2, 4096, Duration::from_millis(20)), Claim::Spill, "part 1 never arrived: it gives up");
+        assert_eq!(d.claim(2, 4096, Duration::from_millis(20), || false), Claim::Spill, "part 1 never arrived: it gives up");
+        let t = Instant::now();
+        assert_eq!(d.claim(2, 4096, Duration::from_secs(20), || true), Claim::Spill);
+        assert!(t.elapsed() < Duration::from_secs(5), "a cancelled download does not wait");
     }
 
     #[test]
