@@ -29,9 +29,9 @@ use tracing::{debug, info, warn};
 
 use super::buf::AlignedBuf;
 use super::crc::PartCrc;
-use super::ordered::{Claim, OrderedDigest, Window};
 use super::index::{EntryState, FileEntry, Index, IndexEntry, IndexError, now_secs};
 use super::journal::{Journal, JournalError, PartRecord};
+use super::ordered::{Claim, OrderedDigest, Window};
 use super::source::{Checked, ErrorKind, RemoteObject, Source, SourceError};
 use super::spec::ModelSpec;
 use super::verify::{self, Expected, MANIFEST_NAME, Manifest, VerificationKind, VerifyError, Vouched};
@@ -358,7 +358,8 @@ pub async fn fetch(
     // Checksums of the files read in several parts (a request each on S3: the few big ones);
     // a file read in one request is checked by that read.
     // The listing's order stays: file numbers in the journal derive from it.
-    let multi: Vec<usize> = (0..objects.len()).filter(|&i| objects[i].vouched.is_none() && objects[i].size > cfg.part_size as u64).collect();
+    let multi: Vec<usize> =
+        (0..objects.len()).filter(|&i| objects[i].vouched.is_none() && objects[i].size > cfg.part_size as u64).collect();
     let described = source.checksums(multi.iter().map(|&i| objects[i].clone()).collect()).await?;
     for (i, o) in multi.into_iter().zip(described) {
         objects[i] = o;
@@ -1404,11 +1405,7 @@ mod tests {
         for i in 0..60 {
             std::fs::write(fx.src.join(format!("nested/small-{i}.bin")), vec![i as u8; 1000 + i * 100]).unwrap();
         }
-        let src = Arc::new(Overlap {
-            inner: PosixSource::new(&fx.src),
-            now: Default::default(),
-            max: Default::default(),
-        });
+        let src = Arc::new(Overlap { inner: PosixSource::new(&fx.src), now: Default::default(), max: Default::default() });
         let cfg = FetchConfig { part_size: 1 << 20, concurrency: 1, small_concurrency: 6, ..cfg() };
         let (r, _) = run(&fx, src.clone(), &cfg).await;
         assert_identical(&fx, &r.unwrap().id);

@@ -112,7 +112,8 @@ impl std::fmt::Debug for OrderedDigest {
 impl OrderedDigest {
     pub fn new(expected: Expected, size: u64, part_size: u64, window: Arc<Window>) -> Self {
         let n = size.div_ceil(part_size).max(1) as usize;
-        let inner = Inner { digester: Some(Digester::new(&expected, size)), next: 0, parts: (0..n).map(|_| Part::Missing).collect(), failed: None };
+        let inner =
+            Inner { digester: Some(Digester::new(&expected, size)), next: 0, parts: (0..n).map(|_| Part::Missing).collect(), failed: None };
         Self { expected, size, part_size, window, inner: Mutex::new(inner), idle: Condvar::new() }
     }
 
@@ -257,7 +258,14 @@ impl OrderedDigest {
     }
 
     /// Reads part `k` back from the file into the digest; the lock is released meanwhile.
-    fn read_back<'a>(&'a self, g: MutexGuard<'a, Inner>, d: &mut Digester, buf: &mut Vec<u8>, k: u32, file: &File) -> MutexGuard<'a, Inner> {
+    fn read_back<'a>(
+        &'a self,
+        g: MutexGuard<'a, Inner>,
+        d: &mut Digester,
+        buf: &mut Vec<u8>,
+        k: u32,
+        file: &File,
+    ) -> MutexGuard<'a, Inner> {
         let len = self.part_len(k) as usize;
         buf.resize(len, 0);
         drop(g);

@@ -423,13 +423,19 @@ async fn main() -> Result<()> {
         println!();
         let s5 = med(shape, "s5cmd");
         let cp = med(shape, "cp -r + sync");
-        print!("hearth / s5cmd = {:.2} (target <= {s5_target}); hearth file:// / cp -r + sync = {:.2} (target <= {cp_target})", h / s5, hp / cp);
+        print!(
+            "hearth / s5cmd = {:.2} (target <= {s5_target}); hearth file:// / cp -r + sync = {:.2} (target <= {cp_target})",
+            h / s5,
+            hp / cp
+        );
         if let Some(t) = limit_target {
             print!("; hearth / server limit = {:.2} (target <= {t})", h / med(shape, "server limit"));
         }
         println!();
         let runs = samples.get(&(shape.name(), "hearth")).map(Vec::as_slice).unwrap_or_default();
-        let list = |f: fn(&Sample) -> Option<f64>| runs.iter().map(|s| f(s).map_or("?".into(), |v| format!("{v:.0}"))).collect::<Vec<_>>().join(", ");
+        let list = |f: fn(&Sample) -> Option<f64>| {
+            runs.iter().map(|s| f(s).map_or("?".into(), |v| format!("{v:.0}"))).collect::<Vec<_>>().join(", ")
+        };
         println!(
             "hearth from S3, per run: listed in {} ms; first part in {} ms; peak RSS {}; read back for SHA-256 {}",
             list(|s| s.listed_ms),

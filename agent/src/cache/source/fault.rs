@@ -69,7 +69,12 @@ impl<S: Source> Source for FaultSource<S> {
         self.inner.checksums(objs)
     }
 
-    fn read_into<'a>(&'a self, obj: &'a RemoteObject, offset: u64, buf: AlignedBuf) -> BoxFut<'a, (AlignedBuf, Result<Checked, SourceError>)> {
+    fn read_into<'a>(
+        &'a self,
+        obj: &'a RemoteObject,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> BoxFut<'a, (AlignedBuf, Result<Checked, SourceError>)> {
         Box::pin(async move {
             let err = |kind, reason: &str| SourceError::Read {
                 source_name: "fault".into(),

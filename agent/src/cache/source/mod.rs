@@ -88,5 +88,10 @@ pub trait Source: Send + Sync {
     }
     /// Fills `buf` (its whole length) with the object's bytes from `offset` and hands the
     /// buffer back, filled or not. A short read is an error.
-    fn read_into<'a>(&'a self, obj: &'a RemoteObject, offset: u64, buf: AlignedBuf) -> BoxFut<'a, (AlignedBuf, Result<Checked, SourceError>)>;
+    fn read_into<'a>(
+        &'a self,
+        obj: &'a RemoteObject,
+        offset: u64,
+        buf: AlignedBuf,
+    ) -> BoxFut<'a, (AlignedBuf, Result<Checked, SourceError>)>;
 }

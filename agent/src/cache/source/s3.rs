@@ -262,7 +262,12 @@ impl S3Source {
 /// The object's full-object checksum, from a HEAD or a whole-object GET. A multipart upload's
 /// composite checksum is a checksum of part checksums, which no digest of the whole object
 /// equals: it is not used.
-fn full_object_checksum(kind: Option<&ChecksumType>, crc64nvme: Option<&str>, crc32c: Option<&str>, sha256: Option<&str>) -> Option<Vouched> {
+fn full_object_checksum(
+    kind: Option<&ChecksumType>,
+    crc64nvme: Option<&str>,
+    crc32c: Option<&str>,
+    sha256: Option<&str>,
+) -> Option<Vouched> {
     if kind == Some(&ChecksumType::Composite) {
         return None;
     }
