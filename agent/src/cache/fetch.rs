@@ -198,9 +198,13 @@ struct FileWork {
 
 impl FileWork {
     fn part_len(&self, part_size: u64, part: u32) -> u64 {
-        let start = u64::from(part) * part_size;
-        (self.obj.size - start).min(part_size)
+        part_len(self.obj.size, part_size, part)
     }
+}
+
+/// Bytes in part `part` of a file of `size` bytes cut in `part_size` pieces (the last is short).
+pub(super) fn part_len(size: u64, part_size: u64, part: u32) -> u64 {
+    (size - (u64::from(part) * part_size).min(size)).min(part_size)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -907,10 +911,9 @@ async fn finish_files(
         let (key, data_path, size, expected) = (w.obj.key.clone(), w.data_path.clone(), w.obj.size, w.vouched.expected);
         let (digest, file) = (w.digest.clone(), w.buffered.clone());
         let combined = w.crc.combine(w.part_crcs.iter().enumerate().map(|(p, c)| (c.unwrap_or(0), w.part_len(part_size, p as u32))));
-        let cancel = ctx.cancel.clone();
         checks.spawn_blocking(move || {
             let streamed = digest.as_deref().map(|d| (d, file.as_ref()));
-            (i, verify_file(&data_path, &key, size, &expected, combined, streamed, &cancel))
+            (i, verify_file(&data_path, &key, size, &expected, combined, streamed))
         });
     }
     let mut passed = Vec::new();
@@ -982,7 +985,6 @@ fn verify_file(
     expected: &Expected,
     combined_crc: u64,
     streamed: Option<(&OrderedDigest, &File)>,
-    cancel: &CancellationToken,
 ) -> Result<(), FetchError> {
     let corrupt = |reason: String| FetchError::Corrupt { key: key.to_owned(), reason };
     match expected {
@@ -992,27 +994,13 @@ fn verify_file(
         Expected::Crc32c(want) if combined_crc != u64::from(*want) => {
             return Err(corrupt(format!("crc32c mismatch: expected {want:#010x}, computed {combined_crc:#010x}")));
         }
-        Expected::Sha256(_) if let Some((digest, file)) = streamed => match digest.finish(file) {
-            Ok(()) => {}
-            Err(VerifyError::Io { source, .. }) => return Err(FetchError::Io { path: data.to_owned(), source }),
-            Err(e) => return Err(corrupt(e.to_string())),
+        // Every file a SHA-256 vouches for is given a digest when the download is planned.
+        Expected::Sha256(_) => match streamed.map(|(digest, file)| digest.finish(file)) {
+            Some(Ok(())) => {}
+            Some(Err(VerifyError::Io { source, .. })) => return Err(FetchError::Io { path: data.to_owned(), source }),
+            Some(Err(e)) => return Err(corrupt(e.to_string())),
+            None => return Err(FetchError::Io { path: data.to_owned(), source: std::io::Error::other("no SHA-256 digest was kept") }),
         },
-        Expected::Sha256(_) => {
-            let mut d = verify::Digester::new(expected, size);
-            let f = File::open(data).map_err(io_err(data))?;
-            let mut buf = vec![0u8; 8 << 20];
-            let mut off = 0u64;
-            while off < size {
-                if cancel.is_cancelled() {
-                    return Err(FetchError::Cancelled { done: 0, total: 0 });
-                }
-                let n = ((size - off) as usize).min(buf.len());
-                f.read_exact_at(&mut buf[..n], off).map_err(io_err(data))?;
-                d.update(&buf[..n]);
-                off += n as u64;
-            }
-            d.finish().map_err(|e| corrupt(e.to_string()))?;
-        }
         _ => {}
     }
     if key.ends_with(".safetensors") {
@@ -1045,14 +1033,11 @@ fn check_safetensors(path: &Path, size: u64) -> Result<verify::SafetensorsHeader
 async fn worker(ctx: Arc<Ctx>, done: mpsc::Sender<Done>, cap: usize) {
     let part_size = ctx.cfg.part_size;
     let mut buf = AlignedBuf::new(cap);
-    let fits = |j: Job| {
-        let f = &ctx.files[j.file as usize].obj;
-        (f.size - (u64::from(j.part) * part_size as u64).min(f.size)).min(part_size as u64) <= cap as u64
-    };
+    let fits = |j: Job| part_len(ctx.files[j.file as usize].obj.size, part_size as u64, j.part) <= cap as u64;
     while let Some(job) = ctx.queue.next(fits).await {
         let f = ctx.files[job.file as usize].clone();
         let offset = u64::from(job.part) * part_size as u64;
-        let len = (f.obj.size - offset).min(part_size as u64) as usize;
+        let len = part_len(f.obj.size, part_size as u64, job.part) as usize;
         buf.set_len(len);
         let mut attempt = 0u32;
         let outcome = loop {

@@ -122,7 +122,7 @@ impl OrderedDigest {
     }
 
     fn part_len(&self, part: u32) -> u64 {
-        (self.size - u64::from(part) * self.part_size).min(self.part_size)
+        super::fetch::part_len(self.size, self.part_size, part)
     }
 
     /// Bytes the whole download hashed by reading them back.
